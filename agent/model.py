@@ -1,0 +1,130 @@
+"""The agent's internal model of its node, its peers and their policy.
+
+Both sources of configuration map onto these types: the controller's Watch
+view (agent.control) and the standalone YAML file (agent.config). The IKE
+core, the ESP core and the datapath read only these types.
+
+Pure module: no I/O. Key material never appears in a ``repr``.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Literal
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# strongSwan-style proposal strings; parsed by agent.ike.proposals.
+DEFAULT_IKE_PROPOSALS: tuple[str, ...] = (
+    "aes128gcm16-prfsha256-x25519",
+    "aes256gcm16-prfsha256-x25519",
+    "aes128gcm16-prfsha256-ecp256",
+    "aes256gcm16-prfsha256-ecp256",
+)
+DEFAULT_ESP_PROPOSALS: tuple[str, ...] = ("aes128gcm16", "aes256gcm16")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """How this node proves its identity (RFC 7296 §2.15).
+
+    Either certificate authentication (``private_key_pem`` +
+    ``certificate_chain`` leaf first, DER + ``ca_certificates`` DER, the trust
+    anchors for peers) or a pre-shared key (``psk``), never both.
+    """
+
+    private_key_pem: bytes | None = field(default=None, repr=False)
+    certificate_chain: tuple[bytes, ...] = field(default=(), repr=False)
+    ca_certificates: tuple[bytes, ...] = field(default=(), repr=False)
+    psk: bytes | None = field(default=None, repr=False)
+
+    @property
+    def uses_certificates(self) -> bool:
+        return self.private_key_pem is not None
+
+    def __post_init__(self) -> None:
+        if self.uses_certificates == (self.psk is not None):
+            raise ValueError("credentials: give either a private key with a certificate, or a psk")
+        if self.uses_certificates and not self.certificate_chain:
+            raise ValueError("credentials: a private key needs its certificate")
+
+
+@dataclass(frozen=True)
+class PeerPolicy:
+    """How traffic to one peer is protected.
+
+    Slice 1 supports mode ``tunnel``, protocol ``esp`` and encapsulation
+    ``udp`` (RFC 3948); the fields exist so that later policy needs no new
+    shape. Lifetimes in seconds; 0 means no rekey.
+    """
+
+    mode: Literal["tunnel", "transport"] = "tunnel"
+    protocol: Literal["esp", "ah"] = "esp"
+    encapsulation: Literal["udp", "none"] = "udp"
+    ike_proposals: tuple[str, ...] = DEFAULT_IKE_PROPOSALS
+    esp_proposals: tuple[str, ...] = DEFAULT_ESP_PROPOSALS
+    ike_lifetime_s: float = 4 * 3600.0
+    child_lifetime_s: float = 3600.0
+    dpd_interval_s: float = 30.0
+    replay_window: int = 1024
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One remote node.
+
+    ``identity`` is the IKE identity we require (ID_FQDN, equal to the
+    node name and to a dNSName SAN of its certificate). ``endpoints`` are
+    underlay IP addresses (first is tried first); ``subnets`` the networks
+    it protects (the remote TSr we propose / accept).
+    ``psk`` overrides Credentials.psk for this peer (standalone mode).
+    """
+
+    name: str
+    identity: str
+    endpoints: tuple[str, ...]
+    subnets: tuple[IPNetwork, ...]
+    policy: PeerPolicy = PeerPolicy()
+    ike_port: int = 500
+    psk: bytes | None = field(default=None, repr=False)
+    initiate: bool = True
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """Everything one agent needs: itself, its peers, a version.
+
+    ``version`` increases with every change the controller makes to this
+    view; standalone configurations use 0.
+    """
+
+    name: str
+    identity: str
+    subnets: tuple[IPNetwork, ...]
+    peers: tuple[Peer, ...]
+    local_address: str | None = None
+    version: int = 0
+
+    def peer(self, name: str) -> Peer | None:
+        for p in self.peers:
+            if p.name == name:
+                return p
+        return None
+
+
+@dataclass(frozen=True)
+class EspKeys:
+    """Keys and parameters of one direction of a CHILD_SA (RFC 7296 §2.17).
+
+    ``encr_id`` / ``integ_id`` are IANA values (agent.iana.EncrId /
+    IntegId; integ_id 0 for AEAD). ``encr_key`` includes the salt that
+    AEAD transforms take from KEYMAT (RFC 4106 §8.1: 4 bytes, RFC 7634 §2:
+    4 bytes). ``spi`` is the SPI the *receiver* of this direction chose.
+    """
+
+    spi: int
+    encr_id: int
+    encr_key: bytes = field(repr=False)
+    integ_id: int = 0
+    integ_key: bytes = field(default=b"", repr=False)
+    esn: bool = False
