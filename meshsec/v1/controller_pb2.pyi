@@ -1,0 +1,123 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODE_UNSPECIFIED: _ClassVar[Mode]
+    MODE_TUNNEL: _ClassVar[Mode]
+    MODE_TRANSPORT: _ClassVar[Mode]
+
+class Protocol(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PROTOCOL_UNSPECIFIED: _ClassVar[Protocol]
+    PROTOCOL_ESP: _ClassVar[Protocol]
+    PROTOCOL_AH: _ClassVar[Protocol]
+
+class Encapsulation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENCAPSULATION_UNSPECIFIED: _ClassVar[Encapsulation]
+    ENCAPSULATION_UDP: _ClassVar[Encapsulation]
+    ENCAPSULATION_NONE: _ClassVar[Encapsulation]
+MODE_UNSPECIFIED: Mode
+MODE_TUNNEL: Mode
+MODE_TRANSPORT: Mode
+PROTOCOL_UNSPECIFIED: Protocol
+PROTOCOL_ESP: Protocol
+PROTOCOL_AH: Protocol
+ENCAPSULATION_UNSPECIFIED: Encapsulation
+ENCAPSULATION_UDP: Encapsulation
+ENCAPSULATION_NONE: Encapsulation
+
+class EnrollRequest(_message.Message):
+    __slots__ = ("node_name", "csr_der", "join_token")
+    NODE_NAME_FIELD_NUMBER: _ClassVar[int]
+    CSR_DER_FIELD_NUMBER: _ClassVar[int]
+    JOIN_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    node_name: str
+    csr_der: bytes
+    join_token: str
+    def __init__(self, node_name: _Optional[str] = ..., csr_der: _Optional[bytes] = ..., join_token: _Optional[str] = ...) -> None: ...
+
+class EnrollResponse(_message.Message):
+    __slots__ = ("certificate_chain_der", "ca_certificates_der", "not_after")
+    CERTIFICATE_CHAIN_DER_FIELD_NUMBER: _ClassVar[int]
+    CA_CERTIFICATES_DER_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    certificate_chain_der: _containers.RepeatedScalarFieldContainer[bytes]
+    ca_certificates_der: _containers.RepeatedScalarFieldContainer[bytes]
+    not_after: int
+    def __init__(self, certificate_chain_der: _Optional[_Iterable[bytes]] = ..., ca_certificates_der: _Optional[_Iterable[bytes]] = ..., not_after: _Optional[int] = ...) -> None: ...
+
+class WatchRequest(_message.Message):
+    __slots__ = ("node_name", "since_version")
+    NODE_NAME_FIELD_NUMBER: _ClassVar[int]
+    SINCE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    node_name: str
+    since_version: int
+    def __init__(self, node_name: _Optional[str] = ..., since_version: _Optional[int] = ...) -> None: ...
+
+class PeerPolicy(_message.Message):
+    __slots__ = ("mode", "protocol", "encapsulation", "ike_proposals", "esp_proposals", "ike_lifetime_s", "child_lifetime_s", "dpd_interval_s", "replay_window")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    ENCAPSULATION_FIELD_NUMBER: _ClassVar[int]
+    IKE_PROPOSALS_FIELD_NUMBER: _ClassVar[int]
+    ESP_PROPOSALS_FIELD_NUMBER: _ClassVar[int]
+    IKE_LIFETIME_S_FIELD_NUMBER: _ClassVar[int]
+    CHILD_LIFETIME_S_FIELD_NUMBER: _ClassVar[int]
+    DPD_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    mode: Mode
+    protocol: Protocol
+    encapsulation: Encapsulation
+    ike_proposals: _containers.RepeatedScalarFieldContainer[str]
+    esp_proposals: _containers.RepeatedScalarFieldContainer[str]
+    ike_lifetime_s: float
+    child_lifetime_s: float
+    dpd_interval_s: float
+    replay_window: int
+    def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., protocol: _Optional[_Union[Protocol, str]] = ..., encapsulation: _Optional[_Union[Encapsulation, str]] = ..., ike_proposals: _Optional[_Iterable[str]] = ..., esp_proposals: _Optional[_Iterable[str]] = ..., ike_lifetime_s: _Optional[float] = ..., child_lifetime_s: _Optional[float] = ..., dpd_interval_s: _Optional[float] = ..., replay_window: _Optional[int] = ...) -> None: ...
+
+class Peer(_message.Message):
+    __slots__ = ("name", "identity", "endpoints", "subnets", "policy", "initiate", "ike_port")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    SUBNETS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    INITIATE_FIELD_NUMBER: _ClassVar[int]
+    IKE_PORT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    identity: str
+    endpoints: _containers.RepeatedScalarFieldContainer[str]
+    subnets: _containers.RepeatedScalarFieldContainer[str]
+    policy: PeerPolicy
+    initiate: bool
+    ike_port: int
+    def __init__(self, name: _Optional[str] = ..., identity: _Optional[str] = ..., endpoints: _Optional[_Iterable[str]] = ..., subnets: _Optional[_Iterable[str]] = ..., policy: _Optional[_Union[PeerPolicy, _Mapping]] = ..., initiate: _Optional[bool] = ..., ike_port: _Optional[int] = ...) -> None: ...
+
+class ViewUpdate(_message.Message):
+    __slots__ = ("version", "full", "node_name", "identity", "subnets", "endpoints", "upserted_peers", "removed_peers")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FULL_FIELD_NUMBER: _ClassVar[int]
+    NODE_NAME_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    SUBNETS_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    UPSERTED_PEERS_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_PEERS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    full: bool
+    node_name: str
+    identity: str
+    subnets: _containers.RepeatedScalarFieldContainer[str]
+    endpoints: _containers.RepeatedScalarFieldContainer[str]
+    upserted_peers: _containers.RepeatedCompositeFieldContainer[Peer]
+    removed_peers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[int] = ..., full: _Optional[bool] = ..., node_name: _Optional[str] = ..., identity: _Optional[str] = ..., subnets: _Optional[_Iterable[str]] = ..., endpoints: _Optional[_Iterable[str]] = ..., upserted_peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., removed_peers: _Optional[_Iterable[str]] = ...) -> None: ...
