@@ -1,0 +1,312 @@
+"""EspSa: one direction of a CHILD_SA as ESP (RFC 4303).
+
+Outbound: ``encapsulate_batch`` turns inner packets into ESP packets (SPI |
+seq | IV | ciphertext | ICV, no outer IP/UDP header). Inbound:
+``decapsulate_batch`` authenticates, checks replay, decrypts and strips the
+trailer. Batch methods never raise: every refused packet is counted under
+its reason in ``counters``. Single-packet methods raise ``EspError(reason)``
+(and count too). No clock here: lifetimes are the caller's job.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from agent.esp.errors import EspError
+from agent.esp.replay import ReplayWindow
+from agent.esp.transforms import make_transform
+from agent.esp.transforms.base import U32
+from agent.model import EspKeys
+
+NH_IPV4 = 4  # IP-in-IP (RFC 4303 §2.6, tunnel mode)
+NH_IPV6 = 41
+NH_NO_NEXT = 59  # dummy packet (RFC 4303 §2.6): dropped silently, counted
+
+SEQ_MAX_32 = (1 << 32) - 1
+SEQ_MAX_64 = (1 << 64) - 1
+SOFT_LIMIT_32 = (1 << 32) - (1 << 20)
+SOFT_LIMIT_64 = (1 << 64) - (1 << 32)
+
+# Monotonic pad bytes 1, 2, 3, ... (RFC 4303 §2.4).
+_PADS = [bytes(range(1, n + 1)) for n in range(256)]
+
+DROP_REASONS = ("malformed", "spi", "replay", "icv", "padding", "next_header",
+                "dummy", "seq_exhausted", "bad_inner")
+COUNTER_NAMES = ("packets_in", "bytes_in", "packets_out", "bytes_out") + DROP_REASONS
+
+
+class EspSa:
+    """One ESP SA, either direction (RFC 4303 §3).
+
+    ``keys``: the direction's EspKeys (``keys.spi`` is written outbound and
+    required inbound). ``rng(n) -> bytes``: randomness (CBC IVs).
+    ``replay_window``: bits, 0 disables anti-replay, else a positive multiple
+    of 32. ``mode``: "tunnel" (inner packets are whole IPv4/IPv6 packets,
+    next header 4/41) or "transport" (see ``encapsulate``).
+    ``soft_limit``: outbound sequence number from which ``needs_rekey`` is
+    set (default 2^32 - 2^20, or 2^64 - 2^32 with ESN).
+
+    ``counters``: packets/bytes in/out (bytes = inner packet bytes) and drops
+    by reason (see ``DROP_REASONS``). ``needs_rekey``: set at the soft limit
+    or when the sequence number space is exhausted.
+    Raises ``ValueError`` for unsupported transforms, wrong key lengths, a bad
+    window size or mode.
+    """
+
+    def __init__(self, keys: EspKeys, *, rng: Callable[[int], bytes], replay_window: int = 1024,
+                 mode: str = "tunnel", soft_limit: int | None = None) -> None:
+        if mode not in ("tunnel", "transport"):
+            raise ValueError(f"ESP mode {mode!r}: must be 'tunnel' or 'transport'")
+        self.keys = keys
+        self.spi = keys.spi
+        self.esn = keys.esn
+        self.mode = mode
+        self.transform = make_transform(keys, rng)
+        self.replay = ReplayWindow(replay_window)
+        self.seq_out = 0  # last sequence number sent
+        self.seq_max = SEQ_MAX_64 if keys.esn else SEQ_MAX_32
+        if soft_limit is None:
+            soft_limit = SOFT_LIMIT_64 if keys.esn else SOFT_LIMIT_32
+        if not 0 < soft_limit <= self.seq_max:
+            raise ValueError(f"soft_limit {soft_limit}: must be in 1..{self.seq_max}")
+        self.soft_limit = soft_limit
+        self.needs_rekey = False
+        self.counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
+        self._spi_b = U32.pack(keys.spi)
+        align = self.transform.align
+        self._align = align
+        # trailer (pad | pad length | next header) by next header, then pad length
+        self._trailers: dict[int, list[bytes]] = {}
+        for nh in (NH_IPV4, NH_IPV6):
+            self._trailer_table(nh)
+
+    def _trailer_table(self, nh: int) -> list[bytes]:
+        t = self._trailers.get(nh)
+        if t is None:
+            t = self._trailers[nh] = [_PADS[p] + bytes((p, nh)) for p in range(self._align)]
+        return t
+
+    def __repr__(self) -> str:
+        return (f"EspSa(spi=0x{self.spi:08x}, {self.transform.name}, esn={self.esn}, mode={self.mode}, "
+                f"seq_out={self.seq_out}, replay_top={self.replay.top})")
+
+    # ---- outbound -------------------------------------------------------------
+
+    def _next_seq(self) -> int:
+        seq = self.seq_out
+        if seq >= self.seq_max:
+            # RFC 4303 §3.3.3: the counter must not cycle; a rekey is needed.
+            self.needs_rekey = True
+            raise EspError("seq_exhausted", f"SPI 0x{self.spi:08x} sent sequence number {seq}")
+        seq += 1
+        self.seq_out = seq
+        if seq >= self.soft_limit:
+            self.needs_rekey = True
+        return seq
+
+    def _seal(self, data: bytes, nh: int) -> bytes:
+        seq = self._next_seq()
+        table = self._trailers.get(nh) or self._trailer_table(nh)
+        return self.transform.seal(seq, data + table[-(len(data) + 2) % self._align])
+
+    def encapsulate(self, inner: bytes, next_header: int | None = None) -> bytes:
+        """One ESP packet (RFC 4303 §2, §3.3) for ``inner``.
+
+        Tunnel mode: ``inner`` is an IPv4/IPv6 packet, next header 4/41 from its
+        version nibble (``next_header`` ignored unless given). Transport mode:
+        ``inner`` is the upper-layer payload and ``next_header`` its protocol
+        number (required). Raises ``EspError("bad_inner")`` for an inner packet
+        that is not IPv4/IPv6, ``EspError("seq_exhausted")`` when the sequence
+        space is used up.
+        """
+        try:
+            if next_header is None:
+                if self.mode != "tunnel":
+                    raise EspError("bad_inner", "transport mode needs next_header")
+                v = inner[0] >> 4 if inner else 0
+                if v == 4:
+                    next_header = NH_IPV4
+                elif v == 6:
+                    next_header = NH_IPV6
+                else:
+                    raise EspError("bad_inner", f"IP version {v}")
+            elif not 0 <= next_header <= 255:
+                raise EspError("bad_inner", f"next header {next_header}")
+            out = self._seal(inner, next_header)
+        except EspError as e:
+            self.counters[e.reason] += 1
+            raise
+        c = self.counters
+        c["packets_out"] += 1
+        c["bytes_out"] += len(inner)
+        return out
+
+    def encapsulate_batch(self, inner_packets: list[bytes]) -> list[bytes]:
+        """ESP packets for a list of inner IPv4/IPv6 packets (tunnel mode).
+
+        In transport mode each item is a whole IP packet whose upper-layer
+        payload is protected with next header = its protocol field (the caller
+        builds the outer header). Refused packets are counted, not returned;
+        the output order follows the input.
+        """
+        out = []
+        append = out.append
+        seal = self._seal
+        nbytes = 0
+        tunnel = self.mode == "tunnel"
+        c = self.counters
+        for p in inner_packets:
+            try:
+                if tunnel:
+                    v = p[0] >> 4 if p else 0
+                    if v == 4:
+                        append(seal(p, NH_IPV4))
+                    elif v == 6:
+                        append(seal(p, NH_IPV6))
+                    else:
+                        c["bad_inner"] += 1
+                        continue
+                else:
+                    nh, payload = split_transport(p)
+                    append(seal(payload, nh))
+                nbytes += len(p)
+            except EspError as e:
+                c[e.reason] += 1
+        c["packets_out"] += len(out)
+        c["bytes_out"] += nbytes
+        return out
+
+    # ---- inbound --------------------------------------------------------------
+
+    def _open(self, pkt: bytes) -> tuple[int, bytes]:
+        """(next header, payload) of one ESP packet; raises EspError(reason)."""
+        t = self.transform
+        if len(pkt) < t.min_len:
+            raise EspError("malformed", f"{len(pkt)} bytes")
+        if pkt[:4] != self._spi_b:
+            raise EspError("spi")
+        rw = self.replay
+        seq = U32.unpack_from(pkt, 4)[0]
+        if self.esn:
+            seq = rw.infer_esn(seq)
+        if not rw.check(seq):
+            raise EspError("replay", f"sequence number {seq}")
+        pt = t.open(pkt, seq)
+        rw.update(seq)  # authenticated: now the window may move
+        return parse_trailer(pt)
+
+    def _check_nh(self, nh: int, payload: bytes) -> None:
+        if nh == NH_NO_NEXT:
+            raise EspError("dummy")
+        if self.mode == "tunnel":
+            if nh == NH_IPV4:
+                if not payload or payload[0] >> 4 != 4:
+                    raise EspError("malformed", "next header 4 but not IPv4")
+            elif nh == NH_IPV6:
+                if not payload or payload[0] >> 4 != 6:
+                    raise EspError("malformed", "next header 41 but not IPv6")
+            else:
+                raise EspError("next_header", f"{nh} in tunnel mode")
+
+    def decapsulate(self, esp_packet: bytes) -> bytes:
+        """Inner packet (tunnel) or payload (transport) of one ESP packet.
+
+        Raises ``EspError(reason)`` with reason malformed / spi / replay / icv /
+        padding / next_header / dummy (RFC 4303 §3.4).
+        """
+        return self.decapsulate_nh(esp_packet)[1]
+
+    def decapsulate_nh(self, esp_packet: bytes) -> tuple[int, bytes]:
+        """(next header, payload) of one ESP packet; as ``decapsulate``."""
+        try:
+            nh, payload = self._open(esp_packet)
+            self._check_nh(nh, payload)
+        except EspError as e:
+            self.counters[e.reason] += 1
+            raise
+        c = self.counters
+        c["packets_in"] += 1
+        c["bytes_in"] += len(payload)
+        return nh, payload
+
+    def decapsulate_batch(self, esp_packets: list[bytes]) -> list[bytes]:
+        """Inner packets of the ESP packets that pass (RFC 4303 §3.4); never raises.
+
+        Dropped packets are counted by reason. In transport mode the items are
+        upper-layer payloads (use ``decapsulate_batch_nh`` for their protocol).
+        """
+        out = []
+        append = out.append
+        open_ = self._open
+        check_nh = self._check_nh
+        c = self.counters
+        nbytes = 0
+        if self.mode == "tunnel":
+            for pkt in esp_packets:
+                try:
+                    nh, payload = open_(pkt)
+                    check_nh(nh, payload)
+                except EspError as e:
+                    c[e.reason] += 1
+                    continue
+                append(payload)
+                nbytes += len(payload)
+        else:
+            for nh, payload in self.decapsulate_batch_nh(esp_packets):
+                append(payload)
+            return out
+        c["packets_in"] += len(out)
+        c["bytes_in"] += nbytes
+        return out
+
+    def decapsulate_batch_nh(self, esp_packets: list[bytes]) -> list[tuple[int, bytes]]:
+        """(next header, payload) pairs of the packets that pass; never raises."""
+        out = []
+        c = self.counters
+        nbytes = 0
+        for pkt in esp_packets:
+            try:
+                nh, payload = self._open(pkt)
+                self._check_nh(nh, payload)
+            except EspError as e:
+                c[e.reason] += 1
+                continue
+            out.append((nh, payload))
+            nbytes += len(payload)
+        c["packets_in"] += len(out)
+        c["bytes_in"] += nbytes
+        return out
+
+
+def parse_trailer(plaintext: bytes) -> tuple[int, bytes]:
+    """(next header, payload) of decrypted ESP data: payload | pad | pad length |
+    next header, pad bytes 1, 2, 3, ... (RFC 4303 §2.4, §3.4.4.1).
+    Raises EspError("padding") when they are wrong."""
+    n = len(plaintext)
+    if n < 2:
+        raise EspError("padding", "no trailer")
+    padlen = plaintext[-2]
+    end = n - 2 - padlen
+    if end < 0 or (padlen and plaintext[end:n - 2] != _PADS[padlen]):
+        raise EspError("padding", f"pad length {padlen}")
+    return plaintext[-1], plaintext[:end]
+
+
+def split_transport(packet: bytes) -> tuple[int, bytes]:
+    """(protocol, upper-layer payload) of an IPv4/IPv6 packet for transport mode.
+
+    IPv4 options stay in the outer header; IPv6 extension headers are not
+    walked (the fixed header's Next Header is used). Raises EspError("bad_inner").
+    """
+    if not packet:
+        raise EspError("bad_inner", "empty packet")
+    v = packet[0] >> 4
+    if v == 4:
+        ihl = (packet[0] & 0x0F) * 4
+        if ihl < 20 or len(packet) < ihl:
+            raise EspError("bad_inner", "short IPv4 header")
+        return packet[9], packet[ihl:]
+    if v == 6:
+        if len(packet) < 40:
+            raise EspError("bad_inner", "short IPv6 header")
+        return packet[6], packet[40:]
+    raise EspError("bad_inner", f"IP version {v}")
