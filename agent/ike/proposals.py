@@ -1,0 +1,409 @@
+"""strongSwan-style proposal strings -> IANA transform IDs (RFC 7296 §3.3).
+
+A proposal string is a ``-`` separated list of keywords, for example
+``aes128gcm16-prfsha256-x25519`` (IKE) or ``aes128-sha256-esn`` (ESP).
+Keywords are the ones strongSwan uses (ipsec.conf(5) / swanctl.conf(5)
+"proposals"). Pure module: no I/O.
+
+Also here: key and ICV sizes per transform, and the algorithm names
+Wireshark 4.0 expects in its ``ikev2_decryption_table`` and ``esp_sa`` UAT
+files (the key log).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agent.iana import EncrId, EsnId, IntegId, KeId, PrfId, name_of
+
+__all__ = [
+    "ProposalError",
+    "IkeProposal",
+    "EspProposal",
+    "parse_ike_proposal",
+    "parse_esp_proposal",
+    "is_aead",
+    "encr_key_len",
+    "encr_salt_len",
+    "encr_icv_len",
+    "integ_key_len",
+    "integ_icv_len",
+    "prf_output_len",
+    "wireshark_ike_encr_name",
+    "wireshark_ike_integ_name",
+    "wireshark_esp_encr_name",
+    "wireshark_esp_integ_name",
+]
+
+
+class ProposalError(ValueError):
+    """A proposal string (or an algorithm ID) we cannot use.
+
+    ``token`` is the offending keyword (or ``None`` for structural errors).
+    """
+
+    def __init__(self, message: str, token: str | None = None) -> None:
+        super().__init__(message)
+        self.token = token
+
+
+# keyword -> (EncrId, key bits or None)
+_ENCR: dict[str, tuple[int, int | None]] = {}
+for _bits in (128, 192, 256):
+    _ENCR[f"aes{_bits}"] = (EncrId.ENCR_AES_CBC, _bits)
+    _ENCR[f"aes{_bits}ctr"] = (EncrId.ENCR_AES_CTR, _bits)
+    for _icv, _gcm, _ccm in (
+        (8, EncrId.ENCR_AES_GCM_8, EncrId.ENCR_AES_CCM_8),
+        (12, EncrId.ENCR_AES_GCM_12, EncrId.ENCR_AES_CCM_12),
+        (16, EncrId.ENCR_AES_GCM_16, EncrId.ENCR_AES_CCM_16),
+    ):
+        _ENCR[f"aes{_bits}gcm{_icv}"] = (_gcm, _bits)
+        _ENCR[f"aes{_bits}ccm{_icv}"] = (_ccm, _bits)
+    # strongSwan: aesXXXgcm / aesXXXccm without ICV size means 16 octets
+    _ENCR[f"aes{_bits}gcm"] = (EncrId.ENCR_AES_GCM_16, _bits)
+    _ENCR[f"aes{_bits}ccm"] = (EncrId.ENCR_AES_CCM_16, _bits)
+_ENCR["aes"] = (EncrId.ENCR_AES_CBC, 128)
+_ENCR["chacha20poly1305"] = (EncrId.ENCR_CHACHA20_POLY1305, None)
+_ENCR["null"] = (EncrId.ENCR_NULL, None)
+
+_INTEG: dict[str, int] = {
+    "sha1": IntegId.AUTH_HMAC_SHA1_96,
+    "sha": IntegId.AUTH_HMAC_SHA1_96,
+    "sha256": IntegId.AUTH_HMAC_SHA2_256_128,
+    "sha2_256": IntegId.AUTH_HMAC_SHA2_256_128,
+    "sha384": IntegId.AUTH_HMAC_SHA2_384_192,
+    "sha2_384": IntegId.AUTH_HMAC_SHA2_384_192,
+    "sha512": IntegId.AUTH_HMAC_SHA2_512_256,
+    "sha2_512": IntegId.AUTH_HMAC_SHA2_512_256,
+}
+
+_PRF: dict[str, int] = {
+    "prfsha1": PrfId.PRF_HMAC_SHA1,
+    "prfsha256": PrfId.PRF_HMAC_SHA2_256,
+    "prfsha384": PrfId.PRF_HMAC_SHA2_384,
+    "prfsha512": PrfId.PRF_HMAC_SHA2_512,
+}
+
+# strongSwan derives the PRF from the integrity algorithm when none is given
+_PRF_FROM_INTEG: dict[int, int] = {
+    IntegId.AUTH_HMAC_SHA1_96: PrfId.PRF_HMAC_SHA1,
+    IntegId.AUTH_HMAC_SHA2_256_128: PrfId.PRF_HMAC_SHA2_256,
+    IntegId.AUTH_HMAC_SHA2_384_192: PrfId.PRF_HMAC_SHA2_384,
+    IntegId.AUTH_HMAC_SHA2_512_256: PrfId.PRF_HMAC_SHA2_512,
+}
+
+_KE: dict[str, int] = {
+    "modp2048": KeId.MODP_2048,
+    "ecp256": KeId.ECP_256,
+    "ecp384": KeId.ECP_384,
+    "ecp521": KeId.ECP_521,
+    "x25519": KeId.CURVE25519,
+    "curve25519": KeId.CURVE25519,
+    "x448": KeId.CURVE448,
+    "curve448": KeId.CURVE448,
+}
+
+_ESN: dict[str, int] = {"esn": EsnId.ESN, "noesn": EsnId.NO_ESN}
+
+_AEAD = frozenset({
+    EncrId.ENCR_AES_GCM_8, EncrId.ENCR_AES_GCM_12, EncrId.ENCR_AES_GCM_16,
+    EncrId.ENCR_AES_CCM_8, EncrId.ENCR_AES_CCM_12, EncrId.ENCR_AES_CCM_16,
+    EncrId.ENCR_CHACHA20_POLY1305,
+})
+
+# Algorithms this code base can run for IKE (SkCipher) and ESP.
+_IKE_ENCR_SUPPORTED = frozenset({
+    EncrId.ENCR_AES_CBC, EncrId.ENCR_AES_GCM_8, EncrId.ENCR_AES_GCM_12, EncrId.ENCR_AES_GCM_16,
+    EncrId.ENCR_AES_CCM_8, EncrId.ENCR_AES_CCM_12, EncrId.ENCR_AES_CCM_16,
+    EncrId.ENCR_CHACHA20_POLY1305,
+})
+_ESP_ENCR_SUPPORTED = frozenset({
+    EncrId.ENCR_AES_CBC, EncrId.ENCR_AES_GCM_16, EncrId.ENCR_CHACHA20_POLY1305,
+})
+
+
+def _known(kind: str, table: dict) -> str:
+    return f"known {kind}: " + ", ".join(sorted(table))
+
+
+@dataclass(frozen=True)
+class IkeProposal:
+    """One IKE proposal (RFC 7296 §3.3). ``integ`` is 0 for AEAD ciphers;
+    ``encr_key_bits`` is None for fixed-key ciphers (ChaCha20-Poly1305);
+    ``ke`` lists acceptable KE methods, preferred first."""
+
+    encr: int
+    encr_key_bits: int | None
+    integ: int
+    prf: int
+    ke: tuple[int, ...]
+
+    def describe(self) -> str:
+        """Human-readable, e.g. ``ENCR_AES_GCM_16_128/PRF_HMAC_SHA2_256/CURVE25519``."""
+        parts = [_encr_label(self.encr, self.encr_key_bits)]
+        if self.integ:
+            parts.append(name_of(IntegId, self.integ))
+        parts.append(name_of(PrfId, self.prf))
+        parts.extend(name_of(KeId, k) for k in self.ke)
+        return "/".join(parts)
+
+
+@dataclass(frozen=True)
+class EspProposal:
+    """One ESP proposal (RFC 7296 §3.3). ``esn`` lists acceptable EsnId
+    values (default ``(NO_ESN,)``); ``ke`` lists KE methods for PFS in
+    CREATE_CHILD_SA (empty: no PFS). ``ke`` is an addition to the
+    docs/design.md contract, last field with a default."""
+
+    encr: int
+    encr_key_bits: int | None
+    integ: int
+    esn: tuple[int, ...] = (EsnId.NO_ESN,)
+    ke: tuple[int, ...] = ()
+
+    def describe(self) -> str:
+        parts = [_encr_label(self.encr, self.encr_key_bits)]
+        if self.integ:
+            parts.append(name_of(IntegId, self.integ))
+        parts.extend(name_of(KeId, k) for k in self.ke)
+        parts.extend(name_of(EsnId, e) for e in self.esn)
+        return "/".join(parts)
+
+
+def _encr_label(encr: int, bits: int | None) -> str:
+    name = name_of(EncrId, encr)
+    return f"{name}_{bits}" if bits else name
+
+
+def _tokens(s: str) -> list[str]:
+    if not isinstance(s, str) or not s.strip():
+        raise ProposalError("empty proposal string")
+    toks = [t.strip().lower() for t in s.strip().split("-")]
+    for t in toks:
+        if not t:
+            raise ProposalError(f"empty keyword in proposal {s!r}", "")
+    return toks
+
+
+def _classify(tok: str, s: str, tables: list[tuple[str, dict]]) -> tuple[str, object]:
+    for kind, table in tables:
+        if tok in table:
+            return kind, table[tok]
+    known = "; ".join(_known(kind, table) for kind, table in tables)
+    raise ProposalError(f"unknown algorithm {tok!r} in proposal {s!r} ({known})", tok)
+
+
+def parse_ike_proposal(s: str) -> IkeProposal:
+    """Parse an IKE proposal string, e.g. ``aes256-sha256-prfsha256-modp2048``.
+
+    Exactly one encryption keyword; AEAD ciphers take no integrity keyword
+    and need an explicit PRF; non-AEAD ciphers need an integrity keyword,
+    the PRF defaults to the one matching it (strongSwan's rule). At least one
+    KE method. Raises ProposalError naming the offending keyword.
+    """
+    toks = _tokens(s)
+    tables = [("encryption", _ENCR), ("integrity", _INTEG), ("prf", _PRF), ("key exchange", _KE)]
+    encr: list[tuple[int, int | None]] = []
+    integ: list[int] = []
+    prf: list[int] = []
+    ke: list[int] = []
+    for tok in toks:
+        kind, val = _classify(tok, s, tables)
+        {"encryption": encr, "integrity": integ, "prf": prf, "key exchange": ke}[kind].append(val)
+    if len(encr) != 1:
+        raise ProposalError(f"IKE proposal {s!r} needs exactly one encryption algorithm, has {len(encr)}")
+    e, bits = encr[0]
+    if e not in _IKE_ENCR_SUPPORTED:
+        raise ProposalError(f"encryption {_encr_label(e, bits)} not supported for IKE in {s!r}")
+    if len(integ) > 1 or len(prf) > 1:
+        raise ProposalError(f"IKE proposal {s!r}: give at most one integrity and one prf algorithm")
+    if e in _AEAD:
+        if integ:
+            raise ProposalError(f"IKE proposal {s!r}: AEAD cipher {name_of(EncrId, e)} takes no integrity algorithm")
+        if not prf:
+            raise ProposalError(f"IKE proposal {s!r}: AEAD cipher needs an explicit prf (e.g. prfsha256)")
+        i = IntegId.NONE
+    else:
+        if not integ:
+            raise ProposalError(f"IKE proposal {s!r}: {name_of(EncrId, e)} needs an integrity algorithm (e.g. sha256)")
+        i = integ[0]
+        if not prf:
+            prf = [_PRF_FROM_INTEG[i]]
+    if not ke:
+        raise ProposalError(f"IKE proposal {s!r} needs a key exchange method (e.g. x25519)")
+    if len(set(ke)) != len(ke):
+        raise ProposalError(f"IKE proposal {s!r} repeats a key exchange method")
+    return IkeProposal(int(e), bits, int(i), int(prf[0]), tuple(int(k) for k in ke))
+
+
+def parse_esp_proposal(s: str) -> EspProposal:
+    """Parse an ESP proposal string, e.g. ``aes128gcm16``, ``aes128-sha256-esn``.
+
+    Optional ``esn`` / ``noesn`` (default no ESN) and KE methods for PFS.
+    Raises ProposalError naming the offending keyword.
+    """
+    toks = _tokens(s)
+    tables = [("encryption", _ENCR), ("integrity", _INTEG), ("key exchange", _KE), ("esn", _ESN)]
+    encr: list[tuple[int, int | None]] = []
+    integ: list[int] = []
+    ke: list[int] = []
+    esn: list[int] = []
+    for tok in toks:
+        kind, val = _classify(tok, s, tables)
+        {"encryption": encr, "integrity": integ, "key exchange": ke, "esn": esn}[kind].append(val)
+    if len(encr) != 1:
+        raise ProposalError(f"ESP proposal {s!r} needs exactly one encryption algorithm, has {len(encr)}")
+    e, bits = encr[0]
+    if e not in _ESP_ENCR_SUPPORTED:
+        raise ProposalError(f"encryption {_encr_label(e, bits)} not supported for ESP in {s!r}")
+    if len(integ) > 1:
+        raise ProposalError(f"ESP proposal {s!r}: give at most one integrity algorithm")
+    if e in _AEAD:
+        if integ:
+            raise ProposalError(f"ESP proposal {s!r}: AEAD cipher {name_of(EncrId, e)} takes no integrity algorithm")
+        i = IntegId.NONE
+    else:
+        if not integ:
+            raise ProposalError(f"ESP proposal {s!r}: {name_of(EncrId, e)} needs an integrity algorithm (e.g. sha256)")
+        i = integ[0]
+    if len(set(esn)) != len(esn) or len(set(ke)) != len(ke):
+        raise ProposalError(f"ESP proposal {s!r} repeats a keyword")
+    return EspProposal(int(e), bits, int(i), tuple(int(x) for x in esn) or (int(EsnId.NO_ESN),),
+                       tuple(int(k) for k in ke))
+
+
+def is_aead(encr: int) -> bool:
+    """True for combined-mode ciphers (integ transform NONE)."""
+    return encr in _AEAD
+
+
+def encr_salt_len(encr: int) -> int:
+    """Salt bytes taken from the end of the key material: GCM 4 (RFC 4106
+    §8.1, RFC 5282 §7.1), CCM 3 (RFC 4309 §7.1), ChaCha20-Poly1305 4
+    (RFC 7634 §2), AES-CTR 4 (RFC 3686 §5.1); 0 otherwise."""
+    if encr in (EncrId.ENCR_AES_GCM_8, EncrId.ENCR_AES_GCM_12, EncrId.ENCR_AES_GCM_16,
+                EncrId.ENCR_CHACHA20_POLY1305, EncrId.ENCR_AES_CTR):
+        return 4
+    if encr in (EncrId.ENCR_AES_CCM_8, EncrId.ENCR_AES_CCM_12, EncrId.ENCR_AES_CCM_16):
+        return 3
+    return 0
+
+
+def encr_key_len(encr: int, bits: int | None) -> int:
+    """Key material length in bytes for ``encr``, including the salt.
+
+    ``bits`` is the KEY_LENGTH attribute (128/192/256 for AES; None for
+    ChaCha20-Poly1305, which is 256-bit only). Raises ProposalError.
+    """
+    if encr == EncrId.ENCR_CHACHA20_POLY1305:
+        if bits not in (None, 256):
+            raise ProposalError(f"ENCR_CHACHA20_POLY1305 has no key length {bits}")
+        return 32 + 4
+    if encr == EncrId.ENCR_NULL:
+        return 0
+    if encr in (EncrId.ENCR_AES_CBC, EncrId.ENCR_AES_CTR) or encr in _AEAD:
+        if bits not in (128, 192, 256):
+            raise ProposalError(f"{name_of(EncrId, encr)} needs KEY_LENGTH 128, 192 or 256, got {bits}")
+        return bits // 8 + encr_salt_len(encr)
+    raise ProposalError(f"unsupported encryption algorithm {name_of(EncrId, encr)}")
+
+
+def encr_icv_len(encr: int) -> int:
+    """ICV length in bytes of an AEAD cipher (0 for non-AEAD)."""
+    return {
+        EncrId.ENCR_AES_GCM_8: 8, EncrId.ENCR_AES_GCM_12: 12, EncrId.ENCR_AES_GCM_16: 16,
+        EncrId.ENCR_AES_CCM_8: 8, EncrId.ENCR_AES_CCM_12: 12, EncrId.ENCR_AES_CCM_16: 16,
+        EncrId.ENCR_CHACHA20_POLY1305: 16,
+    }.get(encr, 0)
+
+
+_INTEG_SIZES: dict[int, tuple[int, int]] = {  # key bytes, ICV bytes (RFC 2404, RFC 4868 §2.1)
+    IntegId.NONE: (0, 0),
+    IntegId.AUTH_HMAC_SHA1_96: (20, 12),
+    IntegId.AUTH_HMAC_SHA2_256_128: (32, 16),
+    IntegId.AUTH_HMAC_SHA2_384_192: (48, 24),
+    IntegId.AUTH_HMAC_SHA2_512_256: (64, 32),
+}
+
+
+def integ_key_len(integ: int) -> int:
+    """Integrity key length in bytes (RFC 4868 §2.1.1: the hash output size)."""
+    try:
+        return _INTEG_SIZES[integ][0]
+    except KeyError:
+        raise ProposalError(f"unsupported integrity algorithm {name_of(IntegId, integ)}") from None
+
+
+def integ_icv_len(integ: int) -> int:
+    """Truncated ICV length in bytes (RFC 4868 §2.1: half the hash output)."""
+    try:
+        return _INTEG_SIZES[integ][1]
+    except KeyError:
+        raise ProposalError(f"unsupported integrity algorithm {name_of(IntegId, integ)}") from None
+
+
+def prf_output_len(prf: int) -> int:
+    """PRF output (and preferred key) length in bytes."""
+    try:
+        return {PrfId.PRF_HMAC_SHA1: 20, PrfId.PRF_HMAC_SHA2_256: 32,
+                PrfId.PRF_HMAC_SHA2_384: 48, PrfId.PRF_HMAC_SHA2_512: 64}[prf]
+    except KeyError:
+        raise ProposalError(f"unsupported prf {name_of(PrfId, prf)}") from None
+
+
+# --- Wireshark 4.0 UAT names (checked against libwireshark.so.16 strings) ---
+# None: Wireshark 4.0 cannot decrypt this algorithm (ChaCha20-Poly1305).
+
+def wireshark_ike_encr_name(encr: int, bits: int | None) -> str | None:
+    """Encryption algorithm column of ``ikev2_decryption_table``."""
+    if encr == EncrId.ENCR_NULL:
+        return "NULL [RFC2410]"
+    if encr == EncrId.ENCR_3DES:
+        return "3DES [RFC2451]"
+    if bits not in (128, 192, 256):
+        return None
+    if encr == EncrId.ENCR_AES_CBC:
+        return f"AES-CBC-{bits} [RFC3602]"
+    if encr == EncrId.ENCR_AES_CTR:
+        return f"AES-CTR-{bits} [RFC5930]"
+    for mode, ids in (("GCM", (EncrId.ENCR_AES_GCM_8, EncrId.ENCR_AES_GCM_12, EncrId.ENCR_AES_GCM_16)),
+                      ("CCM", (EncrId.ENCR_AES_CCM_8, EncrId.ENCR_AES_CCM_12, EncrId.ENCR_AES_CCM_16))):
+        if encr in ids:
+            return f"AES-{mode}-{bits} with {encr_icv_len(encr)} octet ICV [RFC5282]"
+    return None
+
+
+def wireshark_ike_integ_name(integ: int) -> str | None:
+    """Integrity algorithm column of ``ikev2_decryption_table``."""
+    return {
+        IntegId.NONE: "NONE [RFC4306]",
+        IntegId.AUTH_HMAC_SHA1_96: "HMAC_SHA1_96 [RFC2404]",
+        IntegId.AUTH_HMAC_SHA2_256_128: "HMAC_SHA2_256_128 [RFC4868]",
+        IntegId.AUTH_HMAC_SHA2_384_192: "HMAC_SHA2_384_192 [RFC4868]",
+        IntegId.AUTH_HMAC_SHA2_512_256: "HMAC_SHA2_512_256 [RFC4868]",
+    }.get(integ)
+
+
+def wireshark_esp_encr_name(encr: int, bits: int | None = None) -> str | None:
+    """Encryption algorithm column of ``esp_sa`` (key column = key || salt)."""
+    if encr == EncrId.ENCR_NULL:
+        return "NULL"
+    if encr == EncrId.ENCR_3DES:
+        return "TripleDES-CBC [RFC2451]"
+    if encr == EncrId.ENCR_AES_CBC:
+        return "AES-CBC [RFC3602]"
+    if encr == EncrId.ENCR_AES_CTR:
+        return "AES-CTR [RFC3686]"
+    if encr in (EncrId.ENCR_AES_GCM_8, EncrId.ENCR_AES_GCM_12, EncrId.ENCR_AES_GCM_16):
+        return f"AES-GCM with {encr_icv_len(encr)} octet ICV [RFC4106]"
+    return None
+
+
+def wireshark_esp_integ_name(integ: int) -> str | None:
+    """Authentication algorithm column of ``esp_sa`` (``NULL`` for AEAD)."""
+    return {
+        IntegId.NONE: "NULL",
+        IntegId.AUTH_HMAC_SHA1_96: "HMAC-SHA-1-96 [RFC2404]",
+        IntegId.AUTH_HMAC_SHA2_256_128: "HMAC-SHA-256-128 [RFC4868]",
+        IntegId.AUTH_HMAC_SHA2_384_192: "HMAC-SHA-384-192 [RFC4868]",
+        IntegId.AUTH_HMAC_SHA2_512_256: "HMAC-SHA-512-256 [RFC4868]",
+    }.get(integ)
