@@ -1,0 +1,339 @@
+"""Standalone configuration (no controller): YAML -> NodeView, Credentials, DatapathSettings.
+
+Format (keys not listed are an error)::
+
+    name: gw-a                      # this node; also its IKE identity (ID_FQDN)
+    local_address: 198.51.100.1     # underlay address; IKE and ESP-in-UDP bind here
+    subnets: [10.1.0.0/24]          # networks behind this node (may be empty)
+    tun: {name: meshsec0, mtu: 1400, address: 10.200.9.1/32}   # all optional
+    auth: {psk: "secret"}           # or {psk_file: PATH} or {key: PATH, cert: PATH, ca: PATH}
+    peers:
+      - name: gw-b
+        identity: gw-b              # default: name
+        endpoints: [198.51.100.2]
+        subnets: [10.2.0.0/24]
+        psk: "per-peer secret"      # optional, overrides auth.psk
+        initiate: true              # default: our name sorts lower than the peer's
+        ike_proposals: [aes128gcm16-prfsha256-x25519]
+        esp_proposals: [aes128gcm16]
+        mode: tunnel                # tunnel | transport
+        encapsulation: udp          # udp | none
+
+Every error is a ``ConfigError`` whose message names file, line and field
+and says what to do. Relative paths are relative to the config file.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+
+import yaml
+
+from agent.model import (DEFAULT_ESP_PROPOSALS, DEFAULT_IKE_PROPOSALS, Credentials, NodeView, Peer,
+                         PeerPolicy)
+
+
+class ConfigError(Exception):
+    """Invalid configuration; ``str()`` is ``file:line: field: problem (what to do)``."""
+
+
+@dataclass(frozen=True)
+class DatapathSettings:
+    """Datapath parameters from the config file (CLI flags override them in agent.main)."""
+
+    tun_name: str | None = None
+    mtu: int | None = None
+    tun_addresses: tuple[str, ...] = ()
+    local_address: str | None = None
+
+
+class _Map(dict):
+    line: int = 0
+    key_lines: dict
+
+
+class _Seq(list):
+    line: int = 0
+    item_lines: list
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+def _construct_map(loader, node):
+    loader.flatten_mapping(node)
+    m = _Map()
+    m.line = node.start_mark.line + 1
+    m.key_lines = {}
+    for k_node, v_node in node.value:
+        key = loader.construct_object(k_node, deep=True)
+        if key in m:
+            raise ConfigError(f"{{file}}:{k_node.start_mark.line + 1}: duplicate key {key!r} (remove one)")
+        m[key] = loader.construct_object(v_node, deep=True)
+        m.key_lines[key] = v_node.start_mark.line + 1
+    return m
+
+
+def _construct_seq(loader, node):
+    s = _Seq(loader.construct_object(n, deep=True) for n in node.value)
+    s.line = node.start_mark.line + 1
+    s.item_lines = [n.start_mark.line + 1 for n in node.value]
+    return s
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_map)
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_seq)
+
+
+class _Ctx:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.base = os.path.dirname(os.path.abspath(path))
+
+    def err(self, line: int, field: str, msg: str) -> ConfigError:
+        return ConfigError(f"{self.path}:{line}: {field}: {msg}")
+
+    def resolve(self, p: str) -> str:
+        return p if os.path.isabs(p) else os.path.join(self.base, p)
+
+
+def _line(m, key) -> int:
+    return getattr(m, "key_lines", {}).get(key, getattr(m, "line", 1))
+
+
+def _check_keys(ctx: _Ctx, m, allowed: set[str], where: str) -> None:
+    for k in m:
+        if k not in allowed:
+            raise ctx.err(_line(m, k), f"{where}{k}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
+
+
+def _req(ctx, m, key, where, typ, what):
+    if key not in m or m[key] is None:
+        raise ctx.err(getattr(m, "line", 1), f"{where}{key}", f"missing; add {what}")
+    return _typed(ctx, m, key, where, typ, what)
+
+
+def _typed(ctx, m, key, where, typ, what):
+    v = m[key]
+    if typ is str and isinstance(v, (int, float)) and not isinstance(v, bool):
+        v = str(v)
+    if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+        raise ctx.err(_line(m, key), f"{where}{key}", f"expected {what}, got {type(v).__name__} {v!r}")
+    return v
+
+
+def _str_list(ctx, m, key, where, what) -> tuple[list[str], list[int]]:
+    if key not in m or m[key] is None:
+        return [], []
+    v = m[key]
+    if isinstance(v, str):
+        return [v], [_line(m, key)]
+    if not isinstance(v, list):
+        raise ctx.err(_line(m, key), f"{where}{key}", f"expected a list of {what}")
+    lines = getattr(v, "item_lines", [_line(m, key)] * len(v))
+    for item, ln in zip(v, lines):
+        if not isinstance(item, str):
+            raise ctx.err(ln, f"{where}{key}", f"expected {what}, got {item!r}")
+    return list(v), list(lines)
+
+
+def _subnets(ctx, m, key, where):
+    items, lines = _str_list(ctx, m, key, where, "CIDR prefixes such as 10.1.0.0/24")
+    out = []
+    for s, ln in zip(items, lines):
+        try:
+            out.append(ipaddress.ip_network(s, strict=True))
+        except ValueError as exc:
+            raise ctx.err(ln, f"{where}{key}", f"{s!r} is not a network prefix ({exc}); "
+                          "use an address with its prefix length and no host bits, e.g. 10.1.0.0/24")
+    return tuple(out)
+
+
+def _address(ctx, m, key, where):
+    v = _typed(ctx, m, key, where, str, "an IP address")
+    try:
+        return str(ipaddress.ip_address(v))
+    except ValueError:
+        raise ctx.err(_line(m, key), f"{where}{key}", f"{v!r} is not an IP address; write e.g. 198.51.100.1")
+
+
+def _proposals(ctx, m, key, where, kind, default):
+    items, lines = _str_list(ctx, m, key, where, "proposal strings")
+    if not items:
+        return default
+    try:
+        from agent.ike import proposals as props
+        parse = props.parse_ike_proposal if kind == "ike" else props.parse_esp_proposal
+    except (ImportError, AttributeError):
+        parse = None  # IKE core absent: the IKE manager validates at negotiation
+    for s, ln in zip(items, lines):
+        if parse is not None:
+            try:
+                parse(s)
+            except Exception as exc:
+                raise ctx.err(ln, f"{where}{key}", f"{exc}")
+    return tuple(items)
+
+
+def _read_file(ctx, line, field, path) -> bytes:
+    try:
+        with open(ctx.resolve(path), "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ctx.err(line, field, f"cannot read {path!r}: {exc.strerror}; check the path "
+                      "(relative paths are relative to the config file)")
+
+
+def _psk_bytes(ctx, line, field, value) -> bytes:
+    b = value.encode() if isinstance(value, str) else None
+    if not b:
+        raise ctx.err(line, field, "the pre-shared key is empty; give a long random string")
+    return b
+
+
+def _credentials(ctx, m) -> Credentials:
+    if "auth" not in m or not isinstance(m["auth"], dict):
+        raise ctx.err(_line(m, "auth"), "auth", "missing or not a mapping; add "
+                      "auth: {psk: ...}, {psk_file: PATH} or {key: PATH, cert: PATH, ca: PATH}")
+    a = m["auth"]
+    _check_keys(ctx, a, {"psk", "psk_file", "key", "cert", "ca"}, "auth.")
+    has_psk = "psk" in a or "psk_file" in a
+    has_cert = any(k in a for k in ("key", "cert", "ca"))
+    if has_psk == has_cert or ("psk" in a and "psk_file" in a):
+        raise ctx.err(a.line, "auth", "give exactly one of psk, psk_file, or key+cert+ca")
+    if "psk" in a:
+        return Credentials(psk=_psk_bytes(ctx, _line(a, "psk"), "auth.psk", str(a["psk"])))
+    if "psk_file" in a:
+        path = _typed(ctx, a, "psk_file", "auth.", str, "a file path")
+        data = _read_file(ctx, _line(a, "psk_file"), "auth.psk_file", path).strip()
+        if not data:
+            raise ctx.err(_line(a, "psk_file"), "auth.psk_file", f"{path!r} is empty; put the key in it")
+        return Credentials(psk=data)
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    for k in ("key", "cert", "ca"):
+        if k not in a:
+            raise ctx.err(a.line, f"auth.{k}", "missing; certificate auth needs key, cert and ca (PEM files)")
+    key_pem = _read_file(ctx, _line(a, "key"), "auth.key", str(a["key"]))
+    try:
+        serialization.load_pem_private_key(key_pem, password=None)
+    except Exception as exc:
+        raise ctx.err(_line(a, "key"), "auth.key", f"not an unencrypted PEM private key ({exc})")
+    chains = []
+    for k in ("cert", "ca"):
+        pem = _read_file(ctx, _line(a, k), f"auth.{k}", str(a[k]))
+        try:
+            certs = x509.load_pem_x509_certificates(pem)
+        except Exception as exc:
+            raise ctx.err(_line(a, k), f"auth.{k}", f"not a PEM certificate file ({exc})")
+        chains.append(tuple(c.public_bytes(Encoding.DER) for c in certs))
+    return Credentials(private_key_pem=key_pem, certificate_chain=chains[0], ca_certificates=chains[1])
+
+
+_PEER_KEYS = {"name", "identity", "endpoints", "subnets", "psk", "initiate", "ike_proposals",
+              "esp_proposals", "mode", "encapsulation", "ike_port"}
+
+
+def _peer(ctx, name: str, p, idx: int) -> Peer:
+    where = f"peers[{idx}]."
+    if not isinstance(p, dict):
+        raise ctx.err(getattr(p, "line", 1), f"peers[{idx}]", "expected a mapping with name, endpoints, subnets")
+    _check_keys(ctx, p, _PEER_KEYS, where)
+    pname = _req(ctx, p, "name", where, str, "the peer's node name")
+    ident = _typed(ctx, p, "identity", where, str, "an identity string") if "identity" in p else pname
+    eps, lines = _str_list(ctx, p, "endpoints", where, "IP addresses")
+    if not eps:
+        raise ctx.err(p.line, f"{where}endpoints", "missing; list at least one underlay address of the peer")
+    for e, ln in zip(eps, lines):
+        try:
+            ipaddress.ip_address(e)
+        except ValueError:
+            raise ctx.err(ln, f"{where}endpoints", f"{e!r} is not an IP address")
+    subnets = _subnets(ctx, p, "subnets", where)
+    mode = p.get("mode", "tunnel")
+    if mode not in ("tunnel", "transport"):
+        raise ctx.err(_line(p, "mode"), f"{where}mode", f"{mode!r}: use tunnel or transport")
+    encap = p.get("encapsulation", "udp")
+    if encap not in ("udp", "none"):
+        raise ctx.err(_line(p, "encapsulation"), f"{where}encapsulation", f"{encap!r}: use udp or none")
+    initiate = name < pname
+    if "initiate" in p:
+        initiate = _typed(ctx, p, "initiate", where, bool, "true or false")
+    psk = _psk_bytes(ctx, _line(p, "psk"), f"{where}psk", str(p["psk"])) if "psk" in p else None
+    port = _typed(ctx, p, "ike_port", where, int, "a UDP port") if "ike_port" in p else 500
+    policy = PeerPolicy(
+        mode=mode, encapsulation=encap,
+        ike_proposals=_proposals(ctx, p, "ike_proposals", where, "ike", DEFAULT_IKE_PROPOSALS),
+        esp_proposals=_proposals(ctx, p, "esp_proposals", where, "esp", DEFAULT_ESP_PROPOSALS),
+    )
+    return Peer(name=pname, identity=ident, endpoints=tuple(eps), subnets=subnets, policy=policy,
+                ike_port=port, psk=psk, initiate=initiate)
+
+
+def parse_config(text: str, path: str = "<config>") -> tuple[NodeView, Credentials, DatapathSettings]:
+    """Parse YAML ``text`` (``path`` only names the file in errors). Raises ConfigError."""
+    ctx = _Ctx(path)
+    try:
+        m = yaml.load(text, Loader=_Loader)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("{file}", path)) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else 1
+        raise ConfigError(f"{path}:{line}: YAML syntax error: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(m, dict):
+        raise ctx.err(1, "(top level)", "expected a mapping with name, local_address, auth, peers")
+    _check_keys(ctx, m, {"name", "local_address", "subnets", "tun", "auth", "peers"}, "")
+    name = _req(ctx, m, "name", "", str, "this node's name, e.g. name: gw-a")
+    local = _address(ctx, m, "local_address", "") if "local_address" in m else None
+    subnets = _subnets(ctx, m, "subnets", "")
+    tun_name, mtu, addrs = None, None, ()
+    if "tun" in m:
+        t = m["tun"]
+        if not isinstance(t, dict):
+            raise ctx.err(_line(m, "tun"), "tun", "expected a mapping {name, mtu, address}")
+        _check_keys(ctx, t, {"name", "mtu", "address"}, "tun.")
+        if "name" in t:
+            tun_name = _typed(ctx, t, "name", "tun.", str, "an interface name")
+            if not 0 < len(tun_name.encode()) <= 15:
+                raise ctx.err(_line(t, "name"), "tun.name", "must be 1 to 15 bytes (Linux IFNAMSIZ)")
+        if "mtu" in t:
+            mtu = _typed(ctx, t, "mtu", "tun.", int, "an integer")
+            if not 576 <= mtu <= 65535:
+                raise ctx.err(_line(t, "mtu"), "tun.mtu", f"{mtu} is out of range; use 576..65535 (1400 is typical)")
+        a_items, a_lines = _str_list(ctx, t, "address", "tun.", "CIDR addresses such as 10.200.9.1/32")
+        for s, ln in zip(a_items, a_lines):
+            try:
+                ipaddress.ip_interface(s)
+            except ValueError:
+                raise ctx.err(ln, "tun.address", f"{s!r} is not an address with prefix, e.g. 10.200.9.1/32")
+        addrs = tuple(a_items)
+    creds = _credentials(ctx, m)
+    peers_raw = m.get("peers") or []
+    if not isinstance(peers_raw, list):
+        raise ctx.err(_line(m, "peers"), "peers", "expected a list of peers")
+    peers = []
+    seen: dict[str, int] = {}
+    for i, p in enumerate(peers_raw):
+        peer = _peer(ctx, name, p, i)
+        if peer.name in seen or peer.name == name:
+            raise ctx.err(p.line, f"peers[{i}].name", f"{peer.name!r} is duplicated or is this node; "
+                          "give every peer a unique name")
+        seen[peer.name] = i
+        peers.append(peer)
+    view = NodeView(name=name, identity=name, subnets=subnets, peers=tuple(peers), local_address=local)
+    return view, creds, DatapathSettings(tun_name=tun_name, mtu=mtu, tun_addresses=addrs, local_address=local)
+
+
+def load_config(path: str) -> tuple[NodeView, Credentials, DatapathSettings]:
+    """Read and parse ``path``. Raises ConfigError (also for an unreadable file)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration: {exc.strerror}") from None
+    return parse_config(text, path)

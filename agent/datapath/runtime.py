@@ -1,0 +1,567 @@
+"""The agent's packet loop: one selector over TUN, UDP 500, UDP 4500, the
+control socket and a wakeup pipe; drives IkeManager and the ESP SAs.
+
+No asyncio in the packet path. Every stage is batch-shaped: a TUN read
+yields a list of packets, grouped per CHILD_SA, encapsulated with one
+``encapsulate_batch`` call and sent with one ``send_batch``; received ESP is
+grouped per SPI, ``decapsulate_batch``-ed, policy-checked and written with
+one ``write_batch``. Drops are counted (``Runtime.counters``), never logged
+per packet.
+
+Threading: only ``submit_view`` and ``stop`` may be called from other
+threads (or a signal handler); everything else runs on the loop thread.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import selectors
+import threading
+import time
+from dataclasses import dataclass, field
+
+from agent.model import NodeView
+
+NON_ESP_MARKER = b"\x00\x00\x00\x00"  # RFC 3948 §2.2
+_ANY4 = ipaddress.ip_network("0.0.0.0/0")
+_ANY6 = ipaddress.ip_network("::/0")
+_CACHE_MAX = 65536
+
+DROP_REASONS = ("no_sa", "no_policy", "discard", "unknown_spi", "policy", "malformed", "send_errors")
+
+
+def _nets_to_masks(nets) -> tuple[tuple[int, int, int], ...]:
+    return tuple((n.version, int(n.network_address), int(n.netmask)) for n in nets)
+
+
+def _addr_in(version: int, addr: int, masks) -> bool:
+    for v, net, mask in masks:
+        if v == version and addr & mask == net:
+            return True
+    return False
+
+
+@dataclass
+class ChildEntry:
+    """One installed CHILD_SA: both directions, its selectors and accounting."""
+
+    peer: str
+    ike_spi_i: int
+    ike_spi_r: int
+    inbound_spi: int
+    outbound_spi: int
+    in_sa: object
+    out_sa: object
+    local_ts: tuple
+    remote_ts: tuple
+    remote: tuple[str, int]
+    mode: str
+    udp_encap: bool
+    algorithms: str
+    established: float  # monotonic seconds
+    established_wall: float
+    drops: dict = field(default_factory=lambda: {"policy": 0})
+    _src_masks: tuple = ()
+    _dst_masks: tuple = ()
+
+    def __post_init__(self) -> None:
+        self._src_masks = _nets_to_masks(self.remote_ts)  # inbound: inner src is the peer's side
+        self._dst_masks = _nets_to_masks(self.local_ts)
+
+    def inbound_allowed(self, pkt: bytes) -> bool:
+        """RFC 4301 §5.2 step 4: the decrypted packet must match this SA's selectors."""
+        v = pkt[0] >> 4 if pkt else 0
+        if v == 4 and len(pkt) >= 20:
+            src = int.from_bytes(pkt[12:16], "big")
+            dst = int.from_bytes(pkt[16:20], "big")
+        elif v == 6 and len(pkt) >= 40:
+            src = int.from_bytes(pkt[8:24], "big")
+            dst = int.from_bytes(pkt[24:40], "big")
+        else:
+            return False
+        return _addr_in(v, src, self._src_masks) and _addr_in(v, dst, self._dst_masks)
+
+    def status(self, now: float) -> dict:
+        c_in = dict(getattr(self.in_sa, "counters", {}) or {})
+        c_out = dict(getattr(self.out_sa, "counters", {}) or {})
+        drops = {k: v for k, v in self.drops.items() if v}
+        for c in (c_in, c_out):
+            for k, v in c.items():
+                if k not in ("packets_in", "packets_out", "bytes_in", "bytes_out") and isinstance(v, int) and v:
+                    drops[k] = drops.get(k, 0) + v
+        return {
+            "peer": self.peer,
+            "ike_spi_i": f"{self.ike_spi_i:016x}", "ike_spi_r": f"{self.ike_spi_r:016x}",
+            "spi_in": f"{self.inbound_spi:08x}", "spi_out": f"{self.outbound_spi:08x}",
+            "mode": self.mode, "udp_encap": self.udp_encap, "remote": f"{self.remote[0]}:{self.remote[1]}",
+            "local_ts": [str(n) for n in self.local_ts], "remote_ts": [str(n) for n in self.remote_ts],
+            "algorithms": self.algorithms,
+            "established": self.established_wall, "age_s": round(now - self.established, 3),
+            "packets_in": c_in.get("packets_in", 0), "bytes_in": c_in.get("bytes_in", 0),
+            "packets_out": c_out.get("packets_out", 0), "bytes_out": c_out.get("bytes_out", 0),
+            "drops": drops,
+        }
+
+
+@dataclass(frozen=True)
+class Policy:
+    """One SPD entry (RFC 4301 §4.4.1): local -> remote selectors and an action."""
+
+    local: object  # IPv4Network | IPv6Network
+    remote: object
+    action: str  # "protect" | "discard"
+    peer: str | None = None
+
+
+class Runtime:
+    """The agent's event loop.
+
+    ``view``: the initial NodeView. ``ike``: an IkeManager (docs/design.md).
+    ``tun``: TunDevice/FakeTun; ``udp500`` / ``udp4500``: UdpSocket/FakeUdp
+    bound on ``local_address``. ``esp_factory(keys, *, rng, replay_window,
+    mode)`` builds one EspSa direction (default ``agent.esp.EspSa``).
+    ``clock`` returns monotonic seconds, ``rng(n)`` random bytes.
+    ``routes``: a RouteManager or None; ``keylog``: a KeyLog or None;
+    ``control``: a ControlServer or None (the runtime registers its handlers).
+    """
+
+    def __init__(self, view: NodeView, ike, *, tun, udp500, udp4500, local_address: str,
+                 esp_factory=None, clock=time.monotonic, rng=os.urandom, routes=None, keylog=None,
+                 control=None, logger: logging.Logger | None = None, batch: int = 64) -> None:
+        if esp_factory is None:
+            from agent.esp import EspSa as esp_factory  # noqa: N813 - lands with the ESP core
+        self.view = view
+        self.ike = ike
+        self.tun = tun
+        self.udp500 = udp500
+        self.udp4500 = udp4500
+        self.local_address = local_address
+        self.esp_factory = esp_factory
+        self.clock = clock
+        self.rng = rng
+        self.routes = routes
+        self.keylog = keylog
+        self.control = control
+        self.log = logger or logging.getLogger("meshsec.runtime")
+        self.batch = batch
+        self.counters: dict[str, int] = {k: 0 for k in DROP_REASONS}
+        self.counters.update({"keepalives": 0, "ike_in": 0, "ike_out": 0, "esp_in": 0, "esp_out": 0,
+                              "tun_in": 0, "tun_out": 0})
+        self.sad_in: dict[int, ChildEntry] = {}  # inbound SPI -> CHILD_SA
+        self.sad_out: dict[str, ChildEntry] = {}  # peer -> CHILD_SA used for sending
+        self._view_spd: list[Policy] = []
+        self._spd: list[Policy] = []
+        self._spd_cache: dict[bytes, Policy | None] = {}
+        self._pending_view: NodeView | None = None
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._stopping = False
+        self._sel: selectors.BaseSelector | None = None
+        self.started_wall = time.time()
+        if control is not None:
+            control.handlers.setdefault("status", lambda _req: self.status())
+        self._apply_view_spd(view)
+
+    # -- thread-safe entry points ----------------------------------------
+    def submit_view(self, view: NodeView) -> None:
+        """Hand a new NodeView to the loop (any thread). Only the latest pending one is applied."""
+        with self._lock:
+            self._pending_view = view
+        self._wake()
+
+    def stop(self) -> None:
+        """Ask the loop to shut down (any thread, or a signal handler)."""
+        self._stopping = True
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\x01")
+        except (BlockingIOError, OSError):
+            pass  # pipe full: the loop is already going to wake
+
+    # -- lifecycle --------------------------------------------------------
+    def start(self) -> None:
+        """Install routes for the initial view and initiate to peers flagged ``initiate``."""
+        now = self.clock()
+        self._sync_routes()
+        for p in self.view.peers:
+            if p.initiate:
+                self.ike.initiate(p.name, now)
+        self._flush_ike(now)
+
+    def run(self) -> None:
+        """Run until ``stop()``; then delete all SAs, flush, remove routes, close."""
+        sel = self._sel = selectors.DefaultSelector()
+        sel.register(self.tun.fileno(), selectors.EVENT_READ, lambda m: self._on_tun())
+        sel.register(self.udp500.fileno(), selectors.EVENT_READ, lambda m: self._on_udp500())
+        sel.register(self.udp4500.fileno(), selectors.EVENT_READ, lambda m: self._on_udp4500())
+        sel.register(self._wake_r, selectors.EVENT_READ, lambda m: self._on_wake())
+        if self.control is not None:
+            self.control.register(sel)
+        self.start()
+        clock = self.clock
+        try:
+            while not self._stopping:
+                deadline = self.ike.get_timer()
+                timeout = None if deadline is None else max(0.0, deadline - clock())
+                for key, mask in sel.select(timeout):
+                    key.data(mask)
+                now = clock()
+                deadline = self.ike.get_timer()
+                if deadline is not None and deadline <= now:
+                    self.ike.handle_timer(now)
+                    self._flush_ike(now)
+        finally:
+            self.shutdown()
+
+    def pump(self) -> None:
+        """One non-blocking pass over every source and the timer (tests drive the loop with this)."""
+        self._on_wake()
+        self._on_udp500()
+        self._on_udp4500()
+        self._on_tun()
+        now = self.clock()
+        deadline = self.ike.get_timer()
+        if deadline is not None and deadline <= now:
+            self.ike.handle_timer(now)
+        self._flush_ike(now)
+
+    def shutdown(self) -> None:
+        """Delete every IKE_SA (INFORMATIONAL), flush, remove routes, close the devices."""
+        now = self.clock()
+        try:
+            self.ike.delete_all(now)
+            self._flush_ike(now)
+        except Exception:
+            self.log.exception("deleting IKE_SAs at shutdown failed")
+        if self.routes is not None:
+            self.routes.remove_all()
+            self.routes.close()
+        if self.control is not None:
+            self.control.close()
+        if self._sel is not None:
+            self._sel.close()
+            self._sel = None
+        for dev in (self.tun, self.udp500, self.udp4500):
+            try:
+                dev.close()
+            except OSError:
+                pass
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.log.info("stopped")
+
+    # -- view / SPD / routes ----------------------------------------------
+    def _on_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        with self._lock:
+            view, self._pending_view = self._pending_view, None
+        if view is not None:
+            self._apply_view(view)
+
+    def _apply_view(self, view: NodeView) -> None:
+        now = self.clock()
+        old = {p.name for p in self.view.peers}
+        self.view = view
+        self.ike.update_view(view, now)
+        names = {p.name for p in view.peers}
+        for gone in old - names:
+            for spi, ch in list(self.sad_in.items()):
+                if ch.peer == gone:
+                    self._remove_child(ch)
+        self._apply_view_spd(view)
+        self._sync_routes()
+        for p in view.peers:
+            if p.initiate and p.name not in self.sad_out:
+                self.ike.initiate(p.name, now)  # idempotent in the IKE core
+        self._flush_ike(now)
+        self.log.info("view version %d applied: %d peers", view.version, len(view.peers))
+
+    def _apply_view_spd(self, view: NodeView) -> None:
+        pol = []
+        for p in view.peers:
+            for rnet in p.subnets:
+                locals_ = [n for n in view.subnets if n.version == rnet.version] or \
+                          [_ANY4 if rnet.version == 4 else _ANY6]
+                for lnet in locals_:
+                    pol.append(Policy(lnet, rnet, "protect", p.name))
+        self._view_spd = pol
+        self._rebuild_spd()
+
+    def _rebuild_spd(self) -> None:
+        child = []
+        for ch in self.sad_out.values():
+            for r in ch.remote_ts:
+                for loc in ch.local_ts:
+                    if loc.version == r.version:
+                        child.append(Policy(loc, r, "protect", ch.peer))
+        spd = child + self._view_spd
+        # Most specific first (remote prefix, then local prefix); stable for equal lengths.
+        spd.sort(key=lambda e: (-e.remote.prefixlen, -e.local.prefixlen))
+        self._spd = spd
+        self._spd_cache.clear()
+
+    def _sync_routes(self) -> None:
+        if self.routes is None:
+            return
+        nets = set()
+        for p in self.view.peers:
+            nets.update(p.subnets)
+        self.routes.sync(nets)
+
+    def spd_lookup(self, pkt: bytes) -> Policy | None:
+        """SPD entry for an outbound IP packet (by inner src/dst), or None. Cached per address pair."""
+        v = pkt[0] >> 4
+        if v == 4:
+            key = pkt[12:20]
+            src, dst = ipaddress.IPv4Address(key[:4]), ipaddress.IPv4Address(key[4:])
+        else:
+            key = pkt[8:40]
+            src, dst = ipaddress.IPv6Address(key[:16]), ipaddress.IPv6Address(key[16:])
+        for e in self._spd:
+            if e.remote.version == v and dst in e.remote and src in e.local:
+                return e
+        return None
+
+    # -- outbound: TUN -> ESP ----------------------------------------------
+    def _on_tun(self) -> None:
+        pkts = self.tun.read_batch(self.batch)
+        if not pkts:
+            return
+        c = self.counters
+        c["tun_in"] += len(pkts)
+        cache = self._spd_cache
+        sad_out = self.sad_out
+        groups: dict[str, list[bytes]] = {}
+        acquire: set[str] = set()
+        for p in pkts:
+            if len(p) < 20:
+                c["malformed"] += 1
+                continue
+            v = p[0] >> 4
+            if v == 4:
+                key = p[12:20]
+            elif v == 6 and len(p) >= 40:
+                key = p[8:40]
+            else:
+                c["malformed"] += 1
+                continue
+            try:
+                pol = cache[key]
+            except KeyError:
+                if len(cache) >= _CACHE_MAX:
+                    cache.clear()
+                pol = cache[key] = self.spd_lookup(p)
+            if pol is None:
+                c["no_policy"] += 1
+            elif pol.action == "protect":
+                peer = pol.peer
+                if peer in sad_out:
+                    g = groups.get(peer)
+                    if g is None:
+                        groups[peer] = [p]
+                    else:
+                        g.append(p)
+                else:
+                    c["no_sa"] += 1
+                    acquire.add(peer)
+            else:
+                c["discard"] += 1
+        for peer, lst in groups.items():
+            ch = sad_out[peer]
+            esp = ch.out_sa.encapsulate_batch(lst)
+            if esp:
+                dst = ch.remote
+                sent = self.udp4500.send_batch([(e, dst) for e in esp])
+                c["esp_out"] += sent
+                c["send_errors"] += len(esp) - sent
+        if acquire:
+            now = self.clock()
+            for peer in acquire:
+                self.ike.initiate(peer, now)  # acquire (RFC 4301 §5.1); idempotent while negotiating
+            self._flush_ike(now)
+
+    # -- inbound: UDP -> IKE / ESP -> TUN ------------------------------------
+    def _on_udp500(self) -> None:
+        batch = self.udp500.recv_batch(self.batch)
+        if not batch:
+            return
+        now = self.clock()
+        local = (self.local_address, 500)
+        for data, addr in batch:
+            self.counters["ike_in"] += 1
+            self.ike.receive_datagram(data, local, addr, now)
+        self._flush_ike(now)
+
+    def _on_udp4500(self) -> None:
+        batch = self.udp4500.recv_batch(self.batch)
+        if not batch:
+            return
+        c = self.counters
+        by_spi: dict[bytes, list[bytes]] = {}
+        ike = None
+        for data, addr in batch:
+            head = data[:4]
+            if head == NON_ESP_MARKER:  # RFC 3948 §2.2: IKE follows the marker
+                if ike is None:
+                    ike = []
+                ike.append((data[4:], addr))
+            elif len(data) >= 8:  # SPI + sequence number at least
+                g = by_spi.get(head)
+                if g is None:
+                    by_spi[head] = [data]
+                else:
+                    g.append(data)
+            elif data == b"\xff":  # RFC 3948 §2.3 NAT-keepalive
+                c["keepalives"] += 1
+            else:
+                c["malformed"] += 1
+        if by_spi:
+            out: list[bytes] = []
+            sad_in = self.sad_in
+            for spi, lst in by_spi.items():
+                ch = sad_in.get(int.from_bytes(spi, "big"))
+                if ch is None:
+                    c["unknown_spi"] += len(lst)
+                    continue
+                c["esp_in"] += len(lst)
+                inner = ch.in_sa.decapsulate_batch(lst)
+                allowed = ch.inbound_allowed
+                for p in inner:
+                    if allowed(p):
+                        out.append(p)
+                    else:
+                        ch.drops["policy"] += 1
+                        c["policy"] += 1
+            if out:
+                c["tun_out"] += self.tun.write_batch(out)
+        if ike:
+            now = self.clock()
+            local = (self.local_address, 4500)
+            for data, addr in ike:
+                c["ike_in"] += 1
+                self.ike.receive_datagram(data, local, addr, now)
+            self._flush_ike(now)
+
+    # -- IKE output and events -------------------------------------------------
+    def _flush_ike(self, now: float) -> None:
+        out500, out4500 = [], []
+        for d in self.ike.datagrams_to_send():
+            if d.local[1] == 4500:
+                out4500.append((NON_ESP_MARKER + d.data, tuple(d.remote)))
+            else:
+                out500.append((d.data, tuple(d.remote)))
+        if out500:
+            self.counters["ike_out"] += self.udp500.send_batch(out500)
+        if out4500:
+            self.counters["ike_out"] += self.udp4500.send_batch(out4500)
+        while True:
+            ev = self.ike.next_event()
+            if ev is None:
+                break
+            handler = self._EVENTS.get(type(ev).__name__)
+            if handler is None:
+                self.log.debug("ignoring event %s", type(ev).__name__)
+                continue
+            try:
+                handler(self, ev, now)
+            except Exception:
+                # One bad SA must not take the loop down; the event is logged without keys.
+                self.log.exception("handling %s failed", type(ev).__name__)
+
+    def _ev_ike_established(self, ev, now: float) -> None:
+        self.log.info("IKE_SA %016x_i %016x_r with %s established (%s, %s)", ev.spi_i, ev.spi_r,
+                      ev.peer, "initiator" if ev.initiator else "responder", ev.algorithms)
+
+    def _ev_ike_keys(self, ev, now: float) -> None:
+        if self.keylog is not None:
+            self.keylog.ike_keys(ev)
+
+    def _ev_child_established(self, ev, now: float) -> None:
+        peer = self.view.peer(ev.peer)
+        window = peer.policy.replay_window if peer is not None else 1024
+        mode = ev.mode
+        in_sa = self.esp_factory(ev.inbound, rng=self.rng, replay_window=window, mode=mode)
+        out_sa = self.esp_factory(ev.outbound, rng=self.rng, replay_window=window, mode=mode)
+        ch = ChildEntry(peer=ev.peer, ike_spi_i=ev.ike_spi_i, ike_spi_r=ev.ike_spi_r,
+                        inbound_spi=ev.inbound.spi, outbound_spi=ev.outbound.spi, in_sa=in_sa, out_sa=out_sa,
+                        local_ts=tuple(ev.local_ts), remote_ts=tuple(ev.remote_ts), remote=tuple(ev.remote),
+                        mode=mode, udp_encap=ev.udp_encap, algorithms=ev.algorithms,
+                        established=now, established_wall=time.time())
+        if not ev.udp_encap:
+            self.log.warning("CHILD_SA with %s negotiated without UDP encapsulation; "
+                             "this datapath sends ESP in UDP 4500 only", ev.peer)
+        self.sad_in[ch.inbound_spi] = ch
+        self.sad_out[ch.peer] = ch  # newest SA sends; a rekeyed one keeps receiving until deleted
+        self._rebuild_spd()
+        if self.keylog is not None:
+            self.keylog.child_sa(ev)
+        self.log.info("CHILD_SA with %s established: spi in %08x out %08x, %s, %s -> %s%s", ev.peer,
+                      ch.inbound_spi, ch.outbound_spi, ev.algorithms,
+                      ",".join(map(str, ch.local_ts)), ",".join(map(str, ch.remote_ts)),
+                      f" (rekey of {ev.rekey_of:08x})" if ev.rekey_of is not None else "")
+
+    def _remove_child(self, ch: ChildEntry) -> None:
+        self.sad_in.pop(ch.inbound_spi, None)
+        if self.sad_out.get(ch.peer) is ch:
+            del self.sad_out[ch.peer]
+            # Fall back to the newest remaining SA of that peer, if any.
+            rest = [c for c in self.sad_in.values() if c.peer == ch.peer]
+            if rest:
+                self.sad_out[ch.peer] = max(rest, key=lambda c: c.established)
+        self._rebuild_spd()
+
+    def _ev_child_deleted(self, ev, now: float) -> None:
+        ch = self.sad_in.get(ev.inbound_spi)
+        if ch is not None:
+            self._remove_child(ch)
+        self.log.info("CHILD_SA with %s deleted: spi in %08x out %08x (%s)", ev.peer,
+                      ev.inbound_spi, ev.outbound_spi, ev.reason)
+
+    def _ev_ike_deleted(self, ev, now: float) -> None:
+        for ch in [c for c in self.sad_in.values() if (c.ike_spi_i, c.ike_spi_r) == (ev.spi_i, ev.spi_r)]:
+            self._remove_child(ch)
+        self.log.info("IKE_SA %016x_i %016x_r%s deleted (%s)", ev.spi_i, ev.spi_r,
+                      f" with {ev.peer}" if ev.peer else "", ev.reason)
+
+    _EVENTS = {
+        "IkeSaEstablished": _ev_ike_established,
+        "IkeKeysDerived": _ev_ike_keys,
+        "ChildSaEstablished": _ev_child_established,
+        "ChildSaDeleted": _ev_child_deleted,
+        "IkeSaDeleted": _ev_ike_deleted,
+    }
+
+    # -- status ---------------------------------------------------------------
+    def status(self) -> dict:
+        """JSON-ready status: node, IKE_SAs, CHILD_SAs with counters, global drops. No keys."""
+        now = self.clock()
+        try:
+            ike_sas = self.ike.status()
+        except Exception as exc:
+            ike_sas = [{"error": str(exc)}]
+        children = [ch.status(now) for ch in sorted(self.sad_in.values(), key=lambda c: (c.peer, c.established))]
+        drops = {k: self.counters[k] for k in DROP_REASONS if self.counters[k]}
+        for ch in children:
+            for k, v in ch["drops"].items():
+                if k != "policy":  # already in the global counter
+                    drops[k] = drops.get(k, 0) + v
+        ike_counters = dict(getattr(self.ike, "counters", {}) or {})
+        return {
+            "node": self.view.name, "view_version": self.view.version, "local_address": self.local_address,
+            "tun": getattr(self.tun, "name", None), "uptime_s": round(time.time() - self.started_wall, 3),
+            "ike_sas": ike_sas, "child_sas": children,
+            "drops": drops, "ike_drops": {k: v for k, v in ike_counters.items() if v},
+            "counters": dict(self.counters),
+        }

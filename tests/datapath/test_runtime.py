@@ -1,0 +1,210 @@
+"""Runtime loop with FakeTun / FakeUdp / a fake clock: two nodes wired in memory."""
+from __future__ import annotations
+
+import ipaddress
+import os
+import struct
+
+import pytest
+
+from agent.datapath.runtime import Runtime
+from agent.datapath.tun import FakeTun
+from agent.datapath.udp import FakeNetwork
+from agent.model import Credentials, NodeView, Peer
+from tests.datapath.fakes import FakeClock, FakeEspSa, FakeIke
+
+A_IP, B_IP, EVIL_IP = "198.51.100.1", "198.51.100.2", "198.51.100.66"
+NET_A, NET_B = ipaddress.ip_network("10.1.0.0/24"), ipaddress.ip_network("10.2.0.0/24")
+
+
+def ipv4(src: str, dst: str, payload: bytes = b"hello", proto: int = 17) -> bytes:
+    total = 20 + len(payload)
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 0, 0, 64, proto, 0,
+                      ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed)
+    return hdr + payload
+
+
+def make_view(me: str, ip: str, net, peers) -> NodeView:
+    return NodeView(name=me, identity=me, subnets=(net,), local_address=ip, peers=tuple(
+        Peer(name=n, identity=n, endpoints=(pip,), subnets=(pnet,), initiate=init) for n, pip, pnet, init in peers))
+
+
+class Node:
+    def __init__(self, net: FakeNetwork, clock, name, ip, subnet, peers):
+        self.view = make_view(name, ip, subnet, peers)
+        self.ike = FakeIke(self.view, Credentials(psk=b"x"), os.urandom, local_address=ip)
+        self.tun = FakeTun()
+        self.u500 = net.socket(ip, 500)
+        self.u4500 = net.socket(ip, 4500)
+        self.rt = Runtime(self.view, self.ike, tun=self.tun, udp500=self.u500, udp4500=self.u4500,
+                          local_address=ip, esp_factory=FakeEspSa, clock=clock)
+
+
+@pytest.fixture
+def mesh():
+    net = FakeNetwork()
+    clock = FakeClock()
+    a = Node(net, clock, "a", A_IP, NET_A, [("b", B_IP, NET_B, True)])
+    b = Node(net, clock, "b", B_IP, NET_B, [("a", A_IP, NET_A, False)])
+    return net, clock, a, b
+
+
+def pump(*nodes, rounds: int = 5) -> None:
+    for _ in range(rounds):
+        for n in nodes:
+            n.rt.pump()
+
+
+def establish(a, b):
+    a.rt.start()
+    b.rt.start()
+    pump(a, b)
+    assert "b" in a.rt.sad_out and "a" in b.rt.sad_out
+
+
+def test_establish_and_traffic_both_ways(mesh):
+    net, clock, a, b = mesh
+    establish(a, b)
+    pkts = [ipv4("10.1.0.5", "10.2.0.7", bytes([i]) * (50 + i)) for i in range(10)]
+    a.tun.inject(pkts)
+    pump(a, b)
+    assert b.tun.take_written() == pkts
+    back = [ipv4("10.2.0.7", "10.1.0.5", b"reply%d" % i) for i in range(3)]
+    b.tun.inject(back)
+    pump(a, b)
+    assert a.tun.take_written() == back
+    # Wire: ESP-in-UDP from 4500 to 4500, no inner plaintext visible.
+    esp = [(s, d, p) for s, d, p in net.log if s[1] == 4500 and p[:4] != b"\0\0\0\0"]
+    assert len(esp) == 13 and all(d[1] == 4500 for _, d, _ in esp)
+    assert not any(b"reply" in p for _, _, p in esp)
+    st = a.rt.status()
+    (ch,) = st["child_sas"]
+    assert ch["peer"] == "b" and ch["packets_out"] == 10 and ch["packets_in"] == 3
+    assert ch["bytes_in"] == sum(len(p) for p in back)
+
+
+def test_no_sa_triggers_initiate_and_counts_drop(mesh):
+    net, clock, a, b = mesh
+    # b does not initiate at start; traffic from b's side is an acquire.
+    b.tun.inject([ipv4("10.2.0.7", "10.1.0.5")])
+    b.rt.pump()
+    assert b.rt.counters["no_sa"] == 1
+    assert b.ike.initiate_calls == ["a"]
+    pump(a, b)
+    assert "a" in b.rt.sad_out  # the acquire brought the SA up
+    b.tun.inject([ipv4("10.2.0.7", "10.1.0.5", b"second")])
+    pump(a, b)
+    assert a.tun.take_written() == [ipv4("10.2.0.7", "10.1.0.5", b"second")]
+
+
+def test_no_policy_and_malformed_tun_packets_are_counted(mesh):
+    net, clock, a, b = mesh
+    establish(a, b)
+    a.tun.inject([ipv4("10.1.0.5", "10.9.0.1"), b"\x45\x00", b"\x75" + bytes(30)])
+    a.rt.pump()
+    assert a.rt.counters["no_policy"] == 1
+    assert a.rt.counters["malformed"] == 2
+
+
+def test_garbage_from_third_address_counted_others_unaffected(mesh):
+    net, clock, a, b = mesh
+    establish(a, b)
+    evil = net.socket(EVIL_IP, 4500)
+    evil500 = net.socket(EVIL_IP, 500)
+    evil.send_batch([(os.urandom(100), (A_IP, 4500)) for _ in range(5)])   # random "ESP"
+    evil.send_batch([(b"\x00\x00\x00\x00garbage-ike", (A_IP, 4500))])       # marker + junk IKE
+    evil.send_batch([(b"\x01\x02", (A_IP, 4500)), (b"\xff", (A_IP, 4500))])  # short, keepalive
+    evil500.send_batch([(b"junk", (A_IP, 500))])
+    a.rt.pump()
+    c = a.rt.counters
+    assert c["unknown_spi"] == 5 and c["malformed"] == 1 and c["keepalives"] == 1
+    assert a.ike.counters["malformed"] == 2
+    b.tun.inject([ipv4("10.2.0.7", "10.1.0.5", b"still-works")])
+    pump(a, b)
+    assert a.tun.take_written() == [ipv4("10.2.0.7", "10.1.0.5", b"still-works")]
+
+
+def _esp_to_b(net):
+    return [(s, p) for s, d, p in net.log if d == (B_IP, 4500) and p[:4] != b"\0\0\0\0"]
+
+
+def test_replay_and_forged_icv_counted(mesh):
+    net, clock, a, b = mesh
+    establish(a, b)
+    a.tun.inject([ipv4("10.1.0.5", "10.2.0.7", b"once")])
+    pump(a, b)
+    assert len(b.tun.take_written()) == 1
+    src, esp = _esp_to_b(net)[-1]
+    b.u4500.inject([(esp, src)])  # replay
+    forged = bytearray(esp)
+    forged[4:8] = struct.pack("!I", 77)  # fresh sequence number: passes the window, fails the ICV
+    forged[-1] ^= 1
+    b.u4500.inject([(bytes(forged), src)])
+    b.rt.pump()
+    assert b.tun.take_written() == []
+    (ch,) = b.rt.status()["child_sas"]
+    assert ch["drops"] == {"replay": 1, "icv": 1}
+    assert b.rt.status()["drops"] == {"replay": 1, "icv": 1}
+
+
+def test_unknown_spi_counted(mesh):
+    net, clock, a, b = mesh
+    establish(a, b)
+    b.u4500.inject([(struct.pack("!II", 0xDEADBEEF, 1) + bytes(40), (A_IP, 4500))])
+    b.rt.pump()
+    assert b.rt.counters["unknown_spi"] == 1 and b.tun.take_written() == []
+
+
+def test_inbound_policy_check(mesh):
+    """A packet that decrypts fine but whose inner src is outside the SA's TS is dropped."""
+    net, clock, a, b = mesh
+    establish(a, b)
+    ch = a.rt.sad_out["b"]
+    spoof = ch.out_sa.encapsulate_batch([ipv4("10.66.0.1", "10.2.0.7", b"spoof")])
+    b.u4500.inject([(spoof[0], (A_IP, 4500))])
+    b.rt.pump()
+    assert b.tun.take_written() == []
+    assert b.rt.counters["policy"] == 1
+    assert b.rt.status()["child_sas"][0]["drops"] == {"policy": 1}
+
+
+def test_retransmit_via_timer(mesh):
+    net, clock, a, b = mesh
+    a.rt.start()
+    inits = [p for s, d, p in net.log if d == (B_IP, 500)]
+    assert len(inits) == 1
+    clock.advance(1.5)
+    a.rt.pump()  # timer due -> handle_timer -> retransmission sent
+    assert len([p for s, d, p in net.log if d == (B_IP, 500)]) == 2
+
+
+def test_view_update_adds_and_removes_peer(mesh):
+    net, clock, a, b = mesh
+    establish(a, b)
+    a.rt.submit_view(make_view("a", A_IP, NET_A, []))
+    a.rt.pump()
+    assert a.rt.sad_out == {} and a.rt.sad_in == {}
+    a.tun.inject([ipv4("10.1.0.5", "10.2.0.7")])
+    a.rt.pump()
+    assert a.rt.counters["no_policy"] == 1
+
+
+def test_shutdown_deletes_and_closes(mesh):
+    net, clock, a, b = mesh
+    establish(a, b)
+    a.rt.shutdown()
+    assert a.tun.closed
+    b.rt.pump()
+    assert b.rt.sad_out == {}  # the peer saw our delete
+
+
+def test_ike_on_4500_gets_marker(mesh):
+    """Datagrams the IKE core sends from port 4500 carry the non-ESP marker; received ones lose it."""
+    net, clock, a, b = mesh
+    from tests.datapath.fakes import Datagram
+    a.ike._out.append(Datagram(FakeIke.MAGIC + b"{}", (A_IP, 4500), (B_IP, 4500)))
+    a.rt.pump()
+    (s, d, p) = net.log[-1]
+    assert s == (A_IP, 4500) and p.startswith(b"\0\0\0\0" + FakeIke.MAGIC)
+    b.rt.pump()
+    assert b.ike.counters["malformed"] == 1  # reached the IKE core without the marker (json lacks fields)
