@@ -21,25 +21,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from agent.esp import Action, Sad, Spd, SpdEntry, classify_udp4500
 from agent.model import NodeView
 
 NON_ESP_MARKER = b"\x00\x00\x00\x00"  # RFC 3948 §2.2
 _ANY4 = ipaddress.ip_network("0.0.0.0/0")
 _ANY6 = ipaddress.ip_network("::/0")
-_CACHE_MAX = 65536
 
 DROP_REASONS = ("no_sa", "no_policy", "discard", "unknown_spi", "policy", "malformed", "send_errors")
-
-
-def _nets_to_masks(nets) -> tuple[tuple[int, int, int], ...]:
-    return tuple((n.version, int(n.network_address), int(n.netmask)) for n in nets)
-
-
-def _addr_in(version: int, addr: int, masks) -> bool:
-    for v, net, mask in masks:
-        if v == version and addr & mask == net:
-            return True
-    return False
 
 
 @dataclass
@@ -62,25 +51,6 @@ class ChildEntry:
     established: float  # monotonic seconds
     established_wall: float
     drops: dict = field(default_factory=lambda: {"policy": 0})
-    _src_masks: tuple = ()
-    _dst_masks: tuple = ()
-
-    def __post_init__(self) -> None:
-        self._src_masks = _nets_to_masks(self.remote_ts)  # inbound: inner src is the peer's side
-        self._dst_masks = _nets_to_masks(self.local_ts)
-
-    def inbound_allowed(self, pkt: bytes) -> bool:
-        """RFC 4301 §5.2 step 4: the decrypted packet must match this SA's selectors."""
-        v = pkt[0] >> 4 if pkt else 0
-        if v == 4 and len(pkt) >= 20:
-            src = int.from_bytes(pkt[12:16], "big")
-            dst = int.from_bytes(pkt[16:20], "big")
-        elif v == 6 and len(pkt) >= 40:
-            src = int.from_bytes(pkt[8:24], "big")
-            dst = int.from_bytes(pkt[24:40], "big")
-        else:
-            return False
-        return _addr_in(v, src, self._src_masks) and _addr_in(v, dst, self._dst_masks)
 
     def status(self, now: float) -> dict:
         c_in = dict(getattr(self.in_sa, "counters", {}) or {})
@@ -104,16 +74,6 @@ class ChildEntry:
         }
 
 
-@dataclass(frozen=True)
-class Policy:
-    """One SPD entry (RFC 4301 §4.4.1): local -> remote selectors and an action."""
-
-    local: object  # IPv4Network | IPv6Network
-    remote: object
-    action: str  # "protect" | "discard"
-    peer: str | None = None
-
-
 class Runtime:
     """The agent's event loop.
 
@@ -130,7 +90,7 @@ class Runtime:
                  esp_factory=None, clock=time.monotonic, rng=os.urandom, routes=None, keylog=None,
                  control=None, logger: logging.Logger | None = None, batch: int = 64) -> None:
         if esp_factory is None:
-            from agent.esp import EspSa as esp_factory  # noqa: N813 - lands with the ESP core
+            from agent.esp import EspSa as esp_factory
         self.view = view
         self.ike = ike
         self.tun = tun
@@ -148,11 +108,11 @@ class Runtime:
         self.counters: dict[str, int] = {k: 0 for k in DROP_REASONS}
         self.counters.update({"keepalives": 0, "ike_in": 0, "ike_out": 0, "esp_in": 0, "esp_out": 0,
                               "tun_in": 0, "tun_out": 0})
-        self.sad_in: dict[int, ChildEntry] = {}  # inbound SPI -> CHILD_SA
-        self.sad_out: dict[str, ChildEntry] = {}  # peer -> CHILD_SA used for sending
-        self._view_spd: list[Policy] = []
-        self._spd: list[Policy] = []
-        self._spd_cache: dict[bytes, Policy | None] = {}
+        self.sad = Sad()  # the SAs: inbound by SPI, outbound by peer
+        self.spd = Spd()  # default DISCARD
+        self.children: dict[int, ChildEntry] = {}  # inbound SPI -> CHILD_SA metadata
+        self.current: dict[str, ChildEntry] = {}  # peer -> CHILD_SA whose outbound SA sends
+        self._view_spd: list[SpdEntry] = []
         self._pending_view: NodeView | None = None
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
@@ -277,13 +237,13 @@ class Runtime:
         self.ike.update_view(view, now)
         names = {p.name for p in view.peers}
         for gone in old - names:
-            for spi, ch in list(self.sad_in.items()):
+            for ch in list(self.children.values()):
                 if ch.peer == gone:
                     self._remove_child(ch)
         self._apply_view_spd(view)
         self._sync_routes()
         for p in view.peers:
-            if p.initiate and p.name not in self.sad_out:
+            if p.initiate and p.name not in self.current:
                 self.ike.initiate(p.name, now)  # idempotent in the IKE core
         self._flush_ike(now)
         self.log.info("view version %d applied: %d peers", view.version, len(view.peers))
@@ -295,22 +255,23 @@ class Runtime:
                 locals_ = [n for n in view.subnets if n.version == rnet.version] or \
                           [_ANY4 if rnet.version == 4 else _ANY6]
                 for lnet in locals_:
-                    pol.append(Policy(lnet, rnet, "protect", p.name))
+                    pol.append(SpdEntry(local=lnet, remote=rnet, action=Action.PROTECT, peer=p.name,
+                                        mode=p.policy.mode, name=f"view:{p.name}"))
         self._view_spd = pol
         self._rebuild_spd()
 
     def _rebuild_spd(self) -> None:
         child = []
-        for ch in self.sad_out.values():
+        for ch in self.current.values():
             for r in ch.remote_ts:
                 for loc in ch.local_ts:
                     if loc.version == r.version:
-                        child.append(Policy(loc, r, "protect", ch.peer))
+                        child.append(SpdEntry(local=loc, remote=r, action=Action.PROTECT, peer=ch.peer,
+                                              mode=ch.mode, name=f"child:{ch.peer}"))
         spd = child + self._view_spd
         # Most specific first (remote prefix, then local prefix); stable for equal lengths.
         spd.sort(key=lambda e: (-e.remote.prefixlen, -e.local.prefixlen))
-        self._spd = spd
-        self._spd_cache.clear()
+        self.spd.replace(spd)
 
     def _sync_routes(self) -> None:
         if self.routes is None:
@@ -320,20 +281,6 @@ class Runtime:
             nets.update(p.subnets)
         self.routes.sync(nets)
 
-    def spd_lookup(self, pkt: bytes) -> Policy | None:
-        """SPD entry for an outbound IP packet (by inner src/dst), or None. Cached per address pair."""
-        v = pkt[0] >> 4
-        if v == 4:
-            key = pkt[12:20]
-            src, dst = ipaddress.IPv4Address(key[:4]), ipaddress.IPv4Address(key[4:])
-        else:
-            key = pkt[8:40]
-            src, dst = ipaddress.IPv6Address(key[:16]), ipaddress.IPv6Address(key[16:])
-        for e in self._spd:
-            if e.remote.version == v and dst in e.remote and src in e.local:
-                return e
-        return None
-
     # -- outbound: TUN -> ESP ----------------------------------------------
     def _on_tun(self) -> None:
         pkts = self.tun.read_batch(self.batch)
@@ -341,49 +288,36 @@ class Runtime:
             return
         c = self.counters
         c["tun_in"] += len(pkts)
-        cache = self._spd_cache
-        sad_out = self.sad_out
+        lookup = self.spd.lookup_outbound
+        current = self.current
+        no_policy, malformed = self.spd.default_entry, self.spd.malformed_entry
+        protect = Action.PROTECT
         groups: dict[str, list[bytes]] = {}
         acquire: set[str] = set()
         for p in pkts:
-            if len(p) < 20:
-                c["malformed"] += 1
-                continue
-            v = p[0] >> 4
-            if v == 4:
-                key = p[12:20]
-            elif v == 6 and len(p) >= 40:
-                key = p[8:40]
-            else:
-                c["malformed"] += 1
-                continue
-            try:
-                pol = cache[key]
-            except KeyError:
-                if len(cache) >= _CACHE_MAX:
-                    cache.clear()
-                pol = cache[key] = self.spd_lookup(p)
-            if pol is None:
-                c["no_policy"] += 1
-            elif pol.action == "protect":
-                peer = pol.peer
-                if peer in sad_out:
-                    g = groups.get(peer)
-                    if g is None:
-                        groups[peer] = [p]
-                    else:
-                        g.append(p)
+            e = lookup(p)
+            if e.action is protect:
+                peer = e.peer
+                g = groups.get(peer)
+                if g is not None:
+                    g.append(p)
+                elif peer in current:
+                    groups[peer] = [p]
                 else:
                     c["no_sa"] += 1
                     acquire.add(peer)
+            elif e is no_policy:
+                c["no_policy"] += 1
+            elif e is malformed:
+                c["malformed"] += 1
             else:
-                c["discard"] += 1
+                c["discard"] += 1  # explicit DISCARD, or BYPASS (nothing to bypass to on a TUN)
         for peer, lst in groups.items():
-            ch = sad_out[peer]
+            ch = current[peer]
             esp = ch.out_sa.encapsulate_batch(lst)
             if esp:
                 dst = ch.remote
-                sent = self.udp4500.send_batch([(e, dst) for e in esp])
+                sent = self.udp4500.send_batch([(x, dst) for x in esp])
                 c["esp_out"] += sent
                 c["send_errors"] += len(esp) - sent
         if acquire:
@@ -409,41 +343,37 @@ class Runtime:
         if not batch:
             return
         c = self.counters
-        by_spi: dict[bytes, list[bytes]] = {}
+        esp: list[bytes] = []
         ike = None
         for data, addr in batch:
-            head = data[:4]
-            if head == NON_ESP_MARKER:  # RFC 3948 §2.2: IKE follows the marker
+            kind = classify_udp4500(data)
+            if kind == "esp":
+                esp.append(data)
+            elif kind == "ike":  # RFC 3948 §2.2: IKE behind the non-ESP marker
                 if ike is None:
                     ike = []
                 ike.append((data[4:], addr))
-            elif len(data) >= 8:  # SPI + sequence number at least
-                g = by_spi.get(head)
-                if g is None:
-                    by_spi[head] = [data]
-                else:
-                    g.append(data)
-            elif data == b"\xff":  # RFC 3948 §2.3 NAT-keepalive
+            elif kind == "keepalive":  # RFC 3948 §2.3
                 c["keepalives"] += 1
             else:
                 c["malformed"] += 1
-        if by_spi:
+        if esp:
+            c["esp_in"] += len(esp)
             out: list[bytes] = []
-            sad_in = self.sad_in
-            for spi, lst in by_spi.items():
-                ch = sad_in.get(int.from_bytes(spi, "big"))
-                if ch is None:
-                    c["unknown_spi"] += len(lst)
-                    continue
-                c["esp_in"] += len(lst)
-                inner = ch.in_sa.decapsulate_batch(lst)
-                allowed = ch.inbound_allowed
-                for p in inner:
-                    if allowed(p):
+            sad = self.sad
+            before = sad.counters["no_sa"]
+            children = self.children
+            allows = self.spd.allows_inbound
+            for sa, lst in sad.demux_inbound(esp):
+                ch = children[sa.spi]
+                lts, rts = ch.local_ts, ch.remote_ts
+                for p in sa.decapsulate_batch(lst):
+                    if allows(lts, rts, p):
                         out.append(p)
                     else:
                         ch.drops["policy"] += 1
                         c["policy"] += 1
+            c["unknown_spi"] += sad.counters["no_sa"] - before
             if out:
                 c["tun_out"] += self.tun.write_batch(out)
         if ike:
@@ -502,8 +432,13 @@ class Runtime:
         if not ev.udp_encap:
             self.log.warning("CHILD_SA with %s negotiated without UDP encapsulation; "
                              "this datapath sends ESP in UDP 4500 only", ev.peer)
-        self.sad_in[ch.inbound_spi] = ch
-        self.sad_out[ch.peer] = ch  # newest SA sends; a rekeyed one keeps receiving until deleted
+        old = self.children.get(ch.inbound_spi)
+        if old is not None:
+            self._remove_child(old)  # an SPI collision can only be a stale entry
+        self.sad.add_inbound(ch.peer, in_sa)
+        self.sad.set_outbound(ch.peer, out_sa)  # newest SA sends; a rekeyed one keeps receiving until deleted
+        self.children[ch.inbound_spi] = ch
+        self.current[ch.peer] = ch
         self._rebuild_spd()
         if self.keylog is not None:
             self.keylog.child_sa(ev)
@@ -513,24 +448,28 @@ class Runtime:
                       f" (rekey of {ev.rekey_of:08x})" if ev.rekey_of is not None else "")
 
     def _remove_child(self, ch: ChildEntry) -> None:
-        self.sad_in.pop(ch.inbound_spi, None)
-        if self.sad_out.get(ch.peer) is ch:
-            del self.sad_out[ch.peer]
+        self.sad.remove_inbound(ch.inbound_spi)
+        self.children.pop(ch.inbound_spi, None)
+        if self.current.get(ch.peer) is ch:
+            del self.current[ch.peer]
+            self.sad.remove_outbound(ch.peer)
             # Fall back to the newest remaining SA of that peer, if any.
-            rest = [c for c in self.sad_in.values() if c.peer == ch.peer]
+            rest = [c for c in self.children.values() if c.peer == ch.peer]
             if rest:
-                self.sad_out[ch.peer] = max(rest, key=lambda c: c.established)
+                new = max(rest, key=lambda c: c.established)
+                self.current[ch.peer] = new
+                self.sad.set_outbound(ch.peer, new.out_sa)
         self._rebuild_spd()
 
     def _ev_child_deleted(self, ev, now: float) -> None:
-        ch = self.sad_in.get(ev.inbound_spi)
+        ch = self.children.get(ev.inbound_spi)
         if ch is not None:
             self._remove_child(ch)
         self.log.info("CHILD_SA with %s deleted: spi in %08x out %08x (%s)", ev.peer,
                       ev.inbound_spi, ev.outbound_spi, ev.reason)
 
     def _ev_ike_deleted(self, ev, now: float) -> None:
-        for ch in [c for c in self.sad_in.values() if (c.ike_spi_i, c.ike_spi_r) == (ev.spi_i, ev.spi_r)]:
+        for ch in [c for c in self.children.values() if (c.ike_spi_i, c.ike_spi_r) == (ev.spi_i, ev.spi_r)]:
             self._remove_child(ch)
         self.log.info("IKE_SA %016x_i %016x_r%s deleted (%s)", ev.spi_i, ev.spi_r,
                       f" with {ev.peer}" if ev.peer else "", ev.reason)
@@ -551,7 +490,7 @@ class Runtime:
             ike_sas = self.ike.status()
         except Exception as exc:
             ike_sas = [{"error": str(exc)}]
-        children = [ch.status(now) for ch in sorted(self.sad_in.values(), key=lambda c: (c.peer, c.established))]
+        children = [ch.status(now) for ch in sorted(self.children.values(), key=lambda c: (c.peer, c.established))]
         drops = {k: self.counters[k] for k in DROP_REASONS if self.counters[k]}
         for ch in children:
             for k, v in ch["drops"].items():

@@ -1,17 +1,11 @@
-"""In-memory fakes for datapath tests: a tiny ESP (AES-GCM-16, RFC 4106 framing)
-and a toy IKE manager with the IkeManager interface (docs/design.md).
-
-They exist so the runtime's loop can be tested before / independently of
-agent.ike and agent.esp; the real cores are used where they are importable.
+"""In-memory fakes for datapath tests: a fake clock and a toy IKE manager with
+the IkeManager interface (docs/design.md), so the runtime's loop is tested
+independently of agent.ike. ESP is the real agent.esp.EspSa.
 """
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass
-
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from agent.iana import EncrId
 from agent.ike.events import ChildSaDeleted, ChildSaEstablished, IkeSaDeleted, IkeSaEstablished
@@ -27,61 +21,6 @@ class FakeClock:
 
     def advance(self, dt: float) -> None:
         self.t += dt
-
-
-class FakeEspSa:
-    """One direction of an ESP SA: AES-GCM-16 with a 64-bit replay bitmap."""
-
-    def __init__(self, keys: EspKeys, *, rng, replay_window: int = 1024, mode: str = "tunnel") -> None:
-        self.keys = keys
-        self.rng = rng
-        self._aead = AESGCM(keys.encr_key[:-4])
-        self._salt = keys.encr_key[-4:]
-        self._seq = 0
-        self._top = 0
-        self._seen: set[int] = set()
-        self.window = replay_window
-        self.counters = {"packets_in": 0, "bytes_in": 0, "packets_out": 0, "bytes_out": 0,
-                         "replay": 0, "icv": 0, "malformed": 0}
-
-    def encapsulate_batch(self, inner: list[bytes]) -> list[bytes]:
-        out = []
-        for p in inner:
-            self._seq += 1
-            hdr = struct.pack("!II", self.keys.spi, self._seq)
-            iv = self.rng(8)
-            pad = (-(len(p) + 2)) % 4
-            pt = p + bytes(range(1, pad + 1)) + bytes([pad, 4])
-            out.append(hdr + iv + self._aead.encrypt(self._salt + iv, pt, hdr))
-            self.counters["packets_out"] += 1
-            self.counters["bytes_out"] += len(p)
-        return out
-
-    def decapsulate_batch(self, esp: list[bytes]) -> list[bytes]:
-        out = []
-        for e in esp:
-            if len(e) < 8 + 8 + 16 + 2:
-                self.counters["malformed"] += 1
-                continue
-            spi, seq = struct.unpack("!II", e[:8])
-            if spi != self.keys.spi:
-                self.counters["malformed"] += 1
-                continue
-            if seq in self._seen or seq + self.window <= self._top:
-                self.counters["replay"] += 1
-                continue
-            try:
-                pt = self._aead.decrypt(self._salt + e[8:16], e[16:], e[:8])
-            except InvalidTag:
-                self.counters["icv"] += 1
-                continue
-            self._seen.add(seq)
-            self._top = max(self._top, seq)
-            inner = pt[: len(pt) - 2 - pt[-2]]
-            self.counters["packets_in"] += 1
-            self.counters["bytes_in"] += len(inner)
-            out.append(inner)
-        return out
 
 
 @dataclass(frozen=True)

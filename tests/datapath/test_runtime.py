@@ -11,7 +11,7 @@ from agent.datapath.runtime import Runtime
 from agent.datapath.tun import FakeTun
 from agent.datapath.udp import FakeNetwork
 from agent.model import Credentials, NodeView, Peer
-from tests.datapath.fakes import FakeClock, FakeEspSa, FakeIke
+from tests.datapath.fakes import FakeClock, FakeIke
 
 A_IP, B_IP, EVIL_IP = "198.51.100.1", "198.51.100.2", "198.51.100.66"
 NET_A, NET_B = ipaddress.ip_network("10.1.0.0/24"), ipaddress.ip_network("10.2.0.0/24")
@@ -37,7 +37,7 @@ class Node:
         self.u500 = net.socket(ip, 500)
         self.u4500 = net.socket(ip, 4500)
         self.rt = Runtime(self.view, self.ike, tun=self.tun, udp500=self.u500, udp4500=self.u4500,
-                          local_address=ip, esp_factory=FakeEspSa, clock=clock)
+                          local_address=ip, clock=clock)
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def establish(a, b):
     a.rt.start()
     b.rt.start()
     pump(a, b)
-    assert "b" in a.rt.sad_out and "a" in b.rt.sad_out
+    assert "b" in a.rt.current and "a" in b.rt.current
 
 
 def test_establish_and_traffic_both_ways(mesh):
@@ -91,7 +91,7 @@ def test_no_sa_triggers_initiate_and_counts_drop(mesh):
     assert b.rt.counters["no_sa"] == 1
     assert b.ike.initiate_calls == ["a"]
     pump(a, b)
-    assert "a" in b.rt.sad_out  # the acquire brought the SA up
+    assert "a" in b.rt.current  # the acquire brought the SA up
     b.tun.inject([ipv4("10.2.0.7", "10.1.0.5", b"second")])
     pump(a, b)
     assert a.tun.take_written() == [ipv4("10.2.0.7", "10.1.0.5", b"second")]
@@ -112,7 +112,7 @@ def test_garbage_from_third_address_counted_others_unaffected(mesh):
     evil = net.socket(EVIL_IP, 4500)
     evil500 = net.socket(EVIL_IP, 500)
     evil.send_batch([(os.urandom(100), (A_IP, 4500)) for _ in range(5)])   # random "ESP"
-    evil.send_batch([(b"\x00\x00\x00\x00garbage-ike", (A_IP, 4500))])       # marker + junk IKE
+    evil.send_batch([(b"\x00\x00\x00\x00" + b"garbage-ike" * 4, (A_IP, 4500))])  # marker + junk IKE
     evil.send_batch([(b"\x01\x02", (A_IP, 4500)), (b"\xff", (A_IP, 4500))])  # short, keepalive
     evil500.send_batch([(b"junk", (A_IP, 500))])
     a.rt.pump()
@@ -159,7 +159,7 @@ def test_inbound_policy_check(mesh):
     """A packet that decrypts fine but whose inner src is outside the SA's TS is dropped."""
     net, clock, a, b = mesh
     establish(a, b)
-    ch = a.rt.sad_out["b"]
+    ch = a.rt.current["b"]
     spoof = ch.out_sa.encapsulate_batch([ipv4("10.66.0.1", "10.2.0.7", b"spoof")])
     b.u4500.inject([(spoof[0], (A_IP, 4500))])
     b.rt.pump()
@@ -183,7 +183,7 @@ def test_view_update_adds_and_removes_peer(mesh):
     establish(a, b)
     a.rt.submit_view(make_view("a", A_IP, NET_A, []))
     a.rt.pump()
-    assert a.rt.sad_out == {} and a.rt.sad_in == {}
+    assert a.rt.current == {} and a.rt.children == {}
     a.tun.inject([ipv4("10.1.0.5", "10.2.0.7")])
     a.rt.pump()
     assert a.rt.counters["no_policy"] == 1
@@ -195,14 +195,14 @@ def test_shutdown_deletes_and_closes(mesh):
     a.rt.shutdown()
     assert a.tun.closed
     b.rt.pump()
-    assert b.rt.sad_out == {}  # the peer saw our delete
+    assert b.rt.current == {}  # the peer saw our delete
 
 
 def test_ike_on_4500_gets_marker(mesh):
     """Datagrams the IKE core sends from port 4500 carry the non-ESP marker; received ones lose it."""
     net, clock, a, b = mesh
     from tests.datapath.fakes import Datagram
-    a.ike._out.append(Datagram(FakeIke.MAGIC + b"{}", (A_IP, 4500), (B_IP, 4500)))
+    a.ike._out.append(Datagram(FakeIke.MAGIC + b"{}" + b" " * 40, (A_IP, 4500), (B_IP, 4500)))
     a.rt.pump()
     (s, d, p) = net.log[-1]
     assert s == (A_IP, 4500) and p.startswith(b"\0\0\0\0" + FakeIke.MAGIC)
