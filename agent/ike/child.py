@@ -1,0 +1,240 @@
+"""CHILD_SA negotiation helpers: SA payloads, proposal choice, TS narrowing, KEYMAT split.
+
+RFC 7296 §2.7 (proposal choice), §2.9 (traffic selector narrowing), §2.17
+(KEYMAT). The single place where the IKE role (i/r) becomes the traffic
+direction (inbound/outbound): :func:`split_keymat`. Pure module: no I/O.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from agent.iana import EsnId, KeId, ProtocolId, TransformAttr, TransformType
+from agent.ike.message import Proposal, SaPayload, TrafficSelector, Transform, TransformAttribute
+from agent.ike.proposals import EspProposal, IkeProposal, encr_key_len, integ_key_len
+from agent.model import EspKeys, IPNetwork
+
+
+def _encr_transform(encr: int, bits: int | None) -> Transform:
+    attrs = (TransformAttribute(int(TransformAttr.KEY_LENGTH), bits),) if bits else ()
+    return Transform(int(TransformType.ENCR), encr, attrs)
+
+
+def ike_sa_payload(proposals: list[IkeProposal] | tuple[IkeProposal, ...]) -> SaPayload:
+    """SA payload offering ``proposals`` in order (§3.3), numbered from 1."""
+    out = []
+    for n, p in enumerate(proposals, 1):
+        t = [_encr_transform(p.encr, p.encr_key_bits), Transform(int(TransformType.PRF), p.prf)]
+        if p.integ:
+            t.append(Transform(int(TransformType.INTEG), p.integ))
+        t += [Transform(int(TransformType.KE), k) for k in p.ke]
+        out.append(Proposal(n, int(ProtocolId.IKE), b"", tuple(t)))
+    return SaPayload(tuple(out))
+
+
+def esp_sa_payload(proposals, spi: int, numbers: list[int] | None = None) -> SaPayload:
+    """SA payload offering ESP ``proposals`` with our inbound ``spi`` (4 octets)."""
+    out = []
+    for i, p in enumerate(proposals):
+        t = [_encr_transform(p.encr, p.encr_key_bits)]
+        if p.integ:
+            t.append(Transform(int(TransformType.INTEG), p.integ))
+        t += [Transform(int(TransformType.ESN), e) for e in p.esn]
+        out.append(Proposal(numbers[i] if numbers else i + 1, int(ProtocolId.ESP),
+                            spi.to_bytes(4, "big"), tuple(t)))
+    return SaPayload(tuple(out))
+
+
+def _by_type(p: Proposal) -> dict[int, list[Transform]]:
+    d: dict[int, list[Transform]] = {}
+    for t in p.transforms:
+        d.setdefault(t.type, []).append(t)
+    return d
+
+
+def _has_encr(ts: dict[int, list[Transform]], encr: int, bits: int | None) -> bool:
+    return any(t.id == encr and t.key_length == bits for t in ts.get(TransformType.ENCR, []))
+
+
+def _has(ts: dict[int, list[Transform]], ttype: int, tid: int) -> bool:
+    return any(t.id == tid for t in ts.get(ttype, []))
+
+
+def _only_known_types(ts: dict[int, list[Transform]], allowed: set[int]) -> bool:
+    return set(ts) <= allowed
+
+
+@dataclass(frozen=True)
+class IkeChoice:
+    """The chosen IKE proposal (one transform of each type) and its proposal number."""
+    proposal: IkeProposal
+    number: int
+
+
+def choose_ike(offered: SaPayload, ours: list[IkeProposal], ke_hint: int | None) -> tuple[IkeChoice, list[int]] | None:
+    """Pick our most preferred proposal the peer also offers (§2.7).
+
+    Returns (choice, acceptable KE methods) or None (NO_PROPOSAL_CHOSEN). The KE
+    method is ``ke_hint`` (the peer's KE payload) when acceptable, else our first.
+    """
+    allowed = {TransformType.ENCR, TransformType.PRF, TransformType.INTEG, TransformType.KE}
+    for mine in ours:
+        for prop in offered.proposals:
+            if prop.protocol != ProtocolId.IKE or prop.spi not in (b"",) and len(prop.spi) != 8:
+                continue
+            ts = _by_type(prop)
+            if not _only_known_types(ts, allowed):
+                continue
+            if not _has_encr(ts, mine.encr, mine.encr_key_bits) or not _has(ts, TransformType.PRF, mine.prf):
+                continue
+            if mine.integ and not _has(ts, TransformType.INTEG, mine.integ):
+                continue
+            if not mine.integ and any(t.id != 0 for t in ts.get(TransformType.INTEG, [])):
+                continue
+            kes = [k for k in mine.ke if _has(ts, TransformType.KE, k)]
+            if not kes:
+                continue
+            ke = ke_hint if ke_hint in kes else kes[0]
+            chosen = IkeProposal(mine.encr, mine.encr_key_bits, mine.integ, mine.prf, (ke,))
+            return IkeChoice(chosen, prop.number), kes
+    return None
+
+
+def accepted_ike(response: SaPayload, ours: list[IkeProposal]) -> IkeProposal | None:
+    """Check the responder's SA (one proposal, one transform per type) is one we offered."""
+    if len(response.proposals) != 1:
+        return None
+    ts = _by_type(response.proposals[0])
+    if any(len(v) != 1 for v in ts.values()):
+        return None
+    res = choose_ike(response, ours, None)
+    return res[0].proposal if res else None
+
+
+@dataclass(frozen=True)
+class EspChoice:
+    proposal: EspProposal  # one ESN value
+    number: int
+    peer_spi: int
+
+
+def choose_esp(offered: SaPayload, ours: list[EspProposal]) -> EspChoice | None:
+    """Our most preferred ESP proposal the peer offers (§2.7); None: NO_PROPOSAL_CHOSEN."""
+    allowed = {TransformType.ENCR, TransformType.INTEG, TransformType.ESN}
+    for mine in ours:
+        for prop in offered.proposals:
+            if prop.protocol != ProtocolId.ESP or len(prop.spi) != 4:
+                continue
+            ts = _by_type(prop)
+            if not _only_known_types(ts, allowed):
+                continue
+            if not _has_encr(ts, mine.encr, mine.encr_key_bits):
+                continue
+            if mine.integ and not _has(ts, TransformType.INTEG, mine.integ):
+                continue
+            if not mine.integ and any(t.id != 0 for t in ts.get(TransformType.INTEG, [])):
+                continue
+            # absent ESN transform means NO_ESN
+            peer_esn = [t.id for t in ts.get(TransformType.ESN, [])] or [int(EsnId.NO_ESN)]
+            esn = [e for e in mine.esn if e in peer_esn]
+            if not esn:
+                continue
+            spi = int.from_bytes(prop.spi, "big")
+            if spi == 0:
+                continue
+            chosen = EspProposal(mine.encr, mine.encr_key_bits, mine.integ, (esn[0],))
+            return EspChoice(chosen, prop.number, spi)
+    return None
+
+
+def accepted_esp(response: SaPayload, ours: list[EspProposal]) -> EspChoice | None:
+    """Check the responder's ESP SA: one proposal, one transform per type, one we offered."""
+    if len(response.proposals) != 1:
+        return None
+    ts = _by_type(response.proposals[0])
+    if any(len(v) != 1 for v in ts.values()):
+        return None
+    return choose_esp(response, ours)
+
+
+# ------------------------------------------------------------------ traffic selectors
+
+def ts_from_networks(nets) -> tuple[TrafficSelector, ...]:
+    return tuple(TrafficSelector.from_network(n) for n in nets)
+
+
+def networks_of(selectors) -> list[IPNetwork]:
+    """CIDR blocks covered by the selectors (ports and protocol ignored: whole-subnet policy)."""
+    out: list[IPNetwork] = []
+    for s in selectors:
+        out.extend(s.networks())
+    return out
+
+
+def narrow(proposed: list[IPNetwork], allowed: tuple[IPNetwork, ...] | list[IPNetwork]) -> list[IPNetwork]:
+    """Intersection of the proposed and the allowed networks (§2.9 narrowing)."""
+    out: list[IPNetwork] = []
+    for p in proposed:
+        for a in allowed:
+            if p.version != a.version or not p.overlaps(a):
+                continue
+            out.append(p if p.subnet_of(a) else a)
+    # de-duplicate, keep order
+    seen = []
+    for n in out:
+        if n not in seen:
+            seen.append(n)
+    return seen
+
+
+def within(nets: list[IPNetwork], allowed) -> bool:
+    """Every network in ``nets`` lies inside one of ``allowed``."""
+    return all(any(n.version == a.version and n.subnet_of(a) for a in allowed) for n in nets)
+
+
+# ------------------------------------------------------------------ KEYMAT
+
+def split_keymat(keymat: bytes, prop: EspProposal, *, initiator: bool,
+                 our_spi: int, peer_spi: int) -> tuple[EspKeys, EspKeys]:
+    """KEYMAT (§2.17) -> (inbound, outbound) EspKeys.
+
+    Order in KEYMAT: encr i->r, integ i->r, encr r->i, integ r->i (AEAD keys
+    include the salt). Each direction's SPI is the one its receiver chose.
+    """
+    ek = encr_key_len(prop.encr, prop.encr_key_bits)
+    ak = integ_key_len(prop.integ) if prop.integ else 0
+    if len(keymat) != 2 * (ek + ak):
+        raise ValueError("KEYMAT length does not match the proposal")
+    e_ir, a_ir = keymat[:ek], keymat[ek:ek + ak]
+    e_ri, a_ri = keymat[ek + ak:2 * ek + ak], keymat[2 * ek + ak:]
+    esn = bool(prop.esn and prop.esn[0] == EsnId.ESN)
+    i_to_r_spi, r_to_i_spi = (peer_spi, our_spi) if initiator else (our_spi, peer_spi)
+    i_to_r = EspKeys(i_to_r_spi, prop.encr, e_ir, prop.integ, a_ir, esn)
+    r_to_i = EspKeys(r_to_i_spi, prop.encr, e_ri, prop.integ, a_ri, esn)
+    return (r_to_i, i_to_r) if initiator else (i_to_r, r_to_i)
+
+
+def keymat_len(prop: EspProposal) -> int:
+    ek = encr_key_len(prop.encr, prop.encr_key_bits)
+    ak = integ_key_len(prop.integ) if prop.integ else 0
+    return 2 * (ek + ak)
+
+
+@dataclass
+class ChildSa:
+    """One established CHILD_SA (ESP), as the IkeSa tracks it."""
+    inbound_spi: int
+    outbound_spi: int
+    proposal: EspProposal
+    local_ts: tuple[IPNetwork, ...]
+    remote_ts: tuple[IPNetwork, ...]
+    mode: str
+    udp_encap: bool
+    established_at: float
+    inbound: EspKeys = field(repr=False)
+    outbound: EspKeys = field(repr=False)
+
+
+__all__ = ["ike_sa_payload", "esp_sa_payload", "choose_ike", "accepted_ike", "choose_esp",
+           "accepted_esp", "IkeChoice", "EspChoice", "ts_from_networks", "networks_of", "narrow",
+           "within", "split_keymat", "keymat_len", "ChildSa"]

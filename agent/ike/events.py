@@ -1,0 +1,89 @@
+"""Events the IKE core emits (past tense), drained by the runtime.
+
+docs/design.md "agent.ike.manager.IkeManager". Frozen dataclasses; key
+material never appears in a repr. Addresses are (ip: str, port: int).
+Pure module: no I/O.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+from agent.model import EspKeys, IPNetwork
+
+Addr = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class IkeSaEstablished:
+    """IKE_AUTH completed: the IKE_SA is authenticated (RFC 7296 §1.2)."""
+    peer: str
+    spi_i: int
+    spi_r: int
+    initiator: bool
+    local: Addr
+    remote: Addr
+    algorithms: str
+
+
+@dataclass(frozen=True)
+class IkeKeysDerived:
+    """SK_e / SK_a of a new IKE_SA, for Wireshark's ikev2_decryption_table (key log only).
+
+    ``encr_wireshark`` / ``integ_wireshark`` are Wireshark's UAT names (None:
+    Wireshark cannot decrypt that algorithm).
+    """
+    spi_i: int
+    spi_r: int
+    sk_ei: bytes = field(repr=False)
+    sk_er: bytes = field(repr=False)
+    sk_ai: bytes = field(repr=False)
+    sk_ar: bytes = field(repr=False)
+    encr_wireshark: str | None = None
+    integ_wireshark: str | None = None
+
+
+@dataclass(frozen=True)
+class ChildSaEstablished:
+    """A CHILD_SA is ready: install ``inbound`` / ``outbound`` in the SAD (RFC 7296 §2.17).
+
+    ``local_ts`` / ``remote_ts`` are the narrowed traffic selectors as networks;
+    ``rekey_of`` is the inbound SPI of the CHILD_SA this one replaces, if any.
+    """
+    peer: str
+    ike_spi_i: int
+    ike_spi_r: int
+    inbound: EspKeys
+    outbound: EspKeys
+    local_ts: tuple[IPNetwork, ...]
+    remote_ts: tuple[IPNetwork, ...]
+    mode: str
+    udp_encap: bool
+    local: Addr
+    remote: Addr
+    algorithms: str
+    rekey_of: int | None = None
+
+
+@dataclass(frozen=True)
+class ChildSaDeleted:
+    """A CHILD_SA is gone: remove both SPIs from the SAD."""
+    peer: str
+    inbound_spi: int
+    outbound_spi: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class IkeSaDeleted:
+    """An IKE_SA is gone (deleted, failed or replaced). ``peer`` may be "" if never authenticated."""
+    peer: str
+    spi_i: int
+    spi_r: int
+    reason: str
+
+
+Event = Union[IkeSaEstablished, IkeKeysDerived, ChildSaEstablished, ChildSaDeleted, IkeSaDeleted]
+
+__all__ = ["Addr", "Event", "IkeSaEstablished", "IkeKeysDerived", "ChildSaEstablished",
+           "ChildSaDeleted", "IkeSaDeleted"]

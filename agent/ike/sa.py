@@ -1,0 +1,988 @@
+"""IkeSa: one IKE_SA and its exchanges, sans-I/O (RFC 7296).
+
+Driven by three inputs: API calls (:meth:`IkeSa.initiate`, :meth:`IkeSa.delete`),
+:meth:`IkeSa.receive` (a decoded message with its raw bytes and addresses) and
+:meth:`IkeSa.handle_timer`. Outputs: ``outbox`` (list of Datagram), ``events``
+(agent.ike.events), :meth:`IkeSa.next_timer`. Exchanges are split as in
+strongSwan: build/process for request and response, one method pair per
+exchange (IKE_SA_INIT §1.2, IKE_AUTH §1.2, INFORMATIONAL §1.4).
+
+Window size 1 (§2.3); requests are retransmitted after 1, 2, 4, 8, 16 s and the
+IKE_SA fails with "peer did not respond" 32 s after the 5th retransmission
+(§2.1); the last response is cached and re-sent for a repeated request.
+
+Pure module: no I/O, time comes in as ``now``, randomness from ``rng``.
+"""
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import struct
+from dataclasses import dataclass, field
+from typing import Callable
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent.iana import (AuthMethod, CertEncoding, ExchangeType, HashAlgorithm, IdType, NotifyType,
+                        PayloadType, ProtocolId)
+from agent.ike import child as ch
+from agent.ike.crypto import CryptoError, IntegrityError, KeyExchange, KeyExchangeError, Prf, SkCipher, derive_child_keymat, derive_ike_keys
+from agent.ike.events import (Addr, ChildSaDeleted, ChildSaEstablished, IkeKeysDerived, IkeSaDeleted,
+                              IkeSaEstablished)
+from agent.ike.message import (HEADER_LEN, AuthPayload, CertPayload, CertReqPayload, DeletePayload,
+                               EncryptedPayload, IdPayload, KePayload, Message, MessageError, NoncePayload,
+                               NotifyPayload, SaPayload, TsPayload, check_payload_rules, decode_payloads,
+                               encode_header, encode_message, encode_payloads)
+from agent.ike.proposals import (EspProposal, IkeProposal, ProposalError, encr_key_len, integ_key_len,
+                                 parse_esp_proposal, parse_ike_proposal, wireshark_ike_encr_name,
+                                 wireshark_ike_integ_name)
+from agent.model import Credentials, Peer
+
+Rng = Callable[[int], bytes]
+
+IKE_PORT = 500
+NAT_T_PORT = 4500
+NONCE_LEN = 32
+RETRANSMIT_BASE_S = 1.0
+RETRANSMIT_FACTOR = 2.0
+RETRANSMIT_TRIES = 5
+HALF_OPEN_TIMEOUT_S = 30.0  # responder waiting for IKE_AUTH
+MAX_INIT_RETRIES = 3  # INVALID_KE_PAYLOAD / COOKIE round trips
+
+
+@dataclass(frozen=True)
+class Datagram:
+    """One UDP datagram to send; the sender adds the non-ESP marker when local[1] == 4500."""
+    data: bytes = field(repr=False)
+    local: Addr
+    remote: Addr
+
+
+class State:
+    INIT = "CONNECTING"
+    AUTH = "AUTHENTICATING"
+    ESTABLISHED = "ESTABLISHED"
+    DELETING = "DELETING"
+    DELETED = "DELETED"
+
+
+@dataclass
+class IkeSaConfig:
+    """What an IkeSa needs to know about us and whom it may talk to.
+
+    ``peer``: the configured peer (initiator: always; responder: None until
+    IKE_AUTH, then ``find_peer(IDi)``, the PAD lookup, decides).
+    ``ike_proposals``: proposal strings we offer (initiator) or accept (responder).
+    ``force_encap``: fake our NAT_DETECTION_SOURCE_IP (strongSwan encap=yes).
+    """
+    identity: str
+    credentials: Credentials
+    local_subnets: tuple
+    ike_proposals: tuple[str, ...]
+    peer: Peer | None = None
+    find_peer: Callable[[str], Peer | None] = lambda _ident: None
+    force_encap: bool = False
+    initial_contact: bool = False
+
+
+# ------------------------------------------------------------------ authentication helpers
+# RFC 7427 §3: AlgorithmIdentifier ecdsa-with-SHA256 (RFC 7427 Appendix A.3.1).
+ECDSA_SHA256_ALGID = bytes.fromhex("300a06082a8648ce3d040302")
+KEY_PAD = b"Key Pad for IKEv2"
+
+
+class AuthError(Exception):
+    """Authentication of the peer failed; ``reason`` says why (-> AUTHENTICATION_FAILED)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _spki_sha1(cert_der: bytes) -> bytes:
+    cert = x509.load_der_x509_certificate(cert_der)
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+    h = hashes.Hash(hashes.SHA1())
+    h.update(spki)
+    return h.finalize()
+
+
+def _sha1(data: bytes) -> bytes:
+    h = hashes.Hash(hashes.SHA1())
+    h.update(data)
+    return h.finalize()
+
+
+def signed_octets(message: bytes, peer_nonce: bytes, prf: Prf, sk_p: bytes, id_body: bytes) -> bytes:
+    """§2.15: RealMessage | NonceData | prf(SK_p, RestOfIDPayload)."""
+    return message + peer_nonce + prf.prf(sk_p, id_body)
+
+
+def psk_auth(prf: Prf, psk: bytes, octets: bytes) -> bytes:
+    """§2.15: AUTH = prf(prf(Shared Secret, "Key Pad for IKEv2"), <SignedOctets>)."""
+    return prf.prf(prf.prf(psk, KEY_PAD), octets)
+
+
+def sign_ecdsa(private_key_pem: bytes, octets: bytes) -> bytes:
+    """RFC 7427 §3 AUTH data: len(AlgorithmIdentifier) | AlgorithmIdentifier | DER signature."""
+    key = serialization.load_pem_private_key(private_key_pem, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise AuthError("only ECDSA private keys are supported for DIGITAL_SIGNATURE")
+    return bytes([len(ECDSA_SHA256_ALGID)]) + ECDSA_SHA256_ALGID + key.sign(octets, ec.ECDSA(hashes.SHA256()))
+
+
+def verify_certificate(chain: list[bytes], cas: tuple[bytes, ...], identity: str, now: float) -> x509.Certificate:
+    """Leaf (first) must chain to one of ``cas``, be valid at ``now`` and name ``identity``
+    as a dNSName SAN. Returns the leaf; raises AuthError."""
+    if not chain:
+        raise AuthError("no certificate")
+    try:
+        certs = [x509.load_der_x509_certificate(c) for c in chain]
+        anchors = [x509.load_der_x509_certificate(c) for c in cas]
+    except ValueError:
+        raise AuthError("unparsable certificate") from None
+    when = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
+    for c in certs:
+        if not (c.not_valid_before_utc <= when <= c.not_valid_after_utc):
+            raise AuthError(f"certificate {c.subject.rfc4514_string()} not valid at this time")
+    # walk leaf -> intermediates -> anchor
+    cur = certs[0]
+    pool = certs[1:]
+    for _ in range(len(certs) + 1):
+        for a in anchors:
+            if cur.issuer == a.subject:
+                try:
+                    cur.verify_directly_issued_by(a)
+                except (ValueError, TypeError, InvalidSignature):
+                    continue
+                break
+        else:
+            nxt = None
+            for c in pool:
+                if cur.issuer == c.subject:
+                    try:
+                        cur.verify_directly_issued_by(c)
+                    except (ValueError, TypeError, InvalidSignature):
+                        continue
+                    nxt = c
+                    break
+            if nxt is None:
+                raise AuthError("certificate not issued by a trusted CA")
+            cur = nxt
+            continue
+        break
+    leaf = certs[0]
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = san.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        names = []
+    if identity not in names:
+        raise AuthError(f"certificate does not name {identity!r} (dNSName SANs: {names})")
+    return leaf
+
+
+def verify_ecdsa(leaf: x509.Certificate, auth_data: bytes, octets: bytes) -> None:
+    """Verify RFC 7427 ECDSA-SHA256 AUTH data against the leaf's key; AuthError if not."""
+    n = auth_data[0] if auth_data else 0
+    algid, sig = auth_data[1:1 + n], auth_data[1 + n:]
+    if algid != ECDSA_SHA256_ALGID:
+        raise AuthError("unsupported signature algorithm (want ecdsa-with-SHA256)")
+    key = leaf.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise AuthError("certificate key is not ECDSA")
+    try:
+        key.verify(sig, octets, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise AuthError("AUTH signature does not verify") from None
+
+
+# ------------------------------------------------------------------ IkeSa
+
+@dataclass
+class _Pending:
+    message_id: int
+    exchange: int
+    data: bytes
+    sent_at: float
+    deadline: float
+    tries: int
+    on_response: Callable
+
+
+class IkeSa:
+    """One IKE_SA (RFC 7296). Create with :meth:`new_initiator` or :meth:`new_responder`."""
+
+    def __init__(self, config: IkeSaConfig, rng: Rng, *, initiator: bool, local: Addr, remote: Addr,
+                 now: float):
+        self.cfg = config
+        self.rng = rng
+        self.initiator = initiator
+        self.local = local
+        self.remote = remote
+        self.peer: Peer | None = config.peer
+        self.state = State.INIT
+        self.spi_i = 0
+        self.spi_r = 0
+        self.created_at = now
+        self.established_at: float | None = None
+        self.last_received = now
+        self.delete_reason: str | None = None
+        self.outbox: list[Datagram] = []
+        self.events: list = []
+        self.children: list[ch.ChildSa] = []
+        self.peer_initial_contact = False
+        self.algorithms = ""
+        # exchange state
+        self._next_mid = 0  # our next request message ID
+        self._peer_mid = 0  # next request ID we expect from the peer
+        self._pending: _Pending | None = None
+        self._queue: list[Callable[[float], None]] = []
+        self._cached_response: tuple[int, bytes] | None = None
+        self._init_request = b""
+        self._init_response = b""
+        self._ni = b""
+        self._nr = b""
+        self._ke: KeyExchange | None = None
+        self._ike_prop: IkeProposal | None = None
+        self._prf: Prf | None = None
+        self._keys = None
+        self._cipher: SkCipher | None = None
+        self._cookie: bytes | None = None
+        self._init_retries = 0
+        self._nat_local = False  # we are behind a NAT
+        self._nat_remote = False  # the peer is behind a NAT (or fakes it)
+        self._child_spi: int = 0
+        self._esp_offered: list[EspProposal] = []
+        self._peer_sig_hashes: set[int] = set()
+        self._last_raw = b""
+        self.auth_failure: str | None = None
+
+    # ------------------------------------------------------------ construction
+    @classmethod
+    def new_initiator(cls, config: IkeSaConfig, rng: Rng, local: Addr, remote: Addr, now: float) -> "IkeSa":
+        sa = cls(config, rng, initiator=True, local=local, remote=remote, now=now)
+        sa.spi_i = sa._new_ike_spi()
+        return sa
+
+    @classmethod
+    def new_responder(cls, config: IkeSaConfig, rng: Rng, local: Addr, remote: Addr, spi_i: int,
+                      now: float) -> "IkeSa":
+        sa = cls(config, rng, initiator=False, local=local, remote=remote, now=now)
+        sa.spi_i = spi_i
+        sa.spi_r = sa._new_ike_spi()
+        return sa
+
+    def _new_ike_spi(self) -> int:
+        while True:
+            spi = int.from_bytes(self.rng(8), "big")
+            if spi:
+                return spi
+
+    @property
+    def my_spi(self) -> int:
+        return self.spi_i if self.initiator else self.spi_r
+
+    @property
+    def peer_name(self) -> str:
+        return self.peer.name if self.peer else ""
+
+    @property
+    def is_dead(self) -> bool:
+        return self.state == State.DELETED
+
+    def __repr__(self) -> str:
+        return (f"IkeSa({self.peer_name or '?'}, {self.spi_i:016x}_i {self.spi_r:016x}_r, "
+                f"{'initiator' if self.initiator else 'responder'}, {self.state})")
+
+    # ------------------------------------------------------------ API
+    def initiate(self, now: float) -> None:
+        """Start IKE_SA_INIT: HDR, SA, KEi, Ni, N(NAT_DETECTION_*), N(SIGNATURE_HASH_ALGORITHMS) -->."""
+        assert self.initiator and self.state == State.INIT
+        self._ni = self.rng(NONCE_LEN)
+        offered = self._ike_proposals()
+        self._send_init(offered[0].ke[0], now)
+
+    def delete(self, now: float, reason: str = "deleted locally") -> None:
+        """INFORMATIONAL HDR, SK {D(IKE)} -->; the IKE_SA and its CHILD_SAs are gone at once."""
+        if self.state in (State.DELETING, State.DELETED):
+            return
+        if self.state != State.ESTABLISHED:
+            self._die(reason)
+            return
+        self._pending = None
+        self._queue.clear()
+        self._emit_deleted(reason)
+        self.state = State.DELETING
+        self._request(ExchangeType.INFORMATIONAL, [DeletePayload(int(ProtocolId.IKE))],
+                      lambda msg, inner, now: self._finish_delete(), now)
+
+    def _finish_delete(self) -> None:
+        self.state = State.DELETED
+
+    def next_timer(self) -> float | None:
+        """Earliest deadline (seconds) at which handle_timer must be called, or None."""
+        ts = []
+        if self._pending:
+            ts.append(self._pending.deadline)
+        if self.state == State.INIT and not self.initiator:
+            ts.append(self.created_at + HALF_OPEN_TIMEOUT_S)
+        if self.state == State.ESTABLISHED and not self._pending and self.peer:
+            ts.append(self.last_received + self.peer.policy.dpd_interval_s)
+        return min(ts) if ts else None
+
+    def handle_timer(self, now: float) -> None:
+        """Retransmit, give up, or start a liveness check (§2.4), as deadlines pass."""
+        if self.state == State.DELETED:
+            return
+        p = self._pending
+        if p and now >= p.deadline:
+            if p.tries >= RETRANSMIT_TRIES:
+                self._pending = None
+                if self.state == State.DELETING:
+                    self.state = State.DELETED
+                else:
+                    self._die("peer did not respond")
+                return
+            p.tries += 1
+            p.deadline = now + RETRANSMIT_BASE_S * RETRANSMIT_FACTOR ** p.tries
+            self.outbox.append(Datagram(p.data, self.local, self.remote))
+            return
+        if self.state == State.INIT and not self.initiator and now >= self.created_at + HALF_OPEN_TIMEOUT_S:
+            self._die("half-open IKE_SA timed out")
+            return
+        if (self.state == State.ESTABLISHED and not self._pending and self.peer
+                and now >= self.last_received + self.peer.policy.dpd_interval_s):
+            # liveness check: HDR, SK {} -->
+            self._request(ExchangeType.INFORMATIONAL, [], lambda msg, inner, now: None, now)
+
+    # ------------------------------------------------------------ receive
+    def receive(self, msg: Message, raw: bytes, local: Addr, remote: Addr, now: float) -> str | None:
+        """Process one decoded message addressed to this IKE_SA.
+
+        Returns None when processed, else the drop reason (a counter name:
+        "invalid_message_id", "bad_icv", "malformed", "unexpected_payload", ...).
+        """
+        if self.state == State.DELETED:
+            return "unknown_spi"
+        if msg.is_initiator == self.initiator:
+            return "malformed"  # I flag says the sender has our role
+        if msg.is_response:
+            return self._receive_response(msg, raw, local, remote, now)
+        return self._receive_request(msg, raw, local, remote, now)
+
+    def _receive_response(self, msg, raw, local, remote, now) -> str | None:
+        p = self._pending
+        if p is None or msg.message_id != p.message_id or msg.exchange != p.exchange:
+            return "invalid_message_id"
+        inner, err = self._open(msg, raw)
+        if err:
+            return err
+        self._pending = None
+        self.last_received = now
+        self._last_raw = raw
+        if msg.exchange == ExchangeType.IKE_SA_INIT:
+            self.remote = remote
+        p.on_response(msg, inner, now)
+        self._run_queue(now)
+        return None
+
+    def _receive_request(self, msg, raw, local, remote, now) -> str | None:
+        if self._cached_response and msg.message_id == self._cached_response[0] and msg.message_id < self._peer_mid:
+            # repeated request: the same response again (§2.1)
+            self.outbox.append(Datagram(self._cached_response[1], local, remote))
+            return None
+        if msg.message_id != self._peer_mid:
+            return "invalid_message_id"
+        if msg.exchange != ExchangeType.IKE_SA_INIT and self._keys is None:
+            return "invalid_message_id"
+        inner, err = self._open(msg, raw)
+        if err:
+            return err
+        self.last_received = now
+        self._last_raw = raw
+        if msg.unsupported_critical or any(getattr(p, "critical", False) for p in inner):
+            # §2.5: <-- HDR, [SK {] N(UNSUPPORTED_CRITICAL_PAYLOAD, type) [}]
+            t = next(p.ptype for p in (*msg.payloads, *inner) if getattr(p, "critical", False))
+            if msg.exchange == ExchangeType.IKE_SA_INIT:
+                self._die("IKE_SA_INIT with an unsupported critical payload")
+                self.spi_r = 0
+            self._respond(msg, [NotifyPayload(int(NotifyType.UNSUPPORTED_CRITICAL_PAYLOAD), bytes([t]))],
+                          local, remote)
+            return None
+        if msg.exchange == ExchangeType.IKE_SA_INIT:
+            handler = self._process_init_request
+        elif msg.exchange == ExchangeType.IKE_AUTH:
+            handler = self._process_auth_request
+        elif msg.exchange == ExchangeType.INFORMATIONAL:
+            handler = self._process_info_request
+        elif msg.exchange == ExchangeType.CREATE_CHILD_SA:
+            handler = self._process_create_child_request
+        else:
+            return "unexpected_payload"
+        if msg.exchange != ExchangeType.IKE_SA_INIT and self.state == State.INIT:
+            return "invalid_message_id"
+        if msg.exchange == ExchangeType.IKE_AUTH and (self.initiator or self.state != State.AUTH):
+            return "unexpected_payload"
+        if msg.exchange == ExchangeType.IKE_AUTH:
+            self.remote = remote  # the initiator may have moved to 4500 (§2.23)
+            self.local = local
+        payloads = handler(msg, inner, now)
+        if payloads is not None:
+            self._respond(msg, payloads, local, remote)
+        return None
+
+    def _open(self, msg: Message, raw: bytes) -> tuple[tuple, str | None]:
+        """Decrypt the SK payload and check the exchange table. Returns (inner payloads, drop reason)."""
+        if msg.exchange == ExchangeType.IKE_SA_INIT:
+            try:
+                check_payload_rules(msg.exchange, msg.is_response, msg.payloads)
+            except MessageError:
+                return (), "unexpected_payload"
+            return msg.payloads, None
+        if self._keys is None:
+            return (), "invalid_message_id"
+        sk = msg.payloads[0] if len(msg.payloads) == 1 else None
+        if not isinstance(sk, EncryptedPayload):
+            return (), "unexpected_payload"
+        sk_e, sk_a = ((self._keys.sk_er, self._keys.sk_ar) if self.initiator
+                      else (self._keys.sk_ei, self._keys.sk_ai))
+        try:
+            plain = self._cipher.decrypt(sk_e, sk_a, raw[:HEADER_LEN + 4], sk.body)
+        except IntegrityError:
+            return (), "bad_icv"
+        except CryptoError:
+            return (), "malformed"
+        try:
+            inner = decode_payloads(sk.first, plain, allow_sk=False)
+        except MessageError:
+            return (), "malformed"
+        try:
+            check_payload_rules(msg.exchange, msg.is_response, inner)
+        except MessageError:
+            return (), "unexpected_payload"
+        return inner, None
+
+    # ------------------------------------------------------------ sending
+    def _flags(self, response: bool) -> int:
+        return (0x08 if self.initiator else 0) | (0x20 if response else 0)
+
+    def _seal(self, exchange: int, mid: int, response: bool, payloads: list) -> bytes:
+        if exchange == ExchangeType.IKE_SA_INIT:
+            return encode_message(Message(self.spi_i, self.spi_r, exchange, mid, self.initiator, response,
+                                          tuple(payloads)))
+        first, plain = encode_payloads(payloads)
+        body_len = self._cipher.encrypted_len(len(plain))
+        hdr = encode_header(self.spi_i, self.spi_r, int(PayloadType.SK), exchange, self._flags(response),
+                            mid, HEADER_LEN + 4 + body_len)
+        skh = struct.pack("!BBH", first, 0, 4 + body_len)
+        sk_e, sk_a = ((self._keys.sk_ei, self._keys.sk_ai) if self.initiator
+                      else (self._keys.sk_er, self._keys.sk_ar))
+        return hdr + skh + self._cipher.encrypt(sk_e, sk_a, self.rng, hdr + skh, plain)
+
+    def _request(self, exchange: int, payloads: list, on_response: Callable, now: float) -> None:
+        if self._pending is not None:
+            # window size 1: queue until the outstanding exchange completes
+            self._queue.append(lambda t: self._request(exchange, payloads, on_response, t))
+            return
+        mid = self._next_mid
+        self._next_mid += 1
+        data = self._seal(exchange, mid, False, payloads)
+        self._pending = _Pending(mid, exchange, data, now, now + RETRANSMIT_BASE_S, 0, on_response)
+        self.outbox.append(Datagram(data, self.local, self.remote))
+
+    def _run_queue(self, now: float) -> None:
+        while self._queue and self._pending is None and self.state != State.DELETED:
+            self._queue.pop(0)(now)
+
+    def _respond(self, msg: Message, payloads: list, local: Addr, remote: Addr) -> None:
+        data = self._seal(msg.exchange, msg.message_id, True, payloads)
+        self._cached_response = (msg.message_id, data)
+        self._peer_mid = msg.message_id + 1
+        self.outbox.append(Datagram(data, local, remote))
+
+    # ------------------------------------------------------------ failure / deletion
+    def _emit_deleted(self, reason: str) -> None:
+        for c in self.children:
+            self.events.append(ChildSaDeleted(self.peer_name, c.inbound_spi, c.outbound_spi, reason))
+        self.children = []
+        self.events.append(IkeSaDeleted(self.peer_name, self.spi_i, self.spi_r, reason))
+
+    def _die(self, reason: str) -> None:
+        """The IKE_SA is gone (failure or peer delete): report it and stop."""
+        if self.state == State.DELETED:
+            return
+        self.delete_reason = reason
+        if self.state != State.DELETING:
+            self._emit_deleted(reason)
+        self.state = State.DELETED
+        self._pending = None
+        self._queue.clear()
+
+    def _fail_with_notify(self, ntype: int, reason: str, now: float) -> None:
+        """Initiator-side error after IKE_AUTH: HDR, SK {N(error)} --> then gone (§2.21.2)."""
+        data = self._seal(ExchangeType.INFORMATIONAL, self._next_mid, False, [NotifyPayload(int(ntype))])
+        self._next_mid += 1
+        self.outbox.append(Datagram(data, self.local, self.remote))
+        self._die(reason)
+
+    # ------------------------------------------------------------ IKE_SA_INIT
+    def _ike_proposals(self) -> list[IkeProposal]:
+        return [parse_ike_proposal(s) for s in self.cfg.ike_proposals]
+
+    def _nat_hashes(self, local: Addr, remote: Addr, spi_r: int) -> tuple[bytes, bytes]:
+        spis = struct.pack("!QQ", self.spi_i, spi_r)
+
+        def h(addr: Addr) -> bytes:
+            return _sha1(spis + ipaddress.ip_address(addr[0]).packed + struct.pack("!H", addr[1]))
+        src = h(local)
+        if self.cfg.force_encap:
+            src = _sha1(self.rng(20))  # cannot match: forces UDP encapsulation
+        return src, h(remote)
+
+    def _nat_notifies(self, spi_r: int) -> list:
+        src, dst = self._nat_hashes(self.local, self.remote, spi_r)
+        return [NotifyPayload(int(NotifyType.NAT_DETECTION_SOURCE_IP), src),
+                NotifyPayload(int(NotifyType.NAT_DETECTION_DESTINATION_IP), dst)]
+
+    def _check_nat(self, payloads, local: Addr, remote: Addr, spi_r: int) -> None:
+        spis = struct.pack("!QQ", self.spi_i, spi_r)
+        srcs = [p.data for p in payloads if isinstance(p, NotifyPayload)
+                and p.notify_type == NotifyType.NAT_DETECTION_SOURCE_IP]
+        dsts = [p.data for p in payloads if isinstance(p, NotifyPayload)
+                and p.notify_type == NotifyType.NAT_DETECTION_DESTINATION_IP]
+        if not srcs and not dsts:
+            return  # peer does not support NAT-T
+        r = _sha1(spis + ipaddress.ip_address(remote[0]).packed + struct.pack("!H", remote[1]))
+        l_ = _sha1(spis + ipaddress.ip_address(local[0]).packed + struct.pack("!H", local[1]))
+        self._nat_remote = r not in srcs
+        self._nat_local = l_ not in dsts
+
+    @property
+    def nat_detected(self) -> bool:
+        return self._nat_local or self._nat_remote
+
+    def _sig_hash_notify(self) -> list:
+        if not self.cfg.credentials.uses_certificates:
+            return []
+        data = b"".join(struct.pack("!H", h) for h in
+                        (HashAlgorithm.SHA2_256, HashAlgorithm.SHA2_384, HashAlgorithm.SHA2_512))
+        return [NotifyPayload(int(NotifyType.SIGNATURE_HASH_ALGORITHMS), data)]
+
+    def _send_init(self, group: int, now: float) -> None:
+        self._ke = KeyExchange(group, self.rng)
+        payloads = []
+        if self._cookie is not None:
+            payloads.append(NotifyPayload(int(NotifyType.COOKIE), self._cookie))
+        payloads += [ch.ike_sa_payload(self._ike_proposals()), KePayload(group, self._ke.public_bytes()),
+                     NoncePayload(self._ni), *self._nat_notifies(0), *self._sig_hash_notify()]
+        self._next_mid = 0
+        self._pending = None
+        msg = Message(self.spi_i, 0, int(ExchangeType.IKE_SA_INIT), 0, True, False, tuple(payloads))
+        data = encode_message(msg)
+        self._init_request = data
+        self._next_mid = 1
+        self._pending = _Pending(0, int(ExchangeType.IKE_SA_INIT), data, now, now + RETRANSMIT_BASE_S, 0,
+                                 self._process_init_response)
+        self.outbox.append(Datagram(data, self.local, self.remote))
+
+    def _process_init_response(self, msg: Message, inner, now: float) -> None:
+        """<-- HDR, SA, KEr, Nr, N(NAT_DETECTION_*), [CERTREQ]  (or N(error), N(COOKIE))."""
+        offered = self._ike_proposals()
+        ke_note = msg.notify(NotifyType.INVALID_KE_PAYLOAD)
+        cookie = msg.notify(NotifyType.COOKIE)
+        if ke_note is not None or cookie is not None:
+            self._init_retries += 1
+            if self._init_retries > MAX_INIT_RETRIES:
+                self._die("IKE_SA_INIT: too many INVALID_KE_PAYLOAD/COOKIE round trips")
+                return
+            group = self._ke.ke_id
+            if ke_note is not None:
+                if len(ke_note.data) != 2:
+                    self._die("INVALID_KE_PAYLOAD without a group")
+                    return
+                group = struct.unpack("!H", ke_note.data)[0]
+                if not any(group in p.ke for p in offered) or group == self._ke.ke_id:
+                    self._die(f"INVALID_KE_PAYLOAD names group {group} we did not offer")
+                    return
+            if cookie is not None:
+                self._cookie = cookie.data
+            self._send_init(group, now)  # HDR, [N(COOKIE),] SA, KEi(new group), Ni -->
+            return
+        errors = [n for n in msg.notifies() if n.is_error]
+        if errors:
+            self._die(f"IKE_SA_INIT refused: {_nname(errors[0].notify_type)}")
+            return
+        sa, ke, nr = msg.first(PayloadType.SA), msg.first(PayloadType.KE), msg.first(PayloadType.NONCE)
+        if sa is None or ke is None or nr is None or msg.spi_r == 0:
+            self._die("IKE_SA_INIT response lacks SA, KE or Nr")
+            return
+        prop = ch.accepted_ike(sa, offered)
+        if prop is None or prop.ke[0] != ke.group or ke.group != self._ke.ke_id:
+            self._die("IKE_SA_INIT response: proposal or KE method we did not offer")
+            return
+        if not 16 <= len(nr.data) <= 256:
+            self._die("IKE_SA_INIT response: bad nonce length")
+            return
+        self.spi_r = msg.spi_r
+        self._nr = nr.data
+        self._init_response = self._last_raw
+        try:
+            self._derive(prop, self._ke.shared_secret(ke.data))
+        except KeyExchangeError as e:
+            self._die(f"IKE_SA_INIT: {e}")
+            return
+        self._check_nat(msg.payloads, self.local, self.remote, self.spi_r)
+        self._note_sig_hashes(msg.payloads)
+        self.state = State.AUTH
+        if self.nat_detected or self.cfg.force_encap:
+            # §2.23: continue on port 4500
+            self.local = (self.local[0], NAT_T_PORT)
+            self.remote = (self.remote[0], NAT_T_PORT)
+        self._send_auth(now)
+
+    def _note_sig_hashes(self, payloads) -> None:
+        n = next((p for p in payloads if isinstance(p, NotifyPayload)
+                  and p.notify_type == NotifyType.SIGNATURE_HASH_ALGORITHMS), None)
+        if n is not None:
+            self._peer_sig_hashes = {struct.unpack_from("!H", n.data, i)[0] for i in range(0, len(n.data) - 1, 2)}
+
+    def _derive(self, prop: IkeProposal, g_ir: bytes) -> None:
+        self._ike_prop = prop
+        self._prf = Prf(prop.prf)
+        ek = encr_key_len(prop.encr, prop.encr_key_bits)
+        ak = integ_key_len(prop.integ) if prop.integ else 0
+        self._keys = derive_ike_keys(prop.prf, self._ni, self._nr, g_ir, self.spi_i, self.spi_r, ek, ak)
+        self._cipher = SkCipher(prop.encr, ek, prop.integ)
+        self.algorithms = prop.describe()
+        self.events.append(IkeKeysDerived(self.spi_i, self.spi_r, self._keys.sk_ei, self._keys.sk_er,
+                                          self._keys.sk_ai, self._keys.sk_ar,
+                                          wireshark_ike_encr_name(prop.encr, prop.encr_key_bits),
+                                          wireshark_ike_integ_name(prop.integ)))
+
+    def _process_init_request(self, msg: Message, inner, now: float) -> list | None:
+        """HDR, SA, KEi, Ni --> ; <-- HDR, SA, KEr, Nr, N(NAT_DETECTION_*), [CERTREQ]."""
+        sa, ke, ni = msg.first(PayloadType.SA), msg.first(PayloadType.KE), msg.first(PayloadType.NONCE)
+        if not 16 <= len(ni.data) <= 256:
+            self._die("IKE_SA_INIT: bad nonce length")
+            return self._stateless_error(NotifyType.INVALID_SYNTAX)
+        try:
+            ours = self._ike_proposals()
+        except ProposalError:
+            ours = []
+        res = ch.choose_ike(sa, ours, ke.group)
+        if res is None:
+            self._die("IKE_SA_INIT: no proposal chosen")
+            return self._stateless_error(NotifyType.NO_PROPOSAL_CHOSEN)
+        choice, _kes = res
+        if choice.proposal.ke[0] != ke.group:
+            self._die("IKE_SA_INIT: asked the initiator for another KE method")
+            return self._stateless_error(NotifyType.INVALID_KE_PAYLOAD, struct.pack("!H", choice.proposal.ke[0]))
+        try:
+            self._ke = KeyExchange(ke.group, self.rng)
+            g_ir = self._ke.shared_secret(ke.data)
+        except KeyExchangeError as e:
+            self._die(f"IKE_SA_INIT: {e}")
+            return self._stateless_error(NotifyType.INVALID_SYNTAX)
+        self._ni = ni.data
+        self._nr = self.rng(NONCE_LEN)
+        self._init_request = self._last_raw
+        self._derive(choice.proposal, g_ir)
+        self._check_nat(msg.payloads, self.local, self.remote, 0)
+        self._note_sig_hashes(msg.payloads)
+        sa_out = SaPayload((_renumber(ch.ike_sa_payload([choice.proposal]).proposals[0], choice.number),))
+        # responder NAT-D hashes use both SPIs (§2.23)
+        payloads = [sa_out, KePayload(ke.group, self._ke.public_bytes()), NoncePayload(self._nr),
+                    *self._nat_notifies(self.spi_r)]
+        if self.cfg.credentials.uses_certificates:
+            payloads.append(self._certreq())
+        payloads += self._sig_hash_notify()
+        self.state = State.AUTH
+        data = self._seal(ExchangeType.IKE_SA_INIT, 0, True, payloads)
+        self._init_response = data
+        return payloads
+
+    def _stateless_error(self, ntype: int, data: bytes = b"") -> list:
+        """<-- HDR, N(error): sent with SPIr 0 (§2.6 / §1.2)."""
+        self.spi_r = 0
+        return [NotifyPayload(int(ntype), data)]
+
+    def _certreq(self) -> CertReqPayload:
+        return CertReqPayload(int(CertEncoding.X509_CERTIFICATE_SIGNATURE),
+                              b"".join(_spki_sha1(c) for c in self.cfg.credentials.ca_certificates))
+
+    # ------------------------------------------------------------ IKE_AUTH
+    def _my_auth(self, id_payload: IdPayload, psk: bytes | None) -> AuthPayload:
+        if self.initiator:
+            octets = signed_octets(self._init_request, self._nr, self._prf, self._keys.sk_pi, id_payload.body)
+        else:
+            octets = signed_octets(self._init_response, self._ni, self._prf, self._keys.sk_pr, id_payload.body)
+        creds = self.cfg.credentials
+        if psk is not None:
+            return AuthPayload(int(AuthMethod.SHARED_KEY_MESSAGE_INTEGRITY_CODE), psk_auth(self._prf, psk, octets))
+        return AuthPayload(int(AuthMethod.DIGITAL_SIGNATURE), sign_ecdsa(creds.private_key_pem, octets))
+
+    def _verify_peer(self, idp: IdPayload, auth: AuthPayload | None, certs: list, peer: Peer, now: float) -> None:
+        """Check the peer's ID, certificate and AUTH (§2.15); raises AuthError."""
+        if idp.id_type != IdType.ID_FQDN:
+            raise AuthError(f"ID type {idp.id_type} is not ID_FQDN")
+        ident = idp.data.decode("utf-8", "replace")
+        if ident != peer.identity:
+            raise AuthError(f"peer identity {ident!r} is not the expected {peer.identity!r}")
+        if auth is None:
+            raise AuthError("no AUTH payload")
+        if self.initiator:
+            octets = signed_octets(self._init_response, self._ni, self._prf, self._keys.sk_pr, idp.body)
+        else:
+            octets = signed_octets(self._init_request, self._nr, self._prf, self._keys.sk_pi, idp.body)
+        if auth.method == AuthMethod.SHARED_KEY_MESSAGE_INTEGRITY_CODE:
+            psk = self._psk_for(peer)
+            if psk is None:
+                raise AuthError("peer used a PSK but none is configured for it")
+            from cryptography.hazmat.primitives import constant_time
+            if not constant_time.bytes_eq(psk_auth(self._prf, psk, octets), auth.data):
+                raise AuthError("PSK AUTH does not verify (wrong pre-shared key?)")
+            return
+        if auth.method == AuthMethod.DIGITAL_SIGNATURE:
+            if not self.cfg.credentials.ca_certificates:
+                raise AuthError("peer used a certificate but we have no CA to verify it")
+            x509s = [c.data for c in certs if c.encoding == CertEncoding.X509_CERTIFICATE_SIGNATURE]
+            leaf = verify_certificate(x509s, self.cfg.credentials.ca_certificates, peer.identity, now)
+            verify_ecdsa(leaf, auth.data, octets)
+            return
+        raise AuthError(f"unsupported AUTH method {auth.method}")
+
+    def _psk_for(self, peer: Peer) -> bytes | None:
+        return peer.psk if peer.psk is not None else self.cfg.credentials.psk
+
+    def _my_psk(self, peer: Peer) -> bytes | None:
+        """PSK we authenticate with, or None for certificates."""
+        if peer.psk is not None:
+            return peer.psk
+        return None if self.cfg.credentials.uses_certificates else self.cfg.credentials.psk
+
+    def _id(self, ptype: int) -> IdPayload:
+        return IdPayload(ptype, int(IdType.ID_FQDN), self.cfg.identity.encode())
+
+    def _cert_payloads(self, psk: bytes | None) -> list:
+        if psk is not None:
+            return []
+        return [CertPayload(int(CertEncoding.X509_CERTIFICATE_SIGNATURE), c)
+                for c in self.cfg.credentials.certificate_chain]
+
+    def _send_auth(self, now: float) -> None:
+        """HDR, SK {IDi, [CERT,] [CERTREQ,] [N(INITIAL_CONTACT),] IDr, AUTH, SA, TSi, TSr} -->."""
+        peer = self.peer
+        psk = self._my_psk(peer)
+        idi = self._id(PayloadType.IDi)
+        payloads: list = [idi, *self._cert_payloads(psk)]
+        if self.cfg.credentials.ca_certificates:
+            payloads.append(self._certreq())
+        if self.cfg.initial_contact:
+            payloads.append(NotifyPayload(int(NotifyType.INITIAL_CONTACT)))
+        payloads.append(IdPayload(int(PayloadType.IDr), int(IdType.ID_FQDN), peer.identity.encode()))
+        payloads.append(self._my_auth(idi, psk))
+        self._child_spi = self._new_child_spi()
+        self._esp_offered = [parse_esp_proposal(s) for s in peer.policy.esp_proposals]
+        payloads.append(ch.esp_sa_payload(self._esp_offered, self._child_spi))
+        payloads.append(TsPayload(int(PayloadType.TSi), ch.ts_from_networks(self.cfg.local_subnets)))
+        payloads.append(TsPayload(int(PayloadType.TSr), ch.ts_from_networks(peer.subnets)))
+        if peer.policy.mode == "transport":
+            payloads.append(NotifyPayload(int(NotifyType.USE_TRANSPORT_MODE)))
+        self._request(ExchangeType.IKE_AUTH, payloads, self._process_auth_response, now)
+
+    def _new_child_spi(self) -> int:
+        while True:
+            spi = int.from_bytes(self.rng(4), "big")
+            if spi >= 256:  # 1-255 reserved (RFC 4303 §2.1)
+                return spi
+
+    def _process_auth_response(self, msg: Message, inner, now: float) -> None:
+        """<-- HDR, SK {IDr, [CERT,] AUTH, SA, TSi, TSr}."""
+        m = Message(msg.spi_i, msg.spi_r, msg.exchange, msg.message_id, False, True, tuple(inner))
+        errors = [n for n in m.notifies() if n.is_error]
+        auth_err = next((n for n in errors if n.notify_type == NotifyType.AUTHENTICATION_FAILED), None)
+        if auth_err is not None:
+            self._die("peer refused our authentication (AUTHENTICATION_FAILED)")
+            return
+        idr = m.first(PayloadType.IDr)
+        if idr is None or m.first(PayloadType.AUTH) is None:
+            self._die(f"IKE_AUTH failed: {_nname(errors[0].notify_type) if errors else 'no IDr/AUTH'}")
+            return
+        try:
+            self._verify_peer(idr, m.first(PayloadType.AUTH), m.get(PayloadType.CERT), self.peer, now)
+        except AuthError as e:
+            self._fail_with_notify(NotifyType.AUTHENTICATION_FAILED, f"AUTHENTICATION_FAILED: {e.reason}", now)
+            return
+        self._established(now)
+        if errors:
+            self.delete(now, f"CHILD_SA refused: {_nname(errors[0].notify_type)}")
+            return
+        sa, tsi, tsr = m.first(PayloadType.SA), m.first(PayloadType.TSi), m.first(PayloadType.TSr)
+        choice = ch.accepted_esp(sa, self._esp_offered) if sa else None
+        if choice is None or tsi is None or tsr is None:
+            self.delete(now, "CHILD_SA refused: response SA/TS not acceptable")
+            return
+        local_ts = ch.networks_of(tsi.selectors)
+        remote_ts = ch.networks_of(tsr.selectors)
+        if (not local_ts or not remote_ts or not ch.within(local_ts, self.cfg.local_subnets)
+                or not ch.within(remote_ts, self.peer.subnets)):
+            self.delete(now, "CHILD_SA refused: responder widened the traffic selectors")
+            return
+        transport = (self.peer.policy.mode == "transport"
+                     and m.notify(NotifyType.USE_TRANSPORT_MODE) is not None)
+        self._install_child(choice, local_ts, remote_ts, "transport" if transport else "tunnel", now)
+
+    def _established(self, now: float) -> None:
+        self.state = State.ESTABLISHED
+        self.established_at = now
+        self.events.append(IkeSaEstablished(self.peer_name, self.spi_i, self.spi_r, self.initiator,
+                                            self.local, self.remote, self.algorithms))
+
+    def _udp_encap(self) -> bool:
+        return self.nat_detected or self.cfg.force_encap or (
+            self.peer is not None and self.peer.policy.encapsulation == "udp")
+
+    def _install_child(self, choice: ch.EspChoice, local_ts, remote_ts, mode: str, now: float) -> None:
+        keymat = derive_child_keymat(self._ike_prop.prf, self._keys.sk_d, self._ni, self._nr,
+                                     ch.keymat_len(choice.proposal))
+        inbound, outbound = ch.split_keymat(keymat, choice.proposal, initiator=self.initiator,
+                                            our_spi=self._child_spi, peer_spi=choice.peer_spi)
+        child = ch.ChildSa(self._child_spi, choice.peer_spi, choice.proposal, tuple(local_ts), tuple(remote_ts),
+                           mode, self._udp_encap(), now, inbound, outbound)
+        self.children.append(child)
+        self.events.append(ChildSaEstablished(
+            self.peer_name, self.spi_i, self.spi_r, inbound, outbound, tuple(local_ts), tuple(remote_ts), mode,
+            child.udp_encap, self.local, self.remote, choice.proposal.describe(), None))
+
+    def _process_auth_request(self, msg: Message, inner, now: float) -> list | None:
+        """HDR, SK {IDi, [CERT,] [CERTREQ,] [IDr,] AUTH, SA, TSi, TSr} -->
+        <-- HDR, SK {IDr, [CERT,] AUTH, SA, TSi, TSr}  or  <-- HDR, SK {N(AUTHENTICATION_FAILED)}."""
+        m = Message(msg.spi_i, msg.spi_r, msg.exchange, msg.message_id, True, False, tuple(inner))
+        idi = m.first(PayloadType.IDi)
+        ident = idi.data.decode("utf-8", "replace") if idi.id_type == IdType.ID_FQDN else None
+        peer = self.cfg.find_peer(ident) if ident is not None else None
+        try:
+            if peer is None:
+                raise AuthError(f"no configured peer has identity {ident!r}")
+            idr = m.first(PayloadType.IDr)
+            if idr is not None and idr.data.decode("utf-8", "replace") != self.cfg.identity:
+                raise AuthError(f"peer wants to talk to {idr.data!r}, we are {self.cfg.identity!r}")
+            self._verify_peer(idi, m.first(PayloadType.AUTH), m.get(PayloadType.CERT), peer, now)
+        except AuthError as e:
+            self.auth_failure = e.reason
+            self._die(f"AUTHENTICATION_FAILED: {e.reason}")
+            return [NotifyPayload(int(NotifyType.AUTHENTICATION_FAILED))]
+        self.peer = peer
+        self.peer_initial_contact = m.notify(NotifyType.INITIAL_CONTACT) is not None
+        psk = self._my_psk(peer)
+        my_id = self._id(PayloadType.IDr)
+        payloads: list = [my_id, *self._cert_payloads(psk), self._my_auth(my_id, psk)]
+        self._established(now)
+        # first CHILD_SA
+        sa, tsi, tsr = m.first(PayloadType.SA), m.first(PayloadType.TSi), m.first(PayloadType.TSr)
+        if sa is None or tsi is None or tsr is None:
+            return payloads  # childless (RFC 6023)
+        choice = ch.choose_esp(sa, [parse_esp_proposal(s) for s in peer.policy.esp_proposals])
+        if choice is None:
+            return payloads + [NotifyPayload(int(NotifyType.NO_PROPOSAL_CHOSEN))]
+        # TSi is the initiator's side (the peer's subnets), TSr ours (§2.9)
+        remote_ts = ch.narrow(ch.networks_of(tsi.selectors), peer.subnets)
+        local_ts = ch.narrow(ch.networks_of(tsr.selectors), self.cfg.local_subnets)
+        if not remote_ts or not local_ts:
+            return payloads + [NotifyPayload(int(NotifyType.TS_UNACCEPTABLE))]
+        self._child_spi = self._new_child_spi()
+        transport = peer.policy.mode == "transport" and m.notify(NotifyType.USE_TRANSPORT_MODE) is not None
+        sa_out = ch.esp_sa_payload([choice.proposal], self._child_spi, [choice.number])
+        payloads += [sa_out, TsPayload(int(PayloadType.TSi), ch.ts_from_networks(remote_ts)),
+                     TsPayload(int(PayloadType.TSr), ch.ts_from_networks(local_ts))]
+        if transport:
+            payloads.append(NotifyPayload(int(NotifyType.USE_TRANSPORT_MODE)))
+        self._install_child(choice, local_ts, remote_ts, "transport" if transport else "tunnel", now)
+        return payloads
+
+    # ------------------------------------------------------------ INFORMATIONAL / CREATE_CHILD_SA
+    def _process_info_request(self, msg: Message, inner, now: float) -> list | None:
+        """HDR, SK {[N,] [D,] ...} --> ; <-- HDR, SK {[D,] ...} (§1.4)."""
+        m = Message(msg.spi_i, msg.spi_r, msg.exchange, msg.message_id, msg.is_initiator, False, tuple(inner))
+        response: list = []
+        deletes = [p for p in inner if isinstance(p, DeletePayload)]
+        if any(d.protocol == ProtocolId.IKE for d in deletes):
+            self._respond(msg, [], self.local, self.remote)
+            self._die("deleted by peer")
+            return None
+        if m.notify(NotifyType.AUTHENTICATION_FAILED) is not None:
+            self._respond(msg, [], self.local, self.remote)
+            self._die("peer reported AUTHENTICATION_FAILED")
+            return None
+        ours = []
+        for d in deletes:
+            if d.protocol != ProtocolId.ESP or d.spi_size != 4:
+                continue
+            for spi_b in d.spis:
+                spi = int.from_bytes(spi_b, "big")
+                for c in list(self.children):
+                    if c.outbound_spi == spi:
+                        self.children.remove(c)
+                        ours.append(c.inbound_spi.to_bytes(4, "big"))
+                        self.events.append(ChildSaDeleted(self.peer_name, c.inbound_spi, c.outbound_spi,
+                                                          "deleted by peer"))
+        if ours:
+            response.append(DeletePayload(int(ProtocolId.ESP), 4, tuple(ours)))
+        return response
+
+    def _process_create_child_request(self, msg: Message, inner, now: float) -> list | None:
+        # rekeying is not implemented yet: refuse cleanly (§1.3)
+        return [NotifyPayload(int(NotifyType.NO_ADDITIONAL_SAS))]
+
+    def delete_child(self, inbound_spi: int, now: float) -> None:
+        """HDR, SK {D(ESP, SPI)} --> for one CHILD_SA (§1.4.1)."""
+        c = next((c for c in self.children if c.inbound_spi == inbound_spi), None)
+        if c is None or self.state != State.ESTABLISHED:
+            return
+        self.children.remove(c)
+        self.events.append(ChildSaDeleted(self.peer_name, c.inbound_spi, c.outbound_spi, "deleted locally"))
+        self._request(ExchangeType.INFORMATIONAL,
+                      [DeletePayload(int(ProtocolId.ESP), 4, (c.inbound_spi.to_bytes(4, "big"),))],
+                      lambda msg, inner, now: None, now)
+
+    # ------------------------------------------------------------ status
+    def status(self) -> dict:
+        """JSON-ready summary (no keys)."""
+        return {
+            "peer": self.peer_name,
+            "spi_i": f"{self.spi_i:016x}",
+            "spi_r": f"{self.spi_r:016x}",
+            "initiator": self.initiator,
+            "state": self.state,
+            "local": f"{self.local[0]}:{self.local[1]}",
+            "remote": f"{self.remote[0]}:{self.remote[1]}",
+            "algorithms": self.algorithms,
+            "nat": {"local": self._nat_local, "remote": self._nat_remote},
+            "established": self.established_at,
+            "children": [{
+                "inbound_spi": f"{c.inbound_spi:08x}", "outbound_spi": f"{c.outbound_spi:08x}",
+                "mode": c.mode, "udp_encap": c.udp_encap, "algorithms": c.proposal.describe(),
+                "local_ts": [str(n) for n in c.local_ts], "remote_ts": [str(n) for n in c.remote_ts],
+                "established": c.established_at,
+            } for c in self.children],
+        }
+
+
+def _renumber(p, number: int):
+    from agent.ike.message import Proposal
+    return Proposal(number, p.protocol, p.spi, p.transforms)
+
+
+def _nname(t: int) -> str:
+    try:
+        return NotifyType(t).name
+    except ValueError:
+        return f"NOTIFY({t})"
+
+
+__all__ = ["IkeSa", "IkeSaConfig", "Datagram", "State", "AuthError", "NAT_T_PORT", "IKE_PORT"]
