@@ -490,6 +490,10 @@ class Runtime:
             ike_sas = self.ike.status()
         except Exception as exc:
             ike_sas = [{"error": str(exc)}]
+        for s in ike_sas:
+            est = s.get("established")
+            if isinstance(est, (int, float)) and not isinstance(est, bool):
+                s["age_s"] = round(now - est, 3)  # "established" is on the runtime's monotonic clock
         children = [ch.status(now) for ch in sorted(self.children.values(), key=lambda c: (c.peer, c.established))]
         drops = {k: self.counters[k] for k in DROP_REASONS if self.counters[k]}
         for ch in children:

@@ -96,7 +96,7 @@ class FakeNetwork:
     def deliver(self, src: tuple[str, int], dst: tuple[str, int], data: bytes) -> None:
         self.log.append((src, dst, data))
         ep = self.endpoints.get(dst)
-        if ep is None:
+        if ep is None or ep.closed:
             self.undeliverable += 1
             return
         ep.inject([(data, src)])
@@ -115,6 +115,7 @@ class FakeUdp:
         self._r, self._w = os.pipe()
         os.set_blocking(self._r, False)
         os.set_blocking(self._w, False)
+        self.closed = False
 
     def fileno(self) -> int:
         return self._r
@@ -148,8 +149,7 @@ class FakeUdp:
         return len(batch)
 
     def close(self) -> None:
-        try:
+        if not self.closed:
+            self.closed = True
             os.close(self._r)
             os.close(self._w)
-        except OSError:
-            pass

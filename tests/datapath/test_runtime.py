@@ -208,3 +208,45 @@ def test_ike_on_4500_gets_marker(mesh):
     assert s == (A_IP, 4500) and p.startswith(b"\0\0\0\0" + FakeIke.MAGIC)
     b.rt.pump()
     assert b.ike.counters["malformed"] == 1  # reached the IKE core without the marker (json lacks fields)
+
+
+# -- with the real IKE core --------------------------------------------------
+
+def _real_node(net, clock, name, ip, subnet, peers):
+    from agent.ike.manager import IkeManager
+    n = Node.__new__(Node)
+    n.view = make_view(name, ip, subnet, peers)
+    n.ike = IkeManager(n.view, Credentials(psk=b"runtime-test-psk"), os.urandom, local_address=ip)
+    n.tun = FakeTun()
+    n.u500 = net.socket(ip, 500)
+    n.u4500 = net.socket(ip, 4500)
+    n.rt = Runtime(n.view, n.ike, tun=n.tun, udp500=n.u500, udp4500=n.u4500, local_address=ip, clock=clock)
+    return n
+
+
+def test_real_ike_establishes_and_carries_traffic():
+    pytest.importorskip("agent.ike.manager")
+    net, clock = FakeNetwork(), FakeClock()
+    a = _real_node(net, clock, "a", A_IP, NET_A, [("b", B_IP, NET_B, True)])
+    b = _real_node(net, clock, "b", B_IP, NET_B, [("a", A_IP, NET_A, False)])
+    a.rt.start()
+    b.rt.start()
+    for _ in range(20):
+        pump(a, b, rounds=1)
+        clock.advance(0.01)
+        if "b" in a.rt.current and "a" in b.rt.current:
+            break
+    assert "b" in a.rt.current and "a" in b.rt.current, (a.rt.status(), b.rt.status())
+    a.tun.inject([ipv4("10.1.0.5", "10.2.0.7", b"real-ike")])
+    pump(a, b)
+    assert b.tun.take_written() == [ipv4("10.1.0.5", "10.2.0.7", b"real-ike")]
+    b.tun.inject([ipv4("10.2.0.7", "10.1.0.5", b"back")])
+    pump(a, b)
+    assert a.tun.take_written() == [ipv4("10.2.0.7", "10.1.0.5", b"back")]
+    st = a.rt.status()
+    assert len(st["ike_sas"]) == 1 and st["ike_sas"][0]["peer"] == "b"
+    assert st["child_sas"][0]["packets_out"] == 1 and st["child_sas"][0]["packets_in"] == 1
+    # Shutdown: delete reaches b, whose SAs go away.
+    a.rt.shutdown()
+    pump(b)
+    assert b.rt.current == {}

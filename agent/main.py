@@ -1,0 +1,261 @@
+"""``meshsec-agent``: the node agent (IKEv2 + userspace ESP over TUN).
+
+Two modes:
+  --config FILE                       standalone (YAML, see agent.config)
+  --controller HOST:PORT --controller-ca FILE --name NODE --join-token-file FILE
+                                      enrol with the controller, then follow its view
+
+Exit status: 0 after SIGTERM/SIGINT (SAs deleted, routes removed), 2 for
+bad arguments or configuration, 1 for a failed preflight or start-up.
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+from agent.config import ConfigError, DatapathSettings, load_config
+from agent.model import NodeView
+
+DEFAULT_STATE_DIR = "/var/lib/meshsec"
+DEFAULT_TUN = "meshsec0"
+DEFAULT_MTU = 1400
+CAP_NET_ADMIN = 12
+
+log = logging.getLogger("meshsec.agent")
+
+
+class StartupError(Exception):
+    """A preflight check or start-up step failed; the message says what to do."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="meshsec-agent",
+        description="meshsec node agent: IKEv2 (RFC 7296) with every peer, ESP in UDP 4500 (RFC 3948) "
+                    "over a TUN device, in userspace.",
+        epilog="Needs CAP_NET_ADMIN, /dev/net/tun and free UDP ports 500 and 4500 on the local address. "
+               "Status: meshsec status --socket PATH.")
+    mode = p.add_argument_group("standalone mode")
+    mode.add_argument("--config", metavar="FILE", help="standalone YAML configuration (no controller)")
+    ctl = p.add_argument_group("controller mode")
+    ctl.add_argument("--controller", metavar="HOST:PORT", help="controller gRPC address")
+    ctl.add_argument("--controller-ca", metavar="FILE", help="PEM CA that signed the controller's certificate")
+    ctl.add_argument("--name", metavar="NODE", help="this node's name in the controller's inventory")
+    ctl.add_argument("--join-token-file", metavar="FILE", help="file holding the one-time join token")
+    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help=f"key, certificate, CA (default {DEFAULT_STATE_DIR})")
+    p.add_argument("--tun-name", default=None, help=f"TUN device name (default {DEFAULT_TUN}, or tun.name in --config)")
+    p.add_argument("--mtu", type=int, default=None, help=f"TUN MTU in bytes (default {DEFAULT_MTU})")
+    p.add_argument("--local-address", default=None,
+                   help="underlay address to bind UDP 500/4500 on (default: from --config, else the "
+                        "source address of the route to the controller)")
+    p.add_argument("--control-socket", default="/run/meshsec/agent.sock",
+                   help="UNIX socket for `meshsec status` (mode 0600; default /run/meshsec/agent.sock)")
+    p.add_argument("--keylog-dir", metavar="DIR", default=None,
+                   help="DEBUGGING AID, like SSLKEYLOGFILE: append IKE and ESP keys to DIR/ikev2_decryption_table "
+                        "and DIR/esp_sa (Wireshark UAT format; copy them to ~/.config/wireshark/). Anyone who "
+                        "reads these files can decrypt the traffic. Off by default.")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    return p
+
+
+def check_cap_net_admin(status_path: str = "/proc/self/status") -> None:
+    """StartupError unless CAP_NET_ADMIN is in the effective set (CapEff bit 12)."""
+    try:
+        with open(status_path) as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    if int(line.split()[1], 16) >> CAP_NET_ADMIN & 1:
+                        return
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    raise StartupError("missing capability CAP_NET_ADMIN (needed for the TUN device and routes): "
+                       "run as root or grant it, e.g. `setcap cap_net_admin+ep` / a container with NET_ADMIN")
+
+
+def check_dev_tun(path: str = "/dev/net/tun") -> None:
+    if not os.path.exists(path):
+        raise StartupError(f"{path} does not exist: load the tun module (`modprobe tun`) or, in a container, "
+                           "pass the device (--device /dev/net/tun)")
+
+
+def check_ports_free(local_address: str) -> None:
+    """StartupError if UDP 500 or 4500 is already bound on ``local_address``."""
+    fam = socket.AF_INET6 if ":" in local_address else socket.AF_INET
+    for port in (500, 4500):
+        s = socket.socket(fam, socket.SOCK_DGRAM)
+        try:
+            s.bind((local_address, port))
+        except OSError as exc:
+            raise StartupError(f"UDP port {port} on {local_address} is not available ({exc.strerror}): "
+                               "is another IKE daemon (strongSwan charon, another meshsec-agent) running?") from None
+        finally:
+            s.close()
+
+
+def route_source_address(host: str) -> str:
+    """Source address the kernel would use towards ``host`` (UDP connect; sends nothing)."""
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_DGRAM) as s:
+        s.connect((host, 9))
+        return s.getsockname()[0]
+
+
+def _split_hostport(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    if not host or not port.isdigit():
+        raise StartupError(f"--controller {addr!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if verbose == 0:
+        log.setLevel(logging.INFO)  # start/stop and SA events stay visible
+        logging.getLogger("meshsec.runtime").setLevel(logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    standalone = args.config is not None
+    if standalone == (args.controller is not None):
+        parser.error("give either --config FILE (standalone) or --controller HOST:PORT (controller mode)")
+    if not standalone:
+        missing = [f for f in ("controller_ca", "name", "join_token_file") if getattr(args, f) is None]
+        if missing:
+            parser.error("controller mode also needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
+    if args.mtu is not None and not 576 <= args.mtu <= 65535:
+        parser.error(f"--mtu {args.mtu}: use 576..65535")
+    try:
+        return _run(args)
+    except ConfigError as exc:
+        print(f"meshsec-agent: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except StartupError as exc:
+        print(f"meshsec-agent: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args) -> int:
+    from agent.datapath.control_socket import ControlServer, ControlSocketError
+    from agent.datapath.routes import RouteError, RouteManager, enable_ip_forwarding
+    from agent.datapath.runtime import Runtime
+    from agent.datapath.tun import TunDevice, TunError
+    from agent.datapath.udp import UdpError, UdpSocket
+
+    client = None
+    if args.config:
+        view, creds, settings = load_config(args.config)
+    else:
+        settings = DatapathSettings()
+        view = NodeView(name=args.name, identity=args.name, subnets=(), peers=())
+    local = args.local_address or settings.local_address
+    if local is None and not args.config:
+        host, _port = _split_hostport(args.controller)
+        try:
+            local = route_source_address(host)
+        except OSError as exc:
+            raise StartupError(f"cannot find a local address towards {host} ({exc.strerror}); pass --local-address")
+    if local is None:
+        raise StartupError("no local address: set local_address in the config or pass --local-address")
+    try:
+        ipaddress.ip_address(local)
+    except ValueError:
+        raise StartupError(f"--local-address {local!r} is not an IP address")
+    if view.local_address != local:
+        view = NodeView(name=view.name, identity=view.identity, subnets=view.subnets, peers=view.peers,
+                        local_address=local, version=view.version)
+
+    check_cap_net_admin()
+    check_dev_tun()
+    check_ports_free(local)
+
+    stop_event = threading.Event()
+    if not args.config:
+        from agent.control import ControllerClient, ControlError
+        try:
+            token = Path(args.join_token_file).read_text().strip()
+            ca_pem = Path(args.controller_ca).read_bytes()
+        except OSError as exc:
+            raise StartupError(f"cannot read {exc.filename}: {exc.strerror}")
+        client = ControllerClient(args.controller, args.name, token, Path(args.state_dir), ca_pem,
+                                  logger=logging.getLogger("meshsec.control"))
+        log.info("enrolling with controller %s as %s", args.controller, args.name)
+        try:
+            creds = client.enroll(stop=stop_event)  # retries with backoff, logging each attempt
+        except ControlError as exc:
+            raise StartupError(f"enrolment failed: {exc}")
+
+    tun_name = args.tun_name or settings.tun_name or DEFAULT_TUN
+    mtu = args.mtu or settings.mtu or DEFAULT_MTU
+    keylog = None
+    if args.keylog_dir:
+        from agent.keylog import KeyLog
+        keylog = KeyLog(args.keylog_dir)
+        log.warning("key log enabled in %s: traffic keys are written to disk (debugging only)", args.keylog_dir)
+
+    opened = []
+    try:
+        udp500 = UdpSocket(local, 500)
+        opened.append(udp500)
+        udp4500 = UdpSocket(local, 4500)
+        opened.append(udp4500)
+        tun = TunDevice(tun_name, mtu)
+        opened.append(tun)
+        routes = RouteManager(tun.name, view.subnets, settings.tun_addresses)
+        control = ControlServer(args.control_socket, {})
+    except (UdpError, TunError, RouteError, ControlSocketError) as exc:
+        for o in reversed(opened):
+            o.close()
+        raise StartupError(str(exc))
+    enable_ip_forwarding(view.subnets)
+
+    from agent.ike.manager import IkeManager
+    ike = IkeManager(view, creds, os.urandom, local_address=local)
+    rt = Runtime(view, ike, tun=tun, udp500=udp500, udp4500=udp4500, local_address=local,
+                 routes=routes, keylog=keylog, control=control)
+
+    def on_signal(signum, _frame):
+        log.info("signal %d: shutting down", signum)
+        stop_event.set()
+        rt.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    watcher = None
+    if client is not None:
+        def on_view(v: NodeView) -> None:
+            if v.local_address != local:
+                v = NodeView(name=v.name, identity=v.identity, subnets=v.subnets, peers=v.peers,
+                             local_address=local, version=v.version)
+            if v.subnets:
+                routes.own_subnets = tuple(v.subnets)
+                enable_ip_forwarding(v.subnets)
+            rt.submit_view(v)
+
+        watcher = threading.Thread(target=client.watch, args=(on_view, stop_event), name="controller-watch",
+                                   daemon=True)
+        watcher.start()
+    log.info("meshsec-agent %s up: %s on %s, TUN %s mtu %d, %d peers", view.name,
+             "standalone" if args.config else f"controller {args.controller}", local, tun.name, mtu,
+             len(view.peers))
+    rt.run()
+    stop_event.set()
+    if watcher is not None:
+        watcher.join(timeout=2.0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""``meshsec``: operator CLI. ``meshsec status [--socket PATH] [--json]``.
+
+Talks to a running meshsec-agent over its control socket (newline-delimited
+JSON, agent.datapath.control_socket). Exit status: 0 ok, 1 agent not
+reachable or error answer, 2 usage.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+
+DEFAULT_SOCKET = "/run/meshsec/agent.sock"
+
+
+class CliError(Exception):
+    pass
+
+
+def request(path: str, req: dict, timeout: float = 5.0) -> dict:
+    """Send one request, return the decoded answer. CliError with a hint on failure."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        try:
+            s.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise CliError(f"cannot connect to {path}: {exc.strerror}; is meshsec-agent running? pass --socket")
+        except PermissionError:
+            raise CliError(f"permission denied on {path}: the socket is mode 0600, run as the agent's user (root)")
+        except OSError as exc:
+            raise CliError(f"cannot connect to {path}: {exc}")
+        s.sendall(json.dumps(req).encode() + b"\n")
+        buf = b""
+        while b"\n" not in buf:
+            try:
+                chunk = s.recv(1 << 16)
+            except socket.timeout:
+                raise CliError(f"no answer from {path} within {timeout:.0f}s")
+            if not chunk:
+                raise CliError(f"{path} closed the connection without an answer")
+            buf += chunk
+    finally:
+        s.close()
+    try:
+        ans = json.loads(buf.split(b"\n", 1)[0])
+    except ValueError as exc:
+        raise CliError(f"unreadable answer from {path}: {exc}")
+    if isinstance(ans, dict) and "error" in ans:
+        raise CliError(f"agent: {ans['error']}")
+    return ans
+
+
+def _age(s) -> str:
+    try:
+        s = float(s)
+    except (TypeError, ValueError):
+        return "-"
+    if s < 60:
+        return f"{s:.0f}s"
+    if s < 3600:
+        return f"{s // 60:.0f}m{s % 60:02.0f}s"
+    return f"{s // 3600:.0f}h{s % 3600 // 60:02.0f}m"
+
+
+def _size(n) -> str:
+    n = int(n or 0)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(n)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    fmt = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(headers), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+
+
+def _drops(d: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted((d or {}).items()) if v) or "-"
+
+
+def format_status(st: dict) -> str:
+    """Human-readable status (the agent's status JSON as produced by Runtime.status)."""
+    out = [f"node {st.get('node', '?')}  local {st.get('local_address', '?')}  tun {st.get('tun', '?')}  "
+           f"view v{st.get('view_version', 0)}  up {_age(st.get('uptime_s'))}", ""]
+    ike = st.get("ike_sas") or []
+    out.append(f"IKE_SAs ({len(ike)})")
+    if ike:
+        rows = []
+        for s in ike:
+            est = s.get("established_age_s", s.get("age_s"))
+            rows.append([s.get("peer", "?"), f"{s.get('spi_i', '?')}_i {s.get('spi_r', '?')}_r",
+                         s.get("state", "?"), s.get("algorithms", "-") or "-", _age(est) if est is not None else "-"])
+        out.append(_table(["PEER", "SPIs", "STATE", "ALGORITHMS", "AGE"], rows))
+    out.append("")
+    ch = st.get("child_sas") or []
+    out.append(f"CHILD_SAs ({len(ch)})")
+    if ch:
+        rows = [[c["peer"], f"{c['spi_in']}_in {c['spi_out']}_out", c.get("algorithms", "-"), _age(c.get("age_s")),
+                 f"{_size(c.get('bytes_in'))}/{c.get('packets_in', 0)}p",
+                 f"{_size(c.get('bytes_out'))}/{c.get('packets_out', 0)}p", _drops(c.get("drops"))] for c in ch]
+        out.append(_table(["PEER", "SPIs", "ALGORITHMS", "AGE", "IN", "OUT", "DROPS"], rows))
+    out.append("")
+    out.append("drops: " + _drops(st.get("drops")))
+    if st.get("ike_drops"):
+        out.append("IKE drops: " + _drops(st.get("ike_drops")))
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="meshsec", description="meshsec operator CLI")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    ps = sub.add_parser("status", help="IKE_SAs, CHILD_SAs and drop counters of the local agent")
+    ps.add_argument("--socket", default=DEFAULT_SOCKET, help=f"agent control socket (default {DEFAULT_SOCKET})")
+    ps.add_argument("--json", action="store_true", help="print the raw JSON status")
+    args = p.parse_args(argv)
+    try:
+        st = request(args.socket, {"cmd": "status"})
+    except CliError as exc:
+        print(f"meshsec: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(st, indent=2, sort_keys=True))
+    else:
+        print(format_status(st))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
