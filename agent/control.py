@@ -1,0 +1,461 @@
+"""gRPC client of the meshsec controller: enrol, then watch the node's view.
+
+Two controller ports: Enroll goes to ``address`` (server-side TLS only),
+Watch to ``watch_address`` (mutual TLS; default: same host, port + 1), as
+grpcio cannot request an optional client certificate on one port.
+
+TLS target name: the controller's certificate always carries the DNS SAN
+``meshsec-controller`` (plus its --server-name values), and this client
+always verifies the controller as ``meshsec-controller`` against the CA it
+was given (``grpc.ssl_target_name_override``). So agents may reach the
+controller by any IP or DNS name; trust comes from the mesh CA alone, and
+the inventory refuses a node called ``meshsec-controller``.
+
+State directory (created 0700):
+- ``node.key``   PKCS#8 PEM ECDSA P-256 private key, mode 0600, never sent.
+- ``node.crt``   certificate chain PEM, leaf first.
+- ``mesh-ca.pem`` the CA certificates the controller returned (peer trust).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import logging
+import os
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from agent.model import Credentials, NodeView, Peer, PeerPolicy
+from meshsec.v1 import controller_pb2 as pb
+from meshsec.v1 import controller_pb2_grpc as pb_grpc
+
+CONTROLLER_TLS_NAME = "meshsec-controller"
+KEY_FILE = "node.key"
+CERT_FILE = "node.crt"
+CA_FILE = "mesh-ca.pem"
+# Re-enrol once this fraction of the certificate's lifetime has passed.
+RENEW_FRACTION = 2 / 3
+
+_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+              grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
+              grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
+
+_CHANNEL_OPTIONS = [
+    ("grpc.ssl_target_name_override", CONTROLLER_TLS_NAME),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+_MODE = {pb.MODE_TUNNEL: "tunnel", pb.MODE_TRANSPORT: "transport"}
+_PROTOCOL = {pb.PROTOCOL_ESP: "esp", pb.PROTOCOL_AH: "ah"}
+_ENCAP = {pb.ENCAPSULATION_UDP: "udp", pb.ENCAPSULATION_NONE: "none"}
+
+
+class ControlError(Exception):
+    """A permanent control-plane error (retrying will not help)."""
+
+
+class EnrollmentError(ControlError):
+    """The controller refused enrolment (wrong token, unknown node, bad CSR)
+    or returned an unusable certificate. ``code`` is the gRPC status or None."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class EnrollmentAborted(ControlError):
+    """``enroll(stop=...)`` gave up because ``stop`` was set."""
+
+
+# ---------------------------------------------------------------- proto -> model
+
+def _enum(table: dict[int, str], value: int, default: str, what: str) -> str:
+    if value == 0:
+        return default
+    try:
+        return table[value]
+    except KeyError:
+        raise ValueError(f"unknown {what} {value}") from None
+
+
+def policy_from_proto(p: pb.PeerPolicy) -> PeerPolicy:
+    """Unset enums and empty proposal lists take the model defaults;
+    unknown enum values raise ValueError."""
+    d = PeerPolicy()
+    return PeerPolicy(
+        mode=_enum(_MODE, p.mode, d.mode, "mode"),  # type: ignore[arg-type]
+        protocol=_enum(_PROTOCOL, p.protocol, d.protocol, "protocol"),  # type: ignore[arg-type]
+        encapsulation=_enum(_ENCAP, p.encapsulation, d.encapsulation, "encapsulation"),  # type: ignore[arg-type]
+        ike_proposals=tuple(p.ike_proposals) or d.ike_proposals,
+        esp_proposals=tuple(p.esp_proposals) or d.esp_proposals,
+        ike_lifetime_s=p.ike_lifetime_s,
+        child_lifetime_s=p.child_lifetime_s,
+        dpd_interval_s=p.dpd_interval_s,
+        replay_window=p.replay_window,
+    )
+
+
+def peer_from_proto(p: pb.Peer) -> Peer:
+    """ValueError on an empty name or a bad address / network."""
+    if not p.name:
+        raise ValueError("peer without a name")
+    for e in p.endpoints:
+        ipaddress.ip_address(e)
+    return Peer(
+        name=p.name,
+        identity=p.identity or p.name,
+        endpoints=tuple(p.endpoints),
+        subnets=tuple(ipaddress.ip_network(s) for s in p.subnets),
+        policy=policy_from_proto(p.policy),
+        ike_port=p.ike_port or 500,
+        initiate=p.initiate,
+    )
+
+
+def view_from_proto(update: pb.ViewUpdate, previous: NodeView | None = None) -> NodeView:
+    """Apply one ``ViewUpdate`` and return the resulting full NodeView.
+
+    A ``full`` update replaces everything; an incremental one upserts and
+    removes peers of ``previous`` (required: ValueError if None). The node's
+    own fields are always taken from the update; ``local_address`` is its
+    first endpoint. Peers are kept sorted by name. Raises ValueError for a
+    malformed update.
+    """
+    if not update.node_name:
+        raise ValueError("view update without node_name")
+    if update.full:
+        peers: dict[str, Peer] = {}
+    else:
+        if previous is None:
+            raise ValueError("incremental view update without a previous view")
+        if previous.name != update.node_name:
+            raise ValueError(f"view update for {update.node_name!r} applied to {previous.name!r}")
+        peers = {p.name: p for p in previous.peers}
+        for name in update.removed_peers:
+            peers.pop(name, None)
+    for p in update.upserted_peers:
+        peer = peer_from_proto(p)
+        peers[peer.name] = peer
+    for e in update.endpoints:
+        ipaddress.ip_address(e)
+    return NodeView(
+        name=update.node_name,
+        identity=update.identity or update.node_name,
+        subnets=tuple(ipaddress.ip_network(s) for s in update.subnets),
+        peers=tuple(peers[n] for n in sorted(peers)),
+        local_address=update.endpoints[0] if update.endpoints else None,
+        version=update.version,
+    )
+
+
+# ---------------------------------------------------------------- files
+
+def _write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _cert_identity(cert: x509.Certificate) -> tuple[list[str], list[str]]:
+    cns = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    try:
+        dns = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.DNSName)
+    except x509.ExtensionNotFound:
+        dns = []
+    return cns, dns
+
+
+def default_watch_address(address: str) -> str:
+    """``HOST:PORT`` -> ``HOST:PORT+1`` (ValueError if not HOST:PORT)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"controller address {address!r} is not HOST:PORT")
+    return f"{host}:{int(port) + 1}"
+
+
+class ControllerClient:
+    """Enrols this node with the controller and follows its view.
+
+    ``address`` is ``HOST:PORT`` of the controller; ``controller_ca_pem`` the
+    controller's ``ca.pem`` (verifies the controller). ``backoff_initial`` /
+    ``backoff_max`` (seconds) bound the reconnect delay (exponential, with
+    jitter); ``rpc_timeout`` (seconds) bounds each Enroll call.
+    ``watch_address`` is the controller's mutual-TLS port (default: the
+    host of ``address``, its port + 1). ``on_credentials`` is called with new Credentials whenever ``watch``
+    re-enrols because the certificate nears expiry.
+    """
+
+    def __init__(self, address: str, node_name: str, join_token: str, state_dir: Path,
+                 controller_ca_pem: bytes, *, logger: logging.Logger | None = None,
+                 backoff_initial: float = 1.0, backoff_max: float = 30.0, rpc_timeout: float = 10.0,
+                 on_credentials: Callable[[Credentials], None] | None = None,
+                 watch_address: str | None = None) -> None:
+        self.address = address
+        self.watch_address = watch_address or default_watch_address(address)
+        self.node_name = node_name
+        self._join_token = join_token
+        self.state_dir = Path(state_dir)
+        self._controller_ca_pem = controller_ca_pem
+        self.log = logger or logging.getLogger("meshsec.agent.control")
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.rpc_timeout = rpc_timeout
+        self.on_credentials = on_credentials
+        self._rng = random.Random()
+        self._credentials: Credentials | None = None
+        self._renew_at: float | None = None
+        self._view: NodeView | None = None
+        self._version = 0
+        self._lock = threading.Lock()
+        self._call: grpc.Future | None = None
+
+    def __repr__(self) -> str:
+        return f"ControllerClient(address={self.address!r}, node_name={self.node_name!r})"
+
+    @property
+    def view(self) -> NodeView | None:
+        """The last view applied by ``watch`` (None before the first)."""
+        return self._view
+
+    @property
+    def renew_at(self) -> float | None:
+        """Unix time after which ``enroll()`` fetches a new certificate."""
+        return self._renew_at
+
+    def needs_renewal(self, now: float | None = None) -> bool:
+        return self._renew_at is None or (time.time() if now is None else now) >= self._renew_at
+
+    def _backoff(self, attempt: int) -> float:
+        cap = min(self.backoff_max, self.backoff_initial * (2 ** min(attempt, 30)))
+        return cap / 2 + self._rng.uniform(0, cap / 2)
+
+    # ------------------------------------------------------------ enrolment
+
+    def _load_or_create_key(self) -> ec.EllipticCurvePrivateKey:
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self.state_dir / KEY_FILE
+        if path.exists():
+            try:
+                key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            except (ValueError, TypeError) as e:
+                raise ControlError(f"{path}: not a readable PEM private key ({e}); remove it to re-key") from None
+            if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
+                raise ControlError(f"{path}: not an ECDSA P-256 key; remove it to re-key")
+            if path.stat().st_mode & 0o077:
+                os.chmod(path, 0o600)
+            return key
+        key = ec.generate_private_key(ec.SECP256R1())
+        _write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        self.log.info("generated node key %s", path)
+        return key
+
+    def _cached(self, key: ec.EllipticCurvePrivateKey, now: float) -> tuple[Credentials, float] | None:
+        """Stored credentials if they match the key and identity and are not
+        due for renewal; else None."""
+        cert_path, ca_path = self.state_dir / CERT_FILE, self.state_dir / CA_FILE
+        if not cert_path.exists() or not ca_path.exists():
+            return None
+        try:
+            chain = x509.load_pem_x509_certificates(cert_path.read_bytes())
+            cas = x509.load_pem_x509_certificates(ca_path.read_bytes())
+        except ValueError:
+            self.log.warning("ignoring unreadable %s / %s", cert_path, ca_path)
+            return None
+        leaf = chain[0]
+        if leaf.public_key() != key.public_key() or _cert_identity(leaf) != ([self.node_name], [self.node_name]):
+            return None
+        renew_at = self._renewal_time(leaf)
+        if now >= renew_at:
+            return None
+        return self._credentials_from(key, chain, cas), renew_at
+
+    @staticmethod
+    def _renewal_time(leaf: x509.Certificate) -> float:
+        nb, na = leaf.not_valid_before_utc.timestamp(), leaf.not_valid_after_utc.timestamp()
+        return nb + (na - nb) * RENEW_FRACTION
+
+    @staticmethod
+    def _credentials_from(key: ec.EllipticCurvePrivateKey, chain: list[x509.Certificate],
+                          cas: list[x509.Certificate]) -> Credentials:
+        der = serialization.Encoding.DER
+        return Credentials(
+            private_key_pem=key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()),
+            certificate_chain=tuple(c.public_bytes(der) for c in chain),
+            ca_certificates=tuple(c.public_bytes(der) for c in cas),
+        )
+
+    def _enroll_once(self, key: ec.EllipticCurvePrivateKey) -> tuple[Credentials, float]:
+        csr = (x509.CertificateSigningRequestBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self.node_name)]))
+               .sign(key, hashes.SHA256()))
+        request = pb.EnrollRequest(node_name=self.node_name, join_token=self._join_token,
+                                   csr_der=csr.public_bytes(serialization.Encoding.DER))
+        creds = grpc.ssl_channel_credentials(root_certificates=self._controller_ca_pem)
+        with grpc.secure_channel(self.address, creds, options=_CHANNEL_OPTIONS) as channel:
+            response = pb_grpc.ControllerStub(channel).Enroll(request, timeout=self.rpc_timeout)
+        try:
+            chain = [x509.load_der_x509_certificate(d) for d in response.certificate_chain_der]
+            cas = [x509.load_der_x509_certificate(d) for d in response.ca_certificates_der]
+        except ValueError as e:
+            raise EnrollmentError(f"controller {self.address} returned an unreadable certificate ({e})") from None
+        if not chain or not cas:
+            raise EnrollmentError(f"controller {self.address} returned no certificate or no CA")
+        if chain[0].public_key() != key.public_key():
+            raise EnrollmentError(f"controller {self.address} returned a certificate for another key")
+        if _cert_identity(chain[0]) != ([self.node_name], [self.node_name]):
+            raise EnrollmentError(f"controller {self.address} returned a certificate for another identity")
+        pem = serialization.Encoding.PEM
+        _write_private(self.state_dir / CERT_FILE, b"".join(c.public_bytes(pem) for c in chain), 0o644)
+        _write_private(self.state_dir / CA_FILE, b"".join(c.public_bytes(pem) for c in cas), 0o644)
+        self.log.info("enrolled as %r at %s; certificate valid until %s", self.node_name, self.address,
+                      chain[0].not_valid_after_utc.isoformat())
+        return self._credentials_from(key, chain, cas), self._renewal_time(chain[0])
+
+    def enroll(self, *, stop: threading.Event | None = None) -> Credentials:
+        """This node's Credentials: the stored certificate if still well
+        within its lifetime, else a new one from the controller.
+
+        Retries with backoff while the controller is unreachable (logging
+        each attempt). Raises :class:`EnrollmentError` for a permanent
+        refusal (wrong token: UNAUTHENTICATED, unknown node: NOT_FOUND, bad
+        CSR: INVALID_ARGUMENT), :class:`ControlError` for an unusable key
+        file, :class:`EnrollmentAborted` if ``stop`` gets set.
+        """
+        key = self._load_or_create_key()
+        cached = self._cached(key, time.time())
+        if cached is not None:
+            self._credentials, self._renew_at = cached
+            self.log.debug("reusing stored certificate until %s", dt.datetime.fromtimestamp(self._renew_at))
+            return self._credentials
+        attempt = 0
+        while True:
+            try:
+                self._credentials, self._renew_at = self._enroll_once(key)
+                return self._credentials
+            except grpc.RpcError as e:
+                code = e.code() if hasattr(e, "code") else None
+                details = e.details() if hasattr(e, "details") else str(e)
+                if code not in _TRANSIENT:
+                    raise EnrollmentError(f"controller {self.address} refused enrolment of {self.node_name!r}: "
+                                          f"{code.name if code else 'error'}: {details}", code) from None
+                delay = self._backoff(attempt)
+                attempt += 1
+                self.log.warning("enrolment attempt %d at %s failed (%s: %s); retrying in %.1f s",
+                                 attempt, self.address, code.name if code else "?", details, delay)
+            if stop is not None:
+                if stop.wait(delay):
+                    raise EnrollmentAborted("enrolment aborted")
+            else:
+                time.sleep(delay)
+
+    # ------------------------------------------------------------ watch
+
+    def _cancel_current(self) -> None:
+        with self._lock:
+            if self._call is not None:
+                self._call.cancel()
+
+    def watch(self, on_view: Callable[[NodeView], None], stop: threading.Event) -> None:
+        """Follow this node's view until ``stop`` is set; never raises.
+
+        Watch over mutual TLS, apply each update (``view_from_proto``) and
+        call ``on_view`` with the full NodeView after each. On disconnect or
+        an unreachable controller, retry with exponential backoff (jitter,
+        ``backoff_initial`` .. ``backoff_max``), resuming from the last
+        version applied. Re-enrols when the certificate nears expiry.
+        """
+        canceller = threading.Thread(target=lambda: (stop.wait(), self._cancel_current()),
+                                     name="watch-stop", daemon=True)
+        canceller.start()
+        attempt = 0
+        while not stop.is_set():
+            renewing = threading.Event()
+            timer: threading.Timer | None = None
+            try:
+                had = self._credentials
+                creds = self.enroll(stop=stop)
+                if had is not None and creds is not had and self.on_credentials is not None:
+                    self.on_credentials(creds)
+                assert creds.private_key_pem is not None
+                pem = serialization.Encoding.PEM
+                chain_pem = b"".join(x509.load_der_x509_certificate(d).public_bytes(pem)
+                                     for d in creds.certificate_chain)
+                channel_creds = grpc.ssl_channel_credentials(root_certificates=self._controller_ca_pem,
+                                                             private_key=creds.private_key_pem,
+                                                             certificate_chain=chain_pem)
+                with grpc.secure_channel(self.watch_address, channel_creds, options=_CHANNEL_OPTIONS) as channel:
+                    call = pb_grpc.ControllerStub(channel).Watch(
+                        pb.WatchRequest(node_name=self.node_name, since_version=self._version))
+                    with self._lock:
+                        self._call = call
+                    if stop.is_set():
+                        call.cancel()
+                    if self._renew_at is not None:
+                        def renew_now() -> None:
+                            renewing.set()
+                            call.cancel()
+                        timer = threading.Timer(max(0.0, self._renew_at - time.time()), renew_now)
+                        timer.daemon = True
+                        timer.start()
+                    self.log.info("watching view of %r at %s from version %d", self.node_name, self.watch_address,
+                                  self._version)
+                    for update in call:
+                        try:
+                            view = view_from_proto(update, self._view)
+                        except ValueError as e:
+                            self.log.error("bad view update from %s (%s); resynchronising", self.watch_address, e)
+                            self._version, self._view = 0, None
+                            call.cancel()
+                            break
+                        self._view, self._version = view, view.version
+                        attempt = 0
+                        try:
+                            on_view(view)
+                        except Exception:
+                            self.log.exception("on_view failed for version %d", view.version)
+                    else:
+                        self.log.warning("controller %s ended the watch stream", self.watch_address)
+            except grpc.RpcError as e:
+                if stop.is_set():
+                    break
+                if renewing.is_set():
+                    self.log.info("certificate due for renewal; re-enrolling")
+                    continue
+                code = e.code() if hasattr(e, "code") else None
+                self.log.warning("watch at %s failed: %s: %s", self.watch_address, code.name if code else "?",
+                                 e.details() if hasattr(e, "details") else e)
+            except EnrollmentAborted:
+                break
+            except Exception as e:  # never raise out: keep the tunnels and retry
+                self.log.error("watch at %s failed: %s", self.watch_address, e)
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                with self._lock:
+                    self._call = None
+            if stop.is_set():
+                break
+            delay = self._backoff(attempt)
+            attempt += 1
+            self.log.info("reconnecting to %s in %.1f s (attempt %d, from version %d)", self.watch_address, delay,
+                          attempt, self._version)
+            stop.wait(delay)

@@ -1,0 +1,277 @@
+"""Inventory YAML -> validated :class:`controller.policy.Inventory`.
+
+Format::
+
+    defaults:                      # optional; every key optional
+      ike_proposals: [aes128gcm16-prfsha256-x25519, ...]
+      esp_proposals: [aes128gcm16, ...]
+      mode: tunnel                 # tunnel | transport | auto
+      protocol: esp                # esp | ah
+      encapsulation: udp           # udp (RFC 3948) | none
+      ike_lifetime: 4h             # seconds or 30s/15m/4h/1d; 0 = no rekey
+      child_lifetime: 1h
+      dpd_interval: 30s            # 0 = no DPD
+      replay_window: 1024          # packets
+    nodes:
+      - name: gw-a                 # DNS name; the node's IKE identity
+        role: gateway              # host | gateway
+        endpoints: [198.51.100.1]  # underlay IPs, may be empty
+        subnets: [10.1.0.0/16]     # may be empty (host: its endpoints)
+        join_token: s3cret         # or join_token_sha256: <64 hex>
+
+Every error is an :class:`InventoryError` whose message is
+``FILE:LINE: FIELD: problem``, e.g.
+``inventory.yaml:7: nodes[1].subnets[0]: '10.0.0.0/33' is not an IPv4/IPv6 network``.
+"""
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from yaml.constructor import SafeConstructor
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from controller.policy import (
+    ENCAPSULATIONS,
+    MODES,
+    PROTOCOLS,
+    ROLES,
+    Defaults,
+    Inventory,
+    NodeSpec,
+)
+
+# The controller's own TLS name; a node of that name could impersonate it.
+CONTROLLER_TLS_NAME = "meshsec-controller"
+
+_DNS_NAME = re.compile(r"^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+_PROPOSAL = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+_DEFAULT_KEYS = ("ike_proposals", "esp_proposals", "mode", "protocol", "encapsulation",
+                 "ike_lifetime", "child_lifetime", "dpd_interval", "replay_window")
+_NODE_KEYS = ("name", "role", "endpoints", "subnets", "join_token", "join_token_sha256")
+
+
+class InventoryError(ValueError):
+    """The inventory is invalid; ``str()`` is ``FILE:LINE: FIELD: problem``."""
+
+
+def parse_duration(text: str | int | float) -> float:
+    """``"90"``, ``"90s"``, ``"15m"``, ``"4h"``, ``"1d"`` or a number -> seconds.
+    Raises ValueError for anything else or a negative value."""
+    if isinstance(text, bool):
+        raise ValueError(f"{text!r} is not a duration")
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        m = _DURATION.match(str(text).strip())
+        if not m:
+            raise ValueError(f"{text!r} is not a duration (like 30s, 15m, 4h, 1d or seconds)")
+        value = float(m.group(1)) * _UNITS[m.group(2)]
+    if value < 0:
+        raise ValueError(f"{text!r} is negative")
+    return value
+
+
+class _Parser:
+    def __init__(self, filename: str) -> None:
+        self.filename = filename
+        self._constructor = SafeConstructor()
+
+    def fail(self, node: Node | None, path: str, msg: str) -> InventoryError:
+        line = node.start_mark.line + 1 if node is not None else 1
+        where = f"{path}: " if path else ""
+        return InventoryError(f"{self.filename}:{line}: {where}{msg}")
+
+    def mapping(self, node: Node, path: str, allowed: tuple[str, ...],
+                required: tuple[str, ...] = ()) -> dict[str, tuple[Node, Node]]:
+        if not isinstance(node, MappingNode):
+            raise self.fail(node, path or "inventory", "expected a mapping")
+        out: dict[str, tuple[Node, Node]] = {}
+        for k, v in node.value:
+            if not isinstance(k, ScalarNode) or not isinstance(k.value, str):
+                raise self.fail(k, path, "keys must be strings")
+            key = k.value
+            sub = f"{path}.{key}" if path else key
+            if key not in allowed:
+                raise self.fail(k, sub, f"unknown key {key!r} (known: {', '.join(allowed)})")
+            if key in out:
+                raise self.fail(k, sub, f"duplicate key {key!r} (first on line {out[key][0].start_mark.line + 1})")
+            out[key] = (k, v)
+        for key in required:
+            if key not in out:
+                where = f"{path}.{key}" if path else key
+                raise self.fail(node, where, "missing")
+        return out
+
+    def scalar(self, node: Node, path: str) -> Any:
+        if not isinstance(node, ScalarNode):
+            raise self.fail(node, path, "expected a single value, not a list or mapping")
+        return self._constructor.construct_object(node)
+
+    def string(self, node: Node, path: str) -> str:
+        value = self.scalar(node, path)
+        if not isinstance(value, str) or not value:
+            raise self.fail(node, path, f"expected a non-empty string, got {value!r}")
+        return value
+
+    def seq(self, node: Node, path: str) -> list[Node]:
+        if isinstance(node, ScalarNode) and node.tag == "tag:yaml.org,2002:null":
+            return []
+        if not isinstance(node, SequenceNode):
+            raise self.fail(node, path, "expected a list")
+        return list(node.value)
+
+    def choice(self, node: Node, path: str, allowed: tuple[str, ...]) -> str:
+        value = self.scalar(node, path)
+        if value not in allowed:
+            raise self.fail(node, path, f"{value!r} is not one of {', '.join(allowed)}")
+        return value
+
+    def duration(self, node: Node, path: str) -> float:
+        try:
+            return parse_duration(self.scalar(node, path))
+        except ValueError as e:
+            raise self.fail(node, path, str(e)) from None
+
+    def proposals(self, node: Node, path: str) -> tuple[str, ...]:
+        items = self.seq(node, path)
+        if not items:
+            raise self.fail(node, path, "needs at least one proposal")
+        out = []
+        for i, item in enumerate(items):
+            s = self.string(item, f"{path}[{i}]")
+            if not _PROPOSAL.match(s):
+                raise self.fail(item, f"{path}[{i}]", f"{s!r} is not a proposal like 'aes128gcm16-prfsha256-x25519'")
+            out.append(s)
+        return tuple(out)
+
+    def defaults(self, node: Node) -> Defaults:
+        if isinstance(node, ScalarNode) and node.tag == "tag:yaml.org,2002:null":
+            return Defaults()
+        m = self.mapping(node, "defaults", _DEFAULT_KEYS)
+        kw: dict[str, Any] = {}
+        for key, (_, v) in m.items():
+            path = f"defaults.{key}"
+            if key in ("ike_proposals", "esp_proposals"):
+                kw[key] = self.proposals(v, path)
+            elif key == "mode":
+                kw[key] = self.choice(v, path, MODES)
+            elif key == "protocol":
+                kw[key] = self.choice(v, path, PROTOCOLS)
+            elif key == "encapsulation":
+                kw[key] = self.choice(v, path, ENCAPSULATIONS)
+            elif key in ("ike_lifetime", "child_lifetime", "dpd_interval"):
+                kw[f"{key}_s"] = self.duration(v, path)
+            elif key == "replay_window":
+                value = self.scalar(v, path)
+                if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1 << 20:
+                    raise self.fail(v, path, f"{value!r} is not a window size in packets (0..1048576)")
+                kw[key] = value
+        return Defaults(**kw)
+
+    def node(self, node: Node, i: int) -> tuple[NodeSpec, list[tuple[Node, str, ipaddress._BaseNetwork]]]:
+        path = f"nodes[{i}]"
+        m = self.mapping(node, path, _NODE_KEYS, required=("name", "role"))
+        name_node = m["name"][1]
+        name = self.string(name_node, f"{path}.name")
+        if not _DNS_NAME.match(name):
+            raise self.fail(name_node, f"{path}.name",
+                            f"{name!r} is not a lower-case DNS name (letters, digits, '-', '.')")
+        if name == CONTROLLER_TLS_NAME:
+            raise self.fail(name_node, f"{path}.name", f"{name!r} is reserved for the controller")
+        role = self.choice(m["role"][1], f"{path}.role", ROLES)
+        endpoints = []
+        if "endpoints" in m:
+            for j, item in enumerate(self.seq(m["endpoints"][1], f"{path}.endpoints")):
+                p = f"{path}.endpoints[{j}]"
+                text = str(self.scalar(item, p))
+                try:
+                    endpoints.append(str(ipaddress.ip_address(text)))
+                except ValueError:
+                    raise self.fail(item, p, f"{text!r} is not an IPv4/IPv6 address") from None
+        subnets: list[tuple[Node, str, ipaddress._BaseNetwork]] = []
+        if "subnets" in m:
+            for j, item in enumerate(self.seq(m["subnets"][1], f"{path}.subnets")):
+                p = f"{path}.subnets[{j}]"
+                text = str(self.scalar(item, p))
+                try:
+                    net = ipaddress.ip_network(text, strict=False)
+                except ValueError:
+                    raise self.fail(item, p, f"{text!r} is not an IPv4/IPv6 network") from None
+                try:
+                    ipaddress.ip_network(text, strict=True)
+                except ValueError:
+                    raise self.fail(item, p, f"{text!r} has host bits set (did you mean {str(net)!r}?)")
+                subnets.append((item, p, net))
+        if "join_token" in m and "join_token_sha256" in m:
+            raise self.fail(m["join_token_sha256"][0], f"{path}.join_token_sha256",
+                            "give join_token or join_token_sha256, not both")
+        if "join_token" in m:
+            token = self.string(m["join_token"][1], f"{path}.join_token")
+            digest = hashlib.sha256(token.encode()).digest()
+        elif "join_token_sha256" in m:
+            v = m["join_token_sha256"][1]
+            text = str(self.scalar(v, f"{path}.join_token_sha256"))
+            if not re.fullmatch(r"[0-9a-fA-F]{64}", text):
+                raise self.fail(v, f"{path}.join_token_sha256", "expected 64 hex digits (a SHA-256)")
+            digest = bytes.fromhex(text)
+        else:
+            raise self.fail(node, f"{path}.join_token", f"node {name!r} has no join_token or join_token_sha256")
+        spec = NodeSpec(name=name, role=role, endpoints=tuple(endpoints),
+                        subnets=tuple(str(n) for _, _, n in subnets), join_token_sha256=digest)
+        return spec, subnets
+
+    def inventory(self, text: str) -> Inventory:
+        try:
+            root = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.MarkedYAMLError as e:
+            mark = e.problem_mark or e.context_mark
+            line = mark.line + 1 if mark else 1
+            raise InventoryError(f"{self.filename}:{line}: YAML syntax error: {e.problem}") from None
+        except yaml.YAMLError as e:
+            raise InventoryError(f"{self.filename}:1: YAML error: {e}") from None
+        if root is None:
+            raise InventoryError(f"{self.filename}:1: nodes: missing (the inventory is empty)")
+        m = self.mapping(root, "", ("nodes", "defaults"), required=("nodes",))
+        defaults = self.defaults(m["defaults"][1]) if "defaults" in m else Defaults()
+        nodes: list[NodeSpec] = []
+        seen: dict[str, tuple[int, int]] = {}
+        all_subnets: list[tuple[int, str, Node, str, ipaddress._BaseNetwork]] = []
+        for i, item in enumerate(self.seq(m["nodes"][1], "nodes")):
+            spec, subnets = self.node(item, i)
+            name_node = self.mapping(item, f"nodes[{i}]", _NODE_KEYS)["name"][1]
+            if spec.name in seen:
+                j, line = seen[spec.name]
+                raise self.fail(name_node, f"nodes[{i}].name",
+                                f"duplicate node name {spec.name!r} (also nodes[{j}] on line {line})")
+            seen[spec.name] = (i, name_node.start_mark.line + 1)
+            for sub_node, p, net in subnets:
+                for oi, oname, _, op, onet in all_subnets:
+                    if oi != i and net.version == onet.version and net.overlaps(onet):
+                        raise self.fail(sub_node, p, f"{str(net)!r} overlaps {str(onet)!r} "
+                                                     f"of node {oname!r} ({op})")
+            all_subnets.extend((i, spec.name, n, p, net) for n, p, net in subnets)
+            nodes.append(spec)
+        return Inventory(nodes=tuple(nodes), defaults=defaults)
+
+
+def parse_inventory(text: str, filename: str = "inventory.yaml") -> Inventory:
+    """Validate inventory YAML text; raises :class:`InventoryError`."""
+    return _Parser(filename).inventory(text)
+
+
+def load_inventory(path: str | Path) -> Inventory:
+    """Read and validate the inventory file; raises :class:`InventoryError`
+    (also for an unreadable file)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InventoryError(f"{path}:1: cannot read inventory: {e}") from None
+    return parse_inventory(text, str(path))

@@ -1,0 +1,84 @@
+"""``meshsec-controller``: CA, inventory and gRPC API for a meshsec mesh.
+
+Exit status: 0 after SIGTERM/SIGINT, 2 for a bad command line or inventory
+(one message on stderr, ``FILE:LINE: FIELD: problem`` for the inventory),
+1 if it cannot listen.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import signal
+import sys
+import threading
+
+from controller.inventory import InventoryError, parse_duration
+from controller.service import ControllerServer, default_server_names, split_listen
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meshsec-controller",
+                                description="meshsec controller: enrols nodes and serves their views")
+    p.add_argument("--inventory", required=True, metavar="FILE",
+                   help="inventory YAML (nodes, defaults); polled every second for changes")
+    p.add_argument("--state-dir", default="/var/lib/meshsec-controller", metavar="DIR",
+                   help="SQLite state and ca.pem (default: %(default)s)")
+    p.add_argument("--listen", default="0.0.0.0:7443", metavar="HOST:PORT",
+                   help="enrol port: gRPC over server-side TLS (default: %(default)s)")
+    p.add_argument("--watch-listen", default=None, metavar="HOST:PORT",
+                   help="watch port: gRPC over mutual TLS (default: the --listen host, port + 1)")
+    p.add_argument("--server-name", action="append", default=[], metavar="NAME",
+                   help="DNS name or IP for the controller's TLS certificate (repeatable; "
+                        "default: the listen IP and the hostname; 'meshsec-controller' is always included)")
+    p.add_argument("--cert-lifetime", default="24h", metavar="DURATION",
+                   help="lifetime of issued node certificates: seconds or 30m/24h/7d (default: %(default)s)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("meshsec.controller")
+    try:
+        host, _ = split_listen(args.listen)
+        if args.watch_listen is not None:
+            split_listen(args.watch_listen)
+        lifetime = parse_duration(args.cert_lifetime)
+        if lifetime <= 0:
+            raise ValueError("--cert-lifetime must be positive")
+    except ValueError as e:
+        print(f"meshsec-controller: {e}", file=sys.stderr)
+        return 2
+    server = ControllerServer(args.inventory, args.state_dir, listen=args.listen, watch_listen=args.watch_listen,
+                              server_names=args.server_name or default_server_names(host),
+                              cert_lifetime=dt.timedelta(seconds=lifetime), logger=log)
+    try:
+        port = server.start()
+    except InventoryError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"meshsec-controller: {e}", file=sys.stderr)
+        return 1
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    watch_host, _ = split_listen(server.watch_listen)
+    print(f"meshsec-controller listening on {host}:{port} (Enroll, TLS) and {watch_host}:{server.watch_port} "
+          f"(Watch, mutual TLS); CA certificate for agents: {server.ca_path}", flush=True)
+    while not stopping.wait(1.0):
+        pass
+    log.info("shutting down")
+    server.stop(grace=2.0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,373 @@
+"""The gRPC side of the controller: the ``meshsec.v1.Controller`` servicer and
+:class:`ControllerServer`, which wires inventory, store, CA and server.
+
+Authentication:
+- ``Enroll``: server-side TLS only; the join token authenticates (compared
+  in constant time against its SHA-256).
+- ``Watch``: mutual TLS; the servicer requires a client certificate whose
+  identity (CN and its only dNSName SAN) equals ``node_name``.
+
+Two ports, one server: grpcio's ``ssl_server_credentials`` with
+``require_client_auth=False`` does not even request a client certificate, so
+one port cannot serve both. The *enrol port* (``--listen``) is server-side
+TLS only (Watch there fails PERMISSION_DENIED: no certificate); the *watch
+port* (``--watch-listen``, default: the same host, enrol port + 1) requires
+and verifies a client certificate from the CA.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import logging
+import os
+import socket
+import threading
+from concurrent import futures
+from pathlib import Path
+from typing import Callable, Iterator
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+
+from controller.ca import CertificateAuthority, CsrError
+from controller.inventory import InventoryError, load_inventory
+from controller.policy import Inventory, UnknownNode, View, ViewDiff, compute_view, diff_views
+from controller.store import Store
+from meshsec.v1 import controller_pb2 as pb
+from meshsec.v1 import controller_pb2_grpc as pb_grpc
+
+CA_FILE = "ca.pem"
+
+_MODE = {"tunnel": pb.MODE_TUNNEL, "transport": pb.MODE_TRANSPORT}
+_PROTOCOL = {"esp": pb.PROTOCOL_ESP, "ah": pb.PROTOCOL_AH}
+_ENCAP = {"udp": pb.ENCAPSULATION_UDP, "none": pb.ENCAPSULATION_NONE}
+
+# Keepalives detect dead agents / controllers behind silent middleboxes.
+SERVER_OPTIONS = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def peer_to_proto(p) -> pb.Peer:
+    pol = p.policy
+    return pb.Peer(
+        name=p.name, identity=p.identity, endpoints=list(p.endpoints), subnets=list(p.subnets),
+        initiate=p.initiate,
+        policy=pb.PeerPolicy(
+            mode=_MODE[pol.mode], protocol=_PROTOCOL[pol.protocol], encapsulation=_ENCAP[pol.encapsulation],
+            ike_proposals=list(pol.ike_proposals), esp_proposals=list(pol.esp_proposals),
+            ike_lifetime_s=pol.ike_lifetime_s, child_lifetime_s=pol.child_lifetime_s,
+            dpd_interval_s=pol.dpd_interval_s, replay_window=pol.replay_window,
+        ),
+    )
+
+
+def view_update(view: View, version: int, diff: ViewDiff | None) -> pb.ViewUpdate:
+    """A full snapshot (``diff is None``) or an incremental update."""
+    peers = view.peers if diff is None else diff.upserted
+    return pb.ViewUpdate(
+        version=version, full=diff is None, node_name=view.name, identity=view.identity,
+        subnets=list(view.subnets), endpoints=list(view.endpoints),
+        upserted_peers=[peer_to_proto(p) for p in peers],
+        removed_peers=[] if diff is None else list(diff.removed),
+    )
+
+
+class ControllerState:
+    """The current inventory and view version; wakes watchers on change."""
+
+    def __init__(self, store: Store, inventory: Inventory) -> None:
+        self._store = store
+        self._cond = threading.Condition()
+        self._inventory = inventory
+        self._version, _ = store.record_inventory(inventory.view_json())
+
+    def snapshot(self) -> tuple[Inventory, int]:
+        with self._cond:
+            return self._inventory, self._version
+
+    def update(self, inventory: Inventory) -> tuple[int, bool]:
+        """Install a new inventory; returns (version, bumped). Token-only
+        changes take effect without a version bump."""
+        with self._cond:
+            self._version, bumped = self._store.record_inventory(inventory.view_json())
+            self._inventory = inventory
+            self._cond.notify_all()
+            return self._version, bumped
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_newer(self, version: int, timeout: float) -> tuple[Inventory, int]:
+        with self._cond:
+            self._cond.wait_for(lambda: self._version != version, timeout=timeout)
+            return self._inventory, self._version
+
+
+class ControllerServicer(pb_grpc.ControllerServicer):
+    def __init__(self, state: ControllerState, store: Store, ca: CertificateAuthority,
+                 cert_lifetime: dt.timedelta, logger: logging.Logger,
+                 clock: Callable[[], dt.datetime] = utcnow) -> None:
+        self._state = state
+        self._store = store
+        self._ca = ca
+        self._lifetime = cert_lifetime
+        self._log = logger
+        self._clock = clock
+
+    def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollResponse:
+        name = request.node_name
+        if not name:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "node_name is empty")
+        inventory, _ = self._state.snapshot()
+        try:
+            node = inventory.node(name)
+        except UnknownNode as e:
+            self._log.warning("enrolment refused: unknown node %r from %s", name, context.peer())
+            context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        digest = hashlib.sha256(request.join_token.encode()).digest()
+        if not hmac.compare_digest(digest, node.join_token_sha256):
+            self._log.warning("enrolment refused: wrong join token for node %r from %s", name, context.peer())
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"join token for node {name!r} is wrong")
+        try:
+            cert = self._ca.issue_for_csr(request.csr_der, name, self._lifetime, self._clock())
+        except CsrError as e:
+            self._log.warning("enrolment refused: bad CSR for node %r: %s", name, e)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        der = cert.public_bytes(serialization.Encoding.DER)
+        not_after = int(cert.not_valid_after_utc.timestamp())
+        self._store.add_certificate(cert.serial_number, name, int(cert.not_valid_before_utc.timestamp()),
+                                    not_after, der)
+        self._log.info("enrolled node %r from %s: serial %x, valid until %s", name, context.peer(),
+                       cert.serial_number, cert.not_valid_after_utc.isoformat())
+        return pb.EnrollResponse(certificate_chain_der=[der], ca_certificates_der=[self._ca.certificate_der],
+                                 not_after=not_after)
+
+    def _check_identity(self, name: str, context: grpc.ServicerContext) -> None:
+        pems = context.auth_context().get("x509_pem_cert") or []
+        if not pems:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          "Watch needs mutual TLS with the certificate issued by Enroll; none was presented")
+        cert = x509.load_pem_x509_certificate(pems[0])
+        cns = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        try:
+            sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            dns = sans.get_values_for_type(x509.DNSName)
+        except x509.ExtensionNotFound:
+            dns = []
+        if cns != [name] or dns != [name]:
+            who = dns[0] if dns else (cns[0] if cns else "?")
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"client certificate is for {who!r}, not for node {name!r}")
+
+    def Watch(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[pb.ViewUpdate]:
+        name = request.node_name
+        self._check_identity(name, context)
+        context.add_callback(self._state.wake)
+        inventory, version = self._state.snapshot()
+        try:
+            view = compute_view(inventory, name)
+        except UnknownNode as e:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        since = request.since_version
+        old_view = None
+        if 0 < since <= version:
+            old_json = self._store.inventory_at(since)
+            if old_json is not None:
+                try:
+                    old_view = compute_view(Inventory.from_view_json(old_json), name)
+                except UnknownNode:
+                    old_view = None
+        self._log.info("node %r watching from version %d (current %d, %s)", name, since, version,
+                       "incremental" if old_view is not None else "snapshot")
+        if old_view is None:
+            yield view_update(view, version, None)
+        else:
+            diff = diff_views(old_view, view)
+            if not diff.empty:
+                yield view_update(view, version, diff)
+        while context.is_active():
+            inventory, newer = self._state.wait_newer(version, timeout=1.0)
+            if newer == version:
+                continue
+            version = newer
+            try:
+                new_view = compute_view(inventory, name)
+            except UnknownNode:
+                self._log.info("node %r left the inventory; ending its watch", name)
+                context.abort(grpc.StatusCode.NOT_FOUND, f"node {name!r} was removed from the inventory")
+            diff = diff_views(view, new_view)
+            view = new_view
+            if not diff.empty:
+                self._log.debug("node %r: version %d, %d upserted, %d removed", name, version,
+                                len(diff.upserted), len(diff.removed))
+                yield view_update(view, version, diff)
+        self._log.info("node %r stopped watching", name)
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` -> (host, port); ValueError otherwise."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"--listen {listen!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def default_watch_listen(listen: str) -> str:
+    """The watch (mTLS) address for an enrol address: same host, port + 1
+    (port 0, ephemeral, stays 0)."""
+    host, port = split_listen(listen)
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{port + 1 if port else 0}"
+
+
+def default_server_names(listen_host: str) -> list[str]:
+    """The listen host's IP (unless a wildcard) and this machine's hostname."""
+    names = []
+    if listen_host not in ("0.0.0.0", "::", ""):
+        names.append(listen_host)
+    hostname = socket.gethostname()
+    if hostname:
+        names.append(hostname.lower())
+    return names
+
+
+class ControllerServer:
+    """Controller process core, usable in-process (tests) and by main.
+
+    ``start()`` raises :class:`InventoryError` for a bad inventory and
+    ``OSError`` if it cannot listen; it returns the bound port.
+    """
+
+    def __init__(self, inventory_path: str | Path, state_dir: str | Path, *, listen: str = "0.0.0.0:7443",
+                 watch_listen: str | None = None, server_names: list[str] | None = None, cert_lifetime: dt.timedelta = dt.timedelta(hours=24),
+                 poll_interval: float = 1.0, max_workers: int = 256,
+                 logger: logging.Logger | None = None) -> None:
+        self.inventory_path = Path(inventory_path)
+        self.state_dir = Path(state_dir)
+        self.listen = listen
+        host, port = split_listen(listen)
+        if watch_listen is None:
+            watch_listen = default_watch_listen(listen)
+        split_listen(watch_listen)
+        self.watch_listen = watch_listen
+        self.server_names = list(server_names) if server_names else default_server_names(host)
+        self.cert_lifetime = cert_lifetime
+        self.poll_interval = poll_interval
+        self.max_workers = max_workers
+        self.log = logger or logging.getLogger("meshsec.controller")
+        self.port = 0
+        self.watch_port = 0
+        self.store: Store | None = None
+        self.ca: CertificateAuthority | None = None
+        self.state: ControllerState | None = None
+        self._server: grpc.Server | None = None
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+        self._stat: tuple[int, int, int] | None = None
+
+    @property
+    def ca_path(self) -> Path:
+        return self.state_dir / CA_FILE
+
+    def _file_stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.inventory_path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def start(self) -> int:
+        self._stat = self._file_stat()
+        inventory = load_inventory(self.inventory_path)
+        self.store = Store(self.state_dir)
+        now = utcnow()
+        self.ca = CertificateAuthority.load_or_create(self.store, now)
+        tmp = self.ca_path.with_suffix(".pem.tmp")
+        tmp.write_bytes(self.ca.certificate_pem)
+        os.replace(tmp, self.ca_path)
+        self.state = ControllerState(self.store, inventory)
+        key_pem, cert_pem = self.ca.issue_server(self.server_names, now)
+        enrol_creds = grpc.ssl_server_credentials([(key_pem, cert_pem)])
+        watch_creds = grpc.ssl_server_credentials([(key_pem, cert_pem)], root_certificates=self.ca.certificate_pem,
+                                                  require_client_auth=True)
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.max_workers,
+                                                        thread_name_prefix="meshsec-rpc"),
+                             options=SERVER_OPTIONS)
+        pb_grpc.add_ControllerServicer_to_server(
+            ControllerServicer(self.state, self.store, self.ca, self.cert_lifetime, self.log), server)
+        ports = []
+        for listen, creds in ((self.listen, enrol_creds), (self.watch_listen, watch_creds)):
+            try:
+                port = server.add_secure_port(listen, creds)
+            except RuntimeError as e:
+                raise OSError(f"cannot listen on {listen}: {e}") from None
+            if not port:
+                raise OSError(f"cannot listen on {listen}")
+            ports.append(port)
+        server.start()
+        self._server = server
+        self.port, self.watch_port = ports
+        self._stop.clear()
+        self._poller = threading.Thread(target=self._poll, name="inventory-poll", daemon=True)
+        self._poller.start()
+        _, version = self.state.snapshot()
+        self.log.info("inventory %s: %d nodes, view version %d", self.inventory_path,
+                      len(inventory.nodes), version)
+        return port
+
+    def reload_if_changed(self) -> bool:
+        """Reload the inventory if the file changed; True if a new inventory
+        was installed. A bad file is logged and the old inventory kept."""
+        stat = self._file_stat()
+        if stat == self._stat:
+            return False
+        self._stat = stat
+        try:
+            inventory = load_inventory(self.inventory_path)
+        except InventoryError as e:
+            self.log.error("inventory change rejected, keeping the previous one: %s", e)
+            return False
+        assert self.state is not None
+        version, bumped = self.state.update(inventory)
+        self.log.info("inventory reloaded: %d nodes, view version %d%s", len(inventory.nodes), version,
+                      "" if bumped else " (views unchanged)")
+        return True
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.poll_interval):
+            try:
+                self.reload_if_changed()
+            except Exception:  # keep serving whatever happens to the file
+                self.log.exception("inventory poll failed")
+
+    def wait(self) -> None:
+        """Block until the server stops."""
+        if self._server is not None:
+            self._server.wait_for_termination()
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        self._stop.set()
+        if self._server is not None:
+            self._server.stop(grace).wait()
+            self._server = None
+        if self.state is not None:
+            self.state.wake()
+        if self._poller is not None:
+            self._poller.join(timeout=5)
+            self._poller = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None

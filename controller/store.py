@@ -1,0 +1,104 @@
+"""The controller's embedded SQLite state: CA material, the view version
+counter with a history of inventory snapshots (so reconnecting agents get
+incremental updates, also across restarts), and issued certificates.
+
+Thread-safe (one connection behind a lock). The file lives in the state
+directory, created mode 0700; the database holds the CA private key.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from pathlib import Path
+
+DB_NAME = "controller.db"
+# Older versions are forgotten; an agent resuming from one gets a snapshot.
+HISTORY_KEEP = 1000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS inventory_history (
+    version INTEGER PRIMARY KEY, view_json TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS certificates (
+    serial TEXT PRIMARY KEY, node TEXT NOT NULL,
+    not_before INTEGER NOT NULL, not_after INTEGER NOT NULL, der BLOB NOT NULL);
+"""
+
+
+class Store:
+    """SQLite state in ``state_dir/controller.db``."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.state_dir, 0o700)
+        self.path = self.state_dir / DB_NAME
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        os.chmod(self.path, 0o600)
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def get_meta(self, key: str) -> bytes | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def set_meta(self, key: str, value: bytes) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def current_version(self) -> int:
+        """Latest view version; 0 before any inventory was recorded."""
+        with self._lock:
+            row = self._db.execute("SELECT MAX(version) FROM inventory_history").fetchone()
+        return int(row[0] or 0)
+
+    def inventory_at(self, version: int) -> str | None:
+        """The inventory snapshot (``Inventory.view_json()``) of a version, or
+        None if unknown or pruned."""
+        with self._lock:
+            row = self._db.execute("SELECT view_json FROM inventory_history WHERE version = ?",
+                                   (version,)).fetchone()
+        return None if row is None else row[0]
+
+    def record_inventory(self, view_json: str) -> tuple[int, bool]:
+        """Record a snapshot; bumps the version only if it differs from the
+        latest. Returns (current version, whether it was bumped)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute(
+                    "SELECT version, view_json FROM inventory_history ORDER BY version DESC LIMIT 1").fetchone()
+                if row is not None and row[1] == view_json:
+                    self._db.execute("COMMIT")
+                    return int(row[0]), False
+                version = (int(row[0]) if row else 0) + 1
+                self._db.execute("INSERT INTO inventory_history (version, view_json) VALUES (?, ?)",
+                                 (version, view_json))
+                self._db.execute("DELETE FROM inventory_history WHERE version <= ?",
+                                 (version - HISTORY_KEEP,))
+                self._db.execute("COMMIT")
+                return version, True
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def add_certificate(self, serial: int, node: str, not_before: int, not_after: int, der: bytes) -> None:
+        """Record an issued certificate (times: Unix seconds)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO certificates (serial, node, not_before, not_after, der) VALUES (?, ?, ?, ?, ?)",
+                (format(serial, "x"), node, not_before, not_after, der))
+
+    def certificates_for(self, node: str) -> list[tuple[str, int, int]]:
+        """(serial hex, not_before, not_after) of every certificate issued to node."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT serial, not_before, not_after FROM certificates WHERE node = ? ORDER BY not_before",
+                (node,)).fetchall()
+        return [(r[0], int(r[1]), int(r[2])) for r in rows]
