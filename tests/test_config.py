@@ -1,0 +1,109 @@
+"""Standalone YAML config: good files map onto the model, bad ones name file:line:field."""
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+
+import pytest
+
+from agent.config import ConfigError, load_config, parse_config
+
+GOOD = """\
+name: gw-a
+local_address: 198.51.100.1
+subnets: [10.1.0.0/24]
+tun: {name: ms0, mtu: 1380, address: 10.200.9.1/32}
+auth: {psk: "s3cret"}
+peers:
+  - name: gw-b
+    endpoints: [198.51.100.2]
+    subnets: [10.2.0.0/24]
+  - name: gw-0
+    identity: zero.example
+    endpoints: [198.51.100.3]
+    subnets: [10.3.0.0/24]
+    psk: other
+    esp_proposals: [aes256gcm16]
+    mode: tunnel
+"""
+
+
+def test_good_config():
+    view, creds, ds = parse_config(GOOD, "x.yaml")
+    assert view.name == "gw-a" and view.local_address == "198.51.100.1"
+    assert view.subnets == (ipaddress.ip_network("10.1.0.0/24"),)
+    assert creds.psk == b"s3cret" and not creds.uses_certificates
+    b, z = view.peers
+    assert b.identity == "gw-b" and b.initiate is True  # gw-a < gw-b
+    assert z.identity == "zero.example" and z.initiate is False and z.psk == b"other"
+    assert z.policy.esp_proposals == ("aes256gcm16",)
+    assert ds.tun_name == "ms0" and ds.mtu == 1380 and ds.tun_addresses == ("10.200.9.1/32",)
+
+
+def err(text: str) -> str:
+    with pytest.raises(ConfigError) as ei:
+        parse_config(text, "cfg.yaml")
+    return str(ei.value)
+
+
+@pytest.mark.parametrize("old,new,expect", [
+    ("subnets: [10.1.0.0/24]", "subnets: [10.1.0.1/24]", "cfg.yaml:3: subnets: '10.1.0.1/24' is not a network prefix"),
+    ("local_address: 198.51.100.1", "local_address: nope", "cfg.yaml:2: local_address:"),
+    ("    endpoints: [198.51.100.2]", "    endpoints: [banana]", "cfg.yaml:8: peers[0].endpoints: 'banana' is not an IP address"),
+    ("    mode: tunnel", "    mode: sideways", "cfg.yaml:16: peers[1].mode: 'sideways': use tunnel or transport"),
+    ("tun: {name: ms0, mtu: 1380", "tun: {name: ms0, mtu: 12", "cfg.yaml:4: tun.mtu: 12 is out of range"),
+    ("auth: {psk: \"s3cret\"}", "auth: {psk: \"\"}", "cfg.yaml:5: auth.psk: the pre-shared key is empty"),
+    ("auth: {psk: \"s3cret\"}", "auth: {psk: a, key: k.pem}", "cfg.yaml:5: auth: give exactly one of"),
+    ("    subnets: [10.2.0.0/24]", "    subnetz: [10.2.0.0/24]", "cfg.yaml:9: peers[0].subnetz: unknown key"),
+    ("    esp_proposals: [aes256gcm16]", "    esp_proposals: [aes999]", "cfg.yaml:15: peers[1].esp_proposals: unknown algorithm"),
+    ("name: gw-a", "name: gw-a\nname: gw-c", "cfg.yaml:2: duplicate key 'name'"),
+    ("  - name: gw-0", "  - name: gw-b", "cfg.yaml:10: peers[1].name: 'gw-b' is duplicated"),
+    ("peers:", "peers: [", "cfg.yaml:"),
+])
+def test_errors_name_file_line_field(old, new, expect):
+    assert old in GOOD
+    msg = err(GOOD.replace(old, new, 1))
+    assert msg.startswith(expect), msg
+
+
+def test_missing_required():
+    assert err("local_address: 198.51.100.1\nauth: {psk: x}\n").startswith("cfg.yaml:1: name: missing")
+    assert "auth: missing" in err("name: a\n")
+    assert "peers[0].endpoints: missing" in err("name: a\nauth: {psk: x}\npeers:\n  - name: b\n")
+    assert "expected a mapping" in err("- just\n- a list\n")
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read the configuration"):
+        load_config(str(tmp_path / "nope.yaml"))
+    p = tmp_path / "c.yaml"
+    p.write_text("name: a\nauth: {psk_file: missing.key}\n")
+    with pytest.raises(ConfigError, match=r"c.yaml:2: auth.psk_file: cannot read 'missing.key'"):
+        load_config(str(p))
+    (tmp_path / "k").write_text("  filekey\n")
+    p.write_text("name: a\nauth: {psk_file: k}\n")
+    assert load_config(str(p))[1].psk == b"filekey"
+
+
+def test_certificate_auth(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "a")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "k.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    (tmp_path / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    p = tmp_path / "cfg.yaml"
+    p.write_text("name: a\nauth: {key: k.pem, cert: c.pem, ca: c.pem}\n")
+    _, creds, _ = load_config(str(p))
+    assert creds.uses_certificates and creds.certificate_chain == (cert.public_bytes(serialization.Encoding.DER),)
+    p.write_text("name: a\nauth: {key: c.pem, cert: c.pem, ca: c.pem}\n")
+    with pytest.raises(ConfigError, match=r"cfg.yaml:2: auth.key: not an unencrypted PEM private key"):
+        load_config(str(p))
