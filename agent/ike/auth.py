@@ -395,8 +395,10 @@ def verify_certificate_chain(chain_der: list[bytes], trust_anchors_der: list[byt
     Each certificate must be within its validity period; every issuer
     (intermediates and the anchor) must have basicConstraints CA=true;
     signatures are checked with cryptography's ``verify_directly_issued_by``.
-    Returns the leaf certificate; AuthError names the failing certificate.
-    Revocation is not checked here.
+    A leaf that is itself one of the anchors (a pinned peer certificate) is
+    accepted when valid. A leaf keyUsage, if present, must allow
+    digitalSignature. Returns the leaf certificate; AuthError names the
+    failing certificate. Revocation is not checked here.
     """
     if not chain_der:
         raise AuthError("peer sent no certificate")
@@ -408,6 +410,14 @@ def verify_certificate_chain(chain_der: list[bytes], trust_anchors_der: list[byt
     anchors = [_load_cert(d, f"trust anchor {i}") for i, d in enumerate(trust_anchors_der)]
     leaf = chain[0]
     _check_validity(leaf, now, "peer certificate")
+    try:
+        ku = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
+        if not ku.digital_signature:
+            raise AuthError(f"peer certificate {_subject(leaf)} keyUsage lacks digitalSignature")
+    except x509.ExtensionNotFound:
+        pass
+    if any(chain_der[0] == a for a in trust_anchors_der):
+        return leaf  # the peer's own certificate is pinned as a trust anchor
     cur = leaf
     for depth in range(len(chain)):
         # an anchor issued the current certificate: done

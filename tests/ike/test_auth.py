@@ -13,6 +13,8 @@ import ipaddress
 
 import pytest
 from cryptography import x509
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import NameOID
@@ -372,3 +374,46 @@ def test_certreq_hash(pki):
         find_by_certreq_hash(h[:-1], [der(pki["ca"])])
     with pytest.raises(AuthError, match="not a DER"):
         certreq_hash(b"junk")
+
+
+def test_chain_pinned_leaf_and_key_usage(pki):
+    # a peer certificate configured directly as the trust anchor (pinned)
+    assert verify_certificate_chain([der(pki["node"])], [der(pki["node"])], NOW) == pki["node"]
+    with pytest.raises(AuthError, match="expired"):
+        verify_certificate_chain([der(pki["node"])], [der(pki["node"])], NOW + 40 * DAY)
+    # keyUsage without digitalSignature cannot sign AUTH
+    b = (x509.CertificateBuilder().subject_name(_name("enc-only")).issuer_name(pki["ca"].subject)
+         .public_key(pki["node_key"].public_key()).serial_number(7)
+         .not_valid_before(T0).not_valid_after(T0 + datetime.timedelta(days=30))
+         .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=True,
+                                      data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                      crl_sign=False, encipher_only=False, decipher_only=False), critical=True))
+    c = b.sign(pki["ca_key"], hashes.SHA256())
+    with pytest.raises(AuthError, match="lacks digitalSignature"):
+        verify_certificate_chain([der(c)], [der(pki["ca"])], NOW)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=120))
+def test_fuzz_verify_raises_only_auth_error(data):
+    key = _FUZZ_KEY.public_key()
+    try:
+        verify_digital_signature(key, b"octets", data)
+    except AuthError:
+        pass
+    # also with a valid ECDSA AlgorithmIdentifier prefix
+    with pytest.raises(AuthError):
+        verify_digital_signature(key, b"octets", bytes([len(ALG_ECDSA_SHA256)]) + ALG_ECDSA_SHA256 + data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=60), id_type=st.integers(0, 255))
+def test_fuzz_identity_raises_only_auth_error(data, id_type):
+    try:
+        identity_matches_certificate(id_type, data, _FUZZ_CERT)
+    except AuthError:
+        pass
+
+
+_FUZZ_KEY = ec.generate_private_key(ec.SECP256R1())
+_FUZZ_CERT = make_cert(_FUZZ_KEY, "fuzz", sans=[x509.DNSName("fuzz")])

@@ -8,6 +8,8 @@ import json
 import pathlib
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -451,3 +453,25 @@ def test_cbc_icv_covers_aad_iv_and_ciphertext():
     h.update(aad + body[:-16])
     assert body[-16:] == h.finalize()[:16]
     assert c.encrypted_len(5) == 16 + 16 + 16 and c.encrypted_len(15) == 48 and c.encrypted_len(16) == 64
+
+
+@settings(max_examples=150, deadline=None)
+@given(body=st.binary(max_size=200), idx=st.integers(0, len(ALL_TRANSFORMS) - 1))
+def test_fuzz_sk_decrypt_raises_only_crypto_error(body, idx):
+    c, sk_e, sk_a, _ = _setup(*ALL_TRANSFORMS[idx])
+    with pytest.raises(CryptoError):  # random bodies never authenticate
+        c.decrypt(sk_e, sk_a, b"\x00" * 32, body)
+
+
+_FUZZ_KES = {k: KeyExchange(k, counter_rng(9)) for k in (KeId.MODP_2048, KeId.ECP_256, KeId.ECP_384, KeId.CURVE25519)}
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.binary(max_size=300), k=st.sampled_from(sorted(_FUZZ_KES)))
+def test_fuzz_ke_peer_value(data, k):
+    ke = _FUZZ_KES[k]
+    try:
+        s = ke.shared_secret(data)
+    except KeyExchangeError:
+        return
+    assert len(data) == ke.public_len and len(s) in (32, 48, 256)

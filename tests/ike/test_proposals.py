@@ -14,6 +14,8 @@ import shutil
 import subprocess
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.iana import EncrId, EsnId, IntegId, KeId, PrfId
 from agent.ike.proposals import (
@@ -269,3 +271,21 @@ def test_tshark_accepts_our_esp_names(tmp_path):
             rows.append(f'"IPv4","*","*","0x00000001","{en}","{ek}","{iname}","{ak}"')
     out = _tshark_uat_errors(tmp_path, "esp_sa", rows)
     assert "invalid value" not in out and "Error loading" not in out, out
+
+
+KEYWORDS = ["aes128gcm16", "aes256", "sha256", "prfsha384", "x25519", "modp2048", "esn", "noesn",
+            "chacha20poly1305", "ecp256", "bogus", "", "AES128", "sha512"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=40),
+                 st.lists(st.sampled_from(KEYWORDS), max_size=6).map("-".join)))
+def test_fuzz_parsers_raise_only_proposal_error(s):
+    for parse in (parse_ike_proposal, parse_esp_proposal):
+        try:
+            p = parse(s)
+        except ProposalError:
+            continue
+        # whatever parses has usable sizes
+        encr_key_len(p.encr, p.encr_key_bits)
+        integ_key_len(p.integ)
