@@ -148,29 +148,58 @@ class EspSa:
         builds the outer header). Refused packets are counted, not returned;
         the output order follows the input.
         """
+        if self.mode != "tunnel":
+            return self._encapsulate_transport_batch(inner_packets)
+        # Tunnel-mode hot path: _next_seq and _seal inlined (same rules).
         out = []
         append = out.append
-        seal = self._seal
-        nbytes = 0
-        tunnel = self.mode == "tunnel"
+        seal = self.transform.seal
+        t4 = self._trailers[NH_IPV4]
+        t6 = self._trailers[NH_IPV6]
+        align = self._align
+        seq = self.seq_out
+        seq_max = self.seq_max
         c = self.counters
+        nbytes = 0
+        bad = 0
         for p in inner_packets:
+            v = p[0] >> 4 if p else 0
+            if v == 4:
+                table = t4
+            elif v == 6:
+                table = t6
+            else:
+                bad += 1
+                continue
+            if seq >= seq_max:
+                # RFC 4303 §3.3.3: the counter must not cycle; a rekey is needed.
+                self.needs_rekey = True
+                c["seq_exhausted"] += 1
+                continue
+            seq += 1
+            n = len(p)
+            append(seal(seq, p + table[-(n + 2) % align]))
+            nbytes += n
+        self.seq_out = seq
+        if seq >= self.soft_limit:
+            self.needs_rekey = True
+        c["bad_inner"] += bad
+        c["packets_out"] += len(out)
+        c["bytes_out"] += nbytes
+        return out
+
+    def _encapsulate_transport_batch(self, ip_packets: list[bytes]) -> list[bytes]:
+        out = []
+        c = self.counters
+        nbytes = 0
+        for p in ip_packets:
             try:
-                if tunnel:
-                    v = p[0] >> 4 if p else 0
-                    if v == 4:
-                        append(seal(p, NH_IPV4))
-                    elif v == 6:
-                        append(seal(p, NH_IPV6))
-                    else:
-                        c["bad_inner"] += 1
-                        continue
-                else:
-                    nh, payload = split_transport(p)
-                    append(seal(payload, nh))
-                nbytes += len(p)
+                nh, payload = split_transport(p)
+                out.append(self._seal(payload, nh))
             except EspError as e:
                 c[e.reason] += 1
+                continue
+            nbytes += len(p)
         c["packets_out"] += len(out)
         c["bytes_out"] += nbytes
         return out
