@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
+import subprocess
 
 import pytest
 from hypothesis import given, settings
@@ -475,3 +477,39 @@ def test_fuzz_ke_peer_value(data, k):
     except KeyExchangeError:
         return
     assert len(data) == ke.public_len and len(s) in (32, 48, 256)
+
+
+WIRESHARK_TRANSFORMS = [t for t in ALL_TRANSFORMS if t[0] != EncrId.ENCR_CHACHA20_POLY1305]
+
+
+@pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark not installed")
+def test_wireshark_decrypts_our_sk_payloads(tmp_path):
+    """Independent check of the SK construction: tshark 4.0 decrypts and
+    verifies an INFORMATIONAL Delete we protect with every transform it knows,
+    given our keys and our Wireshark algorithm names (ikev2_decryption_table)."""
+    from scapy.all import IP, UDP, Raw, wrpcap
+
+    from agent.ike.proposals import wireshark_ike_encr_name, wireshark_ike_integ_name
+    rows, pkts = [], []
+    for n, (encr, bits, integ) in enumerate(WIRESHARK_TRANSFORMS):
+        c, sk_e, sk_a, rng = _setup(encr, bits, integ)
+        spi_i, spi_r = bytes([n + 1]) * 8, bytes([0xA0 + n]) * 8
+        plain = H("0000000801000000")  # Delete payload, IKE SA
+        blen = c.encrypted_len(len(plain))
+        hdr = spi_i + spi_r + bytes([46, 0x20, 37, 0x08]) + (2).to_bytes(4, "big") + (32 + blen).to_bytes(4, "big")
+        skh = bytes([42, 0]) + (4 + blen).to_bytes(2, "big")
+        msg = hdr + skh + c.encrypt(sk_e, sk_a, rng, hdr + skh, plain)
+        pkts.append(IP(src="198.51.100.1", dst="198.51.100.2") / UDP(sport=500, dport=500) / Raw(msg))
+        en, an = wireshark_ike_encr_name(encr, bits), wireshark_ike_integ_name(integ)
+        rows.append(f'{spi_i.hex()},{spi_r.hex()},{sk_e.hex()},{sk_e.hex()},"{en}",{sk_a.hex()},{sk_a.hex()},"{an}"')
+    (tmp_path / "wireshark").mkdir()
+    (tmp_path / "wireshark" / "ikev2_decryption_table").write_text("\n".join(rows) + "\n")
+    wrpcap(str(tmp_path / "sk.pcap"), pkts)
+    env = {"HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(["tshark", "-r", str(tmp_path / "sk.pcap"), "-V"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    text = out.stdout + out.stderr
+    assert "Error loading" not in text, text
+    checks = [ln for ln in text.splitlines() if "Integrity Checksum Data" in ln]
+    assert len(checks) == len(pkts) and all("[correct]" in ln for ln in checks), checks
+    assert text.count("Payload: Delete (42)") == len(pkts)
