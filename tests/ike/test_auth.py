@@ -123,7 +123,7 @@ def test_psk_auth():
 
 # ---------------------------------------------------------------- RFC 7427
 
-# RFC 7427 Appendix A.3.1 (ecdsa-with-SHA256) and RFC 8420 §2 (id-Ed25519), DER
+# DER AlgorithmIdentifiers as listed in RFC 7427 Appendix A (ecdsa-with-SHA256) and RFC 8420 (id-Ed25519)
 ALG_ECDSA_SHA256 = bytes.fromhex("300a06082a8648ce3d040302")
 ALG_ED25519 = bytes.fromhex("300506032b6570")
 
@@ -178,7 +178,7 @@ def test_rsa_pss_algorithm_identifier_matches_openssl(rsa_key):
 
 
 def test_rsa_pkcs1_verify_accepted(rsa_key):
-    alg = bytes.fromhex("300d06092a864886f70d01010b0500")  # sha256WithRSAEncryption, RFC 7427 A.1.2
+    alg = bytes.fromhex("300d06092a864886f70d01010b0500")  # sha256WithRSAEncryption, RFC 7427 Appendix A
     sig = rsa_key.sign(b"octets", padding.PKCS1v15(), hashes.SHA256())
     assert verify_digital_signature(rsa_key.public_key(), b"octets", bytes([len(alg)]) + alg + sig) == \
         "RSA-PKCS1-SHA256"
