@@ -21,14 +21,13 @@ import struct
 from dataclasses import dataclass, field
 from typing import Callable
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import hashes
 
 from agent.iana import (AuthMethod, CertEncoding, ExchangeType, HashAlgorithm, IdType, NotifyType,
                         PayloadType, ProtocolId)
+from agent.ike import auth
 from agent.ike import child as ch
+from agent.ike.auth import AuthError
 from agent.ike.crypto import CryptoError, IntegrityError, KeyExchange, KeyExchangeError, Prf, SkCipher, derive_child_keymat, derive_ike_keys
 from agent.ike.events import (Addr, ChildSaDeleted, ChildSaEstablished, IkeKeysDerived, IkeSaDeleted,
                               IkeSaEstablished)
@@ -88,117 +87,10 @@ class IkeSaConfig:
     initial_contact: bool = False
 
 
-# ------------------------------------------------------------------ authentication helpers
-# RFC 7427 §3: AlgorithmIdentifier ecdsa-with-SHA256 (RFC 7427 Appendix A.3.1).
-ECDSA_SHA256_ALGID = bytes.fromhex("300a06082a8648ce3d040302")
-KEY_PAD = b"Key Pad for IKEv2"
-
-
-class AuthError(Exception):
-    """Authentication of the peer failed; ``reason`` says why (-> AUTHENTICATION_FAILED)."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
-def _spki_sha1(cert_der: bytes) -> bytes:
-    cert = x509.load_der_x509_certificate(cert_der)
-    spki = cert.public_key().public_bytes(serialization.Encoding.DER,
-                                          serialization.PublicFormat.SubjectPublicKeyInfo)
-    h = hashes.Hash(hashes.SHA1())
-    h.update(spki)
-    return h.finalize()
-
-
 def _sha1(data: bytes) -> bytes:
     h = hashes.Hash(hashes.SHA1())
     h.update(data)
     return h.finalize()
-
-
-def signed_octets(message: bytes, peer_nonce: bytes, prf: Prf, sk_p: bytes, id_body: bytes) -> bytes:
-    """§2.15: RealMessage | NonceData | prf(SK_p, RestOfIDPayload)."""
-    return message + peer_nonce + prf.prf(sk_p, id_body)
-
-
-def psk_auth(prf: Prf, psk: bytes, octets: bytes) -> bytes:
-    """§2.15: AUTH = prf(prf(Shared Secret, "Key Pad for IKEv2"), <SignedOctets>)."""
-    return prf.prf(prf.prf(psk, KEY_PAD), octets)
-
-
-def sign_ecdsa(private_key_pem: bytes, octets: bytes) -> bytes:
-    """RFC 7427 §3 AUTH data: len(AlgorithmIdentifier) | AlgorithmIdentifier | DER signature."""
-    key = serialization.load_pem_private_key(private_key_pem, password=None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise AuthError("only ECDSA private keys are supported for DIGITAL_SIGNATURE")
-    return bytes([len(ECDSA_SHA256_ALGID)]) + ECDSA_SHA256_ALGID + key.sign(octets, ec.ECDSA(hashes.SHA256()))
-
-
-def verify_certificate(chain: list[bytes], cas: tuple[bytes, ...], identity: str, now: float) -> x509.Certificate:
-    """Leaf (first) must chain to one of ``cas``, be valid at ``now`` and name ``identity``
-    as a dNSName SAN. Returns the leaf; raises AuthError."""
-    if not chain:
-        raise AuthError("no certificate")
-    try:
-        certs = [x509.load_der_x509_certificate(c) for c in chain]
-        anchors = [x509.load_der_x509_certificate(c) for c in cas]
-    except ValueError:
-        raise AuthError("unparsable certificate") from None
-    when = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
-    for c in certs:
-        if not (c.not_valid_before_utc <= when <= c.not_valid_after_utc):
-            raise AuthError(f"certificate {c.subject.rfc4514_string()} not valid at this time")
-    # walk leaf -> intermediates -> anchor
-    cur = certs[0]
-    pool = certs[1:]
-    for _ in range(len(certs) + 1):
-        for a in anchors:
-            if cur.issuer == a.subject:
-                try:
-                    cur.verify_directly_issued_by(a)
-                except (ValueError, TypeError, InvalidSignature):
-                    continue
-                break
-        else:
-            nxt = None
-            for c in pool:
-                if cur.issuer == c.subject:
-                    try:
-                        cur.verify_directly_issued_by(c)
-                    except (ValueError, TypeError, InvalidSignature):
-                        continue
-                    nxt = c
-                    break
-            if nxt is None:
-                raise AuthError("certificate not issued by a trusted CA")
-            cur = nxt
-            continue
-        break
-    leaf = certs[0]
-    try:
-        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names = san.get_values_for_type(x509.DNSName)
-    except x509.ExtensionNotFound:
-        names = []
-    if identity not in names:
-        raise AuthError(f"certificate does not name {identity!r} (dNSName SANs: {names})")
-    return leaf
-
-
-def verify_ecdsa(leaf: x509.Certificate, auth_data: bytes, octets: bytes) -> None:
-    """Verify RFC 7427 ECDSA-SHA256 AUTH data against the leaf's key; AuthError if not."""
-    n = auth_data[0] if auth_data else 0
-    algid, sig = auth_data[1:1 + n], auth_data[1 + n:]
-    if algid != ECDSA_SHA256_ALGID:
-        raise AuthError("unsupported signature algorithm (want ecdsa-with-SHA256)")
-    key = leaf.public_key()
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise AuthError("certificate key is not ECDSA")
-    try:
-        key.verify(sig, octets, ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature:
-        raise AuthError("AUTH signature does not verify") from None
 
 
 # ------------------------------------------------------------------ IkeSa
@@ -713,48 +605,50 @@ class IkeSa:
 
     def _certreq(self) -> CertReqPayload:
         return CertReqPayload(int(CertEncoding.X509_CERTIFICATE_SIGNATURE),
-                              b"".join(_spki_sha1(c) for c in self.cfg.credentials.ca_certificates))
+                              b"".join(auth.certreq_hash(c) for c in self.cfg.credentials.ca_certificates))
 
     # ------------------------------------------------------------ IKE_AUTH
     def _my_auth(self, id_payload: IdPayload, psk: bytes | None) -> AuthPayload:
+        prf = self._ike_prop.prf
         if self.initiator:
-            octets = signed_octets(self._init_request, self._nr, self._prf, self._keys.sk_pi, id_payload.body)
+            octets = auth.signed_octets(prf, self._init_request, self._nr, self._keys.sk_pi, id_payload.body)
         else:
-            octets = signed_octets(self._init_response, self._ni, self._prf, self._keys.sk_pr, id_payload.body)
-        creds = self.cfg.credentials
+            octets = auth.signed_octets(prf, self._init_response, self._ni, self._keys.sk_pr, id_payload.body)
         if psk is not None:
-            return AuthPayload(int(AuthMethod.SHARED_KEY_MESSAGE_INTEGRITY_CODE), psk_auth(self._prf, psk, octets))
-        return AuthPayload(int(AuthMethod.DIGITAL_SIGNATURE), sign_ecdsa(creds.private_key_pem, octets))
+            return AuthPayload(int(AuthMethod.SHARED_KEY_MESSAGE_INTEGRITY_CODE), auth.psk_auth(prf, psk, octets))
+        hashes_ok = tuple(sorted(self._peer_sig_hashes)) or None
+        return AuthPayload(int(AuthMethod.DIGITAL_SIGNATURE),
+                           auth.sign_digital_signature(self.cfg.credentials.private_key_pem, octets, hashes_ok))
 
-    def _verify_peer(self, idp: IdPayload, auth: AuthPayload | None, certs: list, peer: Peer, now: float) -> None:
+    def _verify_peer(self, idp: IdPayload, auth_p: AuthPayload | None, certs: list, peer: Peer, now: float) -> None:
         """Check the peer's ID, certificate and AUTH (§2.15); raises AuthError."""
         if idp.id_type != IdType.ID_FQDN:
             raise AuthError(f"ID type {idp.id_type} is not ID_FQDN")
         ident = idp.data.decode("utf-8", "replace")
         if ident != peer.identity:
             raise AuthError(f"peer identity {ident!r} is not the expected {peer.identity!r}")
-        if auth is None:
+        if auth_p is None:
             raise AuthError("no AUTH payload")
+        prf = self._ike_prop.prf
         if self.initiator:
-            octets = signed_octets(self._init_response, self._ni, self._prf, self._keys.sk_pr, idp.body)
+            octets = auth.signed_octets(prf, self._init_response, self._ni, self._keys.sk_pr, idp.body)
         else:
-            octets = signed_octets(self._init_request, self._nr, self._prf, self._keys.sk_pi, idp.body)
-        if auth.method == AuthMethod.SHARED_KEY_MESSAGE_INTEGRITY_CODE:
+            octets = auth.signed_octets(prf, self._init_request, self._nr, self._keys.sk_pi, idp.body)
+        if auth_p.method == AuthMethod.SHARED_KEY_MESSAGE_INTEGRITY_CODE:
             psk = self._psk_for(peer)
             if psk is None:
                 raise AuthError("peer used a PSK but none is configured for it")
-            from cryptography.hazmat.primitives import constant_time
-            if not constant_time.bytes_eq(psk_auth(self._prf, psk, octets), auth.data):
-                raise AuthError("PSK AUTH does not verify (wrong pre-shared key?)")
+            auth.verify_psk_auth(prf, psk, octets, auth_p.data)
             return
-        if auth.method == AuthMethod.DIGITAL_SIGNATURE:
+        if auth_p.method == AuthMethod.DIGITAL_SIGNATURE:
             if not self.cfg.credentials.ca_certificates:
                 raise AuthError("peer used a certificate but we have no CA to verify it")
             x509s = [c.data for c in certs if c.encoding == CertEncoding.X509_CERTIFICATE_SIGNATURE]
-            leaf = verify_certificate(x509s, self.cfg.credentials.ca_certificates, peer.identity, now)
-            verify_ecdsa(leaf, auth.data, octets)
+            leaf = auth.verify_certificate_chain(x509s, list(self.cfg.credentials.ca_certificates), now)
+            auth.identity_matches_certificate(idp.id_type, idp.data, leaf)
+            auth.verify_digital_signature(leaf, octets, auth_p.data)
             return
-        raise AuthError(f"unsupported AUTH method {auth.method}")
+        raise AuthError(f"unsupported AUTH method {auth_p.method}")
 
     def _psk_for(self, peer: Peer) -> bytes | None:
         return peer.psk if peer.psk is not None else self.cfg.credentials.psk
@@ -815,8 +709,8 @@ class IkeSa:
             return
         try:
             self._verify_peer(idr, m.first(PayloadType.AUTH), m.get(PayloadType.CERT), self.peer, now)
-        except AuthError as e:
-            self._fail_with_notify(NotifyType.AUTHENTICATION_FAILED, f"AUTHENTICATION_FAILED: {e.reason}", now)
+        except (AuthError, CryptoError) as e:
+            self._fail_with_notify(NotifyType.AUTHENTICATION_FAILED, f"AUTHENTICATION_FAILED: {e}", now)
             return
         self._established(now)
         if errors:
@@ -873,9 +767,9 @@ class IkeSa:
             if idr is not None and idr.data.decode("utf-8", "replace") != self.cfg.identity:
                 raise AuthError(f"peer wants to talk to {idr.data!r}, we are {self.cfg.identity!r}")
             self._verify_peer(idi, m.first(PayloadType.AUTH), m.get(PayloadType.CERT), peer, now)
-        except AuthError as e:
-            self.auth_failure = e.reason
-            self._die(f"AUTHENTICATION_FAILED: {e.reason}")
+        except (AuthError, CryptoError) as e:
+            self.auth_failure = str(e)
+            self._die(f"AUTHENTICATION_FAILED: {e}")
             return [NotifyPayload(int(NotifyType.AUTHENTICATION_FAILED))]
         self.peer = peer
         self.peer_initial_contact = m.notify(NotifyType.INITIAL_CONTACT) is not None
