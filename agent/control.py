@@ -282,15 +282,17 @@ class ControllerClient:
         leaf = chain[0]
         if leaf.public_key() != key.public_key() or _cert_identity(leaf) != ([self.node_name], [self.node_name]):
             return None
-        renew_at = self._renewal_time(leaf)
+        renew_at = self._renewal_time(leaf, cert_path.stat().st_mtime)
         if now >= renew_at:
             return None
         return self._credentials_from(key, chain, cas), renew_at
 
     @staticmethod
-    def _renewal_time(leaf: x509.Certificate) -> float:
-        nb, na = leaf.not_valid_before_utc.timestamp(), leaf.not_valid_after_utc.timestamp()
-        return nb + (na - nb) * RENEW_FRACTION
+    def _renewal_time(leaf: x509.Certificate, received: float) -> float:
+        # Measured from when we got it, not notBefore: the CA backdates.
+        start = max(leaf.not_valid_before_utc.timestamp(), received)
+        na = leaf.not_valid_after_utc.timestamp()
+        return start + (na - start) * RENEW_FRACTION
 
     @staticmethod
     def _credentials_from(key: ec.EllipticCurvePrivateKey, chain: list[x509.Certificate],
@@ -328,7 +330,7 @@ class ControllerClient:
         _write_private(self.state_dir / CA_FILE, b"".join(c.public_bytes(pem) for c in cas), 0o644)
         self.log.info("enrolled as %r at %s; certificate valid until %s", self.node_name, self.address,
                       chain[0].not_valid_after_utc.isoformat())
-        return self._credentials_from(key, chain, cas), self._renewal_time(chain[0])
+        return self._credentials_from(key, chain, cas), self._renewal_time(chain[0], time.time())
 
     def enroll(self, *, stop: threading.Event | None = None) -> Credentials:
         """This node's Credentials: the stored certificate if still well

@@ -218,3 +218,21 @@ def test_enroll_retries_until_controller_is_up(controller: ServerFactory, tmp_pa
         controller.start(port=port, watch_listen=f"127.0.0.1:{watch_port}")
         t.join(timeout=15)
     assert result and result[0].uses_certificates
+
+
+def test_watch_reenrols_before_expiry(controller: ServerFactory, tmp_path: Path) -> None:
+    import datetime as dt
+
+    server = controller.start(cert_lifetime=dt.timedelta(seconds=3))
+    renewed: list = []
+    c = client(controller, server, "alpha", "alpha-token", tmp_path, on_credentials=renewed.append)
+    first = c.enroll()
+    assert c.renew_at is not None and 0.5 < c.renew_at - __import__("time").time() <= 2.1
+    w = Watcher(c)
+    try:
+        wait_for(lambda: renewed, timeout=10, what="re-enrolment")
+        assert renewed[0].certificate_chain != first.certificate_chain
+        assert len(server.store.certificates_for("alpha")) >= 2
+        wait_for(lambda: w.views, what="view after renewal")
+    finally:
+        w.close()

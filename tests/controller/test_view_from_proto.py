@@ -1,0 +1,77 @@
+"""agent.control.view_from_proto: proto ViewUpdate -> agent.model.NodeView."""
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from agent.control import ControlError, ControllerClient, default_watch_address, view_from_proto
+from agent.model import PeerPolicy
+from meshsec.v1 import controller_pb2 as pb
+
+
+def peer(name: str, endpoint: str = "198.51.100.2", **kw) -> pb.Peer:
+    return pb.Peer(name=name, identity=name, endpoints=[endpoint], subnets=["10.2.0.0/16"], initiate=True,
+                   policy=pb.PeerPolicy(mode=pb.MODE_TRANSPORT, protocol=pb.PROTOCOL_ESP,
+                                        encapsulation=pb.ENCAPSULATION_UDP, esp_proposals=["aes256gcm16"],
+                                        ike_lifetime_s=100, child_lifetime_s=50, dpd_interval_s=5,
+                                        replay_window=64), **kw)
+
+
+def full(*peers: pb.Peer, version: int = 3) -> pb.ViewUpdate:
+    return pb.ViewUpdate(version=version, full=True, node_name="a", identity="a", subnets=["10.1.0.0/16"],
+                         endpoints=["198.51.100.1"], upserted_peers=list(peers))
+
+
+def test_full_snapshot() -> None:
+    v = view_from_proto(full(peer("c"), peer("b")))
+    assert (v.name, v.identity, v.version, v.local_address) == ("a", "a", 3, "198.51.100.1")
+    assert v.subnets == (ipaddress.ip_network("10.1.0.0/16"),)
+    assert [p.name for p in v.peers] == ["b", "c"]
+    p = v.peer("b")
+    assert p.ike_port == 500 and p.initiate and p.subnets == (ipaddress.ip_network("10.2.0.0/16"),)
+    assert p.policy == PeerPolicy(mode="transport", esp_proposals=("aes256gcm16",), ike_lifetime_s=100,
+                                  child_lifetime_s=50, dpd_interval_s=5, replay_window=64)
+
+
+def test_incremental_applies_upserts_and_removals() -> None:
+    v = view_from_proto(full(peer("b"), peer("c")))
+    inc = pb.ViewUpdate(version=4, node_name="a", identity="a", subnets=["10.1.0.0/16"],
+                        upserted_peers=[peer("c", "198.51.100.3"), peer("d")], removed_peers=["b"])
+    v2 = view_from_proto(inc, v)
+    assert [p.name for p in v2.peers] == ["c", "d"] and v2.peer("c").endpoints == ("198.51.100.3",)
+    assert v2.version == 4 and v2.local_address is None
+
+
+def test_unset_enums_take_model_defaults() -> None:
+    v = view_from_proto(full(pb.Peer(name="b", endpoints=["198.51.100.2"])))
+    assert v.peer("b").policy.mode == "tunnel" and v.peer("b").identity == "b"
+    assert v.peer("b").policy.ike_proposals == PeerPolicy().ike_proposals
+
+
+def test_malformed_updates_raise_value_error() -> None:
+    with pytest.raises(ValueError, match="without a previous view"):
+        view_from_proto(pb.ViewUpdate(version=1, node_name="a"))
+    with pytest.raises(ValueError):
+        view_from_proto(full(pb.Peer(name="b", subnets=["10.0.0.0/33"])))
+    with pytest.raises(ValueError, match="unknown mode 9"):
+        view_from_proto(full(pb.Peer(name="b", policy=pb.PeerPolicy(mode=9))))
+    with pytest.raises(ValueError, match="without node_name"):
+        view_from_proto(pb.ViewUpdate(full=True))
+    with pytest.raises(ValueError, match="applied to"):
+        view_from_proto(pb.ViewUpdate(version=2, node_name="z"), view_from_proto(full()))
+
+
+def test_default_watch_address() -> None:
+    assert default_watch_address("10.0.0.1:7443") == "10.0.0.1:7444"
+    assert default_watch_address("[::1]:7443") == "[::1]:7444"
+    with pytest.raises(ValueError):
+        default_watch_address("ctl")
+
+
+def test_corrupt_key_file_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "node.key").write_text("garbage")
+    c = ControllerClient("127.0.0.1:1", "a", "t", tmp_path, b"")
+    with pytest.raises(ControlError, match="not a readable PEM private key"):
+        c.enroll()
