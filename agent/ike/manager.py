@@ -206,8 +206,9 @@ class IkeManager:
                 self._backoff.pop(ev.peer, None)
                 if sa.peer_initial_contact:
                     # RFC 7296 §2.4: the peer restarted; our older IKE_SAs with it are stale
+                    # only SAs established before: a simultaneous initiation in flight stays
                     for old in self._sas_of(ev.peer):
-                        if old is not sa:
+                        if old is not sa and old.state == State.ESTABLISHED:
                             old._die("peer sent INITIAL_CONTACT")
                             self._collect(old, now)
             elif isinstance(ev, IkeSaDeleted):

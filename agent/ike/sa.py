@@ -679,7 +679,11 @@ class IkeSa:
         if self.cfg.initial_contact:
             payloads.append(NotifyPayload(int(NotifyType.INITIAL_CONTACT)))
         payloads.append(IdPayload(int(PayloadType.IDr), int(IdType.ID_FQDN), peer.identity.encode()))
-        payloads.append(self._my_auth(idi, psk))
+        try:
+            payloads.append(self._my_auth(idi, psk))
+        except (AuthError, CryptoError) as e:
+            self._die(f"cannot authenticate ourselves: {e}")
+            return
         self._child_spi = self._new_child_spi()
         self._esp_offered = [parse_esp_proposal(s) for s in peer.policy.esp_proposals]
         payloads.append(ch.esp_sa_payload(self._esp_offered, self._child_spi))
@@ -775,7 +779,11 @@ class IkeSa:
         self.peer_initial_contact = m.notify(NotifyType.INITIAL_CONTACT) is not None
         psk = self._my_psk(peer)
         my_id = self._id(PayloadType.IDr)
-        payloads: list = [my_id, *self._cert_payloads(psk), self._my_auth(my_id, psk)]
+        try:
+            payloads: list = [my_id, *self._cert_payloads(psk), self._my_auth(my_id, psk)]
+        except (AuthError, CryptoError) as e:  # e.g. the peer accepts none of our hash algorithms
+            self._die(f"cannot authenticate ourselves: {e}")
+            return [NotifyPayload(int(NotifyType.AUTHENTICATION_FAILED))]
         self._established(now)
         # first CHILD_SA
         sa, tsi, tsr = m.first(PayloadType.SA), m.first(PayloadType.TSi), m.first(PayloadType.TSr)

@@ -171,3 +171,16 @@ def test_delete_all_then_nothing_restarts():
     assert len(n.of("a", IkeSaEstablished)) == 1 and n.a.status() == []
     n.a.initiate("node-b", n.now)
     assert n.a.datagrams_to_send() == []
+
+
+def test_simultaneous_initiation_leaves_both_sides_consistent():
+    """Both ends initiate at once (both send INITIAL_CONTACT): no side may delete an IKE_SA the
+    other still uses; every CHILD_SA installed on one side exists on the other."""
+    n = _net("sim")
+    n.a.initiate("node-b", n.now)
+    n.b.initiate("node-a", n.now)
+    n.pump()
+    in_a = {e.inbound.spi for e in n.of("a", ChildSaEstablished)} - {e.inbound_spi for e in n.of("a", ChildSaDeleted)}
+    out_b = {e.outbound.spi for e in n.of("b", ChildSaEstablished)} - {e.outbound_spi for e in n.of("b", ChildSaDeleted)}
+    assert in_a and in_a == out_b
+    assert {s["spi_i"] for s in n.a.status()} == {s["spi_i"] for s in n.b.status()}
