@@ -395,7 +395,7 @@ class ControllerClient:
             try:
                 had = self._credentials
                 creds = self.enroll(stop=stop)
-                if had is not None and creds is not had and self.on_credentials is not None:
+                if had is not None and creds.certificate_chain != had.certificate_chain and self.on_credentials:
                     self.on_credentials(creds)
                 assert creds.private_key_pem is not None
                 pem = serialization.Encoding.PEM
