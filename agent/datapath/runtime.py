@@ -88,7 +88,8 @@ class Runtime:
 
     def __init__(self, view: NodeView, ike, *, tun, udp500, udp4500, local_address: str,
                  esp_factory=None, clock=time.monotonic, rng=os.urandom, routes=None, keylog=None,
-                 control=None, logger: logging.Logger | None = None, batch: int = 64) -> None:
+                 control=None, logger: logging.Logger | None = None, batch: int = 64,
+                 wall_clock=time.time) -> None:
         if esp_factory is None:
             from agent.esp import EspSa as esp_factory
         self.view = view
@@ -99,6 +100,7 @@ class Runtime:
         self.local_address = local_address
         self.esp_factory = esp_factory
         self.clock = clock
+        self.wall_clock = wall_clock  # Unix time, for certificate validity only
         self.rng = rng
         self.routes = routes
         self.keylog = keylog
@@ -326,12 +328,18 @@ class Runtime:
                 self.ike.initiate(peer, now)  # acquire (RFC 4301 §5.1); idempotent while negotiating
             self._flush_ike(now)
 
+    def _sync_wall(self, now: float) -> None:
+        # the IKE core checks certificate validity in Unix time but runs timers on ``now``
+        if hasattr(self.ike, "wall_offset"):
+            self.ike.wall_offset = self.wall_clock() - now
+
     # -- inbound: UDP -> IKE / ESP -> TUN ------------------------------------
     def _on_udp500(self) -> None:
         batch = self.udp500.recv_batch(self.batch)
         if not batch:
             return
         now = self.clock()
+        self._sync_wall(now)
         local = (self.local_address, 500)
         for data, addr in batch:
             self.counters["ike_in"] += 1
@@ -378,6 +386,7 @@ class Runtime:
                 c["tun_out"] += self.tun.write_batch(out)
         if ike:
             now = self.clock()
+            self._sync_wall(now)
             local = (self.local_address, 4500)
             for data, addr in ike:
                 c["ike_in"] += 1

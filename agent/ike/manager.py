@@ -31,7 +31,10 @@ class IkeManager:
     """
 
     def __init__(self, view: NodeView, credentials: Credentials, rng: Callable[[int], bytes], *,
-                 local_address: str):
+                 local_address: str, wall_offset: float = 0.0):
+        # ``wall_offset``: Unix time minus the ``now`` clock, for certificate validity (RFC 5280
+        # times are calendar times, timers run on a monotonic clock); the shell keeps it current.
+        self.wall_offset = wall_offset
         self.view = view
         self.credentials = credentials
         self.rng = rng
@@ -66,7 +69,8 @@ class IkeManager:
         return IkeSaConfig(
             identity=self.view.identity, credentials=self.credentials, local_subnets=self.view.subnets,
             ike_proposals=tuple(props) or DEFAULT_IKE_PROPOSALS, peer=None, find_peer=self._find_peer,
-            force_encap=any(p.policy.encapsulation == "udp" for p in self.view.peers))
+            force_encap=any(p.policy.encapsulation == "udp" for p in self.view.peers),
+            wall_offset=lambda: self.wall_offset)
 
     def _live(self):
         return [sa for sa in self._sas.values() if not sa.is_dead]
@@ -103,7 +107,8 @@ class IkeManager:
         cfg = IkeSaConfig(
             identity=self.view.identity, credentials=self.credentials, local_subnets=self.view.subnets,
             ike_proposals=peer.policy.ike_proposals, peer=peer, find_peer=self._find_peer,
-            force_encap=peer.policy.encapsulation == "udp", initial_contact=peer_name not in self._contacted)
+            force_encap=peer.policy.encapsulation == "udp", initial_contact=peer_name not in self._contacted,
+            wall_offset=lambda: self.wall_offset)
         sa = IkeSa.new_initiator(cfg, self.rng, (self.local_address, IKE_PORT),
                                  (peer.endpoints[0], peer.ike_port), now)
         self._sas[sa.my_spi] = sa

@@ -85,6 +85,9 @@ class IkeSaConfig:
     find_peer: Callable[[str], Peer | None] = lambda _ident: None
     force_encap: bool = False
     initial_contact: bool = False
+    # seconds to add to ``now`` (monotonic) to get Unix time, for certificate
+    # validity; the shell measures it, the core never reads a clock
+    wall_offset: Callable[[], float] = lambda: 0.0
 
 
 def _sha1(data: bytes) -> bytes:
@@ -644,7 +647,8 @@ class IkeSa:
             if not self.cfg.credentials.ca_certificates:
                 raise AuthError("peer used a certificate but we have no CA to verify it")
             x509s = [c.data for c in certs if c.encoding == CertEncoding.X509_CERTIFICATE_SIGNATURE]
-            leaf = auth.verify_certificate_chain(x509s, list(self.cfg.credentials.ca_certificates), now)
+            leaf = auth.verify_certificate_chain(x509s, list(self.cfg.credentials.ca_certificates),
+                                                now + self.cfg.wall_offset())
             auth.identity_matches_certificate(idp.id_type, idp.data, leaf)
             auth.verify_digital_signature(leaf, octets, auth_p.data)
             return
