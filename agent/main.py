@@ -18,6 +18,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 from agent.config import ConfigError, DatapathSettings, load_config
@@ -221,9 +222,9 @@ def _run(args) -> int:
     enable_ip_forwarding(view.subnets)
 
     from agent.ike.manager import IkeManager
-    ike = IkeManager(view, creds, os.urandom, local_address=local)
+    ike = IkeManager(view, creds, os.urandom, local_address=local, wall_offset=time.time() - time.monotonic())
     rt = Runtime(view, ike, tun=tun, udp500=udp500, udp4500=udp4500, local_address=local,
-                 routes=routes, keylog=keylog, control=control)
+                 routes=routes, keylog=keylog, control=control, awaiting_view=client is not None)
 
     def on_signal(signum, _frame):
         log.info("signal %d: shutting down", signum)

@@ -28,7 +28,8 @@ NON_ESP_MARKER = b"\x00\x00\x00\x00"  # RFC 3948 §2.2
 _ANY4 = ipaddress.ip_network("0.0.0.0/0")
 _ANY6 = ipaddress.ip_network("::/0")
 
-DROP_REASONS = ("no_sa", "no_policy", "discard", "unknown_spi", "policy", "malformed", "send_errors")
+DROP_REASONS = ("no_sa", "no_policy", "discard", "unknown_spi", "policy", "malformed", "send_errors",
+                "no_view_yet")
 
 
 @dataclass
@@ -89,7 +90,7 @@ class Runtime:
     def __init__(self, view: NodeView, ike, *, tun, udp500, udp4500, local_address: str,
                  esp_factory=None, clock=time.monotonic, rng=os.urandom, routes=None, keylog=None,
                  control=None, logger: logging.Logger | None = None, batch: int = 64,
-                 wall_clock=time.time) -> None:
+                 wall_clock=time.time, awaiting_view: bool = False) -> None:
         if esp_factory is None:
             from agent.esp import EspSa as esp_factory
         self.view = view
@@ -101,6 +102,9 @@ class Runtime:
         self.esp_factory = esp_factory
         self.clock = clock
         self.wall_clock = wall_clock  # Unix time, for certificate validity only
+        # controller mode: until the first view arrives we know no peer, so IKE
+        # requests are dropped (the peer retransmits) rather than refused
+        self.awaiting_view = awaiting_view
         self.rng = rng
         self.routes = routes
         self.keylog = keylog
@@ -233,6 +237,7 @@ class Runtime:
             self._apply_view(view)
 
     def _apply_view(self, view: NodeView) -> None:
+        self.awaiting_view = False
         now = self.clock()
         old = {p.name for p in self.view.peers}
         self.view = view
@@ -338,6 +343,9 @@ class Runtime:
         batch = self.udp500.recv_batch(self.batch)
         if not batch:
             return
+        if self.awaiting_view:
+            self.counters["no_view_yet"] += len(batch)
+            return
         now = self.clock()
         self._sync_wall(now)
         local = (self.local_address, 500)
@@ -385,6 +393,9 @@ class Runtime:
             if out:
                 c["tun_out"] += self.tun.write_batch(out)
         if ike:
+            if self.awaiting_view:
+                c["no_view_yet"] += len(ike)
+                ike = []
             now = self.clock()
             self._sync_wall(now)
             local = (self.local_address, 4500)

@@ -250,3 +250,31 @@ def test_real_ike_establishes_and_carries_traffic():
     a.rt.shutdown()
     pump(b)
     assert b.rt.current == {}
+
+
+def test_ike_before_the_first_view_is_dropped_then_retransmission_succeeds():
+    """Controller mode: until the first view arrives the agent knows no peer;
+    IKE requests are dropped and counted (not refused), and the initiator's
+    retransmission establishes once the view is there."""
+    pytest.importorskip("agent.ike.manager")
+    from agent.ike.manager import IkeManager
+    net, clock = FakeNetwork(), FakeClock()
+    a = _real_node(net, clock, "a", A_IP, NET_A, [("b", B_IP, NET_B, True)])
+    b = _real_node(net, clock, "b", B_IP, NET_B, [("a", A_IP, NET_A, False)])
+    full_view_b = b.view
+    empty = NodeView(name="b", identity="b", subnets=(), peers=(), local_address=B_IP)
+    b.ike = IkeManager(empty, Credentials(psk=b"runtime-test-psk"), os.urandom, local_address=B_IP)
+    b.rt = Runtime(empty, b.ike, tun=b.tun, udp500=b.u500, udp4500=b.u4500, local_address=B_IP,
+                   clock=clock, awaiting_view=True)
+    a.rt.start()
+    b.rt.start()
+    pump(a, b)
+    assert b.rt.counters["no_view_yet"] >= 1
+    assert b.ike.counters.get("auth_failed", 0) == 0
+    b.rt.submit_view(full_view_b)
+    for _ in range(40):
+        clock.advance(0.5)
+        pump(a, b, rounds=2)
+        if "b" in a.rt.current and "a" in b.rt.current:
+            break
+    assert "b" in a.rt.current and "a" in b.rt.current
