@@ -59,7 +59,8 @@ class PeerPolicy:
     """
 
     mode: Literal["tunnel", "transport"] = "tunnel"
-    protocol: Literal["esp", "ah"] = "esp"
+    # "ah+esp": ESP applied first, then AH (RFC 4301 §4.5)
+    protocol: Literal["esp", "ah", "ah+esp"] = "esp"
     encapsulation: Literal["udp", "none"] = "udp"
     ike_proposals: tuple[str, ...] = DEFAULT_IKE_PROPOSALS
     esp_proposals: tuple[str, ...] = DEFAULT_ESP_PROPOSALS
@@ -67,6 +68,11 @@ class PeerPolicy:
     child_lifetime_s: float = 3600.0
     dpd_interval_s: float = 30.0
     replay_window: int = 1024
+    # what the SPD does with traffic between us and this peer (RFC 4301 §4.4.1):
+    # PROTECT with the SAs above, BYPASS in the clear, or DISCARD
+    action: Literal["protect", "bypass", "discard"] = "protect"
+    # the controller policy rule this came from, shown by `meshsec status`
+    rule: str = ""
 
 
 @dataclass(frozen=True)
