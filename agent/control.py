@@ -57,7 +57,8 @@ _CHANNEL_OPTIONS = [
 ]
 
 _MODE = {pb.MODE_TUNNEL: "tunnel", pb.MODE_TRANSPORT: "transport"}
-_PROTOCOL = {pb.PROTOCOL_ESP: "esp", pb.PROTOCOL_AH: "ah"}
+_PROTOCOL = {pb.PROTOCOL_ESP: "esp", pb.PROTOCOL_AH: "ah", pb.PROTOCOL_AH_ESP: "ah+esp"}
+_ACTION = {pb.ACTION_PROTECT: "protect", pb.ACTION_BYPASS: "bypass", pb.ACTION_DISCARD: "discard"}
 _ENCAP = {pb.ENCAPSULATION_UDP: "udp", pb.ENCAPSULATION_NONE: "none"}
 
 
@@ -103,6 +104,8 @@ def policy_from_proto(p: pb.PeerPolicy) -> PeerPolicy:
         child_lifetime_s=p.child_lifetime_s,
         dpd_interval_s=p.dpd_interval_s,
         replay_window=p.replay_window,
+        action=_enum(_ACTION, p.action, d.action, "action"),  # type: ignore[arg-type]
+        rule=p.rule,
     )
 
 

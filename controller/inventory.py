@@ -11,13 +11,23 @@ Format::
       ike_lifetime: 4h             # seconds or 30s/15m/4h/1d; 0 = no rekey
       child_lifetime: 1h
       dpd_interval: 30s            # 0 = no DPD
-      replay_window: 1024          # packets
+      replay_window: 1024          # packets; 0 (no anti-replay) only with allow_no_replay: true
     nodes:
       - name: gw-a                 # DNS name; the node's IKE identity
         role: gateway              # host | gateway
         endpoints: [198.51.100.1]  # underlay IPs, may be empty
         subnets: [10.1.0.0/16]     # may be empty (host: its endpoints)
         join_token: s3cret         # or join_token_sha256: <64 hex>
+    groups:                        # optional: named sets of nodes for policies
+      site-a: [gw-a, host-a1]
+    policies:                      # optional: first match wins for each pair of nodes
+      - name: hosts-end-to-end     # shown by `meshsec status`
+        between: [role:host, role:host]   # each side: node, group:NAME, role:host|gateway, any, or a list
+        action: protect            # protect | bypass | discard
+        mode: transport            # and any defaults key, for protect
+      - name: legacy-in-clear
+        between: [legacy-1, any]
+        action: bypass
 
 Every error is an :class:`InventoryError` whose message is
 ``FILE:LINE: FIELD: problem``, e.g.
@@ -36,6 +46,7 @@ from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from controller.policy import (
+    ACTIONS,
     ENCAPSULATIONS,
     MODES,
     PROTOCOLS,
@@ -43,6 +54,7 @@ from controller.policy import (
     Defaults,
     Inventory,
     NodeSpec,
+    Rule,
 )
 
 # The controller's own TLS name; a node of that name could impersonate it.
@@ -54,7 +66,8 @@ _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 _DEFAULT_KEYS = ("ike_proposals", "esp_proposals", "mode", "protocol", "encapsulation",
-                 "ike_lifetime", "child_lifetime", "dpd_interval", "replay_window")
+                 "ike_lifetime", "child_lifetime", "dpd_interval", "replay_window", "allow_no_replay")
+_RULE_KEYS = ("name", "between", "action") + _DEFAULT_KEYS
 _NODE_KEYS = ("name", "role", "endpoints", "subnets", "join_token", "join_token_sha256")
 
 
@@ -152,29 +165,96 @@ class _Parser:
             out.append(s)
         return tuple(out)
 
+    def settings(self, m: dict[str, tuple[Node, Node]], path: str) -> dict[str, Any]:
+        """Defaults-style keys of a mapping -> Defaults field values."""
+        kw: dict[str, Any] = {}
+        for key, (_, v) in m.items():
+            p = f"{path}.{key}"
+            if key in ("ike_proposals", "esp_proposals"):
+                kw[key] = self.proposals(v, p)
+            elif key == "mode":
+                kw[key] = self.choice(v, p, MODES)
+            elif key == "protocol":
+                kw[key] = self.choice(v, p, PROTOCOLS)
+            elif key == "encapsulation":
+                kw[key] = self.choice(v, p, ENCAPSULATIONS)
+            elif key in ("ike_lifetime", "child_lifetime", "dpd_interval"):
+                kw[f"{key}_s"] = self.duration(v, p)
+            elif key == "replay_window":
+                value = self.scalar(v, p)
+                if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1 << 20:
+                    raise self.fail(v, p, f"{value!r} is not a window size in packets (0..1048576)")
+                kw[key] = value
+        allow = m.get("allow_no_replay")
+        if allow is not None and not isinstance(self.scalar(allow[1], f"{path}.allow_no_replay"), bool):
+            raise self.fail(allow[1], f"{path}.allow_no_replay", "expected true or false")
+        if kw.get("replay_window") == 0 and not (allow and self.scalar(allow[1], "") is True):
+            raise self.fail(m["replay_window"][1], f"{path}.replay_window",
+                            "0 turns anti-replay protection off (RFC 4303 §3.4.3); "
+                            "if you really mean it, add allow_no_replay: true")
+        return kw
+
     def defaults(self, node: Node) -> Defaults:
         if isinstance(node, ScalarNode) and node.tag == "tag:yaml.org,2002:null":
             return Defaults()
-        m = self.mapping(node, "defaults", _DEFAULT_KEYS)
-        kw: dict[str, Any] = {}
-        for key, (_, v) in m.items():
-            path = f"defaults.{key}"
-            if key in ("ike_proposals", "esp_proposals"):
-                kw[key] = self.proposals(v, path)
-            elif key == "mode":
-                kw[key] = self.choice(v, path, MODES)
-            elif key == "protocol":
-                kw[key] = self.choice(v, path, PROTOCOLS)
-            elif key == "encapsulation":
-                kw[key] = self.choice(v, path, ENCAPSULATIONS)
-            elif key in ("ike_lifetime", "child_lifetime", "dpd_interval"):
-                kw[f"{key}_s"] = self.duration(v, path)
-            elif key == "replay_window":
-                value = self.scalar(v, path)
-                if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1 << 20:
-                    raise self.fail(v, path, f"{value!r} is not a window size in packets (0..1048576)")
-                kw[key] = value
-        return Defaults(**kw)
+        return Defaults(**self.settings(self.mapping(node, "defaults", _DEFAULT_KEYS), "defaults"))
+
+    def groups(self, node: Node, names: set[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        if not isinstance(node, MappingNode):
+            raise self.fail(node, "groups", "expected a mapping of group name -> list of node names")
+        out = []
+        seen: set[str] = set()
+        for k, v in node.value:
+            gname = self.string(k, "groups")
+            path = f"groups.{gname}"
+            if not _DNS_NAME.match(gname):
+                raise self.fail(k, path, f"{gname!r} is not a lower-case name (letters, digits, '-', '.')")
+            if gname in seen:
+                raise self.fail(k, path, f"duplicate group {gname!r}")
+            seen.add(gname)
+            members = []
+            for j, item in enumerate(self.seq(v, path)):
+                member = self.string(item, f"{path}[{j}]")
+                if member not in names:
+                    raise self.fail(item, f"{path}[{j}]", f"{member!r} is not a node in this inventory")
+                members.append(member)
+            out.append((gname, tuple(members)))
+        return tuple(out)
+
+    def rule(self, node: Node, i: int, names: set[str], groups: set[str]) -> Rule:
+        path = f"policies[{i}]"
+        m = self.mapping(node, path, _RULE_KEYS, required=("name", "between"))
+        name = self.string(m["name"][1], f"{path}.name")
+        action = self.choice(m["action"][1], f"{path}.action", ACTIONS) if "action" in m else "protect"
+        between_node = m["between"][1]
+        sides = self.seq(between_node, f"{path}.between")
+        if len(sides) != 2:
+            raise self.fail(between_node, f"{path}.between",
+                            "expected two sides, e.g. [gw-a, group:site-b] or [role:host, any]")
+        between = []
+        for j, side in enumerate(sides):
+            p = f"{path}.between[{j}]"
+            items = self.seq(side, p) if isinstance(side, SequenceNode) else [side]
+            if not items:
+                raise self.fail(side, p, "empty side")
+            refs = []
+            for item in items:
+                ref = self.string(item, p)
+                ok = (ref == "any" or ref in names or (ref.startswith("group:") and ref[6:] in groups)
+                      or (ref.startswith("role:") and ref[5:] in ROLES))
+                if not ok:
+                    raise self.fail(item, p, f"{ref!r} is not a node, group:NAME (groups: "
+                                             f"{', '.join(sorted(groups)) or 'none defined'}), "
+                                             f"role:host, role:gateway or any")
+                refs.append(ref)
+            between.append(tuple(refs))
+        settings = self.settings({k: v for k, v in m.items() if k in _DEFAULT_KEYS}, path)
+        if action != "protect" and settings:
+            first = next(k for k in m if k in _DEFAULT_KEYS)
+            raise self.fail(m[first][0], f"{path}.{first}", f"only meaningful with action: protect (this rule is "
+                                                            f"{action})")
+        return Rule(name=name, between=(between[0], between[1]), action=action,
+                    settings=tuple(sorted(settings.items())))
 
     def node(self, node: Node, i: int) -> tuple[NodeSpec, list[tuple[Node, str, ipaddress._BaseNetwork]]]:
         path = f"nodes[{i}]"
@@ -239,7 +319,7 @@ class _Parser:
             raise InventoryError(f"{self.filename}:1: YAML error: {e}") from None
         if root is None:
             raise InventoryError(f"{self.filename}:1: nodes: missing (the inventory is empty)")
-        m = self.mapping(root, "", ("nodes", "defaults"), required=("nodes",))
+        m = self.mapping(root, "", ("nodes", "defaults", "groups", "policies"), required=("nodes",))
         defaults = self.defaults(m["defaults"][1]) if "defaults" in m else Defaults()
         nodes: list[NodeSpec] = []
         seen: dict[str, tuple[int, int]] = {}
@@ -259,7 +339,19 @@ class _Parser:
                                                      f"of node {oname!r} ({op})")
             all_subnets.extend((i, spec.name, n, p, net) for n, p, net in subnets)
             nodes.append(spec)
-        return Inventory(nodes=tuple(nodes), defaults=defaults)
+        names = {n.name for n in nodes}
+        groups = self.groups(m["groups"][1], names) if "groups" in m else ()
+        rules: list[Rule] = []
+        if "policies" in m:
+            rule_lines: dict[str, int] = {}
+            for i, item in enumerate(self.seq(m["policies"][1], "policies")):
+                rule = self.rule(item, i, names, {g for g, _ in groups})
+                if rule.name in rule_lines:
+                    raise self.fail(item, f"policies[{i}].name",
+                                    f"duplicate policy name {rule.name!r} (also on line {rule_lines[rule.name]})")
+                rule_lines[rule.name] = item.start_mark.line + 1
+                rules.append(rule)
+        return Inventory(nodes=tuple(nodes), defaults=defaults, groups=groups, rules=tuple(rules))
 
 
 def parse_inventory(text: str, filename: str = "inventory.yaml") -> Inventory:

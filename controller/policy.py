@@ -12,14 +12,20 @@ Rules:
   has no endpoints (unreachable, e.g. a roaming host behind NAT): then the
   side without endpoints initiates, and nobody initiates to a peer without
   endpoints.
-- Mode: ``defaults.mode``; ``auto`` means transport between two hosts,
-  tunnel whenever a gateway is involved.
+- Policy rules (``Inventory.rules``, the inventory's ``policies:``) are
+  tried in order for every pair of nodes; the first rule whose ``between``
+  matches the pair (either way round) decides: PROTECT (with its protocol,
+  mode and proposals over ``defaults``), BYPASS or DISCARD. No match: PROTECT
+  with ``defaults`` (rule name ``defaults``). Peers whose pair is not
+  PROTECT are not initiated to.
+- Mode: ``auto`` means transport between two hosts, tunnel whenever a
+  gateway is involved.
 """
 from __future__ import annotations
 
 import ipaddress
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 DEFAULT_IKE_PROPOSALS: tuple[str, ...] = (
     "aes128gcm16-prfsha256-x25519",
@@ -30,7 +36,8 @@ DEFAULT_IKE_PROPOSALS: tuple[str, ...] = (
 DEFAULT_ESP_PROPOSALS: tuple[str, ...] = ("aes128gcm16", "aes256gcm16")
 
 MODES = ("tunnel", "transport", "auto")
-PROTOCOLS = ("esp", "ah")
+PROTOCOLS = ("esp", "ah", "ah+esp")
+ACTIONS = ("protect", "bypass", "discard")
 ENCAPSULATIONS = ("udp", "none")
 ROLES = ("host", "gateway")
 
@@ -63,6 +70,19 @@ class Defaults:
 
 
 @dataclass(frozen=True)
+class Rule:
+    """One ``policies:`` entry. ``between`` holds two sets of node references,
+    each ``"<node name>"``, ``"group:<name>"``, ``"role:host|gateway"`` or
+    ``"any"``; the rule matches a pair (a, b) when a is in one set and b in
+    the other. ``settings`` overrides :class:`Defaults` fields for PROTECT."""
+
+    name: str
+    between: tuple[tuple[str, ...], tuple[str, ...]]
+    action: str = "protect"
+    settings: tuple[tuple[str, object], ...] = ()
+
+
+@dataclass(frozen=True)
 class NodeSpec:
     """One inventory node. ``subnets`` are normalised CIDR strings,
     ``endpoints`` normalised IP strings. ``join_token_sha256`` is the 32-byte
@@ -79,6 +99,8 @@ class NodeSpec:
 class Inventory:
     nodes: tuple[NodeSpec, ...]
     defaults: Defaults = Defaults()
+    groups: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (group name, member node names)
+    rules: tuple[Rule, ...] = ()
 
     def node(self, name: str) -> NodeSpec:
         """The node called ``name``; raises :class:`UnknownNode`."""
@@ -93,7 +115,14 @@ class Inventory:
             {"name": n.name, "role": n.role, "endpoints": list(n.endpoints), "subnets": list(n.subnets)}
             for n in sorted(self.nodes, key=lambda n: n.name)
         ]
-        return json.dumps({"nodes": nodes, "defaults": asdict(self.defaults)}, sort_keys=True)
+        doc = {"nodes": nodes, "defaults": asdict(self.defaults)}
+        if self.groups or self.rules:  # absent keys keep older snapshots byte-identical
+            doc["groups"] = [[g, list(m)] for g, m in self.groups]
+            doc["rules"] = [{"name": r.name, "between": [list(r.between[0]), list(r.between[1])],
+                             "action": r.action, "settings": [[k, list(v) if isinstance(v, tuple) else v]
+                                                              for k, v in r.settings]}
+                            for r in self.rules]
+        return json.dumps(doc, sort_keys=True)
 
     @classmethod
     def from_view_json(cls, text: str) -> Inventory:
@@ -106,7 +135,12 @@ class Inventory:
             NodeSpec(n["name"], n["role"], tuple(n["endpoints"]), tuple(n["subnets"]))
             for n in data["nodes"]
         )
-        return cls(nodes=nodes, defaults=defaults)
+        groups = tuple((g, tuple(m)) for g, m in data.get("groups", []))
+        rules = tuple(
+            Rule(name=r["name"], between=(tuple(r["between"][0]), tuple(r["between"][1])), action=r["action"],
+                 settings=tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in r["settings"]))
+            for r in data.get("rules", []))
+        return cls(nodes=nodes, defaults=defaults, groups=groups, rules=rules)
 
 
 @dataclass(frozen=True)
@@ -120,6 +154,8 @@ class PolicyView:
     child_lifetime_s: float
     dpd_interval_s: float
     replay_window: int
+    action: str = "protect"
+    rule: str = "defaults"
 
 
 @dataclass(frozen=True)
@@ -165,8 +201,37 @@ def should_initiate(me: NodeSpec, peer: NodeSpec) -> bool:
     return me.name < peer.name
 
 
-def pair_policy(defaults: Defaults, a: NodeSpec, b: NodeSpec) -> PolicyView:
-    """The policy between two nodes; symmetric in a and b."""
+def _member(ref: str, node: NodeSpec, groups: dict[str, tuple[str, ...]]) -> bool:
+    if ref == "any":
+        return True
+    if ref.startswith("role:"):
+        return node.role == ref[5:]
+    if ref.startswith("group:"):
+        return node.name in groups.get(ref[6:], ())
+    return node.name == ref
+
+
+def matching_rule(inventory: Inventory, a: NodeSpec, b: NodeSpec) -> Rule | None:
+    """The first rule whose ``between`` matches the pair either way round."""
+    groups = dict(inventory.groups)
+    for rule in inventory.rules:
+        left, right = rule.between
+        in_l = lambda n: any(_member(r, n, groups) for r in left)  # noqa: E731
+        in_r = lambda n: any(_member(r, n, groups) for r in right)  # noqa: E731
+        if (in_l(a) and in_r(b)) or (in_l(b) and in_r(a)):
+            return rule
+    return None
+
+
+def pair_policy(inventory: Inventory | Defaults, a: NodeSpec, b: NodeSpec) -> PolicyView:
+    """The policy between two nodes; symmetric in a and b. (A bare
+    :class:`Defaults` is accepted for callers without rules.)"""
+    if isinstance(inventory, Defaults):
+        inventory = Inventory(nodes=(), defaults=inventory)
+    rule = matching_rule(inventory, a, b)
+    defaults = inventory.defaults
+    if rule is not None and rule.settings:
+        defaults = replace(defaults, **dict(rule.settings))
     mode = defaults.mode
     if mode == "auto":
         mode = "transport" if a.role == "host" and b.role == "host" else "tunnel"
@@ -180,6 +245,8 @@ def pair_policy(defaults: Defaults, a: NodeSpec, b: NodeSpec) -> PolicyView:
         child_lifetime_s=defaults.child_lifetime_s,
         dpd_interval_s=defaults.dpd_interval_s,
         replay_window=defaults.replay_window,
+        action=rule.action if rule else "protect",
+        rule=rule.name if rule else "defaults",
     )
 
 
@@ -192,8 +259,8 @@ def compute_view(inventory: Inventory, node_name: str) -> View:
             identity=n.name,
             endpoints=n.endpoints,
             subnets=effective_subnets(n),
-            policy=pair_policy(inventory.defaults, me, n),
-            initiate=should_initiate(me, n),
+            policy=(pol := pair_policy(inventory, me, n)),
+            initiate=pol.action == "protect" and should_initiate(me, n),
         )
         for n in sorted(inventory.nodes, key=lambda n: n.name)
         if n.name != me.name

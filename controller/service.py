@@ -42,7 +42,8 @@ from meshsec.v1 import controller_pb2_grpc as pb_grpc
 CA_FILE = "ca.pem"
 
 _MODE = {"tunnel": pb.MODE_TUNNEL, "transport": pb.MODE_TRANSPORT}
-_PROTOCOL = {"esp": pb.PROTOCOL_ESP, "ah": pb.PROTOCOL_AH}
+_PROTOCOL = {"esp": pb.PROTOCOL_ESP, "ah": pb.PROTOCOL_AH, "ah+esp": pb.PROTOCOL_AH_ESP}
+_ACTION = {"protect": pb.ACTION_PROTECT, "bypass": pb.ACTION_BYPASS, "discard": pb.ACTION_DISCARD}
 _ENCAP = {"udp": pb.ENCAPSULATION_UDP, "none": pb.ENCAPSULATION_NONE}
 
 # Keepalives detect dead agents / controllers behind silent middleboxes.
@@ -69,6 +70,7 @@ def peer_to_proto(p) -> pb.Peer:
             ike_proposals=list(pol.ike_proposals), esp_proposals=list(pol.esp_proposals),
             ike_lifetime_s=pol.ike_lifetime_s, child_lifetime_s=pol.child_lifetime_s,
             dpd_interval_s=pol.dpd_interval_s, replay_window=pol.replay_window,
+            action=_ACTION[pol.action], rule=pol.rule,
         ),
     )
 

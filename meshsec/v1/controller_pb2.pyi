@@ -18,6 +18,14 @@ class Protocol(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PROTOCOL_UNSPECIFIED: _ClassVar[Protocol]
     PROTOCOL_ESP: _ClassVar[Protocol]
     PROTOCOL_AH: _ClassVar[Protocol]
+    PROTOCOL_AH_ESP: _ClassVar[Protocol]
+
+class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ACTION_UNSPECIFIED: _ClassVar[Action]
+    ACTION_PROTECT: _ClassVar[Action]
+    ACTION_BYPASS: _ClassVar[Action]
+    ACTION_DISCARD: _ClassVar[Action]
 
 class Encapsulation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -30,6 +38,11 @@ MODE_TRANSPORT: Mode
 PROTOCOL_UNSPECIFIED: Protocol
 PROTOCOL_ESP: Protocol
 PROTOCOL_AH: Protocol
+PROTOCOL_AH_ESP: Protocol
+ACTION_UNSPECIFIED: Action
+ACTION_PROTECT: Action
+ACTION_BYPASS: Action
+ACTION_DISCARD: Action
 ENCAPSULATION_UNSPECIFIED: Encapsulation
 ENCAPSULATION_UDP: Encapsulation
 ENCAPSULATION_NONE: Encapsulation
@@ -63,7 +76,7 @@ class WatchRequest(_message.Message):
     def __init__(self, node_name: _Optional[str] = ..., since_version: _Optional[int] = ...) -> None: ...
 
 class PeerPolicy(_message.Message):
-    __slots__ = ("mode", "protocol", "encapsulation", "ike_proposals", "esp_proposals", "ike_lifetime_s", "child_lifetime_s", "dpd_interval_s", "replay_window")
+    __slots__ = ("mode", "protocol", "encapsulation", "ike_proposals", "esp_proposals", "ike_lifetime_s", "child_lifetime_s", "dpd_interval_s", "replay_window", "action", "rule")
     MODE_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     ENCAPSULATION_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +86,8 @@ class PeerPolicy(_message.Message):
     CHILD_LIFETIME_S_FIELD_NUMBER: _ClassVar[int]
     DPD_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     REPLAY_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
     mode: Mode
     protocol: Protocol
     encapsulation: Encapsulation
@@ -82,7 +97,9 @@ class PeerPolicy(_message.Message):
     child_lifetime_s: float
     dpd_interval_s: float
     replay_window: int
-    def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., protocol: _Optional[_Union[Protocol, str]] = ..., encapsulation: _Optional[_Union[Encapsulation, str]] = ..., ike_proposals: _Optional[_Iterable[str]] = ..., esp_proposals: _Optional[_Iterable[str]] = ..., ike_lifetime_s: _Optional[float] = ..., child_lifetime_s: _Optional[float] = ..., dpd_interval_s: _Optional[float] = ..., replay_window: _Optional[int] = ...) -> None: ...
+    action: Action
+    rule: str
+    def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., protocol: _Optional[_Union[Protocol, str]] = ..., encapsulation: _Optional[_Union[Encapsulation, str]] = ..., ike_proposals: _Optional[_Iterable[str]] = ..., esp_proposals: _Optional[_Iterable[str]] = ..., ike_lifetime_s: _Optional[float] = ..., child_lifetime_s: _Optional[float] = ..., dpd_interval_s: _Optional[float] = ..., replay_window: _Optional[int] = ..., action: _Optional[_Union[Action, str]] = ..., rule: _Optional[str] = ...) -> None: ...
 
 class Peer(_message.Message):
     __slots__ = ("name", "identity", "endpoints", "subnets", "policy", "initiate", "ike_port")
