@@ -54,9 +54,11 @@ class IkeManager:
         self.counters[reason] = self.counters.get(reason, 0) + 1
 
     def _find_peer(self, identity: str) -> Peer | None:
-        """PAD lookup (RFC 4301 §4.4.3): the configured peer with this IKE identity."""
+        """PAD lookup (RFC 4301 §4.4.3): the configured peer with this IKE identity.
+        A peer whose policy is BYPASS or DISCARD has no PAD entry: it may not
+        negotiate SAs with us."""
         for p in self.view.peers:
-            if p.identity == identity:
+            if p.identity == identity and p.policy.action == "protect":
                 return p
         return None
 

@@ -35,3 +35,19 @@ def test_without_the_offset_the_certificate_is_not_yet_valid(pki):
     assert not n.of("b", ChildSaEstablished)
     reasons = [e.reason for e in n.of("b", IkeSaDeleted)]
     assert any("not yet valid" in r for r in reasons), reasons
+
+
+def test_peer_whose_policy_is_not_protect_cannot_authenticate(pki):
+    """PAD (RFC 4301 §4.4.3): a pair the controller set to BYPASS or DISCARD
+    has no PAD entry, so the responder refuses that peer's IKE_AUTH."""
+    from dataclasses import replace
+    from agent.model import PeerPolicy
+    n = _net(pki, T0 - BOOT_NOW, T0 - BOOT_NOW)
+    vb = n.b.view
+    n.b.update_view(replace(vb, peers=tuple(replace(p, policy=PeerPolicy(action="discard")) for p in vb.peers)),
+                    n.now)
+    n.a.initiate("node-b", n.now)
+    n.pump()
+    assert not n.of("b", ChildSaEstablished)
+    assert any("no configured peer" in e.reason or "identity" in e.reason for e in n.of("b", IkeSaDeleted)), \
+        [e.reason for e in n.of("b", IkeSaDeleted)]
