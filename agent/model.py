@@ -51,11 +51,14 @@ class Credentials:
 
 @dataclass(frozen=True)
 class PeerPolicy:
-    """How traffic to one peer is protected.
+    """How traffic between this node and one peer is handled (RFC 4301 §4.4.1).
 
-    Slice 1 supports mode ``tunnel``, protocol ``esp`` and encapsulation
-    ``udp`` (RFC 3948); the fields exist so that later policy needs no new
-    shape. Lifetimes in seconds; 0 means no rekey.
+    ``action`` PROTECT uses ``protocol`` (esp, ah, or ah+esp: ESP first,
+    then AH) in ``mode`` (tunnel or transport), ESP carried in UDP 4500
+    (``encapsulation`` udp, RFC 3948) or as raw IP protocol 50/51 (none).
+    BYPASS sends in the clear, DISCARD drops. Lifetimes in seconds (0: no
+    rekey); ``replay_window`` in packets. ``rule`` names the controller
+    policy rule that decided it.
     """
 
     mode: Literal["tunnel", "transport"] = "tunnel"
