@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from controller.inventory import CONTROLLER_TLS_NAME
-from controller.store import Store
+from controller.store import StateStore as Store
 
 CA_LIFETIME = dt.timedelta(days=3650)
 SERVER_CERT_LIFETIME = dt.timedelta(days=365)
@@ -80,9 +80,14 @@ class CertificateAuthority:
             assert isinstance(key, ec.EllipticCurvePrivateKey)
             return cls(key=key, certificate=x509.load_pem_x509_certificate(cert_pem))
         ca = cls.create(now)
-        store.set_meta("ca_key_pem", ca.key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-        store.set_meta("ca_cert_pem", ca.certificate_pem)
+        # one transaction: with several replicas only the first CA created is ever kept
+        stored = store.create_meta_once({"ca_key_pem": ca.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+            "ca_cert_pem": ca.certificate_pem})
+        if stored["ca_cert_pem"] != ca.certificate_pem:
+            key = serialization.load_pem_private_key(stored["ca_key_pem"], password=None)
+            assert isinstance(key, ec.EllipticCurvePrivateKey)
+            return cls(key=key, certificate=x509.load_pem_x509_certificate(stored["ca_cert_pem"]))
         return ca
 
     def _leaf(self, subject_cn: str, san: list[x509.GeneralName], public_key: ec.EllipticCurvePublicKey,

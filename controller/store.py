@@ -11,6 +11,7 @@ import os
 import sqlite3
 import threading
 from pathlib import Path
+from typing import Protocol
 
 DB_NAME = "controller.db"
 # Older versions are forgotten; an agent resuming from one gets a snapshot.
@@ -24,6 +25,21 @@ CREATE TABLE IF NOT EXISTS certificates (
     serial TEXT PRIMARY KEY, node TEXT NOT NULL,
     not_before INTEGER NOT NULL, not_after INTEGER NOT NULL, der BLOB NOT NULL);
 """
+
+
+class StateStore(Protocol):
+    """What the controller keeps: implemented by :class:`Store` (SQLite, one
+    replica) and :class:`controller.store_etcd.EtcdStore` (etcd, several)."""
+
+    def close(self) -> None: ...
+    def get_meta(self, key: str) -> bytes | None: ...
+    def set_meta(self, key: str, value: bytes) -> None: ...
+    def create_meta_once(self, items: dict[str, bytes]) -> dict[str, bytes]: ...
+    def current_version(self) -> int: ...
+    def inventory_at(self, version: int) -> str | None: ...
+    def record_inventory(self, view_json: str) -> tuple[int, bool]: ...
+    def add_certificate(self, serial: int, node: str, not_before: int, not_after: int, der: bytes) -> None: ...
+    def certificates_for(self, node: str) -> list[tuple[str, int, int]]: ...
 
 
 class Store:
@@ -51,6 +67,26 @@ class Store:
     def set_meta(self, key: str, value: bytes) -> None:
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def create_meta_once(self, items: dict[str, bytes]) -> dict[str, bytes]:
+        """Store every item iff none exists yet (one transaction); returns
+        what is stored afterwards (ours or the earlier ones)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                rows = {k: self._db.execute("SELECT value FROM meta WHERE key = ?", (k,)).fetchone() for k in items}
+                if all(r is None for r in rows.values()):
+                    self._db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", list(items.items()))
+                    self._db.execute("COMMIT")
+                    return dict(items)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        if any(r is None for r in rows.values()):
+            raise ValueError(f"{self.path}: CA material is incomplete ({sorted(k for k, r in rows.items() if r)} "
+                             "present); restore the state directory or remove those keys")
+        return {k: bytes(r[0]) for k, r in rows.items()}
 
     def current_version(self) -> int:
         """Latest view version; 0 before any inventory was recorded."""
