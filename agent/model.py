@@ -76,6 +76,9 @@ class PeerPolicy:
     action: Literal["protect", "bypass", "discard"] = "protect"
     # the controller policy rule this came from, shown by `meshsec status`
     rule: str = ""
+    # replay_window 0 (anti-replay off, RFC 4303 §3.4.3) is refused unless this
+    # says so explicitly (agent.esp.replay.check_replay_window)
+    allow_no_replay: bool = False
 
 
 @dataclass(frozen=True)
