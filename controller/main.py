@@ -33,8 +33,53 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: the listen IP and the hostname; 'meshsec-controller' is always included)")
     p.add_argument("--cert-lifetime", default="24h", metavar="DURATION",
                    help="lifetime of issued node certificates: seconds or 30m/24h/7d (default: %(default)s)")
+    kube = p.add_argument_group("Kubernetes node source (docs/kubernetes.md)",
+                                "every cluster Node becomes a gateway peer: InternalIPs as endpoints, "
+                                "spec.podCIDRs as its subnets; merged with the --inventory nodes")
+    src = kube.add_mutually_exclusive_group()
+    src.add_argument("--kubernetes", action="store_true",
+                     help="watch Nodes with the in-cluster service account (inside a pod)")
+    src.add_argument("--kubeconfig", metavar="FILE", help="watch Nodes of the cluster in this kubeconfig")
+    kube.add_argument("--kube-join-token-file", metavar="FILE",
+                      help="file with the one join token every cluster node's agent presents (from a Secret)")
+    kube.add_argument("--kube-token-review", action="store_true",
+                      help="also accept a projected service-account token, checked with a TokenReview: "
+                           "it must belong to --kube-service-account and be bound to a pod on the enrolling node")
+    kube.add_argument("--kube-service-account", metavar="system:serviceaccount:NS:NAME",
+                      default="system:serviceaccount:meshsec:meshsec-agent",
+                      help="the agents' service account for --kube-token-review (default: %(default)s)")
+    kube.add_argument("--kube-audience", default="meshsec",
+                      help="audience the projected token must carry (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
+
+
+def _kube_source(args, log: logging.Logger):
+    """(KubeNodeSource, TokenReviewer.check or None) from the flags; ValueError/OSError with the reason."""
+    from controller.k8s import KubeNodeSource, KubeSourceError, TokenReviewer, api_client, token_sha256
+
+    if not args.kube_join_token_file and not args.kube_token_review:
+        raise ValueError("with --kubernetes/--kubeconfig give --kube-join-token-file FILE (the cluster agents' "
+                         "join token) and/or --kube-token-review")
+    digest = b""
+    if args.kube_join_token_file:
+        try:
+            token = open(args.kube_join_token_file, encoding="utf-8").read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read --kube-join-token-file {args.kube_join_token_file}: {e}") from None
+        if len(token) < 16:
+            raise ValueError(f"--kube-join-token-file {args.kube_join_token_file}: the token is empty or shorter "
+                             "than 16 characters; put a long random token there")
+        digest = token_sha256(token)
+    try:
+        api = api_client(args.kubeconfig, in_cluster=args.kubernetes)
+    except KubeSourceError as e:
+        raise ValueError(str(e)) from None
+    source = KubeNodeSource(api, digest, logger=log.getChild("k8s"))
+    review = None
+    if args.kube_token_review:
+        review = TokenReviewer(api, source, args.kube_service_account, (args.kube_audience,)).check
+    return source, review
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +97,18 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"meshsec-controller: {e}", file=sys.stderr)
         return 2
-    server = ControllerServer(args.inventory, args.state_dir, listen=args.listen, watch_listen=args.watch_listen,
+    node_source = token_review = None
+    if args.kubernetes or args.kubeconfig:
+        try:
+            node_source, token_review = _kube_source(args, log)
+        except (ValueError, OSError) as e:
+            print(f"meshsec-controller: {e}", file=sys.stderr)
+            return 2
+    elif args.kube_join_token_file or args.kube_token_review:
+        print("meshsec-controller: --kube-join-token-file/--kube-token-review need --kubernetes or --kubeconfig FILE",
+              file=sys.stderr)
+        return 2
+    server = ControllerServer(args.inventory, args.state_dir, node_source=node_source, token_review=token_review, listen=args.listen, watch_listen=args.watch_listen,
                               server_names=args.server_name or default_server_names(host),
                               cert_lifetime=dt.timedelta(seconds=lifetime), logger=log)
     try:

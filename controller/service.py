@@ -121,8 +121,10 @@ class ControllerState:
 class ControllerServicer(pb_grpc.ControllerServicer):
     def __init__(self, state: ControllerState, store: Store, ca: CertificateAuthority,
                  cert_lifetime: dt.timedelta, logger: logging.Logger,
-                 clock: Callable[[], dt.datetime] = utcnow) -> None:
+                 clock: Callable[[], dt.datetime] = utcnow,
+                 token_review: Callable[[str, str], tuple[bool, str]] | None = None) -> None:
         self._state = state
+        self._token_review = token_review  # (node, token) -> (ok, reason): e.g. controller.k8s.TokenReviewer
         self._store = store
         self._ca = ca
         self._lifetime = cert_lifetime
@@ -140,7 +142,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             self._log.warning("enrolment refused: unknown node %r from %s", name, context.peer())
             context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         digest = hashlib.sha256(request.join_token.encode()).digest()
-        if not hmac.compare_digest(digest, node.join_token_sha256):
+        if not hmac.compare_digest(digest, node.join_token_sha256) and not self._reviewed(name, request.join_token):
             self._log.warning("enrolment refused: wrong join token for node %r from %s", name, context.peer())
             context.abort(grpc.StatusCode.UNAUTHENTICATED, f"join token for node {name!r} is wrong")
         try:
@@ -156,6 +158,14 @@ class ControllerServicer(pb_grpc.ControllerServicer):
                        cert.serial_number, cert.not_valid_after_utc.isoformat())
         return pb.EnrollResponse(certificate_chain_der=[der], ca_certificates_der=[self._ca.certificate_der],
                                  not_after=not_after)
+
+    def _reviewed(self, name: str, token: str) -> bool:
+        if self._token_review is None:
+            return False
+        ok, why = self._token_review(name, token)
+        if not ok:
+            self._log.warning("token review for node %r refused: %s", name, why)
+        return ok
 
     def _check_identity(self, name: str, context: grpc.ServicerContext) -> None:
         pems = context.auth_context().get("x509_pem_cert") or []
@@ -256,7 +266,15 @@ class ControllerServer:
     def __init__(self, inventory_path: str | Path, state_dir: str | Path, *, listen: str = "0.0.0.0:7443",
                  watch_listen: str | None = None, server_names: list[str] | None = None, cert_lifetime: dt.timedelta = dt.timedelta(hours=24),
                  poll_interval: float = 1.0, max_workers: int = 256,
-                 logger: logging.Logger | None = None) -> None:
+                 logger: logging.Logger | None = None, node_source=None,
+                 token_review: Callable[[str, str], tuple[bool, str]] | None = None,
+                 source_sync_timeout: float = 10.0) -> None:
+        # node_source: controller.nodesource.NodeSource (e.g. Kubernetes Nodes), merged with the inventory
+        self.node_source = node_source
+        self.token_review = token_review
+        self.source_sync_timeout = source_sync_timeout
+        self._file_inventory: Inventory | None = None
+        self._merge_lock = threading.Lock()
         self.inventory_path = Path(inventory_path)
         self.state_dir = Path(state_dir)
         self.listen = listen
@@ -293,7 +311,13 @@ class ControllerServer:
 
     def start(self) -> int:
         self._stat = self._file_stat()
-        inventory = load_inventory(self.inventory_path)
+        inventory = self._file_inventory = load_inventory(self.inventory_path)
+        if self.node_source is not None:
+            self.node_source.start(self._on_source_change)
+            if not self.node_source.wait_synced(self.source_sync_timeout):
+                self.log.warning("no Node list from %s after %.0f s; serving the inventory alone until it arrives",
+                                 self.node_source.name, self.source_sync_timeout)
+            inventory = self._merged()
         self.store = Store(self.state_dir)
         now = utcnow()
         self.ca = CertificateAuthority.load_or_create(self.store, now)
@@ -301,6 +325,8 @@ class ControllerServer:
         tmp.write_bytes(self.ca.certificate_pem)
         os.replace(tmp, self.ca_path)
         self.state = ControllerState(self.store, inventory)
+        if self.node_source is not None:
+            self._install()  # a Node change that came in while starting
         key_pem, cert_pem = self.ca.issue_server(self.server_names, now)
         enrol_creds = grpc.ssl_server_credentials([(key_pem, cert_pem)])
         watch_creds = grpc.ssl_server_credentials([(key_pem, cert_pem)], root_certificates=self.ca.certificate_pem,
@@ -309,7 +335,8 @@ class ControllerServer:
                                                         thread_name_prefix="meshsec-rpc"),
                              options=SERVER_OPTIONS)
         pb_grpc.add_ControllerServicer_to_server(
-            ControllerServicer(self.state, self.store, self.ca, self.cert_lifetime, self.log), server)
+            ControllerServicer(self.state, self.store, self.ca, self.cert_lifetime, self.log,
+                               token_review=self.token_review), server)
         ports = []
         for listen, creds in ((self.listen, enrol_creds), (self.watch_listen, watch_creds)):
             try:
@@ -343,10 +370,34 @@ class ControllerServer:
             self.log.error("inventory change rejected, keeping the previous one: %s", e)
             return False
         assert self.state is not None
-        version, bumped = self.state.update(inventory)
+        self._file_inventory = inventory
+        version, bumped = self._install()
         self.log.info("inventory reloaded: %d nodes, view version %d%s", len(inventory.nodes), version,
                       "" if bumped else " (views unchanged)")
         return True
+
+    def _merged(self) -> Inventory:
+        """The inventory file's nodes plus the node source's (clashes logged, see controller.nodesource)."""
+        assert self._file_inventory is not None
+        if self.node_source is None:
+            return self._file_inventory
+        from controller.nodesource import merge_nodes
+        merged, problems = merge_nodes(self._file_inventory, self.node_source.nodes(), self.node_source.name)
+        for problem in problems:
+            self.log.error("%s", problem)
+        return merged
+
+    def _install(self) -> tuple[int, bool]:
+        with self._merge_lock:
+            assert self.state is not None
+            return self.state.update(self._merged())
+
+    def _on_source_change(self) -> None:
+        if self.state is None:  # still starting: start() merges after the first sync
+            return
+        version, bumped = self._install()
+        if bumped:
+            self.log.info("%s nodes changed: view version %d", self.node_source.name, version)
 
     def _poll(self) -> None:
         while not self._stop.wait(self.poll_interval):
@@ -362,6 +413,8 @@ class ControllerServer:
 
     def stop(self, grace: float | None = 1.0) -> None:
         self._stop.set()
+        if self.node_source is not None:
+            self.node_source.stop()
         if self._server is not None:
             self._server.stop(grace).wait()
             self._server = None
