@@ -47,6 +47,7 @@ class Mesh:
         self.agents: dict[str, subprocess.Popen] = {}
         self.controller: subprocess.Popen | None = None
         self.tokens = {name: secrets.token_urlsafe(16) for name in nodes}
+        self.controller_args: list[str] = []  # extra meshsec-controller flags (e.g. a node source)
 
     # -- lifecycle ------------------------------------------------------
     def __enter__(self) -> "Mesh":
@@ -82,7 +83,7 @@ class Mesh:
         state = self.workdir / "controller"
         self.controller = self.topo.spawn(self.ctl.ns, [
             venv_bin("meshsec-controller"), "--inventory", str(inv), "--state-dir", str(state),
-            "--listen", f"{CONTROLLER_IP}:{CONTROLLER_PORT}", "--server-name", CONTROLLER_IP],
+            "--listen", f"{CONTROLLER_IP}:{CONTROLLER_PORT}", "--server-name", CONTROLLER_IP, *self.controller_args],
             self.workdir / "controller.log")
         self.ca_pem = state / "ca.pem"
         wait_until(lambda: self.ca_pem.exists() and self._controller_alive(), 30, what="controller CA file")
