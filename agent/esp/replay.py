@@ -74,3 +74,20 @@ class ReplayWindow:
 
     def __repr__(self) -> str:
         return f"ReplayWindow(size={self.size}, top={self.top})"
+
+
+def check_replay_window(window: int, allow_no_replay: bool = False, field: str = "replay_window") -> int:
+    """Validate a policy's anti-replay window (RFC 4303 §3.4.3, RFC 4302 §3.4.3).
+
+    ``window``: packets, a positive multiple of 32, or 0 only together with
+    ``allow_no_replay=True`` (anti-replay off is an explicit choice, never a
+    default or a typo). Returns ``window``; raises ValueError naming ``field``.
+    """
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"{field}: {window!r} is not a window size (packets, a positive multiple of 32)")
+    if window == 0 and not allow_no_replay:
+        raise ValueError(f"{field}: 0 turns anti-replay off; set allow_no_replay: true to accept that, "
+                         f"or use a window such as 1024")
+    if window % 32:
+        raise ValueError(f"{field}: {window} is not a multiple of 32")
+    return window

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Callable
 
 from agent.esp.errors import EspError
+from agent.esp.packet import transport_split
 from agent.esp.replay import ReplayWindow
 from agent.esp.transforms import make_transform
 from agent.esp.transforms.base import U32
@@ -51,6 +52,8 @@ class EspSa:
     Raises ``ValueError`` for unsupported transforms, wrong key lengths, a bad
     window size or mode.
     """
+
+    protocol = "esp"
 
     def __init__(self, keys: EspKeys, *, rng: Callable[[int], bytes], replay_window: int = 1024,
                  mode: str = "tunnel", soft_limit: int | None = None) -> None:
@@ -354,19 +357,14 @@ def parse_trailer(plaintext: bytes) -> tuple[int, bytes]:
 def split_transport(packet: bytes) -> tuple[int, bytes]:
     """(protocol, upper-layer payload) of an IPv4/IPv6 packet for transport mode.
 
-    IPv4 options stay in the outer header; IPv6 extension headers are not
-    walked (the fixed header's Next Header is used). Raises EspError("bad_inner").
+    IPv4 options stay in the outer header; IPv6 Hop-by-Hop, Routing and
+    Fragment headers (and Destination Options before a Routing header) stay
+    outside, the rest is protected (RFC 4303 §3.1.1; see
+    ``agent.esp.packet.transport_split`` for the offsets). Raises
+    EspError("bad_inner").
     """
-    if not packet:
-        raise EspError("bad_inner", "empty packet")
-    v = packet[0] >> 4
-    if v == 4:
-        ihl = (packet[0] & 0x0F) * 4
-        if ihl < 20 or len(packet) < ihl:
-            raise EspError("bad_inner", "short IPv4 header")
-        return packet[9], packet[ihl:]
-    if v == 6:
-        if len(packet) < 40:
-            raise EspError("bad_inner", "short IPv6 header")
-        return packet[6], packet[40:]
-    raise EspError("bad_inner", f"IP version {v}")
+    try:
+        ins, _, nh = transport_split(packet)
+    except EspError as e:
+        raise EspError("bad_inner", e.detail) from None
+    return nh, packet[ins:]

@@ -1,13 +1,17 @@
-"""Security Association Database (RFC 4301 §4.4.2), ESP SAs only.
+"""Security Association Database (RFC 4301 §4.4.2), ESP and AH SAs.
 
 Inbound SAs are found by SPI (the SPI is unique per receiver here, we chose
-it); outbound by peer name: the peer's current SA. During a rekey the new
+it), optionally checked against the destination address and protocol they
+were installed with (RFC 4301 §4.4.2: SPI, destination, protocol); outbound
+by peer name: the peer's current SA. During a rekey the new
 inbound SA is added beside the old one, so both decrypt until the old one is
 removed; the outbound SA is switched in one step (RFC 7296 §2.8).
 """
 from __future__ import annotations
 
 from typing import Iterator, NamedTuple
+
+import ipaddress
 
 from agent.esp.sa import EspSa
 
@@ -27,13 +31,18 @@ class Sad:
     def __init__(self) -> None:
         self._in: dict[int, EspSa] = {}
         self._in_peer: dict[int, str] = {}
+        self._in_dst: dict[int, bytes] = {}
         self._out: dict[str, EspSa] = {}
         self.counters: dict[str, int] = {"no_sa": 0, "malformed": 0}
 
-    def add_inbound(self, peer: str, sa: EspSa) -> None:
-        """Install an inbound SA; ValueError if its SPI is already installed."""
+    def add_inbound(self, peer: str, sa: EspSa, *, dst: str | bytes | None = None) -> None:
+        """Install an inbound SA (EspSa or AhSa); ``dst``: our address it is
+        bound to (then ``lookup_inbound`` with another destination misses).
+        ValueError if its SPI is already installed or ``dst`` is no address."""
         if sa.spi in self._in:
             raise ValueError(f"inbound SPI 0x{sa.spi:08x} already installed (peer {self._in_peer[sa.spi]})")
+        if dst is not None:
+            self._in_dst[sa.spi] = dst if isinstance(dst, bytes) else ipaddress.ip_address(dst).packed
         self._in[sa.spi] = sa
         self._in_peer[sa.spi] = peer
 
@@ -50,6 +59,7 @@ class Sad:
 
     def remove_inbound(self, spi: int) -> EspSa | None:
         self._in_peer.pop(spi, None)
+        self._in_dst.pop(spi, None)
         return self._in.pop(spi, None)
 
     def remove_outbound(self, peer: str, spi: int | None = None) -> EspSa | None:
@@ -64,13 +74,27 @@ class Sad:
         gone = [self._in.pop(s) for s, p in list(self._in_peer.items()) if p == peer]
         for sa in gone:
             del self._in_peer[sa.spi]
+            self._in_dst.pop(sa.spi, None)
         out = self._out.pop(peer, None)
         if out is not None:
             gone.append(out)
         return gone
 
-    def lookup_inbound(self, spi: int) -> EspSa | None:
-        return self._in.get(spi)
+    def lookup_inbound(self, spi: int, dst: str | bytes | None = None,
+                       protocol: str | None = None) -> EspSa | None:
+        """The inbound SA for ``spi``; with ``dst`` (our address the packet was
+        sent to) and/or ``protocol`` ("esp"/"ah") the SA must match them too
+        (RFC 4301 §4.4.2). None when nothing matches."""
+        sa = self._in.get(spi)
+        if sa is None:
+            return None
+        if protocol is not None and getattr(sa, "protocol", "esp") != protocol:
+            return None
+        if dst is not None:
+            bound = self._in_dst.get(spi)
+            if bound is not None and bound != (dst if isinstance(dst, bytes) else ipaddress.ip_address(dst).packed):
+                return None
+        return sa
 
     def inbound_peer(self, spi: int) -> str | None:
         return self._in_peer.get(spi)

@@ -1,24 +1,59 @@
-"""Security Policy Database (RFC 4301 §4.4.1), a simple ordered form.
+"""Security Policy Database (RFC 4301 §4.4.1), an ordered, decorrelation-free form.
 
 Entries are matched in order on the packet's local (source) and remote
-(destination) address prefixes, IP protocol and port ranges; the first match
-wins, else a default entry (BYPASS or DISCARD). The common mesh policy uses
-addresses only; then lookups are cached by (source, destination).
+(destination) address prefixes (one prefix or a list), IP protocol and port
+ranges, ICMP type/code (RFC 4301 §4.4.1.1: carried in the local/remote port
+selectors); the first match wins, else a default entry (BYPASS or DISCARD).
+PROTECT entries carry an SA bundle template (``SaTemplate`` list, innermost
+first, outermost last). Lookups are cached by (source, destination) when
+every entry selects on addresses only, else by the full selector tuple.
 ``allows_inbound`` is the RFC 4301 §5.2 check of a decrypted packet against
-the CHILD_SA's traffic selectors.
+the CHILD_SA's traffic selectors; ``entry_allows`` the same against one
+entry's selectors incl. protocol and ports. ``compile_spd`` turns a NodeView
+into entries.
 """
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
 from enum import Enum
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
-from agent.model import IPNetwork
+from agent.esp.replay import check_replay_window
+from agent.model import IPNetwork, NodeView
 
 _PORT_PROTOCOLS = frozenset((6, 17, 132, 136))  # TCP, UDP, SCTP, UDP-Lite
+_ICMP_PROTOCOLS = frozenset((1, 58))  # ICMP, IPv6-ICMP: type/code in the port selectors
 _V6_EXT = frozenset((0, 43, 60))  # hop-by-hop, routing, destination options
 _CACHE_MAX = 65536
+
+
+class SaTemplate(NamedTuple):
+    """One SA of a PROTECT entry's bundle (RFC 4301 §4.4.1.2 "processing info").
+
+    ``protocol`` "esp" | "ah"; ``mode`` "tunnel" | "transport"; ``peer``: the
+    peer name whose CHILD_SA provides it; ``encapsulation`` "udp" (ESP in UDP
+    4500, RFC 3948) | "none" (raw IP protocol 50/51; always "none" for AH).
+    """
+
+    protocol: str
+    mode: str
+    peer: str
+    encapsulation: str = "udp"
+
+    def check(self, where: str = "SA template") -> None:
+        """ValueError naming the bad field."""
+        if self.protocol not in ("esp", "ah"):
+            raise ValueError(f"{where}: protocol {self.protocol!r} must be 'esp' or 'ah'")
+        if self.mode not in ("tunnel", "transport"):
+            raise ValueError(f"{where}: mode {self.mode!r} must be 'tunnel' or 'transport'")
+        if self.encapsulation not in ("udp", "none"):
+            raise ValueError(f"{where}: encapsulation {self.encapsulation!r} must be 'udp' or 'none'")
+        if self.protocol == "ah" and self.encapsulation != "none":
+            raise ValueError(f"{where}: AH cannot be UDP-encapsulated (a NAT breaks its ICV); "
+                             f"use encapsulation 'none'")
+        if not self.peer:
+            raise ValueError(f"{where}: peer is empty")
 
 
 class Action(str, Enum):
@@ -33,11 +68,17 @@ class Action(str, Enum):
 class SpdEntry:
     """One SPD rule. ``None`` selectors match anything.
 
-    ``local``/``remote``: prefixes (outbound: source/destination);
-    ``protocol``: IP protocol number; ``local_ports``/``remote_ports``:
-    inclusive (low, high) ranges, only with TCP/UDP/SCTP/UDP-Lite.
+    ``local``/``remote``: a prefix or a tuple of prefixes (outbound:
+    source/destination; one IP version per entry); ``protocol``: IP protocol
+    number; ``local_ports``/``remote_ports``: inclusive (low, high) ranges,
+    with TCP/UDP/SCTP/UDP-Lite, or with ICMP/IPv6-ICMP the type and code
+    ranges (RFC 4301 §4.4.1.1); ``icmp_type``/``icmp_code`` are shorthands
+    that set those ranges to one value.
     PROTECT needs ``peer`` (the peer name whose outbound SA carries it) and a
-    ``mode`` ("tunnel"/"transport"). Raises ValueError naming the bad field.
+    ``mode`` ("tunnel"/"transport"); ``bundle`` optionally lists the SAs to
+    apply (innermost first, outermost last); empty means one ESP SA
+    (``mode``, ``peer``, UDP-encapsulated), see ``templates``.
+    Raises ValueError naming the bad field.
     """
 
     local: IPNetwork | None = None
@@ -49,6 +90,9 @@ class SpdEntry:
     peer: str | None = None
     mode: str = "tunnel"
     name: str = ""
+    bundle: tuple[SaTemplate, ...] = ()
+    icmp_type: int | None = None
+    icmp_code: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.action, Action):
@@ -57,22 +101,78 @@ class SpdEntry:
             raise ValueError(f"SPD entry {self.name!r}: PROTECT needs a peer")
         if self.mode not in ("tunnel", "transport"):
             raise ValueError(f"SPD entry {self.name!r}: mode {self.mode!r}")
+        versions = set()
         for f in ("local", "remote"):
             v = getattr(self, f)
-            if v is not None and not isinstance(v, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
-                raise ValueError(f"SPD entry {self.name!r}: {f} {v!r} is not an IP network")
-        if self.local is not None and self.remote is not None and self.local.version != self.remote.version:
+            if v is None:
+                continue
+            nets = v if isinstance(v, tuple) else (v,)
+            if not nets:
+                raise ValueError(f"SPD entry {self.name!r}: {f} is an empty list (use None for any)")
+            for n in nets:
+                if not isinstance(n, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+                    raise ValueError(f"SPD entry {self.name!r}: {f} {n!r} is not an IP network")
+                versions.add(n.version)
+        if len(versions) > 1:
             raise ValueError(f"SPD entry {self.name!r}: local {self.local} and remote {self.remote} differ in IP version")
         if self.protocol is not None and not 0 <= self.protocol <= 255:
             raise ValueError(f"SPD entry {self.name!r}: protocol {self.protocol}")
+        for f, pf in (("icmp_type", "local_ports"), ("icmp_code", "remote_ports")):
+            t = getattr(self, f)
+            if t is None:
+                continue
+            if self.protocol not in _ICMP_PROTOCOLS:
+                raise ValueError(f"SPD entry {self.name!r}: {f} needs protocol 1 (ICMP) or 58 (IPv6-ICMP)")
+            if not 0 <= t <= 255:
+                raise ValueError(f"SPD entry {self.name!r}: {f} {t} is not 0..255")
+            if getattr(self, pf) not in (None, (t, t)):
+                raise ValueError(f"SPD entry {self.name!r}: give {f} or {pf}, not both")
+            object.__setattr__(self, pf, (t, t))
         for f in ("local_ports", "remote_ports"):
             r = getattr(self, f)
             if r is None:
                 continue
-            if self.protocol not in _PORT_PROTOCOLS:
-                raise ValueError(f"SPD entry {self.name!r}: {f} needs protocol TCP, UDP, SCTP or UDP-Lite")
-            if len(r) != 2 or not 0 <= r[0] <= r[1] <= 65535:
-                raise ValueError(f"SPD entry {self.name!r}: {f} {r!r} is not a (low, high) port range")
+            if self.protocol in _ICMP_PROTOCOLS:
+                hi = 255
+            elif self.protocol in _PORT_PROTOCOLS:
+                hi = 65535
+            else:
+                raise ValueError(f"SPD entry {self.name!r}: {f} needs protocol TCP, UDP, SCTP, UDP-Lite "
+                                 f"(ports) or ICMP/IPv6-ICMP (type/code)")
+            if not isinstance(r, tuple) or len(r) != 2 or not 0 <= r[0] <= r[1] <= hi:
+                what = "type/code" if hi == 255 else "port"
+                raise ValueError(f"SPD entry {self.name!r}: {f} {r!r} is not a (low, high) {what} range in 0..{hi}")
+        if not isinstance(self.bundle, tuple):
+            raise ValueError(f"SPD entry {self.name!r}: bundle must be a tuple of SaTemplate")
+        for i, t in enumerate(self.bundle):
+            if not isinstance(t, SaTemplate):
+                raise ValueError(f"SPD entry {self.name!r}: bundle[{i}] {t!r} is not an SaTemplate")
+            t.check(f"SPD entry {self.name!r}: bundle[{i}]")
+        if self.bundle and self.action is not Action.PROTECT:
+            raise ValueError(f"SPD entry {self.name!r}: a bundle only goes with PROTECT")
+
+    @property
+    def templates(self) -> tuple[SaTemplate, ...]:
+        """The SA bundle of a PROTECT entry, innermost first (empty otherwise)."""
+        if self.action is not Action.PROTECT:
+            return ()
+        return self.bundle or (SaTemplate("esp", self.mode, self.peer or "", "udp"),)
+
+    @property
+    def local_nets(self) -> tuple[IPNetwork, ...]:
+        return () if self.local is None else self.local if isinstance(self.local, tuple) else (self.local,)
+
+    @property
+    def remote_nets(self) -> tuple[IPNetwork, ...]:
+        return () if self.remote is None else self.remote if isinstance(self.remote, tuple) else (self.remote,)
+
+    @property
+    def specificity(self) -> tuple:
+        """Sort key, most specific first: longest remote prefix, longest local
+        prefix, then protocol and port/type selectors present."""
+        return (-max((n.prefixlen for n in self.remote_nets), default=-1),
+                -max((n.prefixlen for n in self.local_nets), default=-1),
+                self.protocol is None, self.local_ports is None and self.remote_ports is None)
 
     @property
     def addresses_only(self) -> bool:
@@ -85,11 +185,25 @@ def _net(n: IPNetwork | None) -> tuple[int, int, int]:
     return n.version, int(n.network_address), int(n.netmask)
 
 
+def _nets(sel) -> tuple[tuple[int, int, int], ...] | None:
+    if sel is None:
+        return None
+    return tuple(_net(n) for n in (sel if isinstance(sel, tuple) else (sel,)))
+
+
+def _in(nets, v: int, a: int) -> bool:
+    for tv, n, m in nets:
+        if tv == v and a & m == n:
+            return True
+    return False
+
+
 def parse_selectors(packet: bytes) -> tuple[int, int, int, int, int, int] | None:
     """(version, src, dst, protocol, src port, dst port) of an IP packet.
 
     Addresses as ints; ports -1 when absent (other protocols, non-first
-    fragments, truncated). None if the packet is not a parseable IPv4/IPv6.
+    fragments, truncated); for ICMP / IPv6-ICMP the "ports" are the type and
+    code (RFC 4301 §4.4.1.1). None if the packet is not a parseable IPv4/IPv6.
     """
     n = len(packet)
     if n < 20:
@@ -128,6 +242,8 @@ def parse_selectors(packet: bytes) -> tuple[int, int, int, int, int, int] | None
         return None
     if first and proto in _PORT_PROTOCOLS and n >= off + 4:
         return v, src, dst, proto, packet[off] << 8 | packet[off + 1], packet[off + 2] << 8 | packet[off + 3]
+    if first and proto in _ICMP_PROTOCOLS and n >= off + 2 and proto == (1 if v == 4 else 58):
+        return v, src, dst, proto, packet[off], packet[off + 1]
     return v, src, dst, proto, -1, -1
 
 
@@ -146,7 +262,10 @@ class Spd:
         self._entries: list[SpdEntry] = []
         self._compiled: list[tuple] = []
         self._cache: dict[bytes, SpdEntry] = {}
+        self._sel_cache: dict[tuple, SpdEntry] = {}
         self._ts_cache: dict[tuple, tuple] = {}
+        # packets matched per entry (by id(entry)), counted by group_outbound / count_hit
+        self.hits: dict[int, int] = {}
         for e in entries:
             self.add(e)
 
@@ -185,20 +304,26 @@ class Spd:
     def _rebuild(self) -> None:
         comp = []
         for e in self._entries:
-            lv, ln, lm = _net(e.local)
-            rv, rn, rm = _net(e.remote)
+            ln, rn = _nets(e.local), _nets(e.remote)
+            ev = (ln or rn or ((0, 0, 0),))[0][0]
             lp = e.local_ports or (-1, -1)
             rp = e.remote_ports or (-1, -1)
-            comp.append((lv or rv, ln, lm, rn, rm, -1 if e.protocol is None else e.protocol,
+            comp.append((ev, ln, rn, -1 if e.protocol is None else e.protocol,
                          lp[0], lp[1], rp[0], rp[1], e))
         self._compiled = comp
         self._addr_only = all(e.addresses_only for e in self._entries)
         self._cache.clear()
+        self._sel_cache.clear()
+        self.hits = {}
 
     def _match(self, sel: tuple[int, int, int, int, int, int]) -> SpdEntry:
         v, src, dst, proto, sport, dport = sel
-        for ev, ln, lm, rn, rm, pr, lplo, lphi, rplo, rphi, e in self._compiled:
-            if (ev and ev != v) or (src & lm) != ln or (dst & rm) != rn:
+        for ev, ln, rn, pr, lplo, lphi, rplo, rphi, e in self._compiled:
+            if ev and ev != v:
+                continue
+            if ln is not None and not _in(ln, v, src):
+                continue
+            if rn is not None and not _in(rn, v, dst):
                 continue
             if pr >= 0 and pr != proto:
                 continue
@@ -231,7 +356,65 @@ class Spd:
         sel = parse_selectors(packet)
         if sel is None:
             return self.malformed_entry
-        return self._match(sel)
+        e = self._sel_cache.get(sel)
+        if e is None:
+            e = self._match(sel)
+            if len(self._sel_cache) >= _CACHE_MAX:
+                self._sel_cache.clear()
+            self._sel_cache[sel] = e
+        return e
+
+    def lookup_inbound(self, packet: bytes) -> SpdEntry:
+        """First entry matching an inbound IP packet (source = remote): for a
+        packet that arrived in the clear, anything but BYPASS means drop
+        (RFC 4301 §5.2, step 3)."""
+        sel = parse_selectors(packet)
+        if sel is None:
+            return self.malformed_entry
+        v, src, dst, proto, sp, dp = sel
+        if proto in _ICMP_PROTOCOLS:  # type/code are not direction-dependent
+            return self._match((v, dst, src, proto, sp, dp))
+        return self._match((v, dst, src, proto, dp, sp))
+
+    def entry_allows(self, entry: SpdEntry, inner_packet: bytes, *, inbound: bool = True) -> bool:
+        """True if a (decrypted) packet lies within ``entry``'s selectors:
+        addresses, protocol and ports/ICMP type-code (RFC 4301 §5.2 step 4);
+        inbound swaps local/remote. False for unparseable packets."""
+        sel = parse_selectors(inner_packet)
+        if sel is None:
+            return False
+        v, src, dst, proto, sp, dp = sel
+        if inbound:
+            src, dst = dst, src
+            if proto not in _ICMP_PROTOCOLS:
+                sp, dp = dp, sp
+        ln, rn = _nets(entry.local), _nets(entry.remote)
+        if ln is not None and not _in(ln, v, src):
+            return False
+        if rn is not None and not _in(rn, v, dst):
+            return False
+        if entry.protocol is not None and entry.protocol != proto:
+            return False
+        if entry.local_ports is not None and not entry.local_ports[0] <= sp <= entry.local_ports[1]:
+            return False
+        if entry.remote_ports is not None and not entry.remote_ports[0] <= dp <= entry.remote_ports[1]:
+            return False
+        return True
+
+    def count_hit(self, entry: SpdEntry, n: int = 1) -> None:
+        """Add ``n`` to ``entry``'s hit counter (see ``status``)."""
+        k = id(entry)
+        self.hits[k] = self.hits.get(k, 0) + n
+
+    def status(self) -> list[dict]:
+        """JSON-ready rows in match order: name, action, selectors, bundle, hits."""
+        rows = []
+        for e in self._entries:
+            rows.append({"name": e.name, "action": e.action.value,
+                         "local": [str(n) for n in e.local_nets], "remote": [str(n) for n in e.remote_nets],
+                         "protocol": e.protocol, "local_ports": e.local_ports, "remote_ports": e.remote_ports,
+                         "bundle": [t._asdict() for t in e.templates], "hits": self.hits.get(id(e), 0)})
+        return rows
 
     def group_outbound(self, packets: list[bytes]) -> list[tuple[SpdEntry, list[bytes]]]:
         """Packets grouped by their matching entry, order kept within a group."""
@@ -244,6 +427,9 @@ class Spd:
                 groups[id(e)] = (e, [p])
             else:
                 g[1].append(p)
+        hits = self.hits
+        for k, (_, lst) in groups.items():
+            hits[k] = hits.get(k, 0) + len(lst)
         return list(groups.values())
 
     def _compile_ts(self, ts: Sequence[IPNetwork]) -> tuple:
@@ -274,3 +460,73 @@ class Spd:
             if tv == v and dst & m == n:
                 return True
         return False
+
+
+_ANY = {4: ipaddress.ip_network("0.0.0.0/0"), 6: ipaddress.ip_network("::/0")}
+
+
+def policy_templates(peer_name: str, policy) -> tuple[SaTemplate, ...]:
+    """The SA bundle (innermost first) a PeerPolicy asks for: "esp" -> ESP;
+    "ah" -> AH; "ah+esp" -> ESP then AH outermost (RFC 4301 §4.5, RFC 4302
+    §3.1). AH is never UDP-encapsulated, and ESP inside AH is not either (the
+    NAT that UDP would get through breaks AH anyway). ValueError otherwise."""
+    mode, encap = policy.mode, policy.encapsulation
+    if policy.protocol == "esp":
+        ts = (SaTemplate("esp", mode, peer_name, encap),)
+    elif policy.protocol == "ah":
+        ts = (SaTemplate("ah", mode, peer_name, "none"),)
+    elif policy.protocol == "ah+esp":
+        # RFC 4301 §4.5: in one bundle the inner SA is transport mode when the
+        # outer is (both end at the same peer); with tunnel the outer carries it.
+        ts = (SaTemplate("esp", "transport", peer_name, "none"), SaTemplate("ah", mode, peer_name, "none"))
+    else:
+        raise ValueError(f"peer {peer_name!r}: policy.protocol {policy.protocol!r} must be esp, ah or ah+esp")
+    for i, t in enumerate(ts):
+        t.check(f"peer {peer_name!r}: policy")
+    return ts
+
+
+def compile_spd(view: NodeView, *, bypass: Iterable[SpdEntry] = ()) -> list[SpdEntry]:
+    """SPD entries for a NodeView (RFC 4301 §4.4.1), pure.
+
+    ``bypass``: the caller's control-plane entries (IKE ports, the
+    controller, ...); they come first, in the order given, whatever their
+    selectors. Then per peer, per remote selector (its ``subnets``, or in
+    transport mode with no subnets its endpoints as host prefixes) and each
+    local subnet of the same IP version (or any address of that version):
+    PROTECT with ``policy_templates`` (``action`` protect), BYPASS or DISCARD
+    (``action`` bypass / discard). These are ordered most specific first
+    (``SpdEntry.specificity``), stably, so equal entries keep view order.
+    Entry names: ``view:<peer>``.
+    Raises ValueError naming the peer and field for a bad policy (incl. a
+    replay window of 0 without ``allow_no_replay``).
+    """
+    out = []
+    for p in view.peers:
+        pol = p.policy
+        where = f"peers[{p.name}].policy"
+        if pol.action not in ("protect", "bypass", "discard"):
+            raise ValueError(f"{where}.action {pol.action!r} must be protect, bypass or discard")
+        action = Action(pol.action)
+        templates: tuple[SaTemplate, ...] = ()
+        if action is Action.PROTECT:
+            check_replay_window(pol.replay_window, getattr(pol, "allow_no_replay", False), f"{where}.replay_window")
+            templates = policy_templates(p.name, pol)
+        remotes = list(p.subnets)
+        if not remotes and pol.mode == "transport":
+            for ep in p.endpoints:
+                a = ipaddress.ip_address(ep)
+                remotes.append(ipaddress.ip_network(f"{a}/{a.max_prefixlen}"))
+        for rnet in remotes:
+            if pol.mode == "transport" and view.local_address:
+                la = ipaddress.ip_address(view.local_address)
+                locals_ = [ipaddress.ip_network(f"{la}/{la.max_prefixlen}")] if la.version == rnet.version else []
+                locals_ += [n for n in view.subnets if n.version == rnet.version]
+            else:
+                locals_ = [n for n in view.subnets if n.version == rnet.version]
+            for lnet in locals_ or [_ANY[rnet.version]]:
+                out.append(SpdEntry(local=lnet, remote=rnet, action=action,
+                                    peer=p.name if action is Action.PROTECT else None,
+                                    mode=pol.mode, name=f"view:{p.name}", bundle=templates))
+    out.sort(key=lambda e: e.specificity)
+    return list(bypass) + out
