@@ -17,7 +17,16 @@ Format (keys not listed are an error)::
         ike_proposals: [aes128gcm16-prfsha256-x25519]
         esp_proposals: [aes128gcm16]
         mode: tunnel                # tunnel | transport
-        encapsulation: udp          # udp | none
+        protocol: esp               # esp | ah | ah+esp
+        encapsulation: udp          # udp (ESP in UDP 4500, RFC 3948) | none (raw IP protocol 50/51)
+        virtual_ip: false           # true: ask this peer (a gateway) for an inner address (CP, case 4)
+
+    A transport-mode peer without ``subnets`` protects traffic to its first
+    endpoint (``<endpoint>/32``); a node without ``subnets`` that has
+    transport peers uses ``<local_address>/32`` as its own selector.
+    ``tun.mtu: auto`` (the default when no MTU is given) sets the TUN MTU to
+    the underlay MTU minus the largest SA bundle overhead; ``tun.mss_clamp:
+    true`` clamps TCP MSS on SYN / SYN-ACK to fit.
 
 Every error is a ``ConfigError`` whose message names file, line and field
 and says what to do. Relative paths are relative to the config file.
@@ -46,6 +55,8 @@ class DatapathSettings:
     mtu: int | None = None
     tun_addresses: tuple[str, ...] = ()
     local_address: str | None = None
+    mss_clamp: bool = False
+    mtu_auto: bool = False
 
 
 class _Map(dict):
@@ -235,7 +246,7 @@ def _credentials(ctx, m) -> Credentials:
 
 
 _PEER_KEYS = {"name", "identity", "endpoints", "subnets", "psk", "initiate", "ike_proposals",
-              "esp_proposals", "mode", "encapsulation", "ike_port"}
+              "esp_proposals", "mode", "encapsulation", "ike_port", "protocol", "virtual_ip"}
 
 
 def _peer(ctx, name: str, p, idx: int) -> Peer:
@@ -260,13 +271,33 @@ def _peer(ctx, name: str, p, idx: int) -> Peer:
     encap = p.get("encapsulation", "udp")
     if encap not in ("udp", "none"):
         raise ctx.err(_line(p, "encapsulation"), f"{where}encapsulation", f"{encap!r}: use udp or none")
+    protocol = p.get("protocol", "esp")
+    if protocol not in ("esp", "ah", "ah+esp"):
+        raise ctx.err(_line(p, "protocol"), f"{where}protocol", f"{protocol!r}: use esp, ah or ah+esp")
+    if protocol != "esp" and encap == "udp" and "encapsulation" in p:
+        raise ctx.err(_line(p, "encapsulation"), f"{where}encapsulation",
+                      "AH cannot be carried in UDP (RFC 3948 covers ESP only; NAT breaks AH): "
+                      "use encapsulation: none with protocol ah")
+    if protocol != "esp":
+        encap = "none"
+    vip = _typed(ctx, p, "virtual_ip", where, bool, "true or false") if "virtual_ip" in p else False
+    if not subnets and mode == "transport":
+        subnets = (ipaddress.ip_network(eps[0]),)
     initiate = name < pname
     if "initiate" in p:
         initiate = _typed(ctx, p, "initiate", where, bool, "true or false")
     psk = _psk_bytes(ctx, _line(p, "psk"), f"{where}psk", str(p["psk"])) if "psk" in p else None
     port = _typed(ctx, p, "ike_port", where, int, "a UDP port") if "ike_port" in p else 500
+    extra = {}
+    if vip:
+        extra["virtual_ip"] = True
+    try:
+        PeerPolicy(**extra)
+    except TypeError:
+        raise ctx.err(_line(p, "virtual_ip"), f"{where}virtual_ip",
+                      "this build's IKE core has no configuration payload yet; remove the key")
     policy = PeerPolicy(
-        mode=mode, encapsulation=encap,
+        mode=mode, encapsulation=encap, protocol=protocol, **extra,
         ike_proposals=_proposals(ctx, p, "ike_proposals", where, "ike", DEFAULT_IKE_PROPOSALS),
         esp_proposals=_proposals(ctx, p, "esp_proposals", where, "esp", DEFAULT_ESP_PROPOSALS),
     )
@@ -287,21 +318,25 @@ def parse_config(text: str, path: str = "<config>") -> tuple[NodeView, Credentia
         raise ConfigError(f"{path}:{line}: YAML syntax error: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(m, dict):
         raise ctx.err(1, "(top level)", "expected a mapping with name, local_address, auth, peers")
-    _check_keys(ctx, m, {"name", "local_address", "subnets", "tun", "auth", "peers"}, "")
+    _check_keys(ctx, m, {"name", "local_address", "subnets", "tun", "auth", "peers", "virtual_ip_pool"}, "")
     name = _req(ctx, m, "name", "", str, "this node's name, e.g. name: gw-a")
     local = _address(ctx, m, "local_address", "") if "local_address" in m else None
     subnets = _subnets(ctx, m, "subnets", "")
-    tun_name, mtu, addrs = None, None, ()
+    tun_name, mtu, addrs, clamp = None, None, (), False
     if "tun" in m:
         t = m["tun"]
         if not isinstance(t, dict):
             raise ctx.err(_line(m, "tun"), "tun", "expected a mapping {name, mtu, address}")
-        _check_keys(ctx, t, {"name", "mtu", "address"}, "tun.")
+        _check_keys(ctx, t, {"name", "mtu", "address", "mss_clamp"}, "tun.")
+        if "mss_clamp" in t:
+            clamp = _typed(ctx, t, "mss_clamp", "tun.", bool, "true or false")
         if "name" in t:
             tun_name = _typed(ctx, t, "name", "tun.", str, "an interface name")
             if not 0 < len(tun_name.encode()) <= 15:
                 raise ctx.err(_line(t, "name"), "tun.name", "must be 1 to 15 bytes (Linux IFNAMSIZ)")
-        if "mtu" in t:
+        if t.get("mtu") == "auto":
+            pass
+        elif "mtu" in t:
             mtu = _typed(ctx, t, "mtu", "tun.", int, "an integer")
             if not 576 <= mtu <= 65535:
                 raise ctx.err(_line(t, "mtu"), "tun.mtu", f"{mtu} is out of range; use 576..65535 (1400 is typical)")
@@ -325,8 +360,29 @@ def parse_config(text: str, path: str = "<config>") -> tuple[NodeView, Credentia
                           "give every peer a unique name")
         seen[peer.name] = i
         peers.append(peer)
-    view = NodeView(name=name, identity=name, subnets=subnets, peers=tuple(peers), local_address=local)
-    return view, creds, DatapathSettings(tun_name=tun_name, mtu=mtu, tun_addresses=addrs, local_address=local)
+    if not subnets and local is not None and any(p.policy.mode == "transport" for p in peers):
+        subnets = (ipaddress.ip_network(local),)  # transport mode: our own address is the selector
+    view_kw = {}
+    if "virtual_ip_pool" in m:
+        pool = _typed(ctx, m, "virtual_ip_pool", "", str, "a CIDR prefix such as 10.3.0.0/24")
+        try:
+            ipaddress.ip_network(pool)
+        except ValueError as exc:
+            raise ctx.err(_line(m, "virtual_ip_pool"), "virtual_ip_pool", f"{pool!r}: {exc}; write e.g. 10.3.0.0/24")
+        view_kw["virtual_ip_pool"] = pool
+    view = _make_view(ctx, m, name=name, identity=name, subnets=subnets, peers=tuple(peers), local_address=local,
+                      **view_kw)
+    return view, creds, DatapathSettings(tun_name=tun_name, mtu=mtu, tun_addresses=addrs, local_address=local,
+                                         mss_clamp=clamp, mtu_auto=mtu is None)
+
+
+def _make_view(ctx, m, **kw) -> NodeView:
+    """NodeView, or a clear error when a field (e.g. virtual_ip_pool) is not supported by this build."""
+    try:
+        return NodeView(**kw)
+    except TypeError:
+        raise ctx.err(_line(m, "virtual_ip_pool"), "virtual_ip_pool",
+                      "this build's IKE core has no address pool yet (configuration payload); remove the key")
 
 
 def load_config(path: str) -> tuple[NodeView, Credentials, DatapathSettings]:

@@ -52,7 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--join-token-file", metavar="FILE", help="file holding the one-time join token")
     p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help=f"key, certificate, CA (default {DEFAULT_STATE_DIR})")
     p.add_argument("--tun-name", default=None, help=f"TUN device name (default {DEFAULT_TUN}, or tun.name in --config)")
-    p.add_argument("--mtu", type=int, default=None, help=f"TUN MTU in bytes (default {DEFAULT_MTU})")
+    p.add_argument("--mtu", type=int, default=None,
+                   help="TUN MTU in bytes (default: tun.mtu in --config, else the underlay MTU minus the largest "
+                        "negotiated SA bundle overhead, updated as SAs change)")
+    p.add_argument("--mss-clamp", action="store_true", default=None,
+                   help="clamp the TCP MSS of SYN / SYN-ACK packets to fit the tunnel (or tun.mss_clamp: true)")
+    p.add_argument("--routing-table", type=int, default=4301,
+                   help="routing table for the routes into the TUN (default 4301; ip rules at pref "
+                        "--rule-priority and +1 are added and removed on exit)")
+    p.add_argument("--rule-priority", type=int, default=4300, help="pref of our ip rules (default 4300)")
+    p.add_argument("--fwmark", type=lambda v: int(v, 0), default=0x4301,
+                   help="SO_MARK on our IKE/ESP sockets so they bypass the TUN routes (default 0x4301)")
     p.add_argument("--local-address", default=None,
                    help="underlay address to bind UDP 500/4500 on (default: from --config, else the "
                         "source address of the route to the controller)")
@@ -152,7 +162,7 @@ def _run(args) -> int:
     from agent.datapath.routes import RouteError, RouteManager, enable_ip_forwarding
     from agent.datapath.runtime import Runtime
     from agent.datapath.tun import TunDevice, TunError
-    from agent.datapath.udp import UdpError, UdpSocket
+    from agent.datapath.udp import RawSocket, UdpError, UdpSocket
 
     client = None
     if args.config:
@@ -198,7 +208,8 @@ def _run(args) -> int:
             raise StartupError(f"enrolment failed: {exc}")
 
     tun_name = args.tun_name or settings.tun_name or DEFAULT_TUN
-    mtu = args.mtu or settings.mtu or DEFAULT_MTU
+    fixed_mtu = args.mtu or settings.mtu
+    mtu = fixed_mtu or DEFAULT_MTU
     keylog = None
     if args.keylog_dir:
         from agent.keylog import KeyLog
@@ -207,13 +218,20 @@ def _run(args) -> int:
 
     opened = []
     try:
-        udp500 = UdpSocket(local, 500)
+        udp500 = UdpSocket(local, 500, mark=args.fwmark)
         opened.append(udp500)
-        udp4500 = UdpSocket(local, 4500)
+        udp4500 = UdpSocket(local, 4500, mark=args.fwmark)
         opened.append(udp4500)
+        try:
+            raw_esp = RawSocket(local, 50, mark=args.fwmark)
+            opened.append(raw_esp)
+        except UdpError as exc:
+            raw_esp = None
+            log.warning("%s: policies with encapsulation none cannot send or receive", exc)
         tun = TunDevice(tun_name, mtu)
         opened.append(tun)
-        routes = RouteManager(tun.name, view.subnets, settings.tun_addresses)
+        routes = RouteManager(tun.name, view.subnets, settings.tun_addresses, table=args.routing_table,
+                              mark=args.fwmark, rule_priority=args.rule_priority, local_address=local)
         control = ControlServer(args.control_socket, {})
     except (UdpError, TunError, RouteError, ControlSocketError) as exc:
         for o in reversed(opened):
@@ -223,8 +241,18 @@ def _run(args) -> int:
 
     from agent.ike.manager import IkeManager
     ike = IkeManager(view, creds, os.urandom, local_address=local, wall_offset=time.time() - time.monotonic())
+    underlay_mtu = routes.underlay_mtu(local)
+    auto_mtu = not fixed_mtu and underlay_mtu is not None
+    if auto_mtu:
+        mtu = max(576, underlay_mtu - 73)  # ESP AES-GCM tunnel in UDP over IPv4; refined per SA
+        try:
+            routes.set_mtu(mtu)
+        except RouteError as exc:
+            raise StartupError(str(exc))
     rt = Runtime(view, ike, tun=tun, udp500=udp500, udp4500=udp4500, local_address=local,
-                 routes=routes, keylog=keylog, control=control, awaiting_view=client is not None)
+                 routes=routes, keylog=keylog, control=control, awaiting_view=client is not None,
+                 raw_esp=raw_esp, underlay_mtu=underlay_mtu, tun_mtu=mtu, auto_mtu=auto_mtu,
+                 mss_clamp=bool(args.mss_clamp or settings.mss_clamp))
 
     def on_signal(signum, _frame):
         log.info("signal %d: shutting down", signum)

@@ -1,5 +1,12 @@
 """Kernel routes for peers' subnets via the TUN device (pyroute2, netlink).
 
+With ``table`` set (the agent's default, table 4301) the routes live in our
+own routing table, consulted through ``ip rule`` entries we add and remove
+(pref 4300 ``fwmark 0x4301 lookup main`` for our own marked IKE/ESP sockets,
+pref 4301 ``lookup 4301``), like strongSwan's table 220: the main table (and a
+CNI's routes) stays untouched, and a directly connected peer host can be
+captured for transport mode without our own packets looping into the TUN.
+
 ``RouteManager.sync(subnets)`` makes the set of routes via the TUN device
 equal to ``subnets`` (adds the missing, removes the ones no peer needs any
 more); idempotent. Routes carry ``src`` = a local address inside one of the
@@ -16,6 +23,11 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _EEXIST, _ESRCH, _ENOENT = 17, 3, 2
 
+# Our routing table and fwmark (strongSwan uses table 220 and pref 220; we keep clear of it).
+DEFAULT_TABLE = 4301
+DEFAULT_MARK = 0x4301
+DEFAULT_RULE_PRIORITY = 4300
+
 
 class RouteError(Exception):
     """A netlink operation failed (message names the route and the reason)."""
@@ -30,7 +42,9 @@ class RouteManager:
     """
 
     def __init__(self, ifname: str, own_subnets: tuple[IPNetwork, ...] = (),
-                 addresses: tuple[str, ...] = (), logger: logging.Logger | None = None) -> None:
+                 addresses: tuple[str, ...] = (), logger: logging.Logger | None = None, *,
+                 table: int | None = None, mark: int = 0, rule_priority: int = DEFAULT_RULE_PRIORITY,
+                 local_address: str | None = None) -> None:
         from pyroute2 import IPRoute  # imported here: tests without netlink never load it
 
         self.log = logger or logging.getLogger("meshsec.routes")
@@ -43,8 +57,66 @@ class RouteManager:
             raise RouteError(f"no interface named {ifname!r}")
         self._idx = found[0]
         self._installed: set[IPNetwork] = set()
+        self.table = table
+        self.mark = mark
+        self.rule_priority = rule_priority
+        self.local_address = local_address
+        self._rules: list[dict] = []
         for cidr in addresses:
             self.add_address(cidr)
+        if table is not None:
+            self._add_rules()
+
+    def _add_rules(self) -> None:
+        """``fwmark <mark> lookup main`` (our own IKE/ESP sockets) before ``lookup <table>`` (the
+        TUN routes), both ahead of the main table's rule, for IPv4 and IPv6 (RFC 4301 §5.1: the
+        SPD must see what is routed to a peer, even to a directly connected peer host)."""
+        for family in (2, 10):
+            rules = []
+            if self.mark:
+                rules.append({"family": family, "priority": self.rule_priority, "table": 254,
+                              "fwmark": self.mark, "fwmask": 0xFFFFFFFF})
+            rules.append({"family": family, "priority": self.rule_priority + 1, "table": self.table})
+            for r in rules:
+                try:
+                    self._ipr.rule("add", **r)
+                    self._rules.append(r)
+                except Exception as exc:
+                    if getattr(exc, "code", None) == _EEXIST:
+                        self._rules.append(r)
+                    elif family == 2:
+                        raise RouteError(f"cannot add ip rule {r}: {exc}") from exc
+                    # IPv6 disabled in this namespace: IPv4 alone works
+        self.log.info("ip rules: fwmark %#x lookup main (pref %d), lookup %d (pref %d)", self.mark,
+                      self.rule_priority, self.table, self.rule_priority + 1)
+
+    def _remove_rules(self) -> None:
+        for r in self._rules:
+            try:
+                self._ipr.rule("del", **r)
+            except Exception as exc:
+                if getattr(exc, "code", None) not in (_ESRCH, _ENOENT):
+                    self.log.error("cannot remove ip rule %s: %s", r, exc)
+        self._rules.clear()
+
+    def set_mtu(self, mtu: int) -> None:
+        """Set the TUN device's MTU (bytes); RouteError on failure."""
+        try:
+            self._ipr.link("set", index=self._idx, mtu=mtu)
+        except Exception as exc:
+            raise RouteError(f"cannot set MTU {mtu} on {self.ifname}: {exc}") from exc
+
+    def underlay_mtu(self, address: str) -> int | None:
+        """MTU of the interface that holds ``address`` (bytes), or None if none does."""
+        try:
+            fam = 10 if ":" in address else 2
+            for a in self._ipr.get_addr(family=fam):
+                if a.get("address") == address:
+                    link = self._ipr.get_links(a["index"])[0]
+                    return int(link.get("mtu"))
+        except Exception:
+            return None
+        return None
 
     def add_address(self, cidr: str) -> None:
         iface = ipaddress.ip_interface(cidr)
@@ -58,6 +130,8 @@ class RouteManager:
         """A host address inside one of our subnets, or None."""
         nets = [n for n in self.own_subnets if n.version == family]
         if not nets:
+            if self.local_address and ipaddress.ip_address(self.local_address).version == family:
+                return self.local_address  # a host: transport-mode peers see our underlay address
             return None
         try:
             addrs = self._ipr.get_addr(family=2 if family == 4 else 10)
@@ -79,6 +153,8 @@ class RouteManager:
 
     def _add(self, net: IPNetwork) -> None:
         kw = {"dst": str(net), "oif": self._idx}
+        if self.table is not None:
+            kw["table"] = self.table
         src = self._local_src(net.version)
         if src is not None:
             kw["prefsrc"] = src
@@ -93,6 +169,8 @@ class RouteManager:
 
     def _del(self, net: IPNetwork) -> None:
         kw = {"dst": str(net), "oif": self._idx}
+        if self.table is not None:
+            kw["table"] = self.table
         if net.version == 6:
             kw["family"] = 10
         try:
@@ -108,8 +186,10 @@ class RouteManager:
         return frozenset(self._installed)
 
     def remove_all(self) -> None:
+        """Remove every route we installed and our ip rules (other routes are left alone)."""
         for net in list(self._installed):
             self._del(net)
+        self._remove_rules()
 
     def close(self) -> None:
         self._ipr.close()

@@ -21,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from agent.datapath import packets as pk
 from agent.esp import Action, Sad, Spd, SpdEntry, classify_udp4500
 from agent.model import NodeView
 
@@ -29,7 +30,8 @@ _ANY4 = ipaddress.ip_network("0.0.0.0/0")
 _ANY6 = ipaddress.ip_network("::/0")
 
 DROP_REASONS = ("no_sa", "no_policy", "discard", "unknown_spi", "policy", "malformed", "send_errors",
-                "no_view_yet")
+                "no_view_yet", "too_big", "no_raw_socket", "nesting_loop")
+_MAX_NESTING = 4  # SAs applied to one packet (iterated processing, RFC 4301 §4.5)
 
 
 @dataclass
@@ -52,6 +54,15 @@ class ChildEntry:
     established: float  # monotonic seconds
     established_wall: float
     drops: dict = field(default_factory=lambda: {"policy": 0})
+    protocol: str = "esp"
+    via: str | None = None  # peer whose SA carries our output (SA bundle, iterated processing)
+    overhead: int = 0  # bytes this SA adds (worst case)
+    max_inner: int = 65535  # largest inner packet that fits the underlay MTU through the whole bundle
+
+    @property
+    def describe(self) -> str:
+        encap = "udp" if self.udp_encap else "none"
+        return f"{self.protocol}/{self.mode}/{encap} {self.outbound_spi:08x}_o"
 
     def status(self, now: float) -> dict:
         c_in = dict(getattr(self.in_sa, "counters", {}) or {})
@@ -65,7 +76,9 @@ class ChildEntry:
             "peer": self.peer,
             "ike_spi_i": f"{self.ike_spi_i:016x}", "ike_spi_r": f"{self.ike_spi_r:016x}",
             "spi_in": f"{self.inbound_spi:08x}", "spi_out": f"{self.outbound_spi:08x}",
-            "mode": self.mode, "udp_encap": self.udp_encap, "remote": f"{self.remote[0]}:{self.remote[1]}",
+            "mode": self.mode, "protocol": self.protocol, "udp_encap": self.udp_encap,
+            "encapsulation": "udp" if self.udp_encap else "none", "via": self.via, "overhead": self.overhead,
+            "remote": f"{self.remote[0]}:{self.remote[1]}",
             "local_ts": [str(n) for n in self.local_ts], "remote_ts": [str(n) for n in self.remote_ts],
             "algorithms": self.algorithms,
             "established": self.established_wall, "age_s": round(now - self.established, 3),
@@ -85,12 +98,19 @@ class Runtime:
     ``clock`` returns monotonic seconds, ``rng(n)`` random bytes.
     ``routes``: a RouteManager or None; ``keylog``: a KeyLog or None;
     ``control``: a ControlServer or None (the runtime registers its handlers).
+    ``raw_esp``: a RawSocket for IP protocol 50 (policies with ``encapsulation: none``) or None.
+    ``underlay_mtu``: bytes, the MTU of the underlay interface (None: unknown, no MTU logic);
+    ``tun_mtu``: the TUN device's MTU now; ``auto_mtu``: lower/raise it (via ``routes.set_mtu``)
+    to ``underlay_mtu`` minus the largest bundle overhead whenever SAs change.
+    ``mss_clamp``: clamp TCP MSS on SYN / SYN-ACK to fit the path (both directions).
     """
 
     def __init__(self, view: NodeView, ike, *, tun, udp500, udp4500, local_address: str,
                  esp_factory=None, clock=time.monotonic, rng=os.urandom, routes=None, keylog=None,
                  control=None, logger: logging.Logger | None = None, batch: int = 64,
-                 wall_clock=time.time, awaiting_view: bool = False) -> None:
+                 wall_clock=time.time, awaiting_view: bool = False, raw_esp=None,
+                 underlay_mtu: int | None = None, tun_mtu: int | None = None, auto_mtu: bool = False,
+                 mss_clamp: bool = False) -> None:
         if esp_factory is None:
             from agent.esp import EspSa as esp_factory
         self.view = view
@@ -111,9 +131,18 @@ class Runtime:
         self.control = control
         self.log = logger or logging.getLogger("meshsec.runtime")
         self.batch = batch
+        self.raw_esp = raw_esp
+        self.underlay_mtu = underlay_mtu
+        self.tun_mtu = tun_mtu if tun_mtu is not None else getattr(tun, "mtu", 1400)
+        self.auto_mtu = auto_mtu
+        self.mss_clamp = mss_clamp
+        self.spd_hits: dict[SpdEntry, int] = {}
+        self._local_ips: set[str] = {local_address}
+        self._nest_in = False
         self.counters: dict[str, int] = {k: 0 for k in DROP_REASONS}
         self.counters.update({"keepalives": 0, "ike_in": 0, "ike_out": 0, "esp_in": 0, "esp_out": 0,
-                              "tun_in": 0, "tun_out": 0})
+                              "tun_in": 0, "tun_out": 0, "nested_out": 0, "nested_in": 0, "icmp_too_big": 0,
+                              "mss_clamped": 0})
         self.sad = Sad()  # the SAs: inbound by SPI, outbound by peer
         self.spd = Spd()  # default DISCARD
         self.children: dict[int, ChildEntry] = {}  # inbound SPI -> CHILD_SA metadata
@@ -166,6 +195,8 @@ class Runtime:
         sel.register(self.udp500.fileno(), selectors.EVENT_READ, lambda m: self._on_udp500())
         sel.register(self.udp4500.fileno(), selectors.EVENT_READ, lambda m: self._on_udp4500())
         sel.register(self._wake_r, selectors.EVENT_READ, lambda m: self._on_wake())
+        if self.raw_esp is not None:
+            sel.register(self.raw_esp.fileno(), selectors.EVENT_READ, lambda m: self._on_raw_esp())
         if self.control is not None:
             self.control.register(sel)
         self.start()
@@ -189,6 +220,8 @@ class Runtime:
         self._on_wake()
         self._on_udp500()
         self._on_udp4500()
+        if self.raw_esp is not None:
+            self._on_raw_esp()
         self._on_tun()
         now = self.clock()
         deadline = self.ike.get_timer()
@@ -212,7 +245,9 @@ class Runtime:
         if self._sel is not None:
             self._sel.close()
             self._sel = None
-        for dev in (self.tun, self.udp500, self.udp4500):
+        for dev in (self.tun, self.udp500, self.udp4500, self.raw_esp):
+            if dev is None:
+                continue
             try:
                 dev.close()
             except OSError:
@@ -279,6 +314,50 @@ class Runtime:
         # Most specific first (remote prefix, then local prefix); stable for equal lengths.
         spd.sort(key=lambda e: (-e.remote.prefixlen, -e.local.prefixlen))
         self.spd.replace(spd)
+        self._compute_bundles()
+
+    # -- SA bundles and MTU ------------------------------------------------
+    def _outer_match(self, src: str, dst: str, proto: int, dport: int):
+        """The PROTECT entry an outer packet (our ESP/IKE output) would match, else None."""
+        try:
+            probe = (pk.udp_datagram(src, dst, dport, dport, b"") if proto == pk.PROTO_UDP
+                     else pk.ip_packet(src, dst, proto, b""))
+        except ValueError:
+            return None
+        e = self.spd.lookup_outbound(probe)
+        return e if e.action is Action.PROTECT else None
+
+    def _compute_bundles(self) -> None:
+        """Link every CHILD_SA whose output another peer's PROTECT entry covers (SA bundle,
+        RFC 4301 §4.5 iterated processing) and recompute overheads and the TUN MTU."""
+        for ch in self.children.values():
+            proto = pk.PROTO_UDP if ch.udp_encap else pk.PROTO_ESP
+            e = self._outer_match(self.local_address, ch.remote[0], proto, pk.IKE_NATT_PORT)
+            ch.via = e.peer if e is not None and e.peer != ch.peer else None
+            ch.overhead = pk.esp_overhead(ch.algorithms, mode=ch.mode, udp_encap=ch.udp_encap,
+                                          outer_v6=":" in ch.remote[0])
+        self._nest_in = any(ch.via is not None for ch in self.children.values())
+        worst = 0
+        for ch in self.children.values():
+            total, cur, seen = 0, ch, set()
+            while cur is not None and cur.peer not in seen:
+                seen.add(cur.peer)
+                total += cur.overhead
+                cur = self.current.get(cur.via) if cur.via else None
+            worst = max(worst, total)
+            if self.underlay_mtu:
+                ch.max_inner = self.underlay_mtu - total
+        if self.underlay_mtu and self.auto_mtu:
+            floor = 1280 if any(n.version == 6 for c in self.children.values() for n in c.remote_ts) else 576
+            want = max(floor, self.underlay_mtu - (worst or 73))
+            if want != self.tun_mtu and self.routes is not None:
+                try:
+                    self.routes.set_mtu(want)
+                    self.log.info("TUN MTU %d -> %d (underlay %d, largest bundle overhead %d)", self.tun_mtu,
+                                  want, self.underlay_mtu, worst)
+                    self.tun_mtu = want
+                except Exception as exc:
+                    self.log.error("%s", exc)
 
     def _sync_routes(self) -> None:
         if self.routes is None:
@@ -295,43 +374,109 @@ class Runtime:
             return
         c = self.counters
         c["tun_in"] += len(pkts)
+        if self.mss_clamp:
+            pkts = [self._clamp(p) for p in pkts]
         lookup = self.spd.lookup_outbound
         current = self.current
         no_policy, malformed = self.spd.default_entry, self.spd.malformed_entry
         protect = Action.PROTECT
-        groups: dict[str, list[bytes]] = {}
+        groups: dict[int, list] = {}
         acquire: set[str] = set()
         for p in pkts:
             e = lookup(p)
             if e.action is protect:
-                peer = e.peer
-                g = groups.get(peer)
+                g = groups.get(id(e))
                 if g is not None:
-                    g.append(p)
-                elif peer in current:
-                    groups[peer] = [p]
+                    g[1].append(p)
+                elif e.peer in current:
+                    groups[id(e)] = [e, [p]]
                 else:
                     c["no_sa"] += 1
-                    acquire.add(peer)
+                    acquire.add(e.peer)
             elif e is no_policy:
                 c["no_policy"] += 1
             elif e is malformed:
                 c["malformed"] += 1
             else:
                 c["discard"] += 1  # explicit DISCARD, or BYPASS (nothing to bypass to on a TUN)
-        for peer, lst in groups.items():
-            ch = current[peer]
-            esp = ch.out_sa.encapsulate_batch(lst)
-            if esp:
-                dst = ch.remote
-                sent = self.udp4500.send_batch([(x, dst) for x in esp])
-                c["esp_out"] += sent
-                c["send_errors"] += len(esp) - sent
+        hits = self.spd_hits
+        for e, lst in groups.values():
+            hits[e] = hits.get(e, 0) + len(lst)
+            ch = current[e.peer]
+            if ch.max_inner < self.tun_mtu:
+                lst = self._fit(ch, lst)
+            self._protect(ch, lst, 0)
         if acquire:
             now = self.clock()
             for peer in acquire:
                 self.ike.initiate(peer, now)  # acquire (RFC 4301 §5.1); idempotent while negotiating
             self._flush_ike(now)
+
+    def _protect(self, ch: ChildEntry, pkts: list[bytes], depth: int) -> None:
+        """Apply ``ch``'s outbound SA to ``pkts`` (whole IP packets) and send the result,
+        or hand it to the next SA of the bundle when ``ch.via`` is set."""
+        out = ch.out_sa.encapsulate_batch(pkts)
+        if not out:
+            return
+        if ch.via is not None:
+            nxt = self.current.get(ch.via)
+            if nxt is None:
+                self.counters["no_sa"] += len(out)
+                return
+            if depth >= _MAX_NESTING:
+                self.counters["nesting_loop"] += len(out)
+                return
+            src, dst = self.local_address, ch.remote[0]
+            if ch.udp_encap:
+                outer = [pk.udp_datagram(src, dst, pk.IKE_NATT_PORT, ch.remote[1], x) for x in out]
+            else:
+                outer = [pk.ip_packet(src, dst, pk.PROTO_ESP, x) for x in out]
+            self.counters["nested_out"] += len(outer)
+            self._protect(nxt, outer, depth + 1)
+            return
+        c = self.counters
+        if ch.udp_encap:
+            dst = ch.remote
+            sent = self.udp4500.send_batch([(x, dst) for x in out])
+        elif self.raw_esp is not None:
+            dst = (ch.remote[0], 0)
+            sent = self.raw_esp.send_batch([(x, dst) for x in out])
+        else:
+            c["no_raw_socket"] += len(out)
+            return
+        c["esp_out"] += sent
+        c["send_errors"] += len(out) - sent
+
+    def _fit(self, ch: ChildEntry, pkts: list[bytes]) -> list[bytes]:
+        """Packets that fit through ``ch``'s bundle; for the rest an ICMP "fragmentation needed" /
+        Packet Too Big goes back into the TUN (RFC 4301 §8.2.1: the SA's PMTU is reported to the
+        sender); too-big packets without DF are sent anyway (the outer packet gets fragmented)."""
+        lim = ch.max_inner
+        keep, icmp = [], []
+        for p in pkts:
+            if len(p) <= lim:
+                keep.append(p)
+                continue
+            r = pk.too_big(p, lim)
+            if r is None:
+                keep.append(p)
+            else:
+                icmp.append(r)
+        if icmp:
+            self.counters["too_big"] += len(icmp)
+            self.counters["icmp_too_big"] += self.tun.write_batch(icmp)
+        return keep
+
+    def _clamp(self, p: bytes) -> bytes:
+        # fast reject: only TCP can carry an MSS option (IPv4 protocol byte 9, IPv6 next header 6)
+        v = p[0] >> 4 if p else 0
+        if (v == 4 and p[9] == 6) or (v == 6 and len(p) > 6 and p[6] == 6):
+            mtu = min(self.tun_mtu, *(c.max_inner for c in self.current.values())) if self.current else self.tun_mtu
+            q = pk.clamp_mss(p, mtu - (40 if v == 4 else 60))
+            if q is not p:
+                self.counters["mss_clamped"] += 1
+            return q
+        return p
 
     def _sync_wall(self, now: float) -> None:
         # the IKE core checks certificate validity in Unix time but runs timers on ``now``
@@ -374,24 +519,7 @@ class Runtime:
             else:
                 c["malformed"] += 1
         if esp:
-            c["esp_in"] += len(esp)
-            out: list[bytes] = []
-            sad = self.sad
-            before = sad.counters["no_sa"]
-            children = self.children
-            allows = self.spd.allows_inbound
-            for sa, lst in sad.demux_inbound(esp):
-                ch = children[sa.spi]
-                lts, rts = ch.local_ts, ch.remote_ts
-                for p in sa.decapsulate_batch(lst):
-                    if allows(lts, rts, p):
-                        out.append(p)
-                    else:
-                        ch.drops["policy"] += 1
-                        c["policy"] += 1
-            c["unknown_spi"] += sad.counters["no_sa"] - before
-            if out:
-                c["tun_out"] += self.tun.write_batch(out)
+            self._esp_in(esp, None)
         if ike:
             if self.awaiting_view:
                 c["no_view_yet"] += len(ike)
@@ -404,10 +532,119 @@ class Runtime:
                 self.ike.receive_datagram(data, local, addr, now)
             self._flush_ike(now)
 
+    def _on_raw_esp(self) -> None:
+        batch = self.raw_esp.recv_batch(self.batch)
+        if not batch:
+            return
+        esp = []
+        for pkt, _addr in batch:
+            off = (pkt[0] & 0x0F) * 4 if pkt[0] >> 4 == 4 else 40
+            esp.append(pkt[off:])
+        self._esp_in(esp, None)
+
+    def _esp_in(self, esp: list[bytes], via: str | None, depth: int = 0) -> None:
+        """Decapsulate ESP packets (RFC 4303 §3.4), check each inner packet against its
+        CHILD_SA's selectors (RFC 4301 §5.2), and write them to the TUN; an inner packet that
+        is itself ESP/IKE addressed to us (a nested SA) is processed again here.
+        ``via``: the peer whose SA the packets came out of (None: from the underlay)."""
+        c = self.counters
+        c["esp_in"] += len(esp)
+        out: list[bytes] = []
+        sad = self.sad
+        before = sad.counters["no_sa"]
+        children = self.children
+        allows = self.spd.allows_inbound
+        local_b = None
+        for sa, lst in sad.demux_inbound(esp):
+            ch = children[sa.spi]
+            if ch.via != via:
+                # RFC 4301 §5.2: the bundle the policy demands is not the way it came
+                ch.drops["policy"] += len(lst)
+                c["policy"] += len(lst)
+                continue
+            lts, rts = ch.local_ts, ch.remote_ts
+            if ch.mode == "tunnel":
+                inner = sa.decapsulate_batch(lst)
+            else:
+                if local_b is None:
+                    local_b = ipaddress.ip_address(self.local_address).packed
+                src = ipaddress.ip_address(ch.remote[0]).packed
+                fix = ch.udp_encap
+                inner = [pk.rebuild_transport(src, local_b, nh, pl, fix_checksum=fix)
+                         for nh, pl in sa.decapsulate_batch_nh(lst)]
+            good = []
+            for p in inner:
+                if allows(lts, rts, p):
+                    good.append(p)
+                else:
+                    ch.drops["policy"] += 1
+                    c["policy"] += 1
+            if good and ch.mode == "tunnel" and self._nest_in:
+                good = self._peel(ch.peer, good, depth)
+            out += good
+        c["unknown_spi"] += sad.counters["no_sa"] - before
+        if out:
+            if self.mss_clamp:
+                out = [self._clamp(p) for p in out]
+            c["tun_out"] += self.tun.write_batch(out)
+
+    def _peel(self, peer: str, pkts: list[bytes], depth: int) -> list[bytes]:
+        """Inner packets of ``peer``'s tunnel that are ESP (raw or in UDP 4500) or IKE for us go
+        through the next layer here; the rest are returned for the TUN."""
+        rest, esp, ike = [], [], []
+        for p in pkts:
+            v = p[0] >> 4
+            if v == 4:
+                dst, proto, off = str(ipaddress.IPv4Address(p[16:20])), p[9], (p[0] & 0x0F) * 4
+                src = str(ipaddress.IPv4Address(p[12:16]))
+            else:
+                dst, proto, off = str(ipaddress.IPv6Address(p[24:40])), p[6], 40
+                src = str(ipaddress.IPv6Address(p[8:24]))
+            if dst not in self._local_ips:
+                rest.append(p)
+            elif proto == pk.PROTO_ESP:
+                esp.append(p[off:])
+            elif proto == pk.PROTO_UDP and len(p) >= off + 8 and p[off + 2:off + 4] in (b"\x11\x94", b"\x01\xf4"):
+                data = p[off + 8:]
+                port = p[off + 2] << 8 | p[off + 3]
+                sport = p[off] << 8 | p[off + 1]
+                if port == 4500 and classify_udp4500(data) == "esp":
+                    esp.append(data)
+                elif port == 4500 and classify_udp4500(data) == "ike":
+                    ike.append((data[4:], (src, sport), port))
+                elif port == 500:
+                    ike.append((data, (src, sport), port))
+                else:
+                    self.counters["keepalives"] += 1
+            else:
+                rest.append(p)
+        if esp:
+            if depth >= _MAX_NESTING:
+                self.counters["nesting_loop"] += len(esp)
+            else:
+                self.counters["nested_in"] += len(esp)
+                self._esp_in(esp, peer, depth + 1)
+        if ike:
+            now = self.clock()
+            for data, addr, port in ike:
+                self.counters["ike_in"] += 1
+                self.ike.receive_datagram(data, (self.local_address, port), addr, now)
+            self._flush_ike(now)
+        return rest
+
     # -- IKE output and events -------------------------------------------------
     def _flush_ike(self, now: float) -> None:
         out500, out4500 = [], []
         for d in self.ike.datagrams_to_send():
+            e = self._outer_match(self.local_address, d.remote[0], pk.PROTO_UDP, d.remote[1]) \
+                if self.children else None
+            if e is not None and e.peer in self.current and not self._is_peer_endpoint(e.peer, d.remote[0]):
+                # IKE with a peer reachable only through another peer's tunnel (nested SAs)
+                data = NON_ESP_MARKER + d.data if d.local[1] == 4500 else d.data
+                pkt = pk.udp_datagram(self.local_address, d.remote[0], d.local[1], d.remote[1], data)
+                self.counters["ike_out"] += 1
+                self._protect(self.current[e.peer], [pkt], 1)
+                continue
             if d.local[1] == 4500:
                 out4500.append((NON_ESP_MARKER + d.data, tuple(d.remote)))
             else:
@@ -430,6 +667,10 @@ class Runtime:
                 # One bad SA must not take the loop down; the event is logged without keys.
                 self.log.exception("handling %s failed", type(ev).__name__)
 
+    def _is_peer_endpoint(self, peer: str, ip: str) -> bool:
+        p = self.view.peer(peer)
+        return p is not None and ip in p.endpoints
+
     def _ev_ike_established(self, ev, now: float) -> None:
         self.log.info("IKE_SA %016x_i %016x_r with %s established (%s, %s)", ev.spi_i, ev.spi_r,
                       ev.peer, "initiator" if ev.initiator else "responder", ev.algorithms)
@@ -449,9 +690,12 @@ class Runtime:
                         local_ts=tuple(ev.local_ts), remote_ts=tuple(ev.remote_ts), remote=tuple(ev.remote),
                         mode=mode, udp_encap=ev.udp_encap, algorithms=ev.algorithms,
                         established=now, established_wall=time.time())
-        if not ev.udp_encap:
-            self.log.warning("CHILD_SA with %s negotiated without UDP encapsulation; "
-                             "this datapath sends ESP in UDP 4500 only", ev.peer)
+        if not ev.udp_encap and self.raw_esp is None:
+            self.log.warning("CHILD_SA with %s negotiated without UDP encapsulation but no raw ESP "
+                             "socket is open: its packets are dropped (counter no_raw_socket)", ev.peer)
+        vip = getattr(ev, "virtual_ip", None)
+        if vip:
+            self._local_ips.add(str(vip))
         old = self.children.get(ch.inbound_spi)
         if old is not None:
             self._remove_child(old)  # an SPI collision can only be a stale entry
@@ -521,7 +765,21 @@ class Runtime:
                 if k != "policy":  # already in the global counter
                     drops[k] = drops.get(k, 0) + v
         ike_counters = dict(getattr(self.ike, "counters", {}) or {})
+        spd = []
+        for e in self.spd.entries:
+            row = {"local": str(e.local) if e.local is not None else "any",
+                   "remote": str(e.remote) if e.remote is not None else "any",
+                   "action": e.action.value, "peer": e.peer, "mode": e.mode, "name": e.name,
+                   "hits": self.spd_hits.get(e, 0), "bundle": []}
+            cur, seen = self.current.get(e.peer) if e.peer else None, set()
+            while cur is not None and cur.peer not in seen:  # the SAs applied, innermost first
+                seen.add(cur.peer)
+                row["bundle"].append(f"{cur.peer}:{cur.describe}")
+                cur = self.current.get(cur.via) if cur.via else None
+            row["bundle"] = " -> ".join(row["bundle"]) or ("-" if e.action is not Action.PROTECT else "no SA yet")
+            spd.append(row)
         return {
+            "spd": spd, "tun_mtu": self.tun_mtu, "underlay_mtu": self.underlay_mtu,
             "node": self.view.name, "view_version": self.view.version, "local_address": self.local_address,
             "tun": getattr(self.tun, "name", None), "uptime_s": round(time.time() - self.started_wall, 3),
             "ike_sas": ike_sas, "child_sas": children,

@@ -24,10 +24,13 @@ class UdpSocket:
     rest counted in ``counters['send_errors']``.
     """
 
-    def __init__(self, local_ip: str, port: int, *, rcvbuf: int = 4 << 20, sndbuf: int = 4 << 20) -> None:
+    def __init__(self, local_ip: str, port: int, *, rcvbuf: int = 4 << 20, sndbuf: int = 4 << 20,
+                 mark: int = 0) -> None:
         family = socket.AF_INET6 if ":" in local_ip else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
+            if mark:
+                set_mark(self._sock, mark)
             for opt, val in ((socket.SO_RCVBUF, rcvbuf), (socket.SO_SNDBUF, sndbuf)):
                 try:
                     self._sock.setsockopt(socket.SOL_SOCKET, opt, val)
@@ -76,6 +79,83 @@ class UdpSocket:
         self._sock.close()
 
 
+def set_mark(sock: socket.socket, mark: int) -> None:
+    """SO_MARK ``mark`` on ``sock``: our own IKE/ESP packets then match the
+    ``fwmark`` rule that sends them to the main table, never into the TUN."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+    except OSError as exc:
+        raise UdpError(f"cannot set SO_MARK {mark:#x}: {exc.strerror} (needs CAP_NET_ADMIN)") from exc
+
+
+class RawSocket:
+    """Raw IP socket for one protocol (ESP 50 or AH 51) bound on ``local_ip``.
+
+    Same batch shape as ``UdpSocket`` with port 0: ``recv_batch`` yields
+    ``(ip_packet, (src_ip, 0))`` with the whole received IP packet (IPv4
+    raw sockets include the header; for IPv6 one is rebuilt from the source
+    address, the destination being ``local_ip``); ``send_batch`` takes
+    ``(payload, (dst_ip, 0))`` and the kernel adds the IP header.
+    """
+
+    def __init__(self, local_ip: str, proto: int, *, mark: int = 0, rcvbuf: int = 4 << 20) -> None:
+        self.v6 = ":" in local_ip
+        family = socket.AF_INET6 if self.v6 else socket.AF_INET
+        try:
+            self._sock = socket.socket(family, socket.SOCK_RAW, proto)
+        except OSError as exc:
+            raise UdpError(f"cannot open raw IP protocol {proto} socket: {exc.strerror} (needs CAP_NET_RAW)") from exc
+        try:
+            if mark:
+                set_mark(self._sock, mark)
+            try:
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            except OSError:
+                pass
+            self._sock.bind((local_ip, 0))
+        except OSError as exc:
+            self._sock.close()
+            raise UdpError(f"cannot bind raw protocol {proto} socket on {local_ip}: {exc.strerror}") from exc
+        self._sock.setblocking(False)
+        self.local = (local_ip, 0)
+        self.proto = proto
+        self.port = 0
+        self.counters = {"send_errors": 0}
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def recv_batch(self, max_datagrams: int = 64) -> list[tuple[bytes, tuple[str, int]]]:
+        out = []
+        recv = self._sock.recvfrom
+        try:
+            while len(out) < max_datagrams:
+                data, addr = recv(65535)
+                if self.v6:
+                    from agent.datapath.packets import ip_packet
+                    data = ip_packet(addr[0], self.local[0], self.proto, data)
+                out.append((data, (addr[0], 0)))
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            pass
+        return out
+
+    def send_batch(self, batch: list[tuple[bytes, tuple[str, int]]]) -> int:
+        send = self._sock.sendto
+        n = 0
+        for data, addr in batch:
+            try:
+                send(data, (addr[0], 0))
+                n += 1
+            except OSError:
+                self.counters["send_errors"] += 1
+        return n
+
+    def close(self) -> None:
+        self._sock.close()
+
+
 class FakeNetwork:
     """In-memory underlay: delivers datagrams between ``FakeUdp`` endpoints.
 
@@ -91,6 +171,12 @@ class FakeNetwork:
     def socket(self, local_ip: str, port: int) -> "FakeUdp":
         s = FakeUdp(local_ip, port, self)
         self.endpoints[(local_ip, port)] = s
+        return s
+
+    def raw(self, local_ip: str, proto: int) -> "FakeRaw":
+        """A ``RawSocket`` stand-in for IP protocol ``proto`` (50 ESP, 51 AH)."""
+        s = FakeRaw(local_ip, proto, self)
+        self.endpoints[(local_ip, -proto)] = s
         return s
 
     def deliver(self, src: tuple[str, int], dst: tuple[str, int], data: bytes) -> None:
@@ -153,3 +239,21 @@ class FakeUdp:
             self.closed = True
             os.close(self._r)
             os.close(self._w)
+
+
+class FakeRaw(FakeUdp):
+    """In-memory ``RawSocket``: sends payloads, receives whole IP packets (as the kernel hands them)."""
+
+    def __init__(self, local_ip: str, proto: int, network: FakeNetwork | None = None) -> None:
+        super().__init__(local_ip, -proto, network)
+        self.proto = proto
+        self.port = 0
+
+    def send_batch(self, batch) -> int:
+        from agent.datapath.packets import ip_packet
+        for data, addr in batch:
+            self.sent.append((data, addr))
+            if self.network is not None:
+                self.network.deliver((self.local[0], 0), (addr[0], -self.proto),
+                                     ip_packet(self.local[0], addr[0], self.proto, data))
+        return len(batch)

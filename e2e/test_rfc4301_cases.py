@@ -1,0 +1,272 @@
+"""The RFC 4301 §4.5 cases end to end, standalone agents (PSK), in namespaces.
+
+One topology for the module; every test starts the agents its case needs and
+stops them again::
+
+    underlay 198.51.100.0/24 (bridge br0 in <p>-sw; captures there)
+      h1 .11              h2 .12                    (case 1: hosts)
+      gw-a .1 ── lan0 10.1.0.1/24 ── gw-aw0 10.1.0.2   (site A)
+      gw-b .2 ── lan0 10.2.0.1/24 ── gw-bw0 10.2.0.2   (site B)
+      rh .21                                         (case 4: remote host)
+
+  case 1  h1 <== ESP transport ==> h2
+  case 2  gw-aw0 -- gw-a <== ESP tunnel 10.1/24<->10.2/24 ==> gw-b -- gw-bw0
+  case 3  case 2 + gw-aw0 <== ESP transport ==> gw-bw0 inside the tunnel
+  case 4  rh <== ESP tunnel rh/32<->10.2/24 ==> gw-b -- gw-bw0
+          (+ rh <== ESP transport ==> gw-bw0 nested inside that tunnel)
+
+Traffic is proven with ping; protection with tcpdump captures read by tshark
+with the agents' key log (AES-GCM: Wireshark verifies the ICV itself).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from e2e.topology import Topology, ping, sh, wait_until
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parent.parent
+AGENT = str(ROOT / ".venv" / "bin" / "meshsec-agent")
+PSK = "rfc4301-cases-psk-not-secret"
+UP = 40.0
+
+
+def tshark(pcap: Path, flt: str, home: Path | None = None, fields: list[str] | None = None) -> list[str]:
+    cmd = ["tshark", "-n", "-r", str(pcap), "-Y", flt]
+    env = dict(os.environ)
+    if home is not None:
+        env["HOME"] = str(home)
+        cmd += ["-o", "esp.enable_encryption_decode:TRUE", "-o", "esp.enable_authentication_check:TRUE"]
+    if fields:
+        cmd += ["-T", "fields"] + [x for f in fields for x in ("-e", f)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return [ln for ln in res.stdout.splitlines() if ln.strip()]
+
+
+class Site:
+    def __init__(self, tmp: Path):
+        self.work = tmp
+        self.topo = Topology(workdir=tmp)
+        t = self.topo
+        self.h1 = t.add_host("h1", "198.51.100.11")
+        self.h2 = t.add_host("h2", "198.51.100.12")
+        self.gwa = t.add_gateway("gwa", "198.51.100.1", "10.1.0.0/24")
+        self.gwb = t.add_gateway("gwb", "198.51.100.2", "10.2.0.0/24")
+        self.rh = t.add_host("rh", "198.51.100.21")
+        self.aw0, self.bw0 = self.gwa.workloads[0], self.gwb.workloads[0]
+        self.n = 0
+
+    def agent(self, ns: str, name: str, local: str, peers: list[dict], subnets: list[str] = ()):
+        """Start one agent in ``ns``; returns (proc, keylog dir, control socket)."""
+        self.n += 1
+        d = self.work / f"{name}-{self.n}"
+        d.mkdir()
+        cfg = {"name": name, "local_address": local, "subnets": list(subnets),
+               "tun": {"name": "ms0"}, "auth": {"psk": PSK}, "peers": peers}
+        (d / "agent.yaml").write_text(json.dumps(cfg))  # JSON is YAML
+        sock = d / "agent.sock"
+        proc = self.topo.spawn(ns, [AGENT, "--config", str(d / "agent.yaml"), "--state-dir", str(d),
+                                    "--control-socket", str(sock), "--keylog-dir", str(self.work / "keys"), "-v"],
+                               d / "agent.log")
+        return proc, sock
+
+    def status(self, ns: str, sock: Path) -> dict:
+        res = sh(str(ROOT / ".venv" / "bin" / "meshsec"), "status", "--socket", str(sock), "--json", ns=ns,
+                 check=False)
+        return json.loads(res.stdout) if res.returncode == 0 else {}
+
+    def wait_sa(self, ns: str, sock: Path, *peers: str) -> dict:
+        """Poll the agent's status until it has a CHILD_SA with each of ``peers``."""
+        def ready():
+            st = self.status(ns, sock)
+            have = {c["peer"] for c in st.get("child_sas", [])}
+            return st if set(peers) <= have else None
+        return wait_until(ready, UP, what=f"CHILD_SAs with {', '.join(peers)} in {ns}")
+
+    def capture(self, ns: str, iface: str, name: str):
+        pcap = self.work / f"{name}-{self.n}.pcap"
+        proc = self.topo.spawn(ns, ["tcpdump", "--immediate-mode", "-i", iface, "-U", "-n", "-s", "0", "-w", str(pcap)],
+                               self.work / "tcpdump.log")
+        wait_until(lambda: pcap.exists() and pcap.stat().st_size > 0, 10, interval=0.1, what="tcpdump")
+        return proc, pcap
+
+    def keys_home(self) -> Path:
+        home = self.work / f"home-{self.n}"
+        prof = home / ".config" / "wireshark"
+        prof.mkdir(parents=True, exist_ok=True)
+        for f in ("esp_sa", "ikev2_decryption_table"):
+            shutil.copy(self.work / "keys" / f, prof / f)
+        return home
+
+    def stop(self, *procs) -> None:
+        for p in procs:
+            assert self.topo.stop(p) == 0, "agent did not exit cleanly"
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    if not shutil.which("tshark") or not shutil.which("tcpdump"):
+        pytest.skip("tshark and tcpdump are needed (scripts/setup.sh installs them)")
+    s = Site(tmp_path_factory.mktemp("rfc4301"))
+    with s.topo:
+        yield s
+
+
+def peer(name, endpoint, subnets=None, **kw):
+    p = {"name": name, "endpoints": [endpoint], "esp_proposals": ["aes128gcm16"], **kw}
+    if subnets is not None:
+        p["subnets"] = subnets
+    return p
+
+
+def _no_leftover_rules(s: Site, ns: str) -> None:
+    rules = sh("ip", "rule", "show", ns=ns).stdout
+    assert "4301" not in rules, f"ip rules left behind:\n{rules}"
+
+
+def test_case1_host_to_host_transport_esp(site):
+    s = site
+    a, sa = s.agent(s.h1.ns, "h1", "198.51.100.11", [peer("h2", "198.51.100.12", mode="transport")])
+    b, sb = s.agent(s.h2.ns, "h2", "198.51.100.12", [peer("h1", "198.51.100.11", mode="transport")])
+    cap, pcap = s.capture(s.topo.switch_ns, "br0", "case1")
+    s.wait_sa(s.h1.ns, sa, "h2")
+    s.wait_sa(s.h2.ns, sb, "h1")
+    assert ping(s.h1.ns, "198.51.100.12", count=5)
+    st = s.status(s.h1.ns, sa)
+    ch = [c for c in st["child_sas"] if c["peer"] == "h2"]
+    assert ch and ch[0]["mode"] == "transport" and ch[0]["packets_out"] >= 5, st
+    assert any(e["peer"] == "h2" and e["hits"] >= 5 and "transport" in e["bundle"] for e in st["spd"])
+    s.topo.stop(cap)
+    s.stop(a, b)
+    _no_leftover_rules(s, s.h1.ns)
+    # the wire: no ICMP in the clear between the hosts, only ESP in UDP 4500
+    assert tshark(pcap, "icmp") == []
+    esp = tshark(pcap, "esp and ip.src == 198.51.100.11", fields=["esp.spi"])
+    assert len(esp) >= 5
+    home = s.keys_home()
+    # transport mode: tshark decrypts, finds ICMP right behind ESP with the outer addresses,
+    # and checks every AES-GCM ICV
+    inner = tshark(pcap, "esp and icmp.type == 8 and ip.src == 198.51.100.11 and ip.dst == 198.51.100.12",
+                   home=home, fields=["ip.version"])
+    assert len(inner) >= 5
+    assert tshark(pcap, "esp and count(ip.src) > 1", home=home) == [], "tunnel-mode (IP-in-IP) payload seen"
+    assert tshark(pcap, "esp.icv_bad == 1", home=home) == []
+    assert len(tshark(pcap, "esp.icv_good == 1", home=home)) >= len(inner)
+
+
+def test_case1_host_to_host_transport_raw_esp(site):
+    """Same, ESP as IP protocol 50 (``encapsulation: none``)."""
+    s = site
+    a, sa = s.agent(s.h1.ns, "h1", "198.51.100.11", [peer("h2", "198.51.100.12", mode="transport",
+                                                           encapsulation="none")])
+    b, sb = s.agent(s.h2.ns, "h2", "198.51.100.12", [peer("h1", "198.51.100.11", mode="transport",
+                                                           encapsulation="none")])
+    cap, pcap = s.capture(s.topo.switch_ns, "br0", "case1raw")
+    s.wait_sa(s.h1.ns, sa, "h2")
+    s.wait_sa(s.h2.ns, sb, "h1")
+    assert ping(s.h1.ns, "198.51.100.12", count=3)
+    assert ping(s.h2.ns, "198.51.100.11", count=3)
+    s.topo.stop(cap)
+    s.stop(a, b)
+    assert tshark(pcap, "udp.port == 4500") == []
+    assert len(tshark(pcap, "ip.proto == 50")) >= 8
+    home = s.keys_home()
+    assert len(tshark(pcap, "ip.proto == 50 and icmp", home=home)) >= 8
+    assert tshark(pcap, "esp.icv_bad == 1", home=home) == []
+
+
+def _gateways(s: Site):
+    a = s.agent(s.gwa.ns, "gw-a", "198.51.100.1", [peer("gw-b", "198.51.100.2", ["10.2.0.0/24"])], ["10.1.0.0/24"])
+    b = s.agent(s.gwb.ns, "gw-b", "198.51.100.2", [peer("gw-a", "198.51.100.1", ["10.1.0.0/24"])], ["10.2.0.0/24"])
+    return a, b
+
+
+def test_case2_gateway_to_gateway_tunnel(site):
+    s = site
+    (a, _), (b, sb) = _gateways(s)
+    cap, pcap = s.capture(s.topo.switch_ns, "br0", "case2")
+    wait_until(lambda: ping(s.aw0.ns, s.bw0.ip), UP, what="site A -> site B ping through the tunnel")
+    assert ping(s.bw0.ns, s.aw0.ip, count=3)
+    st = s.status(s.gwb.ns, sb)
+    assert [c["mode"] for c in st["child_sas"]] == ["tunnel"]
+    s.topo.stop(cap)
+    s.stop(a, b)
+    assert tshark(pcap, "ip.addr == 10.0.0.0/8") == [], "a site address appeared in a clear header"
+    home = s.keys_home()
+    assert len(tshark(pcap, "esp and icmp and ip.src == 10.1.0.2 and ip.dst == 10.2.0.2", home=home)) >= 2
+    assert tshark(pcap, "esp.icv_bad == 1", home=home) == []
+
+
+def test_case3_end_to_end_inside_gateway_tunnel(site):
+    s = site
+    (a, _), (b, _) = _gateways(s)
+    ha, _ = s.agent(s.aw0.ns, "aw0", s.aw0.ip, [peer("bw0", s.bw0.ip, mode="transport")])
+    hb, sh_b = s.agent(s.bw0.ns, "bw0", s.bw0.ip, [peer("aw0", s.aw0.ip, mode="transport")])
+    cap_ul, pcap_ul = s.capture(s.topo.switch_ns, "br0", "case3-underlay")
+    cap_lan, pcap_lan = s.capture(s.gwb.ns, "lan0", "case3-siteb")
+    wait_until(lambda: ping(s.aw0.ns, s.bw0.ip), UP, what="host A -> host B ping, transport inside tunnel")
+    assert ping(s.aw0.ns, s.bw0.ip, count=3)
+    st = s.status(s.bw0.ns, sh_b)
+    assert [c["mode"] for c in st["child_sas"]] == ["transport"]
+    s.topo.stop(cap_ul)
+    s.topo.stop(cap_lan)
+    s.stop(ha, hb, a, b)
+    home = s.keys_home()
+    # between the gateways: ESP (gateways' tunnel) around ESP (hosts' transport SA)
+    two = tshark(pcap_ul, "esp and icmp", home=home, fields=["esp.spi"])
+    assert len(two) >= 4
+    assert all(len(line.split(",")) == 2 for line in two), f"expected two ESP layers: {two[:3]}"
+    assert tshark(pcap_ul, "ip.addr == 10.0.0.0/8") == []
+    # inside site B: only the end-to-end ESP (one layer), hosts' addresses visible
+    one = tshark(pcap_lan, "esp and icmp and ip.src == 10.1.0.2", home=home, fields=["esp.spi"])
+    assert len(one) >= 4 and all("," not in line for line in one)
+    assert tshark(pcap_lan, "icmp and not esp") == [], "plaintext ICMP inside site B"
+    assert tshark(pcap_ul, "esp.icv_bad == 1", home=home) == []
+
+
+def _remote_host_gateway(s: Site, extra_rh: list[dict] = (), extra_gw: list[dict] = ()):
+    gw = s.agent(s.gwb.ns, "gw-b", "198.51.100.2",
+                 [peer("rh", "198.51.100.21", ["198.51.100.21/32"]), *extra_gw], ["10.2.0.0/24"])
+    rh = s.agent(s.rh.ns, "rh", "198.51.100.21", [peer("gw-b", "198.51.100.2", ["10.2.0.0/24"]), *extra_rh],
+                 ["198.51.100.21/32"])
+    return gw, rh
+
+
+def test_case4_remote_host_to_gateway(site):
+    s = site
+    (g, _), (r, sr) = _remote_host_gateway(s)
+    cap, pcap = s.capture(s.topo.switch_ns, "br0", "case4")
+    wait_until(lambda: ping(s.rh.ns, s.bw0.ip), UP, what="remote host -> host behind gateway B")
+    assert ping(s.rh.ns, s.bw0.ip, count=3)
+    s.topo.stop(cap)
+    s.stop(r, g)
+    assert tshark(pcap, "icmp") == []
+    home = s.keys_home()
+    assert len(tshark(pcap, "esp and icmp and ip.src == 198.51.100.21 and ip.dst == 10.2.0.2", home=home)) >= 3
+
+
+def test_case4_remote_host_nested_transport(site):
+    s = site
+    (g, _), (r, sr) = _remote_host_gateway(s, extra_rh=[peer("bw0", s.bw0.ip, mode="transport")])
+    h, _ = s.agent(s.bw0.ns, "bw0", s.bw0.ip, [peer("rh", "198.51.100.21", mode="transport")])
+    cap, pcap = s.capture(s.topo.switch_ns, "br0", "case4n")
+    wait_until(lambda: ping(s.rh.ns, s.bw0.ip), UP, what="remote host -> host B, transport inside tunnel")
+    assert ping(s.rh.ns, s.bw0.ip, count=3)
+    st = s.status(s.rh.ns, sr)
+    modes = {c["peer"]: (c["mode"], c["via"]) for c in st["child_sas"]}
+    assert modes.get("bw0") == ("transport", "gw-b") and modes.get("gw-b") == ("tunnel", None)
+    assert st["counters"]["nested_out"] >= 3 and st["counters"]["nested_in"] >= 3
+    s.topo.stop(cap)
+    s.stop(h, r, g)
+    home = s.keys_home()
+    two = tshark(pcap, "esp and icmp", home=home, fields=["esp.spi"])
+    assert len(two) >= 4 and all(len(line.split(",")) == 2 for line in two), two[:3]
+    assert tshark(pcap, "esp.icv_bad == 1", home=home) == []
