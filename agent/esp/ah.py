@@ -4,7 +4,7 @@ AH authenticates the IP header's immutable fields and everything after it;
 nothing is encrypted. The ICV (HMAC-SHA2 truncated, RFC 4868) is computed
 over the IP header with its mutable fields zeroed (RFC 4302 §3.3.3.1 and
 Appendix A), the AH header with the ICV field zeroed, the payload, and with
-ESN the high 32 bits of the sequence number appended (RFC 4302 §3.3.3.1,
+ESN the high 32 bits of the sequence number appended (RFC 4302 §2.5.1,
 "implicit" data, never sent). Header length: a multiple of 4 octets for
 IPv4, 8 for IPv6 (RFC 4302 §3.3.3.2.1), padded with zeros inside the ICV field.
 

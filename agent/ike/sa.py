@@ -464,8 +464,8 @@ class IkeSa:
     def _sig_hash_notify(self) -> list:
         if not self.cfg.credentials.uses_certificates:
             return []
-        data = b"".join(struct.pack("!H", h) for h in
-                        (HashAlgorithm.SHA2_256, HashAlgorithm.SHA2_384, HashAlgorithm.SHA2_512))
+        # all we verify, IDENTITY included: without it a peer cannot sign with Ed25519 (RFC 8420 §2)
+        data = b"".join(struct.pack("!H", h) for h in auth.SUPPORTED_HASH_ALGORITHMS)
         return [NotifyPayload(int(NotifyType.SIGNATURE_HASH_ALGORITHMS), data)]
 
     def _send_init(self, group: int, now: float) -> None:
