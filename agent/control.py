@@ -210,8 +210,16 @@ class ControllerClient:
                  backoff_initial: float = 1.0, backoff_max: float = 30.0, rpc_timeout: float = 10.0,
                  on_credentials: Callable[[Credentials], None] | None = None,
                  watch_address: str | None = None) -> None:
-        self.address = address
-        self.watch_address = watch_address or default_watch_address(address)
+        # HA: several controller replicas, comma-separated; a failure moves to the next
+        self.addresses = [a.strip() for a in address.split(",") if a.strip()]
+        if not self.addresses:
+            raise ValueError("controller address is empty; give HOST:PORT[,HOST:PORT...]")
+        self.watch_addresses = ([a.strip() for a in watch_address.split(",") if a.strip()] if watch_address
+                                else [default_watch_address(a) for a in self.addresses])
+        if len(self.watch_addresses) != len(self.addresses):
+            raise ValueError(f"{len(self.addresses)} controller addresses but {len(self.watch_addresses)} "
+                             "watch addresses; give one watch address per controller or none")
+        self._index = 0
         self.node_name = node_name
         self._join_token = join_token
         self.state_dir = Path(state_dir)
@@ -231,6 +239,19 @@ class ControllerClient:
 
     def __repr__(self) -> str:
         return f"ControllerClient(address={self.address!r}, node_name={self.node_name!r})"
+
+    @property
+    def address(self) -> str:
+        """The controller (enrol port) in use now."""
+        return self.addresses[self._index]
+
+    @property
+    def watch_address(self) -> str:
+        return self.watch_addresses[self._index]
+
+    def _next_controller(self) -> None:
+        if len(self.addresses) > 1:
+            self._index = (self._index + 1) % len(self.addresses)
 
     @property
     def view(self) -> NodeView | None:
@@ -366,6 +387,7 @@ class ControllerClient:
                 attempt += 1
                 self.log.warning("enrolment attempt %d at %s failed (%s: %s); retrying in %.1f s",
                                  attempt, self.address, code.name if code else "?", details, delay)
+                self._next_controller()
             if stop is not None:
                 if stop.wait(delay):
                     raise EnrollmentAborted("enrolment aborted")
@@ -459,6 +481,7 @@ class ControllerClient:
                     self._call = None
             if stop.is_set():
                 break
+            self._next_controller()
             delay = self._backoff(attempt)
             attempt += 1
             self.log.info("reconnecting to %s in %.1f s (attempt %d, from version %d)", self.watch_address, delay,

@@ -50,6 +50,21 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the agents' service account for --kube-token-review (default: %(default)s)")
     kube.add_argument("--kube-audience", default="meshsec",
                       help="audience the projected token must carry (default: %(default)s)")
+    ha = p.add_argument_group("high availability (docs/ha.md)")
+    ha.add_argument("--etcd-endpoints", metavar="URL[,URL...]",
+                    help="keep state in etcd (http://HOST:PORT, comma-separated) instead of SQLite under "
+                         "--state-dir; replicas elect a leader on an etcd lease")
+    ha.add_argument("--etcd-prefix", default="/meshsec/", help="etcd key prefix (default: %(default)s)")
+    ha.add_argument("--etcd-lease-ttl", type=int, default=10, metavar="SECONDS",
+                    help="leader lease: a dead leader is replaced within about this time (default: %(default)s)")
+    ha.add_argument("--replica-id", default=None, help="this replica's name in etcd (default: hostname-pid)")
+    p.add_argument("--metrics-listen", default=None, metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off; docs/metrics.md)")
+    p.add_argument("--health-listen", default=None, metavar="HOST:PORT",
+                   help="plain-text gRPC port with only grpc.health.v1 and reflection, for probes (default: off; "
+                        "the TLS ports serve both anyway)")
+    p.add_argument("--max-workers", type=int, default=256, metavar="N",
+                   help="gRPC server threads; every Watch stream holds one (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -92,6 +107,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.watch_listen is not None:
             split_listen(args.watch_listen)
         lifetime = parse_duration(args.cert_lifetime)
+        ha = None
+        if args.etcd_endpoints:
+            from controller.leader import HaConfig
+            from controller.store_etcd import parse_endpoints
+            ha = HaConfig(parse_endpoints(args.etcd_endpoints), prefix=args.etcd_prefix, ttl=args.etcd_lease_ttl,
+                          replica_id=args.replica_id)
+        from controller.metrics import split_hostport
+        for flag in ("metrics_listen", "health_listen"):
+            if getattr(args, flag) is not None:
+                split_hostport(getattr(args, flag), "--" + flag.replace("_", "-"))
+        if args.max_workers < 4:
+            raise ValueError(f"--max-workers {args.max_workers}: use at least 4")
         if lifetime <= 0:
             raise ValueError("--cert-lifetime must be positive")
     except ValueError as e:
@@ -110,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     server = ControllerServer(args.inventory, args.state_dir, node_source=node_source, token_review=token_review, listen=args.listen, watch_listen=args.watch_listen,
                               server_names=args.server_name or default_server_names(host),
-                              cert_lifetime=dt.timedelta(seconds=lifetime), logger=log)
+                              cert_lifetime=dt.timedelta(seconds=lifetime), logger=log, ha=ha,
+                              metrics_listen=args.metrics_listen, health_listen=args.health_listen,
+                              max_workers=args.max_workers)
     try:
         port = server.start()
     except InventoryError as e:

@@ -23,6 +23,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 from typing import Callable, Iterator
@@ -35,7 +36,8 @@ from cryptography.x509.oid import NameOID
 from controller.ca import CertificateAuthority, CsrError
 from controller.inventory import InventoryError, load_inventory
 from controller.policy import Inventory, UnknownNode, View, ViewDiff, compute_view, diff_views
-from controller.store import Store
+from controller.metrics import ControllerMetrics
+from controller.store import StateStore, Store
 from meshsec.v1 import controller_pb2 as pb
 from meshsec.v1 import controller_pb2_grpc as pb_grpc
 
@@ -89,11 +91,19 @@ def view_update(view: View, version: int, diff: ViewDiff | None) -> pb.ViewUpdat
 class ControllerState:
     """The current inventory and view version; wakes watchers on change."""
 
-    def __init__(self, store: Store, inventory: Inventory) -> None:
+    def __init__(self, store: StateStore, inventory: Inventory, *, record: bool = True) -> None:
         self._store = store
         self._cond = threading.Condition()
         self._inventory = inventory
-        self._version, _ = store.record_inventory(inventory.view_json())
+        self.changed_at = time.monotonic()  # when this replica learnt the current version
+        self.read_only = not record
+        if record:
+            self._version, _ = store.record_inventory(inventory.view_json())
+        else:  # HA follower: serve what the leader recorded
+            self._version = store.current_version()
+            stored = store.inventory_at(self._version)
+            if stored is not None:
+                self._inventory = Inventory.from_view_json(stored)
 
     def snapshot(self) -> tuple[Inventory, int]:
         with self._cond:
@@ -103,10 +113,26 @@ class ControllerState:
         """Install a new inventory; returns (version, bumped). Token-only
         changes take effect without a version bump."""
         with self._cond:
-            self._version, bumped = self._store.record_inventory(inventory.view_json())
+            if self.read_only:  # HA follower: the leader records versions; we adopt them from the store
+                return self._version, False
+            version, bumped = self._store.record_inventory(inventory.view_json())
+            if version != self._version:
+                self.changed_at = time.monotonic()
+            self._version = version
             self._inventory = inventory
             self._cond.notify_all()
             return self._version, bumped
+
+    def adopt(self, version: int, inventory: Inventory) -> bool:
+        """Install a version another replica recorded (HA follower); ignores
+        versions not newer than the current one. True if installed."""
+        with self._cond:
+            if version <= self._version:
+                return False
+            self._version, self._inventory = version, inventory
+            self.changed_at = time.monotonic()
+            self._cond.notify_all()
+            return True
 
     def wake(self) -> None:
         with self._cond:
@@ -117,13 +143,21 @@ class ControllerState:
             self._cond.wait_for(lambda: self._version != version, timeout=timeout)
             return self._inventory, self._version
 
+    def change_age(self) -> float:
+        """Seconds since the current version reached this replica."""
+        return time.monotonic() - self.changed_at
+
 
 class ControllerServicer(pb_grpc.ControllerServicer):
     def __init__(self, state: ControllerState, store: Store, ca: CertificateAuthority,
                  cert_lifetime: dt.timedelta, logger: logging.Logger,
                  clock: Callable[[], dt.datetime] = utcnow,
-                 token_review: Callable[[str, str], tuple[bool, str]] | None = None) -> None:
+                 token_review: Callable[[str, str], tuple[bool, str]] | None = None,
+                 metrics: ControllerMetrics | None = None,
+                 is_leader: Callable[[], bool] = lambda: True) -> None:
         self._state = state
+        self._metrics = metrics or ControllerMetrics()
+        self._is_leader = is_leader  # HA: only the leader enrols (it writes)
         self._token_review = token_review  # (node, token) -> (ok, reason): e.g. controller.k8s.TokenReviewer
         self._store = store
         self._ca = ca
@@ -134,26 +168,35 @@ class ControllerServicer(pb_grpc.ControllerServicer):
     def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollResponse:
         name = request.node_name
         if not name:
+            self._metrics.enrolment("invalid")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "node_name is empty")
+        if not self._is_leader():
+            self._metrics.enrolment("not_leader")
+            context.abort(grpc.StatusCode.UNAVAILABLE, "this controller replica is a follower; enrol at the leader "
+                          "(agents given several --controller addresses try the next)")
         inventory, _ = self._state.snapshot()
         try:
             node = inventory.node(name)
         except UnknownNode as e:
+            self._metrics.enrolment("unknown_node")
             self._log.warning("enrolment refused: unknown node %r from %s", name, context.peer())
             context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         digest = hashlib.sha256(request.join_token.encode()).digest()
         if not hmac.compare_digest(digest, node.join_token_sha256) and not self._reviewed(name, request.join_token):
             self._log.warning("enrolment refused: wrong join token for node %r from %s", name, context.peer())
+            self._metrics.enrolment("bad_token")
             context.abort(grpc.StatusCode.UNAUTHENTICATED, f"join token for node {name!r} is wrong")
         try:
             cert = self._ca.issue_for_csr(request.csr_der, name, self._lifetime, self._clock())
         except CsrError as e:
             self._log.warning("enrolment refused: bad CSR for node %r: %s", name, e)
+            self._metrics.enrolment("bad_csr")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         der = cert.public_bytes(serialization.Encoding.DER)
         not_after = int(cert.not_valid_after_utc.timestamp())
         self._store.add_certificate(cert.serial_number, name, int(cert.not_valid_before_utc.timestamp()),
                                     not_after, der)
+        self._metrics.enrolment("ok")
         self._log.info("enrolled node %r from %s: serial %x, valid until %s", name, context.peer(),
                        cert.serial_number, cert.not_valid_after_utc.isoformat())
         return pb.EnrollResponse(certificate_chain_der=[der], ca_certificates_der=[self._ca.certificate_der],
@@ -188,6 +231,13 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         name = request.node_name
         self._check_identity(name, context)
         context.add_callback(self._state.wake)
+        self._metrics.watch_started()
+        try:
+            yield from self._watch(request, context, name)
+        finally:
+            self._metrics.watch_ended()
+
+    def _watch(self, request: pb.WatchRequest, context: grpc.ServicerContext, name: str) -> Iterator[pb.ViewUpdate]:
         inventory, version = self._state.snapshot()
         try:
             view = compute_view(inventory, name)
@@ -225,7 +275,9 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             if not diff.empty:
                 self._log.debug("node %r: version %d, %d upserted, %d removed", name, version,
                                 len(diff.upserted), len(diff.removed))
-                yield view_update(view, version, diff)
+                update = view_update(view, version, diff)
+                self._metrics.fanout_observed(self._state.change_age())
+                yield update
         self._log.info("node %r stopped watching", name)
 
 
@@ -265,7 +317,8 @@ class ControllerServer:
 
     def __init__(self, inventory_path: str | Path, state_dir: str | Path, *, listen: str = "0.0.0.0:7443",
                  watch_listen: str | None = None, server_names: list[str] | None = None, cert_lifetime: dt.timedelta = dt.timedelta(hours=24),
-                 poll_interval: float = 1.0, max_workers: int = 256,
+                 poll_interval: float = 1.0, max_workers: int = 256, ha=None,
+                 metrics_listen: str | None = None, health_listen: str | None = None,
                  logger: logging.Logger | None = None, node_source=None,
                  token_review: Callable[[str, str], tuple[bool, str]] | None = None,
                  source_sync_timeout: float = 10.0) -> None:
@@ -286,6 +339,16 @@ class ControllerServer:
         self.server_names = list(server_names) if server_names else default_server_names(host)
         self.cert_lifetime = cert_lifetime
         self.poll_interval = poll_interval
+        # ha: controller.leader.HaConfig (etcd store + leader election) or None (SQLite, one replica)
+        self.ha = ha
+        self.metrics = ControllerMetrics()
+        self.metrics_listen = metrics_listen
+        self.metrics_port = 0
+        self.health_listen = health_listen
+        self.health_port = 0
+        self.is_leader = ha is None
+        self._replica = None
+        self._health_server: grpc.Server | None = None
         self.max_workers = max_workers
         self.log = logger or logging.getLogger("meshsec.controller")
         self.port = 0
@@ -318,13 +381,18 @@ class ControllerServer:
                 self.log.warning("no Node list from %s after %.0f s; serving the inventory alone until it arrives",
                                  self.node_source.name, self.source_sync_timeout)
             inventory = self._merged()
-        self.store = Store(self.state_dir)
+        if self.ha is not None:
+            self._replica = self.ha.replica(self)
+            self.store = self._replica.store
+            self.state_dir.mkdir(parents=True, exist_ok=True)  # for ca.pem only
+        else:
+            self.store = Store(self.state_dir)
         now = utcnow()
         self.ca = CertificateAuthority.load_or_create(self.store, now)
         tmp = self.ca_path.with_suffix(".pem.tmp")
         tmp.write_bytes(self.ca.certificate_pem)
         os.replace(tmp, self.ca_path)
-        self.state = ControllerState(self.store, inventory)
+        self.state = ControllerState(self.store, inventory, record=self.ha is None)
         if self.node_source is not None:
             self._install()  # a Node change that came in while starting
         key_pem, cert_pem = self.ca.issue_server(self.server_names, now)
@@ -336,6 +404,7 @@ class ControllerServer:
                              options=SERVER_OPTIONS)
         pb_grpc.add_ControllerServicer_to_server(
             ControllerServicer(self.state, self.store, self.ca, self.cert_lifetime, self.log,
+                               metrics=self.metrics, is_leader=lambda: self.is_leader,
                                token_review=self.token_review), server)
         ports = []
         for listen, creds in ((self.listen, enrol_creds), (self.watch_listen, watch_creds)):
@@ -346,8 +415,18 @@ class ControllerServer:
             if not port:
                 raise OSError(f"cannot listen on {listen}")
             ports.append(port)
+        from controller.metrics import add_health_and_reflection
+        add_health_and_reflection(server)
         server.start()
         self._server = server
+        if self.health_listen:
+            self._health_server, self.health_port = add_health_and_reflection(None, self.health_listen)
+        if self.metrics_listen:
+            self.metrics_port = self.metrics.serve(self.metrics_listen)
+        self.metrics.set_leader(self.is_leader)
+        self.metrics.version.set_function(lambda: self.state.snapshot()[1] if self.state else 0)
+        if self._replica is not None:
+            self._replica.start()
         self.port, self.watch_port = ports
         self._stop.clear()
         self._poller = threading.Thread(target=self._poll, name="inventory-poll", daemon=True)
@@ -401,6 +480,8 @@ class ControllerServer:
 
     def _poll(self) -> None:
         while not self._stop.wait(self.poll_interval):
+            if not self.is_leader:
+                continue  # HA follower: the leader reads the inventory and records versions
             try:
                 self.reload_if_changed()
             except Exception:  # keep serving whatever happens to the file
@@ -413,6 +494,12 @@ class ControllerServer:
 
     def stop(self, grace: float | None = 1.0) -> None:
         self._stop.set()
+        if self._replica is not None:
+            self._replica.stop()  # a leader resigns first: a follower takes over at once
+        if self._health_server is not None:
+            self._health_server.stop(grace)
+            self._health_server = None
+        self.metrics.close()
         if self.node_source is not None:
             self.node_source.stop()
         if self._server is not None:

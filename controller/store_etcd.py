@@ -1,0 +1,426 @@
+"""The controller's state in etcd (v3), for several controller replicas.
+
+Talks to etcd through its JSON gRPC gateway (``/v3/kv/range``, ``/v3/kv/put``,
+``/v3/kv/txn``, ``/v3/kv/deleterange``, ``/v3/lease/grant``,
+``/v3/lease/keepalive``, ``/v3/lease/revoke``, ``/v3/watch``) over HTTP with
+the standard library: the maintained Python etcd v3 clients ship protobuf
+code generated for protobuf 3.x that does not import under our protobuf 7
+(docs/ha.md). Keys and values are base64 in the gateway's JSON.
+
+Key layout under ``prefix`` (default ``/meshsec/``)::
+
+    meta/<name>               CA key and certificate (created once, by txn)
+    view/head                 current view version (decimal); the CAS target
+    view/v/<020d version>     inventory snapshot (``Inventory.view_json()``)
+    certs/<node>/<serial hex> JSON {"not_before", "not_after", "der" (base64)}
+    leader                    replica id of the leader, bound to its lease
+
+Every write that changes the view is a txn comparing ``view/head``'s
+mod_revision (no lost update between replicas) and, when a fence is set
+(:meth:`EtcdStore.set_fence`), the leader key's value: a replica that lost
+its lease cannot write (:class:`NotLeader`).
+"""
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import logging
+import socket
+import threading
+import time
+from typing import Callable, Iterator
+from urllib.parse import urlsplit
+
+from controller.store import HISTORY_KEEP
+
+DEFAULT_PREFIX = "/meshsec/"
+
+
+class EtcdError(OSError):
+    """etcd is unreachable or answered with an error; the message names the
+    endpoint(s) and what failed."""
+
+
+class NotLeader(EtcdError):
+    """A fenced write was refused: this replica no longer holds the leader key."""
+
+
+def _b64(data: bytes | str) -> str:
+    if isinstance(data, str):
+        data = data.encode()
+    return base64.b64encode(data).decode()
+
+
+def _unb64(text: str | None) -> bytes:
+    return base64.b64decode(text) if text else b""
+
+
+def prefix_end(key: bytes) -> bytes:
+    """The range_end that selects every key starting with ``key`` (etcd's rule)."""
+    k = bytearray(key)
+    while k:
+        if k[-1] < 0xFF:
+            k[-1] += 1
+            return bytes(k)
+        k.pop()
+    return b"\x00"
+
+
+def parse_endpoints(text: str) -> list[str]:
+    """``http://h:2379[,http://h2:2379]`` -> list of ``host:port``.
+
+    ValueError naming the bad entry (only plain http is supported: run etcd
+    on a private network or loopback, see docs/ha.md).
+    """
+    out = []
+    for raw in text.split(","):
+        raw = raw.strip()
+        if not raw:
+            continue
+        u = urlsplit(raw if "://" in raw else "http://" + raw)
+        if u.scheme != "http" or not u.hostname or u.port is None or u.path not in ("", "/"):
+            raise ValueError(f"--etcd-endpoints entry {raw!r} is not http://HOST:PORT")
+        host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
+        out.append(f"{host}:{u.port}")
+    if not out:
+        raise ValueError("--etcd-endpoints is empty; give http://HOST:PORT[,http://HOST:PORT...]")
+    return out
+
+
+class EtcdClient:
+    """A small etcd v3 client over the JSON gateway; thread-safe (one HTTP
+    connection per call). Fails over between ``endpoints`` on connection
+    errors; ``timeout`` (seconds) bounds each request."""
+
+    def __init__(self, endpoints: list[str], *, timeout: float = 3.0,
+                 logger: logging.Logger | None = None) -> None:
+        if not endpoints:
+            raise ValueError("no etcd endpoints")
+        self.endpoints = list(endpoints)
+        self.timeout = timeout
+        self._preferred = 0
+        self.log = logger or logging.getLogger("meshsec.controller.etcd")
+
+    def __repr__(self) -> str:
+        return f"EtcdClient({self.endpoints!r})"
+
+    def call(self, path: str, body: dict) -> dict:
+        """POST ``body`` to ``/v3/<path>`` on the first endpoint that answers."""
+        errors = []
+        n = len(self.endpoints)
+        for i in range(n):
+            idx = (self._preferred + i) % n
+            ep = self.endpoints[idx]
+            host, _, port = ep.rpartition(":")
+            conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=self.timeout)
+            try:
+                conn.request("POST", "/v3/" + path, json.dumps(body), {"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                data = resp.read()
+            except (OSError, http.client.HTTPException) as e:
+                errors.append(f"{ep}: {e}")
+                continue
+            finally:
+                conn.close()
+            try:
+                doc = json.loads(data or b"{}")
+            except ValueError:
+                raise EtcdError(f"etcd {ep} /v3/{path}: unreadable answer {data[:200]!r}") from None
+            if resp.status != 200:
+                msg = doc.get("message") or doc.get("error") or data[:200]
+                if resp.status == 503 or "no leader" in str(msg) or "timed out" in str(msg):
+                    errors.append(f"{ep}: {msg}")  # this member cannot serve now; try another
+                    continue
+                raise EtcdError(f"etcd {ep} /v3/{path}: HTTP {resp.status}: {msg}")
+            self._preferred = idx
+            return doc
+        raise EtcdError(f"no etcd endpoint answered /v3/{path}: " + "; ".join(errors))
+
+    # -- kv --------------------------------------------------------------
+    def get(self, key: bytes) -> tuple[bytes, int, int] | None:
+        """(value, mod_revision, create_revision) or None."""
+        kvs = self.call("kv/range", {"key": _b64(key)}).get("kvs") or []
+        if not kvs:
+            return None
+        kv = kvs[0]
+        return _unb64(kv.get("value")), int(kv.get("mod_revision", 0)), int(kv.get("create_revision", 0))
+
+    def get_prefix(self, key: bytes) -> list[tuple[bytes, bytes]]:
+        doc = self.call("kv/range", {"key": _b64(key), "range_end": _b64(prefix_end(key))})
+        return [(_unb64(kv.get("key")), _unb64(kv.get("value"))) for kv in doc.get("kvs") or []]
+
+    def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
+        body = {"key": _b64(key), "value": _b64(value)}
+        if lease:
+            body["lease"] = str(lease)
+        return int(self.call("kv/put", body).get("header", {}).get("revision", 0))
+
+    def delete(self, key: bytes) -> None:
+        self.call("kv/deleterange", {"key": _b64(key)})
+
+    def txn(self, compare: list[dict], success: list[dict], failure: list[dict]) -> dict:
+        return self.call("kv/txn", {"compare": compare, "success": success, "failure": failure})
+
+    # -- leases ----------------------------------------------------------
+    def lease_grant(self, ttl: int) -> int:
+        doc = self.call("lease/grant", {"TTL": str(int(ttl))})
+        if doc.get("error"):
+            raise EtcdError(f"lease grant failed: {doc['error']}")
+        return int(doc["ID"])
+
+    def lease_keepalive(self, lease: int) -> int:
+        """Refresh a lease; returns its remaining TTL (0 or less: it expired)."""
+        doc = self.call("lease/keepalive", {"ID": str(lease)})
+        return int((doc.get("result") or doc).get("TTL", 0))
+
+    def lease_revoke(self, lease: int) -> None:
+        self.call("lease/revoke", {"ID": str(lease)})
+
+    # -- watch -----------------------------------------------------------
+    def watch_prefix(self, key: bytes, start_revision: int, stop: threading.Event,
+                     idle_timeout: float = 10.0) -> Iterator[tuple[int, list[tuple[str, bytes, bytes]]]]:
+        """Stream ``(revision, [(type, key, value), ...])`` for changes under
+        ``key`` from ``start_revision``; ends (returns) when the stream
+        breaks, goes idle for ``idle_timeout`` seconds, or ``stop`` is set:
+        the caller re-watches from the last revision + 1."""
+        errors = []
+        for i in range(len(self.endpoints)):
+            ep = self.endpoints[(self._preferred + i) % len(self.endpoints)]
+            host, _, port = ep.rpartition(":")
+            conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=idle_timeout)
+            body = {"create_request": {"key": _b64(key), "range_end": _b64(prefix_end(key)),
+                                       "start_revision": str(start_revision)}}
+            try:
+                conn.request("POST", "/v3/watch", json.dumps(body), {"Content-Type": "application/json"})
+                resp = conn.getresponse()
+            except (OSError, http.client.HTTPException) as e:
+                errors.append(f"{ep}: {e}")
+                conn.close()
+                continue
+            closer = threading.Thread(target=self._close_on_stop, args=(conn, stop), daemon=True)
+            closer.start()
+            try:
+                while not stop.is_set():
+                    line = resp.readline()
+                    if not line:
+                        return
+                    doc = json.loads(line)
+                    res = doc.get("result") or {}
+                    if doc.get("error"):
+                        raise EtcdError(f"etcd {ep} watch: {doc['error']}")
+                    if res.get("compact_revision") and int(res["compact_revision"]) > 0 and res.get("canceled"):
+                        raise EtcdError(f"etcd {ep} watch: history compacted at {res['compact_revision']}")
+                    events = res.get("events") or []
+                    if events:
+                        rev = int(res.get("header", {}).get("revision", 0))
+                        yield rev, [(e.get("type", "PUT"), _unb64(e["kv"].get("key")), _unb64(e["kv"].get("value")))
+                                    for e in events]
+            except (OSError, http.client.HTTPException, ValueError):
+                return  # idle timeout, closed on stop, or a broken stream: the caller re-watches
+            finally:
+                conn.close()
+        raise EtcdError("no etcd endpoint accepted a watch: " + "; ".join(errors))
+
+    @staticmethod
+    def _close_on_stop(conn: http.client.HTTPConnection, stop: threading.Event) -> None:
+        while not stop.wait(0.5):
+            if conn.sock is None:
+                return
+        sock = conn.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def _cmp_absent(key: bytes) -> dict:
+    return {"key": _b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
+
+
+def _put(key: bytes, value: bytes) -> dict:
+    return {"request_put": {"key": _b64(key), "value": _b64(value)}}
+
+
+def _range(key: bytes) -> dict:
+    return {"request_range": {"key": _b64(key)}}
+
+
+class EtcdStore:
+    """The :class:`controller.store.StateStore` contract on etcd.
+
+    Methods raise :class:`EtcdError` when etcd cannot be reached (after
+    trying every endpoint) and :class:`NotLeader` for a fenced write by a
+    replica that lost the leadership.
+    """
+
+    def __init__(self, client: EtcdClient, prefix: str = DEFAULT_PREFIX) -> None:
+        if not prefix.startswith("/") or not prefix.endswith("/"):
+            raise ValueError(f"--etcd-prefix {prefix!r} must start and end with '/'")
+        self.client = client
+        self.prefix = prefix.encode()
+        self._fence: tuple[bytes, bytes] | None = None
+
+    def __repr__(self) -> str:
+        return f"EtcdStore({self.client!r}, prefix={self.prefix.decode()!r})"
+
+    def key(self, *parts: str) -> bytes:
+        return self.prefix + "/".join(parts).encode()
+
+    @property
+    def leader_key(self) -> bytes:
+        return self.key("leader")
+
+    @property
+    def view_prefix(self) -> bytes:
+        return self.key("view/")
+
+    def set_fence(self, value: bytes | None) -> None:
+        """Guard view writes with ``leader == value`` (None: unguarded)."""
+        self._fence = None if value is None else (self.leader_key, value)
+
+    def close(self) -> None:
+        pass
+
+    # -- meta --------------------------------------------------------------
+    def get_meta(self, key: str) -> bytes | None:
+        got = self.client.get(self.key("meta", key))
+        return None if got is None else got[0]
+
+    def set_meta(self, key: str, value: bytes) -> None:
+        self.client.put(self.key("meta", key), value)
+
+    def create_meta_once(self, items: dict[str, bytes]) -> dict[str, bytes]:
+        """Store every item iff none of them exists yet (one txn); returns
+        what is stored afterwards (ours, or the values a replica stored first)."""
+        keys = {name: self.key("meta", name) for name in items}
+        doc = self.client.txn([_cmp_absent(k) for k in keys.values()],
+                              [_put(k, items[n]) for n, k in keys.items()],
+                              [_range(k) for k in keys.values()])
+        if doc.get("succeeded"):
+            return dict(items)
+        out = {}
+        for name, resp in zip(keys, doc.get("responses") or []):
+            kvs = (resp.get("response_range") or {}).get("kvs") or []
+            if kvs:
+                out[name] = _unb64(kvs[0].get("value"))
+        if set(out) != set(items):
+            raise EtcdError(f"CA material in etcd under {self.key('meta').decode()} is incomplete "
+                            f"(has {sorted(out)}, needs {sorted(items)}); restore it or delete those keys")
+        return out
+
+    # -- view versions -------------------------------------------------------
+    def _head(self) -> tuple[int, int]:
+        """(version, mod_revision of the head key; 0 if absent)."""
+        got = self.client.get(self.key("view/head"))
+        if got is None:
+            return 0, 0
+        return int(got[0] or b"0"), got[1]
+
+    def current_version(self) -> int:
+        return self._head()[0]
+
+    def inventory_at(self, version: int) -> str | None:
+        if version <= 0:
+            return None
+        got = self.client.get(self.key(f"view/v/{version:020d}"))
+        return None if got is None else got[0].decode()
+
+    def record_inventory(self, view_json: str) -> tuple[int, bool]:
+        for _ in range(20):
+            version, mod = self._head()
+            if version and self.inventory_at(version) == view_json:
+                return version, False
+            new = version + 1
+            head = self.key("view/head")
+            cmp = [{"key": _b64(head), "target": "MOD", "result": "EQUAL", "mod_revision": str(mod)}]
+            if self._fence is not None:
+                fk, fv = self._fence
+                cmp.append({"key": _b64(fk), "target": "VALUE", "result": "EQUAL", "value": _b64(fv)})
+            ops = [_put(self.key(f"view/v/{new:020d}"), view_json.encode()), _put(head, str(new).encode())]
+            if new > HISTORY_KEEP:
+                ops.append({"request_delete_range": {"key": _b64(self.key("view/v/")),
+                                                     "range_end": _b64(self.key(f"view/v/{new - HISTORY_KEEP + 1:020d}"))}})
+            doc = self.client.txn(cmp, ops, [_range(head)] + ([_range(self._fence[0])] if self._fence else []))
+            if doc.get("succeeded"):
+                return new, True
+            if self._fence is not None:
+                resp = (doc.get("responses") or [{}, {}])[-1]
+                kvs = (resp.get("response_range") or {}).get("kvs") or []
+                if not kvs or _unb64(kvs[0].get("value")) != self._fence[1]:
+                    raise NotLeader("this controller is no longer the leader; view write refused")
+            time.sleep(0.05)  # another writer moved the head: re-read and retry
+        raise EtcdError("view version write kept conflicting; is another controller writing without a lease?")
+
+    # -- certificates --------------------------------------------------------
+    def add_certificate(self, serial: int, node: str, not_before: int, not_after: int, der: bytes) -> None:
+        doc = json.dumps({"not_before": not_before, "not_after": not_after, "der": _b64(der)})
+        self.client.put(self.key("certs", node, format(serial, "x")), doc.encode())
+
+    def certificates_for(self, node: str) -> list[tuple[str, int, int]]:
+        rows = []
+        for key, value in self.client.get_prefix(self.key("certs", node) + b"/"):
+            d = json.loads(value)
+            rows.append((key.rsplit(b"/", 1)[-1].decode(), int(d["not_before"]), int(d["not_after"])))
+        return sorted(rows, key=lambda r: r[1])
+
+
+class ViewFollower:
+    """Follows ``view/head`` in etcd and calls ``on_version(version,
+    view_json)`` for each new version (from its own thread); reconnects
+    after errors, polling as a fallback every ``resync`` seconds."""
+
+    def __init__(self, store: EtcdStore, on_version: Callable[[int, str], None],
+                 logger: logging.Logger | None = None, resync: float = 5.0) -> None:
+        self.store = store
+        self.on_version = on_version
+        self.log = logger or logging.getLogger("meshsec.controller.etcd")
+        self.resync = resync
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.seen = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="etcd-view-follower", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _sync(self) -> int:
+        """Read the head; deliver it if newer. Returns the etcd revision read at."""
+        doc = self.store.client.call("kv/range", {"key": _b64(self.store.key("view/head"))})
+        rev = int(doc.get("header", {}).get("revision", 0))
+        kvs = doc.get("kvs") or []
+        if kvs:
+            self._deliver(int(_unb64(kvs[0].get("value")) or b"0"))
+        return rev
+
+    def _deliver(self, version: int) -> None:
+        if version <= self.seen:
+            return
+        view_json = self.store.inventory_at(version)
+        if view_json is None:
+            return
+        self.seen = version
+        self.on_version(version, view_json)
+
+    def _run(self) -> None:
+        head = self.store.key("view/head")
+        while not self._stop.is_set():
+            try:
+                rev = self._sync()
+                for rev, events in self.store.client.watch_prefix(head, rev + 1, self._stop,
+                                                                   idle_timeout=self.resync):
+                    for typ, key, value in events:
+                        if key == head and typ == "PUT":
+                            self._deliver(int(value or b"0"))
+            except EtcdError as e:
+                self.log.warning("following view versions in etcd: %s", e)
+                self._stop.wait(1.0)
+            except Exception:
+                self.log.exception("view follower failed; retrying")
+                self._stop.wait(1.0)
