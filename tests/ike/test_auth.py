@@ -417,3 +417,38 @@ def test_fuzz_identity_raises_only_auth_error(data, id_type):
 
 _FUZZ_KEY = ec.generate_private_key(ec.SECP256R1())
 _FUZZ_CERT = make_cert(_FUZZ_KEY, "fuzz", sans=[x509.DNSName("fuzz")])
+
+
+# ---------------------------------------------------------------- IkeSa regressions found against strongSwan
+
+def _ed25519_creds(ca_key, ca, name):
+    from agent.model import Credentials
+    key = ed25519.Ed25519PrivateKey.generate()
+    start = datetime.datetime.fromtimestamp(1_700_000_000 - 3600, UTC)
+    leaf = make_cert(key, name, ca_key, ca.subject, sans=[x509.DNSName(name)], start=start)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    return Credentials(private_key_pem=pem, certificate_chain=(der(leaf),), ca_certificates=(der(ca),))
+
+
+def test_signature_hash_algorithms_include_identity_so_ed25519_works():
+    """strongSwan 5.9.8 refused to sign with Ed25519 ("no common hash algorithm") because our
+    N(SIGNATURE_HASH_ALGORITHMS) lacked IDENTITY (5) (RFC 8420 §2). Both sides Ed25519 here,
+    so each one's signer checks the other's announcement."""
+    from agent.iana import NotifyType
+    from agent.ike.events import IkeSaEstablished
+    from agent.ike.message import decode_message
+    from tests.ike.conftest import make_net, view
+
+    ca_key = ed25519.Ed25519PrivateKey.generate()
+    ca = make_cert(ca_key, "ed CA", ca=True, days=3650,
+                   start=datetime.datetime.fromtimestamp(1_700_000_000 - 86400, UTC))
+    net = make_net(view("node-a", "node-b"), _ed25519_creds(ca_key, ca, "node-a"),
+                   view("node-b", "node-a"), _ed25519_creds(ca_key, ca, "node-b"))
+    net.a.initiate("node-b", net.now)
+    net.pump()
+    init = decode_message(net.log[0][1].data)
+    n = init.notify(NotifyType.SIGNATURE_HASH_ALGORITHMS)
+    algs = {int.from_bytes(n.data[i:i + 2], "big") for i in range(0, len(n.data), 2)}
+    assert HashAlgorithm.IDENTITY in algs and HashAlgorithm.SHA2_256 in algs
+    assert net.of("a", IkeSaEstablished) and net.of("b", IkeSaEstablished)

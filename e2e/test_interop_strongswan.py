@@ -1,0 +1,321 @@
+"""Interoperability with strongSwan 5.9.8 (charon + kernel-libipsec).
+
+    ns <p>-ms  meshsec-agent --config            ns <p>-swan charon (libipsec, ipsec0)
+    ul0 198.51.100.1/24 ------- <p>-sw br0 ------- ul0 198.51.100.2/24
+    TUN ms0 10.201.1.1/32                         lo 10.201.2.1/32
+    protects 10.201.1.0/24  <== ESP in UDP 4500 ==>  protects 10.201.2.0/24
+
+NAT cases (test_nat_*) put one side behind a NAT namespace instead:
+
+    ns <p>-in  (inside, 10.77.0.2/24) --- ns <p>-nat 10.77.0.1 | ul0 198.51.100.3 (masquerade) --- br0 --- other side
+
+Every case: ping both ways and 1 MB over TCP both ways (SHA-256 checked),
+meshsec as initiator and as responder. strongSwan's own log tells which
+proposal it selected; that is asserted so a silent fallback cannot pass.
+One charon per module; each case reloads its swanctl config (``--clear``)
+and restarts the meshsec agent with a new YAML config.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from e2e.mesh import venv_bin
+from e2e.strongswan import Charon, Pki, missing_prerequisites
+from e2e.topology import Topology, ping, sh, wait_until
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parent.parent
+MS_UL, SW_UL = "198.51.100.1", "198.51.100.2"
+MS_IN, SW_IN = "10.201.1.1", "10.201.2.1"
+MS_NET, SW_NET = "10.201.1.0/24", "10.201.2.0/24"
+MS_ID, SW_ID = "ms.interop.test", "sw.interop.test"
+PSK = "interop-psk-not-a-secret-0123456789"
+
+
+def _skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root"
+    return missing_prerequisites()
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    work = tmp_path_factory.mktemp("interop")
+    with Topology(workdir=work) as topo:
+        ms = topo.add_host("ms", MS_UL)
+        sw = topo.add_host("swan", SW_UL)
+        sh("ip", "addr", "add", f"{SW_IN}/32", "dev", "lo", ns=sw.ns)
+        charon = Charon(topo, sw.ns, work / "charon")
+        pki = Pki(work / "pki")
+        yield Lab(topo, ms.ns, sw.ns, charon, pki, work)
+
+
+class Lab:
+    def __init__(self, topo, ms_ns, sw_ns, charon, pki, work):
+        self.topo, self.ms_ns, self.sw_ns, self.charon, self.pki, self.work = topo, ms_ns, sw_ns, charon, pki, work
+        self.agent = None
+        self.case = 0
+        self._creds: dict[str, dict] = {}
+
+    # -- credentials ----------------------------------------------------
+    def creds(self, kind: str, intermediate: bool = False) -> dict:
+        """CA (+ intermediate) and leaf certificates for both sides, keys of ``kind``."""
+        tag = f"{kind}{'-im' if intermediate else ''}"
+        if tag in self._creds:
+            return self._creds[tag]
+        p = self.pki
+        pss = kind == "rsa3072"
+        ca_key = p.key(f"ca-{tag}", kind)
+        ca = p.self_signed_ca(f"ca-{tag}", ca_key)
+        issuer, issuer_key = ca, ca_key
+        chain_extra = b""
+        if intermediate:
+            im_key = p.key(f"im-{tag}", kind)
+            im = p.issue(f"im-{tag}", im_key, ca, ca_key, ca=True, pss=pss)
+            issuer, issuer_key = im, im_key
+            chain_extra = im.read_bytes()
+        out = {"ca": ca, "im": issuer if intermediate else None}
+        for side, ident in (("ms", MS_ID), ("sw", SW_ID)):
+            key = p.key(f"{side}-{tag}", kind)
+            cert = p.issue(f"{side}-{tag}", key, issuer, issuer_key, san=ident, pss=pss)
+            chain = p.dir / f"{side}-{tag}-chain.crt"
+            chain.write_bytes(cert.read_bytes() + chain_extra)
+            out[side] = (key, cert, chain)
+        self._creds[tag] = out
+        return out
+
+    # -- configs --------------------------------------------------------
+    def swanctl_conf(self, *, auth: str, ike: str, esp: str, creds: dict | None, fragmentation: str = "yes",
+                     remote_addr: str = MS_UL, local_ts: str = SW_NET, remote_ts: str = MS_NET,
+                     extra: str = "") -> str:
+        if auth == "psk":
+            local_auth = remote_auth = "psk"
+        elif auth == "rsa3072":
+            local_auth = remote_auth = "rsa/pss-sha256"
+        else:
+            local_auth = remote_auth = "pubkey"
+        local_certs = remote_ca = ""
+        if creds:
+            local_certs = f"certs = {creds['sw'][1]}"
+            remote_ca = f"cacerts = {creds['ca']}"
+        im_auth = ""
+        if creds and creds.get("im"):
+            im_auth = f"authorities {{\n  im {{\n    cacert = {creds['im']}\n  }}\n}}\n"
+        return f"""\
+connections {{
+  ms {{
+    version = 2
+    local_addrs = {SW_UL}
+    remote_addrs = {remote_addr}
+    proposals = {ike}
+    encap = yes
+    fragmentation = {fragmentation}
+    rekey_time = 0
+    dpd_delay = 0
+    {extra}
+    local {{
+      auth = {local_auth}
+      id = {SW_ID}
+      {local_certs}
+    }}
+    remote {{
+      auth = {remote_auth}
+      id = {MS_ID}
+      {remote_ca}
+    }}
+    children {{
+      ms {{
+        mode = tunnel
+        local_ts = {local_ts}
+        remote_ts = {remote_ts}
+        esp_proposals = {esp}
+        start_action = none
+        rekey_time = 0
+      }}
+    }}
+  }}
+}}
+{im_auth}secrets {{
+  ike-ms {{
+    id-a = {SW_ID}
+    id-b = {MS_ID}
+    secret = "{PSK}"
+  }}
+}}
+"""
+
+    def meshsec_conf(self, *, creds: dict | None, ike: str, esp: str, initiate: bool,
+                     local_address: str = MS_UL, endpoint: str = SW_UL) -> Path:
+        if creds:
+            key, _cert, chain = creds["ms"]
+            auth = {"key": str(key), "cert": str(chain), "ca": str(creds["ca"])}
+        else:
+            auth = {"psk": PSK}
+        conf = {
+            "name": MS_ID, "local_address": local_address, "subnets": [MS_NET],
+            "tun": {"name": "ms0", "mtu": 1400, "address": f"{MS_IN}/32"},
+            "auth": auth,
+            "peers": [{"name": SW_ID, "endpoints": [endpoint], "subnets": [SW_NET], "initiate": initiate,
+                       "ike_proposals": [ike], "esp_proposals": [esp]}],
+        }
+        self.case += 1
+        path = self.work / f"meshsec-{self.case}.yaml"
+        path.write_text(json.dumps(conf))  # JSON is YAML
+        return path
+
+    # -- processes ------------------------------------------------------
+    def start_agent(self, config: Path, ns: str | None = None, keylog: Path | None = None) -> None:
+        ns = ns or self.ms_ns
+        self.socket = self.work / f"agent-{self.case}.sock"
+        argv = [venv_bin("meshsec-agent"), "--config", str(config), "--control-socket", str(self.socket), "-vv"]
+        if keylog:
+            argv += ["--keylog-dir", str(keylog)]
+        self.agent_log = self.work / f"agent-{self.case}.log"
+        self.agent = self.topo.spawn(ns, argv, self.agent_log)
+        wait_until(lambda: self.socket.exists() or self.agent.poll() is not None, 15, 0.05, "agent control socket")
+        assert self.agent.poll() is None, f"agent exited: {self.agent_log.read_text()[-3000:]}"
+
+    def stop_agent(self) -> None:
+        if self.agent is not None:
+            self.topo.stop(self.agent)
+            self.topo.procs.remove(self.agent)
+            self.agent = None
+        self.charon.terminate_all()
+
+    def status(self) -> dict | None:
+        res = subprocess.run([sys.executable, "-m", "meshsec.cli", "status", "--json", "--socket", str(self.socket)],
+                             capture_output=True, text=True, cwd=REPO)
+        if res.returncode != 0:
+            return None
+        try:
+            return json.loads(res.stdout)
+        except ValueError:
+            return None
+
+    def agent_text(self) -> str:
+        return self.agent_log.read_text(errors="replace") if self.agent_log.exists() else ""
+
+
+def transfer(src_ns: str, dst_ns: str, dst_ip: str, data: bytes, path: Path, port: int) -> None:
+    """1 MB over TCP through the tunnel; the receiver's byte count and SHA-256 must match."""
+    path.write_bytes(data)
+    server = subprocess.Popen(["ip", "netns", "exec", dst_ns, sys.executable, "-m", "e2e.transfer", "serve",
+                               str(port)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert server.stdout.readline().strip() == "listening"
+        sh(sys.executable, "-m", "e2e.transfer", "send", dst_ip, str(port), str(path), ns=src_ns)
+        out, _ = server.communicate(timeout=60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    n, digest = out.split()
+    assert int(n) == len(data) and digest == hashlib.sha256(data).hexdigest(), "TCP transfer corrupted"
+
+
+def bring_up(lab: Lab, *, meshsec_initiates: bool, ms_ns: str | None = None, timeout: float = 20) -> None:
+    ms_ns = ms_ns or lab.ms_ns
+    if not meshsec_initiates:
+        wait_until(lambda: ":500 " in sh("ss", "-uln", ns=ms_ns).stdout, 10, 0.05, "agent bound to UDP 500")
+        res = lab.charon.initiate("ms")
+        assert res.returncode == 0, (f"strongSwan could not initiate: {res.stdout[-2000:]}\n"
+                                     f"agent log:\n{lab.agent_text()[-3000:]}")
+    try:
+        wait_until(lambda: ping(ms_ns, SW_IN, count=1, timeout=0.5), timeout, 0.1, f"ping {SW_IN} through the tunnel")
+    except TimeoutError:
+        raise AssertionError(f"tunnel not up.\ncharon log:\n{lab.charon.log()[-4000:]}\n"
+                             f"agent log:\n{lab.agent_text()[-4000:]}") from None
+
+
+def check_traffic(lab: Lab, tmp_path: Path, ms_ns: str | None = None, data_mb: int = 1) -> None:
+    ms_ns = ms_ns or lab.ms_ns
+    assert ping(ms_ns, SW_IN, count=3), "meshsec -> strongSwan lost pings"
+    assert ping(lab.sw_ns, MS_IN, count=3), "strongSwan -> meshsec lost pings"
+    data = os.urandom(data_mb << 20)
+    transfer(ms_ns, lab.sw_ns, SW_IN, data, tmp_path / "a2b", 5101)
+    transfer(lab.sw_ns, ms_ns, MS_IN, data, tmp_path / "b2a", 5102)
+
+
+def selected(log: str, what: str) -> str:
+    """The last 'selected proposal: <what>:...' strongSwan logged."""
+    lines = [ln for ln in log.splitlines() if f"selected proposal: {what}:" in ln]
+    assert lines, f"strongSwan logged no selected {what} proposal"
+    return lines[-1].split(f"selected proposal: {what}:")[1].strip()
+
+
+def run_case(lab: Lab, tmp_path: Path, *, auth: str, ike: str, esp: str, meshsec_initiates: bool,
+             intermediate: bool = False) -> str:
+    creds = None if auth == "psk" else lab.creds(auth, intermediate)
+    mark = lab.charon.mark()
+    lab.charon.load(lab.swanctl_conf(auth=auth, ike=ike, esp=esp, creds=creds),
+                    keys=(creds["sw"][0],) if creds else ())
+    cfg = lab.meshsec_conf(creds=creds, ike=ike, esp=esp, initiate=meshsec_initiates)
+    lab.start_agent(cfg)
+    try:
+        bring_up(lab, meshsec_initiates=meshsec_initiates)
+        check_traffic(lab, tmp_path)
+        return lab.charon.log_since(mark)
+    finally:
+        lab.stop_agent()
+
+
+# ---------------------------------------------------------------- matrix
+
+AUTH_CASES = ["psk", "ecdsa256", "rsa3072", "ed25519"]
+
+
+@pytest.mark.parametrize("meshsec_initiates", [True, False], ids=["ms-init", "sw-init"])
+@pytest.mark.parametrize("auth", AUTH_CASES)
+def test_auth_methods(lab, tmp_path, auth, meshsec_initiates):
+    log = run_case(lab, tmp_path, auth=auth, ike="aes128gcm16-prfsha256-x25519", esp="aes128gcm16",
+                   meshsec_initiates=meshsec_initiates)
+    want = {"psk": "pre-shared key", "ecdsa256": "ECDSA", "rsa3072": "RSA_EMSA_PSS", "ed25519": "ED25519"}[auth]
+    assert "authentication of 'ms.interop.test' with" in log
+    auth_line = next(ln for ln in log.splitlines() if "authentication of 'ms.interop.test' with" in ln)
+    assert want in auth_line, auth_line
+
+
+IKE_CASES = [
+    ("aes128gcm16-prfsha256-x25519", "AES_GCM_16_128/PRF_HMAC_SHA2_256/CURVE_25519"),
+    ("aes256gcm16-prfsha384-ecp384", "AES_GCM_16_256/PRF_HMAC_SHA2_384/ECP_384"),
+    ("aes128-sha256-prfsha256-modp2048", "AES_CBC_128/HMAC_SHA2_256_128/PRF_HMAC_SHA2_256/MODP_2048"),
+    ("aes256-sha256-prfsha512-ecp256", "AES_CBC_256/HMAC_SHA2_256_128/PRF_HMAC_SHA2_512/ECP_256"),
+    ("chacha20poly1305-prfsha256-x25519", "CHACHA20_POLY1305_256/PRF_HMAC_SHA2_256/CURVE_25519"),
+    ("aes256gcm16-prfsha512-x25519", "AES_GCM_16_256/PRF_HMAC_SHA2_512/CURVE_25519"),
+]
+
+
+@pytest.mark.parametrize("meshsec_initiates", [True, False], ids=["ms-init", "sw-init"])
+@pytest.mark.parametrize("ike,expect", IKE_CASES, ids=[c[0] for c in IKE_CASES])
+def test_ike_proposals(lab, tmp_path, ike, expect, meshsec_initiates):
+    log = run_case(lab, tmp_path, auth="psk", ike=ike, esp="aes128gcm16", meshsec_initiates=meshsec_initiates)
+    assert selected(log, "IKE") == expect
+
+
+ESP_CASES = [
+    ("aes128gcm16", "AES_GCM_16_128/NO_EXT_SEQ"),
+    ("aes256gcm16", "AES_GCM_16_256/NO_EXT_SEQ"),
+    ("chacha20poly1305", "CHACHA20_POLY1305_256/NO_EXT_SEQ"),
+    ("aes128-sha256", "AES_CBC_128/HMAC_SHA2_256_128/NO_EXT_SEQ"),
+]
+
+
+@pytest.mark.parametrize("meshsec_initiates", [True, False], ids=["ms-init", "sw-init"])
+@pytest.mark.parametrize("esp,expect", ESP_CASES, ids=[c[0] for c in ESP_CASES])
+def test_esp_proposals(lab, tmp_path, esp, expect, meshsec_initiates):
+    log = run_case(lab, tmp_path, auth="psk", ike="aes128gcm16-prfsha256-x25519", esp=esp,
+                   meshsec_initiates=meshsec_initiates)
+    assert selected(log, "ESP") == expect
