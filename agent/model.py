@@ -79,6 +79,13 @@ class PeerPolicy:
     # replay_window 0 (anti-replay off, RFC 4303 §3.4.3) is refused unless this
     # says so explicitly (agent.esp.replay.check_replay_window)
     allow_no_replay: bool = False
+    # Configuration payload (RFC 7296 §3.15, RFC 4301 case 4). A remote host asks its
+    # gateway for an inner address: IP versions to request, e.g. (4,) or (4, 6); its
+    # TSi becomes that address. A gateway hands out addresses to this peer from
+    # ``virtual_ip_pool``: one CIDR or several comma-separated ("10.99.0.0/24,fd99::/120");
+    # peers naming the same pool string share it; each identity keeps a stable address.
+    request_virtual_ip: tuple[int, ...] = ()
+    virtual_ip_pool: str | None = None
 
 
 @dataclass(frozen=True)

@@ -20,25 +20,37 @@ def _encr_transform(encr: int, bits: int | None) -> Transform:
     return Transform(int(TransformType.ENCR), encr, attrs)
 
 
-def ike_sa_payload(proposals: list[IkeProposal] | tuple[IkeProposal, ...]) -> SaPayload:
-    """SA payload offering ``proposals`` in order (§3.3), numbered from 1."""
+def ike_sa_payload(proposals: list[IkeProposal] | tuple[IkeProposal, ...], spi: int | None = None,
+                   numbers: list[int] | None = None) -> SaPayload:
+    """SA payload offering ``proposals`` in order (§3.3), numbered from 1.
+
+    ``spi``: the sender's new IKE SPI (8 octets) for an IKE_SA rekey in CREATE_CHILD_SA (§1.3.2);
+    None in IKE_SA_INIT (SPI size 0).
+    """
     out = []
+    spi_b = spi.to_bytes(8, "big") if spi is not None else b""
     for n, p in enumerate(proposals, 1):
         t = [_encr_transform(p.encr, p.encr_key_bits), Transform(int(TransformType.PRF), p.prf)]
         if p.integ:
             t.append(Transform(int(TransformType.INTEG), p.integ))
         t += [Transform(int(TransformType.KE), k) for k in p.ke]
-        out.append(Proposal(n, int(ProtocolId.IKE), b"", tuple(t)))
+        out.append(Proposal(numbers[n - 1] if numbers else n, int(ProtocolId.IKE), spi_b, tuple(t)))
     return SaPayload(tuple(out))
 
 
-def esp_sa_payload(proposals, spi: int, numbers: list[int] | None = None) -> SaPayload:
-    """SA payload offering ESP ``proposals`` with our inbound ``spi`` (4 octets)."""
+def esp_sa_payload(proposals, spi: int, numbers: list[int] | None = None, *, ke: bool = False) -> SaPayload:
+    """SA payload offering ESP ``proposals`` with our inbound ``spi`` (4 octets).
+
+    ``ke``: include the proposals' KE transforms (PFS in CREATE_CHILD_SA, §1.3.1);
+    IKE_AUTH carries none (§1.2: the first CHILD_SA uses the IKE_SA_INIT key exchange).
+    """
     out = []
     for i, p in enumerate(proposals):
         t = [_encr_transform(p.encr, p.encr_key_bits)]
         if p.integ:
             t.append(Transform(int(TransformType.INTEG), p.integ))
+        if ke:
+            t += [Transform(int(TransformType.KE), k) for k in p.ke]
         t += [Transform(int(TransformType.ESN), e) for e in p.esn]
         out.append(Proposal(numbers[i] if numbers else i + 1, int(ProtocolId.ESP),
                             spi.to_bytes(4, "big"), tuple(t)))
@@ -118,9 +130,16 @@ class EspChoice:
     peer_spi: int
 
 
-def choose_esp(offered: SaPayload, ours: list[EspProposal]) -> EspChoice | None:
-    """Our most preferred ESP proposal the peer offers (§2.7); None: NO_PROPOSAL_CHOSEN."""
-    allowed = {TransformType.ENCR, TransformType.INTEG, TransformType.ESN}
+def choose_esp(offered: SaPayload, ours: list[EspProposal], *, pfs: bool = False,
+               ke_hint: int | None = None) -> EspChoice | None:
+    """Our most preferred ESP proposal the peer offers (§2.7); None: NO_PROPOSAL_CHOSEN.
+
+    ``pfs``: CREATE_CHILD_SA, where KE transforms count (§1.3.1): a proposal of ours with KE
+    methods needs one the peer offers (``ke_hint``, the group of the peer's KE payload, is
+    preferred); one without needs a peer proposal without KE (or KE NONE). Without ``pfs``
+    (IKE_AUTH) KE transforms are ignored and the result has ``ke == ()``.
+    """
+    allowed = {TransformType.ENCR, TransformType.INTEG, TransformType.ESN, TransformType.KE}
     for mine in ours:
         for prop in offered.proposals:
             if prop.protocol != ProtocolId.ESP or len(prop.spi) != 4:
@@ -142,19 +161,29 @@ def choose_esp(offered: SaPayload, ours: list[EspProposal]) -> EspChoice | None:
             spi = int.from_bytes(prop.spi, "big")
             if spi == 0:
                 continue
-            chosen = EspProposal(mine.encr, mine.encr_key_bits, mine.integ, (esn[0],))
+            ke: tuple[int, ...] = ()
+            if pfs:
+                peer_ke = [t.id for t in ts.get(TransformType.KE, []) if t.id != 0]
+                if mine.ke:
+                    common = [k for k in mine.ke if k in peer_ke]
+                    if not common:
+                        continue
+                    ke = (ke_hint if ke_hint in common else common[0],)
+                elif peer_ke and not any(t.id == 0 for t in ts.get(TransformType.KE, [])):
+                    continue
+            chosen = EspProposal(mine.encr, mine.encr_key_bits, mine.integ, (esn[0],), ke)
             return EspChoice(chosen, prop.number, spi)
     return None
 
 
-def accepted_esp(response: SaPayload, ours: list[EspProposal]) -> EspChoice | None:
+def accepted_esp(response: SaPayload, ours: list[EspProposal], *, pfs: bool = False) -> EspChoice | None:
     """Check the responder's ESP SA: one proposal, one transform per type, one we offered."""
     if len(response.proposals) != 1:
         return None
     ts = _by_type(response.proposals[0])
     if any(len(v) != 1 for v in ts.values()):
         return None
-    return choose_esp(response, ours)
+    return choose_esp(response, ours, pfs=pfs)
 
 
 # ------------------------------------------------------------------ traffic selectors
@@ -233,6 +262,11 @@ class ChildSa:
     established_at: float
     inbound: EspKeys = field(repr=False)
     outbound: EspKeys = field(repr=False)
+    # lifetimes (seconds on the ``now`` clock; None: none): soft -> rekey, hard -> delete
+    rekey_at: float | None = None
+    expire_at: float | None = None
+    rekeyed: bool = False  # replaced by a rekey; waits for its DELETE
+    virtual_ip: str | None = None
 
 
 __all__ = ["ike_sa_payload", "esp_sa_payload", "choose_ike", "accepted_ike", "choose_esp",

@@ -48,7 +48,10 @@ class ChildSaEstablished:
     """A CHILD_SA is ready: install ``inbound`` / ``outbound`` in the SAD (RFC 7296 §2.17).
 
     ``local_ts`` / ``remote_ts`` are the narrowed traffic selectors as networks;
-    ``rekey_of`` is the inbound SPI of the CHILD_SA this one replaces, if any.
+    ``rekey_of`` is the inbound SPI of the CHILD_SA this one replaces, if any
+    (§1.3.3: keep the old inbound SA until its ChildSaDeleted, send on the new one).
+    ``virtual_ip``: the address the gateway assigned us by CP(CFG_REPLY) (§3.15), our
+    side of ``local_ts``; None without a configuration payload.
     """
     peer: str
     ike_spi_i: int
@@ -63,6 +66,7 @@ class ChildSaEstablished:
     remote: Addr
     algorithms: str
     rekey_of: int | None = None
+    virtual_ip: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,11 +80,16 @@ class ChildSaDeleted:
 
 @dataclass(frozen=True)
 class IkeSaDeleted:
-    """An IKE_SA is gone (deleted, failed or replaced). ``peer`` may be "" if never authenticated."""
+    """An IKE_SA is gone (deleted, failed or replaced). ``peer`` may be "" if never authenticated.
+
+    ``rekeyed_to``: (SPIi, SPIr) of the IKE_SA that replaced this one (§1.3.2); its
+    CHILD_SAs moved there and stay installed. None when the CHILD_SAs went with it.
+    """
     peer: str
     spi_i: int
     spi_r: int
     reason: str
+    rekeyed_to: tuple[int, int] | None = None
 
 
 Event = Union[IkeSaEstablished, IkeKeysDerived, ChildSaEstablished, ChildSaDeleted, IkeSaDeleted]

@@ -28,6 +28,8 @@ from agent.iana import (AuthMethod, CertEncoding, ExchangeType, HashAlgorithm, I
 from agent.ike import auth
 from agent.ike import child as ch
 from agent.ike.auth import AuthError
+from agent.ike import cp as cfgp
+from agent.ike.create_child import CreateChildExchange
 from agent.ike.crypto import CryptoError, IntegrityError, KeyExchange, KeyExchangeError, Prf, SkCipher, derive_child_keymat, derive_ike_keys
 from agent.ike.events import (Addr, ChildSaDeleted, ChildSaEstablished, IkeKeysDerived, IkeSaDeleted,
                               IkeSaEstablished)
@@ -88,6 +90,8 @@ class IkeSaConfig:
     # seconds to add to ``now`` (monotonic) to get Unix time, for certificate
     # validity; the shell measures it, the core never reads a clock
     wall_offset: Callable[[], float] = lambda: 0.0
+    # gateway side of CP (§3.15): (peer, IP versions asked for) -> addresses, or None (pool exhausted)
+    assign_vip: Callable[[Peer, tuple], list | None] = lambda _peer, _versions: None
 
 
 def _sha1(data: bytes) -> bytes:
@@ -109,8 +113,11 @@ class _Pending:
     on_response: Callable
 
 
-class IkeSa:
-    """One IKE_SA (RFC 7296). Create with :meth:`new_initiator` or :meth:`new_responder`."""
+class IkeSa(CreateChildExchange):
+    """One IKE_SA (RFC 7296). Create with :meth:`new_initiator` or :meth:`new_responder`.
+
+    CREATE_CHILD_SA, rekeys and lifetimes: agent.ike.create_child (``create_child``,
+    ``rekey_child``, ``rekey_ike``)."""
 
     def __init__(self, config: IkeSaConfig, rng: Rng, *, initiator: bool, local: Addr, remote: Addr,
                  now: float):
@@ -156,6 +163,7 @@ class IkeSa:
         self._peer_sig_hashes: set[int] = set()
         self._last_raw = b""
         self.auth_failure: str | None = None
+        self._init_create_child()
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -228,6 +236,7 @@ class IkeSa:
             ts.append(self.created_at + HALF_OPEN_TIMEOUT_S)
         if self.state == State.ESTABLISHED and not self._pending and self.peer:
             ts.append(self.last_received + self.peer.policy.dpd_interval_s)
+        ts += self._lifetime_timers()
         return min(ts) if ts else None
 
     def handle_timer(self, now: float) -> None:
@@ -249,6 +258,8 @@ class IkeSa:
             return
         if self.state == State.INIT and not self.initiator and now >= self.created_at + HALF_OPEN_TIMEOUT_S:
             self._die("half-open IKE_SA timed out")
+            return
+        if self._handle_lifetimes(now):
             return
         if (self.state == State.ESTABLISHED and not self._pending and self.peer
                 and now >= self.last_received + self.peer.policy.dpd_interval_s):
@@ -405,7 +416,7 @@ class IkeSa:
         for c in self.children:
             self.events.append(ChildSaDeleted(self.peer_name, c.inbound_spi, c.outbound_spi, reason))
         self.children = []
-        self.events.append(IkeSaDeleted(self.peer_name, self.spi_i, self.spi_r, reason))
+        self.events.append(IkeSaDeleted(self.peer_name, self.spi_i, self.spi_r, reason, self._rekeyed_to))
 
     def _die(self, reason: str) -> None:
         """The IKE_SA is gone (failure or peer delete): report it and stop."""
@@ -690,8 +701,14 @@ class IkeSa:
             return
         self._child_spi = self._new_child_spi()
         self._esp_offered = [parse_esp_proposal(s) for s in peer.policy.esp_proposals]
+        vip_versions = tuple(getattr(peer.policy, "request_virtual_ip", ()) or ())
+        tsi_nets = self.cfg.local_subnets
+        if vip_versions:
+            # CP(CFG_REQUEST) (§3.15.1); TSi any: the gateway narrows it to the address it assigns
+            payloads.append(cfgp.request(4 in vip_versions, 6 in vip_versions).encode())
+            tsi_nets = tuple(ipaddress.ip_network("0.0.0.0/0" if v == 4 else "::/0") for v in vip_versions)
         payloads.append(ch.esp_sa_payload(self._esp_offered, self._child_spi))
-        payloads.append(TsPayload(int(PayloadType.TSi), ch.ts_from_networks(self.cfg.local_subnets)))
+        payloads.append(TsPayload(int(PayloadType.TSi), ch.ts_from_networks(tsi_nets)))
         payloads.append(TsPayload(int(PayloadType.TSr), ch.ts_from_networks(peer.subnets)))
         if peer.policy.mode == "transport":
             payloads.append(NotifyPayload(int(NotifyType.USE_TRANSPORT_MODE)))
@@ -729,9 +746,20 @@ class IkeSa:
         if choice is None or tsi is None or tsr is None:
             self.delete(now, "CHILD_SA refused: response SA/TS not acceptable")
             return
+        if getattr(self.peer.policy, "request_virtual_ip", ()):
+            try:
+                cpr = cfgp.find_cp(inner)
+                vips = cfgp.reply_addresses(cpr) if cpr is not None else []
+            except cfgp.CpError as e:
+                self.delete(now, f"CHILD_SA refused: bad CP(CFG_REPLY): {e}")
+                return
+            if not vips:
+                self.delete(now, "CHILD_SA refused: we asked for a virtual IP and the gateway sent no CP(CFG_REPLY)")
+                return
+            self.virtual_ips = tuple(str(a) for a in vips)
         local_ts = ch.networks_of(tsi.selectors)
         remote_ts = ch.networks_of(tsr.selectors)
-        if (not local_ts or not remote_ts or not ch.within(local_ts, self.cfg.local_subnets)
+        if (not local_ts or not remote_ts or not ch.within(local_ts, self._local_nets())
                 or not ch.within(remote_ts, self.peer.subnets)):
             self.delete(now, "CHILD_SA refused: responder widened the traffic selectors")
             return
@@ -742,6 +770,7 @@ class IkeSa:
     def _established(self, now: float) -> None:
         self.state = State.ESTABLISHED
         self.established_at = now
+        self._set_ike_lifetimes(now)
         self.events.append(IkeSaEstablished(self.peer_name, self.spi_i, self.spi_r, self.initiator,
                                             self.local, self.remote, self.algorithms))
 
@@ -750,16 +779,9 @@ class IkeSa:
             self.peer is not None and self.peer.policy.encapsulation == "udp")
 
     def _install_child(self, choice: ch.EspChoice, local_ts, remote_ts, mode: str, now: float) -> None:
-        keymat = derive_child_keymat(self._ike_prop.prf, self._keys.sk_d, self._ni, self._nr,
-                                     ch.keymat_len(choice.proposal))
-        inbound, outbound = ch.split_keymat(keymat, choice.proposal, initiator=self.initiator,
-                                            our_spi=self._child_spi, peer_spi=choice.peer_spi)
-        child = ch.ChildSa(self._child_spi, choice.peer_spi, choice.proposal, tuple(local_ts), tuple(remote_ts),
-                           mode, self._udp_encap(), now, inbound, outbound)
-        self.children.append(child)
-        self.events.append(ChildSaEstablished(
-            self.peer_name, self.spi_i, self.spi_r, inbound, outbound, tuple(local_ts), tuple(remote_ts), mode,
-            child.udp_encap, self.local, self.remote, choice.proposal.describe(), None))
+        # first CHILD_SA: KEYMAT from the IKE_SA_INIT nonces (§2.17)
+        self._make_child(choice, self._child_spi, self._ni, self._nr, None, local_ts, remote_ts, mode, now,
+                         exchange_initiator=self.initiator)
 
     def _process_auth_request(self, msg: Message, inner, now: float) -> list | None:
         """HDR, SK {IDi, [CERT,] [CERTREQ,] [IDr,] AUTH, SA, TSi, TSr} -->
@@ -793,11 +815,27 @@ class IkeSa:
         sa, tsi, tsr = m.first(PayloadType.SA), m.first(PayloadType.TSi), m.first(PayloadType.TSr)
         if sa is None or tsi is None or tsr is None:
             return payloads  # childless (RFC 6023)
+        pool = getattr(peer.policy, "virtual_ip_pool", None)
+        if pool:
+            # gateway with an address pool: the remote host must ask (§3.15.4)
+            try:
+                cpr = cfgp.find_cp(inner)
+            except cfgp.CpError:
+                cpr = None
+            if cpr is None or cpr.cfg_type != cfgp.CfgType.CFG_REQUEST:
+                return payloads + [NotifyPayload(int(NotifyType.FAILED_CP_REQUIRED))]
+            versions = tuple(v for v, a in ((4, cfgp.INTERNAL_IP4_ADDRESS), (6, cfgp.INTERNAL_IP6_ADDRESS))
+                             if cpr.get(a)) or (4,)
+            vips = self.cfg.assign_vip(peer, versions)
+            if not vips:
+                return payloads + [NotifyPayload(int(NotifyType.INTERNAL_ADDRESS_FAILURE))]
+            self.peer_virtual_ips = tuple(str(a) for a in vips)
+            payloads.append(cfgp.reply(vips).encode())
         choice = ch.choose_esp(sa, [parse_esp_proposal(s) for s in peer.policy.esp_proposals])
         if choice is None:
             return payloads + [NotifyPayload(int(NotifyType.NO_PROPOSAL_CHOSEN))]
         # TSi is the initiator's side (the peer's subnets), TSr ours (§2.9)
-        remote_ts = ch.narrow(ch.networks_of(tsi.selectors), peer.subnets)
+        remote_ts = ch.narrow(ch.networks_of(tsi.selectors), self._remote_allowed())
         local_ts = ch.narrow(ch.networks_of(tsr.selectors), self.cfg.local_subnets)
         if not remote_ts or not local_ts:
             return payloads + [NotifyPayload(int(NotifyType.TS_UNACCEPTABLE))]
@@ -841,17 +879,13 @@ class IkeSa:
             response.append(DeletePayload(int(ProtocolId.ESP), 4, tuple(ours)))
         return response
 
-    def _process_create_child_request(self, msg: Message, inner, now: float) -> list | None:
-        # rekeying is not implemented yet: refuse cleanly (§1.3)
-        return [NotifyPayload(int(NotifyType.NO_ADDITIONAL_SAS))]
-
-    def delete_child(self, inbound_spi: int, now: float) -> None:
+    def delete_child(self, inbound_spi: int, now: float, reason: str = "deleted locally") -> None:
         """HDR, SK {D(ESP, SPI)} --> for one CHILD_SA (§1.4.1)."""
         c = next((c for c in self.children if c.inbound_spi == inbound_spi), None)
         if c is None or self.state != State.ESTABLISHED:
             return
         self.children.remove(c)
-        self.events.append(ChildSaDeleted(self.peer_name, c.inbound_spi, c.outbound_spi, "deleted locally"))
+        self.events.append(ChildSaDeleted(self.peer_name, c.inbound_spi, c.outbound_spi, reason))
         self._request(ExchangeType.INFORMATIONAL,
                       [DeletePayload(int(ProtocolId.ESP), 4, (c.inbound_spi.to_bytes(4, "big"),))],
                       lambda msg, inner, now: None, now)
