@@ -3,12 +3,14 @@ inbound "exactly these SAs" check, overhead; cross-checked with scapy's
 SecurityAssociation (AH verify, then ESP AES-GCM decrypt)."""
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
-from scapy.layers.ipsec import AH, ESP, SecurityAssociation
+from scapy.layers.ipsec import AH, ESP, SecurityAssociation, zero_mutable_fields
 from scapy.packet import Raw
 
 from agent.esp import AhSa, BundleLayer, EspSa, SaBundle, overhead
@@ -48,15 +50,18 @@ def test_ah_esp_transport_round_trip_and_scapy() -> None:
 
 
 def test_scapy_built_ah_esp_accepted() -> None:
-    """scapy applies ESP then AH; our bundle peels AH then ESP."""
+    """scapy applies ESP then AH (ICV via scapy's zeroing); our bundle peels AH then ESP."""
     p = IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=5, dport=6) / Raw(b"q" * 77)
     s_esp = SecurityAssociation(ESP, spi=0x1001, crypt_algo="AES-GCM", crypt_key=GCM_KEY)
     s_ah = SecurityAssociation(AH, spi=0x2002, auth_algo="SHA2-256-128", auth_key=AH_KEYS.integ_key)
     mid = IP(bytes(s_esp.encrypt(p)))
-    # scapy's AH signer takes the first ESP layer it finds for the MAC (it signs the ESP,
-    # leaving the AH ICV zero), so hand it the ESP as opaque bytes of IP protocol 50
-    opaque = IP(src=mid.src, dst=mid.dst, proto=50) / Raw(bytes(mid.payload))
-    wire = bytes(s_ah.encrypt(opaque))
+    # scapy's AH signer MACs the first ESP layer it finds instead (AH ICV left zero), so
+    # build the AH with scapy and compute its ICV from scapy's own mutable-field zeroing
+    shell = IP(bytes(s_ah.encrypt(mid)))
+    zeroed = bytes(zero_mutable_fields(shell.copy(), sending=True))
+    icv = hmac.new(AH_KEYS.integ_key, zeroed, hashlib.sha256).digest()[:16]
+    wire = bytes(shell)[:20 + 12] + icv + bytes(shell)[20 + 12 + 16:]
+    assert s_ah.decrypt(IP(wire))  # scapy's verifier agrees
     rx = ah_esp()
     assert rx.decapsulate_batch([wire]) == [bytes(p)]
 
