@@ -57,7 +57,8 @@ def test_scapy_built_ah_esp_accepted() -> None:
     mid = IP(bytes(s_esp.encrypt(p)))
     # scapy's AH signer MACs the first ESP layer it finds instead (AH ICV left zero), so
     # build the AH with scapy and compute its ICV from scapy's own mutable-field zeroing
-    shell = IP(bytes(s_ah.encrypt(mid)))
+    # (and appends that MAC to the ESP data): hand it the ESP as opaque protocol-50 bytes
+    shell = IP(bytes(s_ah.encrypt(IP(src=mid.src, dst=mid.dst, proto=50) / Raw(bytes(mid.payload)))))
     zeroed = bytes(zero_mutable_fields(shell.copy(), sending=True))
     icv = hmac.new(AH_KEYS.integ_key, zeroed, hashlib.sha256).digest()[:16]
     wire = bytes(shell)[:20 + 12] + icv + bytes(shell)[20 + 12 + 16:]
