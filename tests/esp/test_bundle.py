@@ -55,10 +55,11 @@ def test_scapy_built_ah_esp_accepted() -> None:
     s_esp = SecurityAssociation(ESP, spi=0x1001, crypt_algo="AES-GCM", crypt_key=GCM_KEY)
     s_ah = SecurityAssociation(AH, spi=0x2002, auth_algo="SHA2-256-128", auth_key=AH_KEYS.integ_key)
     mid = IP(bytes(s_esp.encrypt(p)))
-    # scapy's AH signer MACs the first ESP layer it finds instead (AH ICV left zero), so
-    # build the AH with scapy and compute its ICV from scapy's own mutable-field zeroing
-    # (and appends that MAC to the ESP data): hand it the ESP as opaque protocol-50 bytes
-    shell = IP(bytes(s_ah.encrypt(IP(src=mid.src, dst=mid.dst, proto=50) / Raw(bytes(mid.payload)))))
+    # scapy's AH signer MACs the first ESP layer it finds instead (AH ICV left zero, the
+    # MAC appended to the ESP data): build the AH with scapy, cut the packet back to its IP
+    # total length, and compute the ICV over scapy's own mutable-field zeroing
+    built = IP(bytes(s_ah.encrypt(mid)))
+    shell = IP(bytes(built)[:built.len])
     zeroed = bytes(zero_mutable_fields(shell.copy(), sending=True))
     icv = hmac.new(AH_KEYS.integ_key, zeroed, hashlib.sha256).digest()[:16]
     wire = bytes(shell)[:20 + 12] + icv + bytes(shell)[20 + 12 + 16:]
