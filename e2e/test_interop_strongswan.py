@@ -293,7 +293,7 @@ IKE_CASES = [
     ("aes256gcm16-prfsha384-ecp384", "AES_GCM_16_256/PRF_HMAC_SHA2_384/ECP_384"),
     ("aes128-sha256-prfsha256-modp2048", "AES_CBC_128/HMAC_SHA2_256_128/PRF_HMAC_SHA2_256/MODP_2048"),
     ("aes256-sha256-prfsha512-ecp256", "AES_CBC_256/HMAC_SHA2_256_128/PRF_HMAC_SHA2_512/ECP_256"),
-    ("chacha20poly1305-prfsha256-x25519", "CHACHA20_POLY1305_256/PRF_HMAC_SHA2_256/CURVE_25519"),
+    ("chacha20poly1305-prfsha256-x25519", "CHACHA20_POLY1305/PRF_HMAC_SHA2_256/CURVE_25519"),
     ("aes256gcm16-prfsha512-x25519", "AES_GCM_16_256/PRF_HMAC_SHA2_512/CURVE_25519"),
 ]
 
@@ -308,7 +308,7 @@ def test_ike_proposals(lab, tmp_path, ike, expect, meshsec_initiates):
 ESP_CASES = [
     ("aes128gcm16", "AES_GCM_16_128/NO_EXT_SEQ"),
     ("aes256gcm16", "AES_GCM_16_256/NO_EXT_SEQ"),
-    ("chacha20poly1305", "CHACHA20_POLY1305_256/NO_EXT_SEQ"),
+    ("chacha20poly1305", "CHACHA20_POLY1305/NO_EXT_SEQ"),
     ("aes128-sha256", "AES_CBC_128/HMAC_SHA2_256_128/NO_EXT_SEQ"),
 ]
 
