@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode = p.add_argument_group("standalone mode")
     mode.add_argument("--config", metavar="FILE", help="standalone YAML configuration (no controller)")
     ctl = p.add_argument_group("controller mode")
-    ctl.add_argument("--controller", metavar="HOST:PORT", help="controller gRPC address")
+    ctl.add_argument("--controller", metavar="HOST:PORT[,HOST:PORT...]",
+                     help="controller gRPC address; several replicas comma-separated (tried in turn)")
     ctl.add_argument("--controller-ca", metavar="FILE", help="PEM CA that signed the controller's certificate")
     ctl.add_argument("--name", metavar="NODE", help="this node's name in the controller's inventory")
     ctl.add_argument("--join-token-file", metavar="FILE", help="file holding the one-time join token")
@@ -72,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DEBUGGING AID, like SSLKEYLOGFILE: append IKE and ESP keys to DIR/ikev2_decryption_table "
                         "and DIR/esp_sa (Wireshark UAT format; copy them to ~/.config/wireshark/). Anyone who "
                         "reads these files can decrypt the traffic. Off by default.")
+    p.add_argument("--metrics-listen", metavar="HOST:PORT", default=None,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off; docs/metrics.md)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
     return p
 
@@ -172,7 +175,7 @@ def _run(args) -> int:
         view = NodeView(name=args.name, identity=args.name, subnets=(), peers=())
     local = args.local_address or settings.local_address
     if local is None and not args.config:
-        host, _port = _split_hostport(args.controller)
+        host, _port = _split_hostport(args.controller.split(",")[0].strip())
         try:
             local = route_source_address(host)
         except OSError as exc:
@@ -253,6 +256,17 @@ def _run(args) -> int:
                  routes=routes, keylog=keylog, control=control, awaiting_view=client is not None,
                  raw_esp=raw_esp, underlay_mtu=underlay_mtu, tun_mtu=mtu, auto_mtu=auto_mtu,
                  mss_clamp=bool(args.mss_clamp or settings.mss_clamp))
+
+    metrics = None
+    if args.metrics_listen:
+        from agent.metrics import AgentMetrics
+        metrics = AgentMetrics(rt)
+        try:
+            port = metrics.serve(args.metrics_listen)
+        except (ValueError, OSError) as exc:
+            rt.shutdown()
+            raise StartupError(f"--metrics-listen {args.metrics_listen}: {exc}")
+        log.info("metrics on http://%s:%d/metrics", args.metrics_listen.rpartition(":")[0], port)
 
     def on_signal(signum, _frame):
         log.info("signal %d: shutting down", signum)

@@ -149,6 +149,9 @@ class Runtime:
         self.current: dict[str, ChildEntry] = {}  # peer -> CHILD_SA whose outbound SA sends
         self._view_spd: list[SpdEntry] = []
         self._pending_view: NodeView | None = None
+        self._calls: list = []  # call_soon() callables, run on the loop thread
+        # observers(event, now), called on the loop thread before the runtime handles each IKE event
+        self.event_observers: list = []
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -165,6 +168,13 @@ class Runtime:
         """Hand a new NodeView to the loop (any thread). Only the latest pending one is applied."""
         with self._lock:
             self._pending_view = view
+        self._wake()
+
+    def call_soon(self, fn) -> None:
+        """Run ``fn()`` on the loop thread at its next wakeup (any thread):
+        how other threads (e.g. the metrics endpoint) read loop state safely."""
+        with self._lock:
+            self._calls.append(fn)
         self._wake()
 
     def stop(self) -> None:
@@ -268,8 +278,14 @@ class Runtime:
             pass
         with self._lock:
             view, self._pending_view = self._pending_view, None
+            calls, self._calls = self._calls, []
         if view is not None:
             self._apply_view(view)
+        for fn in calls:
+            try:
+                fn()
+            except Exception:
+                self.log.exception("call_soon callable failed")
 
     def _apply_view(self, view: NodeView) -> None:
         self.awaiting_view = False
@@ -657,6 +673,11 @@ class Runtime:
             ev = self.ike.next_event()
             if ev is None:
                 break
+            for obs in self.event_observers:
+                try:
+                    obs(ev, now)
+                except Exception:
+                    self.log.exception("event observer failed")
             handler = self._EVENTS.get(type(ev).__name__)
             if handler is None:
                 self.log.debug("ignoring event %s", type(ev).__name__)
