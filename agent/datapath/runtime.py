@@ -428,10 +428,23 @@ class Runtime:
                 self.ike.initiate(peer, now)  # acquire (RFC 4301 §5.1); idempotent while negotiating
             self._flush_ike(now)
 
+    def _sa_exhausting(self, ch: ChildEntry) -> None:
+        """The outbound SA nears sequence-number exhaustion (EspSa.needs_rekey, RFC 4303 §3.3.3):
+        ask IKE once for a CHILD_SA rekey (RFC 7296 §1.3.3); the new SA takes over on ChildSaEstablished."""
+        asked = self.__dict__.setdefault("_rekey_asked", set())
+        if ch.inbound_spi in asked or not hasattr(self.ike, "rekey_child"):
+            return
+        asked.add(ch.inbound_spi)
+        now = self.clock()
+        self.ike.rekey_child(ch.inbound_spi, now)
+        self._flush_ike(now)
+
     def _protect(self, ch: ChildEntry, pkts: list[bytes], depth: int) -> None:
         """Apply ``ch``'s outbound SA to ``pkts`` (whole IP packets) and send the result,
         or hand it to the next SA of the bundle when ``ch.via`` is set."""
         out = ch.out_sa.encapsulate_batch(pkts)
+        if getattr(ch.out_sa, "needs_rekey", False):  # checked per batch, not per packet
+            self._sa_exhausting(ch)
         if not out:
             return
         if ch.via is not None:
@@ -754,8 +767,12 @@ class Runtime:
                       ev.inbound_spi, ev.outbound_spi, ev.reason)
 
     def _ev_ike_deleted(self, ev, now: float) -> None:
+        moved_to = getattr(ev, "rekeyed_to", None)
         for ch in [c for c in self.children.values() if (c.ike_spi_i, c.ike_spi_r) == (ev.spi_i, ev.spi_r)]:
-            self._remove_child(ch)
+            if moved_to is not None:  # IKE_SA rekey (RFC 7296 §1.3.2): the CHILD_SAs live on
+                ch.ike_spi_i, ch.ike_spi_r = moved_to
+            else:
+                self._remove_child(ch)
         self.log.info("IKE_SA %016x_i %016x_r%s deleted (%s)", ev.spi_i, ev.spi_r,
                       f" with {ev.peer}" if ev.peer else "", ev.reason)
 
