@@ -333,26 +333,36 @@ class Runtime:
         self._compute_bundles()
 
     # -- SA bundles and MTU ------------------------------------------------
-    def _outer_match(self, src: str, dst: str, proto: int, dport: int):
-        """The PROTECT entry an outer packet (our ESP/IKE output) would match, else None."""
+    def _carrier(self, dst: str, exclude: str | None) -> str | None:
+        """The peer whose PROTECT entry covers our own output to ``dst`` (ESP or IKE towards
+        ``exclude``, a peer reachable only through another peer's tunnel), else None.
+        First match in SPD order, skipping ``exclude``'s own entries (they describe the
+        traffic inside its SA, not the SA's packets)."""
         try:
-            probe = (pk.udp_datagram(src, dst, dport, dport, b"") if proto == pk.PROTO_UDP
-                     else pk.ip_packet(src, dst, proto, b""))
+            d = ipaddress.ip_address(dst)
+            src = ipaddress.ip_address(self.local_address)
         except ValueError:
             return None
-        e = self.spd.lookup_outbound(probe)
-        return e if e.action is Action.PROTECT else None
+        for e in self.spd.entries:
+            if e.peer == exclude or e.remote is None or d.version != e.remote.version or d not in e.remote:
+                continue
+            if e.local is not None and src not in e.local and not any(
+                    ipaddress.ip_address(v) in e.local for v in self._local_ips if ":" not in v or d.version == 6):
+                continue
+            return e.peer if e.action is Action.PROTECT else None
+        return None
 
     def _compute_bundles(self) -> None:
         """Link every CHILD_SA whose output another peer's PROTECT entry covers (SA bundle,
         RFC 4301 §4.5 iterated processing) and recompute overheads and the TUN MTU."""
         for ch in self.children.values():
-            proto = pk.PROTO_UDP if ch.udp_encap else pk.PROTO_ESP
-            e = self._outer_match(self.local_address, ch.remote[0], proto, pk.IKE_NATT_PORT)
-            ch.via = e.peer if e is not None and e.peer != ch.peer else None
+            ch.via = self._carrier(ch.remote[0], ch.peer)
             ch.overhead = pk.esp_overhead(ch.algorithms, mode=ch.mode, udp_encap=ch.udp_encap,
                                           outer_v6=":" in ch.remote[0])
-        self._nest_in = any(ch.via is not None for ch in self.children.values())
+        # inner packets of a tunnel may carry SAs / IKE of another peer for us: peel them here
+        self._nest_in = any(ch.via is not None for ch in self.children.values()) or (
+            any(p.policy.mode == "transport" for p in self.view.peers)
+            and any(ch.mode == "tunnel" for ch in self.children.values()))
         worst = 0
         for ch in self.children.values():
             total, cur, seen = 0, ch, set()
@@ -665,14 +675,13 @@ class Runtime:
     def _flush_ike(self, now: float) -> None:
         out500, out4500 = [], []
         for d in self.ike.datagrams_to_send():
-            e = self._outer_match(self.local_address, d.remote[0], pk.PROTO_UDP, d.remote[1]) \
-                if self.children else None
-            if e is not None and e.peer in self.current and not self._is_peer_endpoint(e.peer, d.remote[0]):
+            via = self._carrier(d.remote[0], self._peer_at(d.remote[0])) if self._nest_in else None
+            if via is not None and via in self.current:
                 # IKE with a peer reachable only through another peer's tunnel (nested SAs)
                 data = NON_ESP_MARKER + d.data if d.local[1] == 4500 else d.data
                 pkt = pk.udp_datagram(self.local_address, d.remote[0], d.local[1], d.remote[1], data)
                 self.counters["ike_out"] += 1
-                self._protect(self.current[e.peer], [pkt], 1)
+                self._protect(self.current[via], [pkt], 1)
                 continue
             if d.local[1] == 4500:
                 out4500.append((NON_ESP_MARKER + d.data, tuple(d.remote)))
@@ -701,9 +710,11 @@ class Runtime:
                 # One bad SA must not take the loop down; the event is logged without keys.
                 self.log.exception("handling %s failed", type(ev).__name__)
 
-    def _is_peer_endpoint(self, peer: str, ip: str) -> bool:
-        p = self.view.peer(peer)
-        return p is not None and ip in p.endpoints
+    def _peer_at(self, ip: str) -> str | None:
+        for p in self.view.peers:
+            if ip in p.endpoints:
+                return p.name
+        return None
 
     def _ev_ike_established(self, ev, now: float) -> None:
         self.log.info("IKE_SA %016x_i %016x_r with %s established (%s, %s)", ev.spi_i, ev.spi_r,
