@@ -48,6 +48,8 @@ class Mesh:
         self.controller: subprocess.Popen | None = None
         self.tokens = {name: secrets.token_urlsafe(16) for name in nodes}
         self.controller_args: list[str] = []  # extra meshsec-controller flags (e.g. a node source)
+        self.controller_address = f"{CONTROLLER_IP}:{CONTROLLER_PORT}"  # agents' --controller (HA: several)
+        self.agent_args: list[str] = []  # extra meshsec-agent flags
 
     # -- lifecycle ------------------------------------------------------
     def __enter__(self) -> "Mesh":
@@ -98,7 +100,7 @@ class Mesh:
         tok = self.workdir / f"{name}.token"
         tok.write_text(self.tokens[name] + "\n")
         os.chmod(tok, 0o600)
-        argv = [venv_bin("meshsec-agent"), "--controller", f"{CONTROLLER_IP}:{CONTROLLER_PORT}",
+        argv = [venv_bin("meshsec-agent"), "--controller", self.controller_address, *self.agent_args,
                 "--controller-ca", str(self.ca_pem), "--name", name, "--join-token-file", str(tok),
                 "--state-dir", str(self.workdir / f"state-{name}"),
                 "--control-socket", str(self.socket(name)), "--local-address", n.underlay_ip, "-v"]
