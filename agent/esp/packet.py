@@ -335,7 +335,7 @@ def l4_checksum_ok(packet: bytes) -> bool:
 
 def clamp_mss(packet: bytes, mss: int) -> bytes:
     """Clamp the MSS option of a TCP SYN or SYN-ACK to ``mss`` (RFC 9293
-    §3.7.1), fixing the TCP checksum incrementally (RFC 1624). Returns
+    §3.7.1), recomputing the TCP checksum. Returns
     ``packet`` itself (same object) when there is nothing to change: not TCP,
     not SYN, no MSS option, already small enough, or malformed."""
     try:
@@ -372,14 +372,10 @@ def clamp_mss(packet: bytes, mss: int) -> bytes:
             b = bytearray(packet)
             b[i + 2] = mss >> 8
             b[i + 3] = mss & 0xFF
-            # RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m')
-            hc = b[t + 16] << 8 | b[t + 17]
-            s = (~hc & 0xFFFF) + (~old & 0xFFFF) + mss
-            while s >> 16:
-                s = (s & 0xFFFF) + (s >> 16)
-            c = ~s & 0xFFFF
-            b[t + 16] = c >> 8
-            b[t + 17] = c & 0xFF
-            return bytes(b)
+            # the option may sit at an odd offset: recompute rather than patch (SYNs are rare)
+            try:
+                return fix_l4_checksum(bytes(b))
+            except EspError:
+                return packet
         i += ln
     return packet
