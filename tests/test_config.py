@@ -107,3 +107,42 @@ def test_certificate_auth(tmp_path):
     p.write_text("name: a\nauth: {key: c.pem, cert: c.pem, ca: c.pem}\n")
     with pytest.raises(ConfigError, match=r"cfg.yaml:2: auth.key: not an unencrypted PEM private key"):
         load_config(str(p))
+
+
+HOST = """\
+name: h1
+local_address: 198.51.100.11
+auth: {psk: "s3cret"}
+tun: {mss_clamp: true}
+peers:
+  - name: h2
+    endpoints: [198.51.100.12]
+    mode: transport
+    encapsulation: none
+"""
+
+
+def test_transport_host_selectors_default_to_addresses_and_mtu_auto():
+    view, _, ds = parse_config(HOST, "h.yaml")
+    (p,) = view.peers
+    assert p.subnets == (ipaddress.ip_network("198.51.100.12/32"),)
+    assert view.subnets == (ipaddress.ip_network("198.51.100.11/32"),)
+    assert p.policy.mode == "transport" and p.policy.encapsulation == "none" and p.policy.protocol == "esp"
+    assert ds.mss_clamp is True and ds.mtu is None and ds.mtu_auto is True
+
+
+@pytest.mark.parametrize("line,field,words", [
+    ("    protocol: gre\n", "peers[0].protocol", "use esp, ah or ah+esp"),
+    ("    protocol: ah\n    encapsulation: udp\n", "peers[0].encapsulation", "AH cannot be carried in UDP"),
+    ("    virtual_ip: maybe\n", "peers[0].virtual_ip", "true or false"),
+])
+def test_bad_protocol_fields_name_the_field(line, field, words):
+    text = HOST.replace("    encapsulation: none\n", "") + line
+    with pytest.raises(ConfigError) as ei:
+        parse_config(text, "h.yaml")
+    assert field in str(ei.value) and words in str(ei.value) and "h.yaml:" in str(ei.value)
+
+
+def test_ah_peer_implies_raw_ip():
+    view, _, _ = parse_config(HOST.replace("    encapsulation: none\n", "    protocol: ah\n"), "h.yaml")
+    assert view.peers[0].policy.protocol == "ah" and view.peers[0].policy.encapsulation == "none"
