@@ -380,3 +380,97 @@ def test_unknown_critical_payload_gets_unsupported_critical_payload(psk_net):
     n.b.receive_datagram(encode_message(ok), init.remote, init.local, n.now)
     (resp,) = n.b.datagrams_to_send()
     assert decode_message(resp.data).first(PayloadType.SA) is not None
+
+
+# ------------------------------------------------------------------ CREATE_CHILD_SA: TS and PAD
+
+def _created(n):
+    n.events = {"a": [], "b": []}
+    n.log.clear()
+
+
+def test_additional_child_sa_with_no_ts_overlap_is_ts_unacceptable_and_the_ike_sa_stays(psk_net):
+    """HDR, SK {SA, Ni, TSi(10.1/16), TSr(10.77/16)} --> ; <-- HDR, SK {N(TS_UNACCEPTABLE)}."""
+    n = psk_net
+    n.a.initiate("node-b", n.now)
+    n.pump()
+    _created(n)
+    assert n.a.create_child("node-b", n.now, remote_ts=(ipaddress.ip_network("10.77.0.0/16"),))
+    n.pump()
+    sa = n.a._live()[0]
+    assert sa.child_errors == ["CREATE_CHILD_SA refused: TS_UNACCEPTABLE"]
+    assert sa.state == "ESTABLISHED" and len(sa.children) == 1 and not n.events["a"] and not n.events["b"]
+
+
+def test_pad_rule_at_create_child_sa_peer_may_claim_only_its_own_subnets(psk_net):
+    """A claims TSi 10.9.0.0/16 (not its own): TS_UNACCEPTABLE; A claims 10.0.0.0/8: narrowed to 10.1.0.0/16."""
+    n = psk_net
+    n.a.initiate("node-b", n.now)
+    n.pump()
+    _created(n)
+    n.a.create_child("node-b", n.now, local_ts=(ipaddress.ip_network("10.9.0.0/16"),))
+    n.pump()
+    assert n.a._live()[0].child_errors[-1] == "CREATE_CHILD_SA refused: TS_UNACCEPTABLE"
+    n.a.create_child("node-b", n.now, local_ts=(ipaddress.ip_network("10.0.0.0/8"),))
+    n.pump()
+    (ca,), (cb,) = n.of("a", ChildSaEstablished), n.of("b", ChildSaEstablished)
+    assert ca.local_ts == (A_NET,) == cb.remote_ts
+
+
+def test_pad_rule_at_ike_auth_peer_claiming_anothers_subnet_is_refused():
+    """A claims B's own subnet as TSi in IKE_AUTH: the PAD gives A only 10.1/16: TS_UNACCEPTABLE."""
+    n = make_net(view("node-a", "node-b", my_net=B_NET), Credentials(psk=PSK),
+                 view("node-b", "node-a"), Credentials(psk=PSK))
+    n.a.initiate("node-b", n.now)
+    n.pump()
+    assert not n.of("b", ChildSaEstablished)
+    assert n.of("a", IkeSaDeleted)[0].reason == "CHILD_SA refused: TS_UNACCEPTABLE"
+
+
+# ------------------------------------------------------------------ message IDs (§2.1-2.3)
+
+def test_repeated_create_child_sa_request_gets_the_cached_response_and_no_second_child_sa(psk_net):
+    n = psk_net
+    n.a.initiate("node-b", n.now)
+    n.pump()
+    _created(n)
+    n.a.create_child("node-b", n.now)
+    (req,) = n.a.datagrams_to_send()
+    for _ in range(2):
+        n.b.receive_datagram(req.data, req.remote, req.local, n.now)
+    r1, r2 = n.b.datagrams_to_send()
+    assert r1.data == r2.data
+    n._drain_events()
+    assert len(n.of("b", ChildSaEstablished)) == 1
+
+
+def test_future_message_id_is_counted_and_dropped(psk_net):
+    n = psk_net
+    n.a.initiate("node-b", n.now)
+    n.pump()
+    sa = n.a._live()[0]
+    sa._next_mid += 5  # a request from the future (window size 1)
+    n.a.create_child("node-b", n.now)
+    (req,) = n.a.datagrams_to_send()
+    n.b.receive_datagram(req.data, req.remote, req.local, n.now)
+    assert n.b.counters == {"invalid_message_id": 1} and not n.b.datagrams_to_send()
+
+
+# ------------------------------------------------------------------ liveness (§2.4)
+
+def test_liveness_retransmission_schedule_and_final_timeout_then_reinitiation(psk_net):
+    """HDR, SK {} --> at dpd_interval; retransmitted after 1, 2, 4, 8, 16 s; dead 32 s later;
+    the IKE_SA and its CHILD_SAs are removed and A re-initiates per policy (initiate=True)."""
+    n = psk_net
+    n.a.initiate("node-b", n.now)
+    n.pump()
+    t_est = n.now
+    n.log.clear()
+    n.drop = lambda src, d: True
+    n.advance(t_est + 30 + 63 + 0.5)
+    sent = [n_ for n_ in n.log if n_[0] == "a"]
+    assert len(sent) == 6  # the check and 5 retransmissions, all the same bytes
+    assert len({d.data for _, d in sent}) == 1
+    ev = n.of("a", IkeSaDeleted)
+    assert ev and ev[0].reason == "peer did not respond" and n.of("a", ChildSaDeleted)
+    assert "node-b" in n.a._retry and n.a._live() == []
