@@ -20,6 +20,7 @@ Format (keys not listed are an error)::
         protocol: esp               # esp | ah | ah+esp
         encapsulation: udp          # udp (ESP in UDP 4500, RFC 3948) | none (raw IP protocol 50/51)
         virtual_ip: false           # true: ask this peer (a gateway) for an inner address (CP, case 4)
+        virtual_ip_pool: 10.99.0.0/24   # gateway side: hand this peer an address from the pool
 
     A transport-mode peer without ``subnets`` protects traffic to its first
     endpoint (``<endpoint>/32``); a node without ``subnets`` that has
@@ -246,7 +247,8 @@ def _credentials(ctx, m) -> Credentials:
 
 
 _PEER_KEYS = {"name", "identity", "endpoints", "subnets", "psk", "initiate", "ike_proposals",
-              "esp_proposals", "mode", "encapsulation", "ike_port", "protocol", "virtual_ip"}
+              "esp_proposals", "mode", "encapsulation", "ike_port", "protocol", "virtual_ip",
+              "virtual_ip_pool"}
 
 
 def _peer(ctx, name: str, p, idx: int) -> Peer:
@@ -290,11 +292,20 @@ def _peer(ctx, name: str, p, idx: int) -> Peer:
     port = _typed(ctx, p, "ike_port", where, int, "a UDP port") if "ike_port" in p else 500
     extra = {}
     if vip:
-        extra["virtual_ip"] = True
+        extra["request_virtual_ip"] = (4,)
+    if "virtual_ip_pool" in p:
+        pool = _typed(ctx, p, "virtual_ip_pool", where, str, "a CIDR prefix such as 10.99.0.0/24")
+        for part in pool.split(","):
+            try:
+                ipaddress.ip_network(part.strip())
+            except ValueError as exc:
+                raise ctx.err(_line(p, "virtual_ip_pool"), f"{where}virtual_ip_pool",
+                              f"{part!r}: {exc}; write e.g. 10.99.0.0/24")
+        extra["virtual_ip_pool"] = pool
     try:
         PeerPolicy(**extra)
     except TypeError:
-        raise ctx.err(_line(p, "virtual_ip"), f"{where}virtual_ip",
+        raise ctx.err(_line(p, "virtual_ip" if vip else "virtual_ip_pool"), f"{where}virtual_ip",
                       "this build's IKE core has no configuration payload yet; remove the key")
     policy = PeerPolicy(
         mode=mode, encapsulation=encap, protocol=protocol, **extra,
@@ -318,7 +329,7 @@ def parse_config(text: str, path: str = "<config>") -> tuple[NodeView, Credentia
         raise ConfigError(f"{path}:{line}: YAML syntax error: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(m, dict):
         raise ctx.err(1, "(top level)", "expected a mapping with name, local_address, auth, peers")
-    _check_keys(ctx, m, {"name", "local_address", "subnets", "tun", "auth", "peers", "virtual_ip_pool"}, "")
+    _check_keys(ctx, m, {"name", "local_address", "subnets", "tun", "auth", "peers"}, "")
     name = _req(ctx, m, "name", "", str, "this node's name, e.g. name: gw-a")
     local = _address(ctx, m, "local_address", "") if "local_address" in m else None
     subnets = _subnets(ctx, m, "subnets", "")
@@ -362,27 +373,9 @@ def parse_config(text: str, path: str = "<config>") -> tuple[NodeView, Credentia
         peers.append(peer)
     if not subnets and local is not None and any(p.policy.mode == "transport" for p in peers):
         subnets = (ipaddress.ip_network(local),)  # transport mode: our own address is the selector
-    view_kw = {}
-    if "virtual_ip_pool" in m:
-        pool = _typed(ctx, m, "virtual_ip_pool", "", str, "a CIDR prefix such as 10.3.0.0/24")
-        try:
-            ipaddress.ip_network(pool)
-        except ValueError as exc:
-            raise ctx.err(_line(m, "virtual_ip_pool"), "virtual_ip_pool", f"{pool!r}: {exc}; write e.g. 10.3.0.0/24")
-        view_kw["virtual_ip_pool"] = pool
-    view = _make_view(ctx, m, name=name, identity=name, subnets=subnets, peers=tuple(peers), local_address=local,
-                      **view_kw)
+    view = NodeView(name=name, identity=name, subnets=subnets, peers=tuple(peers), local_address=local)
     return view, creds, DatapathSettings(tun_name=tun_name, mtu=mtu, tun_addresses=addrs, local_address=local,
                                          mss_clamp=clamp, mtu_auto=mtu is None)
-
-
-def _make_view(ctx, m, **kw) -> NodeView:
-    """NodeView, or a clear error when a field (e.g. virtual_ip_pool) is not supported by this build."""
-    try:
-        return NodeView(**kw)
-    except TypeError:
-        raise ctx.err(_line(m, "virtual_ip_pool"), "virtual_ip_pool",
-                      "this build's IKE core has no address pool yet (configuration payload); remove the key")
 
 
 def load_config(path: str) -> tuple[NodeView, Credentials, DatapathSettings]:

@@ -146,3 +146,14 @@ def test_bad_protocol_fields_name_the_field(line, field, words):
 def test_ah_peer_implies_raw_ip():
     view, _, _ = parse_config(HOST.replace("    encapsulation: none\n", "    protocol: ah\n"), "h.yaml")
     assert view.peers[0].policy.protocol == "ah" and view.peers[0].policy.encapsulation == "none"
+
+
+def test_virtual_ip_request_and_pool():
+    text = HOST.replace("    mode: transport\n    encapsulation: none\n", "    subnets: [10.2.0.0/24]\n    virtual_ip: true\n")
+    view, _, _ = parse_config(text, "h.yaml")
+    assert view.peers[0].policy.request_virtual_ip == (4,)
+    gw = HOST.replace("    mode: transport\n    encapsulation: none\n", "    virtual_ip_pool: 10.99.0.0/24\n")
+    view, _, _ = parse_config(gw, "g.yaml")
+    assert view.peers[0].policy.virtual_ip_pool == "10.99.0.0/24"
+    with pytest.raises(ConfigError, match=r"peers\[0\]\.virtual_ip_pool"):
+        parse_config(gw.replace("10.99.0.0/24", "10.99.0.300/24"), "g.yaml")

@@ -391,6 +391,8 @@ class Runtime:
         nets = set()
         for p in self.view.peers:
             nets.update(p.subnets)
+        for ch in self.current.values():
+            nets.update(ch.remote_ts)  # e.g. a remote host's virtual IP, routed back through its SA
         self.routes.sync(nets)
 
     # -- outbound: TUN -> ESP ----------------------------------------------
@@ -739,8 +741,13 @@ class Runtime:
             self.log.warning("CHILD_SA with %s negotiated without UDP encapsulation but no raw ESP "
                              "socket is open: its packets are dropped (counter no_raw_socket)", ev.peer)
         vip = getattr(ev, "virtual_ip", None)
-        if vip:
+        if vip:  # case 4: the gateway gave us an inner address (CP CFG_REPLY): it is ours now
             self._local_ips.add(str(vip))
+            if self.routes is not None:
+                try:
+                    self.routes.add_address(f"{vip}/{32 if ':' not in str(vip) else 128}")
+                except Exception as exc:
+                    self.log.error("cannot assign virtual IP %s: %s", vip, exc)
         old = self.children.get(ch.inbound_spi)
         if old is not None:
             self._remove_child(old)  # an SPI collision can only be a stale entry
@@ -749,6 +756,7 @@ class Runtime:
         self.children[ch.inbound_spi] = ch
         self.current[ch.peer] = ch
         self._rebuild_spd()
+        self._sync_routes()
         if self.keylog is not None:
             self.keylog.child_sa(ev)
         self.log.info("CHILD_SA with %s established: spi in %08x out %08x, %s, %s -> %s%s", ev.peer,
@@ -769,6 +777,7 @@ class Runtime:
                 self.current[ch.peer] = new
                 self.sad.set_outbound(ch.peer, new.out_sa)
         self._rebuild_spd()
+        self._sync_routes()
 
     def _ev_child_deleted(self, ev, now: float) -> None:
         ch = self.children.get(ev.inbound_spi)
