@@ -27,6 +27,7 @@ from agent.iana import (AuthMethod, CertEncoding, ExchangeType, HashAlgorithm, I
                         PayloadType, ProtocolId)
 from agent.ike import auth
 from agent.ike import child as ch
+from agent.ike import fragment as frag
 from agent.ike.auth import AuthError
 from agent.ike import cp as cfgp
 from agent.ike.create_child import CreateChildExchange
@@ -34,7 +35,7 @@ from agent.ike.crypto import CryptoError, IntegrityError, KeyExchange, KeyExchan
 from agent.ike.events import (Addr, ChildSaDeleted, ChildSaEstablished, IkeKeysDerived, IkeSaDeleted,
                               IkeSaEstablished)
 from agent.ike.message import (HEADER_LEN, AuthPayload, CertPayload, CertReqPayload, DeletePayload,
-                               EncryptedPayload, IdPayload, KePayload, Message, MessageError, NoncePayload,
+                               EncryptedFragmentPayload, EncryptedPayload, IdPayload, KePayload, Message, MessageError, NoncePayload,
                                NotifyPayload, SaPayload, TsPayload, check_payload_rules, decode_payloads,
                                encode_header, encode_message, encode_payloads)
 from agent.ike.proposals import (EspProposal, IkeProposal, ProposalError, encr_key_len, integ_key_len,
@@ -92,6 +93,8 @@ class IkeSaConfig:
     wall_offset: Callable[[], float] = lambda: 0.0
     # gateway side of CP (§3.15): (peer, IP versions asked for) -> addresses, or None (pool exhausted)
     assign_vip: Callable[[Peer, tuple], list | None] = lambda _peer, _versions: None
+    # RFC 7383: IP packet size above which encrypted messages are fragmented (strongSwan's default)
+    fragment_size: int = frag.DEFAULT_FRAGMENT_SIZE
 
 
 def _sha1(data: bytes) -> bytes:
@@ -163,6 +166,8 @@ class IkeSa(CreateChildExchange):
         self._peer_sig_hashes: set[int] = set()
         self._last_raw = b""
         self.auth_failure: str | None = None
+        self._frag_peer = False  # the peer sent IKEV2_FRAGMENTATION_SUPPORTED (RFC 7383 §2.3)
+        self._frag_rx = frag.Reassembler()
         self._init_create_child()
 
     # ------------------------------------------------------------ construction
@@ -287,7 +292,7 @@ class IkeSa(CreateChildExchange):
             return "invalid_message_id"
         inner, err = self._open(msg, raw)
         if err:
-            return err
+            return None if err == frag.FRAGMENT_QUEUED else err
         self._pending = None
         self.last_received = now
         self._last_raw = raw
@@ -308,7 +313,7 @@ class IkeSa(CreateChildExchange):
             return "invalid_message_id"
         inner, err = self._open(msg, raw)
         if err:
-            return err
+            return None if err == frag.FRAGMENT_QUEUED else err
         self.last_received = now
         self._last_raw = raw
         if msg.unsupported_critical or any(getattr(p, "critical", False) for p in inner):
@@ -353,18 +358,26 @@ class IkeSa(CreateChildExchange):
         if self._keys is None:
             return (), "invalid_message_id"
         sk = msg.payloads[0] if len(msg.payloads) == 1 else None
-        if not isinstance(sk, EncryptedPayload):
-            return (), "unexpected_payload"
         sk_e, sk_a = ((self._keys.sk_er, self._keys.sk_ar) if self.initiator
                       else (self._keys.sk_ei, self._keys.sk_ai))
+        if isinstance(sk, EncryptedFragmentPayload):  # RFC 7383 §2.6
+            res = self._frag_rx.add(msg.message_id, sk, raw,
+                                    lambda aad, body: self._cipher.decrypt(sk_e, sk_a, aad, body))
+            if isinstance(res, str):
+                return (), res
+            first, plain = res
+        elif isinstance(sk, EncryptedPayload):
+            try:
+                plain = self._cipher.decrypt(sk_e, sk_a, raw[:HEADER_LEN + 4], sk.body)
+            except IntegrityError:
+                return (), "bad_icv"
+            except CryptoError:
+                return (), "malformed"
+            first = sk.first
+        else:
+            return (), "unexpected_payload"
         try:
-            plain = self._cipher.decrypt(sk_e, sk_a, raw[:HEADER_LEN + 4], sk.body)
-        except IntegrityError:
-            return (), "bad_icv"
-        except CryptoError:
-            return (), "malformed"
-        try:
-            inner = decode_payloads(sk.first, plain, allow_sk=False)
+            inner = decode_payloads(first, plain, allow_sk=False)
         except MessageError:
             return (), "malformed"
         try:
@@ -388,7 +401,15 @@ class IkeSa(CreateChildExchange):
         skh = struct.pack("!BBH", first, 0, 4 + body_len)
         sk_e, sk_a = ((self._keys.sk_ei, self._keys.sk_ai) if self.initiator
                       else (self._keys.sk_er, self._keys.sk_ar))
-        return hdr + skh + self._cipher.encrypt(sk_e, sk_a, self.rng, hdr + skh, plain)
+        whole = hdr + skh + self._cipher.encrypt(sk_e, sk_a, self.rng, hdr + skh, plain)
+        budget = frag.udp_budget(self.cfg.fragment_size, ipv6=":" in self.local[0], nat_t=self.local[1] == NAT_T_PORT)
+        if self._frag_peer and len(whole) > budget:
+            # RFC 7383 §2.5: on the wire as SKF fragments; kept whole for caches
+            return frag.FragmentedMessage(whole, frag.fragment(
+                spi_i=self.spi_i, spi_r=self.spi_r, exchange=exchange, flags=self._flags(response), message_id=mid,
+                first=first, plaintext=plain, cipher=self._cipher, sk_e=sk_e, sk_a=sk_a, rng=self.rng,
+                budget=budget))
+        return whole
 
     def _request(self, exchange: int, payloads: list, on_response: Callable, now: float) -> None:
         if self._pending is not None:
@@ -485,7 +506,8 @@ class IkeSa(CreateChildExchange):
         if self._cookie is not None:
             payloads.append(NotifyPayload(int(NotifyType.COOKIE), self._cookie))
         payloads += [ch.ike_sa_payload(self._ike_proposals()), KePayload(group, self._ke.public_bytes()),
-                     NoncePayload(self._ni), *self._nat_notifies(0), *self._sig_hash_notify()]
+                     NoncePayload(self._ni), *self._nat_notifies(0), *self._sig_hash_notify(),
+                     NotifyPayload(int(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED))]
         self._next_mid = 0
         self._pending = None
         msg = Message(self.spi_i, 0, int(ExchangeType.IKE_SA_INIT), 0, True, False, tuple(payloads))
@@ -552,6 +574,8 @@ class IkeSa(CreateChildExchange):
         self._send_auth(now)
 
     def _note_sig_hashes(self, payloads) -> None:
+        self._frag_peer = any(isinstance(p, NotifyPayload) and p.notify_type == NotifyType.IKEV2_FRAGMENTATION_SUPPORTED
+                              for p in payloads)
         n = next((p for p in payloads if isinstance(p, NotifyPayload)
                   and p.notify_type == NotifyType.SIGNATURE_HASH_ALGORITHMS), None)
         if n is not None:
@@ -607,6 +631,8 @@ class IkeSa(CreateChildExchange):
         if self.cfg.credentials.uses_certificates:
             payloads.append(self._certreq())
         payloads += self._sig_hash_notify()
+        if self._frag_peer:  # RFC 7383 §2.3: only in answer to the initiator's announcement
+            payloads.append(NotifyPayload(int(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED)))
         self.state = State.AUTH
         data = self._seal(ExchangeType.IKE_SA_INIT, 0, True, payloads)
         self._init_response = data
