@@ -303,7 +303,9 @@ class IkeManager:
 
     # ------------------------------------------------------------ bookkeeping
     def _collect(self, sa: IkeSa, now: float) -> None:
-        self._out.extend(sa.outbox)
+        for d in sa.outbox:  # RFC 7383: a fragmented message leaves as its SKF fragments
+            frags = getattr(d.data, "fragments", None)
+            self._out.extend([Datagram(f, d.local, d.remote) for f in frags] if frags else [d])
         sa.outbox.clear()
         spawned, sa.spawned = sa.spawned, []
         for new in spawned:  # IKE_SA rekey: the new IKE_SA's events come before the old one's delete
