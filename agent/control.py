@@ -104,6 +104,8 @@ def policy_from_proto(p: pb.PeerPolicy) -> PeerPolicy:
         child_lifetime_s=p.child_lifetime_s,
         dpd_interval_s=p.dpd_interval_s,
         replay_window=p.replay_window,
+        # the controller refuses a 0 window unless the inventory says allow_no_replay
+        allow_no_replay=p.replay_window == 0,
         action=_enum(_ACTION, p.action, d.action, "action"),  # type: ignore[arg-type]
         rule=p.rule,
     )
