@@ -221,6 +221,20 @@ class EncryptedPayload:
 
 
 @dataclass(frozen=True)
+class EncryptedFragmentPayload:
+    """RFC 7383 §2.5 Encrypted Fragment payload (SKF), kept as received.
+
+    ``first``: Next Payload (inner type in fragment 1, else 0); ``number`` /
+    ``total``: Fragment Number and Total Fragments; ``body``: IV | ciphertext | ICV.
+    """
+    first: int
+    number: int
+    total: int
+    body: bytes = field(repr=False)
+    payload_type = PayloadType.SKF
+
+
+@dataclass(frozen=True)
 class RawPayload:
     """A known payload we do not interpret (CP, EAP, GSPM, SKF): body kept raw."""
     ptype: int
@@ -245,9 +259,9 @@ class UnknownPayload:
 
 Payload = Union[SaPayload, KePayload, IdPayload, CertPayload, CertReqPayload, AuthPayload,
                 NoncePayload, NotifyPayload, DeletePayload, VendorPayload, TsPayload,
-                EncryptedPayload, RawPayload, UnknownPayload]
+                EncryptedPayload, EncryptedFragmentPayload, RawPayload, UnknownPayload]
 
-_RAW_TYPES = {PayloadType.CP, PayloadType.EAP, PayloadType.GSPM, PayloadType.SKF}
+_RAW_TYPES = {PayloadType.CP, PayloadType.EAP, PayloadType.GSPM}
 
 
 @dataclass(frozen=True)
@@ -496,6 +510,8 @@ def _encode_body(p: Payload) -> bytes:
         return _encode_ts(p)
     if isinstance(p, EncryptedPayload):
         return p.body
+    if isinstance(p, EncryptedFragmentPayload):
+        return struct.pack("!HH", p.number, p.total) + p.body
     raise TypeError(f"not a payload: {type(p).__name__}")
 
 
@@ -529,6 +545,16 @@ def decode_payloads(first: int, data: bytes, *, allow_sk: bool = True) -> tuple[
                 raise MessageError("SK payload is not the last payload")
             payloads.append(EncryptedPayload(nxt, body))
             return tuple(payloads)
+        if ptype == PayloadType.SKF:  # RFC 7383 §2.5: like SK, the last payload
+            if not allow_sk:
+                raise MessageError("SKF payload inside SK")
+            if off != len(data):
+                raise MessageError("SKF payload is not the last payload")
+            if len(body) < 4:
+                raise MessageError("SKF: truncated Fragment Number / Total Fragments")
+            number, total = struct.unpack_from("!HH", body, 0)
+            payloads.append(EncryptedFragmentPayload(nxt, number, total, body[4:]))
+            return tuple(payloads)
         payloads.append(_decode_body(ptype, bool(flags & 0x80), body))
         ptype = nxt
     if off != len(data):
@@ -544,9 +570,9 @@ def encode_payloads(payloads: tuple[Payload, ...] | list[Payload]) -> tuple[int,
     out = bytearray()
     for i, p in enumerate(payloads):
         body = _encode_body(p)
-        if isinstance(p, EncryptedPayload):
+        if isinstance(p, (EncryptedPayload, EncryptedFragmentPayload)):
             if i != len(payloads) - 1:
-                raise ValueError("SK payload must be last")
+                raise ValueError("SK/SKF payload must be last")
             nxt = p.first
         else:
             nxt = int(payloads[i + 1].payload_type) if i + 1 < len(payloads) else 0
@@ -675,8 +701,8 @@ def check_outer(msg: Message) -> None:
         raise MessageError(f"unexpected_payload: unsupported exchange {msg.exchange}")
     encrypted, rules = PAYLOAD_RULES[key]
     if encrypted:
-        if len(msg.payloads) != 1 or not isinstance(msg.payloads[0], EncryptedPayload):
-            raise MessageError("unexpected_payload: exchange must carry only an SK payload")
+        if len(msg.payloads) != 1 or not isinstance(msg.payloads[0], (EncryptedPayload, EncryptedFragmentPayload)):
+            raise MessageError("unexpected_payload: exchange must carry only an SK or SKF payload")
     else:
         check_payload_rules(msg.exchange, msg.is_response, msg.payloads)
 
@@ -724,7 +750,7 @@ __all__ = [
     "MessageError", "Message", "Header", "Payload", "SaPayload", "Proposal", "Transform",
     "TransformAttribute", "KePayload", "IdPayload", "CertPayload", "CertReqPayload", "AuthPayload",
     "NoncePayload", "NotifyPayload", "DeletePayload", "VendorPayload", "TsPayload",
-    "TrafficSelector", "EncryptedPayload", "RawPayload", "UnknownPayload", "decode_message",
+    "TrafficSelector", "EncryptedPayload", "EncryptedFragmentPayload", "RawPayload", "UnknownPayload", "decode_message",
     "encode_message", "decode_header", "encode_header", "decode_payloads", "encode_payloads",
     "check_outer", "check_payload_rules", "PAYLOAD_RULES", "HEADER_LEN", "NotifyType",
 ]

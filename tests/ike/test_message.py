@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st, HealthCheck
 
 from agent.iana import ExchangeType, NotifyType, PayloadType, ProtocolId, TsType
 from agent.ike.message import (
-    AuthPayload, CertPayload, CertReqPayload, DeletePayload, EncryptedPayload, IdPayload,
+    AuthPayload, CertPayload, CertReqPayload, DeletePayload, EncryptedFragmentPayload, EncryptedPayload, IdPayload,
     KePayload, Message, MessageError, NoncePayload, NotifyPayload, Proposal, RawPayload,
     SaPayload, TrafficSelector, Transform, TransformAttribute, TsPayload, UnknownPayload,
     VendorPayload, check_outer, check_payload_rules, decode_message, decode_payloads,
@@ -258,14 +258,16 @@ _payload = st.one_of(
               st.lists(_v4, max_size=3)),
     st.builds(VendorPayload, _b),
     st.builds(TsPayload, st.sampled_from([44, 45]), st.lists(_ts, max_size=3).map(tuple)),
-    st.builds(RawPayload, st.sampled_from([47, 48, 49, 53]), _b),
+    st.builds(RawPayload, st.sampled_from([47, 48, 49]), _b),
     st.builds(UnknownPayload, st.integers(1, 255).filter(lambda t: t not in _known_types), st.booleans(), _b),
 )
 _message = st.builds(
     lambda spi_i, spi_r, exch, mid, i, r, pl, sk: Message(spi_i, spi_r, exch, mid, i, r, tuple(pl + sk)),
     st.integers(1, 2**64 - 1), st.integers(0, 2**64 - 1), st.integers(0, 255), st.integers(0, 2**32 - 1),
     st.booleans(), st.booleans(), st.lists(_payload, max_size=6),
-    st.lists(st.builds(EncryptedPayload, st.sampled_from([0, 35, 41]), _b), max_size=1))
+    st.lists(st.one_of(st.builds(EncryptedPayload, st.sampled_from([0, 35, 41]), _b),
+                       st.builds(EncryptedFragmentPayload, st.sampled_from([0, 35]), st.integers(0, 0xFFFF),
+                                 st.integers(0, 0xFFFF), _b)), max_size=1))
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
@@ -299,3 +301,25 @@ def test_fuzz_mutated_valid_messages(msg, data):
             check_outer(m)
         except MessageError:
             pass
+
+
+# ---------------------------------------------------------------- RFC 7383 SKF
+
+def test_skf_payload_layout():
+    """RFC 7383 §2.5: generic header | Fragment Number (2) | Total Fragments (2) | IV..ICV."""
+    msg = Message(1, 2, 35, 1, True, False, (EncryptedFragmentPayload(35, 2, 3, b"\xaa" * 24),))
+    raw = encode_message(msg)
+    assert raw[16] == 53  # first payload SKF
+    assert raw[28:36] == bytes([35, 0, 0, 32, 0, 2, 0, 3])
+    got = decode_message(raw)
+    assert got.payloads[0] == EncryptedFragmentPayload(35, 2, 3, b"\xaa" * 24)
+    check_outer(got)  # an SKF may stand where an SK would
+
+
+def test_skf_errors():
+    hdr = bytes(range(1, 17)) + bytes([53, 0x20, 35, 0x08]) + bytes(4)
+    short = bytes([0, 0, 0, 6, 0, 1])  # SKF body shorter than its two numbers
+    with pytest.raises(MessageError, match="SKF: truncated"):
+        decode_message(hdr + (28 + len(short)).to_bytes(4, "big") + short)
+    with pytest.raises(MessageError, match="SKF payload is not the last"):
+        decode_payloads(53, bytes([40, 0, 0, 8, 0, 1, 0, 1]) + bytes([0, 0, 0, 4]))
