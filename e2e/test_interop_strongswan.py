@@ -319,3 +319,18 @@ def test_esp_proposals(lab, tmp_path, esp, expect, meshsec_initiates):
     log = run_case(lab, tmp_path, auth="psk", ike="aes128gcm16-prfsha256-x25519", esp=esp,
                    meshsec_initiates=meshsec_initiates)
     assert selected(log, "ESP") == expect
+
+
+# ---------------------------------------------------------------- RFC 7383 fragmentation
+
+@pytest.mark.parametrize("meshsec_initiates", [True, False], ids=["ms-init", "sw-init"])
+def test_fragmented_ike_auth_with_intermediate_ca(lab, tmp_path, meshsec_initiates):
+    """RSA-3072 leaf + intermediate CA: IKE_AUTH exceeds 1,500 octets both ways, so both
+    sides must split it into SKF fragments (fragment size 1280) and reassemble the other's."""
+    log = run_case(lab, tmp_path, auth="rsa3072", ike="aes256gcm16-prfsha384-ecp384", esp="aes256gcm16",
+                   meshsec_initiates=meshsec_initiates, intermediate=True)
+    assert "reassembled fragmented IKE message" in log, "strongSwan received no fragmented IKE_AUTH from us"
+    assert "into" in log and "fragments" in log and "splitting IKE message" in log, \
+        "strongSwan did not fragment its IKE_AUTH"
+    assert "received end entity cert \"CN=ms-rsa3072-im\"" in log
+    assert "received issuer cert \"CN=im-rsa3072-im\"" in log
