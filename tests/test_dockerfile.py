@@ -92,3 +92,24 @@ def test_install_steps_give_working_entry_points(tmp_path):
 def _base_python() -> str:
     """The interpreter this venv was made from (a venv inside a venv is not fresh)."""
     return str(Path(sys.base_prefix) / "bin" / f"python{sys.version_info.major}.{sys.version_info.minor}")
+
+
+def test_systemd_unit_verifies(tmp_path):
+    """deploy/systemd/meshsec-agent.service passes systemd-analyze verify
+    (with ExecStart pointed at this checkout's entry point)."""
+    import shutil
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    unit = (REPO / "deploy" / "systemd" / "meshsec-agent.service").read_text()
+    assert "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_BIND_SERVICE" in unit and "DeviceAllow=/dev/net/tun rw" in unit
+    agent = Path(sys.executable).parent / "meshsec-agent"
+    path = tmp_path / "meshsec-agent.service"
+    path.write_text(unit.replace("/opt/meshsec/bin/meshsec-agent", str(agent)))
+    res = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "meshsec-agent.service" not in res.stderr, res.stderr
+    broken = tmp_path / "broken.service"
+    broken.write_text(unit.replace("[Service]", "[Service]\nNoSuchDirective=1").replace(
+        "/opt/meshsec/bin/meshsec-agent", str(agent)))
+    res = subprocess.run([analyze, "verify", str(broken)], capture_output=True, text=True, timeout=60)
+    assert "NoSuchDirective" in res.stderr  # the verifier does read our unit
