@@ -99,7 +99,7 @@ class Lab:
 
     # -- configs --------------------------------------------------------
     def swanctl_conf(self, *, auth: str, ike: str, esp: str, creds: dict | None, fragmentation: str = "yes",
-                     remote_addr: str = MS_UL, local_ts: str = SW_NET, remote_ts: str = MS_NET,
+                     remote_addr: str = MS_UL, local_addr: str = SW_UL, local_ts: str = SW_NET, remote_ts: str = MS_NET,
                      extra: str = "") -> str:
         if auth == "psk":
             local_auth = remote_auth = "psk"
@@ -118,7 +118,7 @@ class Lab:
 connections {{
   ms {{
     version = 2
-    local_addrs = {SW_UL}
+    local_addrs = {local_addr}
     remote_addrs = {remote_addr}
     proposals = {ike}
     encap = yes
@@ -226,7 +226,7 @@ def transfer(src_ns: str, dst_ns: str, dst_ip: str, data: bytes, path: Path, por
     assert int(n) == len(data) and digest == hashlib.sha256(data).hexdigest(), "TCP transfer corrupted"
 
 
-def bring_up(lab: Lab, *, meshsec_initiates: bool, ms_ns: str | None = None, timeout: float = 20) -> None:
+def bring_up(lab, *, meshsec_initiates: bool, ms_ns: str | None = None, timeout: float = 20) -> None:
     ms_ns = ms_ns or lab.ms_ns
     if not meshsec_initiates:
         wait_until(lambda: ":500 " in sh("ss", "-uln", ns=ms_ns).stdout, 10, 0.05, "agent bound to UDP 500")
@@ -334,3 +334,109 @@ def test_fragmented_ike_auth_with_intermediate_ca(lab, tmp_path, meshsec_initiat
         "strongSwan did not fragment its IKE_AUTH"
     assert "received end entity cert \"CN=ms-rsa3072-im\"" in log
     assert "received issuer cert \"CN=im-rsa3072-im\"" in log
+
+
+# ---------------------------------------------------------------- NAT traversal (RFC 7296 §2.23, RFC 3948)
+
+NAT_PUB, NAT_IN, INSIDE = "198.51.100.3", "10.77.0.1", "10.77.0.2"
+
+
+def _nat_box(topo: Topology, inside_ns_name: str, forward_to_inside: bool):
+    """<p>-nat: ul0 198.51.100.3 on the underlay, in0 10.77.0.1/24 towards <p>-<inside>;
+    nftables masquerade (and, when asked, UDP 500/4500 forwarded to the inside host)."""
+    nat = topo.add_host("nat", NAT_PUB)
+    inside = topo._ns(inside_ns_name)
+    topo._veth(nat.ns, "in0", inside, "ul0")
+    sh("ip", "addr", "add", f"{NAT_IN}/24", "dev", "in0", ns=nat.ns)
+    sh("ip", "addr", "add", f"{INSIDE}/24", "dev", "ul0", ns=inside)
+    sh("ip", "route", "add", "default", "via", NAT_IN, ns=inside)
+    sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=nat.ns)
+    rules = ["add table ip nat",
+             "add chain ip nat post { type nat hook postrouting priority 100 ; }",
+             "add rule ip nat post oifname ul0 masquerade",
+             "add chain ip nat pre { type nat hook prerouting priority -100 ; }"]
+    if forward_to_inside:
+        rules.append(f"add rule ip nat pre iifname ul0 udp dport {{ 500, 4500 }} dnat to {INSIDE}")
+    for r in rules:
+        sh("nft", r, ns=nat.ns)
+    return nat, inside
+
+
+class NatLab(Lab):
+    pass
+
+
+@pytest.fixture(scope="module")
+def sw_behind_nat(tmp_path_factory):
+    """strongSwan inside (10.77.0.2) behind the NAT box; meshsec outside on 198.51.100.1."""
+    reason = _skip_reason() or (None if shutil.which("nft") else "nft (nftables) missing")
+    if reason:
+        pytest.skip(reason)
+    work = tmp_path_factory.mktemp("interop-nat-sw")
+    with Topology(workdir=work) as topo:
+        ms = topo.add_host("ms", MS_UL)
+        _nat, inside = _nat_box(topo, "swin", forward_to_inside=True)
+        sh("ip", "addr", "add", f"{SW_IN}/32", "dev", "lo", ns=inside)
+        charon = Charon(topo, inside, work / "charon")
+        yield NatLab(topo, ms.ns, inside, charon, Pki(work / "pki"), work)
+
+
+@pytest.fixture(scope="module")
+def ms_behind_nat(tmp_path_factory):
+    """meshsec inside (10.77.0.2) behind the NAT box (masquerade only); strongSwan outside on 198.51.100.2."""
+    reason = _skip_reason() or (None if shutil.which("nft") else "nft (nftables) missing")
+    if reason:
+        pytest.skip(reason)
+    work = tmp_path_factory.mktemp("interop-nat-ms")
+    with Topology(workdir=work) as topo:
+        sw = topo.add_host("swan", SW_UL)
+        sh("ip", "addr", "add", f"{SW_IN}/32", "dev", "lo", ns=sw.ns)
+        _nat, inside = _nat_box(topo, "msin", forward_to_inside=False)
+        charon = Charon(topo, sw.ns, work / "charon")
+        yield NatLab(topo, inside, sw.ns, charon, Pki(work / "pki"), work)
+
+
+def _ike_status(lab) -> dict:
+    st = wait_until(lab.status, 5, 0.1, "agent status")
+    sas = [s for s in st.get("ike_sas", []) if s.get("state") == "ESTABLISHED"]
+    assert sas, f"no established IKE_SA in status: {st}"
+    return sas[0]
+
+
+@pytest.mark.parametrize("meshsec_initiates", [True, False], ids=["ms-init", "sw-init"])
+def test_nat_strongswan_behind_nat(sw_behind_nat, tmp_path, meshsec_initiates):
+    lab = sw_behind_nat
+    mark = lab.charon.mark()
+    lab.charon.load(lab.swanctl_conf(auth="psk", ike="aes128gcm16-prfsha256-x25519", esp="aes128gcm16", creds=None,
+                                     local_addr=INSIDE))
+    lab.start_agent(lab.meshsec_conf(creds=None, ike="aes128gcm16-prfsha256-x25519", esp="aes128gcm16",
+                                     initiate=meshsec_initiates, endpoint=NAT_PUB))
+    try:
+        bring_up(lab, meshsec_initiates=meshsec_initiates)
+        check_traffic(lab, tmp_path)
+        sa = _ike_status(lab)
+        assert sa["nat"]["remote"], f"meshsec did not detect the peer's NAT: {sa}"
+        assert sa["remote"].endswith(":4500") and sa["local"].endswith(":4500"), sa
+        log = lab.charon.log_since(mark)
+        assert "local host is behind NAT" in log
+    finally:
+        lab.stop_agent()
+
+
+def test_nat_meshsec_behind_nat(ms_behind_nat, tmp_path):
+    lab = ms_behind_nat
+    mark = lab.charon.mark()
+    lab.charon.load(lab.swanctl_conf(auth="psk", ike="aes128gcm16-prfsha256-x25519", esp="aes128gcm16", creds=None,
+                                     remote_addr="%any"))
+    lab.start_agent(lab.meshsec_conf(creds=None, ike="aes128gcm16-prfsha256-x25519", esp="aes128gcm16",
+                                     initiate=True, local_address=INSIDE))
+    try:
+        bring_up(lab, meshsec_initiates=True)
+        check_traffic(lab, tmp_path)
+        sa = _ike_status(lab)
+        assert sa["nat"]["local"], f"meshsec did not detect that it is behind a NAT: {sa}"
+        assert sa["remote"] == f"{SW_UL}:4500", sa
+        log = lab.charon.log_since(mark)
+        assert "remote host is behind NAT" in log
+    finally:
+        lab.stop_agent()
