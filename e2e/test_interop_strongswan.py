@@ -470,3 +470,41 @@ def test_rekey_initiated_by_strongswan_loses_no_ping(lab, tmp_path, what):
         check_traffic(lab, tmp_path)
     finally:
         lab.stop_agent()
+
+
+# ---------------------------------------------------------------- key log: tshark decrypts the exchange
+
+def test_keylog_lets_tshark_decrypt_ike_and_esp_with_strongswan(lab, tmp_path):
+    """With meshsec's --keylog-dir, tshark (which we did not write) decrypts the IKE_AUTH
+    both sides sent and the ESP both sides sent, and finds every ESP ICV good."""
+    from e2e.test_mesh import tshark
+    if not shutil.which("tshark") or not shutil.which("tcpdump"):
+        pytest.skip("tshark/tcpdump missing")
+    ike, esp = "aes256gcm16-prfsha384-ecp384", "aes256gcm16"
+    keylog = tmp_path / "keylog"
+    keylog.mkdir()
+    pcap = tmp_path / "underlay.pcap"
+    dump = lab.topo.spawn(lab.topo.switch_ns, ["tcpdump", "-i", "br0", "-U", "-n", "-s", "0", "-w", str(pcap)],
+                          tmp_path / "tcpdump.log")
+    wait_until(lambda: pcap.exists() and pcap.stat().st_size > 0, 10, 0.1, "tcpdump to start")
+    lab.charon.load(lab.swanctl_conf(auth="psk", ike=ike, esp=esp, creds=None))
+    lab.start_agent(lab.meshsec_conf(creds=None, ike=ike, esp=esp, initiate=True), keylog=keylog)
+    try:
+        bring_up(lab, meshsec_initiates=True)
+        assert ping(lab.ms_ns, SW_IN, count=3) and ping(lab.sw_ns, MS_IN, count=3)
+    finally:
+        lab.stop_agent()
+        time.sleep(0.3)  # e2e: let tcpdump write the last frames
+        lab.topo.stop(dump)
+    home = tmp_path / "home"
+    prof = home / ".config" / "wireshark"
+    prof.mkdir(parents=True)
+    for f in ("esp_sa", "ikev2_decryption_table"):
+        shutil.copy(keylog / f, prof / f)
+    ids = tshark(pcap, "isakmp.exchangetype == 35 and isakmp.id.data.fqdn", home=home, fields=["isakmp.id.data.fqdn"])
+    seen = {x for line in ids for x in line.split(",")}
+    assert {MS_ID, SW_ID} <= seen, f"tshark could not decrypt IKE_AUTH (saw {seen})"
+    icmp = tshark(pcap, "esp and icmp", home=home, fields=["ip.src"])
+    srcs = {x for line in icmp for x in line.split(",")}
+    assert MS_IN in srcs and SW_IN in srcs, f"tshark did not decrypt ESP both ways: {srcs}"
+    assert tshark(pcap, "esp.icv_bad == 1", home=home) == []
