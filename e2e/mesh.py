@@ -163,3 +163,15 @@ class Mesh:
                                self.workdir / "tcpdump.log")
         wait_until(lambda: path.exists() and path.stat().st_size > 0, 10, interval=0.1, what="tcpdump to start")
         return proc
+
+    def stop_capture(self, proc, path: Path, settle: float = 0.5, timeout: float = 20.0) -> None:
+        """Stop tcpdump once ``path`` has stopped growing (on 2 busy cores
+        tcpdump lags behind the kernel's buffer; stopping early loses packets)."""
+        sizes: list[int] = []
+
+        def settled() -> bool:
+            sizes.append(path.stat().st_size)
+            return len(sizes) >= 2 and sizes[-1] == sizes[-2]
+
+        wait_until(settled, timeout, interval=settle, what="tcpdump to catch up")
+        self.topo.stop(proc)

@@ -21,7 +21,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -102,9 +101,7 @@ def test_status_shows_sas_and_counters(mesh):
 
 
 def test_underlay_capture_has_no_plaintext_and_decrypts_with_keylog(mesh):
-    # let the capture flush, then stop it
-    time.sleep(0.5)
-    mesh.topo.stop(mesh.tcpdump)
+    mesh.stop_capture(mesh.tcpdump, mesh.pcap)
     pcap = mesh.pcap
     # Without keys: nothing but IKE, ESP-in-UDP and the controller's TLS (7443 enrol, 7444 watch).
     assert tshark(pcap, "isakmp"), "no IKE on the underlay"
