@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 from agent.iana import EsnId, KeId, ProtocolId, TransformAttr, TransformType
 from agent.ike.message import Proposal, SaPayload, TrafficSelector, Transform, TransformAttribute
-from agent.ike.proposals import EspProposal, IkeProposal, encr_key_len, integ_key_len
+from agent.ike.proposals import (EspProposal, IkeProposal, encr_key_len, integ_key_len, parse_ah_proposal,
+                                 parse_child_proposal, parse_esp_proposal)
 from agent.model import EspKeys, IPNetwork
 
 
@@ -39,20 +40,22 @@ def ike_sa_payload(proposals: list[IkeProposal] | tuple[IkeProposal, ...], spi: 
 
 
 def esp_sa_payload(proposals, spi: int, numbers: list[int] | None = None, *, ke: bool = False) -> SaPayload:
-    """SA payload offering ESP ``proposals`` with our inbound ``spi`` (4 octets).
+    """SA payload offering ESP/AH ``proposals`` with our inbound ``spi`` (4 octets).
+
+    An AH proposal (``is_ah``) gets Protocol ID AH and no ENCR transform (§3.3).
 
     ``ke``: include the proposals' KE transforms (PFS in CREATE_CHILD_SA, §1.3.1);
     IKE_AUTH carries none (§1.2: the first CHILD_SA uses the IKE_SA_INIT key exchange).
     """
     out = []
     for i, p in enumerate(proposals):
-        t = [_encr_transform(p.encr, p.encr_key_bits)]
+        t = [] if p.is_ah else [_encr_transform(p.encr, p.encr_key_bits)]
         if p.integ:
             t.append(Transform(int(TransformType.INTEG), p.integ))
         if ke:
             t += [Transform(int(TransformType.KE), k) for k in p.ke]
         t += [Transform(int(TransformType.ESN), e) for e in p.esn]
-        out.append(Proposal(numbers[i] if numbers else i + 1, int(ProtocolId.ESP),
+        out.append(Proposal(numbers[i] if numbers else i + 1, int(ProtocolId.AH if p.is_ah else ProtocolId.ESP),
                             spi.to_bytes(4, "big"), tuple(t)))
     return SaPayload(tuple(out))
 
@@ -138,16 +141,24 @@ def choose_esp(offered: SaPayload, ours: list[EspProposal], *, pfs: bool = False
     methods needs one the peer offers (``ke_hint``, the group of the peer's KE payload, is
     preferred); one without needs a peer proposal without KE (or KE NONE). Without ``pfs``
     (IKE_AUTH) KE transforms are ignored and the result has ``ke == ()``.
+    AH proposals of ours (``is_ah``) match only Protocol ID AH proposals without any ENCR
+    transform and with our INTEG (§3.3: AH's mandatory type is INTEG; an ENCR there makes
+    the proposal unacceptable, §3.3.6).
     """
     allowed = {TransformType.ENCR, TransformType.INTEG, TransformType.ESN, TransformType.KE}
+    allowed_ah = {TransformType.INTEG, TransformType.ESN, TransformType.KE}
     for mine in ours:
         for prop in offered.proposals:
-            if prop.protocol != ProtocolId.ESP or len(prop.spi) != 4:
+            want = ProtocolId.AH if mine.is_ah else ProtocolId.ESP
+            if prop.protocol != want or len(prop.spi) != 4:
                 continue
             ts = _by_type(prop)
-            if not _only_known_types(ts, allowed):
+            if not _only_known_types(ts, allowed_ah if mine.is_ah else allowed):
                 continue
-            if not _has_encr(ts, mine.encr, mine.encr_key_bits):
+            if mine.is_ah:
+                if not mine.integ or not _has(ts, TransformType.INTEG, mine.integ):
+                    continue
+            elif not _has_encr(ts, mine.encr, mine.encr_key_bits):
                 continue
             if mine.integ and not _has(ts, TransformType.INTEG, mine.integ):
                 continue
@@ -230,7 +241,7 @@ def split_keymat(keymat: bytes, prop: EspProposal, *, initiator: bool,
     Order in KEYMAT: encr i->r, integ i->r, encr r->i, integ r->i (AEAD keys
     include the salt). Each direction's SPI is the one its receiver chose.
     """
-    ek = encr_key_len(prop.encr, prop.encr_key_bits)
+    ek = 0 if prop.is_ah else encr_key_len(prop.encr, prop.encr_key_bits)  # AH: integrity keys only
     ak = integ_key_len(prop.integ) if prop.integ else 0
     if len(keymat) != 2 * (ek + ak):
         raise ValueError("KEYMAT length does not match the proposal")
@@ -244,14 +255,56 @@ def split_keymat(keymat: bytes, prop: EspProposal, *, initiator: bool,
 
 
 def keymat_len(prop: EspProposal) -> int:
-    ek = encr_key_len(prop.encr, prop.encr_key_bits)
+    ek = 0 if prop.is_ah else encr_key_len(prop.encr, prop.encr_key_bits)
     ak = integ_key_len(prop.integ) if prop.integ else 0
     return 2 * (ek + ak)
 
 
+# ------------------------------------------------------------------ AH / ESP per policy
+
+DEFAULT_AH_PROPOSALS = ("sha256",)
+
+
+def offers(policy, kind: str) -> list[EspProposal]:
+    """Our CHILD_SA proposals of ``kind`` ("esp" or "ah") from ``policy.esp_proposals``.
+
+    That list may mix ESP strings (with an encryption keyword) and AH strings
+    (integrity only, e.g. ``sha256-esn``); AH falls back to ``sha256`` when the list
+    has no AH string (the defaults are ESP only). Raises ProposalError on a bad string.
+    """
+    props = [parse_child_proposal(s) for s in policy.esp_proposals]
+    if kind == "ah":
+        return [p for p in props if p.is_ah] or [parse_ah_proposal(s) for s in DEFAULT_AH_PROPOSALS]
+    return [p for p in props if not p.is_ah] or [parse_esp_proposal(s) for s in
+                                                 ("aes128gcm16", "aes256gcm16")]
+
+
+def kinds(policy) -> tuple[str, ...]:
+    """The CHILD_SA kinds ``policy.protocol`` needs, the IKE_AUTH one first.
+
+    "ah+esp" is two CHILD_SAs for the same traffic selectors (§3.3 allows one protocol
+    per proposal): the ESP one (transport) in IKE_AUTH, the AH one in a CREATE_CHILD_SA
+    right after; together they form the RFC 4301 §4.5 bundle ESP-then-AH.
+    """
+    proto = getattr(policy, "protocol", "esp")
+    return {"ah": ("ah",), "ah+esp": ("esp", "ah")}.get(proto, ("esp",))
+
+
+def acceptable(policy) -> list[EspProposal]:
+    """Every proposal a responder accepts for this policy (all its kinds)."""
+    return [p for k in kinds(policy) for p in offers(policy, k)]
+
+
+def child_mode(policy, kind: str) -> str:
+    """Mode of a CHILD_SA of ``kind``: in "ah+esp" the ESP SA is always transport."""
+    if getattr(policy, "protocol", "esp") == "ah+esp" and kind == "esp":
+        return "transport"
+    return policy.mode
+
+
 @dataclass
 class ChildSa:
-    """One established CHILD_SA (ESP), as the IkeSa tracks it."""
+    """One established CHILD_SA (ESP or AH: ``protocol``), as the IkeSa tracks it."""
     inbound_spi: int
     outbound_spi: int
     proposal: EspProposal
@@ -268,7 +321,16 @@ class ChildSa:
     rekeyed: bool = False  # replaced by a rekey; waits for its DELETE
     virtual_ip: str | None = None
 
+    @property
+    def protocol(self) -> str:
+        return "ah" if self.proposal.is_ah else "esp"
+
+    @property
+    def protocol_id(self) -> int:
+        return int(ProtocolId.AH if self.proposal.is_ah else ProtocolId.ESP)
+
 
 __all__ = ["ike_sa_payload", "esp_sa_payload", "choose_ike", "accepted_ike", "choose_esp",
            "accepted_esp", "IkeChoice", "EspChoice", "ts_from_networks", "networks_of", "narrow",
-           "within", "split_keymat", "keymat_len", "ChildSa"]
+           "within", "split_keymat", "keymat_len", "ChildSa", "offers", "kinds", "acceptable", "child_mode",
+           "DEFAULT_AH_PROPOSALS"]

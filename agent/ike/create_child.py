@@ -53,6 +53,7 @@ class _ChildTask:
     remote_ts: tuple
     mode: str
     proposals: list = field(default_factory=list)
+    protocol: str = "esp"  # "esp" or "ah" (an AH CHILD_SA: "ah" and "ah+esp" policies)
     group: int | None = None  # KE method (PFS) of the next request
     tries: int = 0
     ni: bytes = field(default=b"", repr=False)
@@ -190,18 +191,20 @@ class CreateChildExchange:
         """PAD rule: the peer may claim only its own subnets (or the virtual IP we gave it)."""
         return tuple(ipaddress.ip_network(a) for a in self.peer_virtual_ips) or tuple(self.peer.subnets)
 
-    def create_child(self, now: float, local_ts=None, remote_ts=None) -> bool:
+    def create_child(self, now: float, local_ts=None, remote_ts=None, protocol: str | None = None) -> bool:
         """Additional CHILD_SA (§1.3.1): HDR, SK {SA, Ni, [KEi], TSi, TSr} -->.
 
         ``local_ts`` / ``remote_ts``: networks to propose (default: ours and the peer's
         subnets). Returns False if the IKE_SA is not established. The outcome is a
         ChildSaEstablished event, or a reason appended to ``child_errors`` (the IKE_SA
-        stays up, e.g. on TS_UNACCEPTABLE).
+        stays up, e.g. on TS_UNACCEPTABLE). ``protocol``: "esp" or "ah" (default: the
+        policy's first kind, see ``child.kinds``).
         """
         if self.state != "ESTABLISHED" or self.peer is None or self._successor is not None:
             return False
+        kind = protocol or ch.kinds(self.peer.policy)[0]
         task = _ChildTask(None, tuple(local_ts or self._local_nets()), tuple(remote_ts or self.peer.subnets),
-                          self.peer.policy.mode)
+                          ch.child_mode(self.peer.policy, kind), protocol=kind)
         self._start_child_task(task, now)
         return True
 
@@ -211,11 +214,11 @@ class CreateChildExchange:
         if (c is None or c.rekeyed or self._task_for(c) is not None or self.state != "ESTABLISHED"
                 or self._successor is not None):
             return False
-        self._start_child_task(_ChildTask(c, c.local_ts, c.remote_ts, c.mode), now)
+        self._start_child_task(_ChildTask(c, c.local_ts, c.remote_ts, c.mode, protocol=c.protocol), now)
         return True
 
     def _start_child_task(self, task: _ChildTask, now: float) -> None:
-        task.proposals = [parse_esp_proposal(s) for s in self.peer.policy.esp_proposals]
+        task.proposals = ch.offers(self.peer.policy, task.protocol)
         pfs = [k for p in task.proposals for k in p.ke]
         task.group = pfs[0] if pfs else None
         self._child_tasks.append(task)
@@ -239,7 +242,7 @@ class CreateChildExchange:
         task.collision = None
         payloads: list = []
         if task.old is not None:
-            payloads.append(NotifyPayload(int(NotifyType.REKEY_SA), b"", int(ProtocolId.ESP),
+            payloads.append(NotifyPayload(int(NotifyType.REKEY_SA), b"", task.old.protocol_id,
                                           task.old.inbound_spi.to_bytes(4, "big")))
         payloads += [ch.esp_sa_payload(task.proposals, task.spi, ke=True), NoncePayload(task.ni)]
         task.ke = None
@@ -286,19 +289,19 @@ class CreateChildExchange:
         if choice.proposal.ke:
             if ke is None or task.ke is None or ke.group != task.ke.ke_id or choice.proposal.ke[0] != ke.group:
                 self._child_failed(task, "CREATE_CHILD_SA response: KE method does not match our KEi", now)
-                self._delete_unwanted(task.spi, now)
+                self._delete_unwanted(task.spi, now, task.protocol)
                 return
             try:
                 g_ir = task.ke.shared_secret(ke.data)
             except KeyExchangeError as e:
                 self._child_failed(task, f"CREATE_CHILD_SA response: {e}", now)
-                self._delete_unwanted(task.spi, now)
+                self._delete_unwanted(task.spi, now, task.protocol)
                 return
         local_ts, remote_ts = ch.networks_of(tsi.selectors), ch.networks_of(tsr.selectors)
         if (not local_ts or not remote_ts or not ch.within(local_ts, task.local_ts)
                 or not ch.within(remote_ts, task.remote_ts)):
             self._child_failed(task, "CREATE_CHILD_SA response: responder widened the traffic selectors", now)
-            self._delete_unwanted(task.spi, now)
+            self._delete_unwanted(task.spi, now, task.protocol)
             return
         transport = task.mode == "transport" and m.notify(NotifyType.USE_TRANSPORT_MODE) is not None
         self._drop_task(task)
@@ -316,10 +319,11 @@ class CreateChildExchange:
         if task.old in self.children:
             self.delete_child(task.old.inbound_spi, now, reason="rekeyed")
 
-    def _delete_unwanted(self, our_spi: int, now: float) -> None:
-        """The responder installed a CHILD_SA we refuse: HDR, SK {D(ESP, our SPI)} -->."""
+    def _delete_unwanted(self, our_spi: int, now: float, protocol: str = "esp") -> None:
+        """The responder installed a CHILD_SA we refuse: HDR, SK {D(ESP|AH, our SPI)} -->."""
+        pid = ProtocolId.AH if protocol == "ah" else ProtocolId.ESP
         self._request(ExchangeType.INFORMATIONAL,
-                      [DeletePayload(int(ProtocolId.ESP), 4, (our_spi.to_bytes(4, "big"),))],
+                      [DeletePayload(int(pid), 4, (our_spi.to_bytes(4, "big"),))],
                       lambda msg, inner, t: None, now)
 
     def _make_child(self, choice: ch.EspChoice, our_spi: int, ni: bytes, nr: bytes, g_ir: bytes | None,
@@ -361,7 +365,9 @@ class CreateChildExchange:
         tsi, tsr = m.first(PayloadType.TSi), m.first(PayloadType.TSr)
         if tsi is None or tsr is None:
             return [NotifyPayload(int(NotifyType.INVALID_SYNTAX))]
-        ours = [parse_esp_proposal(s) for s in self.peer.policy.esp_proposals]
+        ours = ch.acceptable(self.peer.policy)
+        if old is not None:  # a rekey keeps the protocol of the CHILD_SA it replaces
+            ours = [p for p in ours if p.is_ah == old.proposal.is_ah]
         choice = ch.choose_esp(sa, ours, pfs=True, ke_hint=ke.group if ke else None)
         if choice is None:
             return [NotifyPayload(int(NotifyType.NO_PROPOSAL_CHOSEN))]
@@ -382,7 +388,9 @@ class CreateChildExchange:
             return [NotifyPayload(int(NotifyType.TS_UNACCEPTABLE))]
         nr = self.rng(NONCE_LEN)
         spi = self._new_child_spi()
-        transport = self.peer.policy.mode == "transport" and m.notify(NotifyType.USE_TRANSPORT_MODE) is not None
+        kind = "ah" if choice.proposal.is_ah else "esp"
+        transport = (ch.child_mode(self.peer.policy, kind) == "transport"
+                     and m.notify(NotifyType.USE_TRANSPORT_MODE) is not None)
         payloads: list = [ch.esp_sa_payload([choice.proposal], spi, [choice.number], ke=True), NoncePayload(nr)]
         if kex is not None:
             payloads.append(KePayload(kex.ke_id, kex.public_bytes()))

@@ -21,6 +21,8 @@ __all__ = [
     "EspProposal",
     "parse_ike_proposal",
     "parse_esp_proposal",
+    "parse_ah_proposal",
+    "parse_child_proposal",
     "is_aead",
     "encr_key_len",
     "encr_salt_len",
@@ -100,7 +102,53 @@ _KE: dict[str, int] = {
     "curve25519": KeId.CURVE25519,
     "x448": KeId.CURVE448,
     "curve448": KeId.CURVE448,
+    "mlkem768": KeId.ML_KEM_768,  # draft-ietf-ipsecme-ikev2-mlkem; usually as ke1_mlkem768
+    "mlkem1024": KeId.ML_KEM_1024,
 }
+MAX_ADD_KE = 7  # ADDITIONAL_KEY_EXCHANGE_1..7 (RFC 9370 §2.2.1)
+
+
+def _split_add_ke(toks: list[str], s: str) -> tuple[list[str], tuple[tuple[int, ...], ...]]:
+    """Pull strongSwan 6's ``keN_<method>`` / ``keN_none`` keywords (RFC 9370 additional key
+    exchanges, N = 1..7) out of ``toks``. Returns (other tokens, add_ke) where add_ke[N-1]
+    lists the acceptable methods for ADDITIONAL_KEY_EXCHANGE_N (0 = NONE: optional)."""
+    rest: list[str] = []
+    slots: dict[int, list[int]] = {}
+    for tok in toks:
+        if len(tok) > 4 and tok[0:2] == "ke" and tok[2].isdigit() and tok[3] == "_":
+            n, meth = int(tok[2]), tok[4:]
+            if not 1 <= n <= MAX_ADD_KE:
+                raise ProposalError(f"{tok!r} in proposal {s!r}: additional key exchanges are ke1_ .. ke7_", tok)
+            if meth == "none":
+                val = int(KeId.NONE)
+            elif meth in _KE:
+                val = int(_KE[meth])
+            else:
+                raise ProposalError(f"unknown key exchange {meth!r} in {tok!r} of proposal {s!r} "
+                                    f"(known: none, {', '.join(sorted(_KE))})", tok)
+            if val in slots.setdefault(n, []):
+                raise ProposalError(f"proposal {s!r} repeats {tok!r}", tok)
+            slots[n].append(val)
+        else:
+            rest.append(tok)
+    top = max(slots, default=0)
+    return rest, tuple(tuple(slots.get(n, ())) for n in range(1, top + 1))
+
+
+def _add_ke_labels(add_ke: tuple[tuple[int, ...], ...]) -> list[str]:
+    """``+ML_KEM_768`` per chosen additional key exchange (NONE skipped); alternatives as ``(A|B)``."""
+    out = []
+    for alts in add_ke:
+        names = [name_of(KeId, k) for k in alts]
+        if len(alts) == 1 and alts[0] == KeId.NONE:
+            continue
+        out.append("+" + (names[0] if len(names) == 1 else "(" + "|".join(names) + ")"))
+    return out
+
+
+def additional_kes(add_ke: tuple[tuple[int, ...], ...]) -> list[int]:
+    """The methods of a *chosen* proposal's additional key exchanges, in order, NONE left out."""
+    return [alts[0] for alts in add_ke if alts and alts[0] != KeId.NONE]
 
 _ESN: dict[str, int] = {"esn": EsnId.ESN, "noesn": EsnId.NO_ESN}
 
@@ -136,15 +184,22 @@ class IkeProposal:
     integ: int
     prf: int
     ke: tuple[int, ...]
+    # RFC 9370: add_ke[n-1] = acceptable methods of ADDITIONAL_KEY_EXCHANGE_n (0 = NONE)
+    add_ke: tuple[tuple[int, ...], ...] = ()
 
     def describe(self) -> str:
-        """Human-readable, e.g. ``ENCR_AES_GCM_16_128/PRF_HMAC_SHA2_256/CURVE25519``."""
+        """Human-readable, e.g. ``ENCR_AES_GCM_16_128/PRF_HMAC_SHA2_256/CURVE25519``
+        (hybrid: ``.../CURVE25519+ML_KEM_768``)."""
         parts = [_encr_label(self.encr, self.encr_key_bits)]
         if self.integ:
             parts.append(name_of(IntegId, self.integ))
         parts.append(name_of(PrfId, self.prf))
-        parts.extend(name_of(KeId, k) for k in self.ke)
+        parts.append(self.key_exchanges())
         return "/".join(parts)
+
+    def key_exchanges(self) -> str:
+        """The key exchange methods, e.g. ``CURVE25519+ML_KEM_768`` (RFC 9370 hybrid)."""
+        return "/".join(name_of(KeId, k) for k in self.ke) + "".join(_add_ke_labels(self.add_ke))
 
 
 @dataclass(frozen=True)
@@ -159,12 +214,19 @@ class EspProposal:
     integ: int
     esn: tuple[int, ...] = (EsnId.NO_ESN,)
     ke: tuple[int, ...] = ()
+    add_ke: tuple[tuple[int, ...], ...] = ()  # RFC 9370, PFS in CREATE_CHILD_SA only
+
+    @property
+    def is_ah(self) -> bool:
+        """An AH proposal (RFC 7296 §3.3: Protocol ID AH, no ENCR transform): ``encr`` is 0."""
+        return not self.encr
 
     def describe(self) -> str:
-        parts = [_encr_label(self.encr, self.encr_key_bits)]
+        parts = ["AH"] if self.is_ah else [_encr_label(self.encr, self.encr_key_bits)]
         if self.integ:
             parts.append(name_of(IntegId, self.integ))
         parts.extend(name_of(KeId, k) for k in self.ke)
+        parts.extend(_add_ke_labels(self.add_ke))
         parts.extend(name_of(EsnId, e) for e in self.esn)
         return "/".join(parts)
 
@@ -200,7 +262,7 @@ def parse_ike_proposal(s: str) -> IkeProposal:
     the PRF defaults to the one matching it (strongSwan's rule). At least one
     KE method. Raises ProposalError naming the offending keyword.
     """
-    toks = _tokens(s)
+    toks, add_ke = _split_add_ke(_tokens(s), s)
     tables = [("encryption", _ENCR), ("integrity", _INTEG), ("prf", _PRF), ("key exchange", _KE)]
     encr: list[tuple[int, int | None]] = []
     integ: list[int] = []
@@ -232,7 +294,7 @@ def parse_ike_proposal(s: str) -> IkeProposal:
         raise ProposalError(f"IKE proposal {s!r} needs a key exchange method (e.g. x25519)")
     if len(set(ke)) != len(ke):
         raise ProposalError(f"IKE proposal {s!r} repeats a key exchange method")
-    return IkeProposal(int(e), bits, int(i), int(prf[0]), tuple(int(k) for k in ke))
+    return IkeProposal(int(e), bits, int(i), int(prf[0]), tuple(int(k) for k in ke), add_ke)
 
 
 def parse_esp_proposal(s: str) -> EspProposal:
@@ -241,7 +303,7 @@ def parse_esp_proposal(s: str) -> EspProposal:
     Optional ``esn`` / ``noesn`` (default no ESN) and KE methods for PFS.
     Raises ProposalError naming the offending keyword.
     """
-    toks = _tokens(s)
+    toks, add_ke = _split_add_ke(_tokens(s), s)
     tables = [("encryption", _ENCR), ("integrity", _INTEG), ("key exchange", _KE), ("esn", _ESN)]
     encr: list[tuple[int, int | None]] = []
     integ: list[int] = []
@@ -268,7 +330,41 @@ def parse_esp_proposal(s: str) -> EspProposal:
     if len(set(esn)) != len(esn) or len(set(ke)) != len(ke):
         raise ProposalError(f"ESP proposal {s!r} repeats a keyword")
     return EspProposal(int(e), bits, int(i), tuple(int(x) for x in esn) or (int(EsnId.NO_ESN),),
+                       tuple(int(k) for k in ke), add_ke)
+
+
+def parse_ah_proposal(s: str) -> EspProposal:
+    """Parse an AH proposal string (RFC 4302), e.g. ``sha256``, ``sha256-esn``, ``sha384-x25519``.
+
+    Exactly one integrity algorithm, optional ``esn``/``noesn`` and KE methods (PFS in
+    CREATE_CHILD_SA); no encryption (AH has none: RFC 7296 §3.3). The result is an
+    EspProposal with ``encr`` 0 (``is_ah``). Raises ProposalError naming the keyword.
+    """
+    toks = _tokens(s)
+    for tok in toks:
+        if tok in _ENCR:
+            raise ProposalError(f"AH proposal {s!r}: AH has no encryption, remove {tok!r} "
+                                f"(or use protocol esp / ah+esp for confidentiality)", tok)
+    tables = [("integrity", _INTEG), ("key exchange", _KE), ("esn", _ESN)]
+    integ: list[int] = []
+    ke: list[int] = []
+    esn: list[int] = []
+    for tok in toks:
+        kind, val = _classify(tok, s, tables)
+        {"integrity": integ, "key exchange": ke, "esn": esn}[kind].append(val)
+    if len(integ) != 1:
+        raise ProposalError(f"AH proposal {s!r} needs exactly one integrity algorithm (e.g. sha256), has {len(integ)}")
+    if len(set(esn)) != len(esn) or len(set(ke)) != len(ke):
+        raise ProposalError(f"AH proposal {s!r} repeats a keyword")
+    return EspProposal(0, None, int(integ[0]), tuple(int(x) for x in esn) or (int(EsnId.NO_ESN),),
                        tuple(int(k) for k in ke))
+
+
+def parse_child_proposal(s: str) -> EspProposal:
+    """A CHILD_SA proposal string: ESP when it names an encryption algorithm, else AH."""
+    if any(t.strip().lower() in _ENCR for t in str(s).split("-")):
+        return parse_esp_proposal(s)
+    return parse_ah_proposal(s)
 
 
 def is_aead(encr: int) -> bool:

@@ -726,7 +726,9 @@ class IkeSa(CreateChildExchange):
             self._die(f"cannot authenticate ourselves: {e}")
             return
         self._child_spi = self._new_child_spi()
-        self._esp_offered = [parse_esp_proposal(s) for s in peer.policy.esp_proposals]
+        # first kind of the policy: ESP, or AH for "ah" ("ah+esp": its AH SA follows in CREATE_CHILD_SA)
+        first_kind = ch.kinds(peer.policy)[0]
+        self._esp_offered = ch.offers(peer.policy, first_kind)
         vip_versions = tuple(getattr(peer.policy, "request_virtual_ip", ()) or ())
         tsi_nets = self.cfg.local_subnets
         if vip_versions:
@@ -736,7 +738,7 @@ class IkeSa(CreateChildExchange):
         payloads.append(ch.esp_sa_payload(self._esp_offered, self._child_spi))
         payloads.append(TsPayload(int(PayloadType.TSi), ch.ts_from_networks(tsi_nets)))
         payloads.append(TsPayload(int(PayloadType.TSr), ch.ts_from_networks(peer.subnets)))
-        if peer.policy.mode == "transport":
+        if ch.child_mode(peer.policy, first_kind) == "transport":
             payloads.append(NotifyPayload(int(NotifyType.USE_TRANSPORT_MODE)))
         self._request(ExchangeType.IKE_AUTH, payloads, self._process_auth_response, now)
 
@@ -789,9 +791,13 @@ class IkeSa(CreateChildExchange):
                 or not ch.within(remote_ts, self.peer.subnets)):
             self.delete(now, "CHILD_SA refused: responder widened the traffic selectors")
             return
-        transport = (self.peer.policy.mode == "transport"
+        kind = "ah" if choice.proposal.is_ah else "esp"
+        transport = (ch.child_mode(self.peer.policy, kind) == "transport"
                      and m.notify(NotifyType.USE_TRANSPORT_MODE) is not None)
         self._install_child(choice, local_ts, remote_ts, "transport" if transport else "tunnel", now)
+        for more in ch.kinds(self.peer.policy)[1:]:
+            # "ah+esp": the AH CHILD_SA of the bundle, same TS pair (CREATE_CHILD_SA, §1.3.1)
+            self.create_child(now, local_ts, remote_ts, protocol=more)
 
     def _established(self, now: float) -> None:
         self.state = State.ESTABLISHED
@@ -857,7 +863,7 @@ class IkeSa(CreateChildExchange):
                 return payloads + [NotifyPayload(int(NotifyType.INTERNAL_ADDRESS_FAILURE))]
             self.peer_virtual_ips = tuple(str(a) for a in vips)
             payloads.append(cfgp.reply(vips).encode())
-        choice = ch.choose_esp(sa, [parse_esp_proposal(s) for s in peer.policy.esp_proposals])
+        choice = ch.choose_esp(sa, ch.acceptable(peer.policy))
         if choice is None:
             return payloads + [NotifyPayload(int(NotifyType.NO_PROPOSAL_CHOSEN))]
         # TSi is the initiator's side (the peer's subnets), TSr ours (§2.9)
@@ -866,7 +872,9 @@ class IkeSa(CreateChildExchange):
         if not remote_ts or not local_ts:
             return payloads + [NotifyPayload(int(NotifyType.TS_UNACCEPTABLE))]
         self._child_spi = self._new_child_spi()
-        transport = peer.policy.mode == "transport" and m.notify(NotifyType.USE_TRANSPORT_MODE) is not None
+        kind = "ah" if choice.proposal.is_ah else "esp"
+        transport = (ch.child_mode(peer.policy, kind) == "transport"
+                     and m.notify(NotifyType.USE_TRANSPORT_MODE) is not None)
         sa_out = ch.esp_sa_payload([choice.proposal], self._child_spi, [choice.number])
         payloads += [sa_out, TsPayload(int(PayloadType.TSi), ch.ts_from_networks(remote_ts)),
                      TsPayload(int(PayloadType.TSr), ch.ts_from_networks(local_ts))]
@@ -891,18 +899,20 @@ class IkeSa(CreateChildExchange):
             return None
         ours = []
         for d in deletes:
-            if d.protocol != ProtocolId.ESP or d.spi_size != 4:
+            if d.protocol not in (ProtocolId.ESP, ProtocolId.AH) or d.spi_size != 4:
                 continue
             for spi_b in d.spis:
                 spi = int.from_bytes(spi_b, "big")
                 for c in list(self.children):
-                    if c.outbound_spi == spi:
+                    if c.outbound_spi == spi and c.protocol_id == d.protocol:
                         self.children.remove(c)
-                        ours.append(c.inbound_spi.to_bytes(4, "big"))
+                        ours.append((c.protocol_id, c.inbound_spi.to_bytes(4, "big")))
                         self.events.append(ChildSaDeleted(self.peer_name, c.inbound_spi, c.outbound_spi,
                                                           "deleted by peer"))
-        if ours:
-            response.append(DeletePayload(int(ProtocolId.ESP), 4, tuple(ours)))
+        for proto in (ProtocolId.ESP, ProtocolId.AH):  # one Delete payload per protocol (§3.11)
+            spis = tuple(b for pid, b in ours if pid == proto)
+            if spis:
+                response.append(DeletePayload(int(proto), 4, spis))
         return response
 
     def delete_child(self, inbound_spi: int, now: float, reason: str = "deleted locally") -> None:
@@ -913,7 +923,7 @@ class IkeSa(CreateChildExchange):
         self.children.remove(c)
         self.events.append(ChildSaDeleted(self.peer_name, c.inbound_spi, c.outbound_spi, reason))
         self._request(ExchangeType.INFORMATIONAL,
-                      [DeletePayload(int(ProtocolId.ESP), 4, (c.inbound_spi.to_bytes(4, "big"),))],
+                      [DeletePayload(c.protocol_id, 4, (c.inbound_spi.to_bytes(4, "big"),))],
                       lambda msg, inner, now: None, now)
 
     # ------------------------------------------------------------ status
@@ -932,7 +942,8 @@ class IkeSa(CreateChildExchange):
             "established": self.established_at,
             "children": [{
                 "inbound_spi": f"{c.inbound_spi:08x}", "outbound_spi": f"{c.outbound_spi:08x}",
-                "mode": c.mode, "udp_encap": c.udp_encap, "algorithms": c.proposal.describe(),
+                "mode": c.mode, "protocol": c.protocol, "udp_encap": c.udp_encap,
+                "algorithms": c.proposal.describe(),
                 "local_ts": [str(n) for n in c.local_ts], "remote_ts": [str(n) for n in c.remote_ts],
                 "established": c.established_at,
             } for c in self.children],
