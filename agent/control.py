@@ -207,7 +207,7 @@ class ControllerClient:
     re-enrols because the certificate nears expiry.
     """
 
-    def __init__(self, address: str, node_name: str, join_token: str, state_dir: Path,
+    def __init__(self, address: str, node_name: str, join_token: str | Callable[[], str], state_dir: Path,
                  controller_ca_pem: bytes, *, logger: logging.Logger | None = None,
                  backoff_initial: float = 1.0, backoff_max: float = 30.0, rpc_timeout: float = 10.0,
                  on_credentials: Callable[[Credentials], None] | None = None,
@@ -335,7 +335,10 @@ class ControllerClient:
         csr = (x509.CertificateSigningRequestBuilder()
                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self.node_name)]))
                .sign(key, hashes.SHA256()))
-        request = pb.EnrollRequest(node_name=self.node_name, join_token=self._join_token,
+        # a callable token is read at every enrolment: projected service-account
+        # tokens rotate (about hourly), a renewal must present the current one
+        token = self._join_token() if callable(self._join_token) else self._join_token
+        request = pb.EnrollRequest(node_name=self.node_name, join_token=token,
                                    csr_der=csr.public_bytes(serialization.Encoding.DER))
         creds = grpc.ssl_channel_credentials(root_certificates=self._controller_ca_pem)
         with grpc.secure_channel(self.address, creds, options=_CHANNEL_OPTIONS) as channel:

@@ -202,7 +202,16 @@ def _run(args) -> int:
             ca_pem = Path(args.controller_ca).read_bytes()
         except OSError as exc:
             raise StartupError(f"cannot read {exc.filename}: {exc.strerror}")
-        client = ControllerClient(args.controller, args.name, token, Path(args.state_dir), ca_pem,
+        token_path = Path(args.join_token_file)
+
+        def current_token(last=[token]) -> str:  # noqa: B006 - remembers the last good read
+            try:
+                last[0] = token_path.read_text().strip() or last[0]
+            except OSError as exc:
+                log.warning("cannot re-read %s (%s); using the token read before", token_path, exc.strerror)
+            return last[0]
+
+        client = ControllerClient(args.controller, args.name, current_token, Path(args.state_dir), ca_pem,
                                   logger=logging.getLogger("meshsec.control"))
         log.info("enrolling with controller %s as %s", args.controller, args.name)
         try:

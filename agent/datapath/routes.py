@@ -201,9 +201,13 @@ def enable_ip_forwarding(own_subnets, logger: logging.Logger | None = None) -> b
     if not any(n.version == 4 for n in own_subnets):
         return False
     try:
+        with open("/proc/sys/net/ipv4/ip_forward") as f:
+            if f.read().strip() == "1":
+                return True  # already on (usual on Kubernetes nodes, where /proc/sys may be read-only)
         with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
             f.write("1\n")
         return True
     except OSError as exc:
-        log.error("cannot enable IPv4 forwarding: %s", exc)
+        log.warning("cannot enable IPv4 forwarding (%s): traffic for the subnets behind this node "
+                    "will not be forwarded until net.ipv4.ip_forward=1", exc.strerror or exc)
         return False
