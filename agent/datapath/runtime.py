@@ -26,11 +26,12 @@ from agent.esp import Action, Sad, Spd, SpdEntry, classify_udp4500
 from agent.model import NodeView
 
 NON_ESP_MARKER = b"\x00\x00\x00\x00"  # RFC 3948 §2.2
+_FLOW_COUNTERS = ("packets_in", "packets_out", "bytes_in", "bytes_out")
 _ANY4 = ipaddress.ip_network("0.0.0.0/0")
 _ANY6 = ipaddress.ip_network("::/0")
 
 DROP_REASONS = ("no_sa", "no_policy", "discard", "unknown_spi", "policy", "malformed", "send_errors",
-                "no_view_yet", "too_big", "no_raw_socket", "nesting_loop")
+                "no_view_yet", "too_big", "no_raw_socket", "nesting_loop", "ah_drops")
 _MAX_NESTING = 4  # SAs applied to one packet (iterated processing, RFC 4301 §4.5)
 
 
@@ -56,13 +57,19 @@ class ChildEntry:
     drops: dict = field(default_factory=lambda: {"policy": 0})
     protocol: str = "esp"
     via: str | None = None  # peer whose SA carries our output (SA bundle, iterated processing)
+    # "ah+esp" (RFC 4301 §4.5): the ESP entry needs the peer's AH SA outside it, both ways
+    needs_ah: bool = False
+    ah: "ChildEntry | None" = None
     overhead: int = 0  # bytes this SA adds (worst case)
     max_inner: int = 65535  # largest inner packet that fits the underlay MTU through the whole bundle
 
     @property
     def describe(self) -> str:
         encap = "udp" if self.udp_encap else "none"
-        return f"{self.protocol}/{self.mode}/{encap} {self.outbound_spi:08x}_o"
+        d = f"{self.protocol}/{self.mode}/{encap} {self.outbound_spi:08x}_o"
+        if self.ah is not None:
+            d += f" + {self.ah.describe}"
+        return d
 
     def status(self, now: float) -> dict:
         c_in = dict(getattr(self.in_sa, "counters", {}) or {})
@@ -77,6 +84,7 @@ class ChildEntry:
             "ike_spi_i": f"{self.ike_spi_i:016x}", "ike_spi_r": f"{self.ike_spi_r:016x}",
             "spi_in": f"{self.inbound_spi:08x}", "spi_out": f"{self.outbound_spi:08x}",
             "mode": self.mode, "protocol": self.protocol, "udp_encap": self.udp_encap,
+            "ah": f"{self.ah.outbound_spi:08x}" if self.ah is not None else None,
             "encapsulation": "udp" if self.udp_encap else "none", "via": self.via, "overhead": self.overhead,
             "remote": f"{self.remote[0]}:{self.remote[1]}",
             "local_ts": [str(n) for n in self.local_ts], "remote_ts": [str(n) for n in self.remote_ts],
@@ -110,7 +118,7 @@ class Runtime:
                  control=None, logger: logging.Logger | None = None, batch: int = 64,
                  wall_clock=time.time, awaiting_view: bool = False, raw_esp=None,
                  underlay_mtu: int | None = None, tun_mtu: int | None = None, auto_mtu: bool = False,
-                 mss_clamp: bool = False) -> None:
+                 mss_clamp: bool = False, raw_ah=None) -> None:
         if esp_factory is None:
             from agent.esp import EspSa as esp_factory
         self.view = view
@@ -132,6 +140,8 @@ class Runtime:
         self.log = logger or logging.getLogger("meshsec.runtime")
         self.batch = batch
         self.raw_esp = raw_esp
+        self.raw_ah = raw_ah  # raw IP protocol 51 with IP_HDRINCL; opened next to raw_esp when needed
+        self._ip_id = int.from_bytes(rng(2), "big") or 1  # IPv4 IDs we put on AH packets (never 0)
         self.underlay_mtu = underlay_mtu
         self.tun_mtu = tun_mtu if tun_mtu is not None else getattr(tun, "mtu", 1400)
         self.auto_mtu = auto_mtu
@@ -142,7 +152,7 @@ class Runtime:
         self.counters: dict[str, int] = {k: 0 for k in DROP_REASONS}
         self.counters.update({"keepalives": 0, "ike_in": 0, "ike_out": 0, "esp_in": 0, "esp_out": 0,
                               "tun_in": 0, "tun_out": 0, "nested_out": 0, "nested_in": 0, "icmp_too_big": 0,
-                              "mss_clamped": 0})
+                              "mss_clamped": 0, "ah_in": 0, "ah_out": 0})
         self.sad = Sad()  # the SAs: inbound by SPI, outbound by peer
         self.spd = Spd()  # default DISCARD
         self.children: dict[int, ChildEntry] = {}  # inbound SPI -> CHILD_SA metadata
@@ -193,6 +203,7 @@ class Runtime:
         """Install routes for the initial view and initiate to peers flagged ``initiate``."""
         now = self.clock()
         self._sync_routes()
+        self._ensure_raw_ah()
         for p in self.view.peers:
             if p.initiate:
                 self.ike.initiate(p.name, now)
@@ -207,6 +218,8 @@ class Runtime:
         sel.register(self._wake_r, selectors.EVENT_READ, lambda m: self._on_wake())
         if self.raw_esp is not None:
             sel.register(self.raw_esp.fileno(), selectors.EVENT_READ, lambda m: self._on_raw_esp())
+        if self.raw_ah is not None:
+            sel.register(self.raw_ah.fileno(), selectors.EVENT_READ, lambda m: self._on_raw_ah())
         if self.control is not None:
             self.control.register(sel)
         self.start()
@@ -232,6 +245,8 @@ class Runtime:
         self._on_udp4500()
         if self.raw_esp is not None:
             self._on_raw_esp()
+        if self.raw_ah is not None:
+            self._on_raw_ah()
         self._on_tun()
         now = self.clock()
         deadline = self.ike.get_timer()
@@ -255,7 +270,7 @@ class Runtime:
         if self._sel is not None:
             self._sel.close()
             self._sel = None
-        for dev in (self.tun, self.udp500, self.udp4500, self.raw_esp):
+        for dev in (self.tun, self.udp500, self.udp4500, self.raw_esp, self.raw_ah):
             if dev is None:
                 continue
             try:
@@ -300,6 +315,7 @@ class Runtime:
                     self._remove_child(ch)
         self._apply_view_spd(view)
         self._sync_routes()
+        self._ensure_raw_ah()
         for p in view.peers:
             if p.initiate and p.name not in self.current:
                 self.ike.initiate(p.name, now)  # idempotent in the IKE core
@@ -357,8 +373,11 @@ class Runtime:
         RFC 4301 §4.5 iterated processing) and recompute overheads and the TUN MTU."""
         for ch in self.children.values():
             ch.via = self._carrier(ch.remote[0], ch.peer)
-            ch.overhead = pk.esp_overhead(ch.algorithms, mode=ch.mode, udp_encap=ch.udp_encap,
-                                          outer_v6=":" in ch.remote[0])
+            if ch.protocol == "ah":
+                ch.overhead = pk.ah_overhead(ch.algorithms, mode=ch.mode, outer_v6=":" in ch.remote[0])
+            else:
+                ch.overhead = pk.esp_overhead(ch.algorithms, mode=ch.mode, udp_encap=ch.udp_encap,
+                                              outer_v6=":" in ch.remote[0])
         # inner packets of a tunnel may carry SAs / IKE of another peer for us: peel them here
         self._nest_in = any(ch.via is not None for ch in self.children.values()) or (
             any(p.policy.mode == "transport" for p in self.view.peers)
@@ -368,7 +387,7 @@ class Runtime:
             total, cur, seen = 0, ch, set()
             while cur is not None and cur.peer not in seen:
                 seen.add(cur.peer)
-                total += cur.overhead
+                total += cur.overhead + (cur.ah.overhead if cur.ah is not None else 0)
                 cur = self.current.get(cur.via) if cur.via else None
             worst = max(worst, total)
             if self.underlay_mtu:
@@ -454,6 +473,12 @@ class Runtime:
     def _protect(self, ch: ChildEntry, pkts: list[bytes], depth: int) -> None:
         """Apply ``ch``'s outbound SA to ``pkts`` (whole IP packets) and send the result,
         or hand it to the next SA of the bundle when ``ch.via`` is set."""
+        if ch.protocol == "ah":
+            self._send_ah(ch, pkts)
+            return
+        if ch.needs_ah and ch.ah is None:
+            self.counters["no_sa"] += len(pkts)  # "ah+esp": the AH SA is not up yet
+            return
         out = ch.out_sa.encapsulate_batch(pkts)
         if getattr(ch.out_sa, "needs_rekey", False):  # checked per batch, not per packet
             self._sa_exhausting(ch)
@@ -476,6 +501,11 @@ class Runtime:
             self._protect(nxt, outer, depth + 1)
             return
         c = self.counters
+        if ch.ah is not None:  # ESP then AH (RFC 4301 §4.5): whole IP packets for the AH SA
+            src, dst = self.local_address, ch.remote[0]
+            c["esp_out"] += len(out)
+            self._send_ah(ch.ah, [pk.ip_packet(src, dst, pk.PROTO_ESP, x) for x in out])
+            return
         if ch.udp_encap:
             dst = ch.remote
             sent = self.udp4500.send_batch([(x, dst) for x in out])
@@ -487,6 +517,108 @@ class Runtime:
             return
         c["esp_out"] += sent
         c["send_errors"] += len(out) - sent
+
+    # -- AH (RFC 4302): raw IP protocol 51, whole packets (IP_HDRINCL) --------
+    def _ensure_raw_ah(self) -> None:
+        """Open the raw AH socket beside the raw ESP one once any peer's policy uses AH."""
+        if self.raw_ah is not None or self.raw_esp is None or not hasattr(self.raw_esp, "sibling"):
+            return
+        if not any(getattr(p.policy, "protocol", "esp") != "esp" for p in self.view.peers):
+            return
+        try:
+            self.raw_ah = self.raw_esp.sibling(pk.PROTO_AH, hdrincl=True)
+        except Exception as exc:
+            self.log.error("%s: AH policies cannot send or receive (counter no_raw_socket)", exc)
+            return
+        if self._sel is not None:
+            self._sel.register(self.raw_ah.fileno(), selectors.EVENT_READ, lambda m: self._on_raw_ah())
+
+    def _next_ip_id(self) -> int:
+        self._ip_id = (self._ip_id % 0xFFFF) + 1
+        return self._ip_id
+
+    def _send_ah(self, ah: ChildEntry, pkts: list[bytes]) -> None:
+        """AH-protect whole IP packets and send them. Tunnel mode is AH over a fresh IP-in-IP
+        header we build (so its Identification, which the ICV covers, is ours and never 0: the
+        kernel would fill in a 0 after the ICV was computed); transport mode gives IPv4 packets
+        with ID 0 an ID first."""
+        c = self.counters
+        if self.raw_ah is None:
+            c["no_raw_socket"] += len(pkts)
+            return
+        src, dst = self.local_address, ah.remote[0]
+        ready = []
+        for p in pkts:
+            if not p:
+                continue
+            if ah.mode == "tunnel":
+                nh = 4 if p[0] >> 4 == 4 else 41
+                ready.append(pk.build_ip(src, dst, nh, p, ident=self._next_ip_id(), df=False))
+            elif p[0] >> 4 == 4 and len(p) >= 20 and p[4:6] == b"\x00\x00":
+                ready.append(pk.with_ip_id(p, self._next_ip_id()))
+            else:
+                ready.append(p)
+        before = sum(v for k, v in ah.out_sa.counters.items() if k not in _FLOW_COUNTERS)
+        out = ah.out_sa.encapsulate_batch(ready)
+        c["ah_drops"] += sum(v for k, v in ah.out_sa.counters.items() if k not in _FLOW_COUNTERS) - before
+        if getattr(ah.out_sa, "needs_rekey", False):
+            self._sa_exhausting(ah)
+        if not out:
+            return
+        sent = self.raw_ah.send_batch([(x, (dst, 0)) for x in out])
+        c["ah_out"] += sent
+        c["send_errors"] += len(out) - sent
+
+    def _on_raw_ah(self) -> None:
+        batch = self.raw_ah.recv_batch(self.batch)
+        if batch:
+            self._ah_in([p for p, _a in batch])
+
+    def _ah_in(self, pkts: list[bytes]) -> None:
+        """Inbound AH (RFC 4302 §3.4): find the SA by SPI, verify and strip AH, then the
+        inner packet goes through its policy check to the TUN, or (ESP then AH bundle) to
+        the ESP SA that must sit inside this AH SA."""
+        c = self.counters
+        c["ah_in"] += len(pkts)
+        groups: dict[int, list] = {}
+        for p in pkts:
+            try:
+                v = p[0] >> 4
+                off = (p[0] & 0x0F) * 4 if v == 4 else 40
+                if (p[9] if v == 4 else p[6]) != pk.PROTO_AH:
+                    raise IndexError
+                spi = int.from_bytes(p[off + 4:off + 8], "big")
+                if len(p) < off + 12:
+                    raise IndexError
+            except IndexError:
+                c["malformed"] += 1
+                continue
+            groups.setdefault(spi, []).append(p)
+        out: list[bytes] = []
+        for spi, lst in groups.items():
+            ch = self.children.get(spi)
+            if ch is None or ch.protocol != "ah":
+                c["unknown_spi"] += len(lst)
+                continue
+            sa = ch.in_sa
+            before = sum(v for k, v in sa.counters.items() if k not in _FLOW_COUNTERS)
+            inner = sa.decapsulate_batch(lst)
+            c["ah_drops"] += sum(v for k, v in sa.counters.items() if k not in _FLOW_COUNTERS) - before
+            esp = []
+            for p in inner:
+                v = p[0] >> 4
+                proto = p[9] if v == 4 else p[6]
+                if ch.mode == "transport" and proto == pk.PROTO_ESP:
+                    esp.append(p[(p[0] & 0x0F) * 4 if v == 4 else 40:])
+                elif self.spd.allows_inbound(ch.local_ts, ch.remote_ts, p):
+                    out.append(p)
+                else:
+                    ch.drops["policy"] += 1
+                    c["policy"] += 1
+            if esp:
+                self._esp_in(esp, None, ah_peer=ch.peer)
+        if out:
+            c["tun_out"] += self.tun.write_batch(out)
 
     def _fit(self, ch: ChildEntry, pkts: list[bytes]) -> list[bytes]:
         """Packets that fit through ``ch``'s bundle; for the rest an ICMP "fragmentation needed" /
@@ -583,11 +715,12 @@ class Runtime:
             esp.append(pkt[off:])
         self._esp_in(esp, None)
 
-    def _esp_in(self, esp: list[bytes], via: str | None, depth: int = 0) -> None:
+    def _esp_in(self, esp: list[bytes], via: str | None, depth: int = 0, ah_peer: str | None = None) -> None:
         """Decapsulate ESP packets (RFC 4303 §3.4), check each inner packet against its
         CHILD_SA's selectors (RFC 4301 §5.2), and write them to the TUN; an inner packet that
         is itself ESP/IKE addressed to us (a nested SA) is processed again here.
-        ``via``: the peer whose SA the packets came out of (None: from the underlay)."""
+        ``via``: the peer whose SA the packets came out of (None: from the underlay);
+        ``ah_peer``: the peer whose AH SA they came out of ("ah+esp" bundles)."""
         c = self.counters
         c["esp_in"] += len(esp)
         out: list[bytes] = []
@@ -598,7 +731,9 @@ class Runtime:
         local_b = None
         for sa, lst in sad.demux_inbound(esp):
             ch = children[sa.spi]
-            if ch.via != via:
+            # "ah+esp": this ESP SA must come out of the same peer's AH SA, and only then
+            bad_ah = (ah_peer != ch.peer) if ch.needs_ah else (ah_peer is not None)
+            if ch.via != via or bad_ah:
                 # RFC 4301 §5.2: the bundle the policy demands is not the way it came
                 ch.drops["policy"] += len(lst)
                 c["policy"] += len(lst)
@@ -730,14 +865,26 @@ class Runtime:
         peer = self.view.peer(ev.peer)
         window = peer.policy.replay_window if peer is not None else 1024
         mode = ev.mode
-        in_sa = self.esp_factory(ev.inbound, rng=self.rng, replay_window=window, mode=mode)
-        out_sa = self.esp_factory(ev.outbound, rng=self.rng, replay_window=window, mode=mode)
+        is_ah = not ev.inbound.encr_id  # AH CHILD_SA: no ENCR transform (RFC 7296 §3.3)
+        if is_ah:
+            from agent.esp import AhSa
+            # outbound tunnel mode is transport AH over our own IP-in-IP header (see _send_ah)
+            in_sa = AhSa(ev.inbound, replay_window=window, mode=mode,
+                         tunnel_src=ev.remote[0] if mode == "tunnel" else None,
+                         tunnel_dst=self.local_address if mode == "tunnel" else None)
+            out_sa = AhSa(ev.outbound, replay_window=window, mode="transport")
+        else:
+            in_sa = self.esp_factory(ev.inbound, rng=self.rng, replay_window=window, mode=mode)
+            out_sa = self.esp_factory(ev.outbound, rng=self.rng, replay_window=window, mode=mode)
         ch = ChildEntry(peer=ev.peer, ike_spi_i=ev.ike_spi_i, ike_spi_r=ev.ike_spi_r,
                         inbound_spi=ev.inbound.spi, outbound_spi=ev.outbound.spi, in_sa=in_sa, out_sa=out_sa,
                         local_ts=tuple(ev.local_ts), remote_ts=tuple(ev.remote_ts), remote=tuple(ev.remote),
-                        mode=mode, udp_encap=ev.udp_encap, algorithms=ev.algorithms,
-                        established=now, established_wall=time.time())
-        if not ev.udp_encap and self.raw_esp is None:
+                        mode=mode, udp_encap=ev.udp_encap and not is_ah, algorithms=ev.algorithms,
+                        established=now, established_wall=time.time(), protocol="ah" if is_ah else "esp",
+                        needs_ah=not is_ah and peer is not None and getattr(peer.policy, "protocol", "") == "ah+esp")
+        if is_ah:
+            self._ensure_raw_ah()
+        elif not ev.udp_encap and self.raw_esp is None:
             self.log.warning("CHILD_SA with %s negotiated without UDP encapsulation but no raw ESP "
                              "socket is open: its packets are dropped (counter no_raw_socket)", ev.peer)
         vip = getattr(ev, "virtual_ip", None)
@@ -751,31 +898,61 @@ class Runtime:
         old = self.children.get(ch.inbound_spi)
         if old is not None:
             self._remove_child(old)  # an SPI collision can only be a stale entry
-        self.sad.add_inbound(ch.peer, in_sa)
-        self.sad.set_outbound(ch.peer, out_sa)  # newest SA sends; a rekeyed one keeps receiving until deleted
+        if not is_ah:  # the SAD demultiplexes ESP; AH SAs are found by SPI in self.children
+            self.sad.add_inbound(ch.peer, in_sa)
         self.children[ch.inbound_spi] = ch
-        self.current[ch.peer] = ch
+        self._relink(ch.peer)  # newest SA sends; a rekeyed one keeps receiving until deleted
         self._rebuild_spd()
         self._sync_routes()
         if self.keylog is not None:
-            self.keylog.child_sa(ev)
+            if is_ah:
+                self._keylog_ah(ev)
+            else:
+                self.keylog.child_sa(ev)
         self.log.info("CHILD_SA with %s established: spi in %08x out %08x, %s, %s -> %s%s", ev.peer,
                       ch.inbound_spi, ch.outbound_spi, ev.algorithms,
                       ",".join(map(str, ch.local_ts)), ",".join(map(str, ch.remote_ts)),
                       f" (rekey of {ev.rekey_of:08x})" if ev.rekey_of is not None else "")
 
+    def _relink(self, peer: str) -> None:
+        """The SAs that send to ``peer``: the newest ESP one (with the newest AH one outside it
+        for "ah+esp"), or the newest AH one for an AH-only policy."""
+        mine = [c for c in self.children.values() if c.peer == peer]
+        esp = max((c for c in mine if c.protocol == "esp"), key=lambda c: c.established, default=None)
+        ah = max((c for c in mine if c.protocol == "ah"), key=lambda c: c.established, default=None)
+        for c in mine:
+            c.ah = None
+        cur = esp or ah
+        if esp is not None and esp.needs_ah:
+            esp.ah = ah
+        if cur is None:
+            self.current.pop(peer, None)
+            self.sad.remove_outbound(peer)
+            return
+        self.current[peer] = cur
+        if cur.protocol == "esp":
+            self.sad.set_outbound(peer, cur.out_sa)
+
+    def _keylog_ah(self, ev) -> None:
+        """AH keys for scapy/tshark checks, file ``ah_sa`` in the key log directory (docs/datapath.md)."""
+        d = getattr(self.keylog, "dir", None)
+        if d is None:
+            return
+        from agent.iana import IntegId, name_of
+        lines = "".join(f"{'IPv6' if ':' in ev.remote[0] else 'IPv4'},0x{k.spi:08x},"
+                        f"{name_of(IntegId, k.integ_id)},0x{k.integ_key.hex()},{'esn' if k.esn else 'noesn'}\n"
+                        for k in (ev.inbound, ev.outbound))
+        fd = os.open(os.path.join(d, "ah_sa"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, lines.encode())
+        finally:
+            os.close(fd)
+
     def _remove_child(self, ch: ChildEntry) -> None:
-        self.sad.remove_inbound(ch.inbound_spi)
+        if ch.protocol == "esp":
+            self.sad.remove_inbound(ch.inbound_spi)
         self.children.pop(ch.inbound_spi, None)
-        if self.current.get(ch.peer) is ch:
-            del self.current[ch.peer]
-            self.sad.remove_outbound(ch.peer)
-            # Fall back to the newest remaining SA of that peer, if any.
-            rest = [c for c in self.children.values() if c.peer == ch.peer]
-            if rest:
-                new = max(rest, key=lambda c: c.established)
-                self.current[ch.peer] = new
-                self.sad.set_outbound(ch.peer, new.out_sa)
+        self._relink(ch.peer)
         self._rebuild_spd()
         self._sync_routes()
 

@@ -11,6 +11,8 @@ import os
 import socket
 from collections import deque
 
+from agent.esp.packet import build_ip
+
 
 class UdpError(Exception):
     """Binding a UDP socket failed (message names address, port and why)."""
@@ -96,9 +98,15 @@ class RawSocket:
     raw sockets include the header; for IPv6 one is rebuilt from the source
     address, the destination being ``local_ip``); ``send_batch`` takes
     ``(payload, (dst_ip, 0))`` and the kernel adds the IP header.
+
+    ``hdrincl``: ``send_batch`` takes whole IP packets (IP_HDRINCL / IPV6_HDRINCL), as AH
+    needs: its ICV covers the header (RFC 4302 §3.3.3). Linux then fills in only the IPv4
+    total length and header checksum (both mutable or length-checked), the source if 0
+    and the Identification if 0 (immutable for AH: the runtime never sends ID 0).
     """
 
-    def __init__(self, local_ip: str, proto: int, *, mark: int = 0, rcvbuf: int = 4 << 20) -> None:
+    def __init__(self, local_ip: str, proto: int, *, mark: int = 0, rcvbuf: int = 4 << 20,
+                 hdrincl: bool = False) -> None:
         self.v6 = ":" in local_ip
         family = socket.AF_INET6 if self.v6 else socket.AF_INET
         try:
@@ -112,6 +120,11 @@ class RawSocket:
                 self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
             except OSError:
                 pass
+            if hdrincl:
+                if self.v6:
+                    self._sock.setsockopt(socket.IPPROTO_IPV6, getattr(socket, "IPV6_HDRINCL", 36), 1)
+                else:
+                    self._sock.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
             self._sock.bind((local_ip, 0))
         except OSError as exc:
             self._sock.close()
@@ -120,7 +133,13 @@ class RawSocket:
         self.local = (local_ip, 0)
         self.proto = proto
         self.port = 0
+        self.hdrincl = hdrincl
+        self.mark = mark
         self.counters = {"send_errors": 0}
+
+    def sibling(self, proto: int, *, hdrincl: bool = False) -> "RawSocket":
+        """Another raw socket on the same address and fwmark (e.g. AH next to ESP)."""
+        return RawSocket(self.local[0], proto, mark=self.mark, hdrincl=hdrincl)
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -132,8 +151,7 @@ class RawSocket:
             while len(out) < max_datagrams:
                 data, addr = recv(65535)
                 if self.v6:
-                    from agent.datapath.packets import ip_packet
-                    data = ip_packet(addr[0], self.local[0], self.proto, data)
+                    data = build_ip(addr[0], self.local[0], self.proto, data)
                 out.append((data, (addr[0], 0)))
         except (BlockingIOError, InterruptedError):
             pass
@@ -173,9 +191,9 @@ class FakeNetwork:
         self.endpoints[(local_ip, port)] = s
         return s
 
-    def raw(self, local_ip: str, proto: int) -> "FakeRaw":
+    def raw(self, local_ip: str, proto: int, *, hdrincl: bool = False) -> "FakeRaw":
         """A ``RawSocket`` stand-in for IP protocol ``proto`` (50 ESP, 51 AH)."""
-        s = FakeRaw(local_ip, proto, self)
+        s = FakeRaw(local_ip, proto, self, hdrincl=hdrincl)
         self.endpoints[(local_ip, -proto)] = s
         return s
 
@@ -244,16 +262,22 @@ class FakeUdp:
 class FakeRaw(FakeUdp):
     """In-memory ``RawSocket``: sends payloads, receives whole IP packets (as the kernel hands them)."""
 
-    def __init__(self, local_ip: str, proto: int, network: FakeNetwork | None = None) -> None:
+    def __init__(self, local_ip: str, proto: int, network: FakeNetwork | None = None, *,
+                 hdrincl: bool = False) -> None:
         super().__init__(local_ip, -proto, network)
         self.proto = proto
         self.port = 0
+        self.hdrincl = hdrincl
+
+    def sibling(self, proto: int, *, hdrincl: bool = False) -> "FakeRaw":
+        if self.network is not None:
+            return self.network.raw(self.local[0], proto, hdrincl=hdrincl)
+        return FakeRaw(self.local[0], proto, hdrincl=hdrincl)
 
     def send_batch(self, batch) -> int:
-        from agent.datapath.packets import ip_packet
         for data, addr in batch:
             self.sent.append((data, addr))
             if self.network is not None:
-                self.network.deliver((self.local[0], 0), (addr[0], -self.proto),
-                                     ip_packet(self.local[0], addr[0], self.proto, data))
+                pkt = data if self.hdrincl else build_ip(self.local[0], addr[0], self.proto, data)
+                self.network.deliver((self.local[0], 0), (addr[0], -self.proto), pkt)
         return len(batch)
