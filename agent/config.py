@@ -171,21 +171,31 @@ def _address(ctx, m, key, where):
         raise ctx.err(_line(m, key), f"{where}{key}", f"{v!r} is not an IP address; write e.g. 198.51.100.1")
 
 
-def _proposals(ctx, m, key, where, kind, default):
+def _proposals(ctx, m, key, where, kind, default, protocol="esp"):
+    """Proposal strings, each checked. CHILD_SA lists (``esp_proposals``) may hold ESP strings
+    (with an encryption keyword) and AH strings (integrity only, e.g. ``sha256-esn``) as
+    ``protocol`` needs them: esp only ESP, ah only AH, ah+esp both."""
     items, lines = _str_list(ctx, m, key, where, "proposal strings")
     if not items:
         return default
     try:
         from agent.ike import proposals as props
-        parse = props.parse_ike_proposal if kind == "ike" else props.parse_esp_proposal
+        parse = props.parse_ike_proposal if kind == "ike" else props.parse_child_proposal
     except (ImportError, AttributeError):
         parse = None  # IKE core absent: the IKE manager validates at negotiation
     for s, ln in zip(items, lines):
         if parse is not None:
             try:
-                parse(s)
+                prop = parse(s)
             except Exception as exc:
                 raise ctx.err(ln, f"{where}{key}", f"{exc}")
+            is_ah = bool(getattr(prop, "is_ah", False))
+            if kind != "ike" and protocol == "esp" and is_ah:
+                raise ctx.err(ln, f"{where}{key}", f"{s!r} is an AH proposal (no encryption); "
+                              "add an encryption algorithm (e.g. aes128gcm16) or set protocol: ah / ah+esp")
+            if kind != "ike" and protocol == "ah" and not is_ah:
+                raise ctx.err(ln, f"{where}{key}", f"{s!r} has encryption, AH has none; "
+                              "give integrity only (e.g. sha256) or set protocol: ah+esp")
     return tuple(items)
 
 
@@ -310,7 +320,7 @@ def _peer(ctx, name: str, p, idx: int) -> Peer:
     policy = PeerPolicy(
         mode=mode, encapsulation=encap, protocol=protocol, **extra,
         ike_proposals=_proposals(ctx, p, "ike_proposals", where, "ike", DEFAULT_IKE_PROPOSALS),
-        esp_proposals=_proposals(ctx, p, "esp_proposals", where, "esp", DEFAULT_ESP_PROPOSALS),
+        esp_proposals=_proposals(ctx, p, "esp_proposals", where, "esp", DEFAULT_ESP_PROPOSALS, protocol),
     )
     return Peer(name=pname, identity=ident, endpoints=tuple(eps), subnets=subnets, policy=policy,
                 ike_port=port, psk=psk, initiate=initiate)

@@ -157,3 +157,21 @@ def test_virtual_ip_request_and_pool():
     assert view.peers[0].policy.virtual_ip_pool == "10.99.0.0/24"
     with pytest.raises(ConfigError, match=r"peers\[0\]\.virtual_ip_pool"):
         parse_config(gw.replace("10.99.0.0/24", "10.99.0.300/24"), "g.yaml")
+
+
+@pytest.mark.parametrize("protocol,props,ok", [
+    ("ah", "[sha256-esn]", True),
+    ("ah+esp", "[aes128gcm16, sha384]", True),
+    ("ah", "[aes128gcm16]", "has encryption, AH has none"),
+    ("esp", "[sha256]", "is an AH proposal"),
+    ("ah", "[md5]", "unknown algorithm 'md5'"),
+])
+def test_ah_proposal_strings_checked_against_the_protocol(protocol, props, ok):
+    text = HOST.replace("    encapsulation: none\n", f"    protocol: {protocol}\n    esp_proposals: {props}\n")
+    if ok is True:
+        view, _, _ = parse_config(text, "h.yaml")
+        assert view.peers[0].policy.protocol == protocol
+        return
+    with pytest.raises(ConfigError) as ei:
+        parse_config(text, "h.yaml")
+    assert "peers[0].esp_proposals" in str(ei.value) and ok in str(ei.value)
