@@ -58,16 +58,18 @@ def rest_of_id_payload(id_type: int, id_data: bytes) -> bytes:
     return bytes([id_type, 0, 0, 0]) + bytes(id_data)
 
 
-def signed_octets(prf_id: int, real_message: bytes, nonce: bytes, sk_p: bytes, rest_of_id: bytes) -> bytes:
+def signed_octets(prf_id: int, real_message: bytes, nonce: bytes, sk_p: bytes, rest_of_id: bytes,
+                  int_auth: bytes = b"") -> bytes:
     """InitiatorSignedOctets = RealMessage1 | NonceRData | prf(SK_pi, RestOfInitIDPayload),
     ResponderSignedOctets = RealMessage2 | NonceIData | prf(SK_pr, RestOfRespIDPayload) (§2.15).
 
     ``real_message`` is the whole IKE_SA_INIT message the signer sent,
     ``nonce`` the *peer's* nonce data, ``sk_p`` the signer's SK_pi / SK_pr,
-    ``rest_of_id`` from ``rest_of_id_payload``.
+    ``rest_of_id`` from ``rest_of_id_payload``. ``int_auth``: IntAuth_iN | IntAuth_rN |
+    IKE_AUTH_MID after IKE_INTERMEDIATE exchanges (RFC 9242 §3.3.2), appended last.
     """
     try:
-        return bytes(real_message) + bytes(nonce) + Prf(prf_id).prf(sk_p, rest_of_id)
+        return bytes(real_message) + bytes(nonce) + Prf(prf_id).prf(sk_p, rest_of_id) + bytes(int_auth)
     except CryptoError as e:
         raise AuthError(str(e)) from None
 

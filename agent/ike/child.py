@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from agent.iana import EsnId, KeId, ProtocolId, TransformAttr, TransformType
 from agent.ike.message import Proposal, SaPayload, TrafficSelector, Transform, TransformAttribute
+from agent.ike.intermediate import ADD_KE_TYPES, add_ke_transforms, choose_add_ke
 from agent.ike.proposals import (EspProposal, IkeProposal, encr_key_len, integ_key_len, parse_ah_proposal,
                                  parse_child_proposal, parse_esp_proposal)
 from agent.model import EspKeys, IPNetwork
@@ -35,6 +36,7 @@ def ike_sa_payload(proposals: list[IkeProposal] | tuple[IkeProposal, ...], spi: 
         if p.integ:
             t.append(Transform(int(TransformType.INTEG), p.integ))
         t += [Transform(int(TransformType.KE), k) for k in p.ke]
+        t += add_ke_transforms(p.add_ke)  # RFC 9370 §2.2.1
         out.append(Proposal(numbers[n - 1] if numbers else n, int(ProtocolId.IKE), spi_b, tuple(t)))
     return SaPayload(tuple(out))
 
@@ -54,6 +56,7 @@ def esp_sa_payload(proposals, spi: int, numbers: list[int] | None = None, *, ke:
             t.append(Transform(int(TransformType.INTEG), p.integ))
         if ke:
             t += [Transform(int(TransformType.KE), k) for k in p.ke]
+            t += add_ke_transforms(getattr(p, "add_ke", ()))  # RFC 9370 §2.2.4
         t += [Transform(int(TransformType.ESN), e) for e in p.esn]
         out.append(Proposal(numbers[i] if numbers else i + 1, int(ProtocolId.AH if p.is_ah else ProtocolId.ESP),
                             spi.to_bytes(4, "big"), tuple(t)))
@@ -86,13 +89,16 @@ class IkeChoice:
     number: int
 
 
-def choose_ike(offered: SaPayload, ours: list[IkeProposal], ke_hint: int | None) -> tuple[IkeChoice, list[int]] | None:
+def choose_ike(offered: SaPayload, ours: list[IkeProposal], ke_hint: int | None, *,
+               allow_add_ke: bool = True) -> tuple[IkeChoice, list[int]] | None:
     """Pick our most preferred proposal the peer also offers (§2.7).
 
     Returns (choice, acceptable KE methods) or None (NO_PROPOSAL_CHOSEN). The KE
     method is ``ke_hint`` (the peer's KE payload) when acceptable, else our first.
     """
-    allowed = {TransformType.ENCR, TransformType.PRF, TransformType.INTEG, TransformType.KE}
+    allowed = {TransformType.ENCR, TransformType.PRF, TransformType.INTEG, TransformType.KE} | ADD_KE_TYPES
+    # ``allow_add_ke`` False: the initiator did not announce INTERMEDIATE_EXCHANGE_SUPPORTED, so
+    # only proposals whose additional key exchanges are all NONE can be chosen (RFC 9370 §2.2.1)
     for mine in ours:
         for prop in offered.proposals:
             if prop.protocol != ProtocolId.IKE or prop.spi not in (b"",) and len(prop.spi) != 8:
@@ -110,7 +116,10 @@ def choose_ike(offered: SaPayload, ours: list[IkeProposal], ke_hint: int | None)
             if not kes:
                 continue
             ke = ke_hint if ke_hint in kes else kes[0]
-            chosen = IkeProposal(mine.encr, mine.encr_key_bits, mine.integ, mine.prf, (ke,))
+            add = choose_add_ke(ts, mine.add_ke)
+            if add is None or (not allow_add_ke and any(a and a[0] for a in add)):
+                continue
+            chosen = IkeProposal(mine.encr, mine.encr_key_bits, mine.integ, mine.prf, (ke,), add)
             return IkeChoice(chosen, prop.number), kes
     return None
 
@@ -145,7 +154,7 @@ def choose_esp(offered: SaPayload, ours: list[EspProposal], *, pfs: bool = False
     transform and with our INTEG (§3.3: AH's mandatory type is INTEG; an ENCR there makes
     the proposal unacceptable, §3.3.6).
     """
-    allowed = {TransformType.ENCR, TransformType.INTEG, TransformType.ESN, TransformType.KE}
+    allowed = {TransformType.ENCR, TransformType.INTEG, TransformType.ESN, TransformType.KE} | ADD_KE_TYPES
     allowed_ah = {TransformType.INTEG, TransformType.ESN, TransformType.KE}
     for mine in ours:
         for prop in offered.proposals:
@@ -182,7 +191,12 @@ def choose_esp(offered: SaPayload, ours: list[EspProposal], *, pfs: bool = False
                     ke = (ke_hint if ke_hint in common else common[0],)
                 elif peer_ke and not any(t.id == 0 for t in ts.get(TransformType.KE, [])):
                     continue
-            chosen = EspProposal(mine.encr, mine.encr_key_bits, mine.integ, (esn[0],), ke)
+            add: tuple = ()
+            if pfs:  # RFC 9370 §2.2.4; IKE_AUTH ignores additional key exchanges like KE
+                add = choose_add_ke(ts, getattr(mine, "add_ke", ()))
+                if add is None:
+                    continue
+            chosen = EspProposal(mine.encr, mine.encr_key_bits, mine.integ, (esn[0],), ke, add)
             return EspChoice(chosen, prop.number, spi)
     return None
 

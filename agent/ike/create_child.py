@@ -34,6 +34,7 @@ from agent.ike.crypto import (KeyExchange, KeyExchangeError, Prf, SkCipher, deri
                               derive_ike_keys_from_skeyseed, derive_rekey_skeyseed)
 from agent.ike.events import ChildSaEstablished, IkeKeysDerived
 from agent.ike.message import (DeletePayload, KePayload, Message, NoncePayload, NotifyPayload, TsPayload)
+from agent.ike.proposals import additional_kes
 from agent.ike.proposals import (encr_key_len, integ_key_len, parse_esp_proposal, wireshark_ike_encr_name,
                                  wireshark_ike_integ_name)
 
@@ -261,7 +262,8 @@ class CreateChildExchange:
         if task.old is not None and task.old in self.children:
             task.old.rekey_at = self._retry_at(task.old.expire_at, now)
 
-    def _process_child_response(self, task: _ChildTask, msg: Message, inner, now: float) -> None:
+    def _process_child_response(self, task: _ChildTask, msg: Message, inner, now: float,
+                                additional: bytes | None = None) -> None:
         """<-- HDR, SK {SA, Nr, [KEr], TSi, TSr}  or  <-- HDR, SK {N(error)}."""
         m = Message(msg.spi_i, msg.spi_r, msg.exchange, msg.message_id, msg.is_initiator, True, tuple(inner))
         ke_note = m.notify(NotifyType.INVALID_KE_PAYLOAD)
@@ -304,10 +306,21 @@ class CreateChildExchange:
             self._delete_unwanted(task.spi, now, task.protocol)
             return
         transport = task.mode == "transport" and m.notify(NotifyType.USE_TRANSPORT_MODE) is not None
+        methods = additional_kes(choice.proposal.add_ke)
+        if methods and additional is None:
+            # RFC 9370 §2.2.4: IKE_FOLLOWUP_KE per additional key exchange, then this again with SK(1..n)
+            link = m.notify(NotifyType.ADDITIONAL_KEY_EXCHANGE)
+            self._run_followups(
+                methods, link.data if link is not None else b"", [],
+                lambda extra, t: self._process_child_response(task, msg, inner, t, additional=extra),
+                lambda reason, t: (self._child_failed(task, f"CREATE_CHILD_SA: {reason}", t),
+                                   self._delete_unwanted(task.spi, t, task.protocol)), now)
+            return
         self._drop_task(task)
         new = self._make_child(choice, task.spi, task.ni, nr.data, g_ir, local_ts, remote_ts,
                                "transport" if transport else "tunnel", now, exchange_initiator=True,
-                               rekey_of=task.old.inbound_spi if task.old is not None else None)
+                               rekey_of=task.old.inbound_spi if task.old is not None else None,
+                               additional=additional or b"")
         if task.old is None:
             return
         task.old.rekeyed = True
@@ -328,10 +341,11 @@ class CreateChildExchange:
 
     def _make_child(self, choice: ch.EspChoice, our_spi: int, ni: bytes, nr: bytes, g_ir: bytes | None,
                     local_ts, remote_ts, mode: str, now: float, *, exchange_initiator: bool,
-                    rekey_of: int | None = None) -> ch.ChildSa:
-        """KEYMAT = prf+(SK_d, [g^ir (new) |] Ni | Nr) (§2.17), split by the exchange's roles."""
+                    rekey_of: int | None = None, additional: bytes = b"") -> ch.ChildSa:
+        """KEYMAT = prf+(SK_d, [g^ir (new) |] Ni | Nr [| SK(1) | ... | SK(n)]) (§2.17, RFC 9370 §2.2.4),
+        split by the exchange's roles."""
         keymat = derive_child_keymat(self._ike_prop.prf, self._keys.sk_d, ni, nr, ch.keymat_len(choice.proposal),
-                                     g_ir)
+                                     g_ir, additional)
         inbound, outbound = ch.split_keymat(keymat, choice.proposal, initiator=exchange_initiator,
                                             our_spi=our_spi, peer_spi=choice.peer_spi)
         vip = self.virtual_ips[0] if self.virtual_ips else None
@@ -398,13 +412,24 @@ class CreateChildExchange:
                      TsPayload(int(PayloadType.TSr), ch.ts_from_networks(local_ts))]
         if transport:
             payloads.append(NotifyPayload(int(NotifyType.USE_TRANSPORT_MODE)))
-        self._make_child(choice, spi, ni.data, nr, g_ir, local_ts, remote_ts, "transport" if transport else "tunnel",
-                         now, exchange_initiator=False, rekey_of=old.inbound_spi if old is not None else None)
-        if old is not None:
-            old.rekeyed = True
-            task = self._task_for(old)
-            if task is not None and task.ni:
-                task.collision = (ni.data, nr)  # simultaneous rekey: resolved when our response arrives
+
+        def finish(extra: bytes, t: float) -> None:
+            if old is not None and old not in self.children:
+                return  # deleted meanwhile
+            self._make_child(choice, spi, ni.data, nr, g_ir, local_ts, remote_ts,
+                             "transport" if transport else "tunnel", t, exchange_initiator=False,
+                             rekey_of=old.inbound_spi if old is not None else None, additional=extra)
+            if old is not None:
+                old.rekeyed = True
+                task = self._task_for(old)
+                if task is not None and task.ni:
+                    task.collision = (ni.data, nr)  # simultaneous rekey: resolved when our response arrives
+
+        methods = additional_kes(choice.proposal.add_ke)
+        if methods:  # RFC 9370 §2.2.4: the CHILD_SA exists after the last IKE_FOLLOWUP_KE
+            payloads.append(self._await_followups(methods, finish, lambda reason, t: self.child_errors.append(reason)))
+        else:
+            finish(b"", now)
         return payloads
 
     # ------------------------------------------------------------ IKE_SA rekey
@@ -440,7 +465,7 @@ class CreateChildExchange:
         self.child_errors.append(reason)
         self.rekey_at = self._retry_at(self.expire_at, now)
 
-    def _process_ike_rekey_response(self, msg: Message, inner, now: float) -> None:
+    def _process_ike_rekey_response(self, msg: Message, inner, now: float, additional: bytes | None = None) -> None:
         """<-- HDR, SK {SA, Nr, KEr}  or  <-- HDR, SK {N(error)}."""
         task = self._ike_task
         if task is None:
@@ -473,9 +498,18 @@ class CreateChildExchange:
         except KeyExchangeError as e:
             self._ike_rekey_failed(f"IKE_SA rekey response: {e}", now)
             return
+        methods = additional_kes(prop.add_ke)
+        if methods and additional is None:
+            # RFC 9370 §2.2.4: IKE_FOLLOWUP_KE per additional key exchange, then this again with SK(1..n)
+            link = m.notify(NotifyType.ADDITIONAL_KEY_EXCHANGE)
+            self._run_followups(
+                methods, link.data if link is not None else b"", [],
+                lambda extra, t: self._process_ike_rekey_response(msg, inner, t, additional=extra),
+                lambda reason, t: self._ike_rekey_failed(f"IKE_SA rekey: {reason}", t), now)
+            return
         self._ike_task = None
         new = self._spawn(initiator=True, spi_i=task.spi, spi_r=spi_r, ni=task.ni, nr=nr.data, prop=prop,
-                          g_ir=g_ir, now=now)
+                          g_ir=g_ir, now=now, additional=additional or b"")
         coll = self._ike_collision
         if coll is not None and _first_of((task.ni, nr.data), (coll.ni, coll.nr)):
             # §2.8.1: our new IKE_SA is redundant; the peer deletes the old one
@@ -508,17 +542,28 @@ class CreateChildExchange:
             return [NotifyPayload(int(NotifyType.INVALID_SYNTAX))]
         nr = self.rng(NONCE_LEN)
         spi_r = self._new_ike_spi()
-        new = self._spawn(initiator=False, spi_i=int.from_bytes(offered.spi, "big"), spi_r=spi_r, ni=ni, nr=nr,
-                          prop=choice.proposal, g_ir=g_ir, now=now)
-        if self._ike_task is not None and self._ike_task.ni:
-            self._ike_collision = _IkeCollision(ni, nr, new)
-        self._move_children(self, new)
-        self._successor = new
-        return [ch.ike_sa_payload([choice.proposal], spi=spi_r, numbers=[choice.number]), NoncePayload(nr),
-                KePayload(ke.group, kex.public_bytes())]
+
+        def finish(extra: bytes, t: float) -> None:
+            if self.state != "ESTABLISHED" or self._successor is not None:
+                return
+            new = self._spawn(initiator=False, spi_i=int.from_bytes(offered.spi, "big"), spi_r=spi_r, ni=ni, nr=nr,
+                              prop=choice.proposal, g_ir=g_ir, now=t, additional=extra)
+            if self._ike_task is not None and self._ike_task.ni:
+                self._ike_collision = _IkeCollision(ni, nr, new)
+            self._move_children(self, new)
+            self._successor = new
+
+        payloads = [ch.ike_sa_payload([choice.proposal], spi=spi_r, numbers=[choice.number]), NoncePayload(nr),
+                    KePayload(ke.group, kex.public_bytes())]
+        methods = additional_kes(choice.proposal.add_ke)
+        if methods:  # RFC 9370 §2.2.4: the new IKE_SA exists after the last IKE_FOLLOWUP_KE
+            payloads.append(self._await_followups(methods, finish, lambda reason, t: self.child_errors.append(reason)))
+        else:
+            finish(b"", now)
+        return payloads
 
     def _spawn(self, *, initiator: bool, spi_i: int, spi_r: int, ni: bytes, nr: bytes, prop, g_ir: bytes,
-               now: float):
+               now: float, additional: bytes = b""):
         """The new IKE_SA of a rekey: SKEYSEED = prf(SK_d (old), g^ir (new) | Ni | Nr) (§2.18)."""
         new = type(self)(self.cfg, self.rng, initiator=initiator, local=self.local, remote=self.remote, now=now)
         new.spi_i, new.spi_r = spi_i, spi_r
@@ -526,7 +571,8 @@ class CreateChildExchange:
         new._ni, new._nr = ni, nr
         ek = encr_key_len(prop.encr, prop.encr_key_bits)
         ak = integ_key_len(prop.integ) if prop.integ else 0
-        skeyseed = derive_rekey_skeyseed(self._ike_prop.prf, self._keys.sk_d, g_ir, ni, nr)
+        # RFC 9370 §2.2.4: prf(SK_d, SK(0) | Ni | Nr | SK(1) | ... | SK(n))
+        skeyseed = derive_rekey_skeyseed(self._ike_prop.prf, self._keys.sk_d, g_ir, ni, nr, additional)
         new._ike_prop = prop
         new._prf = Prf(prop.prf)
         new._keys = derive_ike_keys_from_skeyseed(prop.prf, skeyseed, ni, nr, spi_i, spi_r, ek, ak)

@@ -165,21 +165,26 @@ def derive_ike_keys(prf_id: int, ni: bytes, nr: bytes, g_ir: bytes,
                                          encr_key_len, integ_key_len)
 
 
-def derive_rekey_skeyseed(prf_id: int, sk_d_old: bytes, g_ir_new: bytes, ni: bytes, nr: bytes) -> bytes:
+def derive_rekey_skeyseed(prf_id: int, sk_d_old: bytes, g_ir_new: bytes, ni: bytes, nr: bytes,
+                          additional: bytes = b"") -> bytes:
     """SKEYSEED of a rekeyed IKE SA = prf(SK_d (old), g^ir (new) | Ni | Nr) (§2.18).
 
     ``prf_id`` is the old IKE SA's PRF (as strongSwan does); feed the result
     to ``derive_ike_keys_from_skeyseed`` with the new SA's PRF, SPIs and nonces.
+    ``additional``: SK(1) | ... | SK(n) of IKE_FOLLOWUP_KE exchanges (RFC 9370 §2.2.4),
+    appended after Nr. Also SKEYSEED(n) after IKE_INTERMEDIATE n (RFC 9370 §2.2.2) with
+    ``sk_d_old`` = SK_d(n-1) and ``g_ir_new`` = SK(n).
     """
-    return Prf(prf_id).prf(sk_d_old, g_ir_new + ni + nr)
+    return Prf(prf_id).prf(sk_d_old, g_ir_new + ni + nr + additional)
 
 
 def derive_child_keymat(prf_id: int, sk_d: bytes, ni: bytes, nr: bytes, n: int,
-                        g_ir: bytes | None = None) -> bytes:
+                        g_ir: bytes | None = None, additional: bytes = b"") -> bytes:
     """CHILD_SA KEYMAT (§2.17): prf+(SK_d, Ni | Nr), or with PFS
     prf+(SK_d, g^ir (new) | Ni | Nr). Returns ``n`` bytes; the caller splits
-    it (encryption key then integrity key, initiator-to-responder first)."""
-    seed = (g_ir or b"") + ni + nr
+    it (encryption key then integrity key, initiator-to-responder first).
+    ``additional``: SK(1) | ... | SK(n) of IKE_FOLLOWUP_KE exchanges, after Nr (RFC 9370 §2.2.4)."""
+    seed = (g_ir or b"") + ni + nr + additional
     return Prf(prf_id).prf_plus(sk_d, seed, n)
 
 
@@ -243,6 +248,13 @@ class KeyExchange:
     to the modulus length; ECP: the x coordinate; X25519/X448: 32/56 bytes)
     and raises KeyExchangeError for a peer value RFC 6989 says to reject.
     """
+
+    def __new__(cls, ke_id: int, rng: Rng):
+        if cls is KeyExchange and int(ke_id) in (KeId.ML_KEM_768, KeId.ML_KEM_1024):
+            # a KEM (draft-ietf-ipsecme-ikev2-mlkem): same interface, role set by first use
+            from agent.ike.kem import MlKemExchange
+            return MlKemExchange(ke_id, rng)
+        return super().__new__(cls)
 
     def __init__(self, ke_id: int, rng: Rng) -> None:
         self.ke_id = int(ke_id)

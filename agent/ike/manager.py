@@ -303,6 +303,9 @@ class IkeManager:
 
     # ------------------------------------------------------------ bookkeeping
     def _collect(self, sa: IkeSa, now: float) -> None:
+        drops, sa.drops = sa.drops, []  # e.g. invalid_ke_data (RFC 9370 exchanges)
+        for reason in drops:
+            self._count(reason)
         for d in sa.outbox:  # RFC 7383: a fragmented message leaves as its SKF fragments
             frags = getattr(d.data, "fragments", None)
             self._out.extend([Datagram(f, d.local, d.remote) for f in frags] if frags else [d])

@@ -687,6 +687,16 @@ PAYLOAD_RULES: dict[tuple[int, bool], tuple[bool, dict[int, PayloadRule]]] = {
         (_P.NOTIFY, 0, MANY), (_P.DELETE, 0, MANY), (_P.CP, 0, 1), (_P.VENDOR_ID, 0, MANY))),
     (ExchangeType.INFORMATIONAL, True): (True, _rules(
         (_P.NOTIFY, 0, MANY), (_P.DELETE, 0, MANY), (_P.CP, 0, 1), (_P.VENDOR_ID, 0, MANY))),
+    # RFC 9242 §3.2 / RFC 9370 §2.2.2: SK {KEi(n)} / SK {KEr(n)}; errors as N
+    (ExchangeType.IKE_INTERMEDIATE, False): (True, _rules(
+        (_P.KE, 0, 1), (_P.NOTIFY, 0, MANY), (_P.VENDOR_ID, 0, MANY))),
+    (ExchangeType.IKE_INTERMEDIATE, True): (True, _rules(
+        (_P.KE, 0, 1), (_P.NOTIFY, 0, MANY), (_P.VENDOR_ID, 0, MANY))),
+    # RFC 9370 §2.2.4: SK {KEi(n), N(ADDITIONAL_KEY_EXCHANGE)} / SK {KEr(n), [N(ADDITIONAL_KEY_EXCHANGE)]}
+    (ExchangeType.IKE_FOLLOWUP_KE, False): (True, _rules(
+        (_P.KE, 0, 1), (_P.NOTIFY, 0, MANY), (_P.VENDOR_ID, 0, MANY))),
+    (ExchangeType.IKE_FOLLOWUP_KE, True): (True, _rules(
+        (_P.KE, 0, 1), (_P.NOTIFY, 0, MANY), (_P.VENDOR_ID, 0, MANY))),
 }
 
 

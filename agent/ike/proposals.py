@@ -140,7 +140,7 @@ def _add_ke_labels(add_ke: tuple[tuple[int, ...], ...]) -> list[str]:
     out = []
     for alts in add_ke:
         names = [name_of(KeId, k) for k in alts]
-        if len(alts) == 1 and alts[0] == KeId.NONE:
+        if not alts or (len(alts) == 1 and alts[0] == KeId.NONE):
             continue
         out.append("+" + (names[0] if len(names) == 1 else "(" + "|".join(names) + ")"))
     return out

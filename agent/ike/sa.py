@@ -31,6 +31,7 @@ from agent.ike import fragment as frag
 from agent.ike.auth import AuthError
 from agent.ike import cp as cfgp
 from agent.ike.create_child import CreateChildExchange
+from agent.ike.intermediate import IntermediateExchange
 from agent.ike.crypto import CryptoError, IntegrityError, KeyExchange, KeyExchangeError, Prf, SkCipher, derive_child_keymat, derive_ike_keys
 from agent.ike.events import (Addr, ChildSaDeleted, ChildSaEstablished, IkeKeysDerived, IkeSaDeleted,
                               IkeSaEstablished)
@@ -116,7 +117,7 @@ class _Pending:
     on_response: Callable
 
 
-class IkeSa(CreateChildExchange):
+class IkeSa(IntermediateExchange, CreateChildExchange):
     """One IKE_SA (RFC 7296). Create with :meth:`new_initiator` or :meth:`new_responder`.
 
     CREATE_CHILD_SA, rekeys and lifetimes: agent.ike.create_child (``create_child``,
@@ -169,6 +170,7 @@ class IkeSa(CreateChildExchange):
         self._frag_peer = False  # the peer sent IKEV2_FRAGMENTATION_SUPPORTED (RFC 7383 §2.3)
         self._frag_rx = frag.Reassembler()
         self._init_create_child()
+        self._init_intermediate()  # RFC 9370 / RFC 9242: agent.ike.intermediate
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -333,13 +335,19 @@ class IkeSa(CreateChildExchange):
             handler = self._process_info_request
         elif msg.exchange == ExchangeType.CREATE_CHILD_SA:
             handler = self._process_create_child_request
+        elif msg.exchange == ExchangeType.IKE_INTERMEDIATE:
+            handler = self._process_intermediate_request
+        elif msg.exchange == ExchangeType.IKE_FOLLOWUP_KE:
+            handler = self._process_followup_request
         else:
             return "unexpected_payload"
         if msg.exchange != ExchangeType.IKE_SA_INIT and self.state == State.INIT:
             return "invalid_message_id"
         if msg.exchange == ExchangeType.IKE_AUTH and (self.initiator or self.state != State.AUTH):
             return "unexpected_payload"
-        if msg.exchange == ExchangeType.IKE_AUTH:
+        if msg.exchange == ExchangeType.IKE_AUTH and self._addke_missing():
+            return None
+        if msg.exchange in (ExchangeType.IKE_AUTH, ExchangeType.IKE_INTERMEDIATE):
             self.remote = remote  # the initiator may have moved to 4500 (§2.23)
             self.local = local
         payloads = handler(msg, inner, now)
@@ -376,6 +384,7 @@ class IkeSa(CreateChildExchange):
             first = sk.first
         else:
             return (), "unexpected_payload"
+        self._rx_plain = (first, plain)  # IntAuth (RFC 9242 §3.3.2)
         try:
             inner = decode_payloads(first, plain, allow_sk=False)
         except MessageError:
@@ -395,6 +404,7 @@ class IkeSa(CreateChildExchange):
             return encode_message(Message(self.spi_i, self.spi_r, exchange, mid, self.initiator, response,
                                           tuple(payloads)))
         first, plain = encode_payloads(payloads)
+        self._tx_plain = (first, plain)  # IntAuth (RFC 9242 §3.3.2)
         body_len = self._cipher.encrypted_len(len(plain))
         hdr = encode_header(self.spi_i, self.spi_r, int(PayloadType.SK), exchange, self._flags(response),
                             mid, HEADER_LEN + 4 + body_len)
@@ -507,7 +517,7 @@ class IkeSa(CreateChildExchange):
             payloads.append(NotifyPayload(int(NotifyType.COOKIE), self._cookie))
         payloads += [ch.ike_sa_payload(self._ike_proposals()), KePayload(group, self._ke.public_bytes()),
                      NoncePayload(self._ni), *self._nat_notifies(0), *self._sig_hash_notify(),
-                     NotifyPayload(int(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED))]
+                     NotifyPayload(int(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED)), *self._intermediate_notify()]
         self._next_mid = 0
         self._pending = None
         msg = Message(self.spi_i, 0, int(ExchangeType.IKE_SA_INIT), 0, True, False, tuple(payloads))
@@ -543,7 +553,9 @@ class IkeSa(CreateChildExchange):
             return
         errors = [n for n in msg.notifies() if n.is_error]
         if errors:
-            self._die(f"IKE_SA_INIT refused: {_nname(errors[0].notify_type)}")
+            self._die(f"IKE_SA_INIT refused: {_nname(errors[0].notify_type)}"
+                      + (self._hybrid_hint(None, offered) if errors[0].notify_type == NotifyType.NO_PROPOSAL_CHOSEN
+                         else ""))
             return
         sa, ke, nr = msg.first(PayloadType.SA), msg.first(PayloadType.KE), msg.first(PayloadType.NONCE)
         if sa is None or ke is None or nr is None or msg.spi_r == 0:
@@ -571,7 +583,7 @@ class IkeSa(CreateChildExchange):
             # §2.23: continue on port 4500
             self.local = (self.local[0], NAT_T_PORT)
             self.remote = (self.remote[0], NAT_T_PORT)
-        self._send_auth(now)
+        self._after_init(msg.payloads, now)  # IKE_INTERMEDIATE per additional key exchange, then IKE_AUTH
 
     def _note_sig_hashes(self, payloads) -> None:
         self._frag_peer = any(isinstance(p, NotifyPayload) and p.notify_type == NotifyType.IKEV2_FRAGMENTATION_SUPPORTED
@@ -604,9 +616,9 @@ class IkeSa(CreateChildExchange):
             ours = self._ike_proposals()
         except ProposalError:
             ours = []
-        res = ch.choose_ike(sa, ours, ke.group)
+        res = ch.choose_ike(sa, ours, ke.group, allow_add_ke=self._announces_intermediate(msg.payloads))
         if res is None:
-            self._die("IKE_SA_INIT: no proposal chosen")
+            self._die("IKE_SA_INIT: no proposal chosen" + self._hybrid_hint(sa, ours))
             return self._stateless_error(NotifyType.NO_PROPOSAL_CHOSEN)
         choice, _kes = res
         if choice.proposal.ke[0] != ke.group:
@@ -631,6 +643,7 @@ class IkeSa(CreateChildExchange):
         if self.cfg.credentials.uses_certificates:
             payloads.append(self._certreq())
         payloads += self._sig_hash_notify()
+        payloads += self._intermediate_reply(msg.payloads)
         if self._frag_peer:  # RFC 7383 §2.3: only in answer to the initiator's announcement
             payloads.append(NotifyPayload(int(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED)))
         self.state = State.AUTH
@@ -651,9 +664,11 @@ class IkeSa(CreateChildExchange):
     def _my_auth(self, id_payload: IdPayload, psk: bytes | None) -> AuthPayload:
         prf = self._ike_prop.prf
         if self.initiator:
-            octets = auth.signed_octets(prf, self._init_request, self._nr, self._keys.sk_pi, id_payload.body)
+            octets = auth.signed_octets(prf, self._init_request, self._nr, self._keys.sk_pi, id_payload.body,
+                                        self._int_auth())
         else:
-            octets = auth.signed_octets(prf, self._init_response, self._ni, self._keys.sk_pr, id_payload.body)
+            octets = auth.signed_octets(prf, self._init_response, self._ni, self._keys.sk_pr, id_payload.body,
+                                        self._int_auth())
         if psk is not None:
             return AuthPayload(int(AuthMethod.SHARED_KEY_MESSAGE_INTEGRITY_CODE), auth.psk_auth(prf, psk, octets))
         hashes_ok = tuple(sorted(self._peer_sig_hashes)) or None
@@ -671,9 +686,11 @@ class IkeSa(CreateChildExchange):
             raise AuthError("no AUTH payload")
         prf = self._ike_prop.prf
         if self.initiator:
-            octets = auth.signed_octets(prf, self._init_response, self._ni, self._keys.sk_pr, idp.body)
+            octets = auth.signed_octets(prf, self._init_response, self._ni, self._keys.sk_pr, idp.body,
+                                        self._int_auth())
         else:
-            octets = auth.signed_octets(prf, self._init_request, self._nr, self._keys.sk_pi, idp.body)
+            octets = auth.signed_octets(prf, self._init_request, self._nr, self._keys.sk_pi, idp.body,
+                                        self._int_auth())
         if auth_p.method == AuthMethod.SHARED_KEY_MESSAGE_INTEGRITY_CODE:
             psk = self._psk_for(peer)
             if psk is None:
@@ -938,6 +955,7 @@ class IkeSa(CreateChildExchange):
             "local": f"{self.local[0]}:{self.local[1]}",
             "remote": f"{self.remote[0]}:{self.remote[1]}",
             "algorithms": self.algorithms,
+            "key_exchanges": self._ike_prop.key_exchanges() if self._ike_prop else "",
             "nat": {"local": self._nat_local, "remote": self._nat_remote},
             "established": self.established_at,
             "children": [{
