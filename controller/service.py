@@ -35,18 +35,14 @@ from cryptography.x509.oid import NameOID
 
 from controller.ca import CertificateAuthority, CsrError
 from controller.inventory import InventoryError, load_inventory
-from controller.policy import Inventory, UnknownNode, View, ViewDiff, compute_view, diff_views
+from controller.fanout import ViewCache, peer_to_proto, view_update  # noqa: F401 (re-exported)
+from controller.policy import Inventory, UnknownNode
 from controller.metrics import ControllerMetrics
 from controller.store import StateStore, Store
 from meshsec.v1 import controller_pb2 as pb
 from meshsec.v1 import controller_pb2_grpc as pb_grpc
 
 CA_FILE = "ca.pem"
-
-_MODE = {"tunnel": pb.MODE_TUNNEL, "transport": pb.MODE_TRANSPORT}
-_PROTOCOL = {"esp": pb.PROTOCOL_ESP, "ah": pb.PROTOCOL_AH, "ah+esp": pb.PROTOCOL_AH_ESP}
-_ACTION = {"protect": pb.ACTION_PROTECT, "bypass": pb.ACTION_BYPASS, "discard": pb.ACTION_DISCARD}
-_ENCAP = {"udp": pb.ENCAPSULATION_UDP, "none": pb.ENCAPSULATION_NONE}
 
 # Keepalives detect dead agents / controllers behind silent middleboxes.
 SERVER_OPTIONS = [
@@ -60,32 +56,6 @@ SERVER_OPTIONS = [
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
-
-
-def peer_to_proto(p) -> pb.Peer:
-    pol = p.policy
-    return pb.Peer(
-        name=p.name, identity=p.identity, endpoints=list(p.endpoints), subnets=list(p.subnets),
-        initiate=p.initiate,
-        policy=pb.PeerPolicy(
-            mode=_MODE[pol.mode], protocol=_PROTOCOL[pol.protocol], encapsulation=_ENCAP[pol.encapsulation],
-            ike_proposals=list(pol.ike_proposals), esp_proposals=list(pol.esp_proposals),
-            ike_lifetime_s=pol.ike_lifetime_s, child_lifetime_s=pol.child_lifetime_s,
-            dpd_interval_s=pol.dpd_interval_s, replay_window=pol.replay_window,
-            action=_ACTION[pol.action], rule=pol.rule,
-        ),
-    )
-
-
-def view_update(view: View, version: int, diff: ViewDiff | None) -> pb.ViewUpdate:
-    """A full snapshot (``diff is None``) or an incremental update."""
-    peers = view.peers if diff is None else diff.upserted
-    return pb.ViewUpdate(
-        version=version, full=diff is None, node_name=view.name, identity=view.identity,
-        subnets=list(view.subnets), endpoints=list(view.endpoints),
-        upserted_peers=[peer_to_proto(p) for p in peers],
-        removed_peers=[] if diff is None else list(diff.removed),
-    )
 
 
 class ControllerState:
@@ -164,6 +134,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         self._lifetime = cert_lifetime
         self._log = logger
         self._clock = clock
+        self._views = ViewCache(store.inventory_at)
 
     def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollResponse:
         name = request.node_name
@@ -227,7 +198,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           f"client certificate is for {who!r}, not for node {name!r}")
 
-    def Watch(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[pb.ViewUpdate]:
+    def Watch(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         name = request.node_name
         self._check_identity(name, context)
         context.add_callback(self._state.wake)
@@ -237,48 +208,61 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         finally:
             self._metrics.watch_ended()
 
-    def _watch(self, request: pb.WatchRequest, context: grpc.ServicerContext, name: str) -> Iterator[pb.ViewUpdate]:
+    def _watch(self, request: pb.WatchRequest, context: grpc.ServicerContext, name: str) -> Iterator[bytes]:
+        # Yields serialized ViewUpdates (see add_servicer): the shared
+        # per-version work lives in controller.fanout; a stream keeps only
+        # the index of the version it last sent.
         inventory, version = self._state.snapshot()
-        try:
-            view = compute_view(inventory, name)
-        except UnknownNode as e:
-            context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        cur = self._views.current(version, inventory)
+        if name not in cur:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(UnknownNode(name)))
         since = request.since_version
-        old_view = None
-        if 0 < since <= version:
-            old_json = self._store.inventory_at(since)
-            if old_json is not None:
-                try:
-                    old_view = compute_view(Inventory.from_view_json(old_json), name)
-                except UnknownNode:
-                    old_view = None
+        base = self._views.at(since) if 0 < since <= version else None
+        if base is not None and name not in base:
+            base = None
         self._log.info("node %r watching from version %d (current %d, %s)", name, since, version,
-                       "incremental" if old_view is not None else "snapshot")
-        if old_view is None:
-            yield view_update(view, version, None)
+                       "incremental" if base is not None else "snapshot")
+        if base is None:
+            yield cur.snapshot(name)
         else:
-            diff = diff_views(old_view, view)
-            if not diff.empty:
-                yield view_update(view, version, diff)
+            update = self._views.update(base, cur, name)
+            if update is not None:
+                yield update
         while context.is_active():
             inventory, newer = self._state.wait_newer(version, timeout=1.0)
             if newer == version:
                 continue
-            version = newer
-            try:
-                new_view = compute_view(inventory, name)
-            except UnknownNode:
+            nxt = self._views.current(newer, inventory)
+            if name not in nxt:
                 self._log.info("node %r left the inventory; ending its watch", name)
                 context.abort(grpc.StatusCode.NOT_FOUND, f"node {name!r} was removed from the inventory")
-            diff = diff_views(view, new_view)
-            view = new_view
-            if not diff.empty:
-                self._log.debug("node %r: version %d, %d upserted, %d removed", name, version,
-                                len(diff.upserted), len(diff.removed))
-                update = view_update(view, version, diff)
+            update = self._views.update(cur, nxt, name)
+            cur, version = nxt, newer
+            if update is not None:
+                self._log.debug("node %r: version %d, %d bytes", name, version, len(update))
                 self._metrics.fanout_observed(self._state.change_age())
                 yield update
         self._log.info("node %r stopped watching", name)
+
+
+def _serialize_update(update: bytes | pb.ViewUpdate) -> bytes:
+    return update if isinstance(update, bytes) else update.SerializeToString()
+
+
+def add_servicer(servicer: ControllerServicer, server: grpc.Server) -> None:
+    """Register ``meshsec.v1.Controller`` like the generated
+    ``add_ControllerServicer_to_server``, except that Watch may yield
+    pre-serialized ``ViewUpdate`` bytes (shared across streams)."""
+    handlers = {
+        "Enroll": grpc.unary_unary_rpc_method_handler(
+            servicer.Enroll, request_deserializer=pb.EnrollRequest.FromString,
+            response_serializer=pb.EnrollResponse.SerializeToString),
+        "Watch": grpc.unary_stream_rpc_method_handler(
+            servicer.Watch, request_deserializer=pb.WatchRequest.FromString,
+            response_serializer=_serialize_update),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("meshsec.v1.Controller", handlers),))
+    server.add_registered_method_handlers("meshsec.v1.Controller", handlers)
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -402,7 +386,7 @@ class ControllerServer:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.max_workers,
                                                         thread_name_prefix="meshsec-rpc"),
                              options=SERVER_OPTIONS)
-        pb_grpc.add_ControllerServicer_to_server(
+        add_servicer(
             ControllerServicer(self.state, self.store, self.ca, self.cert_lifetime, self.log,
                                metrics=self.metrics, is_leader=lambda: self.is_leader,
                                token_review=self.token_review), server)
