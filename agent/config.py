@@ -296,6 +296,8 @@ def _peer(ctx, name: str, p, idx: int) -> Peer:
     if not subnets and mode == "transport":
         subnets = (ipaddress.ip_network(eps[0]),)
     initiate = name < pname
+    if vip or "virtual_ip_pool" in p:
+        initiate = bool(vip)  # case 4: only the remote host can ask for its address (CP), so it starts
     if "initiate" in p:
         initiate = _typed(ctx, p, "initiate", where, bool, "true or false")
     psk = _psk_bytes(ctx, _line(p, "psk"), f"{where}psk", str(p["psk"])) if "psk" in p else None

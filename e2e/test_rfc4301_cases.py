@@ -9,14 +9,17 @@ stops them again::
       gw-b .2 ── lan0 10.2.0.1/24 ── gw-bw0 10.2.0.2   (site B)
       rh .21                                         (case 4: remote host)
 
-  case 1  h1 <== ESP transport ==> h2
+  case 1  h1 <== ESP transport ==> h2   (also AH transport, and ESP-then-AH bundles)
   case 2  gw-aw0 -- gw-a <== ESP tunnel 10.1/24<->10.2/24 ==> gw-b -- gw-bw0
   case 3  case 2 + gw-aw0 <== ESP transport ==> gw-bw0 inside the tunnel
-  case 4  rh <== ESP tunnel rh/32<->10.2/24 ==> gw-b -- gw-bw0
-          (+ rh <== ESP transport ==> gw-bw0 nested inside that tunnel)
+  case 4  rh <== ESP tunnel 10.99.0.1/32<->10.2/24 ==> gw-b -- gw-bw0
+          (rh asks for a virtual IP by CP, gw-b assigns it from 10.99.0.0/24)
+          (+ rh <== ESP transport ==> gw-bw0 nested inside a tunnel rh/32<->10.2/24)
 
 Traffic is proven with ping; protection with tcpdump captures read by tshark
-with the agents' key log (AES-GCM: Wireshark verifies the ICV itself).
+with the agents' key log (AES-GCM: Wireshark verifies the ICV itself). tshark's
+AH dissector checks no ICV, so AH ICVs are verified with scapy's AH and the
+keys from the key log file ``ah_sa``.
 """
 from __future__ import annotations
 
@@ -29,6 +32,11 @@ from pathlib import Path
 import pytest
 
 from e2e.topology import Topology, ping, sh, wait_until
+
+scapy_all = pytest.importorskip("scapy.all")
+from scapy.layers.inet import IP  # noqa: E402
+from scapy.layers.ipsec import AH, SecurityAssociation  # noqa: E402
+from scapy.utils import rdpcap  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -183,6 +191,114 @@ def test_case1_host_to_host_transport_raw_esp(site):
     assert tshark(pcap, "esp.icv_bad == 1", home=home) == []
 
 
+def _ah_keys(s: Site) -> dict[int, tuple[str, bytes, bool]]:
+    """SPI -> (scapy algorithm, key, esn) from the key log's ``ah_sa`` lines."""
+    algs = {"AUTH_HMAC_SHA2_256_128": "SHA2-256-128", "AUTH_HMAC_SHA2_384_192": "SHA2-384-192",
+            "AUTH_HMAC_SHA2_512_256": "SHA2-512-256", "AUTH_HMAC_SHA1_96": "HMAC-SHA1-96"}
+    out = {}
+    for line in (s.work / "keys" / "ah_sa").read_text().splitlines():
+        _fam, spi, alg, key, esn = line.split(",")
+        out[int(spi, 16)] = (algs[alg], bytes.fromhex(key[2:]), esn == "esn")
+    return out
+
+
+def _verify_ah(s: Site, pcap: Path) -> list:
+    """Every AH packet in ``pcap`` verified with scapy (raises on a bad ICV); their IP layers."""
+    keys = _ah_keys(s)
+    good = []
+    for frame in rdpcap(str(pcap)):
+        if IP not in frame or AH not in frame:
+            continue
+        ip = IP(bytes(frame[IP]))
+        alg, key, esn = keys[ip[AH].spi]
+        sa = SecurityAssociation(AH, spi=ip[AH].spi, auth_algo=alg, auth_key=key, esn_en=esn)
+        good.append(IP(bytes(sa.decrypt(ip))))
+    return good
+
+
+def _inject(ns: str, pkt: bytes) -> None:
+    """Send one whole IPv4 packet from ``ns`` as is (IP_HDRINCL, fwmark 0x4301: past the agent's TUN)."""
+    code = ("import socket,sys;s=socket.socket(socket.AF_INET,socket.SOCK_RAW,socket.IPPROTO_RAW);"
+            "s.setsockopt(socket.SOL_SOCKET,socket.SO_MARK,0x4301);"
+            f"p=bytes.fromhex('{pkt.hex()}');s.sendto(p,(socket.inet_ntoa(p[16:20]),0))")
+    sh(str(ROOT / ".venv" / "bin" / "python"), "-c", code, ns=ns)
+
+
+def _children(s: Site, ns: str, sock: Path, n: int) -> dict:
+    return wait_until(lambda: (lambda st: st if len(st.get("child_sas", [])) >= n else None)(s.status(ns, sock)),
+                      UP, what=f"{n} CHILD_SAs in {ns}")
+
+
+def test_case1_host_to_host_ah(site):
+    """AH only, transport mode: the payload is readable on the wire and integrity-protected."""
+    s = site
+    kw = dict(mode="transport", protocol="ah", esp_proposals=["sha256"])
+    a, sa = s.agent(s.h1.ns, "h1", "198.51.100.11", [peer("h2", "198.51.100.12", **kw)])
+    b, sb = s.agent(s.h2.ns, "h2", "198.51.100.12", [peer("h1", "198.51.100.11", **kw)])
+    cap, pcap = s.capture(s.topo.switch_ns, "br0", "case1ah")
+    s.wait_sa(s.h1.ns, sa, "h2")
+    s.wait_sa(s.h2.ns, sb, "h1")
+    assert ping(s.h1.ns, "198.51.100.12", count=3)
+    assert ping(s.h2.ns, "198.51.100.11", count=2)
+    st = s.status(s.h2.ns, sb)
+    (c,) = st["child_sas"]
+    assert (c["protocol"], c["mode"], c["encapsulation"]) == ("ah", "transport", "none") and c["packets_in"] >= 5
+    # tamper one captured AH packet (a payload byte) and replay it from h1: dropped, counted
+    wait_until(lambda: len(_verify_ah(s, pcap)) >= 10, 10, interval=0.2, what="AH packets in the capture")
+    orig = next(bytes(p[IP]) for p in rdpcap(str(pcap)) if AH in p and p[IP].src == "198.51.100.11")
+    bad = bytearray(orig)
+    bad[-1] ^= 0x01  # a payload bit ...
+    seq = int.from_bytes(bad[28:32], "big") + 1000
+    bad[28:32] = seq.to_bytes(4, "big")  # ... and a fresh sequence number, so no replay check stops it first
+    _inject(s.h1.ns, bytes(bad))
+    wait_until(lambda: s.status(s.h2.ns, sb)["child_sas"][0]["drops"].get("icv", 0) >= 1, 10, interval=0.2,
+               what="the tampered AH packet counted as an ICV failure")
+    assert s.status(s.h2.ns, sb)["drops"].get("ah_drops", 0) >= 1
+    s.topo.stop(cap)
+    s.stop(a, b)
+    assert tshark(pcap, "esp or udp.port == 4500") == []
+    clear = tshark(pcap, "ah and icmp and ip.src == 198.51.100.11 and ip.dst == 198.51.100.12",
+                   fields=["ah.spi", "icmp.type"])
+    assert len(clear) >= 4  # 3 requests + 2 replies seen in the clear behind AH (+ the tampered one)
+    keys = _ah_keys(s)
+    ok = bad_icv = 0
+    for frame in rdpcap(str(pcap)):
+        if AH not in frame:
+            continue
+        ip = IP(bytes(frame[IP]))
+        alg, key, esn = keys[ip[AH].spi]
+        try:
+            SecurityAssociation(AH, spi=ip[AH].spi, auth_algo=alg, auth_key=key, esn_en=esn).decrypt(ip)
+            ok += 1
+        except Exception:
+            bad_icv += 1
+    assert ok >= 10 and bad_icv == 1  # scapy agrees: only our tampered copy fails
+
+
+def test_case1_host_to_host_ah_esp(site):
+    """ESP then AH (RFC 4301 §4.5): two CHILD_SAs, AH outermost around ESP, both transport."""
+    s = site
+    kw = dict(mode="transport", protocol="ah+esp", esp_proposals=["aes128gcm16", "sha256"])
+    a, sa = s.agent(s.h1.ns, "h1", "198.51.100.11", [peer("h2", "198.51.100.12", **kw)])
+    b, sb = s.agent(s.h2.ns, "h2", "198.51.100.12", [peer("h1", "198.51.100.11", **kw)])
+    cap, pcap = s.capture(s.topo.switch_ns, "br0", "case1ahesp")
+    _children(s, s.h1.ns, sa, 2)
+    _children(s, s.h2.ns, sb, 2)
+    assert ping(s.h1.ns, "198.51.100.12", count=3)
+    st = s.status(s.h1.ns, sa)
+    assert sorted(c["protocol"] for c in st["child_sas"]) == ["ah", "esp"]
+    assert any(e["peer"] == "h2" and e["hits"] >= 3 and "esp/transport/none" in e["bundle"]
+               and "+ ah/transport/none" in e["bundle"] for e in st["spd"]), st["spd"]
+    s.topo.stop(cap)
+    s.stop(a, b)
+    assert tshark(pcap, "icmp") == [], "ICMP readable: ESP missing under AH"
+    layers = _verify_ah(s, pcap)
+    assert len(layers) >= 6 and all(p.proto == 50 for p in layers)  # AH carries ESP
+    home = s.keys_home()
+    assert len(tshark(pcap, "ah and esp and icmp.type == 8", home=home)) >= 3
+    assert tshark(pcap, "esp.icv_bad == 1", home=home) == []
+
+
 def _gateways(s: Site):
     a = s.agent(s.gwa.ns, "gw-a", "198.51.100.1", [peer("gw-b", "198.51.100.2", ["10.2.0.0/24"])], ["10.1.0.0/24"])
     b = s.agent(s.gwb.ns, "gw-b", "198.51.100.2", [peer("gw-a", "198.51.100.1", ["10.1.0.0/24"])], ["10.2.0.0/24"])
@@ -242,16 +358,33 @@ def _remote_host_gateway(s: Site, extra_rh: list[dict] = (), extra_gw: list[dict
 
 
 def test_case4_remote_host_to_gateway(site):
+    """The remote host asks for an inner address (CP CFG_REQUEST), gw-b assigns one from its pool."""
     s = site
-    (g, _), (r, sr) = _remote_host_gateway(s)
+    g, sg = s.agent(s.gwb.ns, "gw-b", "198.51.100.2",
+                    [peer("rh", "198.51.100.21", virtual_ip_pool="10.99.0.0/24")], ["10.2.0.0/24"])
+    r, sr = s.agent(s.rh.ns, "rh", "198.51.100.21", [peer("gw-b", "198.51.100.2", ["10.2.0.0/24"], virtual_ip=True)])
     cap, pcap = s.capture(s.topo.switch_ns, "br0", "case4")
+    st = s.wait_sa(s.rh.ns, sr, "gw-b")
+    (c,) = st["child_sas"]
+    assert c["local_ts"] == ["10.99.0.1/32"], c
+    assert "10.99.0.1" in sh("ip", "-o", "addr", "show", "dev", "ms0", ns=s.rh.ns).stdout  # on our TUN
     wait_until(lambda: ping(s.rh.ns, s.bw0.ip), UP, what="remote host -> host behind gateway B")
     assert ping(s.rh.ns, s.bw0.ip, count=3)
+    assert ping(s.bw0.ns, "10.99.0.1", count=3)  # and the site reaches the remote host's virtual IP
+    gst = s.status(s.gwb.ns, sg)
+    assert [c["remote_ts"] for c in gst["child_sas"]] == [["10.99.0.1/32"]]
     s.topo.stop(cap)
     s.stop(r, g)
     assert tshark(pcap, "icmp") == []
+    assert tshark(pcap, "ip.addr == 10.0.0.0/8") == [], "an inner address in a clear header"
     home = s.keys_home()
-    assert len(tshark(pcap, "esp and icmp and ip.src == 198.51.100.21 and ip.dst == 10.2.0.2", home=home)) >= 3
+    # the inner source is the virtual IP, both ways
+    assert len(tshark(pcap, "esp and icmp.type == 8 and ip.src == 10.99.0.1 and ip.dst == 10.2.0.2",
+                      home=home)) >= 3
+    assert len(tshark(pcap, "esp and icmp.type == 8 and ip.src == 10.2.0.2 and ip.dst == 10.99.0.1",
+                      home=home)) >= 3
+    srcs = tshark(pcap, "esp and icmp.type == 8 and ip.dst == 10.2.0.2", home=home, fields=["ip.src"])
+    assert len(srcs) >= 4 and set(srcs) == {"198.51.100.21,10.99.0.1"}, srcs  # outer, inner source
 
 
 def test_case4_remote_host_nested_transport(site):

@@ -175,3 +175,11 @@ def test_ah_proposal_strings_checked_against_the_protocol(protocol, props, ok):
     with pytest.raises(ConfigError) as ei:
         parse_config(text, "h.yaml")
     assert "peers[0].esp_proposals" in str(ei.value) and ok in str(ei.value)
+
+
+def test_case4_roles_decide_who_initiates():
+    host = HOST.replace("    mode: transport\n    encapsulation: none\n", "    subnets: [10.2.0.0/24]\n    virtual_ip: true\n")
+    gw = HOST.replace("    mode: transport\n    encapsulation: none\n", "    virtual_ip_pool: 10.99.0.0/24\n")
+    assert parse_config(host, "h.yaml")[0].peers[0].initiate is True  # only the host can send CP(CFG_REQUEST)
+    assert parse_config(gw, "g.yaml")[0].peers[0].initiate is False
+    assert parse_config(gw + "    initiate: true\n", "g.yaml")[0].peers[0].initiate is True

@@ -119,15 +119,26 @@ class RouteManager:
         return None
 
     def add_address(self, cidr: str) -> None:
+        """Put ``cidr`` on the device; a virtual IP (RFC 4301 case 4) then becomes the ``src``
+        of every route of its family, re-installed here, so our own traffic leaves with it."""
         iface = ipaddress.ip_interface(cidr)
         try:
             self._ipr.addr("add", index=self._idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
         except Exception as exc:
             if getattr(exc, "code", None) != _EEXIST:
                 raise RouteError(f"cannot add address {cidr} to {self.ifname}: {exc}") from exc
+        vips = self.__dict__.setdefault("_vips", {})
+        if vips.get(iface.version) != str(iface.ip):
+            vips[iface.version] = str(iface.ip)
+            for net in sorted(self._installed, key=str):
+                if net.version == iface.version:
+                    self._add(net)
 
     def _local_src(self, family: int) -> str | None:
-        """A host address inside one of our subnets, or None."""
+        """Our virtual IP, else a host address inside one of our subnets, or None."""
+        vip = self.__dict__.get("_vips", {}).get(family)
+        if vip is not None:
+            return vip
         nets = [n for n in self.own_subnets if n.version == family]
         if not nets:
             if self.local_address and ipaddress.ip_address(self.local_address).version == family:
