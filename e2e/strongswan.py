@@ -51,7 +51,7 @@ charon {{
   port = 500
   port_nat_t = 4500
   install_virtual_ip = no
-  retransmit_tries = 3
+  retransmit_tries = 5
   retransmit_timeout = 1.0
   fragment_size = {fragment_size}
   filelog {{
@@ -120,7 +120,7 @@ class Charon:
         res = self.swanctl("--load-all", "--clear", "--noprompt", "--file", str(path))
         (self.dir / "swanctl-load.log").write_text(res.stdout + res.stderr)
 
-    def initiate(self, child: str, timeout: int = 15) -> subprocess.CompletedProcess:
+    def initiate(self, child: str, timeout: int = 40) -> subprocess.CompletedProcess:
         return self.swanctl("--initiate", "--child", child, "--timeout", str(timeout), check=False)
 
     def terminate_all(self) -> None:

@@ -227,7 +227,7 @@ def transfer(src_ns: str, dst_ns: str, dst_ip: str, data: bytes, path: Path, por
     assert int(n) == len(data) and digest == hashlib.sha256(data).hexdigest(), "TCP transfer corrupted"
 
 
-def bring_up(lab, *, meshsec_initiates: bool, ms_ns: str | None = None, timeout: float = 20) -> None:
+def bring_up(lab, *, meshsec_initiates: bool, ms_ns: str | None = None, timeout: float = 40) -> None:
     ms_ns = ms_ns or lab.ms_ns
     if not meshsec_initiates:
         wait_until(lambda: ":500 " in sh("ss", "-uln", ns=ms_ns).stdout, 10, 0.05, "agent bound to UDP 500")
