@@ -83,6 +83,22 @@ def _drops(d: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted((d or {}).items()) if v) or "-"
 
 
+def _sa_kind(c: dict) -> str:
+    """e.g. ``esp/transport/udp``; an ESP SA inside an AH SA (ah+esp) shows ``+ah``."""
+    encap = c.get("encapsulation") or ("udp" if c.get("udp_encap") else "none")
+    kind = f"{c.get('protocol', 'esp')}/{c.get('mode', '?')}/{encap}"
+    return kind + (f" +ah {c['ah']}_o" if c.get("ah") else "")
+
+
+def _selector_extra(e: dict) -> str:
+    """Next-layer protocol and ports of an SPD entry (any when the entry has none)."""
+    proto = e.get("protocol")
+    if proto in (None, "", "any"):
+        return "any"
+    ports = [f"{k}={e[k]}" for k in ("local_ports", "remote_ports") if e.get(k) not in (None, "", "any")]
+    return " ".join([str(proto)] + ports)
+
+
 def format_status(st: dict) -> str:
     """Human-readable status (the agent's status JSON as produced by Runtime.status)."""
     out = [f"node {st.get('node', '?')}  local {st.get('local_address', '?')}  tun {st.get('tun', '?')}  "
@@ -100,11 +116,28 @@ def format_status(st: dict) -> str:
     ch = st.get("child_sas") or []
     out.append(f"CHILD_SAs ({len(ch)})")
     if ch:
-        rows = [[c["peer"], f"{c['spi_in']}_in {c['spi_out']}_out", c.get("algorithms", "-"), _age(c.get("age_s")),
+        rows = [[c["peer"], f"{c['spi_in']}_in {c['spi_out']}_out", _sa_kind(c), c.get("via") or "-",
+                 c.get("algorithms", "-"), _age(c.get("age_s")),
                  f"{_size(c.get('bytes_in'))}/{c.get('packets_in', 0)}p",
                  f"{_size(c.get('bytes_out'))}/{c.get('packets_out', 0)}p", _drops(c.get("drops"))] for c in ch]
-        out.append(_table(["PEER", "SPIs", "ALGORITHMS", "AGE", "IN", "OUT", "DROPS"], rows))
+        out.append(_table(["PEER", "SPIs", "PROTO/MODE/ENCAP", "VIA", "ALGORITHMS", "AGE", "IN", "OUT", "DROPS"],
+                          rows))
     out.append("")
+    spd = st.get("spd")
+    if spd is not None:
+        # RFC 4301 §4.4.1: entries in lookup order, first match wins
+        out.append(f"SPD ({len(spd)} entries, first match wins)")
+        if spd:
+            rows = [[str(i), e.get("local", "any"), e.get("remote", "any"), _selector_extra(e),
+                     str(e.get("action", "?")).upper(), e.get("peer") or "-", e.get("rule") or "-",
+                     e.get("name") or "-", e.get("bundle") or "-", str(e.get("hits", 0))]
+                    for i, e in enumerate(spd, 1)]
+            out.append(_table(["#", "LOCAL", "REMOTE", "PROTO/PORTS", "ACTION", "PEER", "RULE", "ENTRY", "BUNDLE",
+                               "HITS"], rows))
+        mtu = st.get("tun_mtu")
+        if mtu is not None:
+            out.append(f"TUN MTU {mtu}  underlay MTU {st.get('underlay_mtu') or '?'}")
+        out.append("")
     out.append("drops: " + _drops(st.get("drops")))
     if st.get("ike_drops"):
         out.append("IKE drops: " + _drops(st.get("ike_drops")))

@@ -148,3 +148,51 @@ def test_keylog_documented_in_help(capsys):
         agent_main.main(["--help"])
     out = capsys.readouterr().out
     assert "--keylog-dir" in out and "SSLKEYLOGFILE" in out
+
+
+def test_status_text_shows_the_spd_and_sa_kinds():
+    st = {
+        "node": "h1", "local_address": "198.51.100.11", "tun": "ms0", "view_version": 3, "uptime_s": 5,
+        "ike_sas": [], "drops": {}, "tun_mtu": 1418, "underlay_mtu": 1500,
+        "child_sas": [
+            {"peer": "h2", "spi_in": "0000aaaa", "spi_out": "0000bbbb", "protocol": "esp", "mode": "transport",
+             "encapsulation": "none", "via": None, "ah": "0000cccc", "algorithms": "ENCR_AES_GCM_16_128",
+             "age_s": 1, "drops": {}},
+            {"peer": "h2", "spi_in": "0000dddd", "spi_out": "0000cccc", "protocol": "ah", "mode": "transport",
+             "encapsulation": "none", "via": None, "algorithms": "AH/AUTH_HMAC_SHA2_256_128", "age_s": 1,
+             "drops": {"icv": 1}},
+            {"peer": "bw0", "spi_in": "0000eeee", "spi_out": "0000ffff", "protocol": "esp", "mode": "transport",
+             "encapsulation": "udp", "via": "gw-b", "algorithms": "x", "age_s": 1, "drops": {}}],
+        "spd": [
+            {"local": "198.51.100.11/32", "remote": "198.51.100.12/32", "action": "protect", "peer": "h2",
+             "rule": "hosts-ah", "name": "child:h2", "hits": 7,
+             "bundle": "h2:esp/transport/none 0000bbbb_o + ah/transport/none 0000cccc_o"},
+            {"local": "any", "remote": "10.2.0.0/24", "action": "protect", "peer": "gw-b", "rule": "",
+             "name": "view:gw-b", "hits": 0, "bundle": "no SA yet"},
+            {"local": "any", "remote": "any", "protocol": 17, "remote_ports": "500", "action": "bypass",
+             "peer": None, "name": "ike", "hits": 2, "bundle": "-"}],
+    }
+    out = cli.format_status(st)
+    lines = out.splitlines()
+    assert "SPD (3 entries, first match wins)" in out and "TUN MTU 1418  underlay MTU 1500" in out
+    row1 = next(ln for ln in lines if ln.startswith("1 "))
+    for cell in ("198.51.100.12/32", "PROTECT", "hosts-ah", "child:h2", "+ ah/transport/none 0000cccc_o", " 7"):
+        assert cell in row1, (cell, row1)
+    row2 = next(ln for ln in lines if ln.startswith("2 "))
+    assert "view:gw-b" in row2 and "no SA yet" in row2 and " - " in row2  # no controller rule
+    row3 = next(ln for ln in lines if ln.startswith("3 "))
+    assert "BYPASS" in row3 and "17 remote_ports=500" in row3
+    assert any("esp/transport/none +ah 0000cccc_o" in ln for ln in lines)
+    assert any("ah/transport/none" in ln and "icv=1" in ln for ln in lines)
+    assert any("esp/transport/udp" in ln and "gw-b" in ln for ln in lines)  # via
+    assert out.index("CHILD_SAs") < out.index("SPD (")
+
+
+def test_status_text_rule_from_the_controller_policy(running):
+    _path, a = running
+    from dataclasses import replace
+    v = a.rt.view
+    a.rt.view = replace(v, peers=tuple(replace(p, policy=replace(p.policy, rule="site-to-site")) for p in v.peers))
+    st = a.rt.status()
+    assert {e["rule"] for e in st["spd"] if e["peer"] == "b"} == {"site-to-site"}
+    assert "site-to-site" in cli.format_status(st)

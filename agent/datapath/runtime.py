@@ -1006,6 +1006,12 @@ class Runtime:
                    "remote": str(e.remote) if e.remote is not None else "any",
                    "action": e.action.value, "peer": e.peer, "mode": e.mode, "name": e.name,
                    "hits": self.spd_hits.get(e, 0), "bundle": []}
+            vp = self.view.peer(e.peer) if e.peer else None
+            row["rule"] = getattr(vp.policy, "rule", "") if vp is not None else ""  # controller policy rule
+            for k in ("protocol", "local_ports", "remote_ports"):
+                v = getattr(e, k, None)
+                if v is not None:
+                    row[k] = v if isinstance(v, (int, str)) else str(v)
             cur, seen = self.current.get(e.peer) if e.peer else None, set()
             while cur is not None and cur.peer not in seen:  # the SAs applied, innermost first
                 seen.add(cur.peer)
