@@ -44,6 +44,10 @@ from meshsec.v1 import controller_pb2_grpc as pb_grpc
 
 CA_FILE = "ca.pem"
 
+# A Watch stream re-checks that its RPC is alive this often even without a
+# wake-up (its end wakes it at once through a gRPC callback).
+WATCH_POLL_S = 5.0
+
 # Keepalives detect dead agents / controllers behind silent middleboxes.
 SERVER_OPTIONS = [
     ("grpc.keepalive_time_ms", 20_000),
@@ -64,6 +68,7 @@ class ControllerState:
     def __init__(self, store: StateStore, inventory: Inventory, *, record: bool = True) -> None:
         self._store = store
         self._cond = threading.Condition()
+        self._watchers: set[threading.Event] = set()
         self._inventory = inventory
         self.changed_at = time.monotonic()  # when this replica learnt the current version
         self.read_only = not record
@@ -90,7 +95,7 @@ class ControllerState:
                 self.changed_at = time.monotonic()
             self._version = version
             self._inventory = inventory
-            self._cond.notify_all()
+            self._notify()
             return self._version, bumped
 
     def adopt(self, version: int, inventory: Inventory) -> bool:
@@ -101,16 +106,48 @@ class ControllerState:
                 return False
             self._version, self._inventory = version, inventory
             self.changed_at = time.monotonic()
-            self._cond.notify_all()
+            self._notify()
             return True
 
-    def wake(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
+    def _notify(self) -> None:
+        # caller holds self._cond
+        self._cond.notify_all()
+        for event in self._watchers:
+            event.set()
 
-    def wait_newer(self, version: int, timeout: float) -> tuple[Inventory, int]:
+    def wake(self) -> None:
+        """Wake every waiter (shutdown)."""
         with self._cond:
-            self._cond.wait_for(lambda: self._version != version, timeout=timeout)
+            self._notify()
+
+    def watcher(self) -> threading.Event:
+        """A wake-up event for one stream: set on every version change and by
+        :meth:`wake`; the stream's own end sets it alone, so a thousand
+        streams closing at once do not wake each other."""
+        event = threading.Event()
+        with self._cond:
+            self._watchers.add(event)
+        return event
+
+    def unwatch(self, event: threading.Event) -> None:
+        with self._cond:
+            self._watchers.discard(event)
+
+    def wait_newer(self, version: int, timeout: float,
+                   wakeup: threading.Event | None = None) -> tuple[Inventory, int]:
+        """The current (inventory, version) once it is not ``version``, or
+        after ``timeout`` seconds, or when ``wakeup`` (from :meth:`watcher`)
+        is set."""
+        if wakeup is None:
+            with self._cond:
+                self._cond.wait_for(lambda: self._version != version, timeout=timeout)
+                return self._inventory, self._version
+        with self._cond:
+            if self._version != version:
+                return self._inventory, self._version
+        wakeup.wait(timeout)
+        wakeup.clear()  # before reading the version: a change after this sets it again
+        with self._cond:
             return self._inventory, self._version
 
     def change_age(self) -> float:
@@ -201,14 +238,17 @@ class ControllerServicer(pb_grpc.ControllerServicer):
     def Watch(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         name = request.node_name
         self._check_identity(name, context)
-        context.add_callback(self._state.wake)
+        wakeup = self._state.watcher()
+        context.add_callback(wakeup.set)
         self._metrics.watch_started()
         try:
-            yield from self._watch(request, context, name)
+            yield from self._watch(request, context, name, wakeup)
         finally:
+            self._state.unwatch(wakeup)
             self._metrics.watch_ended()
 
-    def _watch(self, request: pb.WatchRequest, context: grpc.ServicerContext, name: str) -> Iterator[bytes]:
+    def _watch(self, request: pb.WatchRequest, context: grpc.ServicerContext, name: str,
+               wakeup: threading.Event) -> Iterator[bytes]:
         # Yields serialized ViewUpdates (see add_servicer): the shared
         # per-version work lives in controller.fanout; a stream keeps only
         # the index of the version it last sent.
@@ -229,7 +269,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             if update is not None:
                 yield update
         while context.is_active():
-            inventory, newer = self._state.wait_newer(version, timeout=1.0)
+            inventory, newer = self._state.wait_newer(version, timeout=WATCH_POLL_S, wakeup=wakeup)
             if newer == version:
                 continue
             nxt = self._views.current(newer, inventory)

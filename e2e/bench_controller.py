@@ -150,6 +150,16 @@ def wait(pred, timeout: float, what: str) -> None:
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def settle(pid: int, quiet: float = 0.02, timeout: float = 120.0) -> None:
+    """Wait until the process uses less than ``quiet`` CPU s/s over 0.5 s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        c0 = proc_cpu(pid)
+        time.sleep(0.5)
+        if proc_cpu(pid) - c0 < quiet * 0.5:
+            return
+
+
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
@@ -215,9 +225,16 @@ def main(argv: list[str] | None = None) -> int:
                   f"p99 {pct(total, .99) * 1000:.0f} ms (includes the 1 s inventory poll); "
                   f"controller CPU {cpu:.2f} s; RSS {proc_rss_mb(proc.pid):.0f} MB")
             time.sleep(1.5)
-        print(f"controller total CPU {proc_cpu(proc.pid):.1f} s; peak RSS: "
-              + next((ln.split(':')[1].strip() for ln in Path(f'/proc/{proc.pid}/status').read_text().splitlines()
-                      if ln.startswith('VmHWM')), "?"))
+        peak = next((ln.split(':')[1].strip() for ln in Path(f'/proc/{proc.pid}/status').read_text().splitlines()
+                     if ln.startswith('VmHWM')), "?")
+        print(f"controller total CPU {proc_cpu(proc.pid):.1f} s; peak RSS: {peak}")
+        # every agent goes away at once (e.g. a network blip): what does ending n streams cost?
+        c0, t0 = proc_cpu(proc.pid), time.monotonic()
+        agents.close()
+        agents = None
+        settle(proc.pid)
+        print(f"all {n} streams closed: controller CPU {proc_cpu(proc.pid) - c0:.2f} s until idle "
+              f"({time.monotonic() - t0:.1f} s)")
         return 0
     finally:
         if agents is not None:

@@ -287,3 +287,27 @@ def test_live_streams_get_the_same_bytes_as_compute_view(controller: ServerFacto
     assert second.SerializeToString() == oracle_update(inv1, inv2, v2, "alpha")
     assert [(p.name, p.policy.action, p.initiate) for p in second.upserted_peers] == [
         ("charlie", pb.ACTION_BYPASS, False)]
+
+
+def test_stream_wakeups_are_per_stream(tmp_path: Path) -> None:
+    from controller.service import ControllerState
+    from controller.store import Store
+
+    store = Store(tmp_path / "state")
+    try:
+        state = ControllerState(store, parse_inventory(BASE))
+        _, v = state.snapshot()
+        one, two = state.watcher(), state.watcher()
+        one.set()  # what one stream's end does (gRPC callback): the other stays asleep
+        assert not two.is_set()
+        assert state.wait_newer(v, timeout=0, wakeup=one)[1] == v and not one.is_set()
+        state.update(parse_inventory(BASE.replace("198.51.100.1]", "198.51.100.9]")))
+        assert one.is_set() and two.is_set()  # a new version wakes every stream
+        inv, v2 = state.wait_newer(v, timeout=0, wakeup=two)
+        assert v2 == v + 1 and inv.node("gw-a").endpoints == ("198.51.100.9",)
+        state.unwatch(one)
+        one.clear()
+        state.wake()  # shutdown wakes the registered ones
+        assert two.is_set() and not one.is_set()
+    finally:
+        store.close()
