@@ -54,7 +54,9 @@ def test_default_policy_values() -> None:
     inv = parse_inventory(INV.replace("  mode: auto\n", "  replay_window: 64\n"))
     pol = compute_view(inv, "gw-a").peer("gw-b").policy
     assert (pol.mode, pol.protocol, pol.encapsulation, pol.replay_window) == ("tunnel", "esp", "udp", 64)
-    assert pol.ike_proposals[0] == "aes128gcm16-prfsha256-x25519"
+    # hybrid post-quantum first, classical fallback after it (RFC 9370)
+    assert pol.ike_proposals[0] == "aes256gcm16-prfsha384-x25519-ke1_mlkem768"
+    assert "aes128gcm16-prfsha256-x25519" in pol.ike_proposals[1:]
 
 
 def test_unknown_node(inv: Inventory) -> None:

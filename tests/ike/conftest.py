@@ -87,13 +87,20 @@ def cert_creds(pki, who: str, ca: str = "ca") -> Credentials:
 
 
 def view(me: str, peer_name: str, *, my_net=None, peer_net=None, my_addr=None, peer_addr=None,
-         policy: PeerPolicy = PeerPolicy(), psk=None, initiate=True, peer_identity=None) -> NodeView:
+         policy: PeerPolicy | None = None, psk=None, initiate=True, peer_identity=None) -> NodeView:
+    policy = CLASSICAL if policy is None else policy
     me_a = me == "node-a"
     peer = Peer(name=peer_name, identity=peer_identity or peer_name,
                 endpoints=(peer_addr or (B_ADDR if me_a else A_ADDR),),
                 subnets=(peer_net or (B_NET if me_a else A_NET),), policy=policy, psk=psk, initiate=initiate)
     return NodeView(name=me, identity=me, subnets=(my_net or (A_NET if me_a else B_NET),), peers=(peer,),
                     local_address=my_addr or (A_ADDR if me_a else B_ADDR))
+
+
+# Message-flow tests assume the classical exchange (IKE_SA_INIT then IKE_AUTH);
+# the hybrid post-quantum default (IKE_INTERMEDIATE in between) has its own
+# tests in test_pq_hybrid.py, and the e2e mesh runs the real defaults.
+CLASSICAL = PeerPolicy(ike_proposals=tuple(p for p in PeerPolicy().ike_proposals if "mlkem" not in p))
 
 
 @dataclass

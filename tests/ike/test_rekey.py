@@ -15,12 +15,12 @@ from agent.ike.message import HEADER_LEN, decode_message, decode_payloads
 from agent.ike.proposals import encr_key_len, parse_esp_proposal
 from agent.model import Credentials, PeerPolicy
 
-from tests.ike.conftest import make_net, view
+from tests.ike.conftest import CLASSICAL, make_net, view
 
 PSK = b"correct horse battery staple 0123"
 
 
-def net(a_policy=PeerPolicy(), b_policy=None, seed="r"):
+def net(a_policy=CLASSICAL, b_policy=None, seed="r"):
     n = make_net(view("node-a", "node-b", policy=a_policy), Credentials(psk=PSK),
                  view("node-b", "node-a", policy=b_policy or a_policy), Credentials(psk=PSK), seed=seed)
     n.a.initiate("node-b", n.now)
