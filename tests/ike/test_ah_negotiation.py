@@ -23,7 +23,7 @@ from agent.ike.proposals import ProposalError, parse_ah_proposal, parse_child_pr
 from agent.model import Credentials, PeerPolicy
 
 from tests.ike.conftest import make_net, view
-from tests.ike.test_rekey import create_child_msgs, inner, sas
+from tests.ike.helpers import create_child_msgs, inner, sas
 
 PSK = b"correct horse battery staple 0123"
 AH = PeerPolicy(mode="transport", protocol="ah", encapsulation="none", esp_proposals=("sha256",))

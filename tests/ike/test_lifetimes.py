@@ -5,7 +5,7 @@ from __future__ import annotations
 from agent.ike.events import ChildSaDeleted, ChildSaEstablished, IkeSaDeleted, IkeSaEstablished
 from agent.model import PeerPolicy
 
-from tests.ike.test_rekey import assert_mirrored, create_child_msgs, live_children, net, sas
+from tests.ike.helpers import assert_mirrored, create_child_msgs, live_children, net, sas
 
 
 def test_child_sa_soft_lifetime_rekeys_between_80_and_90_percent():

@@ -13,7 +13,7 @@ from agent.iana import ExchangeType, PayloadType
 from agent.ike.events import ChildSaDeleted, ChildSaEstablished, IkeSaDeleted
 from agent.ike.message import decode_message
 
-from tests.ike.test_rekey import assert_mirrored, create_child_msgs, live_children, net, sas
+from tests.ike.helpers import assert_mirrored, create_child_msgs, live_children, net, sas
 
 SEEDS = ["c1", "c2", "c3", "c4", "c5", "c6"]
 

@@ -1,0 +1,69 @@
+"""Helpers shared by the IKEv2 exchange tests (tests/ike/test_rekey*.py, test_lifetimes.py,
+test_ah_negotiation.py): a pair of IkeManagers with an established IKE_SA, and decryption of the
+logged messages with the IKE_SA's own keys so tests can look at the SK payloads on the wire."""
+from __future__ import annotations
+
+from agent.iana import ExchangeType
+from agent.ike.events import ChildSaEstablished
+from agent.ike.message import HEADER_LEN, decode_message, decode_payloads
+from agent.model import Credentials
+
+from tests.ike.conftest import CLASSICAL, make_net, view
+
+PSK = b"correct horse battery staple 0123"
+
+
+def net(a_policy=CLASSICAL, b_policy=None, seed="r"):
+    n = make_net(view("node-a", "node-b", policy=a_policy), Credentials(psk=PSK),
+                 view("node-b", "node-a", policy=b_policy or a_policy), Credentials(psk=PSK), seed=seed)
+    n.a.initiate("node-b", n.now)
+    n.pump()
+    assert len(n.of("a", ChildSaEstablished)) == 1
+    n.events = {"a": [], "b": []}
+    n.log.clear()
+    return n
+
+
+def sas(n):
+    """Every IkeSa object, dead or alive, keyed by (SPIi, SPIr), collected as the test goes."""
+    out = getattr(n, "_all_sas", {})
+    for m in (n.a, n.b):
+        for sa in m._sas.values():
+            out[(sa.spi_i, sa.spi_r)] = sa
+    n._all_sas = out
+    return out
+
+
+def inner(n, data):
+    """Decrypt one logged IKE message with the keys of its IKE_SA: (Message, inner payloads)."""
+    msg = decode_message(data)
+    sa = sas(n)[(msg.spi_i, msg.spi_r)]
+    k = sa._keys
+    sk_e, sk_a = (k.sk_ei, k.sk_ai) if msg.is_initiator else (k.sk_er, k.sk_ar)
+    sk = msg.payloads[0]
+    plain = sa._cipher.decrypt(sk_e, sk_a, data[:HEADER_LEN + 4], sk.body)
+    return msg, decode_payloads(sk.first, plain, allow_sk=False)
+
+
+def create_child_msgs(n):
+    """[(sender, Message, {ptype: [payloads]})] of the CREATE_CHILD_SA exchanges on the wire."""
+    out = []
+    for src, d in n.log:
+        msg = decode_message(d.data)
+        if msg.exchange == ExchangeType.CREATE_CHILD_SA:
+            m, pl = inner(n, d.data)
+            by: dict = {}
+            for p in pl:
+                by.setdefault(int(p.payload_type), []).append(p)
+            out.append((src, m, by))
+    return out
+
+
+def live_children(m):
+    return [(c.inbound_spi, c.outbound_spi) for sa in m._live() for c in sa.children]
+
+
+def assert_mirrored(n, count=1):
+    ca, cb = live_children(n.a), live_children(n.b)
+    assert len(ca) == len(cb) == count
+    assert sorted((o, i) for i, o in ca) == sorted(cb)
