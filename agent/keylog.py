@@ -5,7 +5,9 @@ With ``--keylog-dir DIR`` the agent appends to two Wireshark 4.0 UAT files:
 - ``DIR/ikev2_decryption_table``: ``SPIi,SPIr,SK_ei,SK_er,"encr",SK_ai,SK_ar,"integ"``
   (SPIs 16 hex digits, keys hex, algorithm names as Wireshark spells them);
 - ``DIR/esp_sa``: ``"IPv4","src","dst","0xSPI","encr","0xkey","auth","0xkey"``,
-  one line per direction of every CHILD_SA, addresses ``*``.
+  one line per direction of every ESP CHILD_SA, addresses ``*``;
+- ``DIR/ah_sa`` (ours; Wireshark has no AH key table): ``IPv4|IPv6,0xSPI,<IANA integrity
+  name>,0x<key>,esn|noesn``, one line per direction of every AH CHILD_SA (docs/datapath.md).
 
 Copy them to ``$HOME/.config/wireshark/`` (and pass
 ``-o esp.enable_encryption_decode:TRUE`` for ESP). Each line is one
@@ -18,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 
-from agent.iana import EncrId, IntegId
+from agent.iana import EncrId, IntegId, name_of
 
 # Wireshark 4.0 packet-ipsec.c names (ESP SA UAT).
 _ESP_ENCR = {
@@ -41,6 +43,7 @@ _AEAD = {EncrId.ENCR_AES_GCM_8, EncrId.ENCR_AES_GCM_12, EncrId.ENCR_AES_GCM_16}
 
 IKE_TABLE = "ikev2_decryption_table"
 ESP_TABLE = "esp_sa"
+AH_TABLE = "ah_sa"
 
 
 def esp_sa_line(keys, src: str = "*", dst: str = "*", family: str = "IPv4") -> str | None:
@@ -52,6 +55,13 @@ def esp_sa_line(keys, src: str = "*", dst: str = "*", family: str = "IPv4") -> s
     akey = "" if keys.encr_id in _AEAD or not keys.integ_key else "0x" + keys.integ_key.hex()
     return (f'"{family}","{src}","{dst}","0x{keys.spi:08x}","{encr}",'
             f'"0x{keys.encr_key.hex()}","{auth}","{akey}"')
+
+
+def ah_sa_line(keys, family: str = "IPv4") -> str:
+    """One ``ah_sa`` line for one direction of an AH CHILD_SA (RFC 4302): family, SPI,
+    the IANA integrity transform name, the key, and whether ESN is on."""
+    return (f"{family},0x{keys.spi:08x},{name_of(IntegId, keys.integ_id)},0x{keys.integ_key.hex()},"
+            f"{'esn' if keys.esn else 'noesn'}")
 
 
 def ikev2_line(ev) -> str:
@@ -84,8 +94,12 @@ class KeyLog:
         self._append(IKE_TABLE, ikev2_line(ev))
 
     def child_sa(self, ev) -> None:
-        """Log both directions of a ``ChildSaEstablished`` event."""
+        """Log both directions of a ``ChildSaEstablished`` event: ESP to ``esp_sa``,
+        AH (``ev.protocol == "ah"``) to ``ah_sa``."""
         family = "IPv6" if ":" in ev.remote[0] else "IPv4"
+        if getattr(ev, "protocol", "esp") == "ah":
+            self._append(AH_TABLE, "\n".join(ah_sa_line(k, family) for k in (ev.inbound, ev.outbound)))
+            return
         for keys in (ev.inbound, ev.outbound):
             line = esp_sa_line(keys, family=family)
             if line is None:

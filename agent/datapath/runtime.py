@@ -865,7 +865,7 @@ class Runtime:
         peer = self.view.peer(ev.peer)
         window = peer.policy.replay_window if peer is not None else 1024
         mode = ev.mode
-        is_ah = not ev.inbound.encr_id  # AH CHILD_SA: no ENCR transform (RFC 7296 §3.3)
+        is_ah = getattr(ev, "protocol", "esp") == "ah"  # Protocol ID of the chosen proposal (§3.3.1)
         if is_ah:
             from agent.esp import AhSa
             # outbound tunnel mode is transport AH over our own IP-in-IP header (see _send_ah)
@@ -905,10 +905,7 @@ class Runtime:
         self._rebuild_spd()
         self._sync_routes()
         if self.keylog is not None:
-            if is_ah:
-                self._keylog_ah(ev)
-            else:
-                self.keylog.child_sa(ev)
+            self.keylog.child_sa(ev)  # ESP to esp_sa, AH to ah_sa
         self.log.info("CHILD_SA with %s established: spi in %08x out %08x, %s, %s -> %s%s", ev.peer,
                       ch.inbound_spi, ch.outbound_spi, ev.algorithms,
                       ",".join(map(str, ch.local_ts)), ",".join(map(str, ch.remote_ts)),
@@ -932,21 +929,6 @@ class Runtime:
         self.current[peer] = cur
         if cur.protocol == "esp":
             self.sad.set_outbound(peer, cur.out_sa)
-
-    def _keylog_ah(self, ev) -> None:
-        """AH keys for scapy/tshark checks, file ``ah_sa`` in the key log directory (docs/datapath.md)."""
-        d = getattr(self.keylog, "dir", None)
-        if d is None:
-            return
-        from agent.iana import IntegId, name_of
-        lines = "".join(f"{'IPv6' if ':' in ev.remote[0] else 'IPv4'},0x{k.spi:08x},"
-                        f"{name_of(IntegId, k.integ_id)},0x{k.integ_key.hex()},{'esn' if k.esn else 'noesn'}\n"
-                        for k in (ev.inbound, ev.outbound))
-        fd = os.open(os.path.join(d, "ah_sa"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, lines.encode())
-        finally:
-            os.close(fd)
 
     def _remove_child(self, ch: ChildEntry) -> None:
         if ch.protocol == "esp":

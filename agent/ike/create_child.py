@@ -355,7 +355,8 @@ class CreateChildExchange:
         self.children.append(child)
         self.events.append(ChildSaEstablished(
             self.peer_name, self.spi_i, self.spi_r, inbound, outbound, tuple(local_ts), tuple(remote_ts), mode,
-            child.udp_encap, self.local, self.remote, choice.proposal.describe(), rekey_of, vip))
+            child.udp_encap, self.local, self.remote, choice.proposal.describe(), rekey_of, vip,
+            child.protocol))
         return child
 
     # ------------------------------------------------------------ CREATE_CHILD_SA: responder

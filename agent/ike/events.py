@@ -52,6 +52,8 @@ class ChildSaEstablished:
     (§1.3.3: keep the old inbound SA until its ChildSaDeleted, send on the new one).
     ``virtual_ip``: the address the gateway assigned us by CP(CFG_REPLY) (§3.15), our
     side of ``local_ts``; None without a configuration payload.
+    ``protocol``: "esp" (RFC 4303) or "ah" (RFC 4302; the keys then carry integrity only,
+    ``encr_id`` 0), the Protocol ID of the chosen proposal (RFC 7296 §3.3.1).
     """
     peer: str
     ike_spi_i: int
@@ -67,6 +69,7 @@ class ChildSaEstablished:
     algorithms: str
     rekey_of: int | None = None
     virtual_ip: str | None = None
+    protocol: str = "esp"
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import pytest
 from agent.esp import EspSa
 from agent.iana import EncrId, IntegId
 from agent.ike.events import ChildSaEstablished, IkeKeysDerived
-from agent.keylog import ESP_TABLE, IKE_TABLE, KeyLog, esp_sa_line
+from agent.keylog import AH_TABLE, ESP_TABLE, IKE_TABLE, KeyLog, ah_sa_line, esp_sa_line
 from agent.model import EspKeys
 
 CAPTURES = "/work/shared/captures"
@@ -19,13 +19,13 @@ tshark = shutil.which("tshark")
 needs_tshark = pytest.mark.skipif(tshark is None, reason="tshark not installed")
 
 
-def child_event(inbound: EspKeys, outbound: EspKeys) -> ChildSaEstablished:
+def child_event(inbound: EspKeys, outbound: EspKeys, protocol: str = "esp") -> ChildSaEstablished:
     import ipaddress
     return ChildSaEstablished(
         peer="b", ike_spi_i=1, ike_spi_r=2, inbound=inbound, outbound=outbound,
         local_ts=(ipaddress.ip_network("10.1.0.0/24"),), remote_ts=(ipaddress.ip_network("10.2.0.0/24"),),
         mode="tunnel", udp_encap=True, local=("198.51.100.1", 4500), remote=("198.51.100.2", 4500),
-        algorithms="x")
+        algorithms="x", protocol=protocol)
 
 
 def run_tshark(home, pcap, *fields, table_name, table_src, extra=()):
@@ -118,3 +118,27 @@ def test_lines_never_interleave(tmp_path):
     lines = (tmp_path / ESP_TABLE).read_text().splitlines()
     assert len(lines) == 400 and len(set(lines)) == 1
     assert oct(os.stat(tmp_path / ESP_TABLE).st_mode & 0o777) == "0o600"
+
+
+def test_ah_child_sa_goes_to_ah_sa_and_scapy_verifies_an_icv_with_the_logged_key(tmp_path):
+    """AH CHILD_SAs (event protocol "ah") are logged to ``ah_sa`` (docs/datapath.md format), not
+    to esp_sa; scapy's AH (which we did not write) verifies our AhSa's ICV with the logged key."""
+    from scapy.all import AH, ICMP, IP, Raw, SecurityAssociation, raw
+
+    from agent.esp import AhSa
+
+    k_out = EspKeys(0x0A0B0C0D, 0, b"", IntegId.AUTH_HMAC_SHA2_256_128, os.urandom(32), False)
+    k_in = EspKeys(0x01020304, 0, b"", IntegId.AUTH_HMAC_SHA2_384_192, os.urandom(48), True)
+    log = KeyLog(str(tmp_path / "keys"))
+    log.child_sa(child_event(inbound=k_in, outbound=k_out, protocol="ah"))
+    assert not (tmp_path / "keys" / ESP_TABLE).exists()
+    lines = (tmp_path / "keys" / AH_TABLE).read_text().splitlines()
+    assert lines == [f"IPv4,0x01020304,AUTH_HMAC_SHA2_384_192,0x{k_in.integ_key.hex()},esn",
+                     f"IPv4,0x0a0b0c0d,AUTH_HMAC_SHA2_256_128,0x{k_out.integ_key.hex()},noesn"]
+    assert ah_sa_line(k_out, "IPv6").startswith("IPv6,0x0a0b0c0d,")
+    _fam, spi, alg, key, esn = lines[1].split(",")
+    assert alg == "AUTH_HMAC_SHA2_256_128" and esn == "noesn"
+    pkt = raw(IP(src="198.51.100.1", dst="198.51.100.2", id=9) / ICMP() / Raw(b"ah keylog"))
+    (wire,) = AhSa(k_out, mode="transport").encapsulate_batch([pkt])
+    sa = SecurityAssociation(AH, spi=int(spi, 16), auth_algo="SHA2-256-128", auth_key=bytes.fromhex(key[2:]))
+    assert IP(raw(sa.decrypt(IP(wire))))[Raw].load == b"ah keylog"  # raises on a bad ICV

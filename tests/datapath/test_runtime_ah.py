@@ -32,7 +32,8 @@ def esp_keys(spi: int) -> EspKeys:
 def ev(peer, k_in, k_out, me, other, mode="transport", alg="AH/AUTH_HMAC_SHA2_256_128/NO_ESN"):
     return ChildSaEstablished(peer=peer, ike_spi_i=1, ike_spi_r=2, inbound=k_in, outbound=k_out,
                               local_ts=(NET(me + "/32"),), remote_ts=(NET(other + "/32"),), mode=mode,
-                              udp_encap=False, local=(me, 500), remote=(other, 500), algorithms=alg)
+                              udp_encap=False, local=(me, 500), remote=(other, 500), algorithms=alg,
+                              protocol="esp" if k_in.encr_id else "ah")
 
 
 def node(net, me, other, peer_name, protocol, mode="transport"):
@@ -147,3 +148,20 @@ def test_ah_esp_bundle_esp_inside_ah_both_ways_and_layers_enforced():
     b.pump()
     a.pump()
     assert len(ta.take_written()) == 1
+
+
+def test_runtime_takes_the_protocol_from_the_event_and_logs_ah_keys_via_keylog(tmp_path):
+    """The runtime installs an AH SA because the event says protocol "ah" (not from encr_id),
+    and hands the event to KeyLog.child_sa, which writes ``ah_sa`` (not esp_sa)."""
+    from agent.keylog import AH_TABLE, ESP_TABLE, KeyLog
+    net = FakeNetwork()
+    rt, ike, _tun = node(net, A, B, "b", "ah")
+    rt.keylog = KeyLog(str(tmp_path / "keys"))
+    install(rt, ike, ev("b", ah_keys(0x1001), ah_keys(0x2002), A, B))
+    (c,) = rt.status()["child_sas"]
+    from agent.esp import AhSa
+    assert c["protocol"] == "ah" and isinstance(rt.children[0x1001].in_sa, AhSa)
+    assert rt.sad.inbound_peer(0x1001) is None  # AH SAs are not in the ESP SAD
+    lines = (tmp_path / "keys" / AH_TABLE).read_text().splitlines()
+    assert [ln.split(",")[1] for ln in lines] == ["0x00001001", "0x00002002"]
+    assert not (tmp_path / "keys" / ESP_TABLE).exists()

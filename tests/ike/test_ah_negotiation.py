@@ -105,6 +105,8 @@ def test_ah_esp_is_two_child_sas_esp_transport_then_ah_same_ts():
     ea, eb = n.of("a", ChildSaEstablished), n.of("b", ChildSaEstablished)
     assert len(ea) == len(eb) == 2
     esp_a, ah_a = ea
+    # the event says which protocol (RFC 7296 §3.3.1 Protocol ID); the runtime relies on it
+    assert [e.protocol for e in ea] == [e.protocol for e in eb] == ["esp", "ah"]
     assert esp_a.inbound.encr_id != 0 and esp_a.mode == "transport"
     assert ah_a.inbound.encr_id == 0 and ah_a.inbound.esn and ah_a.mode == "transport"
     assert ah_a.inbound.integ_id == IntegId.AUTH_HMAC_SHA2_384_192 and len(ah_a.inbound.integ_key) == 48
