@@ -85,7 +85,7 @@ class AgentMetrics:
             if ch is not None:
                 self._live[ch.inbound_spi] = _sa_counts(ch)  # final counts, kept when it disappears
         elif name == "IkeSaDeleted":
-            if "rekey" in (getattr(ev, "reason", "") or "").lower():
+            if getattr(ev, "rekeyed_to", None) is not None:  # replaced by a rekey (RFC 7296 §1.3.2)
                 self.rekeys.labels("ike").inc()
             for ch in rt.children.values():
                 if (ch.ike_spi_i, ch.ike_spi_r) == (ev.spi_i, ev.spi_r):
@@ -96,10 +96,16 @@ class AgentMetrics:
                 self.handshake.labels("initiator" if ev.initiator else "responder").observe(max(0.0, now - created))
 
     def _created_at(self, ev) -> float | None:
-        # IkeManager has no public per-SA start time yet; IkeSa.created_at is on the runtime's clock
-        for sa in (getattr(self.rt.ike, "_sas", None) or {}).values():
-            if getattr(sa, "spi_i", None) == ev.spi_i and getattr(sa, "spi_r", None) == ev.spi_r:
-                return getattr(sa, "created_at", None)
+        """``created`` of the IKE_SA from IkeManager.status() (the runtime's clock), or None."""
+        spi_i, spi_r = f"{ev.spi_i:016x}", f"{ev.spi_r:016x}"
+        try:
+            rows = self.rt.ike.status()
+        except Exception:  # status must not break event handling
+            return None
+        for row in rows:
+            if row.get("spi_i") == spi_i and row.get("spi_r") == spi_r:
+                created = row.get("created")
+                return created if isinstance(created, (int, float)) and not isinstance(created, bool) else None
         return None
 
     def take_snapshot(self) -> dict[str, Any]:

@@ -120,3 +120,33 @@ def test_bad_listen_address_is_a_clear_error(pair):
     a, b, ma, mb, clock = pair
     with pytest.raises(ValueError, match="--metrics-listen 'nohostport' is not HOST:PORT"):
         ma.serve("nohostport")
+
+
+def test_handshake_time_comes_from_the_public_ike_status(pair):
+    """The histogram observes IkeManager.status()'s ``established - created`` (fake clock)."""
+    a, b, ma, mb, clock = pair
+    (row,) = a.rt.ike.status()
+    assert row["established"] > row["created"]  # the fixture advances the clock between rounds
+    got = value(ma, "meshsec_agent_handshake_seconds_sum", role="initiator")
+    assert got == pytest.approx(row["established"] - row["created"])
+
+
+@pytest.mark.parametrize("kind", ["child", "ike"])
+def test_rekeys_counted_on_both_sides_from_explicit_fields(pair, kind):
+    """CHILD_SA rekeys from ChildSaEstablished.rekey_of, IKE_SA rekeys from IkeSaDeleted.rekeyed_to
+    (the responder's old IKE_SA goes with reason "deleted by peer": no string matching)."""
+    a, b, ma, mb, clock = pair
+    now = clock()
+    if kind == "child":
+        (spi,) = list(a.rt.children)
+        assert a.rt.ike.rekey_child(spi, now)
+    else:
+        assert a.rt.ike.rekey_ike("b", now)
+    a.rt._flush_ike(now)
+    for _ in range(10):
+        pump(a, b, rounds=1)
+        clock.advance(0.01)
+    assert value(ma, "meshsec_agent_rekeys_total", kind=kind) == 1
+    assert value(mb, "meshsec_agent_rekeys_total", kind=kind) == 1
+    other = "ike" if kind == "child" else "child"
+    assert value(ma, "meshsec_agent_rekeys_total", kind=other) == 0

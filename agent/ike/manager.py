@@ -298,7 +298,8 @@ class IkeManager:
             self._collect(sa, now)
 
     def status(self) -> list[dict]:
-        """JSON-ready list of IKE_SAs (no keys)."""
+        """JSON-ready list of IKE_SAs (no keys); each has ``created`` / ``established``
+        (seconds on the ``now`` clock, see IkeSa.status)."""
         return [sa.status() for sa in self._live()]
 
     # ------------------------------------------------------------ bookkeeping

@@ -945,7 +945,9 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
 
     # ------------------------------------------------------------ status
     def status(self) -> dict:
-        """JSON-ready summary (no keys)."""
+        """JSON-ready summary (no keys). ``created`` (IKE_SA_INIT started or received) and
+        ``established`` (IKE_AUTH done, RFC 7296 §1.2; None before) are seconds on the ``now``
+        clock the caller passes in, so ``established - created`` is the handshake time."""
         return {
             "peer": self.peer_name,
             "spi_i": f"{self.spi_i:016x}",
@@ -957,6 +959,7 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
             "algorithms": self.algorithms,
             "key_exchanges": self._ike_prop.key_exchanges() if self._ike_prop else "",
             "nat": {"local": self._nat_local, "remote": self._nat_remote},
+            "created": self.created_at,
             "established": self.established_at,
             "children": [{
                 "inbound_spi": f"{c.inbound_spi:08x}", "outbound_spi": f"{c.outbound_spi:08x}",

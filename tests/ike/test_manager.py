@@ -184,3 +184,20 @@ def test_simultaneous_initiation_leaves_both_sides_consistent():
     out_b = {e.outbound.spi for e in n.of("b", ChildSaEstablished)} - {e.outbound_spi for e in n.of("b", ChildSaDeleted)}
     assert in_a and in_a == out_b
     assert {s["spi_i"] for s in n.a.status()} == {s["spi_i"] for s in n.b.status()}
+
+
+def test_status_has_created_and_established_on_the_callers_clock():
+    """IkeManager.status(): ``created`` when IKE_SA_INIT was sent / received, ``established`` when
+    IKE_AUTH completed (RFC 7296 §1.2), both on the ``now`` clock; None before IKE_AUTH."""
+    from tests.ike.conftest import CLASSICAL, make_net, view
+    psk = Credentials(psk=b"correct horse battery staple 0123")
+    n = make_net(view("node-a", "node-b", policy=CLASSICAL), psk, view("node-b", "node-a", policy=CLASSICAL), psk)
+    t0 = n.now
+    n.a.initiate("node-b", t0)
+    (row,) = n.a.status()
+    assert row["created"] == t0 and row["established"] is None
+    n.now = t0 + 0.25  # the wire takes a while
+    n.pump()
+    (a_row,), (b_row,) = n.a.status(), n.b.status()
+    assert (a_row["created"], a_row["established"]) == (t0, t0 + 0.25)
+    assert (b_row["created"], b_row["established"]) == (t0 + 0.25, t0 + 0.25)
