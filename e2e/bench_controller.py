@@ -14,7 +14,9 @@ Printed: time to enrol and to open all streams; per round the fan-out
 latency p50/p99/max from the first agent receiving the update (the
 controller's fan-out proper) and from the file write (adds the 1 s
 inventory poll); the controller's CPU seconds for the round, its idle CPU
-per second with all streams open, and its RSS. Loopback only.
+per second with all streams open, and its RSS; last, the controller's CPU
+to end every stream at once (all agents gone). Loopback only. Figures:
+docs/scale.md.
 """
 from __future__ import annotations
 
