@@ -21,6 +21,9 @@ Format (keys not listed are an error)::
         encapsulation: udp          # udp (ESP in UDP 4500, RFC 3948) | none (raw IP protocol 50/51)
         virtual_ip: false           # true: ask this peer (a gateway) for an inner address (CP, case 4)
         virtual_ip_pool: 10.99.0.0/24   # gateway side: hand this peer an address from the pool
+        ike_lifetime: 4h            # IKE_SA rekeyed at 80-90 %, deleted at 100 % (0: never); s/m/h/d
+        child_lifetime: 1h          # CHILD_SA likewise (RFC 7296 §2.8); a bare number is seconds
+        fragment_size: 1280         # RFC 7383: IP packet octets above which IKE messages are fragmented
 
     A transport-mode peer without ``subnets`` protects traffic to its first
     endpoint (``<endpoint>/32``); a node without ``subnets`` that has
@@ -258,7 +261,42 @@ def _credentials(ctx, m) -> Credentials:
 
 _PEER_KEYS = {"name", "identity", "endpoints", "subnets", "psk", "initiate", "ike_proposals",
               "esp_proposals", "mode", "encapsulation", "ike_port", "protocol", "virtual_ip",
-              "virtual_ip_pool"}
+              "virtual_ip_pool", "ike_lifetime", "child_lifetime", "fragment_size"}
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MIN_LIFETIME_S = 10  # below this a rekey could not finish before the hard limit (retransmits)
+
+
+def parse_duration(value) -> float:
+    """``30s`` / ``15m`` / ``4h`` / ``1d`` / a bare number of seconds -> seconds (float).
+    ValueError naming the value and the accepted forms."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration")
+    if isinstance(value, (int, float)):
+        secs = float(value)
+    else:
+        text = str(value).strip().lower()
+        unit = _UNITS.get(text[-1:]) if text else None
+        num = text[:-1] if unit else text
+        try:
+            secs = float(num) * (unit or 1)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a duration; write e.g. 30s, 15m, 4h or 1d") from None
+    if secs < 0 or secs != secs or secs == float("inf"):
+        raise ValueError(f"{value!r} is not a duration; give a non-negative time such as 30s, 15m, 4h")
+    return secs
+
+
+def _lifetime(ctx, p, key, where, default: float) -> float:
+    if key not in p:
+        return default
+    try:
+        secs = parse_duration(p[key])
+    except ValueError as exc:
+        raise ctx.err(_line(p, key), f"{where}{key}", str(exc))
+    if 0 < secs < MIN_LIFETIME_S:
+        raise ctx.err(_line(p, key), f"{where}{key}", f"{p[key]!r} is shorter than {MIN_LIFETIME_S}s: a rekey "
+                      "needs time to finish before the SA expires; use at least 10s (or 0 for no rekey)")
+    return secs
 
 
 def _peer(ctx, name: str, p, idx: int) -> Peer:
@@ -319,6 +357,15 @@ def _peer(ctx, name: str, p, idx: int) -> Peer:
     except TypeError:
         raise ctx.err(_line(p, "virtual_ip" if vip else "virtual_ip_pool"), f"{where}virtual_ip",
                       "this build's IKE core has no configuration payload yet; remove the key")
+    defaults = PeerPolicy()
+    extra["ike_lifetime_s"] = _lifetime(ctx, p, "ike_lifetime", where, defaults.ike_lifetime_s)
+    extra["child_lifetime_s"] = _lifetime(ctx, p, "child_lifetime", where, defaults.child_lifetime_s)
+    if "fragment_size" in p:
+        fs = _typed(ctx, p, "fragment_size", where, int, "a number of octets")
+        if not 576 <= fs <= 65535:
+            raise ctx.err(_line(p, "fragment_size"), f"{where}fragment_size",
+                          f"{fs} is out of range; use 576..65535 octets (1280 is safe on any IPv6 path)")
+        extra["fragment_size"] = fs
     policy = PeerPolicy(
         mode=mode, encapsulation=encap, protocol=protocol, **extra,
         ike_proposals=_proposals(ctx, p, "ike_proposals", where, "ike", DEFAULT_IKE_PROPOSALS),

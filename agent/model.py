@@ -60,7 +60,7 @@ class PeerPolicy:
     then AH) in ``mode`` (tunnel or transport), ESP carried in UDP 4500
     (``encapsulation`` udp, RFC 3948) or as raw IP protocol 50/51 (none).
     BYPASS sends in the clear, DISCARD drops. Lifetimes in seconds (0: no
-    rekey); ``replay_window`` in packets. ``rule`` names the controller
+    rekey); ``replay_window`` in packets; ``fragment_size`` in octets (IP packet). ``rule`` names the controller
     policy rule that decided it.
     """
 
@@ -89,6 +89,9 @@ class PeerPolicy:
     # peers naming the same pool string share it; each identity keeps a stable address.
     request_virtual_ip: tuple[int, ...] = ()
     virtual_ip_pool: str | None = None
+    # RFC 7383: IP packet octets above which our encrypted IKE messages to this peer are
+    # sent as SKF fragments (as strongSwan's charon.fragment_size)
+    fragment_size: int = 1280
 
 
 @dataclass(frozen=True)

@@ -183,3 +183,41 @@ def test_case4_roles_decide_who_initiates():
     assert parse_config(host, "h.yaml")[0].peers[0].initiate is True  # only the host can send CP(CFG_REQUEST)
     assert parse_config(gw, "g.yaml")[0].peers[0].initiate is False
     assert parse_config(gw + "    initiate: true\n", "g.yaml")[0].peers[0].initiate is True
+
+
+def test_lifetimes_and_fragment_size_per_peer():
+    text = GOOD.replace("    mode: tunnel", "    mode: tunnel\n    ike_lifetime: 4h\n    child_lifetime: 15m\n"
+                        "    fragment_size: 1400")
+    text = text.replace("    subnets: [10.2.0.0/24]", "    subnets: [10.2.0.0/24]\n    ike_lifetime: 0\n"
+                        "    child_lifetime: 30s")
+    view, _creds, _ds = parse_config(text, "x.yaml")
+    b, z = view.peers
+    assert (b.policy.ike_lifetime_s, b.policy.child_lifetime_s, b.policy.fragment_size) == (0.0, 30.0, 1280)
+    assert (z.policy.ike_lifetime_s, z.policy.child_lifetime_s, z.policy.fragment_size) == (14400.0, 900.0, 1400)
+
+
+def test_lifetime_defaults_are_the_policy_defaults():
+    view, _creds, _ds = parse_config(GOOD, "x.yaml")
+    from agent.model import PeerPolicy
+    d = PeerPolicy()
+    assert all((p.policy.ike_lifetime_s, p.policy.child_lifetime_s) == (d.ike_lifetime_s, d.child_lifetime_s)
+               for p in view.peers)
+
+
+@pytest.mark.parametrize("value,s", [("30s", 30), ("15m", 900), ("4h", 14400), ("1d", 86400), ("90", 90),
+                                     ("1.5h", 5400), (45, 45), ("0", 0)])
+def test_parse_duration(value, s):
+    from agent.config import parse_duration
+    assert parse_duration(value) == s
+
+
+@pytest.mark.parametrize("line,expect", [
+    ("ike_lifetime: 4x", "cfg.yaml:17: peers[1].ike_lifetime: '4x' is not a duration; write e.g. 30s, 15m, 4h"),
+    ("child_lifetime: -5m", "cfg.yaml:17: peers[1].child_lifetime: '-5m' is not a duration"),
+    ("child_lifetime: 5s", "cfg.yaml:17: peers[1].child_lifetime: '5s' is shorter than 10s"),
+    ("ike_lifetime: true", "cfg.yaml:17: peers[1].ike_lifetime: True is not a duration"),
+    ("fragment_size: 100", "cfg.yaml:17: peers[1].fragment_size: 100 is out of range; use 576..65535"),
+    ("fragment_size: big", "cfg.yaml:17: peers[1].fragment_size: expected a number of octets"),
+])
+def test_bad_lifetimes_and_fragment_size(line, expect):
+    assert expect in err(GOOD.replace("    mode: tunnel", "    mode: tunnel\n    " + line))

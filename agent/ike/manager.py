@@ -12,6 +12,7 @@ from typing import Callable
 
 from agent.iana import ExchangeType, NotifyType, PayloadType
 from agent.ike.cookie import CookieJar
+from agent.ike.fragment import DEFAULT_FRAGMENT_SIZE
 from agent.ike.cp import AddressPool
 from agent.ike.events import Addr, Event, IkeSaDeleted, IkeSaEstablished
 from agent.ike.message import (Message, MessageError, NotifyPayload, check_outer, decode_message,
@@ -121,7 +122,8 @@ class IkeManager:
             identity=self.view.identity, credentials=self.credentials, local_subnets=self.view.subnets,
             ike_proposals=peer.policy.ike_proposals, peer=peer, find_peer=self._find_peer,
             force_encap=peer.policy.encapsulation == "udp", initial_contact=peer_name not in self._contacted,
-            wall_offset=lambda: self.wall_offset, assign_vip=self._assign_vip)
+            wall_offset=lambda: self.wall_offset, assign_vip=self._assign_vip,
+            fragment_size=getattr(peer.policy, "fragment_size", DEFAULT_FRAGMENT_SIZE))
         sa = IkeSa.new_initiator(cfg, self.rng, (self.local_address, IKE_PORT),
                                  (peer.endpoints[0], peer.ike_port), now)
         self._sas[sa.my_spi] = sa

@@ -851,6 +851,8 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
             self._die(f"AUTHENTICATION_FAILED: {e}")
             return [NotifyPayload(int(NotifyType.AUTHENTICATION_FAILED))]
         self.peer = peer
+        # RFC 7383: the peer's own fragment size from now on (our IKE_AUTH response is the big one)
+        self.cfg.fragment_size = getattr(peer.policy, "fragment_size", self.cfg.fragment_size)
         self.peer_initial_contact = m.notify(NotifyType.INITIAL_CONTACT) is not None
         psk = self._my_psk(peer)
         my_id = self._id(PayloadType.IDr)

@@ -206,3 +206,24 @@ def test_no_fragments_without_the_peers_announcement(big_ca, monkeypatch):
     assert decode_message(net.log[1][1].data).notify(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED) is None
     assert all(not isinstance(decode_message(d.data).payloads[0], EncryptedFragmentPayload) for _, d in net.log)
     assert max(len(d.data) for _, d in net.log) > 1500
+
+
+def test_fragment_size_comes_from_each_peers_policy(big_ca):
+    """PeerPolicy.fragment_size (YAML ``fragment_size``) sets the budget: the initiator's from its
+    peer entry, the responder's from the peer it finds in IKE_AUTH (the PAD lookup)."""
+    from agent.model import PeerPolicy
+    net = make_net(view("node-a", "node-b", policy=PeerPolicy(fragment_size=700)),
+                   _big_cert_creds(big_ca, "node-a", 37),
+                   view("node-b", "node-a", policy=PeerPolicy(fragment_size=1000)),
+                   _big_cert_creds(big_ca, "node-b", 38))
+    net.a.initiate("node-b", net.now)
+    net.pump()
+    assert net.of("a", IkeSaEstablished) and net.of("b", IkeSaEstablished)
+    sizes = {"a": [], "b": []}
+    for who, d in net.log:
+        if isinstance(decode_message(d.data).payloads[0], EncryptedFragmentPayload):
+            sizes[who].append(len(d.data))
+    assert len(sizes["a"]) >= 3 and len(sizes["b"]) >= 2
+    assert max(sizes["a"]) <= frag.udp_budget(700, ipv6=False, nat_t=True)
+    assert frag.udp_budget(700, ipv6=False, nat_t=True) < max(sizes["b"]) <= frag.udp_budget(1000, ipv6=False,
+                                                                                             nat_t=True)
