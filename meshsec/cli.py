@@ -1,4 +1,5 @@
-"""``meshsec``: operator CLI. ``meshsec status [--socket PATH] [--json]``.
+"""``meshsec``: operator CLI. ``meshsec status [--socket PATH] [--json]``,
+``meshsec rekey PEER [--ike] [--socket PATH]``.
 
 Talks to a running meshsec-agent over its control socket (newline-delimited
 JSON, agent.datapath.control_socket). Exit status: 0 ok, 1 agent not
@@ -150,7 +151,23 @@ def main(argv: list[str] | None = None) -> int:
     ps = sub.add_parser("status", help="IKE_SAs, CHILD_SAs and drop counters of the local agent")
     ps.add_argument("--socket", default=DEFAULT_SOCKET, help=f"agent control socket (default {DEFAULT_SOCKET})")
     ps.add_argument("--json", action="store_true", help="print the raw JSON status")
+    pr = sub.add_parser("rekey", help="rekey the CHILD_SA(s) with a peer now (RFC 7296 §1.3.3), or with "
+                                      "--ike its IKE_SA (§1.3.2)")
+    pr.add_argument("peer", metavar="PEER", help="peer name as in `meshsec status`")
+    pr.add_argument("--ike", action="store_true", help="rekey the IKE_SA instead of the CHILD_SA(s)")
+    pr.add_argument("--socket", default=DEFAULT_SOCKET, help=f"agent control socket (default {DEFAULT_SOCKET})")
     args = p.parse_args(argv)
+    if args.cmd == "rekey":
+        what = "ike" if args.ike else "child"
+        try:
+            ans = request(args.socket, {"cmd": "rekey", "peer": args.peer, "what": what})
+        except CliError as exc:
+            print(f"meshsec: {exc}", file=sys.stderr)
+            return 1
+        kind = "IKE_SA" if what == "ike" else "CHILD_SA"
+        print(f"{kind} rekey with {args.peer} started ({', '.join(ans.get('spis') or []) or '-'}); "
+              "`meshsec status` shows the new SA")
+        return 0
     try:
         st = request(args.socket, {"cmd": "status"})
     except CliError as exc:

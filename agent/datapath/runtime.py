@@ -171,6 +171,7 @@ class Runtime:
         self.started_wall = time.time()
         if control is not None:
             control.handlers.setdefault("status", lambda _req: self.status())
+            control.handlers.setdefault("rekey", self.rekey_command)
         self._apply_view_spd(view)
 
     # -- thread-safe entry points ----------------------------------------
@@ -962,6 +963,43 @@ class Runtime:
         "ChildSaDeleted": _ev_child_deleted,
         "IkeSaDeleted": _ev_ike_deleted,
     }
+
+    # -- operator commands (control socket, loop thread) -------------------------
+    def rekey_command(self, req: dict) -> dict:
+        """``{"cmd": "rekey", "peer": NAME, "what": "child" | "ike"}``: start a CHILD_SA rekey
+        (RFC 7296 §1.3.3) of every CHILD_SA that sends to ``peer`` (with "ah+esp", the ESP and
+        the AH one), or an IKE_SA rekey (§1.3.2). Answers ``{"ok": true, "peer", "what",
+        "spis": [inbound SPIs, hex]}`` once the CREATE_CHILD_SA request is sent (the new SA
+        follows as ChildSaEstablished / IkeSaEstablished), else ``{"error": ...}`` saying why."""
+        peer, what = req.get("peer"), req.get("what", "child")
+        if not isinstance(peer, str) or self.view.peer(peer) is None:
+            known = ", ".join(sorted(p.name for p in self.view.peers)) or "none"
+            return {"error": f"rekey: unknown peer {peer!r}; known peers: {known}"}
+        if what not in ("child", "ike"):
+            return {"error": f"rekey: what={what!r}; use \"child\" or \"ike\""}
+        now = self.clock()
+        if what == "ike":
+            ok = bool(self.ike.rekey_ike(peer, now))
+            if not ok:
+                return {"error": f"rekey: no established IKE_SA with {peer}, or one is already being rekeyed "
+                                 "(see meshsec status)"}
+            spis = [f"{s['spi_i']}_i" for s in self.ike.status()
+                    if s.get("peer") == peer and s.get("state") == "ESTABLISHED"][:1]
+        else:
+            cur = self.current.get(peer)
+            if cur is None:
+                return {"error": f"rekey: no CHILD_SA with {peer} yet (see meshsec status)"}
+            spis = []
+            for ch in (cur, cur.ah):
+                if ch is not None and self.ike.rekey_child(ch.inbound_spi, now):
+                    spis.append(f"{ch.inbound_spi:08x}")
+            if not spis:
+                return {"error": f"rekey: the CHILD_SA with {peer} is already being rekeyed or its IKE_SA is "
+                                 "busy; try again in a few seconds"}
+        self._flush_ike(now)
+        self.log.info("operator asked for a %s rekey with %s (%s)", "CHILD_SA" if what == "child" else "IKE_SA",
+                      peer, ", ".join(spis))
+        return {"ok": True, "peer": peer, "what": what, "spis": spis}
 
     # -- status ---------------------------------------------------------------
     def status(self) -> dict:
