@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DEBUGGING AID, like SSLKEYLOGFILE: append IKE and ESP keys to DIR/ikev2_decryption_table "
                         "and DIR/esp_sa (Wireshark UAT format; copy them to ~/.config/wireshark/). Anyone who "
                         "reads these files can decrypt the traffic. Off by default.")
+    p.add_argument("--nat-keepalive", type=float, default=20.0, metavar="SECONDS",
+                   help="behind a NAT (detected by IKE NAT-D), send a one-octet NAT-keepalive (RFC 3948 §2.3) "
+                        "to each peer's UDP 4500 after this many seconds without other traffic to it "
+                        "(default 20; 0 turns them off)")
     p.add_argument("--metrics-listen", metavar="HOST:PORT", default=None,
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off; docs/metrics.md)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
@@ -150,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("controller mode also needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
     if args.mtu is not None and not 576 <= args.mtu <= 65535:
         parser.error(f"--mtu {args.mtu}: use 576..65535")
+    if not (args.nat_keepalive == 0 or 1 <= args.nat_keepalive <= 3600):
+        parser.error(f"--nat-keepalive {args.nat_keepalive:g}: use 0 (off) or 1..3600 seconds (20 is typical)")
     try:
         return _run(args)
     except ConfigError as exc:
@@ -264,7 +270,7 @@ def _run(args) -> int:
     rt = Runtime(view, ike, tun=tun, udp500=udp500, udp4500=udp4500, local_address=local,
                  routes=routes, keylog=keylog, control=control, awaiting_view=client is not None,
                  raw_esp=raw_esp, underlay_mtu=underlay_mtu, tun_mtu=mtu, auto_mtu=auto_mtu,
-                 mss_clamp=bool(args.mss_clamp or settings.mss_clamp))
+                 mss_clamp=bool(args.mss_clamp or settings.mss_clamp), nat_keepalive=args.nat_keepalive)
 
     metrics = None
     if args.metrics_listen:

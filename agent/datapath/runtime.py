@@ -26,6 +26,8 @@ from agent.esp import Action, Sad, Spd, SpdEntry, classify_udp4500
 from agent.model import NodeView
 
 NON_ESP_MARKER = b"\x00\x00\x00\x00"  # RFC 3948 §2.2
+NAT_KEEPALIVE = b"\xff"  # RFC 3948 §2.3
+DEFAULT_NAT_KEEPALIVE_S = 20.0
 _FLOW_COUNTERS = ("packets_in", "packets_out", "bytes_in", "bytes_out")
 _ANY4 = ipaddress.ip_network("0.0.0.0/0")
 _ANY6 = ipaddress.ip_network("::/0")
@@ -111,6 +113,9 @@ class Runtime:
     ``tun_mtu``: the TUN device's MTU now; ``auto_mtu``: lower/raise it (via ``routes.set_mtu``)
     to ``underlay_mtu`` minus the largest bundle overhead whenever SAs change.
     ``mss_clamp``: clamp TCP MSS on SYN / SYN-ACK to fit the path (both directions).
+    ``nat_keepalive``: seconds (0: off). While an IKE_SA says we are behind a NAT (NAT-D,
+    RFC 7296 §2.23) a one-octet 0xFF NAT-keepalive (RFC 3948 §2.3) goes to the peer's UDP 4500
+    whenever nothing else was sent to it for that long (counter ``keepalives_out``).
     """
 
     def __init__(self, view: NodeView, ike, *, tun, udp500, udp4500, local_address: str,
@@ -118,7 +123,7 @@ class Runtime:
                  control=None, logger: logging.Logger | None = None, batch: int = 64,
                  wall_clock=time.time, awaiting_view: bool = False, raw_esp=None,
                  underlay_mtu: int | None = None, tun_mtu: int | None = None, auto_mtu: bool = False,
-                 mss_clamp: bool = False, raw_ah=None) -> None:
+                 mss_clamp: bool = False, raw_ah=None, nat_keepalive: float = DEFAULT_NAT_KEEPALIVE_S) -> None:
         if esp_factory is None:
             from agent.esp import EspSa as esp_factory
         self.view = view
@@ -150,9 +155,14 @@ class Runtime:
         self._local_ips: set[str] = {local_address}
         self._nest_in = False
         self.counters: dict[str, int] = {k: 0 for k in DROP_REASONS}
-        self.counters.update({"keepalives": 0, "ike_in": 0, "ike_out": 0, "esp_in": 0, "esp_out": 0,
+        self.counters.update({"keepalives": 0, "keepalives_out": 0, "ike_in": 0, "ike_out": 0, "esp_in": 0, "esp_out": 0,
                               "tun_in": 0, "tun_out": 0, "nested_out": 0, "nested_in": 0, "icmp_too_big": 0,
                               "mss_clamped": 0, "ah_in": 0, "ah_out": 0})
+        self.nat_keepalive = nat_keepalive
+        self._nat_remotes: set[tuple[str, int]] = set()  # peers' UDP 4500 while we are behind a NAT
+        self._tx4500: dict[tuple[str, int], float] = {}  # remote -> when we last sent it anything on 4500
+        self._ka_deadline: float | None = None
+        self._nat_dirty = False
         self.sad = Sad()  # the SAs: inbound by SPI, outbound by peer
         self.spd = Spd()  # default DISCARD
         self.children: dict[int, ChildEntry] = {}  # inbound SPI -> CHILD_SA metadata
@@ -227,15 +237,11 @@ class Runtime:
         clock = self.clock
         try:
             while not self._stopping:
-                deadline = self.ike.get_timer()
+                deadline = self._next_deadline()
                 timeout = None if deadline is None else max(0.0, deadline - clock())
                 for key, mask in sel.select(timeout):
                     key.data(mask)
-                now = clock()
-                deadline = self.ike.get_timer()
-                if deadline is not None and deadline <= now:
-                    self.ike.handle_timer(now)
-                    self._flush_ike(now)
+                self._run_timers(clock())
         finally:
             self.shutdown()
 
@@ -254,6 +260,60 @@ class Runtime:
         if deadline is not None and deadline <= now:
             self.ike.handle_timer(now)
         self._flush_ike(now)
+        if self._ka_deadline is not None and self._ka_deadline <= now:
+            self._keepalives(now)
+
+    def _next_deadline(self) -> float | None:
+        ts = [t for t in (self.ike.get_timer(), self._ka_deadline) if t is not None]
+        return min(ts) if ts else None
+
+    def _run_timers(self, now: float) -> None:
+        deadline = self.ike.get_timer()
+        if deadline is not None and deadline <= now:
+            self.ike.handle_timer(now)
+            self._flush_ike(now)
+        if self._ka_deadline is not None and self._ka_deadline <= now:
+            self._keepalives(now)
+
+    # -- NAT keepalives (RFC 3948 §2.3) ----------------------------------------
+    def _refresh_nat(self, now: float) -> None:
+        """Which peers we must keep the NAT mapping open to: the UDP 4500 remotes of the
+        established IKE_SAs whose NAT-D said our side is behind a NAT (RFC 7296 §2.23)."""
+        self._nat_dirty = False
+        remotes = set()
+        try:
+            rows = self.ike.status()
+        except Exception:
+            rows = []
+        for st in rows:
+            if st.get("state") != "ESTABLISHED" or not (st.get("nat") or {}).get("local"):
+                continue
+            ip, _, port = str(st.get("remote", "")).rpartition(":")
+            if ip and port == "4500":
+                remotes.add((ip, 4500))
+        for r in remotes - self._nat_remotes:
+            self._tx4500.setdefault(r, now)
+        for r in self._nat_remotes - remotes:
+            self._tx4500.pop(r, None)
+        self._nat_remotes = remotes
+        self._schedule_keepalive()
+
+    def _schedule_keepalive(self) -> None:
+        if not self.nat_keepalive or not self._nat_remotes:
+            self._ka_deadline = None
+            return
+        self._ka_deadline = min(self._tx4500.get(r, 0.0) for r in self._nat_remotes) + self.nat_keepalive
+
+    def _keepalives(self, now: float) -> None:
+        """Send 0xFF to every NAT'd peer we sent nothing to for ``nat_keepalive`` seconds."""
+        due = [r for r in self._nat_remotes if now - self._tx4500.get(r, now) >= self.nat_keepalive]
+        if due:
+            sent = self.udp4500.send_batch([(NAT_KEEPALIVE, r) for r in due])
+            self.counters["keepalives_out"] += sent
+            self.counters["send_errors"] += len(due) - sent
+            for r in due:
+                self._tx4500[r] = now
+        self._schedule_keepalive()
 
     def shutdown(self) -> None:
         """Delete every IKE_SA (INFORMATIONAL), flush, remove routes, close the devices."""
@@ -510,6 +570,8 @@ class Runtime:
         if ch.udp_encap:
             dst = ch.remote
             sent = self.udp4500.send_batch([(x, dst) for x in out])
+            if self._nat_remotes:  # only tracked while a keepalive may be needed
+                self._tx4500[dst] = self.clock()
         elif self.raw_esp is not None:
             dst = (ch.remote[0], 0)
             sent = self.raw_esp.send_batch([(x, dst) for x in out])
@@ -829,6 +891,9 @@ class Runtime:
             self.counters["ike_out"] += self.udp500.send_batch(out500)
         if out4500:
             self.counters["ike_out"] += self.udp4500.send_batch(out4500)
+            for _d, r in out4500:
+                if r in self._nat_remotes:
+                    self._tx4500[r] = now
         while True:
             ev = self.ike.next_event()
             if ev is None:
@@ -838,6 +903,8 @@ class Runtime:
                     obs(ev, now)
                 except Exception:
                     self.log.exception("event observer failed")
+            if type(ev).__name__ in ("IkeSaEstablished", "IkeSaDeleted"):
+                self._nat_dirty = True  # NAT-D results come and go with IKE_SAs
             handler = self._EVENTS.get(type(ev).__name__)
             if handler is None:
                 self.log.debug("ignoring event %s", type(ev).__name__)
@@ -847,6 +914,8 @@ class Runtime:
             except Exception:
                 # One bad SA must not take the loop down; the event is logged without keys.
                 self.log.exception("handling %s failed", type(ev).__name__)
+        if self._nat_dirty:
+            self._refresh_nat(now)
 
     def _peer_at(self, ip: str) -> str | None:
         for p in self.view.peers:
