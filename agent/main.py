@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DEBUGGING AID, like SSLKEYLOGFILE: append IKE and ESP keys to DIR/ikev2_decryption_table "
                         "and DIR/esp_sa (Wireshark UAT format; copy them to ~/.config/wireshark/). Anyone who "
                         "reads these files can decrypt the traffic. Off by default.")
+    p.add_argument("--bypass", action="append", default=[], metavar="CIDR",
+                   help="never send traffic to this prefix through the mesh, even inside a peer's subnet "
+                        "(Kubernetes API server, service CIDR, node-local ranges); repeatable. Adds "
+                        "`ip rule to CIDR lookup main` at --rule-priority and an SPD BYPASS entry; the "
+                        "controller's addresses are bypassed automatically. Removed on exit.")
     p.add_argument("--nat-keepalive", type=float, default=20.0, metavar="SECONDS",
                    help="behind a NAT (detected by IKE NAT-D), send a one-octet NAT-keepalive (RFC 3948 §2.3) "
                         "to each peer's UDP 4500 after this many seconds without other traffic to it "
@@ -133,6 +138,32 @@ def _split_hostport(addr: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def controller_bypass(controller: str, resolve=socket.getaddrinfo) -> list[str]:
+    """Host prefixes (/32, /128) of every controller replica in ``HOST:PORT[,HOST:PORT...]``:
+    the agent's own control plane must never be routed into the mesh. Names are resolved
+    (``resolve`` as socket.getaddrinfo); an unresolvable name is skipped with a warning."""
+    out: list[str] = []
+    for part in controller.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        host, _port = _split_hostport(part)
+        try:
+            addrs = [str(ipaddress.ip_address(host))]
+        except ValueError:
+            try:
+                addrs = sorted({str(ipaddress.ip_address(ai[4][0].split("%")[0]))
+                                for ai in resolve(host, None, 0, socket.SOCK_STREAM)})
+            except (OSError, ValueError) as exc:
+                log.warning("cannot resolve controller %s to bypass it (%s); pass --bypass for it", host, exc)
+                addrs = []
+        for a in addrs:
+            pfx = f"{a}/{32 if ':' not in a else 128}"
+            if pfx not in out:
+                out.append(pfx)
+    return out
+
+
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -154,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("controller mode also needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
     if args.mtu is not None and not 576 <= args.mtu <= 65535:
         parser.error(f"--mtu {args.mtu}: use 576..65535")
+    for b in args.bypass:
+        try:
+            ipaddress.ip_network(b, strict=True)
+        except ValueError as exc:
+            parser.error(f"--bypass {b!r}: {exc}; give a prefix without host bits, e.g. 10.96.0.0/12")
     if not (args.nat_keepalive == 0 or 1 <= args.nat_keepalive <= 3600):
         parser.error(f"--nat-keepalive {args.nat_keepalive:g}: use 0 (off) or 1..3600 seconds (20 is typical)")
     try:
@@ -225,6 +261,7 @@ def _run(args) -> int:
         except ControlError as exc:
             raise StartupError(f"enrolment failed: {exc}")
 
+    bypass = list(dict.fromkeys(args.bypass + (controller_bypass(args.controller) if args.controller else [])))
     tun_name = args.tun_name or settings.tun_name or DEFAULT_TUN
     fixed_mtu = args.mtu or settings.mtu
     mtu = fixed_mtu or DEFAULT_MTU
@@ -249,7 +286,8 @@ def _run(args) -> int:
         tun = TunDevice(tun_name, mtu)
         opened.append(tun)
         routes = RouteManager(tun.name, view.subnets, settings.tun_addresses, table=args.routing_table,
-                              mark=args.fwmark, rule_priority=args.rule_priority, local_address=local)
+                              mark=args.fwmark, rule_priority=args.rule_priority, local_address=local,
+                              bypass=bypass)
         control = ControlServer(args.control_socket, {})
     except (UdpError, TunError, RouteError, ControlSocketError) as exc:
         for o in reversed(opened):
@@ -270,7 +308,8 @@ def _run(args) -> int:
     rt = Runtime(view, ike, tun=tun, udp500=udp500, udp4500=udp4500, local_address=local,
                  routes=routes, keylog=keylog, control=control, awaiting_view=client is not None,
                  raw_esp=raw_esp, underlay_mtu=underlay_mtu, tun_mtu=mtu, auto_mtu=auto_mtu,
-                 mss_clamp=bool(args.mss_clamp or settings.mss_clamp), nat_keepalive=args.nat_keepalive)
+                 mss_clamp=bool(args.mss_clamp or settings.mss_clamp), nat_keepalive=args.nat_keepalive,
+                 bypass=bypass)
 
     metrics = None
     if args.metrics_listen:

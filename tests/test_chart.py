@@ -73,6 +73,7 @@ def run_helm(helm: Path, *args: str, check: bool = True) -> subprocess.Completed
 VARIANTS = {
     "default": [],
     "token-review": ["--set", "tokenReview.enabled=true"],
+    "bypass": ["--set", "agent.bypass={10.96.0.0/12,192.168.49.2/32,fd00:10:96::/112}"],
     "metrics": ["--set", "metrics.enabled=true", "--set", "metrics.serviceMonitor.enabled=true"],
     "ha-etcd": ["--set", "controller.replicas=3", "--set", "controller.etcd.endpoints=http://etcd:2379",
                 "--set", "controller.service.type=LoadBalancer"],
@@ -159,6 +160,17 @@ def test_agent_daemonset(rendered):
     assert c["livenessProbe"]["exec"]["command"][:2] == ["meshsec", "status"]
     assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
     assert pod["automountServiceAccountToken"] is False
+
+
+def test_bypass_values_become_agent_args(rendered, helm):
+    """agent.bypass: one --bypass per prefix (API server, service CIDR); none by default."""
+    args = find(rendered["bypass"], "DaemonSet", "-agent")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert [a for a in args if a.startswith("--bypass")] == [
+        "--bypass=10.96.0.0/12", "--bypass=192.168.49.2/32", "--bypass=fd00:10:96::/112"]
+    default = find(rendered["default"], "DaemonSet", "-agent")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not any(a.startswith("--bypass") for a in default)
+    res = run_helm(helm, "template", "ms", str(CHART), "--set", "agent.bypass={kubernetes.default}", check=False)
+    assert res.returncode != 0 and "bypass" in res.stderr
 
 
 def test_token_review_variant_uses_projected_token(rendered):

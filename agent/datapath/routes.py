@@ -33,6 +33,26 @@ class RouteError(Exception):
     """A netlink operation failed (message names the route and the reason)."""
 
 
+def bypass_rules(bypass, priority: int = DEFAULT_RULE_PRIORITY) -> list[dict]:
+    """``ip rule`` specs (pyroute2 ``rule()`` keywords) sending traffic to each ``bypass`` prefix
+    through the main table, at ``priority`` (the fwmark rule's pref, i.e. before ``lookup 4301``):
+    control-plane destinations (API server, controller, node-local ranges) never enter the TUN,
+    even inside a peer's subnet. Per prefix two rules, in this order: ``to P lookup main``, then
+    ``to P unreachable`` (a failed lookup falls through to the next rule; without the second one
+    a destination the main table has no route for would still reach table 4301 and the TUN).
+    ValueError names a prefix that is not a network."""
+    out = []
+    for b in bypass:
+        try:
+            net = ipaddress.ip_network(b, strict=False)
+        except ValueError as exc:
+            raise ValueError(f"bypass prefix {b!r}: {exc}; write e.g. 10.96.0.0/12") from None
+        sel = {"family": 2 if net.version == 4 else 10, "priority": priority,
+               "dst": str(net.network_address), "dst_len": net.prefixlen}
+        out += [{**sel, "table": 254}, {**sel, "action": "FR_ACT_UNREACHABLE"}]
+    return out
+
+
 class RouteManager:
     """Owns the routes via one TUN device.
 
@@ -44,7 +64,7 @@ class RouteManager:
     def __init__(self, ifname: str, own_subnets: tuple[IPNetwork, ...] = (),
                  addresses: tuple[str, ...] = (), logger: logging.Logger | None = None, *,
                  table: int | None = None, mark: int = 0, rule_priority: int = DEFAULT_RULE_PRIORITY,
-                 local_address: str | None = None) -> None:
+                 local_address: str | None = None, bypass=()) -> None:
         from pyroute2 import IPRoute  # imported here: tests without netlink never load it
 
         self.log = logger or logging.getLogger("meshsec.routes")
@@ -61,6 +81,7 @@ class RouteManager:
         self.mark = mark
         self.rule_priority = rule_priority
         self.local_address = local_address
+        self.bypass = tuple(bypass)
         self._rules: list[dict] = []
         for cidr in addresses:
             self.add_address(cidr)
@@ -76,6 +97,7 @@ class RouteManager:
             if self.mark:
                 rules.append({"family": family, "priority": self.rule_priority, "table": 254,
                               "fwmark": self.mark, "fwmask": 0xFFFFFFFF})
+            rules += [r for r in bypass_rules(self.bypass, self.rule_priority) if r["family"] == family]
             rules.append({"family": family, "priority": self.rule_priority + 1, "table": self.table})
             for r in rules:
                 try:
@@ -89,6 +111,9 @@ class RouteManager:
                     # IPv6 disabled in this namespace: IPv4 alone works
         self.log.info("ip rules: fwmark %#x lookup main (pref %d), lookup %d (pref %d)", self.mark,
                       self.rule_priority, self.table, self.rule_priority + 1)
+        if self.bypass:
+            self.log.info("ip rules: to %s lookup main (pref %d, bypass)",
+                          ", ".join(map(str, self.bypass)), self.rule_priority)
 
     def _remove_rules(self) -> None:
         for r in self._rules:

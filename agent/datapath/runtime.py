@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 from agent.datapath import packets as pk
-from agent.esp import Action, Sad, Spd, SpdEntry, classify_udp4500
+from agent.esp import Action, Sad, Spd, SpdEntry, bypass_entries, classify_udp4500
 from agent.model import NodeView
 
 NON_ESP_MARKER = b"\x00\x00\x00\x00"  # RFC 3948 §2.2
@@ -116,6 +116,9 @@ class Runtime:
     ``nat_keepalive``: seconds (0: off). While an IKE_SA says we are behind a NAT (NAT-D,
     RFC 7296 §2.23) a one-octet 0xFF NAT-keepalive (RFC 3948 §2.3) goes to the peer's UDP 4500
     whenever nothing else was sent to it for that long (counter ``keepalives_out``).
+    ``bypass``: control-plane prefixes (``--bypass``, the controller): SPD BYPASS entries ahead
+    of every PROTECT entry (agent.esp.bypass_entries); the ip rules that keep their traffic out
+    of the TUN are the RouteManager's.
     """
 
     def __init__(self, view: NodeView, ike, *, tun, udp500, udp4500, local_address: str,
@@ -123,7 +126,8 @@ class Runtime:
                  control=None, logger: logging.Logger | None = None, batch: int = 64,
                  wall_clock=time.time, awaiting_view: bool = False, raw_esp=None,
                  underlay_mtu: int | None = None, tun_mtu: int | None = None, auto_mtu: bool = False,
-                 mss_clamp: bool = False, raw_ah=None, nat_keepalive: float = DEFAULT_NAT_KEEPALIVE_S) -> None:
+                 mss_clamp: bool = False, raw_ah=None, nat_keepalive: float = DEFAULT_NAT_KEEPALIVE_S,
+                 bypass=()) -> None:
         if esp_factory is None:
             from agent.esp import EspSa as esp_factory
         self.view = view
@@ -168,6 +172,7 @@ class Runtime:
         self.children: dict[int, ChildEntry] = {}  # inbound SPI -> CHILD_SA metadata
         self.current: dict[str, ChildEntry] = {}  # peer -> CHILD_SA whose outbound SA sends
         self._view_spd: list[SpdEntry] = []
+        self._bypass_spd: list[SpdEntry] = bypass_entries(bypass)
         self._pending_view: NodeView | None = None
         self._calls: list = []  # call_soon() callables, run on the loop thread
         # observers(event, now), called on the loop thread before the runtime handles each IKE event
@@ -406,7 +411,7 @@ class Runtime:
         spd = child + self._view_spd
         # Most specific first (remote prefix, then local prefix); stable for equal lengths.
         spd.sort(key=lambda e: (-e.remote.prefixlen, -e.local.prefixlen))
-        self.spd.replace(spd)
+        self.spd.replace(self._bypass_spd + spd)  # BYPASS first, whatever its prefix length
         self._compute_bundles()
 
     # -- SA bundles and MTU ------------------------------------------------

@@ -486,6 +486,22 @@ def policy_templates(peer_name: str, policy) -> tuple[SaTemplate, ...]:
     return ts
 
 
+def bypass_entries(prefixes: Iterable) -> list[SpdEntry]:
+    """BYPASS entries (RFC 4301 §4.4.1) for control-plane destinations, in the order given:
+    any local address -> each prefix (``str`` or network; host bits allowed), named
+    ``bypass:<prefix>``. For ``compile_spd(view, bypass=...)``: they precede every PROTECT
+    entry, so these destinations stay in the clear even inside a peer's subnets.
+    ValueError names a prefix that is not a network."""
+    out = []
+    for pfx in prefixes:
+        try:
+            net = ipaddress.ip_network(pfx, strict=False)
+        except ValueError as exc:
+            raise ValueError(f"bypass prefix {pfx!r}: {exc}; write e.g. 10.96.0.0/12") from None
+        out.append(SpdEntry(local=_ANY[net.version], remote=net, action=Action.BYPASS, name=f"bypass:{net}"))
+    return out
+
+
 def compile_spd(view: NodeView, *, bypass: Iterable[SpdEntry] = ()) -> list[SpdEntry]:
     """SPD entries for a NodeView (RFC 4301 §4.4.1), pure.
 
