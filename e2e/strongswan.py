@@ -51,7 +51,9 @@ charon {{
   port = 500
   port_nat_t = 4500
   install_virtual_ip = no
-  retransmit_tries = 5
+  # loaded CI machines: keep the first retransmit quick (happy path unchanged) but give up late
+  # (1 s, then x1.8 each: about 75 s over 7 tries)
+  retransmit_tries = 7
   retransmit_timeout = 1.0
   fragment_size = {fragment_size}
   filelog {{
@@ -94,7 +96,7 @@ class Charon:
             "unshare", "--mount", "--propagation", "private", "sh", "-c",
             'mount -t tmpfs interop-run /run && exec env STRONGSWAN_CONF="$1" "$2"',
             "sh", str(self.dir / "strongswan.conf"), CHARON], self.dir / "charon-stdout.log")
-        wait_until(lambda: self.vici.exists() or self.proc.poll() is not None, 10, 0.05, "charon's vici socket")
+        wait_until(lambda: self.vici.exists() or self.proc.poll() is not None, 60, 0.05, "charon's vici socket")
         if self.proc.poll() is not None:
             raise TopologyError(f"charon exited ({self.proc.returncode}); see {self.dir}/charon-stdout.log")
 
