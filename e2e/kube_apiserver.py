@@ -86,6 +86,7 @@ class FakeKubeApiServer:
         self._events: list[tuple[int, str, dict]] = []
         self._epoch = 0               # drop_watches() bumps it; streams of an older epoch end
         self._bookmarks = 0
+        self._open_watches = 0        # streams past their initial events, waiting for changes
         self.requests: list[tuple[str, str, dict]] = []
         self.review_tokens: dict[str, tuple[str, str]] = {}   # token -> (username, node name)
         sock = _listen_socket(host, port, netns)
@@ -177,6 +178,13 @@ class FakeKubeApiServer:
         with self._cond:
             self._bookmarks += 1
             self._cond.notify_all()
+
+    def open_watches(self) -> int:
+        """Watch streams that will see the next bookmark() / drop_watches() / change.
+        (A request is recorded before its stream is registered: tests that poke a
+        stream must wait for this, not for watch_requests().)"""
+        with self._cond:
+            return self._open_watches
 
     def watch_requests(self) -> list[dict]:
         return [q for m, p, q in list(self.requests) if p == "/api/v1/nodes" and q.get("watch") in ("1", "true")]
@@ -309,6 +317,7 @@ def _handler_for(api: FakeKubeApiServer):
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
             pending: list[tuple[int, str, dict]]
+            registered = False
             with api._cond:
                 epoch, marks = api._epoch, api._bookmarks
                 if rv_text in ("", "0"):
@@ -332,6 +341,9 @@ def _handler_for(api: FakeKubeApiServer):
                     self.wfile.write(b"0\r\n\r\n")
                     return
                 last = max([since] + [e[0] for e in pending])
+                with api._cond:
+                    api._open_watches += 1
+                    registered = True
                 next_mark = time.monotonic() + api.bookmark_interval if api.bookmark_interval else None
                 while True:
                     with api._cond:
@@ -369,6 +381,10 @@ def _handler_for(api: FakeKubeApiServer):
                         return
             except (BrokenPipeError, ConnectionResetError, OSError):
                 self.close_connection = True
+            finally:
+                if registered:
+                    with api._cond:
+                        api._open_watches -= 1
 
     return Handler
 

@@ -196,7 +196,7 @@ def test_dropped_connection_backs_off_and_resumes_from_bookmark(api, source_fact
     api.add_node("node-1", ["198.51.100.1"], ["10.244.1.0/24"])
     src = source_factory()
     assert src.wait_synced(5)
-    wait_for(lambda: api.watch_requests(), what="first watch")
+    wait_for(lambda: api.open_watches() >= 1, what="first watch stream open")
     # A change to another resource kind moves the version; the BOOKMARK carries it.
     with api._cond:
         api._rv += 5
@@ -218,7 +218,7 @@ def test_410_gone_relists_and_drops_nodes_deleted_meanwhile(api, source_factory)
     gate = Gate()
     src = source_factory(gate=gate)
     assert src.wait_synced(5)
-    wait_for(lambda: api.watch_requests(), what="first watch")
+    wait_for(lambda: api.open_watches() >= 1, what="first watch stream open")
     gate.open.clear()           # hold the reconnect
     api.drop_watches()
     wait_for(lambda: gate.delays, what="backoff")
