@@ -443,8 +443,9 @@ def test_nat_meshsec_behind_nat(ms_behind_nat, tmp_path):
     pcap = tmp_path / "outside.pcap"
     dump = None
     if have_tools:
-        dump = lab.topo.spawn(lab.topo.switch_ns, ["tcpdump", "-i", "br0", "-U", "-n", "-s", "0", "-w", str(pcap),
-                                                   "udp port 4500"], tmp_path / "tcpdump.log")
+        # --immediate-mode: frames reach the file at once, not after the ring's 1 s block timeout
+        dump = lab.topo.spawn(lab.topo.switch_ns, ["tcpdump", "-i", "br0", "-U", "--immediate-mode", "-n", "-s", "0",
+                                                   "-w", str(pcap), "udp port 4500"], tmp_path / "tcpdump.log")
         wait_until(lambda: pcap.exists() and pcap.stat().st_size > 0, 30, 0.1, "tcpdump to start")
     lab.charon.load(lab.swanctl_conf(auth="psk", ike="aes128gcm16-prfsha256-x25519", esp="aes128gcm16", creds=None,
                                      remote_addr="%any"))
@@ -462,16 +463,23 @@ def test_nat_meshsec_behind_nat(ms_behind_nat, tmp_path):
         st = wait_until(lambda: (lambda x: x if x and x["counters"]["keepalives_out"] >= 3 else None)(lab.status()),
                         60, 0.2, "3 NAT keepalives sent")
         assert st["counters"]["send_errors"] == 0
+        if have_tools:
+            def keepalives_on_the_wire():
+                seen = tshark(pcap, "udpencap.nat_keepalive and udp.length == 9",
+                              fields=["ip.src", "ip.dst", "udp.dstport"])
+                mine = [ln for ln in seen if ln.split("\t") == [NAT_PUB, SW_UL, "4500"]]
+                return mine if len(mine) >= 3 else None
+            try:
+                wait_until(keepalives_on_the_wire, 30, 0.5, "tshark to see 3 NAT-keepalives after the NAT")
+            except TimeoutError:
+                raise AssertionError("tshark saw fewer NAT-keepalives than meshsec sent: "
+                                     f"{tshark(pcap, 'udp.length == 9', fields=['ip.src', 'ip.dst'])}") from None
     finally:
         lab.stop_agent()
         if dump is not None:
-            time.sleep(0.3)  # e2e: let tcpdump write the last frames
             lab.topo.stop(dump)
     if not have_tools:
         pytest.skip("tshark/tcpdump missing: keepalives counted by the agent only")
-    seen = tshark(pcap, "udpencap.nat_keepalive and udp.length == 9", fields=["ip.src", "ip.dst", "udp.dstport"])
-    mine = [ln for ln in seen if ln.split("\t") == [NAT_PUB, SW_UL, "4500"]]
-    assert len(mine) >= 3, f"tshark saw too few NAT-keepalives from meshsec behind the NAT: {seen}"
 
 
 # ---------------------------------------------------------------- rekeys (RFC 7296 §1.3.2, §1.3.3, §2.8)
@@ -600,9 +608,9 @@ def test_keylog_lets_tshark_decrypt_ike_and_esp_with_strongswan(lab, tmp_path):
     keylog = tmp_path / "keylog"
     keylog.mkdir()
     pcap = tmp_path / "underlay.pcap"
-    dump = lab.topo.spawn(lab.topo.switch_ns, ["tcpdump", "-i", "br0", "-U", "-n", "-s", "0", "-w", str(pcap)],
-                          tmp_path / "tcpdump.log")
-    wait_until(lambda: pcap.exists() and pcap.stat().st_size > 0, 10, 0.1, "tcpdump to start")
+    dump = lab.topo.spawn(lab.topo.switch_ns, ["tcpdump", "-i", "br0", "-U", "--immediate-mode", "-n", "-s", "0",
+                                               "-w", str(pcap)], tmp_path / "tcpdump.log")
+    wait_until(lambda: pcap.exists() and pcap.stat().st_size > 0, 30, 0.1, "tcpdump to start")
     lab.charon.load(lab.swanctl_conf(auth="psk", ike=ike, esp=esp, creds=None))
     lab.start_agent(lab.meshsec_conf(creds=None, ike=ike, esp=esp, initiate=True), keylog=keylog)
     try:
