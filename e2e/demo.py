@@ -5,7 +5,7 @@ the agents, waits for the IKE_SAs and CHILD_SAs, has every workload ping
 every other, moves 20 MB over TCP through the mesh, shows `meshsec status`
 on every node, and removes everything when it ends (also on Ctrl-C).
 
-Usage (root): bash scripts/demo.sh [--hold SECONDS]
+Usage (root): bash scripts/demo.sh [--hold SECONDS] [--keep]
 """
 from __future__ import annotations
 
@@ -32,8 +32,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hold", type=float, default=0.0,
                     help="keep the mesh up this many seconds before tearing it down (try `ip netns` meanwhile)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the work dir (logs, and the key log, keys, tokens and CA: secrets) after the demo")
     args = ap.parse_args()
     with Mesh(NODES) as mesh:
+        mesh.keep_workdir = args.keep
         say(f"building namespaces (work dir {mesh.workdir})")
         mesh.build()
         say("starting meshsec-controller on 198.51.100.254:7443 and three meshsec-agents")
@@ -68,7 +71,10 @@ def main() -> int:
             say(f"holding for {args.hold:.0f}s")
             time.sleep(args.hold)
         say("tearing down")
-    print("done: namespaces and processes removed")
+    if args.keep:
+        print(f"done: namespaces and processes removed; work dir kept: {mesh.workdir} (holds keys: delete it)")
+    else:
+        print("done: namespaces, processes and the work dir (keys, tokens, CA, key log) removed")
     return 0 if intact else 1
 
 

@@ -41,6 +41,9 @@ class Mesh:
     def __init__(self, nodes: dict[str, str], workdir: Path | None = None, keylog: bool = True):
         # nodes: name -> subnet, e.g. {"node-a": "10.1.0.0/24"}
         self.spec = nodes
+        # a work dir we make ourselves holds keys, tokens and the CA: removed on exit unless keep_workdir
+        self._own_workdir = workdir is None
+        self.keep_workdir = False
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="meshsec-e2e-"))
         self.keylog_dir = self.workdir / "keylog" if keylog else None
         self.topo = Topology(workdir=self.workdir)
@@ -58,6 +61,8 @@ class Mesh:
 
     def __exit__(self, *exc) -> None:
         self.topo.__exit__(*exc)
+        if self._own_workdir and not self.keep_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def build(self) -> None:
         self.ctl = self.topo.add_host("ctl", CONTROLLER_IP)
