@@ -49,12 +49,25 @@ _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
               grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
               grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
 
-_CHANNEL_OPTIONS = [
-    ("grpc.ssl_target_name_override", CONTROLLER_TLS_NAME),
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-]
+# Keepalive pings every 20 s on the idle Watch stream; the controller accepts
+# pings down to every 5 s (controller.service.server_options).
+KEEPALIVE_TIME_MS = 20_000
+
+
+def channel_options(keepalive_time_ms: int = KEEPALIVE_TIME_MS) -> list[tuple[str, object]]:
+    """gRPC channel arguments for the controller channels (milliseconds).
+    ``max_pings_without_data`` 0: keep pinging an idle stream (grpc's default
+    stops after 2 pings without data, leaving a dead controller unnoticed)."""
+    return [
+        ("grpc.ssl_target_name_override", CONTROLLER_TLS_NAME),
+        ("grpc.keepalive_time_ms", keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+_CHANNEL_OPTIONS = channel_options()
 
 _MODE = {pb.MODE_TUNNEL: "tunnel", pb.MODE_TRANSPORT: "transport"}
 _PROTOCOL = {pb.PROTOCOL_ESP: "esp", pb.PROTOCOL_AH: "ah", pb.PROTOCOL_AH_ESP: "ah+esp"}

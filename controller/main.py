@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                               metrics_listen=args.metrics_listen, health_listen=args.health_listen,
                               max_workers=args.max_workers)
     try:
-        port = server.start()
+        server.start()
     except InventoryError as e:
         print(str(e), file=sys.stderr)
         return 2
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     watch_host, _ = split_listen(server.watch_listen)
-    print(f"meshsec-controller listening on {host}:{port} (Enroll, TLS) and {watch_host}:{server.watch_port} "
+    print(f"meshsec-controller listening on {host}:{server.port} (Enroll, TLS) and {watch_host}:{server.watch_port} "
           f"(Watch, mutual TLS); CA certificate for agents: {server.ca_path}", flush=True)
     while not stopping.wait(1.0):
         pass

@@ -49,13 +49,27 @@ CA_FILE = "ca.pem"
 WATCH_POLL_S = 5.0
 
 # Keepalives detect dead agents / controllers behind silent middleboxes.
-SERVER_OPTIONS = [
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
-    ("grpc.http2.max_pings_without_data", 0),
-]
+# Agents ping every 20 s (agent.control); the server must accept pings at
+# least that often on an idle stream, or it answers GOAWAY too_many_pings.
+KEEPALIVE_TIME_MS = 20_000
+MIN_PING_INTERVAL_MS = 5_000
+
+
+def server_options(keepalive_time_ms: int = KEEPALIVE_TIME_MS,
+                   min_ping_interval_ms: int = MIN_PING_INTERVAL_MS) -> list[tuple[str, int]]:
+    """gRPC server channel arguments (milliseconds). The option that lets
+    clients ping an idle stream is ``grpc.http2.min_ping_interval_without_data_ms``
+    (grpc core ignores the look-alike ``min_recv_ping_interval_without_data_ms``)."""
+    return [
+        ("grpc.keepalive_time_ms", keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", min_ping_interval_ms),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+SERVER_OPTIONS = server_options()
 
 
 def utcnow() -> dt.datetime:
@@ -336,7 +350,8 @@ class ControllerServer:
     """Controller process core, usable in-process (tests) and by main.
 
     ``start()`` raises :class:`InventoryError` for a bad inventory and
-    ``OSError`` if it cannot listen; it returns the bound port.
+    ``OSError`` if it cannot listen; it returns the bound enrol port
+    (:attr:`port`; the watch port is :attr:`watch_port`).
     """
 
     def __init__(self, inventory_path: str | Path, state_dir: str | Path, *, listen: str = "0.0.0.0:7443",
@@ -345,9 +360,10 @@ class ControllerServer:
                  metrics_listen: str | None = None, health_listen: str | None = None,
                  logger: logging.Logger | None = None, node_source=None,
                  token_review: Callable[[str, str], tuple[bool, str]] | None = None,
-                 source_sync_timeout: float = 10.0) -> None:
+                 source_sync_timeout: float = 10.0, grpc_options: list[tuple[str, int]] | None = None) -> None:
         # node_source: controller.nodesource.NodeSource (e.g. Kubernetes Nodes), merged with the inventory
         self.node_source = node_source
+        self.grpc_options = list(grpc_options) if grpc_options is not None else SERVER_OPTIONS
         self.token_review = token_review
         self.source_sync_timeout = source_sync_timeout
         self._file_inventory: Inventory | None = None
@@ -425,7 +441,7 @@ class ControllerServer:
                                                   require_client_auth=True)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.max_workers,
                                                         thread_name_prefix="meshsec-rpc"),
-                             options=SERVER_OPTIONS)
+                             options=self.grpc_options)
         add_servicer(
             ControllerServicer(self.state, self.store, self.ca, self.cert_lifetime, self.log,
                                metrics=self.metrics, is_leader=lambda: self.is_leader,
@@ -458,7 +474,7 @@ class ControllerServer:
         _, version = self.state.snapshot()
         self.log.info("inventory %s: %d nodes, view version %d", self.inventory_path,
                       len(inventory.nodes), version)
-        return port
+        return self.port
 
     def reload_if_changed(self) -> bool:
         """Reload the inventory if the file changed; True if a new inventory

@@ -3,12 +3,17 @@ a good start prints where it listens and where ca.pem is."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import grpc
+
+from meshsec.v1 import controller_pb2 as pb
+from meshsec.v1 import controller_pb2_grpc as pb_grpc
 from tests.controller.ctl_helpers import inventory_text
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,6 +52,19 @@ def test_starts_prints_listen_and_ca_then_stops_on_sigterm(tmp_path: Path) -> No
     try:
         line = proc.stdout.readline()
         assert line.startswith("meshsec-controller listening on 127.0.0.1:")
+        m = re.match(r"meshsec-controller listening on 127\.0\.0\.1:(\d+) \(Enroll, TLS\) and "
+                     r"127\.0\.0\.1:(\d+) \(Watch, mutual TLS\)", line)
+        assert m, line
+        enrol_port, watch_port = int(m.group(1)), int(m.group(2))
+        assert enrol_port != watch_port
+        # The Enroll port answers without a client certificate (the watch port would refuse the handshake).
+        ca = (tmp_path / "s" / "ca.pem").read_bytes()
+        with grpc.secure_channel(f"127.0.0.1:{enrol_port}", grpc.ssl_channel_credentials(ca),
+                                 options=[("grpc.ssl_target_name_override", "meshsec-controller")]) as ch:
+            try:
+                pb_grpc.ControllerStub(ch).Enroll(pb.EnrollRequest(node_name="alpha", join_token="wrong"), timeout=10)
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.UNAUTHENTICATED, e
         assert str(tmp_path / "s" / "ca.pem") in line
         assert (tmp_path / "s" / "ca.pem").read_bytes().startswith(b"-----BEGIN CERTIFICATE-----")
     finally:
