@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-from agent.iana import EsnId, KeId, ProtocolId, TransformAttr, TransformType
+from agent.iana import EsnId, KeId, ProtocolId, TransformAttr, TransformType, TsType
 from agent.ike.message import Proposal, SaPayload, TrafficSelector, Transform, TransformAttribute
 from agent.ike.intermediate import ADD_KE_TYPES, add_ke_transforms, choose_add_ke
 from agent.ike.proposals import (EspProposal, IkeProposal, encr_key_len, integ_key_len, parse_ah_proposal,
@@ -241,6 +241,64 @@ def narrow(proposed: list[IPNetwork], allowed: tuple[IPNetwork, ...] | list[IPNe
     return seen
 
 
+_FULL_PORTS = (0, 65535)
+_OPAQUE_PORTS = (65535, 0)  # §3.13.1: start 65535, end 0 = OPAQUE ports
+
+
+def _port_meet(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int] | None:
+    if a == _FULL_PORTS:
+        return b
+    if b == _FULL_PORTS:
+        return a
+    if a == _OPAQUE_PORTS or b == _OPAQUE_PORTS:
+        return _OPAQUE_PORTS if a == b else None
+    lo, hi = max(a[0], b[0]), min(a[1], b[1])
+    return (lo, hi) if lo <= hi else None
+
+
+def ts_intersect(a: TrafficSelector, b: TrafficSelector) -> TrafficSelector | None:
+    """The selector both ``a`` and ``b`` cover (§2.9), or None when they share nothing.
+
+    Intersects the IP protocol (0 = any), the port range (0-65535 = any; OPAQUE
+    65535-0 meets only itself or any) and the address range. Only TS_IPV4_ADDR_RANGE
+    and TS_IPV6_ADDR_RANGE selectors of the same type meet; other types never do.
+    """
+    if a.ts_type != b.ts_type or a.ts_type not in (TsType.TS_IPV4_ADDR_RANGE, TsType.TS_IPV6_ADDR_RANGE):
+        return None
+    if a.ip_protocol and b.ip_protocol and a.ip_protocol != b.ip_protocol:
+        return None
+    ports = _port_meet((a.start_port, a.end_port), (b.start_port, b.end_port))
+    if ports is None:
+        return None
+    n = len(a.start_addr)
+    if len(b.start_addr) != n or len(a.end_addr) != n or len(b.end_addr) != n:
+        return None
+    lo = max(int.from_bytes(a.start_addr, "big"), int.from_bytes(b.start_addr, "big"))
+    hi = min(int.from_bytes(a.end_addr, "big"), int.from_bytes(b.end_addr, "big"))
+    if lo > hi:
+        return None
+    return TrafficSelector(a.ts_type, a.ip_protocol or b.ip_protocol, ports[0], ports[1],
+                           lo.to_bytes(n, "big"), hi.to_bytes(n, "big"))
+
+
+def narrow_ts(proposed, allowed) -> list[TrafficSelector]:
+    """Responder narrowing (§2.9): every non-empty intersection of a proposed selector with an
+    allowed one, in the proposer's order, without duplicates. Empty list: TS_UNACCEPTABLE."""
+    out: list[TrafficSelector] = []
+    for p in proposed:
+        for a in allowed:
+            x = ts_intersect(p, a)
+            if x is not None and x not in out:
+                out.append(x)
+    return out
+
+
+def ts_within(selectors, allowed) -> bool:
+    """Every selector lies inside one allowed selector (protocol, ports and addresses):
+    the initiator's check that the responder did not widen what it proposed (§2.9)."""
+    return all(any(ts_intersect(s, a) == s for a in allowed) for s in selectors)
+
+
 def within(nets: list[IPNetwork], allowed) -> bool:
     """Every network in ``nets`` lies inside one of ``allowed``."""
     return all(any(n.version == a.version and n.subnet_of(a) for a in allowed) for n in nets)
@@ -334,6 +392,9 @@ class ChildSa:
     expire_at: float | None = None
     rekeyed: bool = False  # replaced by a rekey; waits for its DELETE
     virtual_ip: str | None = None
+    # the negotiated selectors with IP protocol and ports (§2.9); () when whole networks
+    local_selectors: tuple = ()
+    remote_selectors: tuple = ()
 
     @property
     def protocol(self) -> str:
@@ -345,6 +406,7 @@ class ChildSa:
 
 
 __all__ = ["ike_sa_payload", "esp_sa_payload", "choose_ike", "accepted_ike", "choose_esp",
-           "accepted_esp", "IkeChoice", "EspChoice", "ts_from_networks", "networks_of", "narrow",
+           "accepted_esp", "IkeChoice", "EspChoice", "ts_from_networks", "networks_of", "narrow", "narrow_ts",
+           "ts_intersect", "ts_within",
            "within", "split_keymat", "keymat_len", "ChildSa", "offers", "kinds", "acceptable", "child_mode",
            "DEFAULT_AH_PROPOSALS"]

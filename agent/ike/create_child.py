@@ -300,8 +300,8 @@ class CreateChildExchange:
                 self._delete_unwanted(task.spi, now, task.protocol)
                 return
         local_ts, remote_ts = ch.networks_of(tsi.selectors), ch.networks_of(tsr.selectors)
-        if (not local_ts or not remote_ts or not ch.within(local_ts, task.local_ts)
-                or not ch.within(remote_ts, task.remote_ts)):
+        if (not local_ts or not remote_ts or not ch.ts_within(tsi.selectors, ch.ts_from_networks(task.local_ts))
+                or not ch.ts_within(tsr.selectors, ch.ts_from_networks(task.remote_ts))):
             self._child_failed(task, "CREATE_CHILD_SA response: responder widened the traffic selectors", now)
             self._delete_unwanted(task.spi, now, task.protocol)
             return
@@ -319,6 +319,7 @@ class CreateChildExchange:
         self._drop_task(task)
         new = self._make_child(choice, task.spi, task.ni, nr.data, g_ir, local_ts, remote_ts,
                                "transport" if transport else "tunnel", now, exchange_initiator=True,
+                               selectors=(tuple(tsi.selectors), tuple(tsr.selectors)),
                                rekey_of=task.old.inbound_spi if task.old is not None else None,
                                additional=additional or b"")
         if task.old is None:
@@ -341,7 +342,8 @@ class CreateChildExchange:
 
     def _make_child(self, choice: ch.EspChoice, our_spi: int, ni: bytes, nr: bytes, g_ir: bytes | None,
                     local_ts, remote_ts, mode: str, now: float, *, exchange_initiator: bool,
-                    rekey_of: int | None = None, additional: bytes = b"") -> ch.ChildSa:
+                    rekey_of: int | None = None, additional: bytes = b"",
+                    selectors: tuple = ((), ())) -> ch.ChildSa:
         """KEYMAT = prf+(SK_d, [g^ir (new) |] Ni | Nr [| SK(1) | ... | SK(n)]) (§2.17, RFC 9370 §2.2.4),
         split by the exchange's roles."""
         keymat = derive_child_keymat(self._ike_prop.prf, self._keys.sk_d, ni, nr, ch.keymat_len(choice.proposal),
@@ -350,13 +352,14 @@ class CreateChildExchange:
                                             our_spi=our_spi, peer_spi=choice.peer_spi)
         vip = self.virtual_ips[0] if self.virtual_ips else None
         child = ch.ChildSa(our_spi, choice.peer_spi, choice.proposal, tuple(local_ts), tuple(remote_ts), mode,
-                           self._udp_encap(), now, inbound, outbound, virtual_ip=vip)
+                           self._udp_encap(), now, inbound, outbound, virtual_ip=vip,
+                           local_selectors=tuple(selectors[0]), remote_selectors=tuple(selectors[1]))
         self._set_child_lifetimes(child, now)
         self.children.append(child)
         self.events.append(ChildSaEstablished(
             self.peer_name, self.spi_i, self.spi_r, inbound, outbound, tuple(local_ts), tuple(remote_ts), mode,
             child.udp_encap, self.local, self.remote, choice.proposal.describe(), rekey_of, vip,
-            child.protocol))
+            child.protocol, child.local_selectors, child.remote_selectors))
         return child
 
     # ------------------------------------------------------------ CREATE_CHILD_SA: responder
@@ -397,8 +400,10 @@ class CreateChildExchange:
             except KeyExchangeError:
                 return [NotifyPayload(int(NotifyType.INVALID_SYNTAX))]
         # TSi is the initiator's side: PAD rule, the peer claims only its own networks (§2.9)
-        remote_ts = ch.narrow(ch.networks_of(tsi.selectors), self._remote_allowed())
-        local_ts = ch.narrow(ch.networks_of(tsr.selectors), self._local_nets())
+        # §2.9 on IP protocol, ports and addresses
+        remote_sel = ch.narrow_ts(tsi.selectors, ch.ts_from_networks(self._remote_allowed()))
+        local_sel = ch.narrow_ts(tsr.selectors, ch.ts_from_networks(self._local_nets()))
+        remote_ts, local_ts = ch.networks_of(remote_sel), ch.networks_of(local_sel)
         if not remote_ts or not local_ts:
             return [NotifyPayload(int(NotifyType.TS_UNACCEPTABLE))]
         nr = self.rng(NONCE_LEN)
@@ -409,8 +414,8 @@ class CreateChildExchange:
         payloads: list = [ch.esp_sa_payload([choice.proposal], spi, [choice.number], ke=True), NoncePayload(nr)]
         if kex is not None:
             payloads.append(KePayload(kex.ke_id, kex.public_bytes()))
-        payloads += [TsPayload(int(PayloadType.TSi), ch.ts_from_networks(remote_ts)),
-                     TsPayload(int(PayloadType.TSr), ch.ts_from_networks(local_ts))]
+        payloads += [TsPayload(int(PayloadType.TSi), tuple(remote_sel)),
+                     TsPayload(int(PayloadType.TSr), tuple(local_sel))]
         if transport:
             payloads.append(NotifyPayload(int(NotifyType.USE_TRANSPORT_MODE)))
 
@@ -419,7 +424,8 @@ class CreateChildExchange:
                 return  # deleted meanwhile
             self._make_child(choice, spi, ni.data, nr, g_ir, local_ts, remote_ts,
                              "transport" if transport else "tunnel", t, exchange_initiator=False,
-                             rekey_of=old.inbound_spi if old is not None else None, additional=extra)
+                             rekey_of=old.inbound_spi if old is not None else None, additional=extra,
+                             selectors=(tuple(local_sel), tuple(remote_sel)))
             if old is not None:
                 old.rekeyed = True
                 task = self._task_for(old)
@@ -569,6 +575,7 @@ class CreateChildExchange:
         new = type(self)(self.cfg, self.rng, initiator=initiator, local=self.local, remote=self.remote, now=now)
         new.spi_i, new.spi_r = spi_i, spi_r
         new.peer = self.peer
+        new.peer_cert_serial = getattr(self, "peer_cert_serial", None)  # PAD revocation follows the rekey
         new._ni, new._nr = ni, nr
         ek = encr_key_len(prop.encr, prop.encr_key_bits)
         ak = integ_key_len(prop.integ) if prop.integ else 0

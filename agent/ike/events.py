@@ -54,6 +54,9 @@ class ChildSaEstablished:
     side of ``local_ts``; None without a configuration payload.
     ``protocol``: "esp" (RFC 4303) or "ah" (RFC 4302; the keys then carry integrity only,
     ``encr_id`` 0), the Protocol ID of the chosen proposal (RFC 7296 §3.3.1).
+    ``local_selectors`` / ``remote_selectors``: the narrowed selectors with IP protocol and
+    port ranges (agent.ike.message.TrafficSelector, §2.9); ``local_ts`` / ``remote_ts``
+    cover their addresses. Protocol 0 with ports 0-65535 means whole networks.
     """
     peer: str
     ike_spi_i: int
@@ -70,6 +73,8 @@ class ChildSaEstablished:
     rekey_of: int | None = None
     virtual_ip: str | None = None
     protocol: str = "esp"
+    local_selectors: tuple = ()
+    remote_selectors: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,16 @@ class IkeSaDeleted:
     rekeyed_to: tuple[int, int] | None = None
 
 
-Event = Union[IkeSaEstablished, IkeKeysDerived, ChildSaEstablished, ChildSaDeleted, IkeSaDeleted]
+@dataclass(frozen=True)
+class PeerRefused:
+    """The manager will not negotiate with ``peer`` because of its policy data (e.g. a proposal
+    string that does not parse, a replay window the ESP core rejects). ``reason`` names the
+    peer and the bad value; other peers are unaffected. Fix the policy and push a new view."""
+    peer: str
+    reason: str
+
+
+Event = Union[IkeSaEstablished, IkeKeysDerived, ChildSaEstablished, ChildSaDeleted, IkeSaDeleted, PeerRefused]
 
 __all__ = ["Addr", "Event", "IkeSaEstablished", "IkeKeysDerived", "ChildSaEstablished",
-           "ChildSaDeleted", "IkeSaDeleted"]
+           "ChildSaDeleted", "IkeSaDeleted", "PeerRefused"]

@@ -7,6 +7,8 @@ docs/design.md "agent.ike.manager.IkeManager". The runtime feeds datagrams
 """
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections import deque
 from typing import Callable
 
@@ -14,15 +16,21 @@ from agent.iana import ExchangeType, NotifyType, PayloadType
 from agent.ike.cookie import CookieJar
 from agent.ike.fragment import DEFAULT_FRAGMENT_SIZE
 from agent.ike.cp import AddressPool
-from agent.ike.events import Addr, Event, IkeSaDeleted, IkeSaEstablished
-from agent.ike.message import (Message, MessageError, NotifyPayload, check_outer, decode_message,
-                               encode_message)
-from agent.ike.sa import IKE_PORT, Datagram, IkeSa, IkeSaConfig, State
+from agent.ike.events import Addr, Event, IkeSaDeleted, IkeSaEstablished, PeerRefused
+from agent.ike.message import (EncryptedFragmentPayload, EncryptedPayload, Message, MessageError, NotifyPayload,
+                               check_outer, decode_message, encode_message)
+from agent.ike.policy_check import ike_proposal_problem, policy_problem
+from agent.ike.sa import HALF_OPEN_TIMEOUT_S, IKE_PORT, Datagram, IkeSa, IkeSaConfig, State
 from agent.model import DEFAULT_IKE_PROPOSALS, Credentials, NodeView, Peer
 
 REINITIATE_BASE_S = 2.0
+REINITIATE_AUTH_BASE_S = 8.0  # first delay after an authentication failure (a config problem)
 REINITIATE_MAX_S = 120.0
 COOKIE_THRESHOLD = 50  # half-open IKE_SAs above which IKE_SA_INIT needs a COOKIE (§2.6)
+HALF_OPEN_PER_SOURCE = 20  # half-open IKE_SAs one source address may hold
+INVALID_IKE_SPI_INTERVAL_S = 1.0  # at most one unprotected INVALID_IKE_SPI per source per interval
+HINT_INTERVAL_S = 5.0  # unknown-SPI hints acted on at most once per address per interval
+_RATE_TABLE_MAX = 4096  # rate-limit tables are pruned beyond this many addresses
 
 # reasons after which we do not re-initiate
 _FINAL_REASONS = ("shutdown", "peer removed from view", "deleted locally")
@@ -37,7 +45,11 @@ class IkeManager:
 
     def __init__(self, view: NodeView, credentials: Credentials, rng: Callable[[int], bytes], *,
                  local_address: str, wall_offset: float = 0.0, cookie_threshold: int = COOKIE_THRESHOLD,
-                 cookie_rotate_s: float = 120.0):
+                 cookie_rotate_s: float = 120.0, half_open_timeout_s: float = HALF_OPEN_TIMEOUT_S,
+                 half_open_per_source: int = HALF_OPEN_PER_SOURCE):
+        # ``half_open_timeout_s``: a responder IKE_SA not ESTABLISHED this long after its
+        # IKE_SA_INIT is dropped (strongSwan's half_open_timeout); ``half_open_per_source``:
+        # IKE_SA_INITs from one address beyond this many half-open IKE_SAs are dropped (counted).
         # ``cookie_threshold``: with this many half-open IKE_SAs, answer IKE_SA_INIT without a
         # valid cookie statelessly with N(COOKIE) (§2.6); ``cookie_rotate_s``: secret lifetime.
         # ``wall_offset``: Unix time minus the ``now`` clock, for certificate validity (RFC 5280
@@ -50,6 +62,22 @@ class IkeManager:
         self.counters: dict[str, int] = {}
         self._sas: dict[int, IkeSa] = {}  # by our SPI
         self._half_open: dict[tuple[str, int], IkeSa] = {}  # responder: (remote ip, SPIi)
+        self._half_open_key: dict[int, tuple[str, int]] = {}  # our SPI -> its _half_open key
+        self._half_open_by_ip: dict[str, int] = {}
+        self.half_open_timeout_s = half_open_timeout_s
+        self.half_open_per_source = half_open_per_source
+        # deadlines: a heap of (when, seq, key) with lazy deletion; key is our SPI or ("retry", peer)
+        self._heap: list[tuple[float, int, object]] = []
+        self._deadline: dict[int, float] = {}  # our SPI -> deadline in the heap
+        self._seq = itertools.count()
+        self._by_peer: dict[str, set[int]] = {}  # peer name -> our SPIs of its live IKE_SAs
+        self._hold: dict[str, float] = {}  # peer -> no new initiation before (backoff after failures)
+        self._revoked: frozenset[int] = frozenset()
+        self.policy_errors: dict[str, str] = {}  # peer -> why we refuse to negotiate with it
+        self._policy_cache: dict[str, tuple[object, str | None]] = {}
+        self._ike_prop_ok: dict[str, str | None] = {}
+        self._invalid_spi_sent: dict[str, float] = {}
+        self._hinted: dict[str, float] = {}
         self._out: list[Datagram] = []
         self._events: deque[Event] = deque()
         self._retry: dict[str, float] = {}  # peer -> re-initiation deadline
@@ -77,19 +105,60 @@ class IkeManager:
         props: list[str] = []
         for p in self.view.peers:
             for s in p.policy.ike_proposals:
-                if s not in props:
+                if s in props:
+                    continue
+                if s not in self._ike_prop_ok:
+                    self._ike_prop_ok[s] = ike_proposal_problem(s)
+                if self._ike_prop_ok[s] is None:
                     props.append(s)
+                else:  # one peer's typo must not refuse every initiator
+                    self._policy_problem(p)
         return IkeSaConfig(
             identity=self.view.identity, credentials=self.credentials, local_subnets=self.view.subnets,
             ike_proposals=tuple(props) or DEFAULT_IKE_PROPOSALS, peer=None, find_peer=self._find_peer,
             force_encap=any(p.policy.encapsulation == "udp" for p in self.view.peers),
-            wall_offset=lambda: self.wall_offset, assign_vip=self._assign_vip)
+            wall_offset=lambda: self.wall_offset, assign_vip=self._assign_vip,
+            half_open_timeout_s=self.half_open_timeout_s, revoked=lambda: self._revoked,
+            policy_problem=self._policy_problem)
+
+    def _policy_problem(self, peer: Peer) -> str | None:
+        """policy_check.policy_problem, cached per policy; a new problem is counted, kept in
+        ``policy_errors`` and reported once as a PeerRefused event."""
+        cached = self._policy_cache.get(peer.name)
+        if cached is not None and cached[0] == peer.policy:
+            problem = cached[1]
+        else:
+            problem = policy_problem(peer)
+            self._policy_cache[peer.name] = (peer.policy, problem)
+            if problem is not None:
+                self._events.append(PeerRefused(peer.name, problem))
+        if problem is None:
+            self.policy_errors.pop(peer.name, None)
+        else:
+            self.policy_errors[peer.name] = problem
+            self._count("bad_policy")
+        return problem
 
     def _live(self):
         return [sa for sa in self._sas.values() if not sa.is_dead]
 
     def _sas_of(self, peer: str) -> list[IkeSa]:
-        return [sa for sa in self._live() if sa.peer_name == peer]
+        return [sa for sa in (self._sas.get(k) for k in self._by_peer.get(peer, ())) if sa is not None
+                and not sa.is_dead and sa.peer_name == peer]
+
+    @staticmethod
+    def _rate_ok(table: dict[str, float], key: str, now: float, interval: float) -> bool:
+        """True (and noted) if ``key`` was not let through in the last ``interval`` seconds."""
+        last = table.get(key)
+        if last is not None and now - last < interval:
+            return False
+        if len(table) >= _RATE_TABLE_MAX:
+            for k in [k for k, t in table.items() if now - t >= interval]:
+                del table[k]
+            if len(table) >= _RATE_TABLE_MAX:
+                table.clear()
+        table[key] = now
+        return True
 
     # ------------------------------------------------------------ API
     def update_view(self, view: NodeView, now: float) -> None:
@@ -103,6 +172,29 @@ class IkeManager:
         for name in list(self._retry):
             if name not in names:
                 del self._retry[name]
+        for d in (self._hold, self._backoff, self.policy_errors, self._policy_cache):
+            for name in [k for k in d if k not in names]:
+                del d[name]
+        for p in view.peers:  # a corrected policy clears its error (and a new one is reported)
+            if p.name in self.policy_errors:
+                self._policy_problem(p)
+
+    def update_credentials(self, credentials: Credentials, now: float) -> None:
+        """New credentials (e.g. a renewed certificate or new trust anchors): every IKE_SA set up
+        from now on uses them; established IKE_SAs stay (they were authenticated already)."""
+        self.credentials = credentials
+
+    def set_revoked_serials(self, serials: frozenset[int], now: float) -> None:
+        """PAD revocation list (RFC 4301 §4.4.3): serial numbers of peer certificates issued by
+        our CA that may no longer authenticate. IKE_AUTH with such a certificate fails, and
+        IKE_SAs authenticated with one are deleted now (INFORMATIONAL delete, §1.4.1)."""
+        self._revoked = frozenset(int(s) for s in serials)
+        for sa in self._live():
+            serial = getattr(sa, "peer_cert_serial", None)
+            if serial is not None and serial in self._revoked:
+                self._count("revoked_peer")
+                sa.delete(now, f"peer certificate revoked (serial {serial})")
+                self._collect(sa, now)
 
     def initiate(self, peer_name: str, now: float) -> None:
         """Start IKE_SA_INIT with ``peer_name`` unless an IKE_SA with it exists or is being set up.
@@ -117,13 +209,23 @@ class IkeManager:
         if self._sas_of(peer_name) or self._shutdown:
             self._retry.pop(peer_name, None)
             return
+        hold = self._hold.get(peer_name)
+        if hold is not None and now < hold:
+            # re-initiation backoff after a failure: an acquire must not start a new exchange
+            self._count("initiate_backoff")
+            return
+        if self._policy_problem(peer) is not None:
+            self._retry.pop(peer_name, None)
+            return
         self._retry.pop(peer_name, None)
         cfg = IkeSaConfig(
             identity=self.view.identity, credentials=self.credentials, local_subnets=self.view.subnets,
             ike_proposals=peer.policy.ike_proposals, peer=peer, find_peer=self._find_peer,
             force_encap=peer.policy.encapsulation == "udp", initial_contact=peer_name not in self._contacted,
             wall_offset=lambda: self.wall_offset, assign_vip=self._assign_vip,
-            fragment_size=getattr(peer.policy, "fragment_size", DEFAULT_FRAGMENT_SIZE))
+            fragment_size=getattr(peer.policy, "fragment_size", DEFAULT_FRAGMENT_SIZE),
+            half_open_timeout_s=self.half_open_timeout_s, revoked=lambda: self._revoked,
+            policy_problem=self._policy_problem)
         sa = IkeSa.new_initiator(cfg, self.rng, (self.local_address, IKE_PORT),
                                  (peer.endpoints[0], peer.ike_port), now)
         self._sas[sa.my_spi] = sa
@@ -143,6 +245,10 @@ class IkeManager:
         except MessageError:
             self._count("malformed")
             return
+        if (msg.exchange == ExchangeType.INFORMATIONAL and msg.payloads
+                and all(isinstance(p, NotifyPayload) for p in msg.payloads)):
+            self._unprotected_notify(msg, remote, now)  # never answered: it may be spoofed
+            return
         try:
             check_outer(msg)
         except MessageError:
@@ -158,11 +264,16 @@ class IkeManager:
                 if self._shutdown:
                     self._count("shutdown")
                     return
+                if self._half_open_by_ip.get(remote[0], 0) >= self.half_open_per_source:
+                    self._count("half_open_per_source")
+                    return
                 if not self._cookie_ok(msg, local, remote, now):
                     return
                 sa = IkeSa.new_responder(self._responder_config(), self.rng, local, remote, msg.spi_i, now)
                 self._sas[sa.my_spi] = sa
                 self._half_open[key] = sa
+                self._half_open_key[sa.my_spi] = key
+                self._half_open_by_ip[key[0]] = self._half_open_by_ip.get(key[0], 0) + 1
         else:
             our_spi = msg.spi_r if msg.is_initiator else msg.spi_i
             sa = self._sas.get(our_spi)
@@ -170,6 +281,7 @@ class IkeManager:
             their = sa.spi_i if sa and msg.is_initiator else (sa.spi_r if sa else 0)
             if sa is None or sa.is_dead or (their and other != their):
                 self._count("unknown_spi")
+                self._answer_unknown_spi(msg, local, remote, now)
                 return
         reason = sa.receive(msg, data, local, remote, now)
         if reason:
@@ -178,8 +290,86 @@ class IkeManager:
 
     # ------------------------------------------------------------ COOKIE (§2.6)
     def half_open(self) -> int:
-        """Number of responder IKE_SAs waiting for IKE_AUTH."""
-        return sum(1 for sa in self._half_open.values() if not sa.is_dead and sa.state != State.ESTABLISHED)
+        """Number of responder IKE_SAs not ESTABLISHED yet (each expires after
+        ``half_open_timeout_s``); O(1)."""
+        return len(self._half_open)
+
+    # ------------------------------------------------------------ lost state (§2.21.4, §1.5)
+    def _answer_unknown_spi(self, msg: Message, local: Addr, remote: Addr, now: float) -> None:
+        """<-- HDR(same SPIs and Message ID), N(INVALID_IKE_SPI), unprotected: only for an encrypted
+        request (never a response), rate-limited per source, no state kept."""
+        if msg.is_response or not msg.payloads or not isinstance(
+                msg.payloads[0], (EncryptedPayload, EncryptedFragmentPayload)):
+            return
+        if not self._rate_ok(self._invalid_spi_sent, remote[0], now, INVALID_IKE_SPI_INTERVAL_S):
+            self._count("invalid_ike_spi_rate_limited")
+            return
+        reply = Message(msg.spi_i, msg.spi_r, int(ExchangeType.INFORMATIONAL), msg.message_id,
+                        not msg.is_initiator, True, (NotifyPayload(int(NotifyType.INVALID_IKE_SPI)),))
+        self._out.append(Datagram(encode_message(reply), local, remote))
+        self._count("invalid_ike_spi_sent")
+
+    def _unprotected_notify(self, msg: Message, remote: Addr, now: float) -> None:
+        """HDR, N(INVALID_IKE_SPI | INVALID_SPI) without SK: the peer may have lost its state.
+        Unauthenticated, so only a hint: a liveness check of our IKE_SA with that address."""
+        kinds = {p.notify_type for p in msg.payloads}
+        if not kinds & {NotifyType.INVALID_IKE_SPI, NotifyType.INVALID_SPI}:
+            self._count("unexpected_payload")
+            return
+        sa = self._sas.get(msg.spi_i) or self._sas.get(msg.spi_r)
+        if sa is None or sa.is_dead or sa.remote[0] != remote[0] or sa.state != State.ESTABLISHED:
+            sa = next((s for p in self.view.peers if remote[0] in p.endpoints for s in self._sas_of(p.name)
+                       if s.remote[0] == remote[0] and s.state == State.ESTABLISHED), None)
+        if sa is None:
+            self._count("unsolicited_notify")
+            return
+        self._count("invalid_spi_hint")
+        self._probe(sa, remote[0], now)
+
+    def _probe(self, sa: IkeSa, ip: str, now: float) -> bool:
+        if not self._rate_ok(self._hinted, ip, now, HINT_INTERVAL_S):
+            self._count("hint_rate_limited")
+            return False
+        started = sa.check_liveness(now, hinted=True)
+        self._collect(sa, now)
+        return started
+
+    def hint_unknown_spi(self, remote_addr, now: float) -> str:
+        """The datapath received ESP (or AH) with an SPI it does not know from ``remote_addr``
+        (an IP string or (ip, port)): the peer still uses SAs we lost (§1.5), or we lost its.
+
+        Rate-limited per address (HINT_INTERVAL_S). Returns what was done: "initiated" (no
+        IKE_SA with that peer: IKE_SA_INIT started, backoff and policy permitting),
+        "liveness_check" (an ESTABLISHED IKE_SA is probed now, §2.4), "in_progress" (an IKE_SA
+        is being set up or a request is outstanding), "held" (re-initiation backoff or bad
+        policy), "rate_limited", or "unknown_address" (no configured peer has that endpoint).
+        Never raises."""
+        ip = remote_addr[0] if isinstance(remote_addr, tuple) else str(remote_addr)
+        peer = next((p for p in self.view.peers if ip in p.endpoints and p.policy.action == "protect"), None)
+        if peer is None or self._shutdown:
+            self._count("hint_unknown_address")
+            return "unknown_address"
+        sas = self._sas_of(peer.name)
+        est = [sa for sa in sas if sa.state == State.ESTABLISHED]
+        if est:
+            if not self._rate_ok(self._hinted, ip, now, HINT_INTERVAL_S):
+                self._count("hint_rate_limited")
+                return "rate_limited"
+            started = False
+            for sa in est:
+                started = sa.check_liveness(now, hinted=True) or started
+                self._collect(sa, now)
+            return "liveness_check" if started else "in_progress"
+        if sas:
+            return "in_progress"
+        if not self._rate_ok(self._hinted, ip, now, HINT_INTERVAL_S):
+            self._count("hint_rate_limited")
+            return "rate_limited"
+        try:
+            self.initiate(peer.name, now)
+        except ValueError:
+            return "held"
+        return "initiated" if self._sas_of(peer.name) else "held"
 
     def _cookie_ok(self, msg: Message, local: Addr, remote: Addr, now: float) -> bool:
         """Under load, IKE_SA_INIT must carry a valid N(COOKIE) first; else answer
@@ -265,24 +455,74 @@ class IkeManager:
         return False
 
     def handle_timer(self, now: float) -> None:
-        """Run every IKE_SA deadline that has passed, and due re-initiations."""
-        for sa in list(self._sas.values()):
-            t = sa.next_timer()
-            if t is not None and t <= now:
-                sa.handle_timer(now)
-                self._collect(sa, now)
-        for name, deadline in list(self._retry.items()):
-            if deadline <= now and self.view.peer(name) is not None:
+        """Run every IKE_SA deadline that has passed, and due re-initiations.
+
+        Cost: O(k log n) for k due deadlines (a heap), each IKE_SA at most once per call."""
+        due: list[object] = []
+        while self._heap and self._heap[0][0] <= now:
+            t, _, key = heapq.heappop(self._heap)
+            if self._valid(t, key):
+                due.append(key)
+                if isinstance(key, int):
+                    del self._deadline[key]
+        for key in due:
+            if isinstance(key, int):
+                sa = self._sas.get(key)
+                if sa is None:
+                    continue
+                t = sa.next_timer()
+                if t is not None and t <= now:
+                    sa.handle_timer(now)
+                self._collect(sa, now)  # reschedules
+            else:
+                name = key[1]
+                if self._retry.get(name) is None or self._retry[name] > now:
+                    continue
+                if self.view.peer(name) is None:
+                    self._retry.pop(name, None)
+                    continue
                 try:
                     self.initiate(name, now)
                 except ValueError:
                     self._retry.pop(name, None)
 
     def get_timer(self) -> float | None:
-        """Earliest deadline over all IKE_SAs and pending re-initiations."""
-        ts = [t for t in (sa.next_timer() for sa in self._sas.values()) if t is not None]
-        ts += list(self._retry.values())
-        return min(ts) if ts else None
+        """Earliest deadline over all IKE_SAs and pending re-initiations (amortised O(log n))."""
+        while self._heap:
+            t, _, key = self._heap[0]
+            if self._valid(t, key):
+                return t
+            heapq.heappop(self._heap)
+        return None
+
+    def _valid(self, t: float, key: object) -> bool:
+        if isinstance(key, int):
+            return self._deadline.get(key) == t and key in self._sas
+        return self._retry.get(key[1]) == t
+
+    def _schedule(self, sa: IkeSa) -> None:
+        """Keep the heap entry of ``sa`` equal to its next_timer() (called from _collect)."""
+        key = sa.my_spi
+        t = None if sa.is_dead or self._sas.get(key) is not sa else sa.next_timer()
+        if t is None:
+            self._deadline.pop(key, None)
+            return
+        if self._deadline.get(key) == t:
+            return
+        self._deadline[key] = t
+        self._push(t, key)
+
+    def _push(self, t: float, key: object) -> None:
+        heapq.heappush(self._heap, (t, next(self._seq), key))
+        if len(self._heap) > 4 * (len(self._deadline) + len(self._retry)) + 64:
+            # stale entries (deadlines that moved) outnumber live ones: rebuild
+            self._heap = [e for e in self._heap if self._valid(e[0], e[2])]
+            heapq.heapify(self._heap)
+
+    def timer_entries(self) -> int:
+        """Entries in the deadline heap (live and stale): bounded by a constant times the
+        number of IKE_SAs plus pending re-initiations."""
+        return len(self._heap)
 
     def datagrams_to_send(self) -> list[Datagram]:
         out, self._out = self._out, []
@@ -295,6 +535,7 @@ class IkeManager:
         """INFORMATIONAL delete for every IKE_SA (shutdown); no re-initiation afterwards."""
         self._shutdown = True
         self._retry.clear()
+        self._hold.clear()
         for sa in list(self._sas.values()):
             sa.delete(now, "shutdown")
             self._collect(sa, now)
@@ -306,6 +547,8 @@ class IkeManager:
 
     # ------------------------------------------------------------ bookkeeping
     def _collect(self, sa: IkeSa, now: float) -> None:
+        if sa.peer_name and not sa.is_dead and self._sas.get(sa.my_spi) is sa:
+            self._by_peer.setdefault(sa.peer_name, set()).add(sa.my_spi)
         drops, sa.drops = sa.drops, []  # e.g. invalid_ke_data (RFC 9370 exchanges)
         for reason in drops:
             self._count(reason)
@@ -324,6 +567,9 @@ class IkeManager:
                 self._contacted.add(ev.peer)
                 self._retry.pop(ev.peer, None)
                 self._backoff.pop(ev.peer, None)
+                self._hold.pop(ev.peer, None)
+                if ev.peer:
+                    self._by_peer.setdefault(ev.peer, set()).add(sa.my_spi)
                 if sa.peer_initial_contact:
                     # RFC 7296 §2.4: the peer restarted; our older IKE_SAs with it are stale
                     # only SAs established before: a simultaneous initiation in flight stays
@@ -338,26 +584,46 @@ class IkeManager:
                     self._release_vip(ev.peer, sa)
                 self._schedule_retry(sa, ev, now)
         if sa.is_dead:
-            self._sas.pop(sa.my_spi, None)
-            for k, v in list(self._half_open.items()):
-                if v is sa:
-                    del self._half_open[k]
+            if self._sas.get(sa.my_spi) is sa:
+                del self._sas[sa.my_spi]
+            self._forget_half_open(sa)
+            peers = self._by_peer.get(sa.peer_name)
+            if peers is not None:
+                peers.discard(sa.my_spi)
+                if not peers:
+                    del self._by_peer[sa.peer_name]
         elif sa.state == State.ESTABLISHED:
-            for k, v in list(self._half_open.items()):
-                if v is sa:
-                    del self._half_open[k]
+            self._forget_half_open(sa)
+        self._schedule(sa)
+
+    def _forget_half_open(self, sa: IkeSa) -> None:
+        key = self._half_open_key.pop(sa.my_spi, None)
+        if key is None or self._half_open.get(key) is not sa:
+            return
+        del self._half_open[key]
+        n = self._half_open_by_ip.get(key[0], 0) - 1
+        if n > 0:
+            self._half_open_by_ip[key[0]] = n
+        else:
+            self._half_open_by_ip.pop(key[0], None)
 
     def _schedule_retry(self, sa: IkeSa, ev: IkeSaDeleted, now: float) -> None:
         name = sa.peer_name or (sa.cfg.peer.name if sa.cfg.peer else "")
         peer = self.view.peer(name) if name else None
-        if (peer is None or not peer.initiate or self._shutdown or ev.reason in _FINAL_REASONS
+        if (peer is None or self._shutdown or ev.reason in _FINAL_REASONS
                 or ev.reason == "peer sent INITIAL_CONTACT" or ev.rekeyed_to is not None
                 or ev.reason.startswith("redundant") or any(s is not sa for s in self._sas_of(name))):
             return
         last = self._backoff.get(name, 0.0)
-        backoff = min(REINITIATE_MAX_S, last * 2 if last else REINITIATE_BASE_S)
+        auth = "AUTHENTICATION_FAILED" in ev.reason or ev.reason.startswith(("refused:", "cannot authenticate"))
+        base = REINITIATE_AUTH_BASE_S if auth else REINITIATE_BASE_S
+        backoff = min(REINITIATE_MAX_S, max(last * 2, base) if last else base)
         self._backoff[name] = backoff
-        self._retry[name] = now + backoff
+        # acquires (initiate) wait out the backoff too, whichever side initiates by default
+        self._hold[name] = now + backoff
+        if peer.initiate:
+            self._retry[name] = now + backoff
+            self._push(now + backoff, ("retry", name))
 
 
 __all__ = ["IkeManager", "Datagram"]

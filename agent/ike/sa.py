@@ -53,6 +53,9 @@ RETRANSMIT_BASE_S = 1.0
 RETRANSMIT_FACTOR = 2.0
 RETRANSMIT_TRIES = 5
 HALF_OPEN_TIMEOUT_S = 30.0  # responder waiting for IKE_AUTH
+# an initiator's own retransmissions (1+2+4+8+16+32 s) end first; this only backs them up
+INITIATOR_SETUP_FACTOR = 4.0
+HINT_LIVENESS_TRIES = 3  # liveness check after an unknown-SPI hint: gone 15 s after it starts
 MAX_INIT_RETRIES = 3  # INVALID_KE_PAYLOAD / COOKIE round trips
 
 
@@ -96,10 +99,22 @@ class IkeSaConfig:
     assign_vip: Callable[[Peer, tuple], list | None] = lambda _peer, _versions: None
     # RFC 7383: IP packet size above which encrypted messages are fragmented (strongSwan's default)
     fragment_size: int = frag.DEFAULT_FRAGMENT_SIZE
+    # seconds a responder IKE_SA may stay un-ESTABLISHED (initiator: 4x that as a backstop)
+    half_open_timeout_s: float = HALF_OPEN_TIMEOUT_S
+    # PAD (RFC 4301 §4.4.3): serial numbers of revoked peer certificates
+    revoked: Callable[[], frozenset] = lambda: frozenset()
+    # (peer, CHILD_SA policy) -> None or the reason it is unusable; checked before IKE_AUTH completes
+    policy_problem: Callable[[Peer], str | None] = lambda _peer: None
 
 
 def _sha1(data: bytes) -> bytes:
     h = hashes.Hash(hashes.SHA1())
+    h.update(data)
+    return h.finalize()
+
+
+def _sha256(data: bytes) -> bytes:
+    h = hashes.Hash(hashes.SHA256())
     h.update(data)
     return h.finalize()
 
@@ -115,6 +130,7 @@ class _Pending:
     deadline: float
     tries: int
     on_response: Callable
+    max_tries: int = RETRANSMIT_TRIES
 
 
 class IkeSa(IntermediateExchange, CreateChildExchange):
@@ -148,7 +164,7 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         self._peer_mid = 0  # next request ID we expect from the peer
         self._pending: _Pending | None = None
         self._queue: list[Callable[[float], None]] = []
-        self._cached_response: tuple[int, bytes] | None = None
+        self._cached_response: tuple[int, bytes, frozenset] | None = None  # (mid, response, request digests)
         self._init_request = b""
         self._init_response = b""
         self._ni = b""
@@ -168,6 +184,8 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         self._last_raw = b""
         self.auth_failure: str | None = None
         self._frag_peer = False  # the peer sent IKEV2_FRAGMENTATION_SUPPORTED (RFC 7383 §2.3)
+        self.peer_cert_serial: int | None = None  # serial of the certificate the peer authenticated with
+        self._req_digests: tuple[int, set] = (-1, set())  # datagrams of the peer's current request
         self._frag_rx = frag.Reassembler()
         self._init_create_child()
         self._init_intermediate()  # RFC 9370 / RFC 9242: agent.ike.intermediate
@@ -239,12 +257,39 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         ts = []
         if self._pending:
             ts.append(self._pending.deadline)
-        if self.state == State.INIT and not self.initiator:
-            ts.append(self.created_at + HALF_OPEN_TIMEOUT_S)
-        if self.state == State.ESTABLISHED and not self._pending and self.peer:
-            ts.append(self.last_received + self.peer.policy.dpd_interval_s)
+        setup = self.setup_deadline
+        if setup is not None:
+            ts.append(setup)
+        dpd = self._dpd_interval()
+        if self.state == State.ESTABLISHED and not self._pending and dpd:
+            ts.append(self.last_received + dpd)
         ts += self._lifetime_timers()
         return min(ts) if ts else None
+
+    @property
+    def setup_deadline(self) -> float | None:
+        """When an IKE_SA that is not ESTABLISHED yet is given up (None once established)."""
+        if self.state not in (State.INIT, State.AUTH):
+            return None
+        t = self.cfg.half_open_timeout_s
+        return self.created_at + (t if not self.initiator else t * INITIATOR_SETUP_FACTOR)
+
+    def _dpd_interval(self) -> float:
+        """Liveness check interval in seconds; 0 (or less): no periodic checks."""
+        d = self.peer.policy.dpd_interval_s if self.peer else 0
+        return d if d and d > 0 else 0.0
+
+    def check_liveness(self, now: float, *, hinted: bool = False) -> bool:
+        """Start a liveness check now (§2.4): HDR, SK {} -->. ``hinted``: after an unauthenticated
+        hint that the peer lost its state (INVALID_IKE_SPI / INVALID_SPI, §2.21.4), give up
+        after HINT_LIVENESS_TRIES retransmissions instead of the full schedule.
+        False if not ESTABLISHED or a request is already outstanding (it probes the peer too)."""
+        if self.state != State.ESTABLISHED or self._pending is not None:
+            return False
+        self._request(ExchangeType.INFORMATIONAL, [], lambda msg, inner, now: None, now)
+        if hinted and self._pending is not None:
+            self._pending.max_tries = HINT_LIVENESS_TRIES
+        return True
 
     def handle_timer(self, now: float) -> None:
         """Retransmit, give up, or start a liveness check (§2.4), as deadlines pass."""
@@ -252,7 +297,7 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
             return
         p = self._pending
         if p and now >= p.deadline:
-            if p.tries >= RETRANSMIT_TRIES:
+            if p.tries >= p.max_tries:
                 self._pending = None
                 if self.state == State.DELETING:
                     self.state = State.DELETED
@@ -263,13 +308,15 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
             p.deadline = now + RETRANSMIT_BASE_S * RETRANSMIT_FACTOR ** p.tries
             self.outbox.append(Datagram(p.data, self.local, self.remote))
             return
-        if self.state == State.INIT and not self.initiator and now >= self.created_at + HALF_OPEN_TIMEOUT_S:
-            self._die("half-open IKE_SA timed out")
+        setup = self.setup_deadline
+        if setup is not None and now >= setup:
+            self._die("half-open IKE_SA timed out" if not self.initiator else "IKE_SA setup timed out")
             return
         if self._handle_lifetimes(now):
             return
-        if (self.state == State.ESTABLISHED and not self._pending and self.peer
-                and now >= self.last_received + self.peer.policy.dpd_interval_s):
+        dpd = self._dpd_interval()
+        if (self.state == State.ESTABLISHED and not self._pending and dpd
+                and now >= self.last_received + dpd):
             # liveness check: HDR, SK {} -->
             self._request(ExchangeType.INFORMATIONAL, [], lambda msg, inner, now: None, now)
 
@@ -306,11 +353,21 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
 
     def _receive_request(self, msg, raw, local, remote, now) -> str | None:
         if self._cached_response and msg.message_id == self._cached_response[0] and msg.message_id < self._peer_mid:
-            # repeated request: the same response again (§2.1)
+            # repeated request (§2.1): a retransmission is bit-for-bit identical; anything else
+            # with this Message ID is not one and gets no response
+            if _sha256(raw) not in self._cached_response[2]:
+                return "retransmission_mismatch"
+            first = msg.payloads[0] if msg.payloads else None
+            if isinstance(first, EncryptedFragmentPayload) and first.number != 1:
+                return None  # RFC 7383 §2.6.1: answer a retransmitted fragmented request once, on fragment 1
             self.outbox.append(Datagram(self._cached_response[1], local, remote))
             return None
         if msg.message_id != self._peer_mid:
             return "invalid_message_id"
+        if self._req_digests[0] != msg.message_id:
+            self._req_digests = (msg.message_id, set())
+        if len(self._req_digests[1]) < 64:  # every fragment of the request (RFC 7383), bounded
+            self._req_digests[1].add(_sha256(raw))
         if msg.exchange != ExchangeType.IKE_SA_INIT and self._keys is None:
             return "invalid_message_id"
         inner, err = self._open(msg, raw)
@@ -438,7 +495,8 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
 
     def _respond(self, msg: Message, payloads: list, local: Addr, remote: Addr) -> None:
         data = self._seal(msg.exchange, msg.message_id, True, payloads)
-        self._cached_response = (msg.message_id, data)
+        digests = frozenset(self._req_digests[1]) if self._req_digests[0] == msg.message_id else frozenset()
+        self._cached_response = (msg.message_id, data, digests)
         self._peer_mid = msg.message_id + 1
         self.outbox.append(Datagram(data, local, remote))
 
@@ -703,10 +761,21 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
             x509s = [c.data for c in certs if c.encoding == CertEncoding.X509_CERTIFICATE_SIGNATURE]
             leaf = auth.verify_certificate_chain(x509s, list(self.cfg.credentials.ca_certificates),
                                                 now + self.cfg.wall_offset())
+            if leaf.serial_number in self.cfg.revoked():  # PAD: revoked by the controller
+                raise AuthError(f"certificate of {peer.name!r} (serial {leaf.serial_number}) is revoked")
             auth.identity_matches_certificate(idp.id_type, idp.data, leaf)
             auth.verify_digital_signature(leaf, octets, auth_p.data)
+            self.peer_cert_serial = leaf.serial_number
             return
         raise AuthError(f"unsupported AUTH method {auth_p.method}")
+
+    def _check_binding(self, peer: Peer, remote: Addr) -> None:
+        """PAD endpoint binding (PeerPolicy.bind_endpoints): without a NAT between us, the IKE
+        source address must be one of the peer's configured endpoints; raises AuthError."""
+        if getattr(peer.policy, "bind_endpoints", False) and not self.nat_detected \
+                and remote[0] not in peer.endpoints:
+            raise AuthError(f"peer {peer.name!r} authenticated from {remote[0]}, not one of its endpoints "
+                            f"{', '.join(peer.endpoints) or '(none)'} (bind_endpoints is on)")
 
     def _psk_for(self, peer: Peer) -> bytes | None:
         return peer.psk if peer.psk is not None else self.cfg.credentials.psk
@@ -745,7 +814,15 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         self._child_spi = self._new_child_spi()
         # first kind of the policy: ESP, or AH for "ah" ("ah+esp": its AH SA follows in CREATE_CHILD_SA)
         first_kind = ch.kinds(peer.policy)[0]
-        self._esp_offered = ch.offers(peer.policy, first_kind)
+        problem = self.cfg.policy_problem(peer)
+        if problem is not None:  # never an ESTABLISHED IKE_SA without its CHILD_SA
+            self._die(f"refused: {problem}")
+            return
+        try:
+            self._esp_offered = ch.offers(peer.policy, first_kind)
+        except ProposalError as e:
+            self._die(f"refused: peer {peer.name!r}: bad esp_proposals: {e}")
+            return
         vip_versions = tuple(getattr(peer.policy, "request_virtual_ip", ()) or ())
         tsi_nets = self.cfg.local_subnets
         if vip_versions:
@@ -779,6 +856,7 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
             return
         try:
             self._verify_peer(idr, m.first(PayloadType.AUTH), m.get(PayloadType.CERT), self.peer, now)
+            self._check_binding(self.peer, self.remote)
         except (AuthError, CryptoError) as e:
             self._fail_with_notify(NotifyType.AUTHENTICATION_FAILED, f"AUTHENTICATION_FAILED: {e}", now)
             return
@@ -804,14 +882,16 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
             self.virtual_ips = tuple(str(a) for a in vips)
         local_ts = ch.networks_of(tsi.selectors)
         remote_ts = ch.networks_of(tsr.selectors)
-        if (not local_ts or not remote_ts or not ch.within(local_ts, self._local_nets())
-                or not ch.within(remote_ts, self.peer.subnets)):
+        if (not local_ts or not remote_ts
+                or not ch.ts_within(tsi.selectors, ch.ts_from_networks(self._local_nets()))
+                or not ch.ts_within(tsr.selectors, ch.ts_from_networks(self.peer.subnets))):
             self.delete(now, "CHILD_SA refused: responder widened the traffic selectors")
             return
         kind = "ah" if choice.proposal.is_ah else "esp"
         transport = (ch.child_mode(self.peer.policy, kind) == "transport"
                      and m.notify(NotifyType.USE_TRANSPORT_MODE) is not None)
-        self._install_child(choice, local_ts, remote_ts, "transport" if transport else "tunnel", now)
+        self._install_child(choice, local_ts, remote_ts, "transport" if transport else "tunnel", now,
+                            tuple(tsi.selectors), tuple(tsr.selectors))
         for more in ch.kinds(self.peer.policy)[1:]:
             # "ah+esp": the AH CHILD_SA of the bundle, same TS pair (CREATE_CHILD_SA, §1.3.1)
             self.create_child(now, local_ts, remote_ts, protocol=more)
@@ -827,10 +907,11 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         return self.nat_detected or self.cfg.force_encap or (
             self.peer is not None and self.peer.policy.encapsulation == "udp")
 
-    def _install_child(self, choice: ch.EspChoice, local_ts, remote_ts, mode: str, now: float) -> None:
+    def _install_child(self, choice: ch.EspChoice, local_ts, remote_ts, mode: str, now: float,
+                       local_sel: tuple = (), remote_sel: tuple = ()) -> None:
         # first CHILD_SA: KEYMAT from the IKE_SA_INIT nonces (§2.17)
         self._make_child(choice, self._child_spi, self._ni, self._nr, None, local_ts, remote_ts, mode, now,
-                         exchange_initiator=self.initiator)
+                         exchange_initiator=self.initiator, selectors=(local_sel, remote_sel))
 
     def _process_auth_request(self, msg: Message, inner, now: float) -> list | None:
         """HDR, SK {IDi, [CERT,] [CERTREQ,] [IDr,] AUTH, SA, TSi, TSr} -->
@@ -846,10 +927,17 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
             if idr is not None and idr.data.decode("utf-8", "replace") != self.cfg.identity:
                 raise AuthError(f"peer wants to talk to {idr.data!r}, we are {self.cfg.identity!r}")
             self._verify_peer(idi, m.first(PayloadType.AUTH), m.get(PayloadType.CERT), peer, now)
+            self._check_binding(peer, self.remote)
         except (AuthError, CryptoError) as e:
             self.auth_failure = str(e)
             self._die(f"AUTHENTICATION_FAILED: {e}")
             return [NotifyPayload(int(NotifyType.AUTHENTICATION_FAILED))]
+        problem = self.cfg.policy_problem(peer)
+        if problem is not None:
+            # no IKE_SA whose CHILD_SA we could not install: refuse before AUTH (§2.21.2)
+            self.peer = peer
+            self._die(f"refused: {problem}")
+            return [NotifyPayload(int(NotifyType.NO_PROPOSAL_CHOSEN))]
         self.peer = peer
         # RFC 7383: the peer's own fragment size from now on (our IKE_AUTH response is the big one)
         self.cfg.fragment_size = getattr(peer.policy, "fragment_size", self.cfg.fragment_size)
@@ -886,8 +974,10 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         if choice is None:
             return payloads + [NotifyPayload(int(NotifyType.NO_PROPOSAL_CHOSEN))]
         # TSi is the initiator's side (the peer's subnets), TSr ours (§2.9)
-        remote_ts = ch.narrow(ch.networks_of(tsi.selectors), self._remote_allowed())
-        local_ts = ch.narrow(ch.networks_of(tsr.selectors), self.cfg.local_subnets)
+        # §2.9 on IP protocol, ports and addresses
+        remote_sel = ch.narrow_ts(tsi.selectors, ch.ts_from_networks(self._remote_allowed()))
+        local_sel = ch.narrow_ts(tsr.selectors, ch.ts_from_networks(self.cfg.local_subnets))
+        remote_ts, local_ts = ch.networks_of(remote_sel), ch.networks_of(local_sel)
         if not remote_ts or not local_ts:
             return payloads + [NotifyPayload(int(NotifyType.TS_UNACCEPTABLE))]
         self._child_spi = self._new_child_spi()
@@ -895,11 +985,12 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         transport = (ch.child_mode(peer.policy, kind) == "transport"
                      and m.notify(NotifyType.USE_TRANSPORT_MODE) is not None)
         sa_out = ch.esp_sa_payload([choice.proposal], self._child_spi, [choice.number])
-        payloads += [sa_out, TsPayload(int(PayloadType.TSi), ch.ts_from_networks(remote_ts)),
-                     TsPayload(int(PayloadType.TSr), ch.ts_from_networks(local_ts))]
+        payloads += [sa_out, TsPayload(int(PayloadType.TSi), tuple(remote_sel)),
+                     TsPayload(int(PayloadType.TSr), tuple(local_sel))]
         if transport:
             payloads.append(NotifyPayload(int(NotifyType.USE_TRANSPORT_MODE)))
-        self._install_child(choice, local_ts, remote_ts, "transport" if transport else "tunnel", now)
+        self._install_child(choice, local_ts, remote_ts, "transport" if transport else "tunnel", now,
+                            tuple(local_sel), tuple(remote_sel))
         return payloads
 
     # ------------------------------------------------------------ INFORMATIONAL / CREATE_CHILD_SA

@@ -47,8 +47,11 @@ def test_unknown_spi_and_malformed_are_counted():
     junk = Message(0x1111, 0x2222, 37, 5, True, False, (EncryptedPayload(0, b"\0" * 40),))
     n.b.receive_datagram(encode_message(junk), (B_ADDR, 4500), (A_ADDR, 4500), n.now)
     n.b.receive_datagram(b"\x01\x02", (B_ADDR, 500), (A_ADDR, 500), n.now)
-    assert n.b.counters == {"unknown_spi": 1, "malformed": 1}
-    assert n.b.datagrams_to_send() == []
+    # an encrypted request for an unknown IKE SPI is answered by an unprotected
+    # N(INVALID_IKE_SPI) (RFC 7296 §2.21.4); see tests/ike/test_hardening.py
+    assert n.b.counters == {"unknown_spi": 1, "malformed": 1, "invalid_ike_spi_sent": 1}
+    (reply,) = [decode_message(d.data) for d in n.b.datagrams_to_send()]
+    assert reply.is_response and reply.notify(4) is not None  # INVALID_IKE_SPI (4)
 
 
 def test_unexpected_payload_outside_sk_is_counted():
