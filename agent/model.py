@@ -92,6 +92,10 @@ class PeerPolicy:
     # RFC 7383: IP packet octets above which our encrypted IKE messages to this peer are
     # sent as SKF fragments (as strongSwan's charon.fragment_size)
     fragment_size: int = 1280
+    # PAD endpoint binding: refuse this peer, even authenticated, when its IKE packets come
+    # from an address that is not one of ``Peer.endpoints`` and no NAT was detected
+    # (NAT-D, RFC 7296 §2.23). Off by default: a NAT legitimately changes the address.
+    bind_endpoints: bool = False
 
 
 @dataclass(frozen=True)
