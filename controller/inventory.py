@@ -10,13 +10,18 @@ Format::
       encapsulation: udp           # udp (RFC 3948) | none
       ike_lifetime: 4h             # seconds or 30s/15m/4h/1d; 0 = no rekey
       child_lifetime: 1h
-      dpd_interval: 30s            # 0 = no DPD
-      replay_window: 1024          # packets; 0 (no anti-replay) only with allow_no_replay: true
+      dpd_interval: 30s            # 0 = dead peer detection off
+      replay_window: 1024          # packets, a multiple of 32 up to 1048576; 0 (no anti-replay) only
+                                   # with allow_no_replay: true
     nodes:
       - name: gw-a                 # DNS name; the node's IKE identity
         role: gateway              # host | gateway
-        endpoints: [198.51.100.1]  # underlay IPs, may be empty
-        subnets: [10.1.0.0/16]     # may be empty (host: its endpoints)
+        endpoints: [198.51.100.1]  # underlay IPs, may be empty: then nobody initiates to this node,
+                                   # it initiates to its peers (a roaming host behind NAT)
+        subnets: [10.1.0.0/16]     # may be empty (host: its endpoints); must not contain the controller's
+                                   # address nor an endpoint of its own or of a gateway (IKE/ESP would
+                                   # loop); a host's endpoint inside a gateway's subnet is a host behind
+                                   # that gateway (RFC 4301 case 3, nested SAs)
         join_token: s3cret         # or join_token_sha256: <64 hex>
     groups:                        # optional: named sets of nodes for policies
       site-a: [gw-a, host-a1]
@@ -45,6 +50,7 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from controller.proposals import ProposalInvalid, check_child_proposal, check_ike_proposal
 from controller.policy import (
     ACTIONS,
     ENCAPSULATIONS,
@@ -59,9 +65,12 @@ from controller.policy import (
 
 # The controller's own TLS name; a node of that name could impersonate it.
 CONTROLLER_TLS_NAME = "meshsec-controller"
+# Largest anti-replay window (packets) the controller hands out; the agents'
+# windows take any positive multiple of 32 (tests/controller/test_proposals_table.py).
+MAX_REPLAY_WINDOW = 1 << 20
 
 _DNS_NAME = re.compile(r"^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
-_PROPOSAL = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+_PROPOSAL = re.compile(r"^[a-z0-9_]+(-[a-z0-9_]+)*$")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -93,8 +102,9 @@ def parse_duration(text: str | int | float) -> float:
 
 
 class _Parser:
-    def __init__(self, filename: str) -> None:
+    def __init__(self, filename: str, controller_addresses: tuple = ()) -> None:
         self.filename = filename
+        self.controller_addresses = controller_addresses
         self._constructor = SafeConstructor()
 
     def fail(self, node: Node | None, path: str, msg: str) -> InventoryError:
@@ -153,15 +163,21 @@ class _Parser:
         except ValueError as e:
             raise self.fail(node, path, str(e)) from None
 
-    def proposals(self, node: Node, path: str) -> tuple[str, ...]:
+    def proposals(self, node: Node, path: str, kind: str) -> tuple[str, ...]:
         items = self.seq(node, path)
         if not items:
             raise self.fail(node, path, "needs at least one proposal")
+        check = check_ike_proposal if kind == "ike" else check_child_proposal
+        example = "'aes128gcm16-prfsha256-x25519'" if kind == "ike" else "'aes128gcm16' or 'sha256' (AH)"
         out = []
         for i, item in enumerate(items):
             s = self.string(item, f"{path}[{i}]")
             if not _PROPOSAL.match(s):
-                raise self.fail(item, f"{path}[{i}]", f"{s!r} is not a proposal like 'aes128gcm16-prfsha256-x25519'")
+                raise self.fail(item, f"{path}[{i}]", f"{s!r} is not a proposal like {example}")
+            try:
+                check(s)
+            except ProposalInvalid as e:
+                raise self.fail(item, f"{path}[{i}]", str(e)) from None
             out.append(s)
         return tuple(out)
 
@@ -171,7 +187,7 @@ class _Parser:
         for key, (_, v) in m.items():
             p = f"{path}.{key}"
             if key in ("ike_proposals", "esp_proposals"):
-                kw[key] = self.proposals(v, p)
+                kw[key] = self.proposals(v, p, key[:3])
             elif key == "mode":
                 kw[key] = self.choice(v, p, MODES)
             elif key == "protocol":
@@ -182,8 +198,14 @@ class _Parser:
                 kw[f"{key}_s"] = self.duration(v, p)
             elif key == "replay_window":
                 value = self.scalar(v, p)
-                if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1 << 20:
-                    raise self.fail(v, p, f"{value!r} is not a window size in packets (0..1048576)")
+                if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_REPLAY_WINDOW:
+                    raise self.fail(v, p, f"{value!r} is not a window size in packets: a positive multiple of 32 "
+                                          f"up to {MAX_REPLAY_WINDOW} (e.g. 1024)")
+                if value % 32:
+                    lower = value // 32 * 32
+                    use = f"{lower} or {lower + 32}" if lower else "32"
+                    raise self.fail(v, p, f"{value} is not a multiple of 32 (the agents' window is whole 32-bit "
+                                          f"words): use {use}")
                 kw[key] = value
         allow = m.get("allow_no_replay")
         if allow is not None and not isinstance(self.scalar(allow[1], f"{path}.allow_no_replay"), bool):
@@ -308,6 +330,26 @@ class _Parser:
                         subnets=tuple(str(n) for _, _, n in subnets), join_token_sha256=digest)
         return spec, subnets
 
+    def check_loops(self, all_subnets: list, nodes: list[NodeSpec]) -> None:
+        """A node's subnets are routed into every peer's TUN: one that contains
+        a node's endpoint or the controller's address would carry IKE/ESP or
+        the control connection into the tunnel itself (a loop). The one
+        exception is RFC 4301 case 3: a host behind a gateway (its endpoint
+        inside the gateway's subnet) reaches the mesh through the gateway's
+        tunnel, its own SA nested inside."""
+        role = {n.name: n.role for n in nodes}
+        addrs = [(ipaddress.ip_address(e), n.name, f"endpoint {e} of node {n.name!r}")
+                 for n in nodes for e in n.endpoints]
+        addrs += [(a, None, f"controller's address {a} (--listen / --server-name)") for a in self.controller_addresses]
+        for _, owner, sub_node, p, net in all_subnets:
+            for addr, node, what in addrs:
+                behind = node is not None and node != owner and role[owner] == "gateway" and role[node] == "host"
+                if addr.version == net.version and addr in net and not behind:
+                    raise self.fail(sub_node, p, f"{str(net)!r} of node {owner!r} contains the {what}: agents route "
+                                                 f"this subnet into the tunnel, so IKE/ESP (or the control "
+                                                 f"connection) to that address would loop into it; narrow the "
+                                                 f"subnet or move the address out of it")
+
     def inventory(self, text: str) -> Inventory:
         try:
             root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -339,6 +381,7 @@ class _Parser:
                                                      f"of node {oname!r} ({op})")
             all_subnets.extend((i, spec.name, n, p, net) for n, p, net in subnets)
             nodes.append(spec)
+        self.check_loops(all_subnets, nodes)
         names = {n.name for n in nodes}
         groups = self.groups(m["groups"][1], names) if "groups" in m else ()
         rules: list[Rule] = []
@@ -354,16 +397,28 @@ class _Parser:
         return Inventory(nodes=tuple(nodes), defaults=defaults, groups=groups, rules=tuple(rules))
 
 
-def parse_inventory(text: str, filename: str = "inventory.yaml") -> Inventory:
-    """Validate inventory YAML text; raises :class:`InventoryError`."""
-    return _Parser(filename).inventory(text)
+def _addresses(values) -> tuple:
+    out = []
+    for v in values:
+        try:
+            out.append(ipaddress.ip_address(str(v).strip("[]")))
+        except ValueError:
+            continue  # DNS names and wildcards name no fixed address
+    return tuple(a for a in dict.fromkeys(out) if not a.is_unspecified)
 
 
-def load_inventory(path: str | Path) -> Inventory:
+def parse_inventory(text: str, filename: str = "inventory.yaml", controller_addresses=()) -> Inventory:
+    """Validate inventory YAML text; raises :class:`InventoryError`.
+    ``controller_addresses``: the controller's own IPs (strings; names and
+    wildcards are skipped), which no node's subnets may contain."""
+    return _Parser(filename, _addresses(controller_addresses)).inventory(text)
+
+
+def load_inventory(path: str | Path, controller_addresses=()) -> Inventory:
     """Read and validate the inventory file; raises :class:`InventoryError`
     (also for an unreadable file)."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise InventoryError(f"{path}:1: cannot read inventory: {e}") from None
-    return parse_inventory(text, str(path))
+    return parse_inventory(text, str(path), controller_addresses)

@@ -402,6 +402,12 @@ class ControllerServer:
         self._stat: tuple[int, int, int] | None = None
 
     @property
+    def controller_addresses(self) -> list[str]:
+        """This controller's own addresses (listen hosts, --server-name
+        values; names and wildcards are skipped by the inventory check)."""
+        return [split_listen(self.listen)[0], split_listen(self.watch_listen)[0], *self.server_names]
+
+    @property
     def ca_path(self) -> Path:
         return self.state_dir / CA_FILE
 
@@ -414,7 +420,7 @@ class ControllerServer:
 
     def start(self) -> int:
         self._stat = self._file_stat()
-        inventory = self._file_inventory = load_inventory(self.inventory_path)
+        inventory = self._file_inventory = load_inventory(self.inventory_path, self.controller_addresses)
         if self.node_source is not None:
             self.node_source.start(self._on_source_change)
             if not self.node_source.wait_synced(self.source_sync_timeout):
@@ -484,7 +490,7 @@ class ControllerServer:
             return False
         self._stat = stat
         try:
-            inventory = load_inventory(self.inventory_path)
+            inventory = load_inventory(self.inventory_path, self.controller_addresses)
         except InventoryError as e:
             self.log.error("inventory change rejected, keeping the previous one: %s", e)
             return False
