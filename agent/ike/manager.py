@@ -615,7 +615,8 @@ class IkeManager:
                 or ev.reason.startswith("redundant") or any(s is not sa for s in self._sas_of(name))):
             return
         last = self._backoff.get(name, 0.0)
-        auth = "AUTHENTICATION_FAILED" in ev.reason or ev.reason.startswith(("refused:", "cannot authenticate"))
+        auth = ("AUTHENTICATION_FAILED" in ev.reason or "revoked" in ev.reason
+                or ev.reason.startswith(("refused:", "cannot authenticate")))
         base = REINITIATE_AUTH_BASE_S if auth else REINITIATE_BASE_S
         backoff = min(REINITIATE_MAX_S, max(last * 2, base) if last else base)
         self._backoff[name] = backoff

@@ -184,6 +184,7 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         self._last_raw = b""
         self.auth_failure: str | None = None
         self._frag_peer = False  # the peer sent IKEV2_FRAGMENTATION_SUPPORTED (RFC 7383 §2.3)
+        self._ts_proposed: tuple = ((), ())  # TSi, TSr of our IKE_AUTH request (§2.9)
         self.peer_cert_serial: int | None = None  # serial of the certificate the peer authenticated with
         self._req_digests: tuple[int, set] = (-1, set())  # datagrams of the peer's current request
         self._frag_rx = frag.Reassembler()
@@ -283,9 +284,14 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         """Start a liveness check now (§2.4): HDR, SK {} -->. ``hinted``: after an unauthenticated
         hint that the peer lost its state (INVALID_IKE_SPI / INVALID_SPI, §2.21.4), give up
         after HINT_LIVENESS_TRIES retransmissions instead of the full schedule.
-        False if not ESTABLISHED or a request is already outstanding (it probes the peer too)."""
-        if self.state != State.ESTABLISHED or self._pending is not None:
+        An outstanding request probes the peer too: after a hint it gets the short schedule.
+        Returns False if not ESTABLISHED."""
+        if self.state != State.ESTABLISHED:
             return False
+        if self._pending is not None:
+            if hinted:
+                self._pending.max_tries = min(self._pending.max_tries, HINT_LIVENESS_TRIES)
+            return True
         self._request(ExchangeType.INFORMATIONAL, [], lambda msg, inner, now: None, now)
         if hinted and self._pending is not None:
             self._pending.max_tries = HINT_LIVENESS_TRIES
@@ -770,10 +776,12 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         raise AuthError(f"unsupported AUTH method {auth_p.method}")
 
     def _check_binding(self, peer: Peer, remote: Addr) -> None:
-        """PAD endpoint binding (PeerPolicy.bind_endpoints): without a NAT between us, the IKE
-        source address must be one of the peer's configured endpoints; raises AuthError."""
-        if getattr(peer.policy, "bind_endpoints", False) and not self.nat_detected \
-                and remote[0] not in peer.endpoints:
+        """PAD endpoint binding (PeerPolicy.bind_endpoints): unless NAT-D found the peer behind a
+        NAT, its IKE source address must be one of its configured endpoints; raises AuthError."""
+        # NAT-D (§2.23) says nothing when the policy fakes it (encapsulation udp, strongSwan
+        # encap=yes): then the binding is strict
+        nat = self._nat_remote and peer.policy.encapsulation != "udp"
+        if getattr(peer.policy, "bind_endpoints", False) and not nat and remote[0] not in peer.endpoints:
             raise AuthError(f"peer {peer.name!r} authenticated from {remote[0]}, not one of its endpoints "
                             f"{', '.join(peer.endpoints) or '(none)'} (bind_endpoints is on)")
 
@@ -830,8 +838,9 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
             payloads.append(cfgp.request(4 in vip_versions, 6 in vip_versions).encode())
             tsi_nets = tuple(ipaddress.ip_network("0.0.0.0/0" if v == 4 else "::/0") for v in vip_versions)
         payloads.append(ch.esp_sa_payload(self._esp_offered, self._child_spi))
-        payloads.append(TsPayload(int(PayloadType.TSi), ch.ts_from_networks(tsi_nets)))
-        payloads.append(TsPayload(int(PayloadType.TSr), ch.ts_from_networks(peer.subnets)))
+        self._ts_proposed = (ch.ts_from_networks(tsi_nets), ch.ts_from_networks(peer.subnets))
+        payloads.append(TsPayload(int(PayloadType.TSi), self._ts_proposed[0]))
+        payloads.append(TsPayload(int(PayloadType.TSr), self._ts_proposed[1]))
         if ch.child_mode(peer.policy, first_kind) == "transport":
             payloads.append(NotifyPayload(int(NotifyType.USE_TRANSPORT_MODE)))
         self._request(ExchangeType.IKE_AUTH, payloads, self._process_auth_response, now)
@@ -884,7 +893,9 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         remote_ts = ch.networks_of(tsr.selectors)
         if (not local_ts or not remote_ts
                 or not ch.ts_within(tsi.selectors, ch.ts_from_networks(self._local_nets()))
-                or not ch.ts_within(tsr.selectors, ch.ts_from_networks(self.peer.subnets))):
+                or not ch.ts_within(tsr.selectors, ch.ts_from_networks(self.peer.subnets))
+                or not ch.ts_within(tsi.selectors, self._ts_proposed[0])
+                or not ch.ts_within(tsr.selectors, self._ts_proposed[1])):
             self.delete(now, "CHILD_SA refused: responder widened the traffic selectors")
             return
         kind = "ah" if choice.proposal.is_ah else "esp"
