@@ -564,3 +564,17 @@ def test_update_credentials_applies_to_new_ike_sas_only(pki):
     n.b.update_credentials(cert_creds(pki, "b"), n.now)
     n.a = IkeManager(n.a.view, n.a.credentials, DetRng("a3"), local_address=A_ADDR)
     _up(n)
+
+
+def test_invalid_ike_spi_reply_as_scapy_reads_it():
+    """The unprotected reply checked with an implementation we did not write (scapy's IKEv2)."""
+    from scapy.contrib.ikev2 import IKEv2, IKEv2_Notify
+    m = IkeManager(view("node-b", "node-a"), Credentials(psk=PSK), DetRng("b"), local_address=B_ADDR)
+    req = encode_message(Message(0xAB, 0xCD, 37, 42, True, False, (EncryptedPayload(0, b"\0" * 40),)))
+    m.receive_datagram(req, (B_ADDR, 4500), (A_ADDR, 4500), T0)
+    (d,) = m.datagrams_to_send()
+    p = IKEv2(d.data)
+    assert (p.init_SPI, p.resp_SPI, p.id) == ((0xAB).to_bytes(8, "big"), (0xCD).to_bytes(8, "big"), 42)
+    assert p.exch_type == 37 and p.flags == 0x20  # INFORMATIONAL, Response, not Initiator
+    n = p[IKEv2_Notify]
+    assert n.type == 4 and n.proto == 0 and n.SPIsize == 0  # INVALID_IKE_SPI
