@@ -44,6 +44,8 @@ CERT_FILE = "node.crt"
 CA_FILE = "mesh-ca.pem"
 # Re-enrol once this fraction of the certificate's lifetime has passed.
 RENEW_FRACTION = 2 / 3
+# A node removed from the inventory logs its state at most this often (seconds).
+REMOVED_LOG_S = 60.0
 
 _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
               grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
@@ -90,6 +92,29 @@ class EnrollmentError(ControlError):
 
 class EnrollmentAborted(ControlError):
     """``enroll(stop=...)`` gave up because ``stop`` was set."""
+
+
+# What grpc reports when the controller's certificate does not verify against our CA.
+_VERIFY_FAILED = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed")
+
+
+def tls_verify_failed(details: str | None) -> bool:
+    """True if a failed call's details say the controller's TLS certificate
+    did not verify (a wrong --controller-ca; retrying will not fix it)."""
+    return bool(details) and any(m in details for m in _VERIFY_FAILED)
+
+
+def check_controller_ca(pem: bytes, source: str = "--controller-ca") -> list[x509.Certificate]:
+    """The CA certificates in ``pem``; :class:`ControlError` naming ``source``
+    if it holds none or does not parse."""
+    try:
+        cas = x509.load_pem_x509_certificates(pem)
+    except ValueError as e:
+        raise ControlError(f"{source} is not a PEM CA certificate ({e}); give the controller's ca.pem "
+                           "(written to its --state-dir)") from None
+    if not cas:
+        raise ControlError(f"{source} holds no certificate; give the controller's ca.pem")
+    return cas
 
 
 # ---------------------------------------------------------------- proto -> model
@@ -145,7 +170,8 @@ def view_from_proto(update: pb.ViewUpdate, previous: NodeView | None = None) -> 
     """Apply one ``ViewUpdate`` and return the resulting full NodeView.
 
     A ``full`` update replaces everything; an incremental one upserts and
-    removes peers of ``previous`` (required: ValueError if None). The node's
+    removes peers of ``previous`` (required: ValueError if None) and adds /
+    drops revoked certificate serials (``NodeView.revoked_serials``). The node's
     own fields are always taken from the update; ``local_address`` is its
     first endpoint. Peers are kept sorted by name. Raises ValueError for a
     malformed update.
@@ -167,6 +193,9 @@ def view_from_proto(update: pb.ViewUpdate, previous: NodeView | None = None) -> 
         peers[peer.name] = peer
     for e in update.endpoints:
         ipaddress.ip_address(e)
+    revoked = set() if update.full else set(previous.revoked_serials)
+    revoked -= {_serial(b) for b in update.unrevoked_serials}
+    revoked |= {_serial(b) for b in update.revoked_serials}
     return NodeView(
         name=update.node_name,
         identity=update.identity or update.node_name,
@@ -174,7 +203,15 @@ def view_from_proto(update: pb.ViewUpdate, previous: NodeView | None = None) -> 
         peers=tuple(peers[n] for n in sorted(peers)),
         local_address=update.endpoints[0] if update.endpoints else None,
         version=update.version,
+        revoked_serials=frozenset(revoked),
     )
+
+
+def _serial(data: bytes) -> int:
+    # RFC 5280 §4.1.2.2: serial numbers are at most 20 octets
+    if not 1 <= len(data) <= 20:
+        raise ValueError(f"revoked serial of {len(data)} bytes (expected 1..20)")
+    return int.from_bytes(data, "big")
 
 
 # ---------------------------------------------------------------- files
@@ -216,8 +253,18 @@ class ControllerClient:
     ``backoff_max`` (seconds) bound the reconnect delay (exponential, with
     jitter); ``rpc_timeout`` (seconds) bounds each Enroll call.
     ``watch_address`` is the controller's mutual-TLS port (default: the
-    host of ``address``, its port + 1). ``on_credentials`` is called with new Credentials whenever ``watch``
-    re-enrols because the certificate nears expiry.
+    host of ``address``, its port + 1).
+
+    ``on_credentials(Credentials)`` is called (from the watch thread) every
+    time credentials change after the first ones ``enroll()`` returned:
+    renewal before expiry, re-enrolment after a revocation, on whichever
+    controller replica; the caller hands them to
+    ``IkeManager.update_credentials``. Raises :class:`ControlError` at once if
+    ``controller_ca_pem`` is not a PEM certificate.
+
+    Renewal goes over mutual TLS (``Renew`` on the watch port, no join
+    token: tokens are single-use); a refused renewal (revoked or unknown
+    certificate) falls back to ``Enroll`` with the join token.
     """
 
     def __init__(self, address: str, node_name: str, join_token: str | Callable[[], str], state_dir: Path,
@@ -244,8 +291,10 @@ class ControllerClient:
         self.backoff_max = backoff_max
         self.rpc_timeout = rpc_timeout
         self.on_credentials = on_credentials
+        check_controller_ca(controller_ca_pem)
         self._rng = random.Random()
         self._credentials: Credentials | None = None
+        self._removed_logged = 0.0  # when "not in the inventory" was last logged
         self._renew_at: float | None = None
         self._view: NodeView | None = None
         self._version = 0
@@ -306,9 +355,8 @@ class ControllerClient:
         self.log.info("generated node key %s", path)
         return key
 
-    def _cached(self, key: ec.EllipticCurvePrivateKey, now: float) -> tuple[Credentials, float] | None:
-        """Stored credentials if they match the key and identity and are not
-        due for renewal; else None."""
+    def _stored(self, key: ec.EllipticCurvePrivateKey) -> tuple[list, list, float] | None:
+        """(chain, CAs, renewal time) stored for this key and identity, or None."""
         cert_path, ca_path = self.state_dir / CERT_FILE, self.state_dir / CA_FILE
         if not cert_path.exists() or not ca_path.exists():
             return None
@@ -321,9 +369,15 @@ class ControllerClient:
         leaf = chain[0]
         if leaf.public_key() != key.public_key() or _cert_identity(leaf) != ([self.node_name], [self.node_name]):
             return None
-        renew_at = self._renewal_time(leaf, cert_path.stat().st_mtime)
-        if now >= renew_at:
+        return chain, cas, self._renewal_time(leaf, cert_path.stat().st_mtime)
+
+    def _cached(self, key: ec.EllipticCurvePrivateKey, now: float) -> tuple[Credentials, float] | None:
+        """Stored credentials if they match the key and identity and are not
+        due for renewal; else None."""
+        stored = self._stored(key)
+        if stored is None or now >= stored[2] or self._renew_at == 0.0:
             return None
+        chain, cas, renew_at = stored
         return self._credentials_from(key, chain, cas), renew_at
 
     @staticmethod
@@ -344,18 +398,35 @@ class ControllerClient:
             ca_certificates=tuple(c.public_bytes(der) for c in cas),
         )
 
-    def _enroll_once(self, key: ec.EllipticCurvePrivateKey) -> tuple[Credentials, float]:
+    def _mtls(self, key_pem: bytes, chain_der) -> grpc.ChannelCredentials:
+        pem = serialization.Encoding.PEM
+        chain_pem = b"".join(x509.load_der_x509_certificate(d).public_bytes(pem) for d in chain_der)
+        return grpc.ssl_channel_credentials(root_certificates=self._controller_ca_pem, private_key=key_pem,
+                                            certificate_chain=chain_pem)
+
+    def _enroll_once(self, key: ec.EllipticCurvePrivateKey, current: list | None = None) -> tuple[Credentials, float]:
+        """Enroll with the join token, or (``current``: this key's unexpired
+        chain) Renew over mutual TLS on the watch port."""
         csr = (x509.CertificateSigningRequestBuilder()
                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self.node_name)]))
                .sign(key, hashes.SHA256()))
-        # a callable token is read at every enrolment: projected service-account
-        # tokens rotate (about hourly), a renewal must present the current one
-        token = self._join_token() if callable(self._join_token) else self._join_token
-        request = pb.EnrollRequest(node_name=self.node_name, join_token=token,
-                                   csr_der=csr.public_bytes(serialization.Encoding.DER))
-        creds = grpc.ssl_channel_credentials(root_certificates=self._controller_ca_pem)
-        with grpc.secure_channel(self.address, creds, options=_CHANNEL_OPTIONS) as channel:
-            response = pb_grpc.ControllerStub(channel).Enroll(request, timeout=self.rpc_timeout)
+        csr_der = csr.public_bytes(serialization.Encoding.DER)
+        if current is not None:
+            key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption())
+            creds = self._mtls(key_pem, [c.public_bytes(serialization.Encoding.DER) for c in current])
+            where = self.watch_address
+            with grpc.secure_channel(where, creds, options=_CHANNEL_OPTIONS) as channel:
+                response = pb_grpc.ControllerStub(channel).Renew(
+                    pb.RenewRequest(node_name=self.node_name, csr_der=csr_der), timeout=self.rpc_timeout)
+        else:
+            # a callable token is read at every enrolment: projected service-account
+            # tokens rotate (about hourly), an enrolment must present the current one
+            token = self._join_token() if callable(self._join_token) else self._join_token
+            request = pb.EnrollRequest(node_name=self.node_name, join_token=token, csr_der=csr_der)
+            creds = grpc.ssl_channel_credentials(root_certificates=self._controller_ca_pem)
+            with grpc.secure_channel(self.address, creds, options=_CHANNEL_OPTIONS) as channel:
+                response = pb_grpc.ControllerStub(channel).Enroll(request, timeout=self.rpc_timeout)
         try:
             chain = [x509.load_der_x509_certificate(d) for d in response.certificate_chain_der]
             cas = [x509.load_der_x509_certificate(d) for d in response.ca_certificates_der]
@@ -370,9 +441,32 @@ class ControllerClient:
         pem = serialization.Encoding.PEM
         _write_private(self.state_dir / CERT_FILE, b"".join(c.public_bytes(pem) for c in chain), 0o644)
         _write_private(self.state_dir / CA_FILE, b"".join(c.public_bytes(pem) for c in cas), 0o644)
-        self.log.info("enrolled as %r at %s; certificate valid until %s", self.node_name, self.address,
+        self.log.info("%s as %r at %s; certificate valid until %s", "renewed" if current else "enrolled",
+                      self.node_name, self.watch_address if current else self.address,
                       chain[0].not_valid_after_utc.isoformat())
         return self._credentials_from(key, chain, cas), self._renewal_time(chain[0], time.time())
+
+    def _set_credentials(self, creds: Credentials, renew_at: float) -> Credentials:
+        """Adopt credentials; report them through ``on_credentials`` if they
+        replace earlier ones (every renewal path goes through here)."""
+        had = self._credentials
+        self._credentials, self._renew_at = creds, renew_at
+        if had is not None and creds.certificate_chain != had.certificate_chain and self.on_credentials:
+            try:
+                self.on_credentials(creds)
+            except Exception:
+                self.log.exception("on_credentials failed")
+        return creds
+
+    def _retry_delay(self, attempt: int, code, details: str, what: str) -> float:
+        """Backoff for a failed attempt; a controller certificate that does
+        not verify is logged as a wrong CA and retried at the maximum."""
+        if tls_verify_failed(details):
+            self.log.error("%s at %s: the controller's TLS certificate does not verify against --controller-ca "
+                           "(wrong CA file, or another controller at that address); retrying every %.0f s",
+                           what, self.address, self.backoff_max)
+            return self.backoff_max
+        return self._backoff(attempt)
 
     def enroll(self, *, stop: threading.Event | None = None) -> Credentials:
         """This node's Credentials: the stored certificate if still well
@@ -387,24 +481,34 @@ class ControllerClient:
         key = self._load_or_create_key()
         cached = self._cached(key, time.time())
         if cached is not None:
-            self._credentials, self._renew_at = cached
-            self.log.debug("reusing stored certificate until %s", dt.datetime.fromtimestamp(self._renew_at))
-            return self._credentials
+            self.log.debug("reusing stored certificate until %s", dt.datetime.fromtimestamp(cached[1]))
+            return self._set_credentials(*cached)
+        stored = self._stored(key)
+        renewable = stored is not None
         attempt = 0
         while True:
+            # renew while the stored certificate is still valid (mTLS needs it), else enrol
+            current = stored[0] if renewable and stored[0][0].not_valid_after_utc.timestamp() > time.time() else None
             try:
-                self._credentials, self._renew_at = self._enroll_once(key)
-                return self._credentials
+                return self._set_credentials(*self._enroll_once(key, current))
             except grpc.RpcError as e:
                 code = e.code() if hasattr(e, "code") else None
                 details = e.details() if hasattr(e, "details") else str(e)
+                if current is not None and code not in _TRANSIENT:
+                    # revoked / unknown certificate, or a controller without Renew: the join token decides
+                    self.log.warning("renewal at %s refused (%s: %s); enrolling with the join token",
+                                     self.watch_address, code.name if code else "?", details)
+                    renewable = False
+                    continue
                 if code not in _TRANSIENT:
                     raise EnrollmentError(f"controller {self.address} refused enrolment of {self.node_name!r}: "
                                           f"{code.name if code else 'error'}: {details}", code) from None
-                delay = self._backoff(attempt)
+                delay = self._retry_delay(attempt, code, details, "enrolment" if current is None else "renewal")
                 attempt += 1
-                self.log.warning("enrolment attempt %d at %s failed (%s: %s); retrying in %.1f s",
-                                 attempt, self.address, code.name if code else "?", details, delay)
+                self.log.warning("%s attempt %d at %s failed (%s: %s); retrying in %.1f s",
+                                 "enrolment" if current is None else "renewal", attempt,
+                                 self.address if current is None else self.watch_address,
+                                 code.name if code else "?", details, delay)
                 self._next_controller()
             if stop is not None:
                 if stop.wait(delay):
@@ -436,17 +540,9 @@ class ControllerClient:
             renewing = threading.Event()
             timer: threading.Timer | None = None
             try:
-                had = self._credentials
-                creds = self.enroll(stop=stop)
-                if had is not None and creds.certificate_chain != had.certificate_chain and self.on_credentials:
-                    self.on_credentials(creds)
+                creds = self.enroll(stop=stop)  # renewals are reported through on_credentials
                 assert creds.private_key_pem is not None
-                pem = serialization.Encoding.PEM
-                chain_pem = b"".join(x509.load_der_x509_certificate(d).public_bytes(pem)
-                                     for d in creds.certificate_chain)
-                channel_creds = grpc.ssl_channel_credentials(root_certificates=self._controller_ca_pem,
-                                                             private_key=creds.private_key_pem,
-                                                             certificate_chain=chain_pem)
+                channel_creds = self._mtls(creds.private_key_pem, creds.certificate_chain)
                 with grpc.secure_channel(self.watch_address, channel_creds, options=_CHANNEL_OPTIONS) as channel:
                     call = pb_grpc.ControllerStub(channel).Watch(
                         pb.WatchRequest(node_name=self.node_name, since_version=self._version))
@@ -461,8 +557,9 @@ class ControllerClient:
                         timer = threading.Timer(max(0.0, self._renew_at - time.time()), renew_now)
                         timer.daemon = True
                         timer.start()
-                    self.log.info("watching view of %r at %s from version %d", self.node_name, self.watch_address,
-                                  self._version)
+                    if ("meshsec-watch", "established") in (call.initial_metadata() or ()):
+                        self.log.info("watching view of %r at %s from version %d", self.node_name,
+                                      self.watch_address, self._version)
                     for update in call:
                         try:
                             view = view_from_proto(update, self._view)
@@ -486,10 +583,34 @@ class ControllerClient:
                     self.log.info("certificate due for renewal; re-enrolling")
                     continue
                 code = e.code() if hasattr(e, "code") else None
-                self.log.warning("watch at %s failed: %s: %s", self.watch_address, code.name if code else "?",
-                                 e.details() if hasattr(e, "details") else e)
+                details = e.details() if hasattr(e, "details") else str(e)
+                if code == grpc.StatusCode.NOT_FOUND:
+                    self._removed(details, on_view)
+                    stop.wait(self.backoff_max)
+                    continue
+                if code == grpc.StatusCode.PERMISSION_DENIED:
+                    # our certificate was revoked or expired: renew, else enrol with the join token
+                    self.log.warning("watch at %s refused: %s; getting a new certificate", self.watch_address,
+                                     details)
+                    self._renew_at = 0.0
+                elif tls_verify_failed(details):
+                    self._retry_delay(attempt, code, details, "watch")
+                    self._next_controller()
+                    stop.wait(self.backoff_max)
+                    continue
+                else:
+                    self.log.warning("watch at %s failed: %s: %s", self.watch_address,
+                                     code.name if code else "?", details)
             except EnrollmentAborted:
                 break
+            except EnrollmentError as e:
+                if e.code == grpc.StatusCode.NOT_FOUND:
+                    self._removed(str(e), on_view)
+                    stop.wait(self.backoff_max)
+                    continue
+                self.log.error("%s; retrying in %.0f s", e, self.backoff_max)
+                stop.wait(self.backoff_max)
+                continue
             except Exception as e:  # never raise out: keep the tunnels and retry
                 self.log.error("watch at %s failed: %s", self.watch_address, e)
             finally:
@@ -499,9 +620,29 @@ class ControllerClient:
                     self._call = None
             if stop.is_set():
                 break
+            self._removed_logged = 0.0
             self._next_controller()
             delay = self._backoff(attempt)
             attempt += 1
             self.log.info("reconnecting to %s in %.1f s (attempt %d, from version %d)", self.watch_address, delay,
                           attempt, self._version)
             stop.wait(delay)
+
+    def _removed(self, details: str, on_view: Callable[[NodeView], None]) -> None:
+        """The controller says this node is not in the inventory: clear the
+        peers once (an empty view), then retry at the maximum backoff,
+        logging at most once a minute."""
+        now = time.monotonic()
+        if not self._removed_logged or now - self._removed_logged >= REMOVED_LOG_S:
+            self._removed_logged = now
+            self.log.error("controller %s: %s; peers cleared, retrying every %.0f s until the node is back in the "
+                           "inventory", self.watch_address, details, self.backoff_max)
+        if self._view is not None and (self._view.peers or self._version):
+            prev = self._view
+            self._view = NodeView(name=prev.name, identity=prev.identity, subnets=(), peers=(),
+                                  local_address=prev.local_address, version=0)
+            self._version = 0  # a node added back gets a full snapshot
+            try:
+                on_view(self._view)
+            except Exception:
+                self.log.exception("on_view failed for the empty view")

@@ -133,6 +133,8 @@ class NodeView:
     peers: tuple[Peer, ...]
     local_address: str | None = None
     version: int = 0
+    # serial numbers of revoked peer certificates (not yet expired), from the controller
+    revoked_serials: frozenset[int] = frozenset()
 
     def peer(self, name: str) -> Peer | None:
         for p in self.peers:

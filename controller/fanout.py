@@ -71,6 +71,11 @@ def peer_to_proto(p) -> pb.Peer:
                    initiate=p.initiate, policy=policy_to_proto(p.policy))
 
 
+def serial_bytes(serial: int) -> bytes:
+    """A certificate serial number as unsigned big-endian bytes (ViewUpdate.revoked_serials)."""
+    return serial.to_bytes(max(1, (serial.bit_length() + 7) // 8), "big")
+
+
 def view_update(view: View, version: int, diff: ViewDiff | None) -> pb.ViewUpdate:
     """A full snapshot (``diff is None``) or an incremental update (the
     straightforward path; :class:`ViewCache` produces the same bytes)."""
@@ -80,7 +85,17 @@ def view_update(view: View, version: int, diff: ViewDiff | None) -> pb.ViewUpdat
         subnets=list(view.subnets), endpoints=list(view.endpoints),
         upserted_peers=[peer_to_proto(p) for p in peers],
         removed_peers=[] if diff is None else list(diff.removed),
+        revoked_serials=[serial_bytes(s) for s in (view.revoked if diff is None else diff.revoked_added)],
+        unrevoked_serials=[] if diff is None else [serial_bytes(s) for s in diff.revoked_removed],
     )
+
+
+def _revoked_tail(added: list[int], removed: list[int]) -> bytes:
+    """Serialized ViewUpdate fields 9 and 10 (they follow every other field)."""
+    if not added and not removed:
+        return b""
+    return pb.ViewUpdate(revoked_serials=[serial_bytes(s) for s in added],
+                         unrevoked_serials=[serial_bytes(s) for s in removed]).SerializeToString()
 
 
 def _varint(n: int) -> bytes:
@@ -126,6 +141,8 @@ class VersionIndex:
         self.pos: dict[str, int] = {n: i for i, n in enumerate(self.names)}
         self.subnets: dict[str, tuple[str, ...]] = {n.name: effective_subnets(n) for n in inventory.nodes}
         self.sid, self._reps = _signatures(inventory)
+        self.revoked: frozenset[int] = inventory.revoked_serials
+        self._revoked_tail: bytes | None = None
         self._pid: dict[tuple[int, int], int] = {}      # (signature, signature) -> policy id
         self._policies: list[PolicyView] = []
         self._pid_of: dict[PolicyView, int] = {}
@@ -234,12 +251,17 @@ class VersionIndex:
         """Serialized full ``ViewUpdate`` for ``me`` (KeyError if absent)."""
         lo, lo_off, hi, hi_off = self._row(me)
         i = self.pos[me]
-        return self._header(me, True) + lo[:lo_off[i]] + hi[hi_off[i + 1]:]
+        if self._revoked_tail is None:
+            self._revoked_tail = _revoked_tail(sorted(self.revoked), [])
+        return self._header(me, True) + lo[:lo_off[i]] + hi[hi_off[i + 1]:] + self._revoked_tail
 
-    def incremental(self, me: str, upserted: list[str], removed: list[str]) -> bytes:
+    def incremental(self, me: str, upserted: list[str], removed: list[str],
+                    revoked_added: list[int] = (), revoked_removed: list[int] = ()) -> bytes:
         """Serialized incremental ``ViewUpdate``: ``upserted`` peers (in
-        order, present in this version), ``removed`` peer names."""
+        order, present in this version), ``removed`` peer names, revoked
+        serials added / dropped."""
         tail = pb.ViewUpdate(removed_peers=removed).SerializeToString() if removed else b""
+        tail += _revoked_tail(list(revoked_added), list(revoked_removed))
         return self._header(me, False) + b"".join(self.entry(me, n) for n in upserted) + tail
 
     def drop_rows(self) -> None:
@@ -264,6 +286,9 @@ class Transition:
                 self._classes.setdefault((a.sid[n], b.sid[n]), set()).add(n)
         self._by_class: dict[tuple[int, int], frozenset[str]] = {}
         self._lock = threading.Lock()
+        # the same for every node: revocations are mesh-wide
+        self.revoked_added = sorted(b.revoked - a.revoked)
+        self.revoked_removed = sorted(a.revoked - b.revoked)
 
     def policy_changed(self, me: str) -> frozenset[str]:
         """Peers (in both versions) whose pair policy with ``me`` differs."""
@@ -373,7 +398,8 @@ class ViewCache:
         """Serialized incremental ``ViewUpdate`` taking ``me`` from version
         ``a`` to ``b`` (both must contain ``me``), or None if nothing in
         ``me``'s view changed."""
-        upserted, removed, self_changed = self.transition(a, b).diff(me)
-        if not (upserted or removed or self_changed):
+        t = self.transition(a, b)
+        upserted, removed, self_changed = t.diff(me)
+        if not (upserted or removed or self_changed or t.revoked_added or t.revoked_removed):
             return None
-        return b.incremental(me, upserted, removed)
+        return b.incremental(me, upserted, removed, t.revoked_added, t.revoked_removed)

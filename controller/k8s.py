@@ -80,7 +80,7 @@ def node_spec_from_k8s(obj: dict, token_sha256: bytes = b"") -> tuple[NodeSpec |
     if not subnets:
         return None, f"Node {name!r} has no spec.podCIDRs yet (is the node IPAM controller running?)"
     return NodeSpec(name=name, role="gateway", endpoints=tuple(endpoints), subnets=tuple(subnets),
-                    join_token_sha256=token_sha256), ""
+                    join_token_sha256=token_sha256, shared_token=True), ""
 
 
 class Backoff:

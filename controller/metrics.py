@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-ENROL_RESULTS = ("ok", "unknown_node", "bad_token", "bad_csr", "not_leader", "invalid")
+ENROL_RESULTS = ("ok", "renewed", "unknown_node", "bad_token", "token_used", "revoked_cert", "bad_csr", "not_leader",
+                 "invalid")
 # Fan-out is sub-millisecond for a handful of streams and ~seconds for thousands.
 FANOUT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 

@@ -89,13 +89,17 @@ class Rule:
 class NodeSpec:
     """One inventory node. ``subnets`` are normalised CIDR strings,
     ``endpoints`` normalised IP strings. ``join_token_sha256`` is the 32-byte
-    SHA-256 of the join token (b"" in history snapshots, which omit tokens)."""
+    SHA-256 of the join token (b"" in history snapshots, which omit tokens).
+    ``shared_token``: the token is a cluster-wide one (Kubernetes source),
+    usable again whenever the node holds no current certificate; otherwise
+    the token is single-use."""
 
     name: str
     role: str
     endpoints: tuple[str, ...]
     subnets: tuple[str, ...]
     join_token_sha256: bytes = field(default=b"", repr=False, compare=False)
+    shared_token: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,12 @@ class Inventory:
     defaults: Defaults = Defaults()
     groups: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (group name, member node names)
     rules: tuple[Rule, ...] = ()
+    # revoked, unexpired node certificates: (serial, not_after Unix seconds), sorted
+    revoked: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def revoked_serials(self) -> frozenset[int]:
+        return frozenset(s for s, _ in self.revoked)
 
     def node(self, name: str) -> NodeSpec:
         """The node called ``name``; raises :class:`UnknownNode`."""
@@ -125,6 +135,8 @@ class Inventory:
                              "action": r.action, "settings": [[k, list(v) if isinstance(v, tuple) else v]
                                                               for k, v in r.settings]}
                             for r in self.rules]
+        if self.revoked:
+            doc["revoked"] = [[format(serial, "x"), not_after] for serial, not_after in self.revoked]
         return json.dumps(doc, sort_keys=True)
 
     @classmethod
@@ -143,7 +155,8 @@ class Inventory:
             Rule(name=r["name"], between=(tuple(r["between"][0]), tuple(r["between"][1])), action=r["action"],
                  settings=tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in r["settings"]))
             for r in data.get("rules", []))
-        return cls(nodes=nodes, defaults=defaults, groups=groups, rules=rules)
+        revoked = tuple((int(serial, 16), int(na)) for serial, na in data.get("revoked", []))
+        return cls(nodes=nodes, defaults=defaults, groups=groups, rules=rules, revoked=revoked)
 
 
 @dataclass(frozen=True)
@@ -180,6 +193,8 @@ class View:
     subnets: tuple[str, ...]
     endpoints: tuple[str, ...]
     peers: tuple[PeerView, ...]
+    # serials of revoked, unexpired node certificates (sorted)
+    revoked: tuple[int, ...] = ()
 
     def peer(self, name: str) -> PeerView | None:
         for p in self.peers:
@@ -269,7 +284,7 @@ def compute_view(inventory: Inventory, node_name: str) -> View:
         if n.name != me.name
     )
     return View(name=me.name, identity=me.name, subnets=effective_subnets(me),
-                endpoints=me.endpoints, peers=peers)
+                endpoints=me.endpoints, peers=peers, revoked=tuple(sorted(inventory.revoked_serials)))
 
 
 @dataclass(frozen=True)
@@ -277,18 +292,24 @@ class ViewDiff:
     upserted: tuple[PeerView, ...]
     removed: tuple[str, ...]
     self_changed: bool
+    revoked_added: tuple[int, ...] = ()
+    revoked_removed: tuple[int, ...] = ()
 
     @property
     def empty(self) -> bool:
-        return not (self.upserted or self.removed or self.self_changed)
+        return not (self.upserted or self.removed or self.self_changed or self.revoked_added
+                    or self.revoked_removed)
 
 
 def diff_views(old: View, new: View) -> ViewDiff:
     """Peers added or changed (``upserted``), peers gone (``removed``, names),
-    and whether the node's own subnets/endpoints changed."""
+    whether the node's own subnets/endpoints changed, and the revoked
+    serials added and dropped."""
     old_peers = {p.name: p for p in old.peers}
     new_names = {p.name for p in new.peers}
     upserted = tuple(p for p in new.peers if old_peers.get(p.name) != p)
     removed = tuple(sorted(n for n in old_peers if n not in new_names))
     self_changed = (old.subnets, old.endpoints, old.identity) != (new.subnets, new.endpoints, new.identity)
-    return ViewDiff(upserted=upserted, removed=removed, self_changed=self_changed)
+    was, now = set(old.revoked), set(new.revoked)
+    return ViewDiff(upserted=upserted, removed=removed, self_changed=self_changed,
+                    revoked_added=tuple(sorted(now - was)), revoked_removed=tuple(sorted(was - now)))

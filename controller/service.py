@@ -16,6 +16,7 @@ and verifies a client certificate from the CA.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import hmac
@@ -43,6 +44,8 @@ from meshsec.v1 import controller_pb2 as pb
 from meshsec.v1 import controller_pb2_grpc as pb_grpc
 
 CA_FILE = "ca.pem"
+# How often the leader forgets revoked serials whose certificates expired.
+REVOKED_PRUNE_S = 60.0
 
 # A Watch stream re-checks that its RPC is alive this often even without a
 # wake-up (its end wakes it at once through a gRPC callback).
@@ -79,10 +82,14 @@ def utcnow() -> dt.datetime:
 class ControllerState:
     """The current inventory and view version; wakes watchers on change."""
 
-    def __init__(self, store: StateStore, inventory: Inventory, *, record: bool = True) -> None:
+    def __init__(self, store: StateStore, inventory: Inventory, *, record: bool = True,
+                 revoked: tuple[tuple[int, int], ...] = ()) -> None:
         self._store = store
         self._cond = threading.Condition()
         self._watchers: set[threading.Event] = set()
+        # revocations ride in the recorded inventory: versioned, in the history, seen by HA followers
+        self._revoked = tuple(sorted(revoked))
+        inventory = dataclasses.replace(inventory, revoked=self._revoked)
         self._inventory = inventory
         self.changed_at = time.monotonic()  # when this replica learnt the current version
         self.read_only = not record
@@ -98,12 +105,17 @@ class ControllerState:
         with self._cond:
             return self._inventory, self._version
 
-    def update(self, inventory: Inventory) -> tuple[int, bool]:
-        """Install a new inventory; returns (version, bumped). Token-only
-        changes take effect without a version bump."""
+    def update(self, inventory: Inventory | None = None,
+               revoked: tuple[tuple[int, int], ...] | None = None) -> tuple[int, bool]:
+        """Install a new inventory and/or a new revoked set ((serial,
+        not_after) pairs); None keeps the current one. Returns (version,
+        bumped). Token-only changes take effect without a version bump."""
         with self._cond:
             if self.read_only:  # HA follower: the leader records versions; we adopt them from the store
                 return self._version, False
+            if revoked is not None:
+                self._revoked = tuple(sorted(revoked))
+            inventory = dataclasses.replace(inventory or self._inventory, revoked=self._revoked)
             version, bumped = self._store.record_inventory(inventory.view_json())
             if version != self._version:
                 self.changed_at = time.monotonic()
@@ -204,25 +216,106 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             self._log.warning("enrolment refused: unknown node %r from %s", name, context.peer())
             context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         digest = hashlib.sha256(request.join_token.encode()).digest()
-        if not hmac.compare_digest(digest, node.join_token_sha256) and not self._reviewed(name, request.join_token):
+        node_token = bool(node.join_token_sha256) and hmac.compare_digest(digest, node.join_token_sha256)
+        if not node_token and not self._reviewed(name, request.join_token):
             self._log.warning("enrolment refused: wrong join token for node %r from %s", name, context.peer())
             self._metrics.enrolment("bad_token")
             context.abort(grpc.StatusCode.UNAUTHENTICATED, f"join token for node {name!r} is wrong")
+        now = self._clock()
+        if node_token and node.shared_token:
+            # the cluster-wide token enrols only a node without a current certificate (docs/kubernetes.md)
+            current = self._current_certificate(name, now)
+            if current is not None:
+                self._metrics.enrolment("token_used")
+                self._log.warning("enrolment refused: node %r (from %s) presented the cluster join token but "
+                                  "holds a valid certificate (serial %x)", name, context.peer(), current[0])
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"node {name!r} already holds a valid certificate (serial {current[0]:x}, until "
+                              f"{dt.datetime.fromtimestamp(current[1], dt.timezone.utc).isoformat()}); the "
+                              "cluster join token enrols only nodes without one: the agent renews over mutual "
+                              "TLS; a node that lost its key enrols again once that certificate expired, or at "
+                              "once with --kube-token-review")
+        cert = self._issue(request.csr_der, name, now, context)
+        if node_token and not node.shared_token and not self._store.consume_token(
+                name, digest, int(now.timestamp())):
+            self._metrics.enrolment("token_used")
+            self._log.warning("enrolment refused: join token of node %r was already used (again from %s)",
+                              name, context.peer())
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"join token for node {name!r} was already used; a join token enrols once. The agent "
+                          "renews its certificate over mutual TLS (Renew); to re-enrol a node that lost its key, "
+                          "set a new join_token for it in the inventory")
+        return self._record(cert, name, now, context, "enrolled")
+
+    def Renew(self, request: pb.RenewRequest, context: grpc.ServicerContext) -> pb.EnrollResponse:
+        name = request.node_name
+        if not name:
+            self._metrics.enrolment("invalid")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "node_name is empty")
+        self._check_identity(name, context, "Renew")
+        if not self._is_leader():
+            self._metrics.enrolment("not_leader")
+            context.abort(grpc.StatusCode.UNAVAILABLE, "this controller replica is a follower; renew at the leader "
+                          "(agents given several --controller addresses try the next)")
+        inventory, _ = self._state.snapshot()
         try:
-            cert = self._ca.issue_for_csr(request.csr_der, name, self._lifetime, self._clock())
+            inventory.node(name)
+        except UnknownNode as e:
+            self._metrics.enrolment("unknown_node")
+            context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        now = self._clock()
+        cert = self._issue(request.csr_der, name, now, context)
+        return self._record(cert, name, now, context, "renewed")
+
+    def _current_certificate(self, name: str, now: dt.datetime) -> tuple[int, int] | None:
+        """(serial, not_after) of a certificate of ``name`` that is neither
+        expired nor revoked, or None."""
+        t = now.timestamp()
+        revoked = self._state.snapshot()[0].revoked_serials
+        live = [(serial, na) for serial, na, _ in self._store.certificate_ders(name)
+                if na > t and serial not in revoked]
+        return max(live, key=lambda c: c[1]) if live else None
+
+    def _issue(self, csr_der: bytes, name: str, now: dt.datetime, context: grpc.ServicerContext) -> x509.Certificate:
+        try:
+            return self._ca.issue_for_csr(csr_der, name, self._lifetime, now)
         except CsrError as e:
             self._log.warning("enrolment refused: bad CSR for node %r: %s", name, e)
             self._metrics.enrolment("bad_csr")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    def _record(self, cert: x509.Certificate, name: str, now: dt.datetime, context: grpc.ServicerContext,
+                how: str) -> pb.EnrollResponse:
+        """Store the certificate; revoke the node's earlier ones for another
+        key (a re-enrolment with a new key replaces them)."""
         der = cert.public_bytes(serialization.Encoding.DER)
         not_after = int(cert.not_valid_after_utc.timestamp())
+        spki = cert.public_key().public_bytes(serialization.Encoding.DER,
+                                              serialization.PublicFormat.SubjectPublicKeyInfo)
+        replaced = []
+        for serial, na, old_der in self._store.certificate_ders(name):
+            if na <= now.timestamp():
+                continue
+            old_key = x509.load_der_x509_certificate(old_der).public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+            if old_key != spki:
+                replaced.append((serial, name, na))
         self._store.add_certificate(cert.serial_number, name, int(cert.not_valid_before_utc.timestamp()),
                                     not_after, der)
-        self._metrics.enrolment("ok")
-        self._log.info("enrolled node %r from %s: serial %x, valid until %s", name, context.peer(),
+        if replaced:
+            self._store.revoke(replaced)
+            self._revocations_changed(now)
+            self._log.warning("node %r has a new key: revoked its earlier certificates %s", name,
+                              ", ".join(f"{s:x}" for s, _, _ in replaced))
+        self._metrics.enrolment("ok" if how == "enrolled" else "renewed")
+        self._log.info("%s node %r from %s: serial %x, valid until %s", how, name, context.peer(),
                        cert.serial_number, cert.not_valid_after_utc.isoformat())
         return pb.EnrollResponse(certificate_chain_der=[der], ca_certificates_der=[self._ca.certificate_der],
                                  not_after=not_after)
+
+    def _revocations_changed(self, now: dt.datetime) -> None:
+        revoked = tuple((serial, na) for serial, _, na in self._store.revoked(int(now.timestamp())))
+        self._state.update(revoked=revoked)
 
     def _reviewed(self, name: str, token: str) -> bool:
         if self._token_review is None:
@@ -232,11 +325,14 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             self._log.warning("token review for node %r refused: %s", name, why)
         return ok
 
-    def _check_identity(self, name: str, context: grpc.ServicerContext) -> None:
+    def _check_identity(self, name: str, context: grpc.ServicerContext, rpc: str = "Watch") -> None:
+        """The client certificate is ``name``'s, unexpired and not revoked;
+        else abort PERMISSION_DENIED."""
         pems = context.auth_context().get("x509_pem_cert") or []
         if not pems:
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          "Watch needs mutual TLS with the certificate issued by Enroll; none was presented")
+                          f"{rpc} needs mutual TLS with the certificate issued by Enroll; none was presented "
+                          "(use the watch port)")
         cert = x509.load_pem_x509_certificate(pems[0])
         cns = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
         try:
@@ -248,10 +344,24 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             who = dns[0] if dns else (cns[0] if cns else "?")
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           f"client certificate is for {who!r}, not for node {name!r}")
+        if cert.not_valid_after_utc <= self._clock():
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"client certificate of node {name!r} expired at {cert.not_valid_after_utc.isoformat()}")
+        inventory, _ = self._state.snapshot()
+        if rpc == "Watch" and name not in {n.name for n in inventory.nodes}:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(UnknownNode(name)))
+        if cert.serial_number in inventory.revoked_serials:
+            if rpc == "Renew":
+                self._metrics.enrolment("revoked_cert")
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"client certificate of node {name!r} (serial {cert.serial_number:x}) was revoked: the "
+                          "node enrolled again with a new key or was removed from the inventory; enrol with a "
+                          "new join token")
 
     def Watch(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         name = request.node_name
         self._check_identity(name, context)
+        context.send_initial_metadata((("meshsec-watch", "established"),))
         wakeup = self._state.watcher()
         context.add_callback(wakeup.set)
         self._metrics.watch_started()
@@ -314,6 +424,9 @@ def add_servicer(servicer: ControllerServicer, server: grpc.Server) -> None:
         "Watch": grpc.unary_stream_rpc_method_handler(
             servicer.Watch, request_deserializer=pb.WatchRequest.FromString,
             response_serializer=_serialize_update),
+        "Renew": grpc.unary_unary_rpc_method_handler(
+            servicer.Renew, request_deserializer=pb.RenewRequest.FromString,
+            response_serializer=pb.EnrollResponse.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("meshsec.v1.Controller", handlers),))
     server.add_registered_method_handlers("meshsec.v1.Controller", handlers)
@@ -438,7 +551,17 @@ class ControllerServer:
         tmp = self.ca_path.with_suffix(".pem.tmp")
         tmp.write_bytes(self.ca.certificate_pem)
         os.replace(tmp, self.ca_path)
-        self.state = ControllerState(self.store, inventory, record=self.ha is None)
+        revoked = ()
+        if self.ha is None:
+            # nodes removed from the inventory while the controller was down (not those of a node
+            # source that has not listed its nodes yet)
+            synced = self.node_source is None or self.node_source.wait_synced(0)
+            stored = self.store.inventory_at(self.store.current_version())
+            if stored is not None and synced:
+                gone = {n.name for n in Inventory.from_view_json(stored).nodes} - {n.name for n in inventory.nodes}
+                self._revoke_nodes(gone, now)
+            revoked = self._revoked_now(now)
+        self.state = ControllerState(self.store, inventory, record=self.ha is None, revoked=revoked)
         if self.node_source is not None:
             self._install()  # a Node change that came in while starting
         key_pem, cert_pem = self.ca.issue_server(self.server_names, now)
@@ -515,7 +638,43 @@ class ControllerServer:
     def _install(self) -> tuple[int, bool]:
         with self._merge_lock:
             assert self.state is not None
-            return self.state.update(self._merged())
+            merged = self._merged()
+            revoked = None
+            if self.is_leader and self.store is not None:
+                old, _ = self.state.snapshot()
+                gone = {n.name for n in old.nodes} - {n.name for n in merged.nodes}
+                if gone:
+                    now = utcnow()
+                    self._revoke_nodes(gone, now)
+                    revoked = self._revoked_now(now)
+            return self.state.update(merged, revoked=revoked)
+
+    def _revoke_nodes(self, names: set[str], now: dt.datetime) -> None:
+        """Revoke every unexpired certificate of nodes removed from the inventory."""
+        assert self.store is not None
+        t = now.timestamp()
+        for name in sorted(names):
+            certs = [(serial, name, na) for serial, na, _ in self.store.certificate_ders(name) if na > t]
+            if certs:
+                self.store.revoke(certs)
+                self.log.warning("node %r left the inventory: revoked its certificates %s", name,
+                                 ", ".join(f"{s:x}" for s, _, _ in certs))
+
+    def _revoked_now(self, now: dt.datetime) -> tuple[tuple[int, int], ...]:
+        assert self.store is not None
+        return tuple((serial, na) for serial, _, na in self.store.revoked(int(now.timestamp())))
+
+    def refresh_revoked(self, now: dt.datetime | None = None) -> bool:
+        """Drop revoked serials whose certificates expired (keeps the list in
+        the views bounded); True if the views changed. The leader polls it."""
+        if not self.is_leader or self.store is None or self.state is None:
+            return False
+        revoked = self._revoked_now(now or utcnow())
+        if revoked == self.state.snapshot()[0].revoked:
+            return False
+        with self._merge_lock:
+            _, bumped = self.state.update(revoked=revoked)
+        return bumped
 
     def _on_source_change(self) -> None:
         if self.state is None:  # still starting: start() merges after the first sync
@@ -525,11 +684,15 @@ class ControllerServer:
             self.log.info("%s nodes changed: view version %d", self.node_source.name, version)
 
     def _poll(self) -> None:
+        next_prune = time.monotonic() + REVOKED_PRUNE_S
         while not self._stop.wait(self.poll_interval):
             if not self.is_leader:
                 continue  # HA follower: the leader reads the inventory and records versions
             try:
                 self.reload_if_changed()
+                if time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + REVOKED_PRUNE_S
+                    self.refresh_revoked()
             except Exception:  # keep serving whatever happens to the file
                 self.log.exception("inventory poll failed")
 

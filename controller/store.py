@@ -24,6 +24,11 @@ CREATE TABLE IF NOT EXISTS inventory_history (
 CREATE TABLE IF NOT EXISTS certificates (
     serial TEXT PRIMARY KEY, node TEXT NOT NULL,
     not_before INTEGER NOT NULL, not_after INTEGER NOT NULL, der BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS used_tokens (
+    node TEXT NOT NULL, token_sha256 TEXT NOT NULL, used_at INTEGER NOT NULL,
+    PRIMARY KEY (node, token_sha256));
+CREATE TABLE IF NOT EXISTS revoked (
+    serial TEXT PRIMARY KEY, node TEXT NOT NULL, not_after INTEGER NOT NULL);
 """
 
 
@@ -40,6 +45,10 @@ class StateStore(Protocol):
     def record_inventory(self, view_json: str) -> tuple[int, bool]: ...
     def add_certificate(self, serial: int, node: str, not_before: int, not_after: int, der: bytes) -> None: ...
     def certificates_for(self, node: str) -> list[tuple[str, int, int]]: ...
+    def certificate_ders(self, node: str) -> list[tuple[int, int, bytes]]: ...
+    def consume_token(self, node: str, token_sha256: bytes, now: int) -> bool: ...
+    def revoke(self, entries: list[tuple[int, str, int]]) -> None: ...
+    def revoked(self, now: int) -> list[tuple[int, str, int]]: ...
 
 
 class Store:
@@ -138,3 +147,32 @@ class Store:
                 "SELECT serial, not_before, not_after FROM certificates WHERE node = ? ORDER BY not_before",
                 (node,)).fetchall()
         return [(r[0], int(r[1]), int(r[2])) for r in rows]
+
+    def certificate_ders(self, node: str) -> list[tuple[int, int, bytes]]:
+        """(serial, not_after, DER) of every certificate issued to node."""
+        with self._lock:
+            rows = self._db.execute("SELECT serial, not_after, der FROM certificates WHERE node = ?",
+                                    (node,)).fetchall()
+        return [(int(r[0], 16), int(r[1]), bytes(r[2])) for r in rows]
+
+    def consume_token(self, node: str, token_sha256: bytes, now: int) -> bool:
+        """Mark a node's join token (its SHA-256) used; True if it was not
+        used before (atomic: of two concurrent callers exactly one wins)."""
+        with self._lock:
+            cur = self._db.execute("INSERT OR IGNORE INTO used_tokens (node, token_sha256, used_at) VALUES (?, ?, ?)",
+                                   (node, token_sha256.hex(), now))
+            return cur.rowcount == 1
+
+    def revoke(self, entries: list[tuple[int, str, int]]) -> None:
+        """Record revoked certificates: (serial, node, not_after Unix seconds)."""
+        with self._lock:
+            self._db.executemany("INSERT OR IGNORE INTO revoked (serial, node, not_after) VALUES (?, ?, ?)",
+                                 [(format(serial, "x"), node, na) for serial, node, na in entries])
+
+    def revoked(self, now: int) -> list[tuple[int, str, int]]:
+        """(serial, node, not_after) of revoked certificates not expired at
+        ``now`` (Unix seconds), by serial; expired ones are forgotten."""
+        with self._lock:
+            self._db.execute("DELETE FROM revoked WHERE not_after <= ?", (now,))
+            rows = self._db.execute("SELECT serial, node, not_after FROM revoked").fetchall()
+        return sorted((int(r[0], 16), r[1], int(r[2])) for r in rows)

@@ -13,6 +13,8 @@ Key layout under ``prefix`` (default ``/meshsec/``)::
     view/head                 current view version (decimal); the CAS target
     view/v/<020d version>     inventory snapshot (``Inventory.view_json()``)
     certs/<node>/<serial hex> JSON {"not_before", "not_after", "der" (base64)}
+    tokens/<node>/<sha256 hex> Unix time the join token was used (created once, by txn)
+    revoked/<serial hex>      JSON {"node", "not_after"}
     leader                    replica id of the leader, bound to its lease
 
 Every write that changes the view is a txn comparing ``view/head``'s
@@ -364,6 +366,35 @@ class EtcdStore:
             d = json.loads(value)
             rows.append((key.rsplit(b"/", 1)[-1].decode(), int(d["not_before"]), int(d["not_after"])))
         return sorted(rows, key=lambda r: r[1])
+
+    def certificate_ders(self, node: str) -> list[tuple[int, int, bytes]]:
+        out = []
+        for key, value in self.client.get_prefix(self.key("certs", node) + b"/"):
+            d = json.loads(value)
+            out.append((int(key.rsplit(b"/", 1)[-1], 16), int(d["not_after"]), _unb64(d["der"])))
+        return out
+
+    def consume_token(self, node: str, token_sha256: bytes, now: int) -> bool:
+        """Create ``tokens/<node>/<sha256>`` iff absent (one txn): True if
+        this call used the token, False if it had been used."""
+        key = self.key("tokens", node, token_sha256.hex())
+        doc = self.client.txn([_cmp_absent(key)], [_put(key, str(now).encode())], [])
+        return bool(doc.get("succeeded"))
+
+    def revoke(self, entries: list[tuple[int, str, int]]) -> None:
+        for serial, node, not_after in entries:
+            self.client.put(self.key("revoked", format(serial, "x")),
+                            json.dumps({"node": node, "not_after": not_after}).encode())
+
+    def revoked(self, now: int) -> list[tuple[int, str, int]]:
+        out = []
+        for key, value in self.client.get_prefix(self.key("revoked") + b"/"):
+            d = json.loads(value)
+            if int(d["not_after"]) <= now:
+                self.client.delete(key)  # expired: no longer needs revoking
+                continue
+            out.append((int(key.rsplit(b"/", 1)[-1], 16), d["node"], int(d["not_after"])))
+        return sorted(out)
 
 
 class ViewFollower:

@@ -57,6 +57,14 @@ class EnrollRequest(_message.Message):
     join_token: str
     def __init__(self, node_name: _Optional[str] = ..., csr_der: _Optional[bytes] = ..., join_token: _Optional[str] = ...) -> None: ...
 
+class RenewRequest(_message.Message):
+    __slots__ = ("node_name", "csr_der")
+    NODE_NAME_FIELD_NUMBER: _ClassVar[int]
+    CSR_DER_FIELD_NUMBER: _ClassVar[int]
+    node_name: str
+    csr_der: bytes
+    def __init__(self, node_name: _Optional[str] = ..., csr_der: _Optional[bytes] = ...) -> None: ...
+
 class EnrollResponse(_message.Message):
     __slots__ = ("certificate_chain_der", "ca_certificates_der", "not_after")
     CERTIFICATE_CHAIN_DER_FIELD_NUMBER: _ClassVar[int]
@@ -120,7 +128,7 @@ class Peer(_message.Message):
     def __init__(self, name: _Optional[str] = ..., identity: _Optional[str] = ..., endpoints: _Optional[_Iterable[str]] = ..., subnets: _Optional[_Iterable[str]] = ..., policy: _Optional[_Union[PeerPolicy, _Mapping]] = ..., initiate: _Optional[bool] = ..., ike_port: _Optional[int] = ...) -> None: ...
 
 class ViewUpdate(_message.Message):
-    __slots__ = ("version", "full", "node_name", "identity", "subnets", "endpoints", "upserted_peers", "removed_peers")
+    __slots__ = ("version", "full", "node_name", "identity", "subnets", "endpoints", "upserted_peers", "removed_peers", "revoked_serials", "unrevoked_serials")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FULL_FIELD_NUMBER: _ClassVar[int]
     NODE_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +137,8 @@ class ViewUpdate(_message.Message):
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     UPSERTED_PEERS_FIELD_NUMBER: _ClassVar[int]
     REMOVED_PEERS_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_SERIALS_FIELD_NUMBER: _ClassVar[int]
+    UNREVOKED_SERIALS_FIELD_NUMBER: _ClassVar[int]
     version: int
     full: bool
     node_name: str
@@ -137,4 +147,6 @@ class ViewUpdate(_message.Message):
     endpoints: _containers.RepeatedScalarFieldContainer[str]
     upserted_peers: _containers.RepeatedCompositeFieldContainer[Peer]
     removed_peers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, version: _Optional[int] = ..., full: _Optional[bool] = ..., node_name: _Optional[str] = ..., identity: _Optional[str] = ..., subnets: _Optional[_Iterable[str]] = ..., endpoints: _Optional[_Iterable[str]] = ..., upserted_peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., removed_peers: _Optional[_Iterable[str]] = ...) -> None: ...
+    revoked_serials: _containers.RepeatedScalarFieldContainer[bytes]
+    unrevoked_serials: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, version: _Optional[int] = ..., full: _Optional[bool] = ..., node_name: _Optional[str] = ..., identity: _Optional[str] = ..., subnets: _Optional[_Iterable[str]] = ..., endpoints: _Optional[_Iterable[str]] = ..., upserted_peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., removed_peers: _Optional[_Iterable[str]] = ..., revoked_serials: _Optional[_Iterable[bytes]] = ..., unrevoked_serials: _Optional[_Iterable[bytes]] = ...) -> None: ...

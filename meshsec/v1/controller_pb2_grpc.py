@@ -39,6 +39,11 @@ class ControllerStub:
                 request_serializer=meshsec_dot_v1_dot_controller__pb2.EnrollRequest.SerializeToString,
                 response_deserializer=meshsec_dot_v1_dot_controller__pb2.EnrollResponse.FromString,
                 _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/meshsec.v1.Controller/Renew',
+                request_serializer=meshsec_dot_v1_dot_controller__pb2.RenewRequest.SerializeToString,
+                response_deserializer=meshsec_dot_v1_dot_controller__pb2.EnrollResponse.FromString,
+                _registered_method=True)
         self.Watch = channel.unary_stream(
                 '/meshsec.v1.Controller/Watch',
                 request_serializer=meshsec_dot_v1_dot_controller__pb2.WatchRequest.SerializeToString,
@@ -53,17 +58,37 @@ class ControllerServicer:
         """Issue a short-lived node certificate for a CSR. Errors:
         UNAUTHENTICATED (wrong join token), NOT_FOUND (unknown node),
         INVALID_ARGUMENT (malformed CSR, unacceptable key or subject).
+        A per-node inventory join token is single-use: it is consumed by the
+        first successful Enroll (FAILED_PRECONDITION afterwards; renew with
+        Renew, or set a new join_token in the inventory to re-enrol a node that
+        lost its key). A certificate for a new key revokes the node's earlier
+        certificates (see ViewUpdate.revoked_serials).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Renew(self, request, context):
+        """Issue a new certificate to a node that holds its current one: callable
+        only with mutual TLS (the watch port), with the node's unexpired,
+        unrevoked certificate, whose identity must equal node_name. No join
+        token. Errors: PERMISSION_DENIED (no, another node's, or a revoked
+        certificate), NOT_FOUND (node not in the inventory), INVALID_ARGUMENT
+        (bad CSR), UNAVAILABLE (this replica is an HA follower).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Watch(self, request, context):
-        """Stream of this node's view. The first message is a full snapshot unless
+        """Stream of this node's view. The server sends initial metadata
+        ("meshsec-watch": "established") once the stream is accepted. The first
+        message is a full snapshot unless
         since_version names a version the controller still knows, in which case
         only the changes since then are sent (possibly none until the next
-        change). Errors: PERMISSION_DENIED (no client certificate or one for
-        another node), NOT_FOUND (node not in the inventory).
+        change). Errors: PERMISSION_DENIED (no client certificate, one for
+        another node, or a revoked one), NOT_FOUND (node not in the inventory;
+        also ends a running stream when the node is removed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -75,6 +100,11 @@ def add_ControllerServicer_to_server(servicer, server):
             'Enroll': grpc.unary_unary_rpc_method_handler(
                     servicer.Enroll,
                     request_deserializer=meshsec_dot_v1_dot_controller__pb2.EnrollRequest.FromString,
+                    response_serializer=meshsec_dot_v1_dot_controller__pb2.EnrollResponse.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=meshsec_dot_v1_dot_controller__pb2.RenewRequest.FromString,
                     response_serializer=meshsec_dot_v1_dot_controller__pb2.EnrollResponse.SerializeToString,
             ),
             'Watch': grpc.unary_stream_rpc_method_handler(
@@ -109,6 +139,33 @@ class Controller:
             target,
             '/meshsec.v1.Controller/Enroll',
             meshsec_dot_v1_dot_controller__pb2.EnrollRequest.SerializeToString,
+            meshsec_dot_v1_dot_controller__pb2.EnrollResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshsec.v1.Controller/Renew',
+            meshsec_dot_v1_dot_controller__pb2.RenewRequest.SerializeToString,
             meshsec_dot_v1_dot_controller__pb2.EnrollResponse.FromString,
             options,
             channel_credentials,

@@ -79,19 +79,28 @@ def inventory_st(draw):
     names = draw(st.lists(st.sampled_from(NAMES), min_size=1, max_size=6, unique=True))
     nodes = tuple(draw(node_st(n)) for n in names)
     defaults, groups, rules = draw(config_st(names))
-    return Inventory(nodes=nodes, defaults=defaults, groups=groups, rules=rules)
+    return Inventory(nodes=nodes, defaults=defaults, groups=groups, rules=rules, revoked=draw(REVOKED))
+
+
+# revoked serials: small, and as large as x509.random_serial_number() makes them (159 bits)
+SERIALS = [1, 0xFF, 0x100, (1 << 158) + 12345, (1 << 159) - 1]
+REVOKED = st.lists(st.sampled_from(SERIALS), max_size=3, unique=True).map(
+    lambda ss: tuple(sorted((s, 2_000_000_000) for s in ss)))
 
 
 @st.composite
 def inventory_pair_st(draw):
     """(old, new): new changes some nodes only, the policy config only, or everything."""
     old = draw(inventory_st())
-    how = draw(st.sampled_from(["nodes", "config", "both"]))
+    how = draw(st.sampled_from(["nodes", "config", "both", "revoked"]))
     if how == "both":
         return old, draw(inventory_st())
+    if how == "revoked":
+        return old, Inventory(nodes=old.nodes, defaults=old.defaults, groups=old.groups, rules=old.rules,
+                              revoked=draw(REVOKED))
     if how == "config":
         defaults, groups, rules = draw(config_st([n.name for n in old.nodes]))
-        return old, Inventory(nodes=old.nodes, defaults=defaults, groups=groups, rules=rules)
+        return old, Inventory(nodes=old.nodes, defaults=defaults, groups=groups, rules=rules, revoked=old.revoked)
     nodes = {n.name: n for n in old.nodes}
     for name in draw(st.lists(st.sampled_from(NAMES), max_size=3, unique=True)):
         if name in nodes and draw(st.booleans()) and len(nodes) > 1:
@@ -99,7 +108,8 @@ def inventory_pair_st(draw):
         else:
             nodes[name] = draw(node_st(name))  # change or addition
     groups = tuple((g, tuple(m for m in members if m in nodes)) for g, members in old.groups)
-    return old, Inventory(nodes=tuple(nodes.values()), defaults=old.defaults, groups=groups, rules=old.rules)
+    return old, Inventory(nodes=tuple(nodes.values()), defaults=old.defaults, groups=groups, rules=old.rules,
+                          revoked=old.revoked)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

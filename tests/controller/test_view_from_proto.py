@@ -72,6 +72,10 @@ def test_default_watch_address() -> None:
 
 def test_corrupt_key_file_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "node.key").write_text("garbage")
-    c = ControllerClient("127.0.0.1:1", "a", "t", tmp_path, b"")
+    import datetime as dt
+
+    from controller.ca import CertificateAuthority
+    ca_pem = CertificateAuthority.create(dt.datetime.now(dt.timezone.utc)).certificate_pem
+    c = ControllerClient("127.0.0.1:1", "a", "t", tmp_path, ca_pem)
     with pytest.raises(ControlError, match="not a readable PEM private key"):
         c.enroll()
