@@ -72,7 +72,7 @@ class IkeManager:
         self._seq = itertools.count()
         self._by_peer: dict[str, set[int]] = {}  # peer name -> our SPIs of its live IKE_SAs
         self._hold: dict[str, float] = {}  # peer -> no new initiation before (backoff after failures)
-        self._revoked: frozenset[int] = frozenset()
+        self._revoked: frozenset[int] = frozenset(getattr(view, "revoked_serials", ()) or ())
         self.policy_errors: dict[str, str] = {}  # peer -> why we refuse to negotiate with it
         self._policy_cache: dict[str, tuple[object, str | None]] = {}
         self._ike_prop_ok: dict[str, str | None] = {}
@@ -162,7 +162,8 @@ class IkeManager:
 
     # ------------------------------------------------------------ API
     def update_view(self, view: NodeView, now: float) -> None:
-        """New view: IKE_SAs of peers no longer in it are deleted."""
+        """New view: IKE_SAs of peers no longer in it are deleted; its ``revoked_serials``
+        are applied as by set_revoked_serials."""
         names = {p.name for p in view.peers}
         self.view = view
         for sa in self._live():
@@ -178,6 +179,9 @@ class IkeManager:
         for p in view.peers:  # a corrected policy clears its error (and a new one is reported)
             if p.name in self.policy_errors:
                 self._policy_problem(p)
+        revoked = frozenset(getattr(view, "revoked_serials", ()) or ())
+        if revoked != self._revoked:  # NodeView.revoked_serials from the controller
+            self.set_revoked_serials(revoked, now)
 
     def update_credentials(self, credentials: Credentials, now: float) -> None:
         """New credentials (e.g. a renewed certificate or new trust anchors): every IKE_SA set up

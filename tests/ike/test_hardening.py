@@ -578,3 +578,12 @@ def test_invalid_ike_spi_reply_as_scapy_reads_it():
     assert p.exch_type == 37 and p.flags == 0x20  # INFORMATIONAL, Response, not Initiator
     n = p[IKEv2_Notify]
     assert n.type == 4 and n.proto == 0 and n.SPIsize == 0  # INVALID_IKE_SPI
+
+
+def test_revoked_serials_in_a_new_view_delete_like_set_revoked_serials(pki):
+    n = make_net(view("node-a", "node-b", policy=NOLIFE), cert_creds(pki, "a"),
+                 view("node-b", "node-a", policy=NOLIFE), cert_creds(pki, "b"))
+    _up(n)
+    n.b.update_view(replace(n.b.view, revoked_serials=frozenset({11})), n.now)
+    n.pump()
+    assert [e.reason for e in n.of("b", IkeSaDeleted)] == ["peer certificate revoked (serial 11)"]
