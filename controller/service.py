@@ -271,7 +271,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         """(serial, not_after) of a certificate of ``name`` that is neither
         expired nor revoked, or None."""
         t = now.timestamp()
-        revoked = self._state.snapshot()[0].revoked_serials
+        revoked = {serial for serial, _, _ in self._store.revoked(int(t))}
         live = [(serial, na) for serial, na, _ in self._store.certificate_ders(name)
                 if na > t and serial not in revoked]
         return max(live, key=lambda c: c[1]) if live else None
