@@ -100,6 +100,7 @@ class ControllerState:
             stored = store.inventory_at(self._version)
             if stored is not None:
                 self._inventory = Inventory.from_view_json(stored)
+                self._revoked = self._inventory.revoked
 
     def snapshot(self) -> tuple[Inventory, int]:
         with self._cond:
@@ -131,6 +132,7 @@ class ControllerState:
             if version <= self._version:
                 return False
             self._version, self._inventory = version, inventory
+            self._revoked = inventory.revoked  # a follower elected later keeps the leader's revocations
             self.changed_at = time.monotonic()
             self._notify()
             return True

@@ -315,3 +315,14 @@ def test_enrollment_error_is_permanent_for_a_used_token(controller: ServerFactor
     with pytest.raises(EnrollmentError, match="already used") as e:
         client(controller, server, "alpha", "alpha-token", tmp_path / "two").enroll()
     assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_tokens_and_revocations_sqlite(tmp_path: Path) -> None:
+    from controller.store import Store
+    from tests.controller.test_store_etcd import _token_and_revocation_contract
+
+    s = Store(tmp_path / "state")
+    try:
+        _token_and_revocation_contract(s)
+    finally:
+        s.close()

@@ -338,3 +338,30 @@ def test_two_replicas_leader_enrols_follower_serves_watch(etcd, tmp_path: Path) 
         t.join(timeout=10)
     finally:
         factory.stop_all()
+
+
+def _token_and_revocation_contract(s) -> None:
+    """Used join tokens and revocations, the same on SQLite and etcd."""
+    digest = bytes(range(32))
+    results: list[bool] = []
+    threads = [threading.Thread(target=lambda: results.append(s.consume_token("alpha", digest, 1000)))
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False] * 7 + [True]  # of concurrent enrolments exactly one uses the token
+    assert s.consume_token("alpha", bytes(32), 1000) is True  # a new token (inventory changed) is fresh
+    assert s.consume_token("alphabet", digest, 1000) is True  # tokens are per node
+    big = (1 << 158) + 7
+    s.revoke([(big, "alpha", 2000), (0xABC, "bravo", 3000)])
+    s.revoke([(big, "alpha", 2000)])  # idempotent
+    assert s.revoked(1500) == [(0xABC, "bravo", 3000), (big, "alpha", 2000)]
+    assert s.revoked(2500) == [(0xABC, "bravo", 3000)]  # expired: forgotten
+    assert s.revoked(1500) == [(0xABC, "bravo", 3000)]
+    s.add_certificate(big, "alpha", 100, 2000, b"der")
+    assert s.certificate_ders("alpha") == [(big, 2000, b"der")]
+
+
+def test_tokens_and_revocations_etcd(store: EtcdStore) -> None:
+    _token_and_revocation_contract(store)
