@@ -24,6 +24,9 @@ Format (keys not listed are an error)::
         ike_lifetime: 4h            # IKE_SA rekeyed at 80-90 %, deleted at 100 % (0: never); s/m/h/d
         child_lifetime: 1h          # CHILD_SA likewise (RFC 7296 §2.8); a bare number is seconds
         fragment_size: 1280         # RFC 7383: IP packet octets above which IKE messages are fragmented
+        bind_endpoints: false       # true: refuse this peer when its IKE comes from another address (no NAT)
+
+    docs/config.md documents every key with its default.
 
     A transport-mode peer without ``subnets`` protects traffic to its first
     endpoint (``<endpoint>/32``); a node without ``subnets`` that has
@@ -261,7 +264,7 @@ def _credentials(ctx, m) -> Credentials:
 
 _PEER_KEYS = {"name", "identity", "endpoints", "subnets", "psk", "initiate", "ike_proposals",
               "esp_proposals", "mode", "encapsulation", "ike_port", "protocol", "virtual_ip",
-              "virtual_ip_pool", "ike_lifetime", "child_lifetime", "fragment_size"}
+              "virtual_ip_pool", "ike_lifetime", "child_lifetime", "fragment_size", "bind_endpoints"}
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MIN_LIFETIME_S = 10  # below this a rekey could not finish before the hard limit (retransmits)
 
@@ -366,6 +369,8 @@ def _peer(ctx, name: str, p, idx: int) -> Peer:
             raise ctx.err(_line(p, "fragment_size"), f"{where}fragment_size",
                           f"{fs} is out of range; use 576..65535 octets (1280 is safe on any IPv6 path)")
         extra["fragment_size"] = fs
+    if "bind_endpoints" in p:  # PAD endpoint binding (RFC 4301 §4.4.3, docs/ike-hardening.md)
+        extra["bind_endpoints"] = _typed(ctx, p, "bind_endpoints", where, bool, "true or false")
     policy = PeerPolicy(
         mode=mode, encapsulation=encap, protocol=protocol, **extra,
         ike_proposals=_proposals(ctx, p, "ike_proposals", where, "ike", DEFAULT_IKE_PROPOSALS),
@@ -440,8 +445,14 @@ def parse_config(text: str, path: str = "<config>") -> tuple[NodeView, Credentia
 def load_config(path: str) -> tuple[NodeView, Credentials, DatapathSettings]:
     """Read and parse ``path``. Raises ConfigError (also for an unreadable file)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            raw = f.read()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the configuration: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                          "save the file as UTF-8 (is it the right file, not a key or a binary?)") from None
     return parse_config(text, path)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
+import stat
 import sys
 
 DEFAULT_SOCKET = "/run/meshsec/agent.sock"
@@ -19,8 +21,23 @@ class CliError(Exception):
     pass
 
 
+def _not_a_socket(path: str) -> str | None:
+    """What ``path`` is when it exists but is not a UNIX socket (None otherwise)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISSOCK(mode):
+        return None
+    return "a directory" if stat.S_ISDIR(mode) else "a regular file" if stat.S_ISREG(mode) else "not a socket"
+
+
 def request(path: str, req: dict, timeout: float = 5.0) -> dict:
     """Send one request, return the decoded answer. CliError with a hint on failure."""
+    what = _not_a_socket(path)
+    if what is not None:
+        raise CliError(f"{path} is not a socket ({what}); pass the agent's control socket with --socket "
+                       f"(meshsec-agent --control-socket, default {DEFAULT_SOCKET})")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
@@ -102,8 +119,15 @@ def _selector_extra(e: dict) -> str:
 
 def format_status(st: dict) -> str:
     """Human-readable status (the agent's status JSON as produced by Runtime.status)."""
+    src = st.get("view_source")
+    src = {"stored": " (STORED: controller unreachable)", "none": " (waiting for the controller)"}.get(src, "")
     out = [f"node {st.get('node', '?')}  local {st.get('local_address', '?')}  tun {st.get('tun', '?')}  "
-           f"view v{st.get('view_version', 0)}  up {_age(st.get('uptime_s'))}", ""]
+           f"view v{st.get('view_version', 0)}{src}  up {_age(st.get('uptime_s'))}", ""]
+    errs = st.get("policy_errors") or {}
+    if errs:
+        out.append(f"REFUSED PEERS ({len(errs)}): bad policy data, fix it in the inventory / config")
+        out += [f"  {peer}: {why}" for peer, why in sorted(errs.items())]
+        out.append("")
     ike = st.get("ike_sas") or []
     out.append(f"IKE_SAs ({len(ike)})")
     if ike:
@@ -142,6 +166,13 @@ def format_status(st: dict) -> str:
     out.append("drops: " + _drops(st.get("drops")))
     if st.get("ike_drops"):
         out.append("IKE drops: " + _drops(st.get("ike_drops")))
+    early = (st.get("before_first_view") or {}).get("ike_dropped")
+    if early:
+        out.append(f"before first view: {early} IKE packets ignored (normal at start; peers retransmit)")
+    if st.get("route_carve_outs"):
+        out.append("kept out of the TUN (covered by a peer's subnet): " + ", ".join(st["route_carve_outs"]))
+    if st.get("internal_errors"):
+        out.append(f"internal errors: {st['internal_errors']} (logged by the agent; please report them)")
     return "\n".join(out)
 
 

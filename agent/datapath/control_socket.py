@@ -46,9 +46,18 @@ class ControlServer:
         self.counters = {"requests": 0, "bad_requests": 0}
         self._sel: selectors.BaseSelector | None = None
         self._conns: dict[int, _Conn] = {}
-        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o755, exist_ok=True)
-        if os.path.exists(path):
-            if not stat.S_ISSOCK(os.stat(path).st_mode):
+        parent = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(parent, mode=0o755, exist_ok=True)
+        except OSError as exc:
+            raise ControlSocketError(f"cannot create {parent}, the directory of the control socket {path} "
+                                     f"({exc.strerror}); pass --control-socket PATH in a directory that exists "
+                                     "or can be created") from None
+        if len(os.fsencode(path)) > 107:  # sun_path is 108 bytes with the terminating NUL
+            raise ControlSocketError(f"control socket path {path!r} is longer than 107 bytes (UNIX socket "
+                                     "limit); pass a shorter --control-socket")
+        if os.path.lexists(path):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
                 raise ControlSocketError(f"{path} exists and is not a socket; remove it or pass --control-socket")
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:

@@ -13,6 +13,15 @@ more); idempotent. Routes carry ``src`` = a local address inside one of the
 node's own subnets when the host has one, so replies come from the protected
 range rather than the underlay address. IPv4 forwarding is enabled only for
 gateways (nodes with subnets).
+
+Underlay carve-outs: ``sync(subnets, keep_out=ADDRESSES)`` never lets a route
+into the TUN capture an address the agent itself talks to in the clear (its
+own underlay address, tunnel-mode peers' IKE/ESP endpoints): for every such
+address a routed prefix covers, it adds ``to ADDR/32 lookup main`` plus
+``to ADDR/32 unreachable`` at the bypass priority (ahead of ``lookup
+<table>``), logs a warning naming route and address, and removes them when the
+route goes. Without a table of our own (``table=None``) a covering route is
+refused instead (logged, ``refused`` lists it).
 """
 from __future__ import annotations
 
@@ -83,6 +92,8 @@ class RouteManager:
         self.local_address = local_address
         self.bypass = tuple(bypass)
         self._rules: list[dict] = []
+        self._carved: dict[str, list[dict]] = {}  # address -> its ip rules
+        self.refused: set = set()  # prefixes not routed (table None: they covered an underlay address)
         for cidr in addresses:
             self.add_address(cidr)
         if table is not None:
@@ -179,13 +190,78 @@ class RouteManager:
                 return str(ip)
         return None
 
-    def sync(self, subnets) -> None:
-        """Make the routes via the device exactly ``subnets``. Errors are logged, not raised."""
+    def sync(self, subnets, keep_out=()) -> None:
+        """Make the routes via the device exactly ``subnets``, and keep every address in
+        ``keep_out`` (IP strings: our underlay address, peers' IKE/ESP endpoints) out of the
+        TUN (see the module docstring). Errors are logged, not raised."""
         want = set(subnets)
+        keep = set()
+        for a in keep_out:
+            try:
+                keep.add(ipaddress.ip_address(a))
+            except ValueError:
+                continue
+        if self.table is None:  # no rules of our own: refuse a route that would capture them
+            refused = {n for n in want if any(a.version == n.version and a in n for a in keep)}
+            for n in sorted(refused - self.refused, key=str):
+                self.log.error("route %s via %s refused: it covers an underlay address we use (%s); IKE/ESP "
+                               "would loop into the TUN. Narrow the subnet or use a routing table of our own",
+                               n, self.ifname, ", ".join(str(a) for a in sorted(keep, key=str) if a in n))
+            self.refused = refused
+            want -= refused
         for net in sorted(want - self._installed, key=str):
             self._add(net)
         for net in sorted(self._installed - want, key=str):
             self._del(net)
+        if self.table is not None:
+            self._sync_carve_outs(keep)
+
+    def _bypassed(self, addr) -> bool:
+        for b in self.bypass:
+            try:
+                if addr in ipaddress.ip_network(b, strict=False):
+                    return True
+            except (ValueError, TypeError):
+                continue
+        return False
+
+    def _sync_carve_outs(self, keep) -> None:
+        want = {}
+        for a in keep:
+            covering = [n for n in self._installed if n.version == a.version and a in n]
+            if covering and not self._bypassed(a):
+                want[str(a)] = covering
+        for a in sorted(set(self._carved) - set(want)):
+            for r in self._carved.pop(a):
+                try:
+                    self._ipr.rule("del", **r)
+                except Exception as exc:
+                    if getattr(exc, "code", None) not in (_ESRCH, _ENOENT):
+                        self.log.error("cannot remove ip rule %s: %s", r, exc)
+            self.log.info("carve-out for %s removed (no route into %s covers it now)", a, self.ifname)
+        for a, covering in sorted(want.items()):
+            if a in self._carved:
+                continue
+            rules = bypass_rules([a], self.rule_priority)
+            added = []
+            for r in rules:
+                try:
+                    self._ipr.rule("add", **r)
+                    added.append(r)
+                except Exception as exc:
+                    if getattr(exc, "code", None) == _EEXIST:
+                        added.append(r)
+                    else:
+                        self.log.error("cannot add ip rule %s keeping %s out of %s: %s", r, a, self.ifname, exc)
+            self._carved[a] = added
+            self.log.warning("route %s via %s covers %s, an address we send IKE/ESP to or from: kept out of "
+                             "the TUN by `ip rule to %s lookup main` (pref %d); narrow the subnet to avoid this",
+                             ",".join(sorted(map(str, covering))), self.ifname, a, a, self.rule_priority)
+
+    @property
+    def carve_outs(self) -> list[str]:
+        """Underlay addresses kept out of the TUN by our carve-out rules now."""
+        return sorted(self._carved)
 
     def _add(self, net: IPNetwork) -> None:
         kw = {"dst": str(net), "oif": self._idx}
@@ -225,6 +301,7 @@ class RouteManager:
         """Remove every route we installed and our ip rules (other routes are left alone)."""
         for net in list(self._installed):
             self._del(net)
+        self._sync_carve_outs(set())
         self._remove_rules()
 
     def close(self) -> None:

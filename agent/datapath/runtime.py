@@ -8,8 +8,15 @@ grouped per SPI, ``decapsulate_batch``-ed, policy-checked and written with
 one ``write_batch``. Drops are counted (``Runtime.counters``), never logged
 per packet.
 
-Threading: only ``submit_view`` and ``stop`` may be called from other
-threads (or a signal handler); everything else runs on the loop thread.
+Threading: only ``submit_view``, ``submit_credentials``, ``call_soon`` and
+``stop`` may be called from other threads (or a signal handler); everything
+else runs on the loop thread.
+
+Robustness: every selector callback and timer runs under a guard. An
+unexpected exception is logged once per (callback, exception type, message),
+counted in ``counters["internal_errors"]`` and the loop keeps serving. A TUN
+device that disappears (``ip link del``) is fatal: ``fatal`` says why and the
+loop shuts down cleanly (IKE deletes sent, routes and rules removed).
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 
 from agent.datapath import packets as pk
+from agent.datapath.tun import TunGone
 from agent.esp import Action, Sad, Spd, SpdEntry, bypass_entries, classify_udp4500
 from agent.model import NodeView
 
@@ -33,8 +41,61 @@ _ANY4 = ipaddress.ip_network("0.0.0.0/0")
 _ANY6 = ipaddress.ip_network("::/0")
 
 DROP_REASONS = ("no_sa", "no_policy", "discard", "unknown_spi", "policy", "malformed", "send_errors",
-                "no_view_yet", "too_big", "no_raw_socket", "nesting_loop", "ah_drops")
+                "too_big", "no_raw_socket", "nesting_loop", "ah_drops", "no_endpoint")
+# IKE packets dropped in controller mode before the first view arrived: expected once or
+# twice at every start (the peer retransmits), so shown apart from the drops
+BEFORE_FIRST_VIEW = "no_view_yet"
+_MAX_LOGGED_ERRORS = 256  # distinct internal errors logged with a traceback (then only counted)
 _MAX_NESTING = 4  # SAs applied to one packet (iterated processing, RFC 4301 §4.5)
+
+
+def _named(name: str, fn):
+    """A selector callback ``f(mask)`` calling ``fn()``, named for the error log."""
+    def cb(_mask):
+        return fn()
+    cb.__name__ = name
+    return cb
+
+
+def selector_entries(peer: str, mode: str, local_sel, remote_sel) -> tuple:
+    """SPD entries (outbound view: local = our side) for a CHILD_SA's narrowed traffic
+    selectors (agent.ike.message.TrafficSelector, RFC 7296 §3.13.1) that restrict the IP
+    protocol or ports; None when every pair is protocol 0 with ports 0-65535 (whole
+    networks: the address check is enough). ICMP type/code travel in the port fields
+    (type in the high octet, RFC 4301 §4.4.1.1); OPAQUE ports (start > end) cannot be
+    expressed by an SPD entry and are treated as any port."""
+    def ports(ts):
+        if ts.start_port == 0 and ts.end_port == 65535 or ts.start_port > ts.end_port:
+            return None
+        return (ts.start_port, ts.end_port)
+
+    narrowed = False
+    out = []
+    for ls in local_sel:
+        for rs in remote_sel:
+            if len(ls.start_addr) != len(rs.start_addr):
+                continue
+            lp, rp = ls.ip_protocol, rs.ip_protocol
+            if lp and rp and lp != rp:
+                continue
+            proto = lp or rp or None
+            lports, rports = ports(ls), ports(rs)
+            if proto is not None or lports is not None or rports is not None:
+                narrowed = True
+            kw = {}
+            if proto in (1, 58):  # ICMP: type range from the high octets, code range from the low
+                rng = lports or rports
+                if rng is not None:
+                    t0, t1 = rng[0] >> 8, rng[1] >> 8
+                    kw = {"local_ports": (t0, t1),
+                          "remote_ports": (rng[0] & 0xFF, rng[1] & 0xFF) if t0 == t1 else (0, 255)}
+            elif proto in (6, 17, 132, 136):
+                kw = {"local_ports": lports, "remote_ports": rports}
+            for ln in ls.networks():
+                for rn in rs.networks():
+                    out.append(SpdEntry(local=ln, remote=rn, protocol=proto, action=Action.PROTECT, peer=peer,
+                                        mode=mode, name=f"child:{peer}", **kw))
+    return tuple(out) if narrowed else None
 
 
 @dataclass
@@ -62,6 +123,9 @@ class ChildEntry:
     # "ah+esp" (RFC 4301 §4.5): the ESP entry needs the peer's AH SA outside it, both ways
     needs_ah: bool = False
     ah: "ChildEntry | None" = None
+    # SPD entries with the negotiated protocol/ports (RFC 7296 §2.9) when they narrow the
+    # addresses (None: addresses alone decide, the fast path)
+    narrow: tuple | None = None
     overhead: int = 0  # bytes this SA adds (worst case)
     max_inner: int = 65535  # largest inner packet that fits the underlay MTU through the whole bundle
 
@@ -159,6 +223,8 @@ class Runtime:
         self._local_ips: set[str] = {local_address}
         self._nest_in = False
         self.counters: dict[str, int] = {k: 0 for k in DROP_REASONS}
+        self.counters.update({BEFORE_FIRST_VIEW: 0, "internal_errors": 0, "unknown_spi_hints": 0,
+                              "credentials_updates": 0})
         self.counters.update({"keepalives": 0, "keepalives_out": 0, "ike_in": 0, "ike_out": 0, "esp_in": 0, "esp_out": 0,
                               "tun_in": 0, "tun_out": 0, "nested_out": 0, "nested_in": 0, "icmp_too_big": 0,
                               "mss_clamped": 0, "ah_in": 0, "ah_out": 0})
@@ -182,6 +248,9 @@ class Runtime:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._stopping = False
+        self.fatal: str | None = None  # why the loop stopped on its own (dead TUN device)
+        self._logged_errors: set[tuple] = set()
+        self.view_source = "config" if not awaiting_view else "none"  # "controller", "stored", "config"
         self._sel: selectors.BaseSelector | None = None
         self.started_wall = time.time()
         if control is not None:
@@ -195,6 +264,26 @@ class Runtime:
         with self._lock:
             self._pending_view = view
         self._wake()
+
+    def submit_credentials(self, credentials) -> None:
+        """Hand renewed Credentials to the loop (any thread, e.g. the controller watch thread):
+        ``IkeManager.update_credentials(credentials, now)`` runs on the loop thread, so every
+        IKE_SA set up after that presents the new certificate. Keys are never logged."""
+        def apply() -> None:
+            self.ike.update_credentials(credentials, self.clock())
+            self.counters["credentials_updates"] += 1
+            self.log.info("new credentials handed to IKE: new IKE_SAs use them")
+        self.call_soon(apply)
+
+    def submit_stored_view(self, view: NodeView) -> None:
+        """Like ``submit_view`` for a view read from disk (controller unreachable): applied only
+        if no view came from the controller first; status shows ``view_source: stored``."""
+        def apply() -> None:
+            if self.view_source in ("controller", "stored"):
+                return
+            self._apply_view(view)
+            self.view_source = "stored"
+        self.call_soon(apply)
 
     def call_soon(self, fn) -> None:
         """Run ``fn()`` on the loop thread at its next wakeup (any thread):
@@ -222,44 +311,91 @@ class Runtime:
         self._ensure_raw_ah()
         for p in self.view.peers:
             if p.initiate:
-                self.ike.initiate(p.name, now)
+                self._initiate(p.name, now, "start")
         self._flush_ike(now)
 
     def run(self) -> None:
         """Run until ``stop()``; then delete all SAs, flush, remove routes, close."""
         sel = self._sel = selectors.DefaultSelector()
-        sel.register(self.tun.fileno(), selectors.EVENT_READ, lambda m: self._on_tun())
-        sel.register(self.udp500.fileno(), selectors.EVENT_READ, lambda m: self._on_udp500())
-        sel.register(self.udp4500.fileno(), selectors.EVENT_READ, lambda m: self._on_udp4500())
-        sel.register(self._wake_r, selectors.EVENT_READ, lambda m: self._on_wake())
+        sel.register(self.tun.fileno(), selectors.EVENT_READ, _named("tun", self._on_tun))
+        sel.register(self.udp500.fileno(), selectors.EVENT_READ, _named("udp500", self._on_udp500))
+        sel.register(self.udp4500.fileno(), selectors.EVENT_READ, _named("udp4500", self._on_udp4500))
+        sel.register(self._wake_r, selectors.EVENT_READ, _named("wakeup", self._on_wake))
         if self.raw_esp is not None:
-            sel.register(self.raw_esp.fileno(), selectors.EVENT_READ, lambda m: self._on_raw_esp())
+            sel.register(self.raw_esp.fileno(), selectors.EVENT_READ, _named("raw_esp", self._on_raw_esp))
         if self.raw_ah is not None:
-            sel.register(self.raw_ah.fileno(), selectors.EVENT_READ, lambda m: self._on_raw_ah())
+            sel.register(self.raw_ah.fileno(), selectors.EVENT_READ, _named("raw_ah", self._on_raw_ah))
         if self.control is not None:
             self.control.register(sel)
-        self.start()
+        guard = self._guard
+        guard("start", self.start)
         clock = self.clock
         try:
             while not self._stopping:
-                deadline = self._next_deadline()
+                deadline = guard("timer deadline", self._next_deadline)
                 timeout = None if deadline is None else max(0.0, deadline - clock())
                 for key, mask in sel.select(timeout):
-                    key.data(mask)
-                self._run_timers(clock())
+                    guard(key.data, key.data, mask)
+                    if self._stopping:
+                        break
+                guard("timers", self._run_timers, clock())
         finally:
             self.shutdown()
 
+    def _guard(self, where, fn, *args):
+        """Run one callback; an exception is logged (once per kind, with a traceback), counted
+        in ``internal_errors``, and the loop goes on. A dead TUN device stops the loop."""
+        try:
+            return fn(*args)
+        except TunGone as exc:
+            if self.fatal is None:
+                self.fatal = str(exc)
+                self.log.error("%s; shutting down (IKE_SAs deleted, routes and rules removed)", exc)
+            self._stopping = True
+        except Exception as exc:
+            self.internal_error(getattr(where, "__name__", None) or str(where), exc)
+        return None
+
+    def internal_error(self, where: str, exc: BaseException) -> None:
+        """Count an unexpected exception; log it with a traceback the first time this
+        (place, type, message) is seen, so a packet flood cannot flood the log."""
+        self.counters["internal_errors"] += 1
+        key = (where, type(exc).__name__, str(exc)[:200])
+        if key in self._logged_errors:
+            return
+        if len(self._logged_errors) < _MAX_LOGGED_ERRORS:
+            self._logged_errors.add(key)
+            self.log.error("internal error in %s (counted in internal_errors, the agent keeps running; "
+                           "please report it): %s: %s", where, type(exc).__name__, exc, exc_info=exc)
+
+    def _initiate(self, peer: str, now: float, why: str) -> bool:
+        """``ike.initiate`` for one peer; a peer without endpoints or whose initiation fails is
+        skipped (counted), never an exception out of the loop. Returns whether it was asked."""
+        p = self.view.peer(peer)
+        if p is not None and not p.endpoints:
+            return False
+        try:
+            self.ike.initiate(peer, now)
+            return True
+        except Exception as exc:
+            self.internal_error(f"initiate({peer}) on {why}", exc)
+            return False
+
     def pump(self) -> None:
-        """One non-blocking pass over every source and the timer (tests drive the loop with this)."""
-        self._on_wake()
-        self._on_udp500()
-        self._on_udp4500()
+        """One non-blocking pass over every source and the timer (tests drive the loop with
+        this), under the same guards as ``run``."""
+        g = self._guard
+        g("wakeup", self._on_wake)
+        g("udp500", self._on_udp500)
+        g("udp4500", self._on_udp4500)
         if self.raw_esp is not None:
-            self._on_raw_esp()
+            g("raw_esp", self._on_raw_esp)
         if self.raw_ah is not None:
-            self._on_raw_ah()
-        self._on_tun()
+            g("raw_ah", self._on_raw_ah)
+        g("tun", self._on_tun)
+        g("timers", self._pump_timers)
+
+    def _pump_timers(self) -> None:
         now = self.clock()
         deadline = self.ike.get_timer()
         if deadline is not None and deadline <= now:
@@ -361,19 +497,29 @@ class Runtime:
             view, self._pending_view = self._pending_view, None
             calls, self._calls = self._calls, []
         if view is not None:
-            self._apply_view(view)
+            try:
+                self._apply_view(view)
+                self.view_source = "controller" if self.view_source != "config" else "config"
+            except Exception as exc:
+                self.internal_error(f"applying view version {view.version}", exc)
         for fn in calls:
             try:
                 fn()
-            except Exception:
-                self.log.exception("call_soon callable failed")
+            except Exception as exc:
+                self.internal_error(f"call_soon {getattr(fn, '__qualname__', fn)}", exc)
 
     def _apply_view(self, view: NodeView) -> None:
+        """Apply a new NodeView: IKE (peers, policy, ``revoked_serials``), CHILD_SAs of removed
+        peers, SPD, routes, initiations. Each step is guarded so one bad peer (e.g. a proposal
+        typo, refused by the IKE core as PeerRefused) does not stop the others."""
         self.awaiting_view = False
         now = self.clock()
         old = {p.name for p in self.view.peers}
         self.view = view
-        self.ike.update_view(view, now)
+        try:
+            self.ike.update_view(view, now)
+        except Exception as exc:
+            self.internal_error(f"IKE update_view (version {view.version})", exc)
         names = {p.name for p in view.peers}
         for gone in old - names:
             for ch in list(self.children.values()):
@@ -384,7 +530,7 @@ class Runtime:
         self._ensure_raw_ah()
         for p in view.peers:
             if p.initiate and p.name not in self.current:
-                self.ike.initiate(p.name, now)  # idempotent in the IKE core
+                self._initiate(p.name, now, f"view {view.version}")  # idempotent in the IKE core
         self._flush_ike(now)
         self.log.info("view version %d applied: %d peers", view.version, len(view.peers))
 
@@ -403,6 +549,9 @@ class Runtime:
     def _rebuild_spd(self) -> None:
         child = []
         for ch in self.current.values():
+            if ch.narrow is not None:  # protocol / ports negotiated (RFC 7296 §2.9)
+                child.extend(ch.narrow)
+                continue
             for r in ch.remote_ts:
                 for loc in ch.local_ts:
                     if loc.version == r.version:
@@ -410,7 +559,8 @@ class Runtime:
                                               mode=ch.mode, name=f"child:{ch.peer}"))
         spd = child + self._view_spd
         # Most specific first (remote prefix, then local prefix); stable for equal lengths.
-        spd.sort(key=lambda e: (-e.remote.prefixlen, -e.local.prefixlen))
+        spd.sort(key=lambda e: (-e.remote.prefixlen, -e.local.prefixlen, e.protocol is None,
+                                e.local_ports is None and e.remote_ports is None))
         self.spd.replace(self._bypass_spd + spd)  # BYPASS first, whatever its prefix length
         self._compute_bundles()
 
@@ -478,7 +628,17 @@ class Runtime:
             nets.update(p.subnets)
         for ch in self.current.values():
             nets.update(ch.remote_ts)  # e.g. a remote host's virtual IP, routed back through its SA
-        self.routes.sync(nets)
+        # what we exchange IKE/ESP with in the clear must never be routed into the TUN: our own
+        # address and tunnel-mode peers' endpoints (a transport-mode peer's address is meant to
+        # be captured; a host behind a gateway is reached through that gateway's SA)
+        keep = set(self._local_ips_underlay())
+        for p in self.view.peers:
+            if p.policy.mode == "tunnel":
+                keep.update(p.endpoints)
+        self.routes.sync(nets, keep_out=keep)
+
+    def _local_ips_underlay(self) -> tuple[str, ...]:
+        return (self.local_address,)
 
     # -- outbound: TUN -> ESP ----------------------------------------------
     def _on_tun(self) -> None:
@@ -494,7 +654,7 @@ class Runtime:
         no_policy, malformed = self.spd.default_entry, self.spd.malformed_entry
         protect = Action.PROTECT
         groups: dict[int, list] = {}
-        acquire: set[str] = set()
+        acquire: dict[str, int] = {}  # peer -> packets without an SA
         for p in pkts:
             e = lookup(p)
             if e.action is protect:
@@ -504,8 +664,7 @@ class Runtime:
                 elif e.peer in current:
                     groups[id(e)] = [e, [p]]
                 else:
-                    c["no_sa"] += 1
-                    acquire.add(e.peer)
+                    acquire[e.peer] = acquire.get(e.peer, 0) + 1
             elif e is no_policy:
                 c["no_policy"] += 1
             elif e is malformed:
@@ -516,14 +675,35 @@ class Runtime:
         for e, lst in groups.values():
             hits[e] = hits.get(e, 0) + len(lst)
             ch = current[e.peer]
+            if ch.narrow is not None and not e.name.startswith("child:"):
+                lst = self._within_child(ch, lst, inbound=False)
+                if not lst:
+                    continue
             if ch.max_inner < self.tun_mtu:
                 lst = self._fit(ch, lst)
             self._protect(ch, lst, 0)
         if acquire:
             now = self.clock()
-            for peer in acquire:
-                self.ike.initiate(peer, now)  # acquire (RFC 4301 §5.1); idempotent while negotiating
+            for peer, n in acquire.items():
+                vp = self.view.peer(peer)
+                if vp is not None and not vp.endpoints:
+                    # nowhere to send IKE_SA_INIT: counted, not an error (the view may add one later)
+                    c["no_endpoint"] += n
+                    continue
+                c["no_sa"] += n
+                self._initiate(peer, now, "acquire")  # RFC 4301 §5.1; idempotent while negotiating
             self._flush_ike(now)
+
+    def _within_child(self, ch: ChildEntry, pkts: list[bytes], *, inbound: bool) -> list[bytes]:
+        """Packets inside ``ch``'s narrowed selectors (protocol, ports: RFC 7296 §2.9); the
+        rest are counted as ``policy`` drops (the SA was not negotiated for them)."""
+        allows = self.spd.entry_allows
+        keep = [p for p in pkts if any(allows(e, p, inbound=inbound) for e in ch.narrow)]
+        bad = len(pkts) - len(keep)
+        if bad:
+            ch.drops["policy"] += bad
+            self.counters["policy"] += bad
+        return keep
 
     def _sa_exhausting(self, ch: ChildEntry) -> None:
         """The outbound SA nears sequence-number exhaustion (EspSa.needs_rekey, RFC 4303 §3.3.3):
@@ -599,7 +779,7 @@ class Runtime:
             self.log.error("%s: AH policies cannot send or receive (counter no_raw_socket)", exc)
             return
         if self._sel is not None:
-            self._sel.register(self.raw_ah.fileno(), selectors.EVENT_READ, lambda m: self._on_raw_ah())
+            self._sel.register(self.raw_ah.fileno(), selectors.EVENT_READ, _named("raw_ah", self._on_raw_ah))
 
     def _next_ip_id(self) -> int:
         self._ip_id = (self._ip_id % 0xFFFF) + 1
@@ -640,7 +820,14 @@ class Runtime:
     def _on_raw_ah(self) -> None:
         batch = self.raw_ah.recv_batch(self.batch)
         if batch:
+            before = self.counters["unknown_spi"]
             self._ah_in([p for p, _a in batch])
+            if self.counters["unknown_spi"] != before:
+                pairs = []
+                for p, a in batch:
+                    off = (p[0] & 0x0F) * 4 if p and p[0] >> 4 == 4 else 40
+                    pairs.append((p[off + 4:off + 8], a))
+                self._hint_unknown_spi(pairs)
 
     def _ah_in(self, pkts: list[bytes]) -> None:
         """Inbound AH (RFC 4302 §3.4): find the SA by SPI, verify and strip AH, then the
@@ -679,7 +866,8 @@ class Runtime:
                 if ch.mode == "transport" and proto == pk.PROTO_ESP:
                     esp.append(p[(p[0] & 0x0F) * 4 if v == 4 else 40:])
                 elif self.spd.allows_inbound(ch.local_ts, ch.remote_ts, p):
-                    out.append(p)
+                    if ch.narrow is None or self._within_child(ch, [p], inbound=True):
+                        out.append(p)  # (a narrowed-selector miss is counted by _within_child)
                 else:
                     ch.drops["policy"] += 1
                     c["policy"] += 1
@@ -746,11 +934,13 @@ class Runtime:
             return
         c = self.counters
         esp: list[bytes] = []
+        esp_src: list = []
         ike = None
         for data, addr in batch:
             kind = classify_udp4500(data)
             if kind == "esp":
                 esp.append(data)
+                esp_src.append(addr)
             elif kind == "ike":  # RFC 3948 §2.2: IKE behind the non-ESP marker
                 if ike is None:
                     ike = []
@@ -760,7 +950,10 @@ class Runtime:
             else:
                 c["malformed"] += 1
         if esp:
+            before = c["unknown_spi"]
             self._esp_in(esp, None)
+            if c["unknown_spi"] != before:
+                self._hint_unknown_spi([(p[:4], a) for p, a in zip(esp, esp_src)])
         if ike:
             if self.awaiting_view:
                 c["no_view_yet"] += len(ike)
@@ -781,7 +974,32 @@ class Runtime:
         for pkt, _addr in batch:
             off = (pkt[0] & 0x0F) * 4 if pkt[0] >> 4 == 4 else 40
             esp.append(pkt[off:])
+        before = self.counters["unknown_spi"]
         self._esp_in(esp, None)
+        if self.counters["unknown_spi"] != before:
+            self._hint_unknown_spi([(p[:4], a) for p, a in zip(esp, (a for _p, a in batch))])
+
+    def _hint_unknown_spi(self, spis_from: list) -> None:
+        """ESP/AH with an SPI we do not know came from these (SPI bytes, address) pairs: tell
+        the IKE core (``hint_unknown_spi``, docs/ike-hardening.md), once per source address per
+        batch; the core rate-limits and decides (liveness check, new IKE_SA, or nothing)."""
+        hint = getattr(self.ike, "hint_unknown_spi", None)
+        if hint is None:
+            return
+        now = self.clock()
+        seen: set[str] = set()
+        for spi, addr in spis_from:
+            ip = addr[0] if isinstance(addr, tuple) else str(addr)
+            if ip in seen or len(spi) < 4 or int.from_bytes(spi, "big") in self.children:
+                continue
+            seen.add(ip)
+            what = hint(addr, now)
+            if what in ("initiated", "liveness_check"):
+                self.counters["unknown_spi_hints"] += 1
+                self.log.info("ESP/AH with unknown SPI %s from %s: %s", spi.hex(), ip,
+                              "IKE_SA_INIT started" if what == "initiated" else "liveness check of the IKE_SA")
+        if seen:
+            self._flush_ike(now)
 
     def _esp_in(self, esp: list[bytes], via: str | None, depth: int = 0, ah_peer: str | None = None) -> None:
         """Decapsulate ESP packets (RFC 4303 §3.4), check each inner packet against its
@@ -823,6 +1041,8 @@ class Runtime:
                 else:
                     ch.drops["policy"] += 1
                     c["policy"] += 1
+            if ch.narrow is not None and good:
+                good = self._within_child(ch, good, inbound=True)
             if good and ch.mode == "tunnel" and self._nest_in:
                 good = self._peel(ch.peer, good, depth)
             out += good
@@ -956,7 +1176,9 @@ class Runtime:
                         local_ts=tuple(ev.local_ts), remote_ts=tuple(ev.remote_ts), remote=tuple(ev.remote),
                         mode=mode, udp_encap=ev.udp_encap and not is_ah, algorithms=ev.algorithms,
                         established=now, established_wall=time.time(), protocol="ah" if is_ah else "esp",
-                        needs_ah=not is_ah and peer is not None and getattr(peer.policy, "protocol", "") == "ah+esp")
+                        needs_ah=not is_ah and peer is not None and getattr(peer.policy, "protocol", "") == "ah+esp",
+                        narrow=selector_entries(ev.peer, mode, getattr(ev, "local_selectors", ()) or (),
+                                                getattr(ev, "remote_selectors", ()) or ()))
         if is_ah:
             self._ensure_raw_ah()
         elif not ev.udp_encap and self.raw_esp is None:
@@ -1030,7 +1252,13 @@ class Runtime:
         self.log.info("IKE_SA %016x_i %016x_r%s deleted (%s)", ev.spi_i, ev.spi_r,
                       f" with {ev.peer}" if ev.peer else "", ev.reason)
 
+    def _ev_peer_refused(self, ev, now: float) -> None:
+        # policy data the IKE core cannot use (docs/ike-hardening.md): one warning per new problem
+        self.log.warning("peer %s refused: %s (fix the policy; other peers are unaffected; "
+                         "see meshsec status)", ev.peer, ev.reason)
+
     _EVENTS = {
+        "PeerRefused": _ev_peer_refused,
         "IkeSaEstablished": _ev_ike_established,
         "IkeKeysDerived": _ev_ike_keys,
         "ChildSaEstablished": _ev_child_established,
@@ -1120,4 +1348,10 @@ class Runtime:
             "ike_sas": ike_sas, "child_sas": children,
             "drops": drops, "ike_drops": {k: v for k, v in ike_counters.items() if v},
             "counters": dict(self.counters),
+            # controller mode: IKE requests that came before the first view (peers retransmit)
+            "before_first_view": {"ike_dropped": self.counters[BEFORE_FIRST_VIEW]},
+            "view_source": self.view_source,
+            "policy_errors": dict(getattr(self.ike, "policy_errors", {}) or {}),
+            "internal_errors": self.counters["internal_errors"],
+            "route_carve_outs": sorted(getattr(self.routes, "carve_outs", ()) or ()),
         }

@@ -15,6 +15,36 @@ class TunError(Exception):
     """Opening or configuring the TUN device failed (message says why)."""
 
 
+class TunGone(TunError):
+    """The TUN device stopped working under us (deleted with ``ip link del``: EBADFD, or
+    another fatal read error). The runtime treats it as fatal and shuts down cleanly."""
+
+
+_FATAL_READ = {errno.EBADFD, errno.EIO, errno.ENODEV, errno.ENXIO, errno.EBADF}
+IFF_TUN, IFF_TAP = 0x0001, 0x0002
+
+
+def existing_device_kind(name: str, sys_class_net: str = "/sys/class/net") -> str | None:
+    """None if no interface ``name`` exists; "tun" / "tap" for a TUN/TAP device (it has
+    ``tun_flags``); else the kind we can tell ("loopback", "ether", ...) from its type."""
+    base = os.path.join(sys_class_net, name)
+    if not os.path.exists(base):
+        return None
+    try:
+        with open(os.path.join(base, "tun_flags")) as f:
+            flags = int(f.read().strip(), 0)
+        return "tap" if flags & IFF_TAP else "tun"
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(os.path.join(base, "type")) as f:
+            arphrd = int(f.read().strip())
+    except (OSError, ValueError):
+        return "unknown"
+    return {1: "ether", 772: "loopback", 768: "ipip", 776: "sit", 778: "gre", 65534: "none"}.get(arphrd,
+                                                                                               f"type {arphrd}")
+
+
 class TunDevice:
     """A non-blocking TUN device.
 
@@ -32,9 +62,20 @@ class TunDevice:
             raise TunError(f"python-pytun is not installed: {exc}") from exc
         if len(name.encode()) > 15:
             raise TunError(f"TUN name {name!r} is longer than 15 bytes (IFNAMSIZ)")
+        kind = existing_device_kind(name)
+        if kind not in (None, "tun"):
+            raise TunError(f"a network device named {name!r} already exists and is not a TUN device "
+                           f"(it is {kind}); pass another --tun-name (or tun.name), or remove that device")
         try:
             self._dev = pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
         except pytun.Error as exc:
+            kind = existing_device_kind(name)
+            if kind not in (None, "tun"):
+                raise TunError(f"a network device named {name!r} already exists and is not a TUN device "
+                               f"(it is {kind}); pass another --tun-name, or remove that device") from exc
+            if kind == "tun":
+                raise TunError(f"cannot attach to the existing TUN device {name!r}: {exc} (another process "
+                               "holds it, or it was created for another user; pass another --tun-name)") from exc
             raise TunError(f"cannot create TUN device {name!r}: {exc} "
                            "(needs CAP_NET_ADMIN and /dev/net/tun)") from exc
         self.name: str = self._dev.name
@@ -66,6 +107,9 @@ class TunDevice:
         except BlockingIOError:
             pass
         except OSError as exc:
+            if exc.errno in _FATAL_READ:
+                raise TunGone(f"TUN device {self.name} is gone ({exc.strerror}; was it deleted with "
+                              "`ip link del`?)") from None
             if exc.errno not in (errno.EAGAIN, errno.EINTR):
                 raise
         return out
