@@ -11,6 +11,7 @@ bad arguments or configuration, 1 for a failed preflight or start-up.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -28,6 +29,26 @@ DEFAULT_STATE_DIR = "/var/lib/meshsec"
 DEFAULT_TUN = "meshsec0"
 DEFAULT_MTU = 1400
 CAP_NET_ADMIN = 12
+DEFAULT_STORED_VIEW_AFTER = 10.0  # seconds without the controller before a stored view is used
+
+EPILOG = """\
+Needs CAP_NET_ADMIN, /dev/net/tun and free UDP ports 500 and 4500 on the local address.
+Status: meshsec status --socket PATH.
+
+Standalone configuration (--config FILE), a minimal example:
+
+  name: gw-a
+  local_address: 198.51.100.1
+  subnets: [10.1.0.0/24]
+  auth: {psk_file: /etc/meshsec/psk}      # or {key: K.pem, cert: C.pem, ca: CA.pem}
+  peers:
+    - name: gw-b
+      endpoints: [198.51.100.2]
+      subnets: [10.2.0.0/24]
+
+Every key, its default and its meaning: docs/config.md.
+Controller mode keeps the last view in --state-dir/view.json and runs on it after a
+restart while the controller is unreachable (--stored-view-after)."""
 
 log = logging.getLogger("meshsec.agent")
 
@@ -41,8 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="meshsec-agent",
         description="meshsec node agent: IKEv2 (RFC 7296) with every peer, ESP in UDP 4500 (RFC 3948) "
                     "over a TUN device, in userspace.",
-        epilog="Needs CAP_NET_ADMIN, /dev/net/tun and free UDP ports 500 and 4500 on the local address. "
-               "Status: meshsec status --socket PATH.")
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_argument_group("standalone mode")
     mode.add_argument("--config", metavar="FILE", help="standalone YAML configuration (no controller)")
     ctl = p.add_argument_group("controller mode")
@@ -51,7 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--controller-ca", metavar="FILE", help="PEM CA that signed the controller's certificate")
     ctl.add_argument("--name", metavar="NODE", help="this node's name in the controller's inventory")
     ctl.add_argument("--join-token-file", metavar="FILE", help="file holding the one-time join token")
-    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help=f"key, certificate, CA (default {DEFAULT_STATE_DIR})")
+    ctl.add_argument("--stored-view-after", type=float, default=DEFAULT_STORED_VIEW_AFTER, metavar="SECONDS",
+                     help="when no view came from the controller this many seconds after start, run on the "
+                          "last view stored in --state-dir (view.json), if the stored certificate is still "
+                          f"valid (default {DEFAULT_STORED_VIEW_AFTER:g}; 0: at once)")
+    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
+                   help=f"key, certificate, CA, last view (default {DEFAULT_STATE_DIR})")
     p.add_argument("--tun-name", default=None, help=f"TUN device name (default {DEFAULT_TUN}, or tun.name in --config)")
     p.add_argument("--mtu", type=int, default=None,
                    help="TUN MTU in bytes (default: tun.mtu in --config, else the underlay MTU minus the largest "
@@ -190,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             ipaddress.ip_network(b, strict=True)
         except ValueError as exc:
             parser.error(f"--bypass {b!r}: {exc}; give a prefix without host bits, e.g. 10.96.0.0/12")
+    if not 0 <= args.stored_view_after <= 86400:
+        parser.error(f"--stored-view-after {args.stored_view_after:g}: use 0..86400 seconds")
     if not (args.nat_keepalive == 0 or 1 <= args.nat_keepalive <= 3600):
         parser.error(f"--nat-keepalive {args.nat_keepalive:g}: use 0 (off) or 1..3600 seconds (20 is typical)")
     try:
@@ -209,7 +236,10 @@ def _run(args) -> int:
     from agent.datapath.tun import TunDevice, TunError
     from agent.datapath.udp import RawSocket, UdpError, UdpSocket
 
+    from agent.datapath.view_store import save_view
+
     client = None
+    stored_view = None
     if args.config:
         view, creds, settings = load_config(args.config)
     else:
@@ -229,8 +259,7 @@ def _run(args) -> int:
     except ValueError:
         raise StartupError(f"--local-address {local!r} is not an IP address")
     if view.local_address != local:
-        view = NodeView(name=view.name, identity=view.identity, subnets=view.subnets, peers=view.peers,
-                        local_address=local, version=view.version)
+        view = dataclasses.replace(view, local_address=local)
 
     check_cap_net_admin()
     check_dev_tun()
@@ -253,13 +282,23 @@ def _run(args) -> int:
                 log.warning("cannot re-read %s (%s); using the token read before", token_path, exc.strerror)
             return last[0]
 
-        client = ControllerClient(args.controller, args.name, current_token, Path(args.state_dir), ca_pem,
-                                  logger=logging.getLogger("meshsec.control"))
+        try:  # a CA file that is not a PEM certificate fails here
+            client = ControllerClient(args.controller, args.name, current_token, Path(args.state_dir), ca_pem,
+                                      logger=logging.getLogger("meshsec.control"))
+        except (ControlError, ValueError) as exc:
+            raise StartupError(f"controller client: {exc}")
+        fallback = _stored_fallback(args.state_dir, args.name)
         log.info("enrolling with controller %s as %s", args.controller, args.name)
-        try:
-            creds = client.enroll(stop=stop_event)  # retries with backoff, logging each attempt
-        except ControlError as exc:
-            raise StartupError(f"enrolment failed: {exc}")
+        enrolment = _Enrolment(client, stop_event)
+        enrolment.start()
+        # with a usable stored view, wait only --stored-view-after for the controller
+        creds = enrolment.wait(args.stored_view_after if fallback is not None else None)
+        if creds is None and fallback is not None:
+            stored_view, creds, _saved = fallback
+            view = dataclasses.replace(stored_view, local_address=local)
+            log.warning("controller %s unreachable: running on the stored view of version %d (saved %s) "
+                        "with the stored certificate until it answers", args.controller, view.version,
+                        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(_saved)))
 
     bypass = list(dict.fromkeys(args.bypass + (controller_bypass(args.controller) if args.controller else [])))
     tun_name = args.tun_name or settings.tun_name or DEFAULT_TUN
@@ -305,11 +344,14 @@ def _run(args) -> int:
             routes.set_mtu(mtu)
         except RouteError as exc:
             raise StartupError(str(exc))
+    on_stored = client is not None and stored_view is not None
     rt = Runtime(view, ike, tun=tun, udp500=udp500, udp4500=udp4500, local_address=local,
-                 routes=routes, keylog=keylog, control=control, awaiting_view=client is not None,
+                 routes=routes, keylog=keylog, control=control, awaiting_view=client is not None and not on_stored,
                  raw_esp=raw_esp, underlay_mtu=underlay_mtu, tun_mtu=mtu, auto_mtu=auto_mtu,
                  mss_clamp=bool(args.mss_clamp or settings.mss_clamp), nat_keepalive=args.nat_keepalive,
                  bypass=bypass)
+    if on_stored:
+        rt.view_source = "stored"
 
     metrics = None
     if args.metrics_listen:
@@ -332,17 +374,55 @@ def _run(args) -> int:
 
     watcher = None
     if client is not None:
+        got_view = threading.Event()
+        saved = [stored_view]
+
         def on_view(v: NodeView) -> None:
+            got_view.set()
             if v.local_address != local:
-                v = NodeView(name=v.name, identity=v.identity, subnets=v.subnets, peers=v.peers,
-                             local_address=local, version=v.version)
+                v = dataclasses.replace(v, local_address=local)  # keeps revoked_serials
             if v.subnets:
                 routes.own_subnets = tuple(v.subnets)
                 enable_ip_forwarding(v.subnets)
             rt.submit_view(v)
+            if v != saved[0]:
+                try:
+                    save_view(args.state_dir, v)
+                    saved[0] = v
+                except OSError as exc:
+                    log.warning("cannot store view version %d in %s (%s): a restart while the controller is "
+                                "down will wait for it", v.version, args.state_dir, exc.strerror or exc)
 
-        watcher = threading.Thread(target=client.watch, args=(on_view, stop_event), name="controller-watch",
-                                   daemon=True)
+        # renewed certificates reach IKE on the loop thread (IkeManager.update_credentials)
+        client.on_credentials = lambda c: rt.submit_credentials(c)
+
+        def watch_main() -> None:
+            if enrolment.is_alive() or enrolment.creds is None:
+                # started on stored credentials: the first enrolment result replaces them
+                while enrolment.is_alive() and not stop_event.is_set():
+                    enrolment.join(0.5)
+                if enrolment.creds is not None and enrolment.creds.certificate_chain != creds.certificate_chain:
+                    rt.submit_credentials(enrolment.creds)
+                elif enrolment.error is not None:
+                    log.error("enrolment failed: %s; still running on the stored view", enrolment.error)
+            client.watch(on_view, stop_event)
+
+        if not on_stored and args.stored_view_after >= 0:
+            def use_stored() -> None:
+                if stop_event.wait(args.stored_view_after) or got_view.is_set():
+                    return
+                fb = _stored_fallback(args.state_dir, args.name)
+                if fb is None or got_view.is_set():
+                    return
+                sv = dataclasses.replace(fb[0], local_address=local)
+                log.warning("no view from controller %s after %gs: running on the stored view of version %d "
+                            "(saved %s) until it answers", args.controller, args.stored_view_after, sv.version,
+                            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(fb[2])))
+                saved[0] = fb[0]
+                rt.submit_stored_view(sv)
+
+            threading.Thread(target=use_stored, name="stored-view", daemon=True).start()
+        watcher = threading.Thread(target=watch_main, name="controller-watch", daemon=True)
         watcher.start()
     log.info("meshsec-agent %s up: %s on %s, TUN %s mtu %d, %d peers", view.name,
              "standalone" if args.config else f"controller {args.controller}", local, tun.name, mtu,
@@ -351,7 +431,51 @@ def _run(args) -> int:
     stop_event.set()
     if watcher is not None:
         watcher.join(timeout=2.0)
+    if rt.fatal:
+        print(f"meshsec-agent: fatal: {rt.fatal}; stopped (IKE_SAs deleted, routes removed)", file=sys.stderr)
+        return 1
     return 0
+
+
+class _Enrolment(threading.Thread):
+    """``client.enroll`` in the background, so a stored view can be used while the
+    controller does not answer. ``creds`` / ``error`` once done."""
+
+    def __init__(self, client, stop: threading.Event) -> None:
+        super().__init__(name="enrolment", daemon=True)
+        self.client, self.stop = client, stop
+        self.creds = None
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        from agent.control import ControlError
+        try:
+            self.creds = self.client.enroll(stop=self.stop)  # retries with backoff, logging each attempt
+        except ControlError as exc:
+            self.error = exc
+
+    def wait(self, limit: float | None):
+        """Credentials once enrolled; None if ``limit`` seconds passed first (None: no limit).
+        StartupError for a permanent enrolment failure."""
+        deadline = None if limit is None else time.monotonic() + limit
+        while self.is_alive() and (deadline is None or time.monotonic() < deadline):
+            self.join(0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic())))
+        if self.error is not None:
+            raise StartupError(f"enrolment failed: {self.error}")
+        return self.creds
+
+
+def _stored_fallback(state_dir: str, name: str):
+    """(view, credentials, saved_at) to run on while the controller is down, or None (logged:
+    no stored view, or the stored certificate is not valid now: then we wait for it)."""
+    from agent.datapath.view_store import StoredStateError, load_view, stored_credentials
+    try:
+        view, saved_at = load_view(state_dir, name)
+        creds, _not_after = stored_credentials(state_dir, name, time.time())
+    except StoredStateError as exc:
+        log.info("no stored view to fall back on: %s", exc)
+        return None
+    return view, creds, saved_at
 
 
 if __name__ == "__main__":
