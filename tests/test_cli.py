@@ -196,3 +196,21 @@ def test_status_text_rule_from_the_controller_policy(running):
     st = a.rt.status()
     assert {e["rule"] for e in st["spd"] if e["peer"] == "b"} == {"site-to-site"}
     assert "site-to-site" in cli.format_status(st)
+
+
+def test_status_on_a_path_that_is_not_a_socket(capsys):
+    assert cli.main(["status", "--socket", "/etc/passwd"]) == 1
+    err = capsys.readouterr().err
+    assert "/etc/passwd is not a socket (a regular file)" in err and "is meshsec-agent running" not in err
+
+
+def test_format_status_shows_refused_peers_early_drops_and_internal_errors():
+    text = cli.format_status({"node": "n", "ike_sas": [], "child_sas": [], "drops": {"no_endpoint": 2},
+                              "policy_errors": {"gw-c": "peer gw-c: ike_proposals: unknown keyword 'typo'"},
+                              "before_first_view": {"ike_dropped": 2}, "internal_errors": 1,
+                              "view_source": "stored", "route_carve_outs": ["198.51.100.2"]})
+    assert "REFUSED PEERS (1)" in text and "gw-c: peer gw-c: ike_proposals: unknown keyword 'typo'" in text
+    assert "drops: no_endpoint=2" in text and "no_view_yet" not in text
+    assert "before first view: 2 IKE packets ignored" in text
+    assert "internal errors: 1" in text and "STORED: controller unreachable" in text
+    assert "kept out of the TUN (covered by a peer's subnet): 198.51.100.2" in text

@@ -221,3 +221,19 @@ def test_parse_duration(value, s):
 ])
 def test_bad_lifetimes_and_fragment_size(line, expect):
     assert expect in err(GOOD.replace("    mode: tunnel", "    mode: tunnel\n    " + line))
+
+
+def test_non_utf8_file_is_a_config_error_naming_the_line(tmp_path):
+    p = tmp_path / "agent.yaml"
+    p.write_bytes(b"name: gw-a\nlocal_address: 198.51.100.1\n# caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"agent.yaml:3: not UTF-8 text \(byte 0xe9 .*save the file as UTF-8"):
+        load_config(str(p))
+
+
+def test_bind_endpoints_per_peer():
+    text = GOOD.replace("    subnets: [10.2.0.0/24]", "    subnets: [10.2.0.0/24]\n    bind_endpoints: true")
+    view, _creds, _ds = parse_config(text, "x.yaml")
+    b, z = view.peers
+    assert b.policy.bind_endpoints is True and z.policy.bind_endpoints is False
+    with pytest.raises(ConfigError, match=r"x.yaml:\d+: peers\[0\].bind_endpoints: expected true or false"):
+        parse_config(text.replace("bind_endpoints: true", "bind_endpoints: maybe"), "x.yaml")
