@@ -628,13 +628,22 @@ class Runtime:
             nets.update(p.subnets)
         for ch in self.current.values():
             nets.update(ch.remote_ts)  # e.g. a remote host's virtual IP, routed back through its SA
-        # what we exchange IKE/ESP with in the clear must never be routed into the TUN: our own
-        # address and tunnel-mode peers' endpoints (a transport-mode peer's address is meant to
-        # be captured; a host behind a gateway is reached through that gateway's SA)
+        # what we exchange IKE/ESP with in the clear must never be routed into another peer's
+        # tunnel: our own address and tunnel-mode peers' endpoints. Not carved out: a
+        # transport-mode peer's address (captured on purpose; a host behind a gateway is
+        # reached through that gateway's SA) and an endpoint inside the peer's own subnets
+        # (a remote host whose tunnel protects its own address, RFC 4301 case 4)
         keep = set(self._local_ips_underlay())
         for p in self.view.peers:
-            if p.policy.mode == "tunnel":
-                keep.update(p.endpoints)
+            if p.policy.mode != "tunnel":
+                continue
+            for e in p.endpoints:
+                try:
+                    ip = ipaddress.ip_address(e)
+                except ValueError:
+                    continue
+                if not any(ip.version == n.version and ip in n for n in p.subnets):
+                    keep.add(e)
         self.routes.sync(nets, keep_out=keep)
 
     def _local_ips_underlay(self) -> tuple[str, ...]:

@@ -350,13 +350,16 @@ def test_runtime_keeps_its_address_and_tunnel_peers_endpoints_out_of_the_tun():
     wide = ipaddress.ip_network("198.51.100.0/24")  # b's subnet covers both underlay addresses
     transport = replace(CLASSICAL, mode="transport")
     routes = RecordingRoutes()
-    a = Node(net, clock, "a", A_IP, view("a", A_IP, NET_A, peer("b", B_IP, wide),
+    a = Node(net, clock, "a", A_IP, view("a", A_IP, NET_A, peer("b", B_IP, wide), peer("c", C_IP, NET_C),
                                          peer("h", "10.2.0.9", ipaddress.ip_network("10.2.0.9/32"),
                                               policy=transport)), routes=routes)
     a.rt.start()
     nets, keep = routes.syncs[-1]
     assert wide in nets
-    assert keep == {A_IP, B_IP}  # the transport-mode host's address is meant to be captured
+    # c's endpoint (inside b's subnet) and our own address stay out of the TUN; b's endpoint is
+    # inside b's own subnet (a remote host whose tunnel protects its own address, RFC 4301
+    # case 4: traffic to it belongs in b's SA); the transport-mode host's address is captured
+    assert keep == {A_IP, C_IP}
 
 
 def test_status_shows_the_before_first_view_drop_apart_from_drops():
