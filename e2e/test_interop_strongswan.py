@@ -32,6 +32,7 @@ import pytest
 from e2e.mesh import venv_bin
 from e2e.strongswan import Charon, Pki, missing_prerequisites
 from e2e.topology import Topology, ping, sh, wait_until
+from e2e.wire import tshark, wireshark_home
 
 pytestmark = pytest.mark.e2e
 
@@ -436,7 +437,6 @@ def test_nat_meshsec_behind_nat(ms_behind_nat, tmp_path):
     """meshsec behind the masquerade: NAT-D tells it so, and once the tunnel is idle it sends
     RFC 3948 §2.3 NAT-keepalives (0xFF on UDP 4500, every --nat-keepalive 1 s here), which tshark
     (not ours) recognises on the switch, i.e. after the NAT, addressed to strongSwan."""
-    from e2e.test_mesh import tshark
     have_tools = shutil.which("tshark") and shutil.which("tcpdump")
     lab = ms_behind_nat
     mark = lab.charon.mark()
@@ -601,7 +601,6 @@ def test_child_lifetime_from_the_config_rekeys_with_strongswan(lab, tmp_path):
 def test_keylog_lets_tshark_decrypt_ike_and_esp_with_strongswan(lab, tmp_path):
     """With meshsec's --keylog-dir, tshark (which we did not write) decrypts the IKE_AUTH
     both sides sent and the ESP both sides sent, and finds every ESP ICV good."""
-    from e2e.test_mesh import tshark
     if not shutil.which("tshark") or not shutil.which("tcpdump"):
         pytest.skip("tshark/tcpdump missing")
     ike, esp = "aes256gcm16-prfsha384-ecp384", "aes256gcm16"
@@ -620,11 +619,7 @@ def test_keylog_lets_tshark_decrypt_ike_and_esp_with_strongswan(lab, tmp_path):
         lab.stop_agent()
         time.sleep(0.3)  # e2e: let tcpdump write the last frames
         lab.topo.stop(dump)
-    home = tmp_path / "home"
-    prof = home / ".config" / "wireshark"
-    prof.mkdir(parents=True)
-    for f in ("esp_sa", "ikev2_decryption_table"):
-        shutil.copy(keylog / f, prof / f)
+    home = wireshark_home(keylog, tmp_path / "home")
     ids = tshark(pcap, "isakmp.exchangetype == 35 and isakmp.id.data.fqdn", home=home, fields=["isakmp.id.data.fqdn"])
     seen = {x for line in ids for x in line.split(",")}
     assert {MS_ID, SW_ID} <= seen, f"tshark could not decrypt IKE_AUTH (saw {seen})"

@@ -26,13 +26,13 @@ import secrets
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 
 from e2e.kube_apiserver import FakeKubeApiServer
 from e2e.mesh import Mesh
 from e2e.topology import ping, sh, wait_until
+from e2e.wire import tshark
 
 pytestmark = pytest.mark.e2e
 
@@ -53,13 +53,6 @@ class KubeMesh(Mesh):
         path = self.workdir / "inventory.yaml"
         path.write_text("nodes: []  # every node comes from Kubernetes\n")
         return path
-
-
-def tshark(pcap, display_filter):
-    res = subprocess.run(["tshark", "-n", "-r", str(pcap), "-Y", display_filter], capture_output=True, text=True,
-                         timeout=120)
-    assert res.returncode == 0, res.stderr
-    return [line for line in res.stdout.splitlines() if line.strip()]
 
 
 def human_status(mesh, name):

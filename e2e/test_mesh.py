@@ -27,23 +27,11 @@ import pytest
 
 from e2e.mesh import Mesh
 from e2e.topology import ping, sh, wait_until
+from e2e.wire import tshark, wireshark_home
 
 pytestmark = pytest.mark.e2e
 
 NODES = {"node-a": "10.1.0.0/24", "node-b": "10.2.0.0/24", "node-c": "10.3.0.0/24"}
-
-
-def tshark(pcap: Path, display_filter: str, home: Path | None = None, fields: list[str] | None = None) -> list[str]:
-    cmd = ["tshark", "-n", "-r", str(pcap), "-Y", display_filter]
-    env = dict(os.environ)
-    if home is not None:
-        env["HOME"] = str(home)
-        cmd += ["-o", "esp.enable_encryption_decode:TRUE", "-o", "esp.enable_authentication_check:TRUE"]
-    if fields:
-        cmd += ["-T", "fields"] + [x for f in fields for x in ("-e", f)]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert res.returncode == 0, res.stderr
-    return [line for line in res.stdout.splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")
@@ -111,11 +99,7 @@ def test_underlay_capture_has_no_plaintext_and_decrypts_with_keylog(mesh):
     assert tshark(pcap, "udp and not (udp.port == 500 or udp.port == 4500)") == []
 
     # With the agents' key log, an implementation we did not write reads our IKE and ESP.
-    home = mesh.workdir / "tshark-home"
-    profile = home / ".config" / "wireshark"
-    profile.mkdir(parents=True, exist_ok=True)
-    shutil.copy(mesh.keylog_dir / "esp_sa", profile / "esp_sa")
-    shutil.copy(mesh.keylog_dir / "ikev2_decryption_table", profile / "ikev2_decryption_table")
+    home = wireshark_home(mesh.keylog_dir, mesh.workdir / "tshark-home")
     inner_icmp = tshark(pcap, "esp and icmp and ip.src == 10.0.0.0/8", home=home)
     assert len(inner_icmp) >= 6 * 3, "tshark could not decrypt the workload pings"
     inner_tcp = tshark(pcap, "esp and tcp.port == 5001", home=home)

@@ -24,14 +24,13 @@ keys from the key log file ``ah_sa``.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from e2e.topology import Topology, ping, sh, wait_until
+from e2e.wire import tshark, wireshark_home
 
 scapy_all = pytest.importorskip("scapy.all")
 from scapy.layers.inet import IP  # noqa: E402
@@ -44,19 +43,6 @@ ROOT = Path(__file__).resolve().parent.parent
 AGENT = str(ROOT / ".venv" / "bin" / "meshsec-agent")
 PSK = "rfc4301-cases-psk-not-secret"
 UP = 40.0
-
-
-def tshark(pcap: Path, flt: str, home: Path | None = None, fields: list[str] | None = None) -> list[str]:
-    cmd = ["tshark", "-n", "-r", str(pcap), "-Y", flt]
-    env = dict(os.environ)
-    if home is not None:
-        env["HOME"] = str(home)
-        cmd += ["-o", "esp.enable_encryption_decode:TRUE", "-o", "esp.enable_authentication_check:TRUE"]
-    if fields:
-        cmd += ["-T", "fields"] + [x for f in fields for x in ("-e", f)]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
-    assert res.returncode == 0, res.stderr
-    return [ln for ln in res.stdout.splitlines() if ln.strip()]
 
 
 class Site:
@@ -107,12 +93,7 @@ class Site:
         return proc, pcap
 
     def keys_home(self) -> Path:
-        home = self.work / f"home-{self.n}"
-        prof = home / ".config" / "wireshark"
-        prof.mkdir(parents=True, exist_ok=True)
-        for f in ("esp_sa", "ikev2_decryption_table"):
-            shutil.copy(self.work / "keys" / f, prof / f)
-        return home
+        return wireshark_home(self.work / "keys", self.work / f"home-{self.n}")
 
     def stop(self, *procs) -> None:
         for p in procs:
