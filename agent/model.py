@@ -96,6 +96,11 @@ class PeerPolicy:
     # from an address that is not one of ``Peer.endpoints`` and no NAT was detected
     # (NAT-D, RFC 7296 §2.23). Off by default: a NAT legitimately changes the address.
     bind_endpoints: bool = False
+    # CHILD_SA lifetimes in volume (RFC 4301 §4.4.2.1), per SA direction, 0 = no limit:
+    # inner octets (the SA's bytes_in/bytes_out) and packets. Soft limit (rekey) at 90 %,
+    # hard limit (the SA refuses further packets and is deleted through IKE) at 100 %.
+    child_lifetime_bytes: int = 0
+    child_lifetime_packets: int = 0
 
 
 @dataclass(frozen=True)
