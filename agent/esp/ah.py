@@ -25,7 +25,8 @@ from agent.esp.packet import (PROTO_AH, PROTO_DSTOPTS, PROTO_FRAGMENT, PROTO_HOP
                               PROTO_IPV6, PROTO_ROUTING, build_ip, parse_ip, set_payload,
                               transport_split)
 from agent.esp.replay import ReplayWindow
-from agent.esp.sa import COUNTER_NAMES, SEQ_MAX_32, SEQ_MAX_64, SOFT_LIMIT_32, SOFT_LIMIT_64
+from agent.esp.sa import (COUNTER_NAMES, DEFAULT_SOFT_FRACTION, SEQ_MAX_32, SEQ_MAX_64, SOFT_LIMIT_32,
+                          SOFT_LIMIT_64, VolumeLifetime)
 from agent.esp.transforms.base import U32, make_hmac
 from agent.model import EspKeys
 
@@ -100,7 +101,7 @@ def zero_mutable(header: bytes) -> bytes:
     raise EspError("malformed", f"IP version {v}")
 
 
-class AhSa:
+class AhSa(VolumeLifetime):
     """One AH SA, either direction (RFC 4302).
 
     ``keys``: an EspKeys with ``integ_id`` one of AUTH_HMAC_SHA2_256_128 /
@@ -109,7 +110,9 @@ class AhSa:
     ``mode``: "transport" (AH inserted after the IP header, RFC 4302 §3.1.1) or
     "tunnel" (a new outer header ``tunnel_src`` -> ``tunnel_dst``, both
     required, RFC 4302 §3.1.2). ``replay_window``, ``soft_limit``,
-    ``counters`` and ``needs_rekey`` as EspSa. ``rng`` is accepted for a
+    ``counters``, ``needs_rekey``, ``lifetime_bytes``, ``lifetime_packets``,
+    ``soft_fraction`` and ``expired`` as EspSa (bytes: the IP packet given to
+    ``encapsulate``, the packet returned by ``decapsulate``). ``rng`` is accepted for a
     uniform factory signature and unused (AH needs no randomness).
     Raises ValueError naming the bad argument.
     """
@@ -118,9 +121,11 @@ class AhSa:
 
     def __init__(self, keys: EspKeys, *, replay_window: int = 1024, mode: str = "transport",
                  tunnel_src=None, tunnel_dst=None, soft_limit: int | None = None,
-                 rng: Callable[[int], bytes] | None = None) -> None:
+                 rng: Callable[[int], bytes] | None = None, lifetime_bytes: int = 0,
+                 lifetime_packets: int = 0, soft_fraction: float = DEFAULT_SOFT_FRACTION) -> None:
         if mode not in ("tunnel", "transport"):
             raise ValueError(f"AH mode {mode!r}: must be 'tunnel' or 'transport'")
+        self._init_lifetime(lifetime_bytes, lifetime_packets, soft_fraction)
         if keys.encr_key:
             raise ValueError(f"AH takes no encryption key, got {len(keys.encr_key)} bytes")
         if not keys.integ_id:
@@ -195,14 +200,19 @@ class AhSa:
     def encapsulate(self, ip_packet: bytes) -> bytes:
         """The IP packet with AH applied (transport: inserted; tunnel: new outer
         header + AH + ``ip_packet``). Raises EspError("bad_inner") for a packet
-        that is not a whole IPv4/IPv6 packet, EspError("seq_exhausted")."""
+        that is not a whole IPv4/IPv6 packet, EspError("seq_exhausted"),
+        EspError("lifetime_expired") past the hard byte/packet limit."""
         try:
+            if self._limited:
+                self._admit(len(ip_packet))
             out = self._encapsulate(ip_packet)
         except EspError as e:
             self.counters[e.reason] += 1
             raise
         self.counters["packets_out"] += 1
         self.counters["bytes_out"] += len(ip_packet)
+        if self._limited:
+            self._check_lifetime()
         return out
 
     def _encapsulate(self, p: bytes) -> bytes:
@@ -239,9 +249,16 @@ class AhSa:
 
     def encapsulate_batch(self, ip_packets: list[bytes]) -> list[bytes]:
         """AH-protected IP packets for a list of IP packets; refused ones are
-        counted (bad_inner, seq_exhausted), never raised; order kept."""
+        counted (bad_inner, seq_exhausted, lifetime_expired), never raised; order kept."""
         out = []
         c = self.counters
+        if self._limited and not self._fits(ip_packets):
+            for p in ip_packets:
+                try:
+                    out.append(self.encapsulate(p))
+                except EspError:
+                    pass  # counted by encapsulate
+            return out
         nbytes = 0
         for p in ip_packets:
             try:
@@ -252,6 +269,8 @@ class AhSa:
             nbytes += len(p)
         c["packets_out"] += len(out)
         c["bytes_out"] += nbytes
+        if self._limited:
+            self._check_lifetime()
         return out
 
     # ---- inbound --------------------------------------------------------------
@@ -295,14 +314,20 @@ class AhSa:
     def decapsulate(self, ip_packet: bytes) -> bytes:
         """Inner packet (tunnel) or the packet with AH removed (transport) of one
         received IP packet carrying AH. Raises EspError(reason): malformed, spi,
-        replay, icv, next_header."""
+        replay, icv, next_header, lifetime_expired (past the hard byte/packet limit)."""
         try:
+            if self._limited:
+                self._admit(None)
             out = self._decapsulate(ip_packet)
+            if self._limited:
+                self._admit(len(out))
         except EspError as e:
             self.counters[e.reason] += 1
             raise
         self.counters["packets_in"] += 1
         self.counters["bytes_in"] += len(out)
+        if self._limited:
+            self._check_lifetime()
         return out
 
     def decapsulate_batch(self, ip_packets: list[bytes]) -> list[bytes]:
@@ -310,6 +335,13 @@ class AhSa:
         counted by reason, never raised."""
         out = []
         c = self.counters
+        if self._limited and not self._fits(ip_packets):
+            for p in ip_packets:
+                try:
+                    out.append(self.decapsulate(p))
+                except EspError:
+                    pass  # counted by decapsulate
+            return out
         nbytes = 0
         for p in ip_packets:
             try:
@@ -321,4 +353,6 @@ class AhSa:
             nbytes += len(r)
         c["packets_in"] += len(out)
         c["bytes_in"] += nbytes
+        if self._limited:
+            self._check_lifetime()
         return out

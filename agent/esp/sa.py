@@ -5,7 +5,9 @@ seq | IV | ciphertext | ICV, no outer IP/UDP header). Inbound:
 ``decapsulate_batch`` authenticates, checks replay, decrypts and strips the
 trailer. Batch methods never raise: every refused packet is counted under
 its reason in ``counters``. Single-packet methods raise ``EspError(reason)``
-(and count too). No clock here: lifetimes are the caller's job.
+(and count too). No clock here: lifetimes in seconds are the caller's job;
+lifetimes in bytes and packets (RFC 4301 §4.4.2.1) are enforced here
+(``VolumeLifetime``).
 """
 from __future__ import annotations
 
@@ -31,11 +33,91 @@ SOFT_LIMIT_64 = (1 << 64) - (1 << 32)
 _PADS = [bytes(range(1, n + 1)) for n in range(256)]
 
 DROP_REASONS = ("malformed", "spi", "replay", "icv", "padding", "next_header",
-                "dummy", "seq_exhausted", "bad_inner")
+                "dummy", "seq_exhausted", "bad_inner", "lifetime_expired")
 COUNTER_NAMES = ("packets_in", "bytes_in", "packets_out", "bytes_out") + DROP_REASONS
+DEFAULT_SOFT_FRACTION = 0.9  # of a byte/packet lifetime: needs_rekey from there
 
 
-class EspSa:
+class VolumeLifetime:
+    """Byte and packet lifetimes of one SA (RFC 4301 §4.4.2.1), shared by EspSa and AhSa.
+
+    ``lifetime_bytes`` / ``lifetime_packets``: hard limits, 0 = none. Bytes are what
+    ``counters`` count (bytes_in + bytes_out: inner packet octets; transport-mode ESP batches
+    count the whole IP packet outbound, the payload inbound). Packets: packets_in + packets_out.
+    Soft limit = ``soft_fraction`` of the hard one (at least 1): ``needs_rekey`` is set from
+    there. Hard limit: no packet is sent or accepted that would take the use past it; such a
+    packet is dropped and counted ``lifetime_expired``, and ``expired`` is set (also when the
+    use reaches the limit exactly: nothing more can pass). Checked once per batch: a batch
+    that fits in what is left takes the fast path, one that may not goes packet by packet
+    through the single-packet path, so both paths give the same answer.
+    """
+
+    lifetime_bytes = 0
+    lifetime_packets = 0
+    soft_bytes = 0
+    soft_packets = 0
+    expired = False
+    _limited = False
+
+    def _init_lifetime(self, lifetime_bytes: int, lifetime_packets: int, soft_fraction: float) -> None:
+        for name, v in (("lifetime_bytes", lifetime_bytes), ("lifetime_packets", lifetime_packets)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} {v!r}: must be an integer >= 0 (0 = no limit)")
+        if isinstance(soft_fraction, bool) or not isinstance(soft_fraction, (int, float)) \
+                or not 0 < soft_fraction <= 1:
+            raise ValueError(f"soft_fraction {soft_fraction!r}: must be in (0, 1]")
+        self.lifetime_bytes = lifetime_bytes
+        self.lifetime_packets = lifetime_packets
+        self.soft_bytes = max(1, int(lifetime_bytes * soft_fraction)) if lifetime_bytes else 0
+        self.soft_packets = max(1, int(lifetime_packets * soft_fraction)) if lifetime_packets else 0
+        self.expired = False
+        self._limited = bool(lifetime_bytes or lifetime_packets)
+
+    def lifetime_used(self) -> tuple[int, int]:
+        """(bytes, packets) counted against the lifetime so far."""
+        c = self.counters
+        return c["bytes_in"] + c["bytes_out"], c["packets_in"] + c["packets_out"]
+
+    def _fits(self, pkts: list[bytes]) -> bool:
+        """Whether the whole batch surely stays within the hard limits (input lengths are an
+        upper bound of the bytes counted), so the fast path may run unchecked."""
+        used_b, used_p = self.lifetime_used()
+        if self.lifetime_packets and used_p + len(pkts) > self.lifetime_packets:
+            return False
+        return not self.lifetime_bytes or used_b + sum(map(len, pkts)) <= self.lifetime_bytes
+
+    def _admit(self, nbytes: int | None) -> None:
+        """Raise EspError("lifetime_expired") if one more packet of ``nbytes`` (None: size not
+        known yet, only refuse when nothing at all is left) would pass the hard limit."""
+        used_b, used_p = self.lifetime_used()
+        lp, lb = self.lifetime_packets, self.lifetime_bytes
+        if lp and used_p >= lp:
+            why = f"{used_p} of {lp} packets used"
+        elif lb and (used_b >= lb if nbytes is None else used_b + nbytes > lb):
+            why = f"{used_b} of {lb} bytes used" + (f", packet of {nbytes}" if nbytes is not None else "")
+        else:
+            return
+        self.expired = self.needs_rekey = True
+        raise EspError("lifetime_expired", f"SPI 0x{self.spi:08x}: {why}")
+
+    def _check_lifetime(self) -> None:
+        used_b, used_p = self.lifetime_used()
+        lb, lp = self.lifetime_bytes, self.lifetime_packets
+        if (lb and used_b >= self.soft_bytes) or (lp and used_p >= self.soft_packets):
+            self.needs_rekey = True
+        if (lb and used_b >= lb) or (lp and used_p >= lp):
+            self.expired = True
+
+    def lifetime_status(self) -> dict:
+        """JSON-ready: {"bytes": {"limit", "soft", "used"}, "packets": {...}, "expired"}
+        (limit 0 = none)."""
+        used_b, used_p = self.lifetime_used()
+        return {"bytes": {"limit": self.lifetime_bytes, "soft": self.soft_bytes, "used": used_b},
+                "packets": {"limit": self.lifetime_packets, "soft": self.soft_packets, "used": used_p},
+                "expired": self.expired}
+
+
+class EspSa(VolumeLifetime):
     """One ESP SA, either direction (RFC 4303 §3).
 
     ``keys``: the direction's EspKeys (``keys.spi`` is written outbound and
@@ -45,10 +127,13 @@ class EspSa:
     next header 4/41) or "transport" (see ``encapsulate``).
     ``soft_limit``: outbound sequence number from which ``needs_rekey`` is
     set (default 2^32 - 2^20, or 2^64 - 2^32 with ESN).
+    ``lifetime_bytes`` / ``lifetime_packets`` / ``soft_fraction``: volume lifetimes
+    (RFC 4301 §4.4.2.1, see ``VolumeLifetime``; 0 = none).
 
     ``counters``: packets/bytes in/out (bytes = inner packet bytes) and drops
     by reason (see ``DROP_REASONS``). ``needs_rekey``: set at the soft limit
-    or when the sequence number space is exhausted.
+    (sequence number, bytes or packets) or when the sequence number space is
+    exhausted. ``expired``: the byte/packet hard limit is reached.
     Raises ``ValueError`` for unsupported transforms, wrong key lengths, a bad
     window size or mode.
     """
@@ -56,9 +141,11 @@ class EspSa:
     protocol = "esp"
 
     def __init__(self, keys: EspKeys, *, rng: Callable[[int], bytes], replay_window: int = 1024,
-                 mode: str = "tunnel", soft_limit: int | None = None) -> None:
+                 mode: str = "tunnel", soft_limit: int | None = None, lifetime_bytes: int = 0,
+                 lifetime_packets: int = 0, soft_fraction: float = DEFAULT_SOFT_FRACTION) -> None:
         if mode not in ("tunnel", "transport"):
             raise ValueError(f"ESP mode {mode!r}: must be 'tunnel' or 'transport'")
+        self._init_lifetime(lifetime_bytes, lifetime_packets, soft_fraction)
         self.keys = keys
         self.spi = keys.spi
         self.esn = keys.esn
@@ -134,13 +221,25 @@ class EspSa:
                     raise EspError("bad_inner", f"IP version {v}")
             elif not 0 <= next_header <= 255:
                 raise EspError("bad_inner", f"next header {next_header}")
-            out = self._seal(inner, next_header)
+        except EspError as e:
+            self.counters[e.reason] += 1
+            raise
+        return self._encap_one(inner, next_header, len(inner))
+
+    def _encap_one(self, data: bytes, nh: int, nbytes: int) -> bytes:
+        """Seal one packet, counting ``nbytes`` against counters and lifetime; raises EspError."""
+        try:
+            if self._limited:
+                self._admit(nbytes)
+            out = self._seal(data, nh)
         except EspError as e:
             self.counters[e.reason] += 1
             raise
         c = self.counters
         c["packets_out"] += 1
-        c["bytes_out"] += len(inner)
+        c["bytes_out"] += nbytes
+        if self._limited:
+            self._check_lifetime()
         return out
 
     def encapsulate_batch(self, inner_packets: list[bytes]) -> list[bytes]:
@@ -153,6 +252,15 @@ class EspSa:
         """
         if self.mode != "tunnel":
             return self._encapsulate_transport_batch(inner_packets)
+        if self._limited and not self._fits(inner_packets):
+            # near the hard limit: packet by packet, each one admitted or refused
+            out = []
+            for p in inner_packets:
+                try:
+                    out.append(self.encapsulate(p))
+                except EspError:
+                    pass  # counted by encapsulate
+            return out
         # Tunnel-mode hot path: _next_seq and _seal inlined (same rules).
         out = []
         append = out.append
@@ -189,11 +297,25 @@ class EspSa:
         c["bad_inner"] += bad
         c["packets_out"] += len(out)
         c["bytes_out"] += nbytes
+        if self._limited:
+            self._check_lifetime()
         return out
 
     def _encapsulate_transport_batch(self, ip_packets: list[bytes]) -> list[bytes]:
         out = []
         c = self.counters
+        if self._limited and not self._fits(ip_packets):
+            for p in ip_packets:
+                try:
+                    nh, payload = split_transport(p)
+                except EspError as e:
+                    c[e.reason] += 1
+                    continue
+                try:
+                    out.append(self._encap_one(payload, nh, len(p)))
+                except EspError:
+                    pass  # counted by _encap_one
+            return out
         nbytes = 0
         for p in ip_packets:
             try:
@@ -205,6 +327,8 @@ class EspSa:
             nbytes += len(p)
         c["packets_out"] += len(out)
         c["bytes_out"] += nbytes
+        if self._limited:
+            self._check_lifetime()
         return out
 
     # ---- inbound --------------------------------------------------------------
@@ -248,16 +372,24 @@ class EspSa:
         return self.decapsulate_nh(esp_packet)[1]
 
     def decapsulate_nh(self, esp_packet: bytes) -> tuple[int, bytes]:
-        """(next header, payload) of one ESP packet; as ``decapsulate``."""
+        """(next header, payload) of one ESP packet; as ``decapsulate``, and
+        ``EspError("lifetime_expired")`` past the hard byte/packet limit (refused before
+        the ICV when nothing is left, else once the payload size is known)."""
         try:
+            if self._limited:
+                self._admit(None)
             nh, payload = self._open(esp_packet)
             self._check_nh(nh, payload)
+            if self._limited:
+                self._admit(len(payload))
         except EspError as e:
             self.counters[e.reason] += 1
             raise
         c = self.counters
         c["packets_in"] += 1
         c["bytes_in"] += len(payload)
+        if self._limited:
+            self._check_lifetime()
         return nh, payload
 
     def decapsulate_batch(self, esp_packets: list[bytes]) -> list[bytes]:
@@ -266,7 +398,7 @@ class EspSa:
         Dropped packets are counted by reason. In transport mode the items are
         upper-layer payloads (use ``decapsulate_batch_nh`` for their protocol).
         """
-        if self.mode != "tunnel":
+        if self.mode != "tunnel" or (self._limited and not self._fits(esp_packets)):
             return [payload for _, payload in self.decapsulate_batch_nh(esp_packets)]
         # Tunnel-mode hot path: _open and _check_nh inlined (same checks, same order).
         out = []
@@ -319,12 +451,21 @@ class EspSa:
             nbytes += end
         c["packets_in"] += len(out)
         c["bytes_in"] += nbytes
+        if self._limited:
+            self._check_lifetime()
         return out
 
     def decapsulate_batch_nh(self, esp_packets: list[bytes]) -> list[tuple[int, bytes]]:
         """(next header, payload) pairs of the packets that pass; never raises."""
         out = []
         c = self.counters
+        if self._limited and not self._fits(esp_packets):
+            for pkt in esp_packets:
+                try:
+                    out.append(self.decapsulate_nh(pkt))
+                except EspError:
+                    pass  # counted by decapsulate_nh
+            return out
         nbytes = 0
         for pkt in esp_packets:
             try:
@@ -337,6 +478,8 @@ class EspSa:
             nbytes += len(payload)
         c["packets_in"] += len(out)
         c["bytes_in"] += nbytes
+        if self._limited:
+            self._check_lifetime()
         return out
 
 
