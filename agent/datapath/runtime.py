@@ -47,6 +47,11 @@ DROP_REASONS = ("no_sa", "no_policy", "discard", "unknown_spi", "policy", "malfo
 BEFORE_FIRST_VIEW = "no_view_yet"
 _MAX_LOGGED_ERRORS = 256  # distinct internal errors logged with a traceback (then only counted)
 _MAX_NESTING = 4  # SAs applied to one packet (iterated processing, RFC 4301 §4.5)
+# soft byte/packet lifetime (RFC 4301 §4.4.2.1) as a fraction of the hard one: the sending SA
+# gets there first and starts the rekey; the receiving SA only if the sender did not (e.g. a
+# peer without volume limits), which keeps both ends from rekeying at once
+SOFT_FRACTION_OUT = 0.90
+SOFT_FRACTION_IN = 0.95
 
 
 def _named(name: str, fn):
@@ -159,7 +164,21 @@ class ChildEntry:
             "packets_in": c_in.get("packets_in", 0), "bytes_in": c_in.get("bytes_in", 0),
             "packets_out": c_out.get("packets_out", 0), "bytes_out": c_out.get("bytes_out", 0),
             "drops": drops,
+            "lifetime": self.lifetime(),
         }
+
+    def lifetime(self) -> dict | None:
+        """Byte/packet lifetimes (RFC 4301 §4.4.2.1) of both directions: limits (0 = none),
+        soft limits and use; None if the SAs do not track them."""
+        li = getattr(self.in_sa, "lifetime_status", None)
+        lo = getattr(self.out_sa, "lifetime_status", None)
+        if li is None or lo is None:
+            return None
+        i, o = li(), lo()
+        out = {k: {"limit": o[k]["limit"], "soft_in": i[k]["soft"], "soft_out": o[k]["soft"],
+                   "used_in": i[k]["used"], "used_out": o[k]["used"]} for k in ("bytes", "packets")}
+        out["expired"] = bool(i["expired"] or o["expired"])
+        return out
 
 
 class Runtime:
@@ -227,7 +246,8 @@ class Runtime:
                               "credentials_updates": 0})
         self.counters.update({"keepalives": 0, "keepalives_out": 0, "ike_in": 0, "ike_out": 0, "esp_in": 0, "esp_out": 0,
                               "tun_in": 0, "tun_out": 0, "nested_out": 0, "nested_in": 0, "icmp_too_big": 0,
-                              "mss_clamped": 0, "ah_in": 0, "ah_out": 0})
+                              "mss_clamped": 0, "ah_in": 0, "ah_out": 0, "lifetime_rekeys": 0,
+                              "lifetime_deletes": 0})
         self.nat_keepalive = nat_keepalive
         self._nat_remotes: set[tuple[str, int]] = set()  # peers' UDP 4500 while we are behind a NAT
         self._tx4500: dict[tuple[str, int], float] = {}  # remote -> when we last sent it anything on 4500
@@ -722,8 +742,37 @@ class Runtime:
             return
         asked.add(ch.inbound_spi)
         now = self.clock()
-        self.ike.rekey_child(ch.inbound_spi, now)
+        if self.ike.rekey_child(ch.inbound_spi, now):
+            self.counters["lifetime_rekeys"] += 1
         self._flush_ike(now)
+
+    def _sa_volume_check(self, ch: ChildEntry, sa) -> None:
+        """``sa`` (one direction of ``ch``) set needs_rekey: a sequence number or byte/packet
+        soft limit -> one rekey; its hard byte/packet limit (``expired``) -> delete the CHILD_SA."""
+        if getattr(sa, "expired", False):
+            self._sa_expired(ch)
+        else:
+            self._sa_exhausting(ch)
+
+    def _sa_expired(self, ch: ChildEntry) -> None:
+        """Hard byte/packet lifetime reached (RFC 4301 §4.4.2.1): delete the CHILD_SA through
+        IKE (INFORMATIONAL D(SPI), RFC 7296 §1.4.1) so the peer removes its side too; if the IKE
+        core no longer knows it, remove it here. Once per CHILD_SA."""
+        done = self.__dict__.setdefault("_expired_done", set())
+        if ch.inbound_spi in done:
+            return
+        done.add(ch.inbound_spi)
+        self.counters["lifetime_deletes"] += 1
+        now = self.clock()
+        delete = getattr(self.ike, "delete_child", None)
+        ok = False
+        if delete is not None:
+            ok = delete(ch.inbound_spi, now, reason="CHILD_SA byte/packet lifetime expired")
+        self.log.info("CHILD_SA with %s (spi in %08x out %08x) reached its byte/packet lifetime: %s", ch.peer,
+                      ch.inbound_spi, ch.outbound_spi, "deleting it" if ok else "removed (IKE no longer had it)")
+        self._flush_ike(now)
+        if not ok and self.children.get(ch.inbound_spi) is ch:
+            self._remove_child(ch)
 
     def _protect(self, ch: ChildEntry, pkts: list[bytes], depth: int) -> None:
         """Apply ``ch``'s outbound SA to ``pkts`` (whole IP packets) and send the result,
@@ -736,7 +785,7 @@ class Runtime:
             return
         out = ch.out_sa.encapsulate_batch(pkts)
         if getattr(ch.out_sa, "needs_rekey", False):  # checked per batch, not per packet
-            self._sa_exhausting(ch)
+            self._sa_volume_check(ch, ch.out_sa)
         if not out:
             return
         if ch.via is not None:
@@ -819,7 +868,7 @@ class Runtime:
         out = ah.out_sa.encapsulate_batch(ready)
         c["ah_drops"] += sum(v for k, v in ah.out_sa.counters.items() if k not in _FLOW_COUNTERS) - before
         if getattr(ah.out_sa, "needs_rekey", False):
-            self._sa_exhausting(ah)
+            self._sa_volume_check(ah, ah.out_sa)
         if not out:
             return
         sent = self.raw_ah.send_batch([(x, (dst, 0)) for x in out])
@@ -859,6 +908,7 @@ class Runtime:
                 continue
             groups.setdefault(spi, []).append(p)
         out: list[bytes] = []
+        volume: list[ChildEntry] = []
         for spi, lst in groups.items():
             ch = self.children.get(spi)
             if ch is None or ch.protocol != "ah":
@@ -868,6 +918,8 @@ class Runtime:
             before = sum(v for k, v in sa.counters.items() if k not in _FLOW_COUNTERS)
             inner = sa.decapsulate_batch(lst)
             c["ah_drops"] += sum(v for k, v in sa.counters.items() if k not in _FLOW_COUNTERS) - before
+            if getattr(sa, "needs_rekey", False):  # byte/packet soft or hard limit inbound
+                volume.append(ch)
             esp = []
             for p in inner:
                 v = p[0] >> 4
@@ -884,6 +936,8 @@ class Runtime:
                 self._esp_in(esp, None, ah_peer=ch.peer)
         if out:
             c["tun_out"] += self.tun.write_batch(out)
+        for ch in volume:
+            self._sa_volume_check(ch, ch.in_sa)
 
     def _fit(self, ch: ChildEntry, pkts: list[bytes]) -> list[bytes]:
         """Packets that fit through ``ch``'s bundle; for the rest an ICMP "fragmentation needed" /
@@ -1024,6 +1078,7 @@ class Runtime:
         children = self.children
         allows = self.spd.allows_inbound
         local_b = None
+        volume: list[ChildEntry] = []
         for sa, lst in sad.demux_inbound(esp):
             ch = children[sa.spi]
             # "ah+esp": this ESP SA must come out of the same peer's AH SA, and only then
@@ -1043,6 +1098,8 @@ class Runtime:
                 fix = ch.udp_encap
                 inner = [pk.rebuild_transport(src, local_b, nh, pl, fix_checksum=fix)
                          for nh, pl in sa.decapsulate_batch_nh(lst)]
+            if getattr(sa, "needs_rekey", False):  # byte/packet soft or hard limit inbound
+                volume.append(ch)
             good = []
             for p in inner:
                 if allows(lts, rts, p):
@@ -1060,6 +1117,8 @@ class Runtime:
             if self.mss_clamp:
                 out = [self._clamp(p) for p in out]
             c["tun_out"] += self.tun.write_batch(out)
+        for ch in volume:  # after the batch is delivered: this may delete the CHILD_SA
+            self._sa_volume_check(ch, ch.in_sa)
 
     def _peel(self, peer: str, pkts: list[bytes], depth: int) -> list[bytes]:
         """Inner packets of ``peer``'s tunnel that are ESP (raw or in UDP 4500) or IKE for us go
@@ -1165,21 +1224,34 @@ class Runtime:
         if self.keylog is not None:
             self.keylog.ike_keys(ev)
 
+    @staticmethod
+    def _volume_kw(peer) -> tuple[dict, dict]:
+        """SA constructor kwargs (inbound, outbound) for the policy's byte/packet lifetimes
+        (RFC 4301 §4.4.2.1); empty without limits, so plain factories keep working."""
+        pol = peer.policy if peer is not None else None
+        lb = int(getattr(pol, "child_lifetime_bytes", 0) or 0)
+        lp = int(getattr(pol, "child_lifetime_packets", 0) or 0)
+        if not (lb or lp):
+            return {}, {}
+        kw = {"lifetime_bytes": lb, "lifetime_packets": lp}
+        return dict(kw, soft_fraction=SOFT_FRACTION_IN), dict(kw, soft_fraction=SOFT_FRACTION_OUT)
+
     def _ev_child_established(self, ev, now: float) -> None:
         peer = self.view.peer(ev.peer)
         window = peer.policy.replay_window if peer is not None else 1024
         mode = ev.mode
         is_ah = getattr(ev, "protocol", "esp") == "ah"  # Protocol ID of the chosen proposal (§3.3.1)
+        kw_in, kw_out = self._volume_kw(peer)
         if is_ah:
             from agent.esp import AhSa
             # outbound tunnel mode is transport AH over our own IP-in-IP header (see _send_ah)
             in_sa = AhSa(ev.inbound, replay_window=window, mode=mode,
                          tunnel_src=ev.remote[0] if mode == "tunnel" else None,
-                         tunnel_dst=self.local_address if mode == "tunnel" else None)
-            out_sa = AhSa(ev.outbound, replay_window=window, mode="transport")
+                         tunnel_dst=self.local_address if mode == "tunnel" else None, **kw_in)
+            out_sa = AhSa(ev.outbound, replay_window=window, mode="transport", **kw_out)
         else:
-            in_sa = self.esp_factory(ev.inbound, rng=self.rng, replay_window=window, mode=mode)
-            out_sa = self.esp_factory(ev.outbound, rng=self.rng, replay_window=window, mode=mode)
+            in_sa = self.esp_factory(ev.inbound, rng=self.rng, replay_window=window, mode=mode, **kw_in)
+            out_sa = self.esp_factory(ev.outbound, rng=self.rng, replay_window=window, mode=mode, **kw_out)
         ch = ChildEntry(peer=ev.peer, ike_spi_i=ev.ike_spi_i, ike_spi_r=ev.ike_spi_r,
                         inbound_spi=ev.inbound.spi, outbound_spi=ev.outbound.spi, in_sa=in_sa, out_sa=out_sa,
                         local_ts=tuple(ev.local_ts), remote_ts=tuple(ev.remote_ts), remote=tuple(ev.remote),

@@ -442,6 +442,18 @@ class IkeManager:
         self._collect(sa, now)
         return ok
 
+    def delete_child(self, inbound_spi: int, now: float, reason: str = "deleted locally") -> bool:
+        """Delete the CHILD_SA with this inbound SPI: HDR, SK {D(ESP|AH, SPI)} --> (RFC 7296
+        §1.4.1), so the peer removes its side too; ``ChildSaDeleted(reason)`` follows at once.
+        Used at a hard byte/packet lifetime (RFC 4301 §4.4.2.1). Returns False if no
+        established IKE_SA has it (nothing sent); never raises."""
+        sa = self._sa_of_child(inbound_spi)
+        if sa is None or sa.state != State.ESTABLISHED:
+            return False
+        sa.delete_child(inbound_spi, now, reason=reason)
+        self._collect(sa, now)
+        return True
+
     def rekey_ike(self, peer_name: str, now: float) -> bool:
         """Rekey the established IKE_SA with ``peer_name`` (§1.3.2). False if there is none."""
         for sa in self._sas_of(peer_name):
