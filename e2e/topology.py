@@ -6,6 +6,11 @@ Underlay addresses come from 198.51.100.0/24 (TEST-NET-2); workload subnets
 are private ranges that exist only inside the namespaces. Nothing has a
 default route towards the host, so no packet can leave.
 
+IPv6 is disabled in every namespace unless ``Topology(ipv6=True)``: then
+underlay addresses may also come from 2001:db8::/32 (the documentation
+prefix, /64 on the bridge) and subnets from ULA fd00::/8; duplicate address
+detection is off so addresses are usable at once.
+
 Use as a context manager; namespaces and processes started through it are
 removed on exit, also on SIGTERM/SIGINT.
 """
@@ -23,6 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 UNDERLAY = ipaddress.ip_network("198.51.100.0/24")
+UNDERLAY6 = ipaddress.ip_network("2001:db8::/32")  # RFC 3849 documentation prefix
+UNDERLAY6_PREFIXLEN = 64
+ULA = ipaddress.ip_network("fd00::/8")
 
 
 class TopologyError(RuntimeError):
@@ -48,6 +56,9 @@ class Node:
     subnet: ipaddress.IPv4Network | None = None
     gateway_ip: str | None = None  # the node's own address inside its subnet
     workloads: list["Workload"] = field(default_factory=list)
+    underlay_ips: list[str] = field(default_factory=list)  # every underlay address (first: underlay_ip)
+    subnet6: ipaddress.IPv6Network | None = None  # ipv6 topologies: a second (IPv6) subnet
+    gateway_ip6: str | None = None
 
 
 @dataclass
@@ -56,6 +67,7 @@ class Workload:
     ns: str
     ip: str
     node: Node
+    ip6: str | None = None
 
 
 class Topology:
@@ -67,7 +79,8 @@ class Topology:
 
     _counter = itertools.count()
 
-    def __init__(self, prefix: str | None = None, workdir: Path | None = None):
+    def __init__(self, prefix: str | None = None, workdir: Path | None = None, ipv6: bool = False):
+        self.ipv6 = ipv6
         self.prefix = prefix or f"ms{os.getpid() % 100000}{next(self._counter)}"
         self.namespaces: list[str] = []
         self.procs: list[subprocess.Popen] = []
@@ -84,9 +97,25 @@ class Topology:
         sh("ip", "netns", "add", name)
         self.namespaces.append(name)
         sh("ip", "link", "set", "lo", "up", ns=name)
-        for knob in ("net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"):
+        knobs = ("net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
+        if self.ipv6:  # no DAD (addresses usable at once), no router solicitations
+            knobs = ("net.ipv6.conf.all.disable_ipv6=0", "net.ipv6.conf.default.disable_ipv6=0",
+                     "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0",
+                     "net.ipv6.conf.default.router_solicitations=0")
+        for knob in knobs:
             sh("sysctl", "-qw", knob, ns=name, check=False)
         return name
+
+    def _underlay_cidr(self, ip: str) -> str:
+        a = ipaddress.ip_address(ip)
+        if a.version == 6:
+            if not self.ipv6 or a not in UNDERLAY6:
+                raise TopologyError(f"underlay address {ip} is not allowed: IPv6 underlays need "
+                                    f"Topology(ipv6=True) and an address in {UNDERLAY6}")
+            return f"{ip}/{UNDERLAY6_PREFIXLEN}"
+        if a not in UNDERLAY:
+            raise TopologyError(f"underlay address {ip} is outside {UNDERLAY}")
+        return f"{ip}/{UNDERLAY.prefixlen}"
 
     def _veth(self, ns_a: str, name_a: str, ns_b: str, name_b: str) -> None:
         tmp = f"v{os.getpid() % 10000}x{next(self._veth_ids)}"
@@ -96,24 +125,29 @@ class Topology:
         sh("ip", "link", "set", name_a, "up", ns=ns_a)
         sh("ip", "link", "set", name_b, "up", ns=ns_b)
 
-    def add_host(self, name: str, underlay_ip: str) -> Node:
-        """A namespace on the underlay bridge with interface ``ul0``."""
-        if ipaddress.ip_address(underlay_ip) not in UNDERLAY:
-            raise TopologyError(f"underlay address {underlay_ip} is outside {UNDERLAY}")
+    def add_host(self, name: str, underlay_ip: str, *more_underlay: str) -> Node:
+        """A namespace on the underlay bridge with interface ``ul0``; ``more_underlay``: further
+        addresses on ``ul0`` (e.g. an IPv6 one next to the IPv4 one, with ``ipv6=True``)."""
+        cidrs = [self._underlay_cidr(ip) for ip in (underlay_ip, *more_underlay)]
         ns = self._ns(name)
         port = f"p{len(self.nodes)}"
         self._veth(ns, "ul0", self.switch_ns, port)
         sh("ip", "link", "set", port, "master", "br0", ns=self.switch_ns)
-        sh("ip", "addr", "add", f"{underlay_ip}/{UNDERLAY.prefixlen}", "dev", "ul0", ns=ns)
-        node = Node(name=name, ns=ns, underlay_ip=underlay_ip)
+        for cidr in cidrs:
+            sh("ip", "addr", "add", cidr, "dev", "ul0", *(["nodad"] if ":" in cidr else []), ns=ns)
+        node = Node(name=name, ns=ns, underlay_ip=underlay_ip, underlay_ips=[underlay_ip, *more_underlay])
         self.nodes[name] = node
         return node
 
-    def add_gateway(self, name: str, underlay_ip: str, subnet: str, workloads: int = 1) -> Node:
+    def add_gateway(self, name: str, underlay_ip: str, subnet: str, workloads: int = 1, *,
+                    more_underlay: tuple[str, ...] = (), subnet6: str | None = None) -> Node:
         """A node with a subnet behind it: a bridge ``lan0`` holding the
         node's first address and ``workloads`` workload namespaces (as pods
-        on a bridge CNI), each with a default route via the node."""
-        node = self.add_host(name, underlay_ip)
+        on a bridge CNI), each with a default route via the node.
+        ``subnet6`` (``ipv6=True``, inside fd00::/8): a second, IPv6 subnet on the same
+        ``lan0``, with an IPv6 default route in each workload. IPv6 forwarding is left
+        off: the agent turns it on for a gateway with IPv6 subnets."""
+        node = self.add_host(name, underlay_ip, *more_underlay)
         net = ipaddress.ip_network(subnet)
         hosts = net.hosts()
         node.subnet = net
@@ -131,6 +165,17 @@ class Topology:
             sh("ip", "addr", "add", f"{ip}/{net.prefixlen}", "dev", "eth0", ns=wns)
             sh("ip", "route", "add", "default", "via", node.gateway_ip, ns=wns)
             node.workloads.append(Workload(name=wname, ns=wns, ip=ip, node=node))
+        if subnet6 is not None:
+            net6 = ipaddress.ip_network(subnet6)
+            if not self.ipv6 or net6.version != 6 or not net6.subnet_of(ULA):
+                raise TopologyError(f"subnet6 {subnet6}: needs Topology(ipv6=True) and a prefix inside {ULA}")
+            hosts6 = net6.hosts()
+            node.subnet6, node.gateway_ip6 = net6, str(next(hosts6))
+            sh("ip", "addr", "add", f"{node.gateway_ip6}/{net6.prefixlen}", "dev", "lan0", "nodad", ns=node.ns)
+            for w in node.workloads:
+                w.ip6 = str(next(hosts6))
+                sh("ip", "addr", "add", f"{w.ip6}/{net6.prefixlen}", "dev", "eth0", "nodad", ns=w.ns)
+                sh("ip", "-6", "route", "add", "default", "via", node.gateway_ip6, ns=w.ns)
         return node
 
     # -- processes ------------------------------------------------------

@@ -11,7 +11,7 @@ captured for transport mode without our own packets looping into the TUN.
 equal to ``subnets`` (adds the missing, removes the ones no peer needs any
 more); idempotent. Routes carry ``src`` = a local address inside one of the
 node's own subnets when the host has one, so replies come from the protected
-range rather than the underlay address. IPv4 forwarding is enabled only for
+range rather than the underlay address. IPv4 and IPv6 forwarding are enabled only for
 gateways (nodes with subnets).
 
 Underlay carve-outs: ``sync(subnets, keep_out=ADDRESSES)`` never lets a route
@@ -308,19 +308,27 @@ class RouteManager:
         self._ipr.close()
 
 
-def enable_ip_forwarding(own_subnets, logger: logging.Logger | None = None) -> bool:
-    """Turn on IPv4 forwarding if the node is a gateway (has subnets). Returns whether it did."""
+def enable_ip_forwarding(own_subnets, logger: logging.Logger | None = None, *, proc_sys: str = "/proc/sys") -> bool:
+    """Turn on forwarding for every IP version the node's subnets use (a gateway):
+    ``net.ipv4.ip_forward`` for IPv4 subnets, ``net.ipv6.conf.all.forwarding`` for IPv6 ones
+    (6-in-4 and 6-in-6 gateways forward IPv6 between the TUN and the LAN). Returns whether
+    forwarding is on for all of them; a failure is a warning naming the sysctl."""
     log = logger or logging.getLogger("meshsec.routes")
-    if not any(n.version == 4 for n in own_subnets):
+    knobs = [(v, k) for v, k in ((4, "net/ipv4/ip_forward"), (6, "net/ipv6/conf/all/forwarding"))
+             if any(n.version == v for n in own_subnets)]
+    if not knobs:
         return False
-    try:
-        with open("/proc/sys/net/ipv4/ip_forward") as f:
-            if f.read().strip() == "1":
-                return True  # already on (usual on Kubernetes nodes, where /proc/sys may be read-only)
-        with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
-            f.write("1\n")
-        return True
-    except OSError as exc:
-        log.warning("cannot enable IPv4 forwarding (%s): traffic for the subnets behind this node "
-                    "will not be forwarded until net.ipv4.ip_forward=1", exc.strerror or exc)
-        return False
+    ok = True
+    for version, knob in knobs:
+        path = f"{proc_sys}/{knob}"
+        try:
+            with open(path) as f:
+                if f.read().strip() == "1":
+                    continue  # already on (usual on Kubernetes nodes, where /proc/sys may be read-only)
+            with open(path, "w") as f:
+                f.write("1\n")
+        except OSError as exc:
+            ok = False
+            log.warning("cannot enable IPv%d forwarding (%s): traffic for the subnets behind this node "
+                        "will not be forwarded until %s=1", version, exc.strerror or exc, knob.replace("/", "."))
+    return ok
