@@ -19,7 +19,8 @@ Format (keys not listed are an error)::
         mode: tunnel                # tunnel | transport
         protocol: esp               # esp | ah | ah+esp
         encapsulation: udp          # udp (ESP in UDP 4500, RFC 3948) | none (raw IP protocol 50/51)
-        virtual_ip: false           # true: ask this peer (a gateway) for an inner address (CP, case 4)
+        virtual_ip: false           # true: ask this peer (a gateway) for an inner address (CP, case 4);
+                                    # IPv6 when all its subnets are IPv6, else IPv4
         virtual_ip_pool: 10.99.0.0/24   # gateway side: hand this peer an address from the pool
         ike_lifetime: 4h            # IKE_SA rekeyed at 80-90 %, deleted at 100 % (0: never); s/m/h/d
         child_lifetime: 1h          # CHILD_SA likewise (RFC 7296 §2.8); a bare number is seconds
@@ -312,9 +313,11 @@ def _peer(ctx, name: str, p, idx: int) -> Peer:
     eps, lines = _str_list(ctx, p, "endpoints", where, "IP addresses")
     if not eps:
         raise ctx.err(p.line, f"{where}endpoints", "missing; list at least one underlay address of the peer")
-    for e, ln in zip(eps, lines):
+    for i, (e, ln) in enumerate(zip(eps, lines)):
         try:
-            ipaddress.ip_address(e)
+            # canonical text form: IKE and the datapath match a datagram's source address against
+            # the endpoints as strings (2001:DB8:0::2 and 2001:db8::2 are one address)
+            eps[i] = str(ipaddress.ip_address(e))
         except ValueError:
             raise ctx.err(ln, f"{where}endpoints", f"{e!r} is not an IP address")
     subnets = _subnets(ctx, p, "subnets", where)
@@ -345,7 +348,9 @@ def _peer(ctx, name: str, p, idx: int) -> Peer:
     port = _typed(ctx, p, "ike_port", where, int, "a UDP port") if "ike_port" in p else 500
     extra = {}
     if vip:
-        extra["request_virtual_ip"] = (4,)
+        # the inner address must be of the family the gateway's subnets use: IPv6 for an
+        # IPv6-only site (INTERNAL_IP6_ADDRESS, RFC 7296 §3.15.1), else IPv4
+        extra["request_virtual_ip"] = (6,) if subnets and all(n.version == 6 for n in subnets) else (4,)
     if "virtual_ip_pool" in p:
         pool = _typed(ctx, p, "virtual_ip_pool", where, str, "a CIDR prefix such as 10.99.0.0/24")
         for part in pool.split(","):

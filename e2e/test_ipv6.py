@@ -5,6 +5,7 @@ the agents it needs and stops them again::
 
     underlay bridge br0 in <p>-sw (captures there): 2001:db8::/64 and 198.51.100.0/24
       h1 2001:db8::11            h2 2001:db8::12                  (hosts, IPv6 only)
+      rh 2001:db8::21                                             (remote host, IPv6 only)
       g6a 2001:db8::1 ── lan0 10.1.0.1/24, fd00:1::1/64 ── g6aw0 10.1.0.2, fd00:1::2
       g6b 2001:db8::2 ── lan0 10.2.0.1/24, fd00:2::1/64 ── g6bw0 10.2.0.2, fd00:2::2
       g4a 198.51.100.1 ── lan0 10.3.0.1/24, fd00:3::1/64 ── g4aw0 10.3.0.2, fd00:3::2
@@ -16,6 +17,8 @@ the agents it needs and stops them again::
   4-in-6  g6aw0 -- g6a <== ESP tunnel 10.1.0.0/24 <-> 10.2.0.0/24 over IPv6 ==> g6b -- g6bw0
   6-in-4  g4aw0 -- g4a <== ESP tunnel fd00:3::/64 <-> fd00:4::/64 over IPv4 ==> g4b -- g4bw0
   host    h1 <== transport ESP in UDP / raw ESP (next header 50) / AH (51) over IPv6 ==> h2
+  case 4  rh <== ESP tunnel fd00:99::1/128 <-> fd00:2::/64 ==> g6b -- g6bw0
+          (rh asks for an IPv6 virtual IP by CP, g6b assigns it from fd00:99::/120)
 
 Traffic is proven with ping / ping6 and a TCP transfer (SHA-256 checked);
 every wire claim with tcpdump captures read by tshark, which decrypts ESP with
@@ -64,6 +67,7 @@ class Lab:
         self.topo = t = Topology(workdir=tmp, ipv6=True)
         self.h1 = t.add_host("h1", "2001:db8::11")
         self.h2 = t.add_host("h2", "2001:db8::12")
+        self.rh = t.add_host("rh", "2001:db8::21")
         self.g6a = t.add_gateway("g6a", "2001:db8::1", "10.1.0.0/24", subnet6="fd00:1::/64")
         self.g6b = t.add_gateway("g6b", "2001:db8::2", "10.2.0.0/24", subnet6="fd00:2::/64")
         self.g4a = t.add_gateway("g4a", "198.51.100.1", "10.3.0.0/24", subnet6="fd00:3::/64")
@@ -359,3 +363,28 @@ def test_transport_mode_ah_over_ipv6(lab):
         SecurityAssociation(AH, spi=ip[AH].spi, auth_algo=alg, auth_key=key, esn_en=esn).decrypt(ip)  # raises if bad
         ok += 1
     assert ok >= 10
+
+
+def test_remote_host_gets_an_ipv6_virtual_ip(lab):
+    """RFC 4301 case 4 over IPv6: rh asks g6b (IPv6 subnets only) for an inner address
+    (CP(CFG_REQUEST) with INTERNAL_IP6_ADDRESS, RFC 7296 §3.15), gets the pool's first address
+    (not the Subnet-Router anycast fd00:99::), and reaches the site from it."""
+    s = lab
+    g, sg = s.agent(s.g6b.ns, "g6b", "2001:db8::2", [peer("rh", "2001:db8::21", virtual_ip_pool="fd00:99::/120")],
+                    ["fd00:2::/64"])
+    r, sr = s.agent(s.rh.ns, "rh", "2001:db8::21", [peer("g6b", "2001:db8::2", ["fd00:2::/64"], virtual_ip=True)])
+    cap, pcap = s.capture(s.topo.switch_ns, "br0", "case4v6")
+    bw = s.g6b.workloads[0]
+    (c,) = s.wait_sa(s.rh.ns, sr, "g6b")["child_sas"]
+    assert c["local_ts"] == ["fd00:99::1/128"], c
+    assert "fd00:99::1/128" in sh("ip", "-o", "-6", "addr", "show", "dev", "ms0", ns=s.rh.ns).stdout
+    wait_until(lambda: ping(s.rh.ns, bw.ip6), UP, what="rh -> fd00:2::2 through g6b")
+    assert ping(bw.ns, "fd00:99::1", count=2)  # the site reaches the remote host's virtual IP
+    s.topo.stop(cap)
+    s.stop(r, g)
+    assert tshark(pcap, "ipv6.addr == fd00::/8") == [], "an inner address in a clear header"
+    home = s.keys_home()
+    srcs = tshark(pcap, "esp and icmpv6.type == 128 and ipv6.dst == fd00:2::2", home=home, fields=["ipv6.src"])
+    assert len(srcs) >= 1 and set(srcs) == {"2001:db8::21,fd00:99::1"}, srcs  # outer, inner source
+    assert len(tshark(pcap, "esp and icmpv6.type == 128 and ipv6.dst == fd00:99::1", home=home)) >= 2
+    assert tshark(pcap, "esp.icv_bad == 1", home=home) == []

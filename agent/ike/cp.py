@@ -113,7 +113,8 @@ class AddressPool:
     ``acquire(identity)`` gives each peer identity one address (the network and
     broadcast addresses of an IPv4 pool are never handed out), the same one again
     while it holds it, and after a release the address it had before if still
-    free (stable per identity). Returns None when exhausted. ``release(identity)``
+    free (stable per identity). Of an IPv6 pool the Subnet-Router anycast address
+    (all-zeros interface ID) is never handed out either. Returns None when exhausted. ``release(identity)``
     frees it (IKE_SA deleted). Raises ValueError for a pool that is not a network.
     """
 
@@ -128,6 +129,9 @@ class AddressPool:
     def _candidates(self):
         if self.network.version == 4 and self.network.prefixlen < 31:
             return self.network.hosts()
+        if self.network.version == 6 and self.network.prefixlen < 127:
+            # the all-zeros interface ID is the Subnet-Router anycast address (RFC 4291 §2.6.1)
+            return (a for a in self.network if a != self.network.network_address)
         return iter(self.network)
 
     def acquire(self, identity: str):
