@@ -146,6 +146,8 @@ def policy_from_proto(p: pb.PeerPolicy) -> PeerPolicy:
         allow_no_replay=p.replay_window == 0,
         action=_enum(_ACTION, p.action, d.action, "action"),  # type: ignore[arg-type]
         rule=p.rule,
+        child_lifetime_bytes=p.child_lifetime_bytes,
+        child_lifetime_packets=p.child_lifetime_packets,
     )
 
 

@@ -62,6 +62,7 @@ def policy_to_proto(pol: PolicyView) -> pb.PeerPolicy:
         ike_lifetime_s=pol.ike_lifetime_s, child_lifetime_s=pol.child_lifetime_s,
         dpd_interval_s=pol.dpd_interval_s, replay_window=pol.replay_window,
         action=_ACTION[pol.action], rule=pol.rule,
+        child_lifetime_bytes=pol.child_lifetime_bytes, child_lifetime_packets=pol.child_lifetime_packets,
     )
 
 

@@ -13,6 +13,9 @@ Format::
       dpd_interval: 30s            # 0 = dead peer detection off
       replay_window: 1024          # packets, a multiple of 32 up to 1048576; 0 (no anti-replay) only
                                    # with allow_no_replay: true
+      child_lifetime_bytes: 10G    # CHILD_SA volume lifetime per SA direction (RFC 4301 §4.4.2.1):
+                                   # octets, k/M/G/T = 1000^n, Ki/Mi/Gi/Ti = 1024^n; 0 = no limit
+      child_lifetime_packets: 0    # packets, same suffixes; 0 = no limit. Rekey at 90 %, delete at 100 %
     nodes:
       - name: gw-a                 # DNS name; the node's IKE identity
         role: gateway              # host | gateway
@@ -43,6 +46,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +79,44 @@ _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 _DEFAULT_KEYS = ("ike_proposals", "esp_proposals", "mode", "protocol", "encapsulation",
-                 "ike_lifetime", "child_lifetime", "dpd_interval", "replay_window", "allow_no_replay")
+                 "ike_lifetime", "child_lifetime", "dpd_interval", "replay_window", "allow_no_replay",
+                 "child_lifetime_bytes", "child_lifetime_packets")
 _RULE_KEYS = ("name", "between", "action") + _DEFAULT_KEYS
 _NODE_KEYS = ("name", "role", "endpoints", "subnets", "join_token", "join_token_sha256")
+
+
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*(?:([kmgt])(i?))?b?$", re.IGNORECASE)
+_SIZE_EXP = {"k": 1, "m": 2, "g": 3, "t": 4}
+MAX_LIFETIME_VOLUME = (1 << 64) - 1  # uint64 in PeerPolicy
+# smallest non-zero limits: below these a CHILD_SA would be rekeyed (or die) every few packets
+MIN_LIFETIME_BYTES = 65536
+MIN_LIFETIME_PACKETS = 100
+
+
+def parse_size(text: str | int) -> int:
+    """A byte or packet count: an integer, or a number with a suffix ``k``, ``M``, ``G``, ``T``
+    (decimal: 1000^n, as in 10G = 10 000 000 000) or ``Ki``, ``Mi``, ``Gi``, ``Ti`` (binary: 1024^n),
+    case-insensitive, an optional trailing ``B`` (``64k``, ``500M``, ``1.5GiB``). Fractions are
+    rounded down to a whole count. Raises ValueError for anything else, a negative value or one
+    above 2^64 - 1."""
+    if isinstance(text, bool) or isinstance(text, float):
+        raise ValueError(f"{text!r} is not a count (use a whole number or a suffix like 64k, 500M, 10G, 1Gi)")
+    if isinstance(text, int):
+        value = text
+    else:
+        m = _SIZE.match(str(text).strip())
+        if not m:
+            raise ValueError(f"{text!r} is not a count (use a whole number or a suffix like 64k, 500M, 10G, 1Gi)")
+        num, prefix, binary = m.groups()
+        base = 1024 if binary else 1000
+        if "." in num and not prefix:
+            raise ValueError(f"{text!r} is not a whole number")
+        value = int(Fraction(num) * base ** _SIZE_EXP[prefix.lower()]) if prefix else int(num)
+    if value < 0:
+        raise ValueError(f"{text!r} is negative")
+    if value > MAX_LIFETIME_VOLUME:
+        raise ValueError(f"{text!r} is more than 2^64 - 1")
+    return value
 
 
 class InventoryError(ValueError):
@@ -196,6 +235,16 @@ class _Parser:
                 kw[key] = self.choice(v, p, ENCAPSULATIONS)
             elif key in ("ike_lifetime", "child_lifetime", "dpd_interval"):
                 kw[f"{key}_s"] = self.duration(v, p)
+            elif key in ("child_lifetime_bytes", "child_lifetime_packets"):
+                try:
+                    value = parse_size(self.scalar(v, p))
+                except ValueError as e:
+                    raise self.fail(v, p, str(e)) from None
+                low = MIN_LIFETIME_BYTES if key.endswith("bytes") else MIN_LIFETIME_PACKETS
+                if 0 < value < low:
+                    raise self.fail(v, p, f"{value} is too small: the CHILD_SA would be rekeyed every few "
+                                          f"packets; use 0 (no limit) or at least {low}")
+                kw[key] = value
             elif key == "replay_window":
                 value = self.scalar(v, p)
                 if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_REPLAY_WINDOW:

@@ -59,7 +59,8 @@ class UnknownNode(KeyError):
 @dataclass(frozen=True)
 class Defaults:
     """Policy applied to every peer pair. Durations in seconds (0: no rekey /
-    no DPD); replay_window in packets."""
+    no DPD); replay_window in packets; CHILD_SA lifetimes in octets and packets
+    (RFC 4301 §4.4.2.1, 0: no limit)."""
 
     ike_proposals: tuple[str, ...] = DEFAULT_IKE_PROPOSALS
     esp_proposals: tuple[str, ...] = DEFAULT_ESP_PROPOSALS
@@ -70,6 +71,13 @@ class Defaults:
     child_lifetime_s: float = 3600.0
     dpd_interval_s: float = 30.0
     replay_window: int = 1024
+    child_lifetime_bytes: int = 0
+    child_lifetime_packets: int = 0
+
+
+# Defaults fields left out of view_json while 0, so inventories that do not use them keep
+# their snapshots byte-identical (from_view_json fills in the default)
+_OMIT_WHEN_ZERO = ("child_lifetime_bytes", "child_lifetime_packets")
 
 
 @dataclass(frozen=True)
@@ -128,7 +136,8 @@ class Inventory:
             {"name": n.name, "role": n.role, "endpoints": list(n.endpoints), "subnets": list(n.subnets)}
             for n in sorted(self.nodes, key=lambda n: n.name)
         ]
-        doc = {"nodes": nodes, "defaults": asdict(self.defaults)}
+        defaults = {k: v for k, v in asdict(self.defaults).items() if not (k in _OMIT_WHEN_ZERO and not v)}
+        doc = {"nodes": nodes, "defaults": defaults}
         if self.groups or self.rules:  # absent keys keep older snapshots byte-identical
             doc["groups"] = [[g, list(m)] for g, m in self.groups]
             doc["rules"] = [{"name": r.name, "between": [list(r.between[0]), list(r.between[1])],
@@ -172,6 +181,8 @@ class PolicyView:
     replay_window: int
     action: str = "protect"
     rule: str = "defaults"
+    child_lifetime_bytes: int = 0  # octets per CHILD_SA direction, 0: no limit
+    child_lifetime_packets: int = 0
 
 
 @dataclass(frozen=True)
@@ -263,6 +274,8 @@ def pair_policy(inventory: Inventory | Defaults, a: NodeSpec, b: NodeSpec) -> Po
         child_lifetime_s=defaults.child_lifetime_s,
         dpd_interval_s=defaults.dpd_interval_s,
         replay_window=defaults.replay_window,
+        child_lifetime_bytes=defaults.child_lifetime_bytes,
+        child_lifetime_packets=defaults.child_lifetime_packets,
         action=rule.action if rule else "protect",
         rule=rule.name if rule else "defaults",
     )

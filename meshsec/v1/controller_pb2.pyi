@@ -84,7 +84,7 @@ class WatchRequest(_message.Message):
     def __init__(self, node_name: _Optional[str] = ..., since_version: _Optional[int] = ...) -> None: ...
 
 class PeerPolicy(_message.Message):
-    __slots__ = ("mode", "protocol", "encapsulation", "ike_proposals", "esp_proposals", "ike_lifetime_s", "child_lifetime_s", "dpd_interval_s", "replay_window", "action", "rule")
+    __slots__ = ("mode", "protocol", "encapsulation", "ike_proposals", "esp_proposals", "ike_lifetime_s", "child_lifetime_s", "dpd_interval_s", "replay_window", "action", "rule", "child_lifetime_bytes", "child_lifetime_packets")
     MODE_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     ENCAPSULATION_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,8 @@ class PeerPolicy(_message.Message):
     REPLAY_WINDOW_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     RULE_FIELD_NUMBER: _ClassVar[int]
+    CHILD_LIFETIME_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHILD_LIFETIME_PACKETS_FIELD_NUMBER: _ClassVar[int]
     mode: Mode
     protocol: Protocol
     encapsulation: Encapsulation
@@ -107,7 +109,9 @@ class PeerPolicy(_message.Message):
     replay_window: int
     action: Action
     rule: str
-    def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., protocol: _Optional[_Union[Protocol, str]] = ..., encapsulation: _Optional[_Union[Encapsulation, str]] = ..., ike_proposals: _Optional[_Iterable[str]] = ..., esp_proposals: _Optional[_Iterable[str]] = ..., ike_lifetime_s: _Optional[float] = ..., child_lifetime_s: _Optional[float] = ..., dpd_interval_s: _Optional[float] = ..., replay_window: _Optional[int] = ..., action: _Optional[_Union[Action, str]] = ..., rule: _Optional[str] = ...) -> None: ...
+    child_lifetime_bytes: int
+    child_lifetime_packets: int
+    def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., protocol: _Optional[_Union[Protocol, str]] = ..., encapsulation: _Optional[_Union[Encapsulation, str]] = ..., ike_proposals: _Optional[_Iterable[str]] = ..., esp_proposals: _Optional[_Iterable[str]] = ..., ike_lifetime_s: _Optional[float] = ..., child_lifetime_s: _Optional[float] = ..., dpd_interval_s: _Optional[float] = ..., replay_window: _Optional[int] = ..., action: _Optional[_Union[Action, str]] = ..., rule: _Optional[str] = ..., child_lifetime_bytes: _Optional[int] = ..., child_lifetime_packets: _Optional[int] = ...) -> None: ...
 
 class Peer(_message.Message):
     __slots__ = ("name", "identity", "endpoints", "subnets", "policy", "initiate", "ike_port")
