@@ -24,6 +24,9 @@ Format (keys not listed are an error)::
         virtual_ip_pool: 10.99.0.0/24   # gateway side: hand this peer an address from the pool
         ike_lifetime: 4h            # IKE_SA rekeyed at 80-90 %, deleted at 100 % (0: never); s/m/h/d
         child_lifetime: 1h          # CHILD_SA likewise (RFC 7296 §2.8); a bare number is seconds
+        child_lifetime_bytes: 10G   # CHILD_SA volume lifetime per SA direction (RFC 4301 §4.4.2.1): octets,
+                                    # k/M/G/T = 1000^n, Ki/Mi/Gi/Ti = 1024^n; rekey 90 %, delete 100 %; 0: none
+        child_lifetime_packets: 0   # likewise in packets
         fragment_size: 1280         # RFC 7383: IP packet octets above which IKE messages are fragmented
         bind_endpoints: false       # true: refuse this peer when its IKE comes from another address (no NAT)
 
@@ -265,7 +268,8 @@ def _credentials(ctx, m) -> Credentials:
 
 _PEER_KEYS = {"name", "identity", "endpoints", "subnets", "psk", "initiate", "ike_proposals",
               "esp_proposals", "mode", "encapsulation", "ike_port", "protocol", "virtual_ip",
-              "virtual_ip_pool", "ike_lifetime", "child_lifetime", "fragment_size", "bind_endpoints"}
+              "virtual_ip_pool", "ike_lifetime", "child_lifetime", "fragment_size", "bind_endpoints",
+              "child_lifetime_bytes", "child_lifetime_packets"}
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MIN_LIFETIME_S = 10  # below this a rekey could not finish before the hard limit (retransmits)
 
@@ -288,6 +292,60 @@ def parse_duration(value) -> float:
     if secs < 0 or secs != secs or secs == float("inf"):
         raise ValueError(f"{value!r} is not a duration; give a non-negative time such as 30s, 15m, 4h")
     return secs
+
+
+_SIZE_EXP = {"k": 1, "m": 2, "g": 3, "t": 4}
+MAX_LIFETIME_VOLUME = (1 << 64) - 1
+# smallest non-zero volume limits: below these a CHILD_SA would be rekeyed every few packets
+MIN_LIFETIME_BYTES = 65536
+MIN_LIFETIME_PACKETS = 100
+
+
+def parse_size(value) -> int:
+    """A byte or packet count: an integer, or a number with ``k``/``M``/``G``/``T`` (decimal,
+    1000^n) or ``Ki``/``Mi``/``Gi``/``Ti`` (binary, 1024^n), case-insensitive, optional trailing
+    ``B`` (``64k``, ``500M``, ``10G``, ``1.5GiB``); fractions round down. ValueError naming the
+    value and the accepted forms (the same rules as the controller's inventory)."""
+    bad = f"{value!r} is not a count; write a whole number or e.g. 64k, 500M, 10G, 1Gi"
+    if isinstance(value, (bool, float)):
+        raise ValueError(bad)
+    if isinstance(value, int):
+        n = value
+    else:
+        text = str(value).strip().lower()
+        if text.endswith("b"):
+            text = text[:-1].rstrip()
+        binary = text.endswith("i")
+        if binary:
+            text = text[:-1]
+        exp = _SIZE_EXP.get(text[-1:]) if text else None
+        if binary and exp is None:
+            raise ValueError(bad)
+        num = text[:-1].rstrip() if exp else text
+        if not num or not all(c.isdigit() or c == "." for c in num) or num.count(".") > 1 or num[0] == ".":
+            raise ValueError(f"{value!r} is negative" if num.startswith("-") else bad)
+        if "." in num and not exp:
+            raise ValueError(f"{value!r} is not a whole number")
+        whole, _, frac = num.partition(".")
+        scale = (1024 if binary else 1000) ** (exp or 0)
+        n = int(whole) * scale + (int(frac) * scale // 10 ** len(frac) if frac else 0)
+    if n < 0:
+        raise ValueError(f"{value!r} is negative")
+    if n > MAX_LIFETIME_VOLUME:
+        raise ValueError(f"{value!r} is more than 2^64 - 1")
+    return n
+
+
+def _volume(ctx, p, key, where) -> int:
+    try:
+        n = parse_size(p[key])
+    except ValueError as exc:
+        raise ctx.err(_line(p, key), f"{where}{key}", str(exc))
+    low = MIN_LIFETIME_BYTES if key.endswith("bytes") else MIN_LIFETIME_PACKETS
+    if 0 < n < low:
+        raise ctx.err(_line(p, key), f"{where}{key}", f"{n} is too small: the CHILD_SA would be rekeyed every "
+                      f"few packets; use 0 (no limit) or at least {low}")
+    return n
 
 
 def _lifetime(ctx, p, key, where, default: float) -> float:
@@ -376,6 +434,9 @@ def _peer(ctx, name: str, p, idx: int) -> Peer:
         extra["fragment_size"] = fs
     if "bind_endpoints" in p:  # PAD endpoint binding (RFC 4301 §4.4.3, docs/ike-hardening.md)
         extra["bind_endpoints"] = _typed(ctx, p, "bind_endpoints", where, bool, "true or false")
+    for key in ("child_lifetime_bytes", "child_lifetime_packets"):  # RFC 4301 §4.4.2.1
+        if key in p:
+            extra[key] = _volume(ctx, p, key, where)
     policy = PeerPolicy(
         mode=mode, encapsulation=encap, protocol=protocol, **extra,
         ike_proposals=_proposals(ctx, p, "ike_proposals", where, "ike", DEFAULT_IKE_PROPOSALS),

@@ -119,3 +119,53 @@ policies:
 """
     with pytest.raises(InventoryError, match="only meaningful with action: protect"):
         parse_inventory(text, "inv.yaml")
+
+
+# ---- the standalone agent config (agent/config.py) uses the same keys and units --------
+
+from agent.config import ConfigError, parse_config  # noqa: E402
+from agent.config import parse_size as agent_parse_size  # noqa: E402
+
+CFG = """\
+name: gw-a
+local_address: 198.51.100.1
+subnets: [10.1.0.0/24]
+auth: {psk: "s3cret"}
+peers:
+  - name: gw-b
+    endpoints: [198.51.100.2]
+    subnets: [10.2.0.0/24]
+"""
+
+
+@pytest.mark.parametrize("text", ["10G", "500M", "64k", "1Gi", "512KiB", "1.5G", "2 TB", "0", 7, "0.5Ki",
+                                  "-1", "1.5", "ten", "Ki", ".5k", "100000000000T", True, 1.5])
+def test_agent_and_controller_parse_units_alike(text):
+    try:
+        want = parse_size(text)
+    except ValueError:
+        with pytest.raises(ValueError):
+            agent_parse_size(text)
+        return
+    assert agent_parse_size(text) == want
+
+
+def test_config_keys_reach_the_peer_policy():
+    view, _c, _d = parse_config(CFG + "    child_lifetime_bytes: 4Gi\n    child_lifetime_packets: 2M\n", "x.yaml")
+    pol = view.peers[0].policy
+    assert (pol.child_lifetime_bytes, pol.child_lifetime_packets) == (4 << 30, 2_000_000)
+    view, _c, _d = parse_config(CFG, "x.yaml")
+    assert (view.peers[0].policy.child_lifetime_bytes, view.peers[0].policy.child_lifetime_packets) == (0, 0)
+
+
+@pytest.mark.parametrize("line, words", [
+    ("    child_lifetime_bytes: lots\n", ["cfg.yaml:9", "peers[0].child_lifetime_bytes", "'lots' is not a count"]),
+    ("    child_lifetime_bytes: 100\n", ["peers[0].child_lifetime_bytes", "too small", "65536"]),
+    ("    child_lifetime_packets: -4\n", ["peers[0].child_lifetime_packets", "negative"]),
+    ("    child_lifetime_packets: 10\n", ["peers[0].child_lifetime_packets", "at least 100"]),
+])
+def test_config_errors_name_line_field_and_fix(line, words):
+    with pytest.raises(ConfigError) as ei:
+        parse_config(CFG + line, "cfg.yaml")
+    for w in words:
+        assert w in str(ei.value)
