@@ -108,6 +108,21 @@ def _sa_kind(c: dict) -> str:
     return kind + (f" +ah {c['ah']}_o" if c.get("ah") else "")
 
 
+def _life(c: dict) -> str:
+    """Byte/packet lifetime use of a CHILD_SA (RFC 4301 §4.4.2.1): the busier direction
+    against the limit, e.g. ``1.2MiB/10.0MiB 900/1000p``; ``-`` without limits."""
+    life = c.get("lifetime") or {}
+    parts = []
+    for key, fmt in (("bytes", _size), ("packets", lambda n: f"{int(n or 0)}")):
+        d = life.get(key) or {}
+        if d.get("limit"):
+            used = max(d.get("used_in", 0) or 0, d.get("used_out", 0) or 0)
+            parts.append(f"{fmt(used)}/{fmt(d['limit'])}" + ("p" if key == "packets" else ""))
+    if life.get("expired"):
+        parts.append("EXPIRED")
+    return " ".join(parts) or "-"
+
+
 def _selector_extra(e: dict) -> str:
     """Next-layer protocol and ports of an SPD entry (any when the entry has none)."""
     proto = e.get("protocol")
@@ -145,8 +160,12 @@ def format_status(st: dict) -> str:
                  c.get("algorithms", "-"), _age(c.get("age_s")),
                  f"{_size(c.get('bytes_in'))}/{c.get('packets_in', 0)}p",
                  f"{_size(c.get('bytes_out'))}/{c.get('packets_out', 0)}p", _drops(c.get("drops"))] for c in ch]
-        out.append(_table(["PEER", "SPIs", "PROTO/MODE/ENCAP", "VIA", "ALGORITHMS", "AGE", "IN", "OUT", "DROPS"],
-                          rows))
+        headers = ["PEER", "SPIs", "PROTO/MODE/ENCAP", "VIA", "ALGORITHMS", "AGE", "IN", "OUT", "DROPS"]
+        if any(_life(c) != "-" for c in ch):  # byte/packet lifetimes configured: show their use
+            headers.insert(8, "LIFETIME USED")
+            for r, c in zip(rows, ch):
+                r.insert(8, _life(c))
+        out.append(_table(headers, rows))
     out.append("")
     spd = st.get("spd")
     if spd is not None:

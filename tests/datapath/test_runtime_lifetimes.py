@@ -220,3 +220,14 @@ def test_no_limits_by_default():
     ch = a.rt.current["b"]
     assert ch.out_sa.lifetime_bytes == 0 and ch.out_sa.lifetime_packets == 0
     assert a.rt.status()["child_sas"][0]["lifetime"]["packets"]["limit"] == 0
+
+
+def test_meshsec_status_text_shows_lifetime_use():
+    from meshsec.cli import format_status
+    net, clock, a, b = _setup(child_lifetime_bytes=1 << 20, child_lifetime_packets=1000)
+    a.tun.inject(batch(0, n=5, size=200))
+    pump(a, b)
+    text = format_status(a.rt.status())
+    assert "LIFETIME USED" in text and "1000B/1.0MiB 5/1000p" in text
+    plain = format_status(_setup()[2].rt.status())
+    assert "CHILD_SAs (1)" in plain and "LIFETIME USED" not in plain  # no limits: no column
