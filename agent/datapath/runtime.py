@@ -1224,13 +1224,20 @@ class Runtime:
         if self.keylog is not None:
             self.keylog.ike_keys(ev)
 
-    @staticmethod
-    def _volume_kw(peer) -> tuple[dict, dict]:
+    def _volume_kw(self, peer) -> tuple[dict, dict]:
         """SA constructor kwargs (inbound, outbound) for the policy's byte/packet lifetimes
-        (RFC 4301 §4.4.2.1); empty without limits, so plain factories keep working."""
+        (RFC 4301 §4.4.2.1); empty without limits, so plain factories keep working. A value
+        that is not a whole number >= 0 (a hand-edited stored view) is logged and ignored."""
         pol = peer.policy if peer is not None else None
-        lb = int(getattr(pol, "child_lifetime_bytes", 0) or 0)
-        lp = int(getattr(pol, "child_lifetime_packets", 0) or 0)
+        vals = []
+        for key in ("child_lifetime_bytes", "child_lifetime_packets"):
+            v = getattr(pol, key, 0) or 0
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                self.log.error("peer %s: policy %s %r is not a whole number >= 0; its CHILD_SAs get no such "
+                               "limit (fix the policy)", peer.name, key, v)
+                v = 0
+            vals.append(v)
+        lb, lp = vals
         if not (lb or lp):
             return {}, {}
         kw = {"lifetime_bytes": lb, "lifetime_packets": lp}

@@ -231,3 +231,15 @@ def test_meshsec_status_text_shows_lifetime_use():
     assert "LIFETIME USED" in text and "1000B/1.0MiB 5/1000p" in text
     plain = format_status(_setup()[2].rt.status())
     assert "CHILD_SAs (1)" in plain and "LIFETIME USED" not in plain  # no limits: no column
+
+
+def test_bad_limit_in_a_policy_is_reported_and_ignored_not_fatal(caplog):
+    # e.g. a hand-edited stored view: the CHILD_SA still comes up, the error is logged
+    net, clock, a, b = _setup(child_lifetime_packets=-5)
+    assert "b" in a.rt.current and a.rt.current["b"].out_sa.lifetime_packets == 0
+    assert "child_lifetime_packets -5 is not a whole number >= 0" in caplog.text
+    assert a.rt.counters["internal_errors"] == 0
+    pkts = batch(0, n=3)
+    a.tun.inject(pkts)
+    pump(a, b)
+    assert b.tun.take_written() == pkts
