@@ -243,3 +243,49 @@ def test_bad_limit_in_a_policy_is_reported_and_ignored_not_fatal(caplog):
     a.tun.inject(pkts)
     pump(a, b)
     assert b.tun.take_written() == pkts
+
+
+def test_ah_sas_get_the_limits_and_expire_without_an_ike_delete_api():
+    """AH (RFC 4302) CHILD_SAs carry the same limits; with an IKE stand-in that has no
+    delete_child the runtime removes the expired CHILD_SA itself. AH ICVs on the wire are
+    checked by tests/datapath/test_runtime_ah.py with scapy; here: counts and removal."""
+    import ipaddress as ipa
+
+    from scapy.layers.inet import ICMP, IP
+    from scapy.packet import Raw, raw
+
+    from agent.model import NodeView, Peer
+    from tests.datapath.test_runtime_ah import ah_keys, ev
+    from tests.datapath.test_runtime_rfc4301 import ScriptedIke, install
+
+    A, B = "198.51.100.11", "198.51.100.12"
+    net = FakeNetwork()
+
+    def node(me, other, peer_name):
+        pol = PeerPolicy(mode="transport", protocol="ah", encapsulation="none", child_lifetime_packets=100)
+        view = NodeView(name=me, identity=me, subnets=(ipa.ip_network(me + "/32"),), local_address=me, peers=(
+            Peer(name=peer_name, identity=peer_name, endpoints=(other,), subnets=(ipa.ip_network(other + "/32"),),
+                 policy=pol, initiate=False),))
+        ike, tun = ScriptedIke(), FakeTun(mtu=1400)
+        rt = Runtime(view, ike, tun=tun, udp500=net.socket(me, 500), udp4500=net.socket(me, 4500),
+                     local_address=me, raw_esp=net.raw(me, 50))
+        rt.start()
+        return rt, ike, tun
+    a, ike_a, ta = node(A, B, "b")
+    b, ike_b, tb = node(B, A, "a")
+    install(a, ike_a, ev("b", ah_keys(0x1001), ah_keys(0x2002), A, B))
+    install(b, ike_b, ev("a", ah_keys(0x2002), ah_keys(0x1001), B, A))
+    ch = a.current["b"]
+    assert (ch.protocol, ch.out_sa.lifetime_packets, ch.in_sa.lifetime_packets) == ("ah", 100, 100)
+    assert (ch.out_sa.soft_packets, ch.in_sa.soft_packets) == (90, 95)
+    got = 0
+    for i in range(8):  # 15 pings per batch: the 7th crosses the hard limit
+        ta.inject([raw(IP(src=A, dst=B, id=i * 15 + j + 1) / ICMP() / Raw(b"x")) for j in range(15)])
+        a.pump()
+        b.pump()
+        got += len(tb.take_written())
+    assert got == 100
+    assert ch.out_sa.counters["lifetime_expired"] == 5 and ch.out_sa.expired
+    assert a.children == {} and "b" not in a.current  # removed locally (no IKE delete API here)
+    assert a.counters["lifetime_deletes"] == 1 and a.counters["no_sa"] == 15
+    assert b.children == {} and b.counters["lifetime_deletes"] == 1  # its inbound SA reached 100 too
