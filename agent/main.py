@@ -339,7 +339,12 @@ def _run(args) -> int:
     underlay_mtu = routes.underlay_mtu(local)
     auto_mtu = not fixed_mtu and underlay_mtu is not None
     if auto_mtu:
-        mtu = max(576, underlay_mtu - 73)  # ESP AES-GCM tunnel in UDP over IPv4; refined per SA
+        # ESP AES-GCM tunnel in UDP: 73 bytes over IPv4, 93 over IPv6 (40-byte header); refined per SA.
+        # IPv6 needs at least 1280 (RFC 8200 §5) on any link that may carry it.
+        v6_underlay = ipaddress.ip_address(local).version == 6
+        carries_v6 = v6_underlay or any(n.version == 6 for n in view.subnets) or any(
+            n.version == 6 for p in view.peers for n in p.subnets)
+        mtu = max(1280 if carries_v6 else 576, underlay_mtu - (93 if v6_underlay else 73))
         try:
             routes.set_mtu(mtu)
         except RouteError as exc:
