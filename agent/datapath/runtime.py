@@ -721,7 +721,27 @@ class Runtime:
                     continue
                 c["no_sa"] += n
                 self._initiate(peer, now, "acquire")  # RFC 4301 §5.1; idempotent while negotiating
+                self._acquire_child(peer, now)
             self._flush_ike(now)
+
+    ACQUIRE_CHILD_INTERVAL_S = 5.0
+
+    def _acquire_child(self, peer: str, now: float) -> None:
+        """Acquire with an established IKE_SA but no CHILD_SA (its CHILD_SA expired by
+        lifetime, was deleted, or its rekey failed): ask for a new CHILD_SA (CREATE_CHILD_SA,
+        RFC 7296 §1.3.1), at most once per ACQUIRE_CHILD_INTERVAL_S per peer."""
+        create = getattr(self.ike, "create_child", None)
+        if create is None:
+            return
+        asked = self.__dict__.setdefault("_child_acquired_at", {})
+        if now - asked.get(peer, float("-inf")) < self.ACQUIRE_CHILD_INTERVAL_S:
+            return
+        asked[peer] = now
+        try:
+            if create(peer, now):
+                self.counters["child_acquires"] = self.counters.get("child_acquires", 0) + 1
+        except Exception as exc:
+            self.internal_error(f"create_child({peer}) on acquire", exc)
 
     def _within_child(self, ch: ChildEntry, pkts: list[bytes], *, inbound: bool) -> list[bytes]:
         """Packets inside ``ch``'s narrowed selectors (protocol, ports: RFC 7296 §2.9); the

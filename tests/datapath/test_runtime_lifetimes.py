@@ -154,7 +154,7 @@ def test_hard_limit_without_a_rekey_stops_traffic_and_deletes_on_both_sides(poli
         n.ike.rekey_child = lambda spi, now, n=n: n.rekeys.append(spi) and False
     ch = a.rt.current["b"]
     sent = []
-    for i in range(8):  # 15 packets of 100 octets per batch: the 7th crosses the hard limit
+    for i in range(7):  # 15 packets of 100 octets per batch: the 7th crosses the hard limit
         pkts = batch(i, n=15)
         sent += pkts
         a.tun.inject(pkts)
@@ -170,7 +170,12 @@ def test_hard_limit_without_a_rekey_stops_traffic_and_deletes_on_both_sides(poli
     assert "b" not in a.rt.current and "a" not in b.rt.current
     assert [s["state"] for s in a.ike.status()] == ["ESTABLISHED"]
     assert all(not s["children"] for s in b.ike.status())
-    # traffic stops: counted as no_sa, never an exception
+    a.tun.inject(batch(7, n=15))
+    pump(a, b)
+    assert b.tun.take_written() == []
+    assert "b" in a.rt.current and a.rt.counters["child_acquires"] == 1
+    # the 8th batch found no SA (counted as no_sa, never an exception); being an acquire on an
+    # established IKE_SA it asked for a new CHILD_SA (CREATE_CHILD_SA), which is now up
     assert a.rt.counters["no_sa"] == 15 and a.rt.counters["internal_errors"] == 0
     assert b.rt.counters["internal_errors"] == 0
 
@@ -197,8 +202,9 @@ def test_receiver_refuses_beyond_its_hard_limit_and_deletes():
     assert b.rekeys == [ch_b.inbound_spi]  # at 95 % (47 packets), once
     assert ch_b.in_sa.counters["lifetime_expired"] == 6  # the rest of the 7th batch
     assert b.rt.counters["lifetime_deletes"] == 1
-    assert b.rt.children == {} and a.rt.children == {}  # a learned it from the D payload
-    assert a.rt.counters["no_sa"] == 8  # the 8th batch found no SA at a
+    assert a.rt.counters["no_sa"] == 8  # the 8th batch found no SA at a (learned from the D payload)
+    # ... and, as an acquire on the established IKE_SA, asked for a new CHILD_SA
+    assert a.rt.counters["child_acquires"] == 1 and "a" in b.rt.current
 
 
 def test_status_shows_limits_and_use():
@@ -289,3 +295,29 @@ def test_ah_sas_get_the_limits_and_expire_without_an_ike_delete_api():
     assert a.children == {} and "b" not in a.current  # removed locally (no IKE delete API here)
     assert a.counters["lifetime_deletes"] == 1 and a.counters["no_sa"] == 15
     assert b.children == {} and b.counters["lifetime_deletes"] == 1  # its inbound SA reached 100 too
+
+
+def test_traffic_after_a_hard_limit_delete_opens_a_new_child_sa():
+    """After a CHILD_SA is gone by its hard limit (the rekey having failed), the IKE_SA is still
+    up: the next packet to the peer is an acquire (RFC 4301 §5.1) that asks for a new CHILD_SA
+    with CREATE_CHILD_SA (RFC 7296 §1.3.1) on that IKE_SA, and traffic flows again."""
+    net, clock, a, b = _setup(child_lifetime_packets=100)
+    for n in (a, b):
+        n.ike.rekey_child = lambda spi, now, n=n: n.rekeys.append(spi) and False
+    for i in range(7):  # the 7th batch crosses the hard limit: the CHILD_SA is deleted
+        a.tun.inject(batch(i, n=15))
+        pump(a, b)
+        clock.advance(0.01)
+    b.tun.take_written()
+    assert "b" not in a.rt.current and a.rt.counters["lifetime_deletes"] == 1
+    ike_spis = [s["spi_i"] for s in a.ike.status()]
+    again = batch(99, n=3)
+    a.tun.inject(again)  # acquire: counted as no_sa, and a CHILD_SA is asked for
+    pump(a, b)
+    assert a.rt.counters["child_acquires"] == 1
+    assert "b" in a.rt.current and "a" in b.rt.current
+    assert [s["spi_i"] for s in a.ike.status()] == ike_spis  # same IKE_SA, no new IKE_SA_INIT
+    later = batch(100, n=3)
+    a.tun.inject(later)
+    pump(a, b)
+    assert b.tun.take_written() == later
