@@ -252,6 +252,10 @@ class Runtime:
         self._nat_remotes: set[tuple[str, int]] = set()  # peers' UDP 4500 while we are behind a NAT
         self._tx4500: dict[tuple[str, int], float] = {}  # remote -> when we last sent it anything on 4500
         self._ka_deadline: float | None = None
+        # peers the tie-break leaves to initiate to us: if no IKE_SA with them exists a moment
+        # after we start (their first IKE_SA_INIT may have been lost while we were down), we
+        # initiate ourselves; (deadline, peer names)
+        self._late: tuple[float, tuple[str, ...]] | None = None
         self._nat_dirty = False
         self.sad = Sad()  # the SAs: inbound by SPI, outbound by peer
         self.spd = Spd()  # default DISCARD
@@ -332,6 +336,24 @@ class Runtime:
         for p in self.view.peers:
             if p.initiate:
                 self._initiate(p.name, now, "start")
+        self._schedule_late(self.view.peers, now)
+        self._flush_ike(now)
+
+    LATE_INITIATE_S = (0.5, 1.5)  # jittered so two restarted losers rarely collide
+
+    def _schedule_late(self, peers, now: float) -> None:
+        late = tuple(p.name for p in peers if not p.initiate and p.endpoints
+                     and p.policy.action == "protect" and p.name not in self.current)
+        if late:
+            lo, hi = self.LATE_INITIATE_S
+            self._late = (now + lo + (hi - lo) * self.rng(1)[0] / 255, late)
+
+    def _late_initiate(self, now: float) -> None:
+        _, peers = self._late
+        self._late = None
+        for name in peers:
+            if self.view.peer(name) is not None and name not in self.current:
+                self._initiate(name, now, "late start")  # a no-op if an IKE_SA with it exists
         self._flush_ike(now)
 
     def run(self) -> None:
@@ -423,9 +445,11 @@ class Runtime:
         self._flush_ike(now)
         if self._ka_deadline is not None and self._ka_deadline <= now:
             self._keepalives(now)
+        if self._late is not None and self._late[0] <= now:
+            self._late_initiate(now)
 
     def _next_deadline(self) -> float | None:
-        ts = [t for t in (self.ike.get_timer(), self._ka_deadline) if t is not None]
+        ts = [t for t in (self.ike.get_timer(), self._ka_deadline, self._late and self._late[0]) if t is not None]
         return min(ts) if ts else None
 
     def _run_timers(self, now: float) -> None:
@@ -435,6 +459,8 @@ class Runtime:
             self._flush_ike(now)
         if self._ka_deadline is not None and self._ka_deadline <= now:
             self._keepalives(now)
+        if self._late is not None and self._late[0] <= now:
+            self._late_initiate(now)
 
     # -- NAT keepalives (RFC 3948 §2.3) ----------------------------------------
     def _refresh_nat(self, now: float) -> None:
@@ -551,6 +577,7 @@ class Runtime:
         for p in view.peers:
             if p.initiate and p.name not in self.current:
                 self._initiate(p.name, now, f"view {view.version}")  # idempotent in the IKE core
+        self._schedule_late(view.peers, now)
         self._flush_ike(now)
         self.log.info("view version %d applied: %d peers", view.version, len(view.peers))
 
