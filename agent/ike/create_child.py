@@ -237,6 +237,9 @@ class CreateChildExchange:
         if (self.state != "ESTABLISHED" or self._successor is not None
                 or (task.old is not None and (task.old not in self.children or task.old.rekeyed))):
             self._drop_task(task)  # the peer rekeyed or deleted it meanwhile
+            succ = self._successor
+            if task.old is not None and succ is not None and task.old in succ.children and not task.old.rekeyed:
+                task.old.rekey_at = now  # the CHILD_SA moved with an IKE_SA rekey: rekey it there
             return None
         task.ni = self.rng(NONCE_LEN)
         task.spi = self._new_child_spi()
@@ -529,8 +532,17 @@ class CreateChildExchange:
         self._successor = new
         self.delete(now, "rekeyed")  # HDR, SK {D(IKE)} --> on the old IKE_SA
 
+    def _child_exchange_outstanding(self) -> bool:
+        """A CREATE_CHILD_SA (or its IKE_FOLLOWUP_KE) for a CHILD_SA of ours has been sent and
+        not finished (task.ni is drawn when the request is built)."""
+        return any(t.ni for t in self._child_tasks)
+
     def _respond_ike_rekey(self, sa, ni: bytes, ke, now: float) -> list:
         from agent.ike.child import choose_ike  # noqa: local for clarity
+        if self._child_exchange_outstanding():
+            # §2.25.2: our CHILD_SA exchange would finish on an IKE_SA about to go; the
+            # initiator retries its IKE_SA rekey later (_ike_rekey_failed -> rekey_at)
+            return [NotifyPayload(int(NotifyType.TEMPORARY_FAILURE))]
         if ke is None:
             return [NotifyPayload(int(NotifyType.INVALID_SYNTAX))]
         res = choose_ike(sa, self._ike_proposals(), ke.group)

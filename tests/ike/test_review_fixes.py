@@ -1,0 +1,50 @@
+"""Regression tests for the protocol review (docs/ike-hardening.md "Review fixes"); each one
+failed before its fix. Sans-I/O: two IkeManagers on the in-memory wire of tests/ike/conftest.py."""
+from __future__ import annotations
+
+from agent.iana import ExchangeType, NotifyType, PayloadType
+from agent.ike.events import ChildSaDeleted, ChildSaEstablished, IkeSaDeleted
+from agent.ike.message import decode_message
+
+from tests.ike.helpers import assert_mirrored, create_child_msgs, live_children, net
+
+
+# ------------------------------------------------------------ 1. CHILD_SA rekey crossing an IKE_SA rekey
+def test_child_rekey_crossing_ike_rekey_gets_temporary_failure_and_ike_rekey_retries():
+    """a: HDR, SK {N(REKEY_SA), SA, Ni, TSi, TSr} --> while b: HDR, SK {SA, Ni, KEi} --> (both in
+    flight). a answers b's IKE_SA rekey <-- HDR, SK {N(TEMPORARY_FAILURE)} (RFC 7296 §2.25.2), b
+    answers the CHILD_SA rekey; b retries its IKE_SA rekey later and both ends keep one CHILD_SA."""
+    n = net()
+    sa_a = list(n.a._sas.values())[0]
+    sa_b = list(n.b._sas.values())[0]
+    old_in = sa_a.children[0].inbound_spi
+    assert sa_a.rekey_child(old_in, n.now)
+    n.a._collect(sa_a, n.now)
+    assert sa_b.rekey_ike(n.now)
+    n.b._collect(sa_b, n.now)
+    da, db = n.a.datagrams_to_send(), n.b.datagrams_to_send()
+    for d in db:  # a sees b's IKE_SA rekey first
+        n.log.append(("b", d))
+        n.a.receive_datagram(d.data, d.remote, d.local, n.now)
+    for d in da:
+        n.log.append(("a", d))
+        n.b.receive_datagram(d.data, d.remote, d.local, n.now)
+    n.pump()
+    answers = [(src, by) for src, m, by in create_child_msgs(n) if src == "a" and m.is_response]
+    notes = [p.notify_type for _src, by in answers for p in by.get(int(PayloadType.NOTIFY), [])]
+    assert NotifyType.TEMPORARY_FAILURE in notes
+    assert any("TEMPORARY_FAILURE" in e for e in sa_b.child_errors)
+    # the CHILD_SA rekey went through on the still-current IKE_SA
+    assert_mirrored(n, 1)
+    assert old_in not in [i for i, _o in live_children(n.a)]
+    # b retries the IKE_SA rekey (retry delay 1-30 s) and the new CHILD_SA moves with it
+    n.advance(n.now + 60)
+    assert sa_b.is_dead and sa_a.is_dead
+    assert sa_b.delete_reason == "rekeyed" or any(
+        isinstance(e, IkeSaDeleted) and e.rekeyed_to for e in n.events["b"])
+    assert_mirrored(n, 1)
+    new_b = [s for s in n.b._live()]
+    assert len(new_b) == 1 and (new_b[0].spi_i, new_b[0].spi_r) != (sa_b.spi_i, sa_b.spi_r)
+    # no CHILD_SA went down with the old IKE_SA
+    assert not [e for e in n.events["a"] + n.events["b"]
+                if isinstance(e, ChildSaDeleted) and e.reason not in ("rekeyed", "deleted by peer")]
