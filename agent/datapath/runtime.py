@@ -1314,6 +1314,14 @@ class Runtime:
                         needs_ah=not is_ah and peer is not None and getattr(peer.policy, "protocol", "") == "ah+esp",
                         narrow=selector_entries(ev.peer, mode, getattr(ev, "local_selectors", ()) or (),
                                                 getattr(ev, "remote_selectors", ()) or ()))
+        old = self.children.get(ch.inbound_spi)
+        if old is not None:
+            # IkeManager allocates inbound SPIs unique on this node (RFC 4301 §4.1): a clash is our
+            # bug; keep the live CHILD_SA, do not install the new one
+            self.counters["internal_errors"] += 1
+            self.log.error("internal error: inbound SPI %08x of a new CHILD_SA with %s is already used by a "
+                           "CHILD_SA with %s; the new CHILD_SA is not installed", ch.inbound_spi, ev.peer, old.peer)
+            return
         if is_ah:
             self._ensure_raw_ah()
         elif not ev.udp_encap and self.raw_esp is None:
@@ -1327,9 +1335,6 @@ class Runtime:
                     self.routes.add_address(f"{vip}/{32 if ':' not in str(vip) else 128}")
                 except Exception as exc:
                     self.log.error("cannot assign virtual IP %s: %s", vip, exc)
-        old = self.children.get(ch.inbound_spi)
-        if old is not None:
-            self._remove_child(old)  # an SPI collision can only be a stale entry
         if not is_ah:  # the SAD demultiplexes ESP; AH SAs are found by SPI in self.children
             self.sad.add_inbound(ch.peer, in_sa)
         self.children[ch.inbound_spi] = ch

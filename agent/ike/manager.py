@@ -61,6 +61,7 @@ class IkeManager:
         self.local_address = local_address
         self.counters: dict[str, int] = {}
         self._sas: dict[int, IkeSa] = {}  # by our SPI
+        self._recent_child_spis: deque = deque(maxlen=256)
         self._half_open: dict[tuple[str, int], IkeSa] = {}  # responder: (remote ip, SPIi)
         self._half_open_key: dict[int, tuple[str, int]] = {}  # our SPI -> its _half_open key
         self._half_open_by_ip: dict[str, int] = {}
@@ -119,7 +120,29 @@ class IkeManager:
             force_encap=any(p.policy.encapsulation == "udp" for p in self.view.peers),
             wall_offset=lambda: self.wall_offset, assign_vip=self._assign_vip,
             half_open_timeout_s=self.half_open_timeout_s, revoked=lambda: self._revoked,
-            policy_problem=self._policy_problem)
+            policy_problem=self._policy_problem, new_child_spi=self._new_child_spi)
+
+    def _child_spis_in_use(self) -> set[int]:
+        """Inbound CHILD_SA SPIs of every IKE_SA of this node, rekeyed and half-open ones included:
+        installed CHILD_SAs, SPIs offered in IKE_AUTH / CREATE_CHILD_SA requests, and the last
+        SPIs handed out (a responder's SPI before its IKE_FOLLOWUP_KE completes)."""
+        used = set(self._recent_child_spis)
+        for sa in list(self._sas.values()):
+            for s in (sa, *sa.spawned, *([sa._successor] if sa._successor is not None else [])):
+                used.update(c.inbound_spi for c in s.children)
+                used.update(t.spi for t in s._child_tasks)
+                used.add(s._child_spi)
+        return used
+
+    def _new_child_spi(self) -> int:
+        """A fresh inbound SPI (ESP and AH share it: the datapath finds SAs by SPI), unique on
+        this node (RFC 4301 §4.1); 1-255 are reserved (RFC 4303 §2.1)."""
+        used = self._child_spis_in_use()
+        while True:
+            spi = int.from_bytes(self.rng(4), "big")
+            if spi >= 256 and spi not in used:
+                self._recent_child_spis.append(spi)
+                return spi
 
     def _policy_problem(self, peer: Peer) -> str | None:
         """policy_check.policy_problem, cached per policy; a new problem is counted, kept in
@@ -229,7 +252,7 @@ class IkeManager:
             wall_offset=lambda: self.wall_offset, assign_vip=self._assign_vip,
             fragment_size=getattr(peer.policy, "fragment_size", DEFAULT_FRAGMENT_SIZE),
             half_open_timeout_s=self.half_open_timeout_s, revoked=lambda: self._revoked,
-            policy_problem=self._policy_problem)
+            policy_problem=self._policy_problem, new_child_spi=self._new_child_spi)
         sa = IkeSa.new_initiator(cfg, self.rng, (self.local_address, IKE_PORT),
                                  (peer.endpoints[0], peer.ike_port), now)
         self._sas[sa.my_spi] = sa

@@ -105,6 +105,9 @@ class IkeSaConfig:
     revoked: Callable[[], frozenset] = lambda: frozenset()
     # (peer, CHILD_SA policy) -> None or the reason it is unusable; checked before IKE_AUTH completes
     policy_problem: Callable[[Peer], str | None] = lambda _peer: None
+    # inbound CHILD_SA SPI allocator of the node (IkeManager: unique over every IKE_SA, RFC 4301
+    # §4.1); None: drawn from rng by this IKE_SA alone
+    new_child_spi: Callable[[], int] | None = None
 
 
 def _sha1(data: bytes) -> bytes:
@@ -846,6 +849,8 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         self._request(ExchangeType.IKE_AUTH, payloads, self._process_auth_response, now)
 
     def _new_child_spi(self) -> int:
+        if self.cfg.new_child_spi is not None:
+            return self.cfg.new_child_spi()
         while True:
             spi = int.from_bytes(self.rng(4), "big")
             if spi >= 256:  # 1-255 reserved (RFC 4303 §2.1)

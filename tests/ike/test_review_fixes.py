@@ -48,3 +48,53 @@ def test_child_rekey_crossing_ike_rekey_gets_temporary_failure_and_ike_rekey_ret
     # no CHILD_SA went down with the old IKE_SA
     assert not [e for e in n.events["a"] + n.events["b"]
                 if isinstance(e, ChildSaDeleted) and e.reason not in ("rekeyed", "deleted by peer")]
+
+
+# ------------------------------------------------------------ 2. inbound SPIs unique per node
+def test_inbound_child_spis_are_unique_over_all_ike_sas_of_the_node():
+    """RFC 4301 §4.1: the receiver's SPI identifies the SA. The rng of node a repeats its first
+    4-octet draw; a's CHILD_SAs with b and c must still get different inbound SPIs."""
+    import ipaddress
+    from agent.ike.manager import IkeManager
+    from agent.model import Credentials, NodeView, Peer
+    from tests.ike.conftest import CLASSICAL, DetRng
+    from tests.ike.helpers import PSK
+
+    class RepeatRng(DetRng):
+        repeats = 6
+
+        def __call__(self, k):
+            if k == 4 and self.repeats:
+                self.repeats -= 1
+                return b"\x0a\xbc\xde\xf0"
+            return super().__call__(k)
+
+    addr = {"a": "198.51.100.1", "b": "198.51.100.2", "c": "198.51.100.3"}
+    nets = {"a": "10.1.0.0/16", "b": "10.2.0.0/16", "c": "10.3.0.0/16"}
+
+    def peer(x):
+        return Peer(x, x, (addr[x],), (ipaddress.ip_network(nets[x]),), CLASSICAL)
+
+    def mgr(me, peers, rng):
+        v = NodeView(me, me, (ipaddress.ip_network(nets[me]),), tuple(peer(p) for p in peers),
+                     local_address=addr[me])
+        return IkeManager(v, Credentials(psk=PSK), rng, local_address=addr[me])
+
+    m = {"a": mgr("a", "bc", RepeatRng("a")), "b": mgr("b", "a", DetRng("b")), "c": mgr("c", "a", DetRng("c"))}
+    by_addr = {addr[k]: k for k in m}
+    m["a"].initiate("b", 0.0)
+    m["a"].initiate("c", 0.0)
+    for _ in range(30):
+        for mm in m.values():
+            for d in mm.datagrams_to_send():
+                m[by_addr[d.remote[0]]].receive_datagram(d.data, d.remote, d.local, 0.0)
+    spis = []
+    while (e := m["a"].next_event()) is not None:
+        if isinstance(e, ChildSaEstablished):
+            spis.append(e.inbound.spi)
+    assert len(spis) == 2 and len(set(spis)) == 2
+    # a rekey allocates past every SPI in use, on any IKE_SA
+    sa_b = next(sa for sa in m["a"]._live() if sa.peer_name == "b")
+    used = m["a"]._child_spis_in_use()
+    assert set(spis) <= used
+    assert sa_b._new_child_spi() not in used
