@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from agent.datapath import packets as pk
 from agent.datapath.tun import TunGone
 from agent.esp import Action, Sad, Spd, SpdEntry, bypass_entries, classify_udp4500
+from agent.esp.packet import PROTO_FRAGMENT, parse_ip
 from agent.model import NodeView
 
 NON_ESP_MARKER = b"\x00\x00\x00\x00"  # RFC 3948 §2.2
@@ -41,11 +42,25 @@ _ANY4 = ipaddress.ip_network("0.0.0.0/0")
 _ANY6 = ipaddress.ip_network("::/0")
 
 DROP_REASONS = ("no_sa", "no_policy", "discard", "unknown_spi", "policy", "malformed", "send_errors",
-                "too_big", "no_raw_socket", "nesting_loop", "ah_drops", "no_endpoint")
+                "too_big", "no_raw_socket", "nesting_loop", "ah_drops", "no_endpoint", "fragment")
 # IKE packets dropped in controller mode before the first view arrived: expected once or
 # twice at every start (the peer retransmits), so shown apart from the drops
 BEFORE_FIRST_VIEW = "no_view_yet"
 _MAX_LOGGED_ERRORS = 256  # distinct internal errors logged with a traceback (then only counted)
+def _is_fragment(p: bytes) -> bool:
+    """An IPv4 fragment (MF or offset) or an IPv6 packet with a Fragment header."""
+    if len(p) < 8:
+        return False
+    if p[0] >> 4 == 4:
+        return bool(p[6] & 0x3F or p[7])
+    if p[6] not in (PROTO_FRAGMENT, 0, 43, 60):  # no extension header that may precede it
+        return False
+    try:
+        return parse_ip(p).fragment
+    except Exception:
+        return False  # malformed: the SA counts it
+
+
 _MAX_NESTING = 4  # SAs applied to one packet (iterated processing, RFC 4301 §4.5)
 # soft byte/packet lifetime (RFC 4301 §4.4.2.1) as a fraction of the hard one: the sending SA
 # gets there first and starts the rekey; the receiving SA only if the sender did not (e.g. a
@@ -248,6 +263,7 @@ class Runtime:
                               "tun_in": 0, "tun_out": 0, "nested_out": 0, "nested_in": 0, "icmp_too_big": 0,
                               "mss_clamped": 0, "ah_in": 0, "ah_out": 0, "lifetime_rekeys": 0,
                               "lifetime_deletes": 0})
+        self._fragment_logged = False
         self.nat_keepalive = nat_keepalive
         self._nat_remotes: set[tuple[str, int]] = set()  # peers' UDP 4500 while we are behind a NAT
         self._tx4500: dict[tuple[str, int], float] = {}  # remote -> when we last sent it anything on 4500
@@ -824,6 +840,20 @@ class Runtime:
     def _protect(self, ch: ChildEntry, pkts: list[bytes], depth: int) -> None:
         """Apply ``ch``'s outbound SA to ``pkts`` (whole IP packets) and send the result,
         or hand it to the next SA of the bundle when ``ch.via`` is set."""
+        if ch.mode == "transport":
+            whole = [p for p in pkts if not _is_fragment(p)]
+            if len(whole) != len(pkts):
+                # RFC 4303 §3.3.4 / RFC 4302 §3.4.1: transport mode protects whole datagrams only;
+                # no reassembly here (docs/datapath.md "Fragments and transport mode")
+                self.counters["fragment"] += len(pkts) - len(whole)
+                if not self._fragment_logged:
+                    self._fragment_logged = True
+                    self.log.warning("IP fragments from the TUN for the transport-mode CHILD_SA with %s are "
+                                     "dropped (counter fragment; logged once): send datagrams that fit the "
+                                     "TUN MTU, or use tunnel mode", ch.peer)
+                pkts = whole
+                if not pkts:
+                    return
         if ch.protocol == "ah":
             self._send_ah(ch, pkts)
             return

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Callable
 
 from agent.esp.errors import EspError
-from agent.esp.packet import transport_split
+from agent.esp.packet import parse_ip, transport_split
 from agent.esp.replay import ReplayWindow
 from agent.esp.transforms import make_transform
 from agent.esp.transforms.base import U32
@@ -504,10 +504,15 @@ def split_transport(packet: bytes) -> tuple[int, bytes]:
     Fragment headers (and Destination Options before a Routing header) stay
     outside, the rest is protected (RFC 4303 §3.1.1; see
     ``agent.esp.packet.transport_split`` for the offsets). Raises
-    EspError("bad_inner").
+    EspError("bad_inner"), also for a fragment: transport mode protects whole IP datagrams
+    only (RFC 4303 §3.3.4; the receiver could not tell the pieces from whole datagrams).
     """
+    if len(packet) >= 8 and packet[0] >> 4 == 4 and (packet[6] & 0x3F or packet[7]):
+        raise EspError("bad_inner", "IPv4 fragment: transport mode protects whole datagrams (RFC 4303 §3.3.4)")
     try:
         ins, _, nh = transport_split(packet)
     except EspError as e:
         raise EspError("bad_inner", e.detail) from None
+    if ins > 40 and packet[0] >> 4 == 6 and parse_ip(packet).fragment:
+        raise EspError("bad_inner", "IPv6 fragment: transport mode protects whole datagrams (RFC 4303 §3.3.4)")
     return nh, packet[ins:]
