@@ -96,7 +96,7 @@ def fragment(*, spi_i: int, spi_r: int, exchange: int, flags: int, message_id: i
 
 @dataclass
 class _Partial:
-    message_id: int
+    message_id: object  # Message ID or (Message ID, exchange type)
     total: int
     first: int = 0
     parts: dict[int, bytes] = field(default_factory=dict)
@@ -120,10 +120,12 @@ class Reassembler:
         self.max_bytes = max_bytes
         self._p: _Partial | None = None
 
-    def add(self, message_id: int, frag: EncryptedFragmentPayload, raw: bytes,
+    def add(self, message_id: object, frag: EncryptedFragmentPayload, raw: bytes,
             open_: Callable[[bytes, bytes], bytes]) -> tuple[int, bytes] | str:
         """``raw`` is the whole received IKE message; ``open_(aad, body)`` decrypts
-        and verifies one fragment (raising IntegrityError / CryptoError)."""
+        and verifies one fragment (raising IntegrityError / CryptoError). ``message_id``
+        names the message being collected: the Message ID, or any key such as
+        (Message ID, exchange type); a fragment with another key starts over."""
         n, total = frag.number, frag.total
         if total < 1 or not 1 <= n <= total:
             return "fragment_malformed"

@@ -190,7 +190,8 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         self._ts_proposed: tuple = ((), ())  # TSi, TSr of our IKE_AUTH request (§2.9)
         self.peer_cert_serial: int | None = None  # serial of the certificate the peer authenticated with
         self._req_digests: tuple[int, set] = (-1, set())  # datagrams of the peer's current request
-        self._frag_rx = frag.Reassembler()
+        # RFC 7383: the peer's requests and its responses to ours are reassembled apart (R flag)
+        self._frag_rx = {False: frag.Reassembler(), True: frag.Reassembler()}
         self._init_create_child()
         self._init_intermediate()  # RFC 9370 / RFC 9242: agent.ike.intermediate
 
@@ -435,7 +436,7 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         sk_e, sk_a = ((self._keys.sk_er, self._keys.sk_ar) if self.initiator
                       else (self._keys.sk_ei, self._keys.sk_ai))
         if isinstance(sk, EncryptedFragmentPayload):  # RFC 7383 §2.6
-            res = self._frag_rx.add(msg.message_id, sk, raw,
+            res = self._frag_rx[msg.is_response].add((msg.message_id, msg.exchange), sk, raw,
                                     lambda aad, body: self._cipher.decrypt(sk_e, sk_a, aad, body))
             if isinstance(res, str):
                 return (), res

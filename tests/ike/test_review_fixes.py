@@ -98,3 +98,44 @@ def test_inbound_child_spis_are_unique_over_all_ike_sas_of_the_node():
     used = m["a"]._child_spis_in_use()
     assert set(spis) <= used
     assert sa_b._new_child_spi() not in used
+
+
+# ------------------------------------------------------------ 4. request and response reassembled apart
+def _skf(sa_from, mid, response, payloads, rng):
+    from agent.ike import fragment as frag
+    from agent.ike.message import encode_payloads
+    first, plain = encode_payloads(payloads)
+    k = sa_from._keys
+    sk_e, sk_a = (k.sk_ei, k.sk_ai) if sa_from.initiator else (k.sk_er, k.sk_ar)
+    flags = (0x08 if sa_from.initiator else 0) | (0x20 if response else 0)
+    return frag.fragment(spi_i=sa_from.spi_i, spi_r=sa_from.spi_r, exchange=int(ExchangeType.INFORMATIONAL),
+                         flags=flags, message_id=mid, first=first, plaintext=plain, cipher=sa_from._cipher,
+                         sk_e=sk_e, sk_a=sk_a, rng=rng, budget=300)
+
+
+def test_fragments_of_a_request_and_a_response_interleaved_both_reassemble():
+    """RFC 7383 §2.6: b's request (Message ID 0) and b's response to a's liveness check
+    (Message ID 2) arrive as SKF fragments interleaved; a reassembles both."""
+    from agent.ike.message import NotifyPayload
+    from tests.ike.conftest import DetRng
+    n = net()
+    sa_a = list(n.a._sas.values())[0]
+    sa_b = list(n.b._sas.values())[0]
+    assert sa_a.check_liveness(n.now)
+    n.a._collect(sa_a, n.now)
+    n.a.datagrams_to_send()
+    mid_rsp = sa_a._pending.message_id
+    mid_req = sa_a._peer_mid
+    assert mid_req != mid_rsp
+    rng = DetRng("frag")
+    req = _skf(sa_b, mid_req, False, [NotifyPayload(40000, b"R" * 500)], rng)  # status type, ignored
+    rsp = _skf(sa_b, mid_rsp, True, [NotifyPayload(40001, b"S" * 500)], rng)
+    assert len(req) >= 2 and len(rsp) >= 2
+    for i in range(max(len(req), len(rsp))):
+        for fr in (req, rsp):
+            if i < len(fr):
+                n.a.receive_datagram(fr[i], sa_a.local, sa_a.remote, n.now)
+    assert sa_a._pending is None  # the response completed the liveness check
+    out = [decode_message(d.data) for d in n.a.datagrams_to_send()]
+    assert [(m.message_id, m.is_response) for m in out] == [(mid_req, True)]  # the request was answered
+    assert sa_a.state == "ESTABLISHED"
