@@ -1422,6 +1422,17 @@ class Runtime:
         self.log.info("IKE_SA %016x_i %016x_r%s deleted (%s)", ev.spi_i, ev.spi_r,
                       f" with {ev.peer}" if ev.peer else "", ev.reason)
 
+    def _ev_peer_address_changed(self, ev, now: float) -> None:
+        # RFC 7296 §2.23 / RFC 3948: the peer's NAT mapping moved; its UDP-encapsulated CHILD_SAs follow
+        moved = 0
+        for ch in self.children.values():
+            if (ch.ike_spi_i, ch.ike_spi_r) == (ev.ike_spi_i, ev.ike_spi_r) and ch.udp_encap:
+                ch.remote = tuple(ev.remote)
+                moved += 1
+        self._nat_dirty = True
+        self.log.info("peer %s (IKE_SA %016x_i %016x_r) now at %s:%d behind its NAT; %d CHILD_SA(s) follow",
+                      ev.peer, ev.ike_spi_i, ev.ike_spi_r, ev.remote[0], ev.remote[1], moved)
+
     def _ev_peer_refused(self, ev, now: float) -> None:
         # policy data the IKE core cannot use (docs/ike-hardening.md): one warning per new problem
         self.log.warning("peer %s refused: %s (fix the policy; other peers are unaffected; "
@@ -1434,6 +1445,7 @@ class Runtime:
         "ChildSaEstablished": _ev_child_established,
         "ChildSaDeleted": _ev_child_deleted,
         "IkeSaDeleted": _ev_ike_deleted,
+        "PeerAddressChanged": _ev_peer_address_changed,
     }
 
     # -- operator commands (control socket, loop thread) -------------------------

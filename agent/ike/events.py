@@ -101,6 +101,18 @@ class IkeSaDeleted:
 
 
 @dataclass(frozen=True)
+class PeerAddressChanged:
+    """The peer, behind a NAT, now sends from ``remote`` (ip, port): its NAT mapping changed.
+    IKE messages of this IKE_SA go there from now on (RFC 7296 §2.23); move the UDP
+    encapsulation endpoint (RFC 3948) of its CHILD_SAs there too. Emitted only after a
+    message from the new address authenticated (ICV verified)."""
+    peer: str
+    ike_spi_i: int
+    ike_spi_r: int
+    remote: Addr
+
+
+@dataclass(frozen=True)
 class PeerRefused:
     """The manager will not negotiate with ``peer`` because of its policy data (e.g. a proposal
     string that does not parse, a replay window the ESP core rejects). ``reason`` names the
@@ -109,7 +121,8 @@ class PeerRefused:
     reason: str
 
 
-Event = Union[IkeSaEstablished, IkeKeysDerived, ChildSaEstablished, ChildSaDeleted, IkeSaDeleted, PeerRefused]
+Event = Union[IkeSaEstablished, IkeKeysDerived, ChildSaEstablished, ChildSaDeleted, IkeSaDeleted, PeerRefused,
+              PeerAddressChanged]
 
 __all__ = ["Addr", "Event", "IkeSaEstablished", "IkeKeysDerived", "ChildSaEstablished",
-           "ChildSaDeleted", "IkeSaDeleted", "PeerRefused"]
+           "ChildSaDeleted", "IkeSaDeleted", "PeerRefused", "PeerAddressChanged"]

@@ -34,7 +34,7 @@ from agent.ike.create_child import CreateChildExchange
 from agent.ike.intermediate import IntermediateExchange
 from agent.ike.crypto import CryptoError, IntegrityError, KeyExchange, KeyExchangeError, Prf, SkCipher, derive_child_keymat, derive_ike_keys
 from agent.ike.events import (Addr, ChildSaDeleted, ChildSaEstablished, IkeKeysDerived, IkeSaDeleted,
-                              IkeSaEstablished)
+                              IkeSaEstablished, PeerAddressChanged)
 from agent.ike.message import (HEADER_LEN, AuthPayload, CertPayload, CertReqPayload, DeletePayload,
                                EncryptedFragmentPayload, EncryptedPayload, IdPayload, KePayload, Message, MessageError, NoncePayload,
                                NotifyPayload, SaPayload, TsPayload, check_payload_rules, decode_payloads,
@@ -357,6 +357,8 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         self._last_raw = raw
         if msg.exchange == ExchangeType.IKE_SA_INIT:
             self.remote = remote
+        else:
+            self._follow_nat(remote)
         p.on_response(msg, inner, now)
         self._run_queue(now)
         return None
@@ -385,6 +387,8 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
             return None if err == frag.FRAGMENT_QUEUED else err
         self.last_received = now
         self._last_raw = raw
+        if msg.exchange not in (ExchangeType.IKE_SA_INIT, ExchangeType.IKE_AUTH, ExchangeType.IKE_INTERMEDIATE):
+            self._follow_nat(remote)
         if msg.unsupported_critical or any(getattr(p, "critical", False) for p in inner):
             # §2.5: <-- HDR, [SK {] N(UNSUPPORTED_CRITICAL_PAYLOAD, type) [}]
             t = next(p.ptype for p in (*msg.payloads, *inner) if getattr(p, "critical", False))
@@ -421,6 +425,19 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         if payloads is not None:
             self._respond(msg, payloads, local, remote)
         return None
+
+    def _follow_nat(self, remote: Addr) -> None:
+        """§2.23: the peer is behind a NAT and an authenticated message came from another
+        address or port: send there from now on and tell the runtime (PeerAddressChanged)."""
+        if not self._nat_remote or self.state != State.ESTABLISHED or tuple(remote) == tuple(self.remote):
+            return
+        if self.peer is not None:
+            try:
+                self._check_binding(self.peer, remote)  # PAD bind_endpoints still holds
+            except AuthError:
+                return
+        self.remote = tuple(remote)
+        self.events.append(PeerAddressChanged(self.peer_name, self.spi_i, self.spi_r, self.remote))
 
     def _open(self, msg: Message, raw: bytes) -> tuple[tuple, str | None]:
         """Decrypt the SK payload and check the exchange table. Returns (inner payloads, drop reason)."""

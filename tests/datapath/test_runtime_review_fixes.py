@@ -51,3 +51,17 @@ def test_inbound_spi_clash_keeps_the_live_child_sa_and_counts_an_internal_error(
     assert a.children[0x1001] is live and live.peer == "b"
     assert a.counters["internal_errors"] == 1
     assert any("internal error" in r.getMessage() and "01001" in r.getMessage() for r in caplog.records)
+
+
+def test_peer_address_changed_moves_the_udp_encapsulation_endpoint():
+    from agent.ike.events import PeerAddressChanged
+    net, a, ia, ta, b, tb = _pair()
+    install(a, ia, PeerAddressChanged("b", 1, 2, ("198.51.100.12", 61000)))
+    assert a.children[0x1001].remote == ("198.51.100.12", 61000)
+    ta.inject([raw(IP(src="198.51.100.11", dst="198.51.100.12") / UDP(sport=5, dport=7) / Raw(b"x"))])
+    a.pump()
+    assert [d for s, d, p in net.log if s[0] == "198.51.100.11" and d[0] == "198.51.100.12"][-1] == \
+        ("198.51.100.12", 61000)
+    # another IKE_SA's event moves nothing
+    install(a, ia, PeerAddressChanged("b", 7, 8, ("198.51.100.12", 62000)))
+    assert a.children[0x1001].remote == ("198.51.100.12", 61000)

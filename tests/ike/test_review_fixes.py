@@ -139,3 +139,56 @@ def test_fragments_of_a_request_and_a_response_interleaved_both_reassemble():
     out = [decode_message(d.data) for d in n.a.datagrams_to_send()]
     assert [(m.message_id, m.is_response) for m in out] == [(mid_req, True)]  # the request was answered
     assert sa_a.state == "ESTABLISHED"
+
+
+# ------------------------------------------------------------ 5. NAT rebinding
+def _nat_net():
+    from agent.model import Credentials
+    from tests.ike.conftest import CLASSICAL, make_net, replace, view
+    from tests.ike.helpers import PSK
+    pol = replace(CLASSICAL, encapsulation="udp", dpd_interval_s=30)
+    n = make_net(view("node-a", "node-b", policy=pol), Credentials(psk=PSK), view("node-b", "node-a", policy=pol),
+                 Credentials(psk=PSK), seed="nat")
+    n.a.initiate("node-b", n.now)
+    n.pump()
+    return n
+
+
+def test_nat_rebinding_follows_the_last_authenticated_address_and_reports_it():
+    """RFC 7296 §2.23: a's NAT mapping moves to port 61000; after a's authenticated
+    HDR, SK {} --> from there, b sends to 61000 and emits PeerAddressChanged."""
+    from agent.ike.events import PeerAddressChanged
+    n = _nat_net()
+    sa_a, sa_b = list(n.a._sas.values())[0], list(n.b._sas.values())[0]
+    assert sa_b._nat_remote and sa_b.remote == ("198.51.100.1", 4500)
+    orig = n.b.receive_datagram
+    n.b.receive_datagram = lambda data, local, remote, now: orig(
+        data, local, (remote[0], 61000) if remote[1] == 4500 else remote, now)
+    # an unauthenticated datagram from the new port moves nothing
+    n.b.receive_datagram(b"\x00" * 4 + bytes(28), ("198.51.100.2", 4500), ("198.51.100.1", 4500), n.now)
+    assert sa_b.remote == ("198.51.100.1", 4500)
+    sa_a.check_liveness(n.now)
+    n.a._collect(sa_a, n.now)
+    n.pump()
+    assert sa_b.remote == ("198.51.100.1", 61000)
+    ev = n.of("b", PeerAddressChanged)
+    assert ev == [PeerAddressChanged("node-a", sa_b.spi_i, sa_b.spi_r, ("198.51.100.1", 61000))]
+    sa_b.check_liveness(n.now)
+    n.b._collect(sa_b, n.now)
+    assert [d.remote for d in n.b.datagrams_to_send()] == [("198.51.100.1", 61000)]
+    assert n.of("a", PeerAddressChanged) == []  # b's address did not change
+
+
+def test_no_rebinding_when_the_peer_is_not_behind_a_nat():
+    from agent.ike.events import PeerAddressChanged
+    from tests.ike.conftest import CLASSICAL, replace
+    n = net(replace(CLASSICAL, encapsulation="none"))
+    sa_a, sa_b = list(n.a._sas.values())[0], list(n.b._sas.values())[0]
+    assert not sa_b._nat_remote
+    before = sa_b.remote
+    orig = n.b.receive_datagram
+    n.b.receive_datagram = lambda data, local, remote, now: orig(data, local, (remote[0], 61000), now)
+    sa_a.check_liveness(n.now)
+    n.a._collect(sa_a, n.now)
+    n.pump()
+    assert sa_b.remote == before and n.of("b", PeerAddressChanged) == []
