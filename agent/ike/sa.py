@@ -376,15 +376,19 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
             return None
         if msg.message_id != self._peer_mid:
             return "invalid_message_id"
+        if msg.exchange != ExchangeType.IKE_SA_INIT and self._keys is None:
+            return "invalid_message_id"
+        inner, err = self._open(msg, raw)
+        if err and err != frag.FRAGMENT_QUEUED:
+            return err
+        # only datagrams that authenticated (a queued SKF fragment did) count as the request's
+        # retransmissions (§2.1): a forgery must not make us re-send the response
         if self._req_digests[0] != msg.message_id:
             self._req_digests = (msg.message_id, set())
         if len(self._req_digests[1]) < 64:  # every fragment of the request (RFC 7383), bounded
             self._req_digests[1].add(_sha256(raw))
-        if msg.exchange != ExchangeType.IKE_SA_INIT and self._keys is None:
-            return "invalid_message_id"
-        inner, err = self._open(msg, raw)
         if err:
-            return None if err == frag.FRAGMENT_QUEUED else err
+            return None
         self.last_received = now
         self._last_raw = raw
         if msg.exchange not in (ExchangeType.IKE_SA_INIT, ExchangeType.IKE_AUTH, ExchangeType.IKE_INTERMEDIATE):

@@ -192,3 +192,40 @@ def test_no_rebinding_when_the_peer_is_not_behind_a_nat():
     n.a._collect(sa_a, n.now)
     n.pump()
     assert sa_b.remote == before and n.of("b", PeerAddressChanged) == []
+
+
+# ------------------------------------------------------------ 6. retransmission digests after the ICV
+def test_forged_datagram_with_the_expected_message_id_never_triggers_a_cached_response():
+    """A 36-octet HDR, SK {JUNK} with the IKE_AUTH request's Message ID is dropped (bad ICV /
+    malformed); replayed after the genuine request was answered, it gets no response (§2.1)."""
+    import struct
+    from tests.ike.conftest import make_net, view
+    from tests.ike.helpers import PSK
+    from agent.model import Credentials
+    n = make_net(view("node-a", "node-b"), Credentials(psk=PSK), view("node-b", "node-a"), Credentials(psk=PSK),
+                 seed="d")
+    held = []
+
+    def drop(src, d):
+        m = decode_message(d.data)
+        if src == "a" and m.exchange == ExchangeType.IKE_AUTH and not m.is_response and not held:
+            held.append(d)
+            return True
+        return False
+    n.drop = drop
+    n.a.initiate("node-b", n.now)
+    n.pump()
+    real = held[0]
+    m = decode_message(real.data)
+    junk = (struct.pack("!QQBBBBII", m.spi_i, m.spi_r, 46, 0x20, 35, 0x08, m.message_id, 36)
+            + struct.pack("!BBH", 35, 0, 8) + b"JUNK")
+    n.b.receive_datagram(junk, real.remote, ("203.0.113.66", 500), n.now)
+    assert n.b.datagrams_to_send() == []
+    n.b.receive_datagram(real.data, real.remote, real.local, n.now)
+    assert len(n.b.datagrams_to_send()) == 1  # <-- HDR, SK {IDr, AUTH, SA, TSi, TSr}
+    n.b.receive_datagram(junk, real.remote, ("203.0.113.66", 4500), n.now + 1)
+    assert n.b.datagrams_to_send() == []
+    assert n.b.counters.get("retransmission_mismatch", 0) >= 1
+    # the genuine retransmission still gets the cached response
+    n.b.receive_datagram(real.data, real.remote, real.local, n.now + 2)
+    assert [d.remote for d in n.b.datagrams_to_send()] == [real.local]
