@@ -340,6 +340,8 @@ class Spd:
             n = len(packet)
             if n >= 20:
                 v = packet[0] >> 4
+                if v == 4 and not 20 <= (packet[0] & 0x0F) * 4 <= n:
+                    return self.malformed_entry  # as parse_selectors: checked before the cache answers
                 key = packet[12:20] if v == 4 else packet[8:40] if v == 6 and n >= 40 else None
                 if key is not None:
                     e = self._cache.get(key)

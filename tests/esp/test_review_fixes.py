@@ -67,3 +67,20 @@ def test_transport_ah_refuses_fragments():
     ah = AhSa(EspKeys(0x2001, 0, b"", 12, bytes(32)))
     ah.encapsulate_batch(_v4_frags())
     assert ah.counters["bad_inner"] == 3 and ah.counters["packets_out"] == 0
+
+
+# ------------------------------------------------------------ 7. SPD cache answers only valid packets
+def test_spd_outbound_cache_never_answers_a_malformed_packet():
+    from agent.esp.spd import Action, Spd, SpdEntry
+    spd = Spd([SpdEntry(local=ipaddress.ip_network("10.1.0.0/16"), remote=ipaddress.ip_network("10.2.0.0/16"),
+                        action=Action.BYPASS, name="byp")])
+    good = bytes(IP(src="10.1.0.1", dst="10.2.0.2") / UDP(sport=1, dport=2) / Raw(b"x" * 4))
+    bad = bytearray(good)
+    bad[0] = 0x43  # IHL 3: not an IPv4 header
+    long_ihl = bytearray(good)
+    long_ihl[0] = 0x4F  # IHL 60 > packet length
+    assert spd.lookup_outbound(bytes(bad)).name == "malformed"
+    assert spd.lookup_outbound(good).name == "byp"  # now cached for this address pair
+    assert spd.lookup_outbound(bytes(bad)).name == "malformed"
+    assert spd.lookup_outbound(bytes(long_ihl)).name == "malformed"
+    assert spd.lookup_outbound(good).name == "byp"
