@@ -168,6 +168,18 @@ class VendorPayload:
 
 
 @dataclass(frozen=True)
+class OpaqueSelector:
+    """§3.13.1 a selector of a type we do not implement (e.g. TS_SECLABEL, RFC 9478), kept as
+    received (``raw``: the whole selector, header included) so the message still decodes;
+    narrowing ignores it (agent.ike.child.ts_intersect never matches it)."""
+    ts_type: int
+    raw: bytes
+
+    def networks(self) -> list:
+        return []
+
+
+@dataclass(frozen=True)
 class TrafficSelector:
     """§3.13.1 one selector: type, IP protocol (0 any), ports, addresses (packed)."""
     ts_type: int
@@ -416,7 +428,12 @@ def _decode_ts(ptype: int, data: bytes) -> TsPayload:
         elif ts_type == TsType.TS_IPV6_ADDR_RANGE:
             alen = 16
         else:
-            raise MessageError(f"TS: unsupported selector type {ts_type}")
+            # e.g. TS_SECLABEL (RFC 9478): kept opaque, never matches in narrowing (§3.13.1)
+            if slen < 4 or off + slen > len(data):
+                raise MessageError("TS: bad selector length")
+            sels.append(OpaqueSelector(ts_type, bytes(data[off:off + slen])))
+            off += slen
+            continue
         if slen != 8 + 2 * alen or off + slen > len(data):
             raise MessageError("TS: bad selector length")
         sels.append(TrafficSelector(ts_type, proto, sport, eport,
@@ -431,6 +448,9 @@ def _decode_ts(ptype: int, data: bytes) -> TsPayload:
 def _encode_ts(p: TsPayload) -> bytes:
     out = bytearray(struct.pack("!BBH", len(p.selectors), 0, 0))
     for s in p.selectors:
+        if isinstance(s, OpaqueSelector):
+            out += s.raw
+            continue
         out += struct.pack("!BBHHH", s.ts_type, s.ip_protocol, 8 + len(s.start_addr) + len(s.end_addr),
                            s.start_port, s.end_port) + s.start_addr + s.end_addr
     return bytes(out)
@@ -760,7 +780,7 @@ __all__ = [
     "MessageError", "Message", "Header", "Payload", "SaPayload", "Proposal", "Transform",
     "TransformAttribute", "KePayload", "IdPayload", "CertPayload", "CertReqPayload", "AuthPayload",
     "NoncePayload", "NotifyPayload", "DeletePayload", "VendorPayload", "TsPayload",
-    "TrafficSelector", "EncryptedPayload", "EncryptedFragmentPayload", "RawPayload", "UnknownPayload", "decode_message",
+    "TrafficSelector", "OpaqueSelector", "EncryptedPayload", "EncryptedFragmentPayload", "RawPayload", "UnknownPayload", "decode_message",
     "encode_message", "decode_header", "encode_header", "decode_payloads", "encode_payloads",
     "check_outer", "check_payload_rules", "PAYLOAD_RULES", "HEADER_LEN", "NotifyType",
 ]

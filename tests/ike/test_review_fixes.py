@@ -229,3 +229,65 @@ def test_forged_datagram_with_the_expected_message_id_never_triggers_a_cached_re
     # the genuine retransmission still gets the cached response
     n.b.receive_datagram(real.data, real.remote, real.local, n.now + 2)
     assert [d.remote for d in n.b.datagrams_to_send()] == [real.local]
+
+
+# ------------------------------------------------------------ 8. unknown traffic selector types
+SECLABEL = 10  # TS_SECLABEL (RFC 9478)
+
+
+def test_unknown_ts_type_decodes_opaque_and_round_trips():
+    import struct
+    from agent.ike.message import OpaqueSelector, TsPayload, decode_payloads, encode_payloads
+    v4 = struct.pack("!BBHHH", 7, 0, 16, 0, 65535) + bytes([10, 1, 0, 0, 10, 1, 255, 255])
+    label = struct.pack("!BBH", SECLABEL, 0, 9) + b"sys:x"
+    body = struct.pack("!BBH", 2, 0, 0) + v4 + label
+    (ts,) = decode_payloads(int(PayloadType.TSi), struct.pack("!BBH", 0, 0, 4 + len(body)) + body)
+    assert isinstance(ts, TsPayload) and ts.selectors[1] == OpaqueSelector(SECLABEL, label)
+    assert ts.selectors[1].networks() == []
+    first, plain = encode_payloads([ts])
+    assert first == int(PayloadType.TSi) and plain[4:] == body
+    # a selector length that runs past the payload is still an error
+    bad = struct.pack("!BBH", 1, 0, 0) + struct.pack("!BBH", SECLABEL, 0, 40) + b"sys:x"
+    import pytest
+    from agent.ike.message import MessageError
+    with pytest.raises(MessageError, match="selector length"):
+        decode_payloads(int(PayloadType.TSi), struct.pack("!BBH", 0, 0, 4 + len(bad)) + bad)
+
+
+def _with_label(sa, only_label=False):
+    from agent.ike.message import OpaqueSelector, TsPayload
+    orig = sa._build_child_request
+    lab = OpaqueSelector(SECLABEL, bytes([SECLABEL, 0, 0, 9]) + b"sys:x")
+
+    def build(task, now):
+        out = orig(task, now)
+        return [TsPayload(p.payload_type, ((lab,) if only_label else (*p.selectors, lab)))
+                if isinstance(p, TsPayload) else p for p in out]
+    sa._build_child_request = build
+
+
+def test_create_child_with_an_unknown_selector_type_is_narrowed_to_the_known_ones():
+    """HDR, SK {SA, Ni, TSi(v4 range, SECLABEL), TSr(v4 range, SECLABEL)} --> is answered with
+    the IPv4 ranges only (the unknown type ignored in narrowing, §2.9)."""
+    n = net()
+    sa_a = list(n.a._sas.values())[0]
+    _with_label(sa_a)
+    assert sa_a.create_child(n.now)
+    n.a._collect(sa_a, n.now)
+    n.pump()
+    assert len(n.of("a", ChildSaEstablished)) == 1 and len(n.of("b", ChildSaEstablished)) == 1
+    resp = [by for src, m, by in create_child_msgs(n) if src == "b" and m.is_response][0]
+    for t in (PayloadType.TSi, PayloadType.TSr):
+        assert {s.ts_type for s in resp[int(t)][0].selectors} == {7}
+
+
+def test_create_child_with_only_unknown_selectors_gets_ts_unacceptable():
+    n = net()
+    sa_a = list(n.a._sas.values())[0]
+    _with_label(sa_a, only_label=True)
+    assert sa_a.create_child(n.now)
+    n.a._collect(sa_a, n.now)
+    n.pump()
+    assert n.of("b", ChildSaEstablished) == []
+    assert any("TS_UNACCEPTABLE" in e for e in sa_a.child_errors)
+    assert sa_a.state == "ESTABLISHED"
