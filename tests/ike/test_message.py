@@ -164,8 +164,8 @@ def _msg_bytes(payload_bytes: bytes, first: int, exch=34, length=None) -> bytes:
     (_msg_bytes(b"\x00\x00\x00\x06\x00\x01", PayloadType.KE), "KE: truncated"),
     (_msg_bytes(b"\x00\x00\x00\x08\x01\x00\x00\x05", PayloadType.DELETE), "D: SPIs of size 0"),
     (_msg_bytes(b"\x00\x00\x00\x09\x03\x04\x00\x01a", PayloadType.DELETE), "D: length"),
-    (_msg_bytes(b"\x00\x00\x00\x10\x01\x00\x00\x00" + bytes([9, 0, 0, 8, 0, 0, 0, 0]), PayloadType.TSi),
-     "unsupported selector"),
+    (_msg_bytes(b"\x00\x00\x00\x10\x01\x00\x00\x00" + bytes([9, 0, 0, 40, 0, 0, 0, 0]), PayloadType.TSi),
+     "TS: bad selector length"),  # an unknown type is kept opaque, but its length must fit
     (_msg_bytes(b"\x00\x00\x00\x08\x02\x00\x00\x00", PayloadType.TSi), "traffic selector: truncated"),
     (_msg_bytes(b"\x00\x00\x00\x09\x00\x00\x00\x00\x00", PayloadType.TSi), "count"),
     (_msg_bytes(b"\x00\x00\x00\x0c" + bytes([0, 0, 0, 8, 1, 1, 0, 1]), PayloadType.SA), "transforms"),
