@@ -49,8 +49,12 @@ def zero_mutable(header: bytes) -> bytes:
     Raises EspError("malformed") for options that overrun the header.
     """
     h = bytearray(header)
+    if not h:
+        raise EspError("malformed", "empty IP header")
     v = h[0] >> 4
     if v == 4:
+        if len(h) < max(20, (h[0] & 0x0F) * 4):
+            raise EspError("malformed", f"IPv4 header of {len(h)} bytes is shorter than its IHL / 20 bytes")
         h[1] = 0
         h[6] = h[7] = h[8] = h[10] = h[11] = 0
         i, end = 20, (h[0] & 0x0F) * 4
@@ -69,6 +73,8 @@ def zero_mutable(header: bytes) -> bytes:
             i += ln
         return bytes(h)
     if v == 6:
+        if len(h) < 40:
+            raise EspError("malformed", f"IPv6 header needs 40 bytes, got {len(h)}")
         h[0] = 0x60
         h[1] = h[2] = h[3] = 0
         h[7] = 0

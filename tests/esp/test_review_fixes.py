@@ -84,3 +84,12 @@ def test_spd_outbound_cache_never_answers_a_malformed_packet():
     assert spd.lookup_outbound(bytes(bad)).name == "malformed"
     assert spd.lookup_outbound(bytes(long_ihl)).name == "malformed"
     assert spd.lookup_outbound(good).name == "byp"
+
+
+# ------------------------------------------------------------ 9. AH zero_mutable on truncated headers
+@pytest.mark.parametrize("hdr", [b"", b"\x45\x00\x00", bytes([0x46]) + bytes(19), b"\x60" + bytes(20)])
+def test_ah_zero_mutable_raises_esp_error_on_truncated_headers(hdr):
+    from agent.esp.ah import zero_mutable
+    with pytest.raises(EspError) as e:
+        zero_mutable(hdr)
+    assert e.value.reason == "malformed"
