@@ -359,6 +359,12 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
             self.remote = remote
         else:
             self._follow_nat(remote)
+        if msg.unsupported_critical or any(getattr(x, "critical", False) for x in inner):
+            # §2.5: a response we cannot fully understand fails its exchange
+            if msg.exchange == ExchangeType.IKE_SA_INIT:
+                self._die("IKE_SA_INIT response with an unsupported critical payload")
+                return None
+            inner = (NotifyPayload(int(NotifyType.UNSUPPORTED_CRITICAL_PAYLOAD)),)  # seen as an error notify
         p.on_response(msg, inner, now)
         self._run_queue(now)
         return None

@@ -291,3 +291,29 @@ def test_create_child_with_only_unknown_selectors_gets_ts_unacceptable():
     assert n.of("b", ChildSaEstablished) == []
     assert any("TS_UNACCEPTABLE" in e for e in sa_a.child_errors)
     assert sa_a.state == "ESTABLISHED"
+
+
+# ------------------------------------------------------------ 9. unknown critical payload in a response
+def test_response_with_an_unknown_critical_payload_fails_its_exchange():
+    """<-- HDR, SK {SA, Nr, TSi, TSr, <unknown type 200, critical>}: a cannot understand the
+    response fully, so the CREATE_CHILD_SA fails (§2.5) and no CHILD_SA is installed."""
+    from agent.ike.message import UnknownPayload
+    n = net()
+    sa_a = list(n.a._sas.values())[0]
+    sa_b = list(n.b._sas.values())[0]
+    orig = sa_b._process_create_child_request
+    sa_b._process_create_child_request = lambda msg, inner, now: [*orig(msg, inner, now),
+                                                                    UnknownPayload(200, True, b"new")]
+    assert sa_a.create_child(n.now)
+    n.a._collect(sa_a, n.now)
+    n.pump()
+    assert n.of("a", ChildSaEstablished) == []
+    assert any("UNSUPPORTED_CRITICAL_PAYLOAD" in e for e in sa_a.child_errors)
+    assert sa_a.state == "ESTABLISHED" and sa_a._pending is None
+    # a non-critical unknown payload is ignored (§2.5)
+    sa_b._process_create_child_request = lambda msg, inner, now: [*orig(msg, inner, now),
+                                                                    UnknownPayload(200, False, b"new")]
+    assert sa_a.create_child(n.now)
+    n.a._collect(sa_a, n.now)
+    n.pump()
+    assert len(n.of("a", ChildSaEstablished)) == 1
