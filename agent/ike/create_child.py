@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from agent.iana import ExchangeType, NotifyType, PayloadType, ProtocolId
 from agent.ike import child as ch
 from agent.ike.crypto import (KeyExchange, KeyExchangeError, Prf, SkCipher, derive_child_keymat,
-                              derive_ike_keys_from_skeyseed, derive_rekey_skeyseed)
+                              derive_ike_keys_from_skeyseed, derive_rekey_skeyseed, nonce_ok)
 from agent.ike.events import ChildSaEstablished, IkeKeysDerived
 from agent.ike.message import (DeletePayload, KePayload, Message, NoncePayload, NotifyPayload, TsPayload)
 from agent.ike.proposals import additional_kes
@@ -287,7 +287,8 @@ class CreateChildExchange:
         sa, nr, ke = m.first(PayloadType.SA), m.first(PayloadType.NONCE), m.first(PayloadType.KE)
         tsi, tsr = m.first(PayloadType.TSi), m.first(PayloadType.TSr)
         choice = ch.accepted_esp(sa, task.proposals, pfs=True) if sa else None
-        if choice is None or nr is None or tsi is None or tsr is None or not 16 <= len(nr.data) <= 256:
+        if (choice is None or nr is None or tsi is None or tsr is None
+                or not nonce_ok(nr.data, self._ike_prop.prf)):
             self._child_failed(task, "CREATE_CHILD_SA response: SA, Nr or TS missing or not offered", now)
             return
         g_ir = None
@@ -376,6 +377,8 @@ class CreateChildExchange:
             return [NotifyPayload(int(NotifyType.INVALID_SYNTAX))]
         if sa.proposals and all(p.protocol == ProtocolId.IKE for p in sa.proposals):
             return self._respond_ike_rekey(sa, ni.data, ke, now)
+        if not nonce_ok(ni.data, self._ike_prop.prf):  # §2.10: half the PRF key size at least
+            return [NotifyPayload(int(NotifyType.INVALID_SYNTAX))]
         rekey = m.notify(NotifyType.REKEY_SA)
         old = None
         if rekey is not None:
@@ -499,7 +502,7 @@ class CreateChildExchange:
         sa, nr, ke = m.first(PayloadType.SA), m.first(PayloadType.NONCE), m.first(PayloadType.KE)
         prop = ch.accepted_ike(sa, task.proposals) if sa else None
         if (prop is None or nr is None or ke is None or len(sa.proposals[0].spi) != 8
-                or ke.group != task.group or prop.ke[0] != ke.group or not 16 <= len(nr.data) <= 256):
+                or ke.group != task.group or prop.ke[0] != ke.group or not nonce_ok(nr.data, prop.prf)):
             self._ike_rekey_failed("IKE_SA rekey response: SA, Nr, KEr or SPI missing or not offered", now)
             return
         spi_r = int.from_bytes(sa.proposals[0].spi, "big")
@@ -551,6 +554,8 @@ class CreateChildExchange:
         choice, _kes = res
         if choice.proposal.ke[0] != ke.group:
             return [NotifyPayload(int(NotifyType.INVALID_KE_PAYLOAD), struct.pack("!H", choice.proposal.ke[0]))]
+        if not nonce_ok(ni, choice.proposal.prf):  # §2.10, for the new IKE_SA's PRF
+            return [NotifyPayload(int(NotifyType.INVALID_SYNTAX))]
         offered = next(p for p in sa.proposals if p.number == choice.number)
         if len(offered.spi) != 8 or not int.from_bytes(offered.spi, "big"):
             return [NotifyPayload(int(NotifyType.INVALID_SYNTAX))]

@@ -20,10 +20,17 @@ from agent.ike import proposals as _p
 
 Rng = Callable[[int], bytes]
 
+
+
+def nonce_ok(nonce: bytes, prf_id: int) -> bool:
+    """RFC 7296 §2.10 / §3.9: a nonce is 16-256 octets and at least half the key size of the
+    negotiated PRF (e.g. 32 octets with PRF_HMAC_SHA2_512)."""
+    return 16 <= len(nonce) <= 256 and 2 * len(nonce) >= Prf(prf_id).key_len
+
 __all__ = [
     "CryptoError", "IntegrityError", "KeyExchangeError",
     "Prf", "IkeKeys", "derive_ike_keys", "derive_ike_keys_from_skeyseed",
-    "derive_rekey_skeyseed", "derive_child_keymat",
+    "derive_rekey_skeyseed", "derive_child_keymat", "nonce_ok",
     "KeyExchange", "ke_public_len", "SkCipher", "Integ",
 ]
 
@@ -509,4 +516,3 @@ class SkCipher:
         if pad > len(data) - 1:
             raise CryptoError(f"SK payload Pad Length {pad} exceeds the {len(data)}-byte plaintext")
         return data[: len(data) - 1 - pad]
-

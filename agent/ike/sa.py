@@ -32,7 +32,8 @@ from agent.ike.auth import AuthError
 from agent.ike import cp as cfgp
 from agent.ike.create_child import CreateChildExchange
 from agent.ike.intermediate import IntermediateExchange
-from agent.ike.crypto import CryptoError, IntegrityError, KeyExchange, KeyExchangeError, Prf, SkCipher, derive_child_keymat, derive_ike_keys
+from agent.ike.crypto import (CryptoError, IntegrityError, KeyExchange, KeyExchangeError, Prf, SkCipher,
+                              derive_child_keymat, derive_ike_keys, nonce_ok)
 from agent.ike.events import (Addr, ChildSaDeleted, ChildSaEstablished, IkeKeysDerived, IkeSaDeleted,
                               IkeSaEstablished, PeerAddressChanged)
 from agent.ike.message import (HEADER_LEN, AuthPayload, CertPayload, CertReqPayload, DeletePayload,
@@ -660,8 +661,8 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         if prop is None or prop.ke[0] != ke.group or ke.group != self._ke.ke_id:
             self._die("IKE_SA_INIT response: proposal or KE method we did not offer")
             return
-        if not 16 <= len(nr.data) <= 256:
-            self._die("IKE_SA_INIT response: bad nonce length")
+        if not nonce_ok(nr.data, prop.prf):  # §2.10: 16-256 octets, at least half the PRF key size
+            self._die(f"IKE_SA_INIT response: bad nonce length {len(nr.data)}")
             return
         self.spi_r = msg.spi_r
         self._nr = nr.data
@@ -716,6 +717,9 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
             self._die("IKE_SA_INIT: no proposal chosen" + self._hybrid_hint(sa, ours))
             return self._stateless_error(NotifyType.NO_PROPOSAL_CHOSEN)
         choice, _kes = res
+        if not nonce_ok(ni.data, choice.proposal.prf):  # §2.10: at least half the PRF key size
+            self._die(f"IKE_SA_INIT: nonce of {len(ni.data)} octets is shorter than half the PRF key")
+            return self._stateless_error(NotifyType.INVALID_SYNTAX)
         if choice.proposal.ke[0] != ke.group:
             self._die("IKE_SA_INIT: asked the initiator for another KE method")
             return self._stateless_error(NotifyType.INVALID_KE_PAYLOAD, struct.pack("!H", choice.proposal.ke[0]))

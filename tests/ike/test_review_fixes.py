@@ -317,3 +317,41 @@ def test_response_with_an_unknown_critical_payload_fails_its_exchange():
     n.a._collect(sa_a, n.now)
     n.pump()
     assert len(n.of("a", ChildSaEstablished)) == 1
+
+
+# ------------------------------------------------------------ 9. nonce at least half the PRF key size
+def test_nonce_ok_bounds():
+    """RFC 7296 §2.10: at least 128 bits and at least half the negotiated PRF's key size."""
+    from agent.iana import PrfId
+    from agent.ike.crypto import nonce_ok
+    assert nonce_ok(bytes(16), PrfId.PRF_HMAC_SHA2_256) and not nonce_ok(bytes(15), PrfId.PRF_HMAC_SHA2_256)
+    assert not nonce_ok(bytes(23), PrfId.PRF_HMAC_SHA2_384) and nonce_ok(bytes(24), PrfId.PRF_HMAC_SHA2_384)
+    assert not nonce_ok(bytes(31), PrfId.PRF_HMAC_SHA2_512) and nonce_ok(bytes(32), PrfId.PRF_HMAC_SHA2_512)
+    assert not nonce_ok(bytes(257), PrfId.PRF_HMAC_SHA2_256)
+
+
+def test_short_ni_for_a_sha512_prf_is_refused_in_ike_sa_init_and_create_child(monkeypatch):
+    from agent.ike import create_child as cc
+    from agent.ike import sa as sa_mod
+    from tests.ike.conftest import CLASSICAL, replace
+    pol = replace(CLASSICAL, ike_proposals=("aes256gcm16-prfsha512-x25519",))
+    n = net(pol)
+    sa_a = list(n.a._sas.values())[0]
+    assert "SHA2_512" in sa_a.algorithms
+    # HDR, SK {SA, Ni(20 octets), TSi, TSr} --> ; <-- HDR, SK {N(INVALID_SYNTAX)}
+    monkeypatch.setattr(cc, "NONCE_LEN", 20)
+    assert sa_a.create_child(n.now)
+    n.a._collect(sa_a, n.now)
+    n.pump()
+    assert n.of("b", ChildSaEstablished) == [] and any("INVALID_SYNTAX" in e for e in sa_a.child_errors)
+    # HDR, SA, KEi, Ni(20 octets) --> ; <-- HDR, N(INVALID_SYNTAX)
+    from tests.ike.conftest import make_net, view
+    from tests.ike.helpers import PSK
+    from agent.model import Credentials
+    monkeypatch.setattr(sa_mod, "NONCE_LEN", 20)
+    m = make_net(view("node-a", "node-b", policy=pol), Credentials(psk=PSK), view("node-b", "node-a", policy=pol),
+                 Credentials(psk=PSK), seed="nonce")
+    m.a.initiate("node-b", m.now)
+    m.pump()
+    assert m.of("a", ChildSaEstablished) == [] and m.of("b", ChildSaEstablished) == []
+    assert any(getattr(e, "reason", "").endswith("INVALID_SYNTAX") for e in m.events["a"]), m.events["a"]
