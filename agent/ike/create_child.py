@@ -385,7 +385,11 @@ class CreateChildExchange:
             spi = int.from_bytes(rekey.spi, "big") if len(rekey.spi) == 4 else None
             old = next((c for c in self.children if c.outbound_spi == spi), None)
             if old is None:
-                return [NotifyPayload(int(NotifyType.CHILD_SA_NOT_FOUND), b"", int(ProtocolId.ESP), rekey.spi)]
+                pid = rekey.protocol if rekey.protocol in (ProtocolId.ESP, ProtocolId.AH) else int(ProtocolId.ESP)
+                if any(c.outbound_spi == spi and c.protocol_id == pid for c, _why in self._closing):
+                    # §2.25.1: we are deleting it; the peer learns that from our Delete
+                    return [NotifyPayload(int(NotifyType.TEMPORARY_FAILURE))]
+                return [NotifyPayload(int(NotifyType.CHILD_SA_NOT_FOUND), b"", pid, rekey.spi)]
         tsi, tsr = m.first(PayloadType.TSi), m.first(PayloadType.TSr)
         if tsi is None or tsr is None:
             return [NotifyPayload(int(NotifyType.INVALID_SYNTAX))]

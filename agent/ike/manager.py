@@ -473,7 +473,7 @@ class IkeManager:
         sa = self._sa_of_child(inbound_spi)
         if sa is None or sa.state != State.ESTABLISHED:
             return False
-        sa.delete_child(inbound_spi, now, reason=reason)
+        sa.delete_child(inbound_spi, now, reason=reason, at_once=True)  # callers: hard lifetime, ChildSaDeleted now
         self._collect(sa, now)
         return True
 

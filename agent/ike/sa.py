@@ -58,6 +58,7 @@ HALF_OPEN_TIMEOUT_S = 30.0  # responder waiting for IKE_AUTH
 INITIATOR_SETUP_FACTOR = 4.0
 HINT_LIVENESS_TRIES = 3  # liveness check after an unknown-SPI hint: gone 15 s after it starts
 MAX_INIT_RETRIES = 3  # INVALID_KE_PAYLOAD / COOKIE round trips
+DELETE_WAIT_TRIES = 2  # delete(): retransmissions of an outstanding request before giving up (1 + 2 s)
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,7 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         self._req_digests: tuple[int, set] = (-1, set())  # datagrams of the peer's current request
         # RFC 7383: the peer's requests and its responses to ours are reassembled apart (R flag)
         self._frag_rx = {False: frag.Reassembler(), True: frag.Reassembler()}
+        self._closing: list[tuple[ch.ChildSa, str]] = []  # CHILD_SAs whose Delete awaits its response
         self._init_create_child()
         self._init_intermediate()  # RFC 9370 / RFC 9242: agent.ike.intermediate
 
@@ -248,8 +250,12 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         if self.state != State.ESTABLISHED:
             self._die(reason)
             return
-        self._pending = None
         self._queue.clear()
+        if self._pending is not None:
+            # window size 1 (§2.3): the Delete follows the outstanding exchange, whose outcome no
+            # longer matters; a silent peer ends it after DELETE_WAIT_TRIES more retransmissions
+            self._pending.on_response = lambda msg, inner, now: None
+            self._pending.max_tries = min(self._pending.max_tries, self._pending.tries + DELETE_WAIT_TRIES)
         self._emit_deleted(reason)
         self.state = State.DELETING
         self._request(ExchangeType.INFORMATIONAL, [DeletePayload(int(ProtocolId.IKE))],
@@ -540,6 +546,9 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
 
     # ------------------------------------------------------------ failure / deletion
     def _emit_deleted(self, reason: str) -> None:
+        for c, why in self._closing:
+            self.events.append(ChildSaDeleted(self.peer_name, c.inbound_spi, c.outbound_spi, why))
+        self._closing = []
         for c in self.children:
             self.events.append(ChildSaDeleted(self.peer_name, c.inbound_spi, c.outbound_spi, reason))
         self.children = []
@@ -1073,16 +1082,31 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
                 response.append(DeletePayload(int(proto), 4, spis))
         return response
 
-    def delete_child(self, inbound_spi: int, now: float, reason: str = "deleted locally") -> None:
-        """HDR, SK {D(ESP, SPI)} --> for one CHILD_SA (§1.4.1)."""
+    def delete_child(self, inbound_spi: int, now: float, reason: str = "deleted locally", *,
+                     at_once: bool = False) -> None:
+        """HDR, SK {D(ESP, SPI)} --> for one CHILD_SA (§1.4.1). Its ChildSaDeleted follows the
+        peer's response (the inbound SA keeps accepting packets still in flight, e.g. after a
+        rekey), or the end of the IKE_SA; ``at_once``: emit it now (an SA past its hard
+        byte/packet lifetime refuses traffic both ways anyway)."""
         c = next((c for c in self.children if c.inbound_spi == inbound_spi), None)
         if c is None or self.state != State.ESTABLISHED:
             return
+        # §1.4.1: the inbound SA keeps accepting until the peer's response; no new use meanwhile
         self.children.remove(c)
-        self.events.append(ChildSaDeleted(self.peer_name, c.inbound_spi, c.outbound_spi, reason))
+        if at_once:
+            self.events.append(ChildSaDeleted(self.peer_name, c.inbound_spi, c.outbound_spi, reason))
+        else:
+            self._closing.append((c, reason))
         self._request(ExchangeType.INFORMATIONAL,
                       [DeletePayload(c.protocol_id, 4, (c.inbound_spi.to_bytes(4, "big"),))],
-                      lambda msg, inner, now: None, now)
+                      lambda msg, inner, now: self._closed(c), now)
+
+    def _closed(self, c: ch.ChildSa) -> None:
+        """The peer answered our D(ESP|AH, SPI): both directions of ``c`` are gone now."""
+        for item in list(self._closing):
+            if item[0] is c:
+                self._closing.remove(item)
+                self.events.append(ChildSaDeleted(self.peer_name, c.inbound_spi, c.outbound_spi, item[1]))
 
     # ------------------------------------------------------------ status
     def status(self) -> dict:

@@ -355,3 +355,96 @@ def test_short_ni_for_a_sha512_prf_is_refused_in_ike_sa_init_and_create_child(mo
     m.pump()
     assert m.of("a", ChildSaEstablished) == [] and m.of("b", ChildSaEstablished) == []
     assert any(getattr(e, "reason", "").endswith("INVALID_SYNTAX") for e in m.events["a"]), m.events["a"]
+
+
+# ------------------------------------------------------------ 9. delete() with a request outstanding
+def test_delete_waits_for_the_outstanding_request_so_the_peer_accepts_the_delete():
+    """a's liveness check (Message ID 2) is lost; a then deletes the IKE_SA. The D(IKE) request
+    must follow the outstanding one (window size 1, §2.3), so b gets it and deletes too."""
+    n = net()
+    sa_a, sa_b = list(n.a._sas.values())[0], list(n.b._sas.values())[0]
+    lost = []
+    n.drop = lambda src, d: (src == "a" and not lost and (lost.append(d) or True))
+    sa_a.check_liveness(n.now)
+    n.a._collect(sa_a, n.now)
+    n.pump()
+    n.drop = None
+    sa_a.delete(n.now, "deleted locally")
+    n.a._collect(sa_a, n.now)
+    n.pump()
+    n.advance(n.now + 10)
+    assert sa_b.state == "DELETED" and sa_b.delete_reason == "deleted by peer"
+    assert sa_a.state == "DELETED"
+    assert n.b.counters.get("invalid_message_id", 0) == 0
+
+
+def test_delete_with_a_silent_peer_ends_after_a_short_bound():
+    n = net()
+    sa_a = list(n.a._sas.values())[0]
+    n.drop = lambda src, d: src == "a"
+    sa_a.check_liveness(n.now)
+    n.a._collect(sa_a, n.now)
+    n.pump()
+    t0 = n.now
+    sa_a.delete(n.now, "deleted locally")
+    n.a._collect(sa_a, n.now)
+    n.advance(t0 + 4)  # 2 more retransmissions of the outstanding request: 1 + 2 s
+    assert sa_a._pending is not None and sa_a._pending.exchange == ExchangeType.INFORMATIONAL
+    n.advance(t0 + 200)
+    assert sa_a.state == "DELETED"
+
+
+# ------------------------------------------------------------ 9. delete_child keeps the inbound SA until the response
+def test_rekeyed_child_sa_stays_until_the_delete_response_and_rekey_of_it_gets_temporary_failure():
+    """After a CHILD_SA rekey, a sends HDR, SK {D(ESP, old SPI)} -->; its ChildSaDeleted (which
+    removes the inbound SA) comes with b's response, not before (§1.4.1). A CHILD_SA rekey
+    request from b for it meanwhile gets TEMPORARY_FAILURE (§2.25.1)."""
+    n = net()
+    sa_a = list(n.a._sas.values())[0]
+    old = sa_a.children[0]
+    held = []
+    n.drop = lambda src, d: (src == "b" and decode_message(d.data).exchange == ExchangeType.INFORMATIONAL
+                             and decode_message(d.data).is_response and (held.append(d) or True))
+    sa_a.rekey_child(old.inbound_spi, n.now)
+    n.a._collect(sa_a, n.now)
+    n.pump()
+    assert held  # b answered the Delete; the answer is in flight
+    assert not [e for e in n.events["a"] if isinstance(e, ChildSaDeleted) and e.inbound_spi == old.inbound_spi]
+    # b (not knowing yet) asks to rekey the CHILD_SA a is closing
+    rsp = sa_a._process_create_child_request(
+        type("M", (), {"spi_i": sa_a.spi_i, "spi_r": sa_a.spi_r, "exchange": 36, "message_id": 9,
+                       "is_initiator": True})(),
+        _rekey_request_payloads(sa_a, old), n.now)
+    assert [p.notify_type for p in rsp] == [NotifyType.TEMPORARY_FAILURE]
+    n.drop = None
+    for d in held:
+        n.a.receive_datagram(d.data, d.remote, d.local, n.now)
+    n.pump()
+    assert [e.reason for e in n.events["a"] if isinstance(e, ChildSaDeleted)] == ["rekeyed"]
+    assert_mirrored(n, 1)
+
+
+def _rekey_request_payloads(sa, old):
+    """HDR, SK {N(REKEY_SA), SA, Ni, TSi, TSr} payloads as the peer would send them."""
+    from agent.ike import child as ch
+    from agent.ike.message import NoncePayload, NotifyPayload, TsPayload
+    props = ch.offers(sa.peer.policy, old.protocol)
+    return [NotifyPayload(int(NotifyType.REKEY_SA), b"", int(old.protocol_id), old.outbound_spi.to_bytes(4, "big")),
+            ch.esp_sa_payload(props, 0x12345678, ke=True), NoncePayload(bytes(32)),
+            TsPayload(int(PayloadType.TSi), ch.ts_from_networks(old.remote_ts)),
+            TsPayload(int(PayloadType.TSr), ch.ts_from_networks(old.local_ts))]
+
+
+def test_child_sa_not_found_names_the_protocol_of_the_request():
+    """§2.25.1 / §3.10: the CHILD_SA_NOT_FOUND notify carries the Protocol ID and SPI of the REKEY_SA."""
+    from agent.iana import ProtocolId
+    from agent.ike.message import NotifyPayload
+    n = net()
+    sa_a = list(n.a._sas.values())[0]
+    old = sa_a.children[0]
+    payloads = _rekey_request_payloads(sa_a, old)
+    payloads[0] = NotifyPayload(int(NotifyType.REKEY_SA), b"", int(ProtocolId.AH), b"\x00\x00\x99\x99")
+    m = type("M", (), {"spi_i": sa_a.spi_i, "spi_r": sa_a.spi_r, "exchange": 36, "message_id": 9,
+                       "is_initiator": True})()
+    (nf,) = sa_a._process_create_child_request(m, payloads, n.now)
+    assert (nf.notify_type, nf.protocol, nf.spi) == (NotifyType.CHILD_SA_NOT_FOUND, ProtocolId.AH, b"\x00\x00\x99\x99")
