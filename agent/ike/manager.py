@@ -138,11 +138,12 @@ class IkeManager:
         """A fresh inbound SPI (ESP and AH share it: the datapath finds SAs by SPI), unique on
         this node (RFC 4301 §4.1); 1-255 are reserved (RFC 4303 §2.1)."""
         used = self._child_spis_in_use()
-        while True:
+        for _ in range(1000):  # a working rng needs one draw; a stuck one must not hang the loop
             spi = int.from_bytes(self.rng(4), "big")
             if spi >= 256 and spi not in used:
                 self._recent_child_spis.append(spi)
                 return spi
+        raise RuntimeError("the random source gave no free SPI in 1000 draws: it is broken")
 
     def _policy_problem(self, peer: Peer) -> str | None:
         """policy_check.policy_problem, cached per policy; a new problem is counted, kept in

@@ -448,3 +448,14 @@ def test_child_sa_not_found_names_the_protocol_of_the_request():
                        "is_initiator": True})()
     (nf,) = sa_a._process_create_child_request(m, payloads, n.now)
     assert (nf.notify_type, nf.protocol, nf.spi) == (NotifyType.CHILD_SA_NOT_FOUND, ProtocolId.AH, b"\x00\x00\x99\x99")
+
+
+def test_spi_allocation_with_a_stuck_random_source_fails_instead_of_hanging():
+    """A random source that repeats one value forever must not hang the agent's loop."""
+    import pytest
+    from agent.ike.manager import IkeManager
+    from agent.model import Credentials
+    from tests.ike.conftest import A_ADDR, view
+    m = IkeManager(view("node-a", "node-b"), Credentials(psk=b"p" * 32), lambda n: b"\0" * n, local_address=A_ADDR)
+    with pytest.raises(RuntimeError, match="random source"):
+        m._new_child_spi()
