@@ -272,6 +272,9 @@ class Runtime:
         # after we start (their first IKE_SA_INIT may have been lost while we were down), we
         # initiate ourselves; (deadline, peer names)
         self._late: tuple[float, tuple[str, ...]] | None = None
+        # addresses we received IKE from: a peer already talking to us (its IKE_SA_INIT may be
+        # half-open here, invisible per peer until IKE_AUTH) needs no late start
+        self._ike_heard: set[str] = set()
         self._nat_dirty = False
         self.sad = Sad()  # the SAs: inbound by SPI, outbound by peer
         self.spd = Spd()  # default DISCARD
@@ -358,6 +361,7 @@ class Runtime:
     LATE_INITIATE_S = (0.5, 1.5)  # jittered so two restarted losers rarely collide
 
     def _schedule_late(self, peers, now: float) -> None:
+        self._ike_heard.clear()  # bounded: only what was heard since the last schedule
         late = tuple(p.name for p in peers if not p.initiate and p.endpoints
                      and p.policy.action == "protect" and p.name not in self.current)
         if late:
@@ -368,8 +372,10 @@ class Runtime:
         _, peers = self._late
         self._late = None
         for name in peers:
-            if self.view.peer(name) is not None and name not in self.current:
-                self._initiate(name, now, "late start")  # a no-op if an IKE_SA with it exists
+            p = self.view.peer(name)
+            if p is None or name in self.current or any(e in self._ike_heard for e in p.endpoints):
+                continue  # up, or already negotiating with us as its responder: no duplicate
+            self._initiate(name, now, "late start")  # a no-op if an IKE_SA with it exists
         self._flush_ike(now)
 
     def run(self) -> None:
@@ -603,8 +609,13 @@ class Runtime:
             for rnet in p.subnets:
                 locals_ = [n for n in view.subnets if n.version == rnet.version] or \
                           [_ANY4 if rnet.version == 4 else _ANY6]
+                # the controller's action for this pair (RFC 4301 §4.4.1): PROTECT through the
+                # peer's SAs, BYPASS in the clear (no route into the TUN either), or DISCARD
+                action = {"bypass": Action.BYPASS, "discard": Action.DISCARD}.get(p.policy.action,
+                                                                                  Action.PROTECT)
                 for lnet in locals_:
-                    pol.append(SpdEntry(local=lnet, remote=rnet, action=Action.PROTECT, peer=p.name,
+                    pol.append(SpdEntry(local=lnet, remote=rnet, action=action,
+                                        peer=p.name if action is Action.PROTECT else None,
                                         mode=p.policy.mode, name=f"view:{p.name}"))
         self._view_spd = pol
         self._rebuild_spd()
@@ -688,7 +699,8 @@ class Runtime:
             return
         nets = set()
         for p in self.view.peers:
-            nets.update(p.subnets)
+            if p.policy.action != "bypass":  # BYPASS traffic keeps the normal routes, in the clear
+                nets.update(p.subnets)
         for ch in self.current.values():
             nets.update(ch.remote_ts)  # e.g. a remote host's virtual IP, routed back through its SA
         # what we exchange IKE/ESP with in the clear must never be routed into another peer's
@@ -1065,6 +1077,8 @@ class Runtime:
         local = (self.local_address, 500)
         for data, addr in batch:
             self.counters["ike_in"] += 1
+            if len(self._ike_heard) < 4096:  # bounded under a flood of spoofed sources
+                self._ike_heard.add(addr[0])
             self.ike.receive_datagram(data, local, addr, now)
         self._flush_ike(now)
 
@@ -1103,6 +1117,8 @@ class Runtime:
             local = (self.local_address, 4500)
             for data, addr in ike:
                 c["ike_in"] += 1
+                if len(self._ike_heard) < 4096:
+                    self._ike_heard.add(addr[0])
                 self.ike.receive_datagram(data, local, addr, now)
             self._flush_ike(now)
 

@@ -189,10 +189,19 @@ class IkeManager:
         """New view: IKE_SAs of peers no longer in it are deleted; its ``revoked_serials``
         are applied as by set_revoked_serials."""
         names = {p.name for p in view.peers}
+        old_policy = {p.name: p.policy for p in self.view.peers}
+        new_policy = {p.name: p.policy for p in view.peers}
         self.view = view
         for sa in self._live():
             if sa.peer_name and sa.peer_name not in names:
                 sa.delete(now, "peer removed from view")
+                self._collect(sa, now)
+            elif sa.peer_name and old_policy.get(sa.peer_name) != new_policy.get(sa.peer_name):
+                # the SAs were negotiated under the old policy (RFC 4301 §4.4.1: SAs must
+                # match the SPD): delete them; a peer still to PROTECT is set up again
+                pol = new_policy[sa.peer_name]
+                sa.delete(now, f"policy changed (now {pol.action}"
+                               f"{'' if pol.action != 'protect' else f', {pol.protocol}/{pol.mode}'})")
                 self._collect(sa, now)
         for name in list(self._retry):
             if name not in names:
@@ -236,6 +245,10 @@ class IkeManager:
             raise ValueError(f"initiate: peer {peer_name!r} has no endpoint")
         if self._sas_of(peer_name) or self._shutdown:
             self._retry.pop(peer_name, None)
+            return
+        if peer.policy.action != "protect":  # BYPASS / DISCARD: no SAs with this peer (RFC 4301 §4.4.1)
+            self._retry.pop(peer_name, None)
+            self._count("initiate_not_protect")
             return
         hold = self._hold.get(peer_name)
         if hold is not None and now < hold:

@@ -459,3 +459,42 @@ def test_spi_allocation_with_a_stuck_random_source_fails_instead_of_hanging():
     m = IkeManager(view("node-a", "node-b"), Credentials(psk=b"p" * 32), lambda n: b"\0" * n, local_address=A_ADDR)
     with pytest.raises(RuntimeError, match="random source"):
         m._new_child_spi()
+
+
+def test_a_policy_change_deletes_the_sas_negotiated_under_the_old_policy():
+    """A running mesh whose controller changes a pair's policy (here to DISCARD, a
+    quarantine) must not keep the SAs negotiated under the old one (RFC 4301 §4.4.1);
+    and nobody initiates to a peer that is not PROTECT."""
+    from dataclasses import replace
+    from agent.ike.events import ChildSaEstablished, IkeSaDeleted
+    from agent.ike.manager import IkeManager
+    from agent.model import Credentials, PeerPolicy
+    from tests.ike.conftest import A_ADDR, B_ADDR, CLASSICAL, DetRng, Net, view
+    psk = Credentials(psk=b"policy-change-psk-0123456789")
+    a = IkeManager(view("node-a", "node-b"), psk, DetRng("pa"), local_address=A_ADDR)
+    b = IkeManager(view("node-b", "node-a"), psk, DetRng("pb"), local_address=B_ADDR)
+    n = Net(a, b)
+    a.initiate("node-b", n.now)
+    n.pump()
+    assert n.of("a", ChildSaEstablished) and n.of("b", ChildSaEstablished)
+    va = a.view
+    quarantined = replace(va, peers=tuple(replace(p, policy=replace(CLASSICAL, action="discard"))
+                                          for p in va.peers))
+    a.update_view(quarantined, n.now)
+    n.pump()
+    assert any("policy changed (now discard" in e.reason for e in n.of("a", IkeSaDeleted))
+    assert n.of("b", IkeSaDeleted), "the peer learns it from the Delete"
+    assert not [s for s in a.status() if s.get("state") == "ESTABLISHED"]
+    a.initiate("node-b", n.now)  # an acquire for a DISCARD peer starts nothing
+    assert a.datagrams_to_send() == []
+    # a change of protocol/mode re-negotiates: the old SAs go
+    n2a = IkeManager(view("node-a", "node-b"), psk, DetRng("qa"), local_address=A_ADDR)
+    n2b = IkeManager(view("node-b", "node-a"), psk, DetRng("qb"), local_address=B_ADDR)
+    n2 = Net(n2a, n2b)
+    n2a.initiate("node-b", n2.now)
+    n2.pump()
+    v2 = n2a.view
+    n2a.update_view(replace(v2, peers=tuple(replace(p, policy=replace(p.policy, mode="transport"))
+                                            for p in v2.peers)), n2.now)
+    n2.pump()
+    assert any("policy changed (now protect, esp/transport" in e.reason for e in n2.of("a", IkeSaDeleted))
