@@ -268,13 +268,6 @@ class Runtime:
         self._nat_remotes: set[tuple[str, int]] = set()  # peers' UDP 4500 while we are behind a NAT
         self._tx4500: dict[tuple[str, int], float] = {}  # remote -> when we last sent it anything on 4500
         self._ka_deadline: float | None = None
-        # peers the tie-break leaves to initiate to us: if no IKE_SA with them exists a moment
-        # after we start (their first IKE_SA_INIT may have been lost while we were down), we
-        # initiate ourselves; (deadline, peer names)
-        self._late: tuple[float, tuple[str, ...]] | None = None
-        # addresses we received IKE from: a peer already talking to us (its IKE_SA_INIT may be
-        # half-open here, invisible per peer until IKE_AUTH) needs no late start
-        self._ike_heard: set[str] = set()
         self._nat_dirty = False
         self.sad = Sad()  # the SAs: inbound by SPI, outbound by peer
         self.spd = Spd()  # default DISCARD
@@ -355,27 +348,6 @@ class Runtime:
         for p in self.view.peers:
             if p.initiate:
                 self._initiate(p.name, now, "start")
-        self._schedule_late(self.view.peers, now)
-        self._flush_ike(now)
-
-    LATE_INITIATE_S = (0.5, 1.5)  # jittered so two restarted losers rarely collide
-
-    def _schedule_late(self, peers, now: float) -> None:
-        self._ike_heard.clear()  # bounded: only what was heard since the last schedule
-        late = tuple(p.name for p in peers if not p.initiate and p.endpoints
-                     and p.policy.action == "protect" and p.name not in self.current)
-        if late:
-            lo, hi = self.LATE_INITIATE_S
-            self._late = (now + lo + (hi - lo) * self.rng(1)[0] / 255, late)
-
-    def _late_initiate(self, now: float) -> None:
-        _, peers = self._late
-        self._late = None
-        for name in peers:
-            p = self.view.peer(name)
-            if p is None or name in self.current or any(e in self._ike_heard for e in p.endpoints):
-                continue  # up, or already negotiating with us as its responder: no duplicate
-            self._initiate(name, now, "late start")  # a no-op if an IKE_SA with it exists
         self._flush_ike(now)
 
     def run(self) -> None:
@@ -467,11 +439,9 @@ class Runtime:
         self._flush_ike(now)
         if self._ka_deadline is not None and self._ka_deadline <= now:
             self._keepalives(now)
-        if self._late is not None and self._late[0] <= now:
-            self._late_initiate(now)
 
     def _next_deadline(self) -> float | None:
-        ts = [t for t in (self.ike.get_timer(), self._ka_deadline, self._late and self._late[0]) if t is not None]
+        ts = [t for t in (self.ike.get_timer(), self._ka_deadline) if t is not None]
         return min(ts) if ts else None
 
     def _run_timers(self, now: float) -> None:
@@ -481,8 +451,6 @@ class Runtime:
             self._flush_ike(now)
         if self._ka_deadline is not None and self._ka_deadline <= now:
             self._keepalives(now)
-        if self._late is not None and self._late[0] <= now:
-            self._late_initiate(now)
 
     # -- NAT keepalives (RFC 3948 §2.3) ----------------------------------------
     def _refresh_nat(self, now: float) -> None:
@@ -599,7 +567,6 @@ class Runtime:
         for p in view.peers:
             if p.initiate and p.name not in self.current:
                 self._initiate(p.name, now, f"view {view.version}")  # idempotent in the IKE core
-        self._schedule_late(view.peers, now)
         self._flush_ike(now)
         self.log.info("view version %d applied: %d peers", view.version, len(view.peers))
 
@@ -1077,8 +1044,6 @@ class Runtime:
         local = (self.local_address, 500)
         for data, addr in batch:
             self.counters["ike_in"] += 1
-            if len(self._ike_heard) < 4096:  # bounded under a flood of spoofed sources
-                self._ike_heard.add(addr[0])
             self.ike.receive_datagram(data, local, addr, now)
         self._flush_ike(now)
 
@@ -1117,8 +1082,6 @@ class Runtime:
             local = (self.local_address, 4500)
             for data, addr in ike:
                 c["ike_in"] += 1
-                if len(self._ike_heard) < 4096:
-                    self._ike_heard.add(addr[0])
                 self.ike.receive_datagram(data, local, addr, now)
             self._flush_ike(now)
 

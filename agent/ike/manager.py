@@ -246,6 +246,11 @@ class IkeManager:
         if self._sas_of(peer_name) or self._shutdown:
             self._retry.pop(peer_name, None)
             return
+        if any(addr in peer.endpoints for addr, _spi in self._half_open):
+            # the peer is initiating to us right now (its IKE_SA_INIT is answered, IKE_AUTH is
+            # due): a second exchange of ours would only make a duplicate IKE_SA
+            self._count("initiate_peer_negotiating")
+            return
         if peer.policy.action != "protect":  # BYPASS / DISCARD: no SAs with this peer (RFC 4301 §4.4.1)
             self._retry.pop(peer_name, None)
             self._count("initiate_not_protect")
