@@ -279,3 +279,35 @@ def test_ike_before_the_first_view_is_dropped_then_retransmission_succeeds():
             break
     assert "b" in a.rt.current and "a" in b.rt.current
 
+
+
+@pytest.mark.parametrize("action,counter", [("discard", "discard"), ("bypass", None)])
+def test_controller_actions_bypass_and_discard_reach_the_spd(action, counter):
+    """A pair the controller set to DISCARD is dropped and counted (never an acquire); one set
+    to BYPASS is not captured at all: its SPD entry is BYPASS and no route sends it into the
+    TUN (RFC 4301 §4.4.1)."""
+    from dataclasses import replace
+    from agent.model import PeerPolicy
+    net, clock = FakeNetwork(), FakeClock()
+    a = Node(net, clock, "a", A_IP, NET_A, [("b", B_IP, NET_B, True)])
+    view = replace(a.view, peers=tuple(replace(p, policy=PeerPolicy(action=action)) for p in a.view.peers))
+
+    class Routes:
+        synced = None
+
+        def sync(self, nets, **kw):
+            Routes.synced = set(nets)
+
+    a.rt = Runtime(view, a.ike, tun=a.tun, udp500=a.u500, udp4500=a.u4500, local_address=A_IP,
+                   clock=clock, routes=Routes())
+    a.rt.start()
+    rows = [r for r in a.rt.status()["spd"] if "b" in str(r.get("name", ""))]
+    assert rows and all(r["action"].upper() == action.upper() for r in rows), rows
+    calls = len(a.ike.initiate_calls)
+    a.tun.inject([ipv4("10.1.0.5", "10.2.0.7")])
+    pump(a)
+    assert len(a.ike.initiate_calls) == calls, "no acquire for a pair that is not PROTECT"
+    if counter:
+        assert a.rt.counters[counter] == 1 and a.rt.counters["no_sa"] == 0
+    assert Routes.synced is not None, "the runtime must sync its routes at start"
+    assert (NET_B in Routes.synced) == (action != "bypass")
