@@ -259,12 +259,7 @@ class AhSa(VolumeLifetime):
         out = []
         c = self.counters
         if self._limited and not self._fits(ip_packets):
-            for p in ip_packets:
-                try:
-                    out.append(self.encapsulate(p))
-                except EspError:
-                    pass  # counted by encapsulate
-            return out
+            return self._one_by_one(self.encapsulate, ip_packets)
         nbytes = 0
         for p in ip_packets:
             try:
@@ -342,12 +337,7 @@ class AhSa(VolumeLifetime):
         out = []
         c = self.counters
         if self._limited and not self._fits(ip_packets):
-            for p in ip_packets:
-                try:
-                    out.append(self.decapsulate(p))
-                except EspError:
-                    pass  # counted by decapsulate
-            return out
+            return self._one_by_one(self.decapsulate, ip_packets)
         nbytes = 0
         for p in ip_packets:
             try:

@@ -108,6 +108,17 @@ class VolumeLifetime:
         if (lb and used_b >= lb) or (lp and used_p >= lp):
             self.expired = True
 
+    def _one_by_one(self, single, pkts: list[bytes]) -> list:
+        """Near the hard limit: ``single`` (a single-packet method that counts and raises
+        EspError on refusal) on each packet, so each one is admitted or refused in order."""
+        out = []
+        for p in pkts:
+            try:
+                out.append(single(p))
+            except EspError:
+                pass  # counted by ``single``
+        return out
+
     def lifetime_status(self) -> dict:
         """JSON-ready: {"bytes": {"limit", "soft", "used"}, "packets": {...}, "expired"}
         (limit 0 = none)."""
@@ -253,14 +264,7 @@ class EspSa(VolumeLifetime):
         if self.mode != "tunnel":
             return self._encapsulate_transport_batch(inner_packets)
         if self._limited and not self._fits(inner_packets):
-            # near the hard limit: packet by packet, each one admitted or refused
-            out = []
-            for p in inner_packets:
-                try:
-                    out.append(self.encapsulate(p))
-                except EspError:
-                    pass  # counted by encapsulate
-            return out
+            return self._one_by_one(self.encapsulate, inner_packets)
         # Tunnel-mode hot path: _next_seq and _seal inlined (same rules).
         out = []
         append = out.append
@@ -460,12 +464,7 @@ class EspSa(VolumeLifetime):
         out = []
         c = self.counters
         if self._limited and not self._fits(esp_packets):
-            for pkt in esp_packets:
-                try:
-                    out.append(self.decapsulate_nh(pkt))
-                except EspError:
-                    pass  # counted by decapsulate_nh
-            return out
+            return self._one_by_one(self.decapsulate_nh, esp_packets)
         nbytes = 0
         for pkt in esp_packets:
             try:
