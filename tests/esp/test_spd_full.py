@@ -142,22 +142,6 @@ def test_compile_spd_errors_name_the_field() -> None:
         SpdEntry(peer="b", remote=())
 
 
-def test_sad_lookup_by_spi_destination_protocol() -> None:
-    sad = Sad()
-    esp = EspSa(EspKeys(spi=0x100, encr_id=20, encr_key=bytes(20)), rng=DetRng())
-    ah = AhSa(EspKeys(spi=0x200, encr_id=0, encr_key=b"", integ_id=12, integ_key=bytes(32)))
-    sad.add_inbound("b", esp, dst="198.51.100.1")
-    sad.add_inbound("c", ah)
-    assert sad.lookup_inbound(0x100) is esp
-    assert sad.lookup_inbound(0x100, "198.51.100.1", "esp") is esp
-    assert sad.lookup_inbound(0x100, "198.51.100.9") is None
-    assert sad.lookup_inbound(0x100, protocol="ah") is None
-    assert sad.lookup_inbound(0x200, "203.0.113.1", "ah") is ah  # not bound to a destination
-    assert {r["algorithm"] for r in sad.status()} == {"ENCR_AES_GCM_16_128", "AH-AUTH_HMAC_SHA2_256_128"}
-    sad.remove_inbound(0x100)
-    assert sad.lookup_inbound(0x100) is None
-
-
 AH_KEYS = EspKeys(spi=0x200, encr_id=0, encr_key=b"", integ_id=12, integ_key=bytes(32))
 ESP_KEYS = EspKeys(spi=0x100, encr_id=20, encr_key=bytes(20))
 
