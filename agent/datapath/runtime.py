@@ -2,15 +2,12 @@
 the control socket and a wakeup pipe; drives the IKE side (``IkeCore``) and
 hands packets to the two sides of the datapath.
 
-The rooms (docs/design.md "Packet path"):
-  inside.py     TUN -> SPD -> encapsulate -> what to send (outbound flow)
-  outside.py    sockets -> SAD -> decapsulate -> policy check -> TUN (inbound flow)
-  policy.py     view -> SPD, SA bundles, MTU, routes
-  agent.esp.Sad the one SA table (ESP and AH CHILD_SAs, the current one per peer)
-  sa_events.py  IKE events -> SAD (install, rekey switch-over, delete)
-  keepalive.py  NAT-keepalives; status.py status and the rekey command
-  here          the loop: selector, timers, guard, wakeups; after each batch it
-                sends what the batch produced and hands its requests to IKE.
+The rooms (docs/design.md "Packet path"): inside.py (TUN -> SPD -> encapsulate),
+outside.py (sockets -> SAD -> decapsulate -> policy check -> TUN), policy.py
+(view -> SPD, bundles, MTU, routes), agent.esp.Sad (the one SA table),
+sa_events.py (IKE events -> SAD), requests.py (batch requests -> IKE),
+keepalive.py, status.py. Here: the loop (selector, timers, guard, wakeups);
+after each batch it sends what the batch produced and hands its requests to IKE.
 
 Every stage is batch-shaped: a TUN read yields a list of packets, grouped per
 CHILD_SA, encapsulated with one ``encapsulate_batch`` call; received ESP is
@@ -121,13 +118,10 @@ class Runtime:
         self.batch = batch
         self.raw_esp = raw_esp
         self.raw_ah = raw_ah  # raw IP protocol 51 with IP_HDRINCL; opened next to raw_esp when needed
-        self.counters: dict[str, int] = {k: 0 for k in DROP_REASONS}
-        self.counters.update({BEFORE_FIRST_VIEW: 0, "internal_errors": 0, "unknown_spi_hints": 0,
-                              "credentials_updates": 0})
-        self.counters.update({"keepalives": 0, "keepalives_out": 0, "ike_in": 0, "ike_out": 0, "esp_in": 0, "esp_out": 0,
-                              "tun_in": 0, "tun_out": 0, "nested_out": 0, "nested_in": 0, "icmp_too_big": 0,
-                              "mss_clamped": 0, "ah_in": 0, "ah_out": 0, "lifetime_rekeys": 0,
-                              "lifetime_deletes": 0})
+        self.counters: dict[str, int] = dict.fromkeys(DROP_REASONS + (
+            BEFORE_FIRST_VIEW, "internal_errors", "unknown_spi_hints", "credentials_updates", "keepalives",
+            "keepalives_out", "ike_in", "ike_out", "esp_in", "esp_out", "tun_in", "tun_out", "nested_out", "nested_in",
+            "icmp_too_big", "mss_clamped", "ah_in", "ah_out", "lifetime_rekeys", "lifetime_deletes"), 0)
         self.sad = Sad()  # the CHILD_SAs: inbound by SPI, the sending one per peer
         self.policy = Policy(self.sad, local_address=local_address, bypass=bypass, underlay_mtu=underlay_mtu,
                              tun_mtu=tun_mtu if tun_mtu is not None else getattr(tun, "mtu", 1400),
@@ -236,7 +230,7 @@ class Runtime:
         self._ensure_raw_ah()
         for p in self.view.peers:
             if p.initiate:
-                self._initiate(p.name, now, "start")
+                self.requests.initiate(p.name, now, "start")
         self._flush_ike(now)
 
     def run(self) -> None:
@@ -411,7 +405,7 @@ class Runtime:
         self._ensure_raw_ah()
         for p in view.peers:
             if p.initiate and p.name not in self.sad.current:
-                self._initiate(p.name, now, f"view {view.version}")  # idempotent in the IKE core
+                self.requests.initiate(p.name, now, f"view {view.version}")  # idempotent in the IKE core
         self._flush_ike(now)
         self.log.info("view version %d applied: %d peers", view.version, len(view.peers))
 
@@ -450,24 +444,19 @@ class Runtime:
         self._finish(out)
 
     def _on_udp4500(self) -> None:
-        batch = self.udp4500.recv_batch(self.batch)
-        if batch:
-            out = Batch()
-            self.outside.udp4500(batch, out)
-            self._finish(out)
+        self._from_socket(self.udp4500, self.outside.udp4500)
 
     def _on_raw_esp(self) -> None:
-        batch = self.raw_esp.recv_batch(self.batch)
-        if batch:
-            out = Batch()
-            self.outside.raw_esp(batch, out)
-            self._finish(out)
+        self._from_socket(self.raw_esp, self.outside.raw_esp)
 
     def _on_raw_ah(self) -> None:
-        batch = self.raw_ah.recv_batch(self.batch)
+        self._from_socket(self.raw_ah, self.outside.raw_ah)
+
+    def _from_socket(self, sock, side) -> None:
+        batch = sock.recv_batch(self.batch)
         if batch:
             out = Batch()
-            self.outside.raw_ah(batch, out)
+            side(batch, out)
             self._finish(out)
 
     def _send(self, out: Batch) -> None:
@@ -525,13 +514,9 @@ class Runtime:
         except Exception as exc:
             self.internal_error(what, exc)
 
-    # -- requests for IKE -------------------------------------------------------
     def _sync_wall(self, now: float) -> None:
         # the IKE core checks certificate validity in Unix time but runs timers on ``now``
         self.ike.wall_offset = self.wall_clock() - now
-
-    def _initiate(self, peer: str, now: float, why: str) -> bool:
-        return self.requests.initiate(peer, now, why)
 
     # -- IKE output and events -------------------------------------------------
     def _flush_ike(self, now: float) -> None:
