@@ -177,7 +177,7 @@ class ScriptedIke:
 
     def update_view(self, view, now): pass
     def update_credentials(self, credentials, now): pass
-    def initiate(self, peer, now): self.initiated.append(peer)
+    def initiate(self, peer_name, now): self.initiated.append(peer_name)
     def receive_datagram(self, data, local, remote, now): self.counters["ike_in"] = self.counters.get("ike_in", 0) + 1
     def handle_timer(self, now): pass
     def get_timer(self): return None
