@@ -616,13 +616,19 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         return [NotifyPayload(int(NotifyType.SIGNATURE_HASH_ALGORITHMS), data)]
 
     def _send_init(self, group: int, now: float) -> None:
-        self._ke = KeyExchange(group, self.rng)
+        body = getattr(self, "_init_body", None)
+        if body is None or self._ke is None or self._ke.ke_id != group:
+            # a COOKIE retry keeps the same KEi and NAT-D (§2.6: the same payloads, cookie first);
+            # only INVALID_KE_PAYLOAD (another group) makes a new key exchange
+            self._ke = KeyExchange(group, self.rng)
+            body = self._init_body = [
+                ch.ike_sa_payload(self._ike_proposals()), KePayload(group, self._ke.public_bytes()),
+                NoncePayload(self._ni), *self._nat_notifies(0), *self._sig_hash_notify(),
+                NotifyPayload(int(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED)), *self._intermediate_notify()]
         payloads = []
         if self._cookie is not None:
             payloads.append(NotifyPayload(int(NotifyType.COOKIE), self._cookie))
-        payloads += [ch.ike_sa_payload(self._ike_proposals()), KePayload(group, self._ke.public_bytes()),
-                     NoncePayload(self._ni), *self._nat_notifies(0), *self._sig_hash_notify(),
-                     NotifyPayload(int(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED)), *self._intermediate_notify()]
+        payloads += body
         self._next_mid = 0
         self._pending = None
         msg = Message(self.spi_i, 0, int(ExchangeType.IKE_SA_INIT), 0, True, False, tuple(payloads))
