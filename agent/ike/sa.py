@@ -37,9 +37,9 @@ from agent.ike.crypto import (CryptoError, IntegrityError, KeyExchange, KeyExcha
 from agent.ike.events import (Addr, ChildSaDeleted, ChildSaEstablished, IkeKeysDerived, IkeSaDeleted,
                               IkeSaEstablished, PeerAddressChanged)
 from agent.ike.message import (HEADER_LEN, AuthPayload, CertPayload, CertReqPayload, DeletePayload,
-                               EncryptedFragmentPayload, EncryptedPayload, IdPayload, KePayload, Message, MessageError, NoncePayload,
-                               NotifyPayload, SaPayload, TsPayload, check_payload_rules, decode_payloads,
-                               encode_header, encode_message, encode_payloads)
+                               EncryptedFragmentPayload, EncryptedPayload, IdPayload, KePayload, Message, MessageError,
+                               MessageLimitError, NoncePayload, NotifyPayload, SaPayload, TsPayload,
+                               check_payload_rules, decode_payloads, encode_header, encode_message, encode_payloads)
 from agent.ike.proposals import (EspProposal, IkeProposal, ProposalError, encr_key_len, integ_key_len,
                                  parse_esp_proposal, parse_ike_proposal, wireshark_ike_encr_name,
                                  wireshark_ike_integ_name)
@@ -488,6 +488,8 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         self._rx_plain = (first, plain)  # IntAuth (RFC 9242 §3.3.2)
         try:
             inner = decode_payloads(first, plain, allow_sk=False)
+        except MessageLimitError:
+            return (), "payload_limit"  # the peer is not authenticated before IKE_AUTH completes
         except MessageError:
             return (), "malformed"
         try:
