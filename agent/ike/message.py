@@ -695,6 +695,12 @@ def decode_message(data: bytes) -> Message:
     """Decode one IKE message (§3.1, §3.2). Raises only MessageError."""
     try:
         h = decode_header(data)
+        try:
+            scan_payloads(h.first, data, HEADER_LEN)  # count limit on the headers alone, before any body
+        except MessageLimitError:
+            raise
+        except MessageError:
+            pass  # decode_payloads names the problem in more detail
         payloads = decode_payloads(h.first, bytes(data[HEADER_LEN:]))
     except MessageError:
         raise
