@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Callable
 
 from agent.iana import ExchangeType, NotifyType, PayloadType
@@ -80,7 +80,8 @@ class IkeManager:
         self.counters: dict[str, int] = {}
         self._sas: dict[int, IkeSa] = {}  # by our SPI
         self._recent_child_spis: deque = deque(maxlen=256)
-        self._half_open: dict[tuple[str, int], IkeSa] = {}  # responder: (remote ip, SPIi)
+        # responder: (remote ip, SPIi), oldest first (an OrderedDict: the oldest is found in O(1))
+        self._half_open: OrderedDict[tuple[str, int], IkeSa] = OrderedDict()
         self._half_open_key: dict[int, tuple[str, int]] = {}  # our SPI -> its _half_open key
         self._half_open_by_ip: dict[str, int] = {}
         self.half_open_timeout_s = half_open_timeout_s
