@@ -15,7 +15,8 @@ from agent.ike.crypto import KeyExchange
 from agent.ike.events import ChildSaEstablished
 from agent.ike.manager import IkeManager
 from agent.ike.message import (MAX_PAYLOADS, KePayload, Message, MessageLimitError, NoncePayload, NotifyPayload,
-                               Proposal, SaPayload, Transform, TransformAttribute, VendorPayload, decode_message,
+                               Proposal, SaPayload, Transform, TransformAttribute, UnknownPayload, VendorPayload,
+                               decode_message,
                                encode_message)
 from agent.ike.proposals import parse_ike_proposal
 from agent.model import Credentials, NodeView, Peer, PeerPolicy
@@ -48,7 +49,8 @@ def _replies(m):
 
 # ------------------------------------------------------------ stateless refusals (issue 9)
 
-@pytest.mark.parametrize("kind", ["INVALID_KE_PAYLOAD", "NO_PROPOSAL_CHOSEN", "INVALID_SYNTAX"])
+@pytest.mark.parametrize("kind", ["INVALID_KE_PAYLOAD", "NO_PROPOSAL_CHOSEN", "INVALID_SYNTAX",
+                                  "UNSUPPORTED_CRITICAL_PAYLOAD"])
 def test_stateless_refusals_keep_no_half_open_state(kind):
     """Every refused IKE_SA_INIT left a dead half-open IKE_SA for good: after 20 the address was
     refused, after 50 COOKIE mode never ended. Now nothing stays."""
@@ -58,6 +60,9 @@ def test_stateless_refusals_keep_no_half_open_state(kind):
             req = _request(0x100 + i, proposal="aes128gcm16-prfsha256-ecp256-x25519", group=19)
         elif kind == "NO_PROPOSAL_CHOSEN":
             req = _request(0x100 + i, proposal="aes256-sha256-modp2048", group=14)
+        elif kind == "UNSUPPORTED_CRITICAL_PAYLOAD":  # a payload type we do not know, marked critical
+            msg = decode_message(_request(0x100 + i))
+            req = encode_message(replace(msg, payloads=msg.payloads + (UnknownPayload(250, True, b"x"),)))
         else:  # a KEi of the wrong length for x25519
             req = bytearray(_request(0x100 + i))
             req = encode_message(replace(decode_message(bytes(req)), payloads=(
