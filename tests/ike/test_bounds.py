@@ -16,8 +16,7 @@ from agent.ike.events import ChildSaEstablished
 from agent.ike.manager import IkeManager
 from agent.ike.message import (MAX_PAYLOADS, KePayload, Message, MessageLimitError, NoncePayload, NotifyPayload,
                                Proposal, SaPayload, Transform, TransformAttribute, UnknownPayload, VendorPayload,
-                               decode_message,
-                               encode_message)
+                               decode_message, encode_message)
 from agent.ike.proposals import parse_ike_proposal
 from agent.model import Credentials, NodeView, Peer, PeerPolicy
 
