@@ -39,6 +39,24 @@ _RATE_TABLE_MAX = 4096  # rate-limit tables are pruned beyond this many addresse
 _FINAL_REASONS = ("shutdown", "peer removed from view", "deleted locally")
 
 
+class _ViewIndex:
+    """Per-view lookups of IkeManager (rebuilt when the view object changes): PROTECT peers by
+    endpoint IP (view order) and by IKE identity (the first, as a scan would find), and the
+    responder's (proposals, force_encap) once computed."""
+
+    def __init__(self, view: NodeView) -> None:
+        self.view = view
+        self.endpoints: dict[str, list[Peer]] = {}
+        self.identities: dict[str, Peer] = {}
+        self.responder: tuple[tuple[str, ...], bool] | None = None
+        for p in view.peers:
+            if p.policy.action != "protect":
+                continue
+            self.identities.setdefault(p.identity, p)
+            for ep in dict.fromkeys(p.endpoints):
+                self.endpoints.setdefault(ep, []).append(p)
+
+
 def _cookie_of(data: bytes, first: tuple[int, int, int]) -> bytes | None:
     """The data of N(COOKIE) if it is the first payload (``first`` from scan_payloads), else None."""
     ptype, a, b = first
@@ -88,7 +106,7 @@ class IkeManager:
         self.half_open_per_source = half_open_per_source
         self.half_open_max = max(1, half_open_max)
         self.half_open_pressure_timeout_s = min(half_open_pressure_timeout_s, half_open_timeout_s)
-        self._endpoint_index: dict[str, list[Peer]] | None = None  # peer IP -> its PROTECT peers
+        self._view_index: _ViewIndex | None = None
         # deadlines: a heap of (when, seq, key) with lazy deletion; key is our SPI or ("retry", peer)
         self._heap: list[tuple[float, int, object]] = []
         self._deadline: dict[int, float] = {}  # our SPI -> deadline in the heap
@@ -119,27 +137,37 @@ class IkeManager:
         """PAD lookup (RFC 4301 §4.4.3): the configured peer with this IKE identity.
         A peer whose policy is BYPASS or DISCARD has no PAD entry: it may not
         negotiate SAs with us."""
-        for p in self.view.peers:
-            if p.identity == identity and p.policy.action == "protect":
-                return p
-        return None
+        return self._index().identities.get(identity)
+
+    def _index(self) -> _ViewIndex:
+        """Lookups by endpoint and identity, and the responder's proposals, for the current
+        view: built once per view, because unauthenticated datagrams ask them (O(1) each)."""
+        ix = self._view_index
+        if ix is None or ix.view is not self.view:
+            ix = self._view_index = _ViewIndex(self.view)
+        return ix
 
     def _responder_config(self) -> IkeSaConfig:
-        props: list[str] = []
-        for p in self.view.peers:
-            for s in p.policy.ike_proposals:
-                if s in props:
-                    continue
-                if s not in self._ike_prop_ok:
-                    self._ike_prop_ok[s] = ike_proposal_problem(s)
-                if self._ike_prop_ok[s] is None:
-                    props.append(s)
-                else:  # one peer's typo must not refuse every initiator
-                    self._policy_problem(p)
+        ix = self._index()
+        if ix.responder is None:  # once per view, not per IKE_SA_INIT (O(peers x proposals))
+            props: list[str] = []
+            for p in self.view.peers:
+                for s in p.policy.ike_proposals:
+                    if s in props:
+                        continue
+                    if s not in self._ike_prop_ok:
+                        self._ike_prop_ok[s] = ike_proposal_problem(s)
+                    if self._ike_prop_ok[s] is None:
+                        props.append(s)
+                    else:  # one peer's typo must not refuse every initiator
+                        self._policy_problem(p)
+            ix.responder = (tuple(props) or DEFAULT_IKE_PROPOSALS,
+                            any(p.policy.encapsulation == "udp" for p in self.view.peers))
+        props, force_encap = ix.responder
         return IkeSaConfig(
             identity=self.view.identity, credentials=self.credentials, local_subnets=self.view.subnets,
-            ike_proposals=tuple(props) or DEFAULT_IKE_PROPOSALS, peer=None, find_peer=self._find_peer,
-            force_encap=any(p.policy.encapsulation == "udp" for p in self.view.peers),
+            ike_proposals=props, peer=None, find_peer=self._find_peer,
+            force_encap=force_encap,
             wall_offset=lambda: self.wall_offset, assign_vip=self._assign_vip,
             half_open_timeout_s=self.half_open_timeout_s, revoked=lambda: self._revoked,
             policy_problem=self._policy_problem, new_child_spi=self._new_child_spi)
@@ -147,14 +175,7 @@ class IkeManager:
     def _peers_at(self, ip: str) -> list[Peer]:
         """PROTECT peers with endpoint ``ip``, in view order: O(1) (an index rebuilt per view)
         because unauthenticated hints from any source address ask it."""
-        if self._endpoint_index is None:
-            index: dict[str, list[Peer]] = {}
-            for p in self.view.peers:
-                if p.policy.action == "protect":
-                    for ep in dict.fromkeys(p.endpoints):
-                        index.setdefault(ep, []).append(p)
-            self._endpoint_index = index
-        return self._endpoint_index.get(ip, [])
+        return self._index().endpoints.get(ip, [])
 
     def _child_spis_in_use(self) -> set[int]:
         """Inbound CHILD_SA SPIs of every IKE_SA of this node, rekeyed and half-open ones included:
@@ -226,7 +247,6 @@ class IkeManager:
         old_policy = {p.name: p.policy for p in self.view.peers}
         new_policy = {p.name: p.policy for p in view.peers}
         self.view = view
-        self._endpoint_index = None
         for sa in self._live():
             if sa.peer_name and sa.peer_name not in names:
                 sa.delete(now, "peer removed from view")
