@@ -25,7 +25,7 @@ import tracemalloc
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-from agent.iana import ExchangeType, NotifyType, PayloadType  # noqa: E402
+from agent.iana import ExchangeType, NotifyType  # noqa: E402
 from agent.ike import child as ch  # noqa: E402
 from agent.ike.crypto import KeyExchange  # noqa: E402
 from agent.ike.manager import IkeManager  # noqa: E402

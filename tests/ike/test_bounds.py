@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from agent.iana import ExchangeType, NotifyType, PayloadType
+from agent.iana import ExchangeType, NotifyType
 from agent.ike import child as ch
 from agent.ike import manager as manager_mod
 from agent.ike.crypto import KeyExchange
@@ -18,7 +18,7 @@ from agent.ike.message import (MAX_PAYLOADS, KePayload, Message, MessageLimitErr
                                Proposal, SaPayload, Transform, TransformAttribute, UnknownPayload, VendorPayload,
                                decode_message, encode_message)
 from agent.ike.proposals import parse_ike_proposal
-from agent.model import Credentials, NodeView, Peer, PeerPolicy
+from agent.model import Credentials, NodeView, Peer
 
 from tests.ike.conftest import A_ADDR, B_ADDR, CLASSICAL, DetRng, T0, make_net, view
 
