@@ -219,6 +219,7 @@ class Spd:
         self._ts_cache: dict[tuple, tuple] = {}
         # packets matched per entry (by id(entry)), counted by group_outbound / count_hit
         self.hits: dict[int, int] = {}
+        self._rebuild()  # an SPD with no entries is total too (lookups give default_entry)
         for e in entries:
             self.add(e)
 

@@ -121,3 +121,19 @@ def test_decapsulation_on_random_bytes_only_counts(data) -> None:
         assert sa.counters["packets_in"] + sum(sa.counters[k] for k in
                                                ("malformed", "spi", "replay", "icv", "next_header")) == len(inputs)
     Spd([SpdEntry(peer="b")]).lookup_outbound(data)
+
+
+def test_empty_spd_lookups_are_total() -> None:
+    """Issue 13: Spd() with no entries answered lookups with AttributeError."""
+    import struct as _struct
+
+    from agent.esp.spd import Action as _Action, Spd as _Spd
+    pkt = bytes([0x45, 0, 0, 28]) + bytes(4) + bytes([64, 17, 0, 0]) + bytes([10, 0, 0, 1, 10, 0, 0, 2]) \
+        + _struct.pack("!HHHH", 1000, 2000, 8, 0)
+    for default in (_Action.DISCARD, _Action.BYPASS):
+        spd = _Spd(default=default)
+        assert spd.lookup_outbound(pkt) is spd.default_entry
+        assert spd.lookup_inbound(pkt) is spd.default_entry
+        assert spd.lookup_outbound(b"\x45") is spd.malformed_entry
+        assert spd.group_outbound([pkt]) == [(spd.default_entry, [pkt])]
+        assert spd.status() == []
