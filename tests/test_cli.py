@@ -214,3 +214,35 @@ def test_format_status_shows_refused_peers_early_drops_and_internal_errors():
     assert "before first view: 2 IKE packets ignored" in text
     assert "internal errors: 1" in text and "STORED: controller unreachable" in text
     assert "kept out of the TUN (covered by a peer's subnet): 198.51.100.2" in text
+
+
+def test_status_shows_the_last_error_per_peer_and_the_runtime_logs_refusals(caplog):
+    """B allows A only 10.9.0.0/16 (A offers 10.1.0.0/16): B refuses A's CHILD_SA with TS_UNACCEPTABLE,
+    logs the refusal with what was offered; both `meshsec status` show the last error per peer."""
+    import ipaddress
+    import logging
+    from tests.datapath.test_runtime import _real_node
+    net, clock = FakeNetwork(), FakeClock()
+    a = _real_node(net, clock, "a", A_IP, NET_A, [("b", B_IP, NET_B, True)])
+    b = _real_node(net, clock, "b", B_IP, NET_B, [("a", A_IP, ipaddress.ip_network("10.9.0.0/16"), False)])
+    with caplog.at_level(logging.WARNING):
+        a.rt.start()
+        b.rt.start()
+        pump(a, b)
+    st_a, st_b = a.rt.status(), b.rt.status()
+    assert [s["state"] for s in st_a["ike_sas"]] == ["ESTABLISHED"] and not st_a["child_sas"]
+    assert "TS_UNACCEPTABLE" in st_a["peer_errors"]["b"] and "retry in 2 s" in st_a["peer_errors"]["b"]
+    assert "TSi 10.1.0.0/24" in st_b["peer_errors"]["a"]
+    text = cli.format_status(st_b)
+    assert "LAST ERRORS (1)" in text and "a: we refused its CHILD_SA: traffic selectors do not overlap" in text
+    logs = [r.getMessage() for r in caplog.records]
+    assert any("CHILD_SA with a refused by us: traffic selectors do not overlap" in m and "TSi 10.1.0.0/24" in m
+               for m in logs)
+    assert any("CHILD_SA with b refused by the peer" in m and "retry in 2 s" in m for m in logs)
+
+
+def test_format_status_last_error_of_an_ike_sa_row():
+    text = cli.format_status({"node": "n", "child_sas": [], "drops": {}, "ike_sas": [
+        {"peer": "gw", "spi_i": "1", "spi_r": "2", "state": "ESTABLISHED", "last_error": "CHILD_SA refused by "
+         "the peer: CHILD_SA refused: NO_PROPOSAL_CHOSEN (retry in 4 s)"}]})
+    assert "LAST ERRORS (1)\n  gw: CHILD_SA refused by the peer: CHILD_SA refused: NO_PROPOSAL_CHOSEN" in text

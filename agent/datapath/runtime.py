@@ -1417,7 +1417,13 @@ class Runtime:
         self.log.warning("peer %s refused: %s (fix the policy; other peers are unaffected; "
                          "see meshsec status)", ev.peer, ev.reason)
 
+    def _ev_child_refused(self, ev, now: float) -> None:  # RFC 7296 §2.21.2; the IKE_SA stays
+        self.log.warning("CHILD_SA with %s refused by %s: %s%s%s", ev.peer or "?", "the peer" if ev.by == "peer" else "us",
+                         ev.reason, f"; {ev.offered}" if ev.offered else "",
+                         f"; retry in {ev.retry_in_s:.0f} s" if ev.retry_in_s is not None else "")
+
     _EVENTS = {
+        "ChildSaRefused": _ev_child_refused,
         "PeerRefused": _ev_peer_refused,
         "IkeSaEstablished": _ev_ike_established,
         "IkeKeysDerived": _ev_ike_keys,
@@ -1513,6 +1519,7 @@ class Runtime:
             "before_first_view": {"ike_dropped": self.counters[BEFORE_FIRST_VIEW]},
             "view_source": self.view_source,
             "policy_errors": dict(getattr(self.ike, "policy_errors", {}) or {}),
+            "peer_errors": dict(getattr(self.ike, "last_errors", {}) or {}),  # IkeManager.last_errors
             "internal_errors": self.counters["internal_errors"],
             "route_carve_outs": sorted(getattr(self.routes, "carve_outs", ()) or ()),
         }

@@ -259,11 +259,13 @@ class CreateChildExchange:
             payloads.append(NotifyPayload(int(NotifyType.USE_TRANSPORT_MODE)))
         return payloads
 
-    def _child_failed(self, task: _ChildTask, reason: str, now: float) -> None:
+    def _child_failed(self, task: _ChildTask, reason: str, now: float, notify: int | None = None) -> None:
         self._drop_task(task)
         self.child_errors.append(reason)
         if task.old is not None and task.old in self.children:
             task.old.rekey_at = self._retry_at(task.old.expire_at, now)
+        if task is self._child_retry_task:  # our retry of a refused CHILD_SA: back off further
+            self._refused_by_peer(reason, notify, now)
 
     def _process_child_response(self, task: _ChildTask, msg: Message, inner, now: float,
                                 additional: bytes | None = None) -> None:
@@ -282,7 +284,8 @@ class CreateChildExchange:
             return
         errors = [n for n in m.notifies() if n.is_error]
         if errors:
-            self._child_failed(task, f"CREATE_CHILD_SA refused: {_nname(errors[0].notify_type)}", now)
+            self._child_failed(task, f"CREATE_CHILD_SA refused: {_nname(errors[0].notify_type)}", now,
+                               errors[0].notify_type)
             return
         sa, nr, ke = m.first(PayloadType.SA), m.first(PayloadType.NONCE), m.first(PayloadType.KE)
         tsi, tsr = m.first(PayloadType.TSi), m.first(PayloadType.TSr)
@@ -326,6 +329,8 @@ class CreateChildExchange:
                                selectors=(tuple(tsi.selectors), tuple(tsr.selectors)),
                                rekey_of=task.old.inbound_spi if task.old is not None else None,
                                additional=additional or b"")
+        if task is self._child_retry_task:
+            self._child_retry_done()
         if task.old is None:
             return
         task.old.rekeyed = True
@@ -398,6 +403,8 @@ class CreateChildExchange:
             ours = [p for p in ours if p.is_ah == old.proposal.is_ah]
         choice = ch.choose_esp(sa, ours, pfs=True, ke_hint=ke.group if ke else None)
         if choice is None:
+            self._refused_by_us("no common CHILD_SA proposal (CREATE_CHILD_SA)", NotifyType.NO_PROPOSAL_CHOSEN,
+                                self._offer_text(sa, tsi, tsr))
             return [NotifyPayload(int(NotifyType.NO_PROPOSAL_CHOSEN))]
         g_ir, kex = None, None
         if choice.proposal.ke:
@@ -415,6 +422,8 @@ class CreateChildExchange:
         local_sel = ch.narrow_ts(tsr.selectors, ch.ts_from_networks(self._local_nets()))
         remote_ts, local_ts = ch.networks_of(remote_sel), ch.networks_of(local_sel)
         if not remote_ts or not local_ts:
+            self._refused_by_us(f"traffic selectors do not overlap ours (CREATE_CHILD_SA; {self._ts_allowed_text()})",
+                                NotifyType.TS_UNACCEPTABLE, self._offer_text(sa, tsi, tsr))
             return [NotifyPayload(int(NotifyType.TS_UNACCEPTABLE))]
         nr = self.rng(NONCE_LEN)
         spi = self._new_child_spi()
@@ -610,6 +619,7 @@ class CreateChildExchange:
         new._nat_local, new._nat_remote = self._nat_local, self._nat_remote
         new._peer_sig_hashes = set(self._peer_sig_hashes)
         new.virtual_ips, new.peer_virtual_ips = self.virtual_ips, self.peer_virtual_ips
+        new._inherit_child_retry(self)
         new.events.append(IkeKeysDerived(spi_i, spi_r, new._keys.sk_ei, new._keys.sk_er, new._keys.sk_ai,
                                          new._keys.sk_ar, wireshark_ike_encr_name(prop.encr, prop.encr_key_bits),
                                          wireshark_ike_integ_name(prop.integ)))

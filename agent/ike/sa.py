@@ -30,6 +30,7 @@ from agent.ike import child as ch
 from agent.ike import fragment as frag
 from agent.ike.auth import AuthError
 from agent.ike import cp as cfgp
+from agent.ike.child_refusal import CHILD_SA_REFUSALS, ChildRefusal
 from agent.ike.create_child import CreateChildExchange
 from agent.ike.intermediate import IntermediateExchange
 from agent.ike.crypto import (CryptoError, IntegrityError, KeyExchange, KeyExchangeError, Prf, SkCipher,
@@ -138,7 +139,7 @@ class _Pending:
     max_tries: int = RETRANSMIT_TRIES
 
 
-class IkeSa(IntermediateExchange, CreateChildExchange):
+class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
     """One IKE_SA (RFC 7296). Create with :meth:`new_initiator` or :meth:`new_responder`.
 
     CREATE_CHILD_SA, rekeys and lifetimes: agent.ike.create_child (``create_child``,
@@ -197,6 +198,7 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         self._closing: list[tuple[ch.ChildSa, str]] = []  # CHILD_SAs whose Delete awaits its response
         self._init_create_child()
         self._init_intermediate()  # RFC 9370 / RFC 9242: agent.ike.intermediate
+        self._init_child_refusal()  # CHILD_SA refusals and retry backoff: agent.ike.child_refusal
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -276,6 +278,7 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         if self.state == State.ESTABLISHED and not self._pending and dpd:
             ts.append(self.last_received + dpd)
         ts += self._lifetime_timers()
+        ts += self._child_retry_timers()
         return min(ts) if ts else None
 
     @property
@@ -330,6 +333,8 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
             self._die("half-open IKE_SA timed out" if not self.initiator else "IKE_SA setup timed out")
             return
         if self._handle_lifetimes(now):
+            return
+        if self._handle_child_retry(now):
             return
         dpd = self._dpd_interval()
         if (self.state == State.ESTABLISHED and not self._pending and dpd
@@ -916,13 +921,28 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
             self._fail_with_notify(NotifyType.AUTHENTICATION_FAILED, f"AUTHENTICATION_FAILED: {e}", now)
             return
         self._established(now)
-        if errors:
-            self.delete(now, f"CHILD_SA refused: {_nname(errors[0].notify_type)}")
-            return
+        first_kind = ch.kinds(self.peer.policy)[0]
+        # §1.2, §2.21.2: a refused CHILD_SA leaves the IKE_SA up; the CHILD_SA is retried with
+        # CREATE_CHILD_SA after a backoff (agent.ike.child_refusal). Not with a virtual IP: that
+        # comes only with IKE_AUTH, so such an IKE_SA is deleted and set up again.
+        wanted = (None if getattr(self.peer.policy, "request_virtual_ip", ()) else
+                  (tuple(self.cfg.local_subnets), tuple(self.peer.subnets), first_kind))
         sa, tsi, tsr = m.first(PayloadType.SA), m.first(PayloadType.TSi), m.first(PayloadType.TSr)
+
+        def refuse(reason: str, notify: int | None = None) -> None:
+            if sa is not None and notify is None:
+                self._delete_unwanted(self._child_spi, now, first_kind)  # the responder installed it
+            if wanted is None or (notify is not None and notify not in CHILD_SA_REFUSALS):
+                self.delete(now, reason)
+            else:
+                self._refused_by_peer(reason, notify, now, wanted)
+
+        if errors:
+            refuse(f"CHILD_SA refused: {_nname(errors[0].notify_type)}", errors[0].notify_type)
+            return
         choice = ch.accepted_esp(sa, self._esp_offered) if sa else None
         if choice is None or tsi is None or tsr is None:
-            self.delete(now, "CHILD_SA refused: response SA/TS not acceptable")
+            refuse("CHILD_SA refused: response SA/TS not acceptable")
             return
         if getattr(self.peer.policy, "request_virtual_ip", ()):
             try:
@@ -942,7 +962,7 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
                 or not ch.ts_within(tsr.selectors, ch.ts_from_networks(self.peer.subnets))
                 or not ch.ts_within(tsi.selectors, self._ts_proposed[0])
                 or not ch.ts_within(tsr.selectors, self._ts_proposed[1])):
-            self.delete(now, "CHILD_SA refused: responder widened the traffic selectors")
+            refuse("CHILD_SA refused: responder widened the traffic selectors")
             return
         kind = "ah" if choice.proposal.is_ah else "esp"
         transport = (ch.child_mode(self.peer.policy, kind) == "transport"
@@ -1029,6 +1049,8 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
             payloads.append(cfgp.reply(vips).encode())
         choice = ch.choose_esp(sa, ch.acceptable(peer.policy))
         if choice is None:
+            self._refused_by_us("no common CHILD_SA proposal", NotifyType.NO_PROPOSAL_CHOSEN,
+                                self._offer_text(sa, tsi, tsr))
             return payloads + [NotifyPayload(int(NotifyType.NO_PROPOSAL_CHOSEN))]
         # TSi is the initiator's side (the peer's subnets), TSr ours (§2.9)
         # §2.9 on IP protocol, ports and addresses
@@ -1036,6 +1058,8 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         local_sel = ch.narrow_ts(tsr.selectors, ch.ts_from_networks(self.cfg.local_subnets))
         remote_ts, local_ts = ch.networks_of(remote_sel), ch.networks_of(local_sel)
         if not remote_ts or not local_ts:
+            self._refused_by_us(f"traffic selectors do not overlap ours ({self._ts_allowed_text()})",
+                                NotifyType.TS_UNACCEPTABLE, self._offer_text(sa, tsi, tsr))
             return payloads + [NotifyPayload(int(NotifyType.TS_UNACCEPTABLE))]
         self._child_spi = self._new_child_spi()
         kind = "ah" if choice.proposal.is_ah else "esp"
