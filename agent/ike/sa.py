@@ -139,6 +139,10 @@ class _Pending:
     max_tries: int = RETRANSMIT_TRIES
 
 
+# exchanges of an authenticated IKE_SA (§2.21.3)
+_AFTER_AUTH = frozenset({ExchangeType.CREATE_CHILD_SA, ExchangeType.INFORMATIONAL, ExchangeType.IKE_FOLLOWUP_KE})
+
+
 class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
     """One IKE_SA (RFC 7296). Create with :meth:`new_initiator` or :meth:`new_responder`.
 
@@ -188,6 +192,7 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
         self._esp_offered: list[EspProposal] = []
         self._peer_sig_hashes: set[int] = set()
         self._last_raw = b""
+        self._rx_authentic = False  # the message being opened passed its ICV check
         self.auth_failure: str | None = None
         self._frag_peer = False  # the peer sent IKEV2_FRAGMENTATION_SUPPORTED (RFC 7383 §2.3)
         self._ts_proposed: tuple = ((), ())  # TSi, TSr of our IKE_AUTH request (§2.9)
@@ -377,6 +382,12 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
                 self._die("IKE_SA_INIT response with an unsupported critical payload")
                 return None
             inner = (NotifyPayload(int(NotifyType.UNSUPPORTED_CRITICAL_PAYLOAD)),)  # seen as an error notify
+        if msg.exchange in _AFTER_AUTH and any(
+                isinstance(x, NotifyPayload) and x.notify_type == NotifyType.INVALID_SYNTAX for x in inner):
+            # §2.21.3: fatal in both peers; the peer has deleted the IKE_SA already (the setup
+            # exchanges fail on any error notify by themselves)
+            self._die(f"{_xname(msg.exchange)} refused: INVALID_SYNTAX (fatal for the IKE_SA, RFC 7296 §2.21.3)")
+            return None
         p.on_response(msg, inner, now)
         self._run_queue(now)
         return None
@@ -396,8 +407,15 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
             return "invalid_message_id"
         if msg.exchange != ExchangeType.IKE_SA_INIT and self._keys is None:
             return "invalid_message_id"
+        self._rx_authentic = False
         inner, err = self._open(msg, raw)
         if err and err != frag.FRAGMENT_QUEUED:
+            if self._rx_authentic:
+                # §2.21.3: a request that passed the ICV and window checks but does not parse is
+                # answered with INVALID_SYNTAX, which is fatal for the IKE_SA in both peers
+                self._respond(msg, [NotifyPayload(int(NotifyType.INVALID_SYNTAX))], local, remote)
+                self._die(f"peer sent a malformed {_xname(msg.exchange)} request ({err}); "
+                          "answered INVALID_SYNTAX (RFC 7296 §2.21.3)")
             return err
         # only datagrams that authenticated (a queued SKF fragment did) count as the request's
         # retransmissions (§2.1): a forgery must not make us re-send the response
@@ -446,6 +464,10 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
         payloads = handler(msg, inner, now)
         if payloads is not None:
             self._respond(msg, payloads, local, remote)
+            if msg.exchange != ExchangeType.IKE_SA_INIT and any(
+                    isinstance(p, NotifyPayload) and p.notify_type == NotifyType.INVALID_SYNTAX for p in payloads):
+                self._die(f"peer sent an invalid {_xname(msg.exchange)} request; answered INVALID_SYNTAX "
+                          "(RFC 7296 §2.21.3)")
         return None
 
     def _follow_nat(self, remote: Addr) -> None:
@@ -491,6 +513,7 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
         else:
             return (), "unexpected_payload"
         self._rx_plain = (first, plain)  # IntAuth (RFC 9242 §3.3.2)
+        self._rx_authentic = True  # the ICV verified: what follows is the peer's, not noise
         try:
             inner = decode_payloads(first, plain, allow_sk=False)
         except MessageError:
@@ -1163,6 +1186,13 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
 def _renumber(p, number: int):
     from agent.ike.message import Proposal
     return Proposal(number, p.protocol, p.spi, p.transforms)
+
+
+def _xname(t: int) -> str:
+    try:
+        return ExchangeType(t).name
+    except ValueError:
+        return f"EXCHANGE({t})"
 
 
 def _nname(t: int) -> str:
