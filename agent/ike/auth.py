@@ -283,7 +283,10 @@ def verify_digital_signature(public_key, octets: bytes, auth_data: bytes) -> str
     Returns a short algorithm name; AuthError says what failed.
     """
     if isinstance(public_key, x509.Certificate):
-        public_key = public_key.public_key()
+        try:
+            public_key = public_key.public_key()
+        except _CERT_ERRORS as e:
+            raise AuthError(f"certificate {_subject(public_key)}: unusable public key ({_short(e)})") from None
     auth_data = bytes(auth_data)
     if len(auth_data) < 2 or auth_data[0] + 1 >= len(auth_data):
         raise AuthError("DIGITAL_SIGNATURE AUTH data too short for its AlgorithmIdentifier length")
@@ -345,15 +348,51 @@ def _key_kind(key) -> str:
 
 # ---------------------------------------------------------------- certificates
 
+# what ``cryptography`` raises for a certificate it cannot parse, at load or lazily when a field
+# is first read (an invalid version, a malformed subject, issuer or extension)
+_CERT_ERRORS = (ValueError, TypeError, x509.InvalidVersion, UnsupportedAlgorithm)
+
+
+def _fingerprint(der: bytes) -> str:
+    h = hashes.Hash(hashes.SHA256())
+    h.update(bytes(der))
+    return h.finalize().hex()[:16]
+
+
 def _load_cert(der: bytes, what: str) -> x509.Certificate:
+    """Parse a DER certificate completely: every field read later is read here once, so a
+    malformed certificate (even one ``cryptography`` parses lazily) fails now with an AuthError
+    naming it (``what`` and the first 16 hex digits of its SHA-256 fingerprint)."""
+    der = bytes(der)
+    name = f"{what} (SHA-256 {_fingerprint(der)}...)"
     try:
-        return x509.load_der_x509_certificate(bytes(der))
-    except (ValueError, TypeError) as e:
-        raise AuthError(f"{what} is not a DER X.509 certificate ({e})") from None
+        cert = x509.load_der_x509_certificate(der)
+    except _CERT_ERRORS as e:
+        raise AuthError(f"{name} is not a valid DER X.509 certificate ({_short(e)})") from None
+    for field, read in (("version", lambda: cert.version), ("serial number", lambda: cert.serial_number),
+                        ("subject", lambda: cert.subject.rfc4514_string()),
+                        ("issuer", lambda: cert.issuer.rfc4514_string()),
+                        ("validity", lambda: (cert.not_valid_before_utc, cert.not_valid_after_utc)),
+                        ("extensions", lambda: list(cert.extensions)),
+                        ("public key", cert.public_key)):
+        try:
+            read()
+        except _CERT_ERRORS as e:
+            raise AuthError(f"{name} has a malformed {field} ({_short(e)})") from None
+    return cert
+
+
+def _short(e: Exception) -> str:
+    """An exception text bounded for a log line (parser errors can be long)."""
+    text = str(e) or type(e).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def _subject(cert: x509.Certificate) -> str:
-    return cert.subject.rfc4514_string() or "<empty subject>"
+    try:
+        return cert.subject.rfc4514_string() or "<empty subject>"
+    except _CERT_ERRORS:  # only certificates that passed _load_cert get here; still never raise
+        return "<unreadable subject>"
 
 
 def _check_validity(cert: x509.Certificate, now: float, what: str) -> None:
@@ -391,6 +430,14 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
 
 def verify_certificate_chain(chain_der: list[bytes], trust_anchors_der: list[bytes],
                              now: float) -> x509.Certificate:
+    """See _verify_chain; any parser error of ``cryptography`` becomes an AuthError."""
+    try:
+        return _verify_chain(chain_der, trust_anchors_der, now)
+    except _CERT_ERRORS as e:  # _load_cert reads every field first: this is the last guard
+        raise AuthError(f"malformed certificate in the peer's chain ({_short(e)})") from None
+
+
+def _verify_chain(chain_der: list[bytes], trust_anchors_der: list[bytes], now: float) -> x509.Certificate:
     """Verify a peer's chain (leaf first, DER; from CERT payloads) up to one of
     ``trust_anchors_der`` (DER CA certificates) at time ``now`` (Unix seconds).
 
@@ -437,8 +484,14 @@ def verify_certificate_chain(chain_der: list[bytes], trust_anchors_der: list[byt
         _check_ca(nxt, "intermediate")
         _check_validity(nxt, now, "intermediate")
         cur = nxt
-    raise AuthError(f"certificate {_subject(cur)} (issuer {cur.issuer.rfc4514_string()}) "
-                    f"is not signed by any trusted CA")
+    raise AuthError(f"certificate {_subject(cur)} (issuer {_issuer(cur)}) is not signed by any trusted CA")
+
+
+def _issuer(cert: x509.Certificate) -> str:
+    try:
+        return cert.issuer.rfc4514_string() or "<empty issuer>"
+    except _CERT_ERRORS:
+        return "<unreadable issuer>"
 
 
 def identity_matches_certificate(id_type: int, id_data: bytes, cert: x509.Certificate) -> bool:
@@ -453,8 +506,8 @@ def identity_matches_certificate(id_type: int, id_data: bytes, cert: x509.Certif
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         san = x509.SubjectAlternativeName([])
-    except ValueError as e:
-        raise AuthError(f"certificate subjectAltName is malformed ({e})") from None
+    except _CERT_ERRORS as e:
+        raise AuthError(f"certificate {_subject(cert)}: subjectAltName is malformed ({_short(e)})") from None
     tname = name_of(IdType, id_type)
     if id_type in (IdType.ID_FQDN, IdType.ID_RFC822_ADDR):
         try:
