@@ -362,13 +362,14 @@ def _fingerprint(der: bytes) -> str:
 def _load_cert(der: bytes, what: str) -> x509.Certificate:
     """Parse a DER certificate completely: every field read later is read here once, so a
     malformed certificate (even one ``cryptography`` parses lazily) fails now with an AuthError
-    naming it (``what`` and the first 16 hex digits of its SHA-256 fingerprint)."""
+    naming it (``what``, e.g. "certificate 0", and the first 16 hex digits of its SHA-256
+    fingerprint, since its subject may be unreadable)."""
     der = bytes(der)
-    name = f"{what} (SHA-256 {_fingerprint(der)}...)"
+    fp = f"SHA-256 {_fingerprint(der)}..."
     try:
         cert = x509.load_der_x509_certificate(der)
     except _CERT_ERRORS as e:
-        raise AuthError(f"{name} is not a valid DER X.509 certificate ({_short(e)})") from None
+        raise AuthError(f"{what} is not a DER X.509 certificate ({_short(e)}; {fp})") from None
     for field, read in (("version", lambda: cert.version), ("serial number", lambda: cert.serial_number),
                         ("subject", lambda: cert.subject.rfc4514_string()),
                         ("issuer", lambda: cert.issuer.rfc4514_string()),
@@ -378,7 +379,7 @@ def _load_cert(der: bytes, what: str) -> x509.Certificate:
         try:
             read()
         except _CERT_ERRORS as e:
-            raise AuthError(f"{name} has a malformed {field} ({_short(e)})") from None
+            raise AuthError(f"{what} has a malformed {field} ({_short(e)}; {fp})") from None
     return cert
 
 

@@ -53,19 +53,19 @@ def test_the_surgery_makes_lazily_failing_certificates(bad):
             (c.version, c.subject, c.issuer, list(c.extensions))
 
 
-@pytest.mark.parametrize("kind,field", [("version", "not a valid DER X.509 certificate"),
-                                        ("subject", "malformed subject"), ("subject_bitstring", "malformed subject"),
-                                        ("issuer", "malformed issuer"), ("subject_alt_name", "malformed extensions")])
+@pytest.mark.parametrize("kind,field", [("version", "is not a DER X.509 certificate"),
+                                        ("subject", "has a malformed subject"), ("subject_bitstring", "has a malformed subject"),
+                                        ("issuer", "has a malformed issuer"), ("subject_alt_name", "has a malformed extensions")])
 def test_chain_verification_names_the_bad_certificate(bad, pki, kind, field):
     with pytest.raises(AuthError) as ei:
         auth.verify_certificate_chain([bad[kind]], [pki["ca"]], T0)
     msg = str(ei.value)
-    assert msg.startswith("certificate 0 (SHA-256 ") and field in msg, msg
+    assert msg.startswith(f"certificate 0 {field}") and "; SHA-256 " in msg, msg
 
 
 @pytest.mark.parametrize("kind", ["version", "subject", "subject_bitstring", "issuer", "subject_alt_name"])
 def test_bad_intermediate_is_named_too(bad, pki, kind):
-    with pytest.raises(AuthError, match=r"^certificate 1 \(SHA-256 "):
+    with pytest.raises(AuthError, match=r"^certificate 1 .*; SHA-256 [0-9a-f]{16}"):
         auth.verify_certificate_chain([pki["a"][1], bad[kind]], [pki["ca"]], T0)
 
 
@@ -95,7 +95,7 @@ def test_responder_answers_authentication_failed(bad, pki, kind):
     n.pump()
     assert not n.of("a", ChildSaEstablished) and not n.of("b", ChildSaEstablished)
     (db,) = n.of("b", IkeSaDeleted)
-    assert db.reason.startswith("AUTHENTICATION_FAILED: certificate 0 (SHA-256 "), db.reason
+    assert db.reason.startswith("AUTHENTICATION_FAILED: certificate 0 ") and "SHA-256" in db.reason, db.reason
     (da,) = n.of("a", IkeSaDeleted)
     assert "AUTHENTICATION_FAILED" in da.reason
     assert "internal_error" not in n.a.counters and "internal_error" not in n.b.counters
@@ -111,5 +111,5 @@ def test_initiator_refuses_a_responder_with_a_malformed_certificate(bad, pki, ki
     n.a.initiate("node-b", n.now)
     n.pump()
     (da,) = n.of("a", IkeSaDeleted)
-    assert da.reason.startswith("AUTHENTICATION_FAILED: certificate 0 (SHA-256 "), da.reason
+    assert da.reason.startswith("AUTHENTICATION_FAILED: certificate 0 ") and "SHA-256" in da.reason, da.reason
     assert "internal_error" not in n.a.counters and "internal_error" not in n.b.counters
