@@ -13,6 +13,7 @@ from collections import deque
 from typing import Callable
 
 from agent.iana import ExchangeType, NotifyType, PayloadType
+from agent.ike import auth
 from agent.ike.cookie import CookieJar
 from agent.ike.fragment import DEFAULT_FRAGMENT_SIZE
 from agent.ike.cp import AddressPool
@@ -101,7 +102,8 @@ class IkeManager:
         A peer whose policy is BYPASS or DISCARD has no PAD entry: it may not
         negotiate SAs with us."""
         for p in self.view.peers:
-            if p.identity == identity and p.policy.action == "protect":
+            # exact, or the same address / DN written another way (agent.ike.auth.same_identity)
+            if p.policy.action == "protect" and auth.same_identity(p.identity, identity):
                 return p
         return None
 

@@ -24,7 +24,7 @@ from typing import Callable
 from cryptography.hazmat.primitives import hashes
 
 from agent.iana import (AuthMethod, CertEncoding, ExchangeType, HashAlgorithm, IdType, NotifyType,
-                        PayloadType, ProtocolId)
+                        PayloadType, ProtocolId, name_of)
 from agent.ike import auth
 from agent.ike import child as ch
 from agent.ike import fragment as frag
@@ -813,11 +813,13 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
 
     def _verify_peer(self, idp: IdPayload, auth_p: AuthPayload | None, certs: list, peer: Peer, now: float) -> None:
         """Check the peer's ID, certificate and AUTH (§2.15); raises AuthError."""
-        if idp.id_type != IdType.ID_FQDN:
-            raise AuthError(f"ID type {idp.id_type} is not ID_FQDN")
-        ident = idp.data.decode("utf-8", "replace")
-        if ident != peer.identity:
-            raise AuthError(f"peer identity {ident!r} is not the expected {peer.identity!r}")
+        ident = auth.id_text(idp.id_type, idp.data)
+        if ident is None:
+            raise AuthError(f"peer identity of type {name_of(IdType, idp.id_type)} is not supported or malformed "
+                            "(we take ID_FQDN, ID_RFC822_ADDR, ID_IPV4_ADDR, ID_IPV6_ADDR, ID_DER_ASN1_DN)")
+        if not auth.same_identity(peer.identity, ident):
+            raise AuthError(f"peer identity {ident!r} ({name_of(IdType, idp.id_type)}) is not the expected "
+                            f"{peer.identity!r}")
         if auth_p is None:
             raise AuthError("no AUTH payload")
         prf = self._ike_prop.prf
@@ -867,7 +869,13 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
         return None if self.cfg.credentials.uses_certificates else self.cfg.credentials.psk
 
     def _id(self, ptype: int) -> IdPayload:
-        return IdPayload(ptype, int(IdType.ID_FQDN), self.cfg.identity.encode())
+        """Our IDi / IDr (§3.5): ID_FQDN for a name, ID_IPV4_ADDR / ID_IPV6_ADDR for an address,
+        ID_DER_ASN1_DN for a DN (our certificate's subject, byte for byte, when it is that DN)."""
+        want = auth.id_for_identity(self.cfg.identity)
+        if want is not None:
+            return IdPayload(ptype, *want)
+        return IdPayload(ptype, int(IdType.ID_DER_ASN1_DN), auth.dn_for_identity(
+            self.cfg.identity, self.cfg.credentials.certificate_chain[:1]))
 
     def _cert_payloads(self, psk: bytes | None) -> list:
         if psk is not None:
@@ -885,7 +893,9 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
             payloads.append(self._certreq())
         if self.cfg.initial_contact:
             payloads.append(NotifyPayload(int(NotifyType.INITIAL_CONTACT)))
-        payloads.append(IdPayload(int(PayloadType.IDr), int(IdType.ID_FQDN), peer.identity.encode()))
+        want = auth.id_for_identity(peer.identity)  # IDr is optional (§3.5): left out for a DN
+        if want is not None:
+            payloads.append(IdPayload(int(PayloadType.IDr), *want))
         try:
             payloads.append(self._my_auth(idi, psk))
         except (AuthError, CryptoError) as e:
@@ -1018,14 +1028,16 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
         <-- HDR, SK {IDr, [CERT,] AUTH, SA, TSi, TSr}  or  <-- HDR, SK {N(AUTHENTICATION_FAILED)}."""
         m = Message(msg.spi_i, msg.spi_r, msg.exchange, msg.message_id, True, False, tuple(inner))
         idi = m.first(PayloadType.IDi)
-        ident = idi.data.decode("utf-8", "replace") if idi.id_type == IdType.ID_FQDN else None
+        ident = auth.id_text(idi.id_type, idi.data)  # FQDN, RFC822, IPv4/6 address or DN (§3.5)
         peer = self.cfg.find_peer(ident) if ident is not None else None
         try:
             if peer is None:
-                raise AuthError(f"no configured peer has identity {ident!r}")
+                raise AuthError(f"no configured peer has identity {ident!r} ({name_of(IdType, idi.id_type)})")
             idr = m.first(PayloadType.IDr)
-            if idr is not None and idr.data.decode("utf-8", "replace") != self.cfg.identity:
-                raise AuthError(f"peer wants to talk to {idr.data!r}, we are {self.cfg.identity!r}")
+            wanted = auth.id_text(idr.id_type, idr.data) if idr is not None else None
+            if idr is not None and (wanted is None or not auth.same_identity(self.cfg.identity, wanted)):
+                raise AuthError(f"peer wants to talk to {wanted or idr.data!r} ({name_of(IdType, idr.id_type)}), "
+                                f"we are {self.cfg.identity!r}")
             self._verify_peer(idi, m.first(PayloadType.AUTH), m.get(PayloadType.CERT), peer, now)
             self._check_binding(peer, self.remote)
         except (AuthError, CryptoError) as e:
