@@ -299,6 +299,22 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
         d = self.peer.policy.dpd_interval_s if self.peer else 0
         return d if d and d > 0 else 0.0
 
+    def _fragmentation_hint(self, p: _Pending) -> str:
+        """Why a peer may not have answered a big request: an IP packet above ``fragment_size``
+        sent whole (RFC 7383 not negotiated, or IKE_SA_INIT, which it cannot split) travels as IP
+        fragments, which many paths drop. "" when the request was small or sent as SKF fragments."""
+        if getattr(p.data, "fragments", None):
+            return ""
+        ipv6 = ":" in self.local[0]
+        packet = len(p.data) + (40 if ipv6 else 20) + 8 + (4 if self.local[1] == NAT_T_PORT else 0)
+        if packet <= self.cfg.fragment_size:
+            return ""
+        why = ("the peer did not announce IKEV2_FRAGMENTATION_SUPPORTED (RFC 7383)"
+               if p.exchange != ExchangeType.IKE_SA_INIT else "IKE_SA_INIT cannot be fragmented by RFC 7383")
+        return (f" (likely cause: lost IP fragments; our {_xname(p.exchange)} request was a {packet}-octet IP "
+                f"packet, above fragment_size {self.cfg.fragment_size}, sent unfragmented because {why}; "
+                "enable fragmentation on the peer, or check that the path passes IP fragments)")
+
     def check_liveness(self, now: float, *, hinted: bool = False) -> bool:
         """Start a liveness check now (§2.4): HDR, SK {} -->. ``hinted``: after an unauthenticated
         hint that the peer lost its state (INVALID_IKE_SPI / INVALID_SPI, §2.21.4), give up
@@ -327,7 +343,7 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
                 if self.state == State.DELETING:
                     self.state = State.DELETED
                 else:
-                    self._die("peer did not respond")
+                    self._die("peer did not respond" + self._fragmentation_hint(p))
                 return
             p.tries += 1
             p.deadline = now + RETRANSMIT_BASE_S * RETRANSMIT_FACTOR ** p.tries
