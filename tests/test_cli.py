@@ -246,3 +246,68 @@ def test_format_status_last_error_of_an_ike_sa_row():
         {"peer": "gw", "spi_i": "1", "spi_r": "2", "state": "ESTABLISHED", "last_error": "CHILD_SA refused by "
          "the peer: CHILD_SA refused: NO_PROPOSAL_CHOSEN (retry in 4 s)"}]})
     assert "LAST ERRORS (1)\n  gw: CHILD_SA refused by the peer: CHILD_SA refused: NO_PROPOSAL_CHOSEN" in text
+
+
+@pytest.mark.parametrize("err,says,not_says", [
+    (13, "needs CAP_NET_BIND_SERVICE", "another IKE daemon"),  # EACCES: no privilege for port 500
+    (98, "another IKE daemon", "CAP_NET_BIND_SERVICE"),  # EADDRINUSE
+    (99, "is not an address of this host", "another IKE daemon")])  # EADDRNOTAVAIL
+def test_preflight_port_error_names_the_real_cause(monkeypatch, err, says, not_says):
+    import errno as errno_mod
+
+    class Refusing:
+        def __init__(self, *a, **kw):
+            pass
+
+        def bind(self, addr):
+            raise OSError(err, os.strerror(err))
+
+        def close(self):
+            pass
+    monkeypatch.setattr(agent_main.socket, "socket", Refusing)
+    with pytest.raises(agent_main.StartupError) as ei:
+        agent_main.check_ports_free("198.51.100.1")
+    assert says in str(ei.value) and not_says not in str(ei.value)
+    assert errno_mod.errorcode[err] in ("EACCES", "EADDRINUSE", "EADDRNOTAVAIL")
+
+
+def test_failed_start_closes_what_it_opened_and_abandons_the_routes():
+    """agent.main._undo_start: newest first; a RouteManager is abandoned (its own ip rules removed)."""
+    calls = []
+
+    class Thing:
+        def __init__(self, name):
+            self.name = name
+
+        def close(self):
+            calls.append(self.name)
+
+    class Routes:
+        def abandon(self):
+            calls.append("routes abandoned")
+
+    agent_main._undo_start([Thing("udp500"), Thing("tun"), agent_main._Abandon(Routes()), Thing("control")])
+    assert calls == ["control", "routes abandoned", "tun", "udp500"]
+
+
+def test_route_manager_abandon_removes_only_its_own_rules():
+    """Rules that existed before the agent (EEXIST, e.g. another agent's) stay; ours go."""
+    from agent.datapath.routes import RouteManager
+    rm = RouteManager.__new__(RouteManager)
+    deleted = []
+
+    class Ipr:
+        def rule(self, op, **r):
+            deleted.append((op, r["priority"]))
+
+        def route(self, *a, **kw):
+            pass
+
+        def close(self):
+            deleted.append(("close", None))
+    import logging
+    rm._ipr, rm.log, rm._installed, rm._carved = Ipr(), logging.getLogger("t"), set(), {}
+    ours, theirs = {"family": 2, "priority": 4301, "table": 4301}, {"family": 2, "priority": 4300, "table": 254}
+    rm._rules, rm._found = [theirs, ours], [theirs]
+    rm.abandon()
+    assert deleted == [("del", 4301), ("close", None)]
