@@ -111,6 +111,12 @@ class ChildRefusal:
         self._child_retry_task = None
         self.child_refusals = 0
 
+    def _child_backoff_holds(self, now: float) -> bool:
+        """True while the refused CHILD_SA waits for its retry (or the retry is in flight): an
+        acquire must not ask the peer again before (the shell asks every few seconds)."""
+        return self._child_wanted is not None and (
+            self._child_retry_task is not None or (self._child_retry_at is not None and now < self._child_retry_at))
+
     def _child_retry_timers(self) -> list[float]:
         if self.state != "ESTABLISHED" or self._child_retry_at is None or self._successor is not None:
             return []

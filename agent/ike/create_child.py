@@ -196,13 +196,16 @@ class CreateChildExchange:
         """Additional CHILD_SA (§1.3.1): HDR, SK {SA, Ni, [KEi], TSi, TSr} -->.
 
         ``local_ts`` / ``remote_ts``: networks to propose (default: ours and the peer's
-        subnets). Returns False if the IKE_SA is not established. The outcome is a
+        subnets). Returns False if the IKE_SA is not established, or, for the default selectors,
+        while a refused CHILD_SA backs off (agent.ike.child_refusal). The outcome is a
         ChildSaEstablished event, or a reason appended to ``child_errors`` (the IKE_SA
         stays up, e.g. on TS_UNACCEPTABLE). ``protocol``: "esp" or "ah" (default: the
         policy's first kind, see ``child.kinds``).
         """
         if self.state != "ESTABLISHED" or self.peer is None or self._successor is not None:
             return False
+        if local_ts is None and remote_ts is None and protocol is None and self._child_backoff_holds(now):
+            return False  # an acquire while the refused CHILD_SA waits out its backoff (child_refusal)
         kind = protocol or ch.kinds(self.peer.policy)[0]
         task = _ChildTask(None, tuple(local_ts or self._local_nets()), tuple(remote_ts or self.peer.subnets),
                           ch.child_mode(self.peer.policy, kind), protocol=kind)

@@ -128,3 +128,21 @@ def test_reinitiation_backoff_is_not_reset_by_an_ike_sa_whose_child_sa_fails():
     deleted = n.of("a", IkeSaDeleted)
     assert deleted and all("virtual IP" in e.reason for e in deleted)
     assert 4 <= len(inits) <= 6, len(inits)  # 0, 2, 6, 14, 30 (+62): was 30 in a minute
+
+
+def test_acquires_during_the_backoff_do_not_ask_the_peer_again():
+    """The runtime asks for a CHILD_SA on every acquire (at most every 5 s): while the refused
+    CHILD_SA backs off, those asks are held, so the peer still sees only the backoff schedule."""
+    n = _net(a_net=ELSEWHERE)
+    n.a.initiate("node-b", n.now)
+    n.pump()
+    t0 = n.now
+    held = 0
+    for i in range(1, 61):  # an acquire every second for a minute
+        n.advance(t0 + i)
+        held += not n.a.create_child("node-b", n.now)
+        n.pump()
+    requests = [m for _d, m in _sent(n, "a", ExchangeType.CREATE_CHILD_SA) if not m.is_response]
+    assert len(requests) == 4  # at +2, +6, +14, +30 s; the next is due at +62 s
+    assert held == 60
+    assert [e.retry_in_s for e in n.of("a", ChildSaRefused)] == [2, 4, 8, 16, 32]
