@@ -1090,11 +1090,15 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
             except cfgp.CpError:
                 cpr = None
             if cpr is None or cpr.cfg_type != cfgp.CfgType.CFG_REQUEST:
+                self._refused_by_us("no CP(CFG_REQUEST): this gateway assigns a virtual IP (RFC 7296 §3.15.4)",
+                                    NotifyType.FAILED_CP_REQUIRED, self._offer_text(sa, tsi, tsr))
                 return payloads + [NotifyPayload(int(NotifyType.FAILED_CP_REQUIRED))]
             versions = tuple(v for v, a in ((4, cfgp.INTERNAL_IP4_ADDRESS), (6, cfgp.INTERNAL_IP6_ADDRESS))
                              if cpr.get(a)) or (4,)
             vips = self.cfg.assign_vip(peer, versions)
             if not vips:
+                self._refused_by_us(f"virtual IP pool {pool} has no free address", NotifyType.INTERNAL_ADDRESS_FAILURE,
+                                    self._offer_text(sa, tsi, tsr))
                 return payloads + [NotifyPayload(int(NotifyType.INTERNAL_ADDRESS_FAILURE))]
             self.peer_virtual_ips = tuple(str(a) for a in vips)
             payloads.append(cfgp.reply(vips).encode())
