@@ -385,6 +385,8 @@ def _load_cert(der: bytes, what: str) -> x509.Certificate:
             read()
         except _CERT_ERRORS as e:
             raise AuthError(f"{what} has a malformed {field} ({_short(e)}; {fp})") from None
+    if cert.serial_number <= 0:  # cryptography only warns (for now)
+        raise AuthError(f"{what} has a serial number that is not positive (RFC 5280 §4.1.2.2; {fp})")
     return cert
 
 

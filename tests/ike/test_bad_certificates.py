@@ -113,3 +113,37 @@ def test_initiator_refuses_a_responder_with_a_malformed_certificate(bad, pki, ki
     (da,) = n.of("a", IkeSaDeleted)
     assert da.reason.startswith("AUTHENTICATION_FAILED: certificate 0 ") and "SHA-256" in da.reason, da.reason
     assert "internal_error" not in n.a.counters and "internal_error" not in n.b.counters
+
+
+def test_mutated_certificates_end_in_auth_error_or_pass(pki):
+    """A small deterministic mutation fuzz of a real leaf: every one-octet change either still
+    verifies or is an AuthError; nothing else escapes (the property the responder relies on)."""
+    import hashlib
+    import warnings
+    from cryptography.utils import CryptographyDeprecationWarning
+    warnings.simplefilter("ignore", CryptographyDeprecationWarning)  # pytest restores the filters
+    good = pki["b"][1]
+    outcomes = {"ok": 0, "auth_error": 0}
+    for i in range(600):
+        h = hashlib.sha256(b"mutate%d" % i).digest()
+        pos = int.from_bytes(h[:4], "big") % len(good)
+        bad = good[:pos] + bytes([h[4] if h[4] != good[pos] else h[4] ^ 1]) + good[pos + 1:]
+        try:
+            leaf = auth.verify_certificate_chain([bad], [pki["ca"]], T0)
+            auth.identity_matches_certificate(2, b"node-b", leaf)
+            outcomes["ok"] += 1
+        except AuthError:
+            outcomes["auth_error"] += 1
+    assert outcomes["auth_error"] > 500, outcomes
+
+
+def test_non_positive_serial_is_refused(pki):
+    """RFC 5280 §4.1.2.2: serial numbers are positive; cryptography only warns about 0."""
+    import warnings
+    from cryptography.utils import CryptographyDeprecationWarning
+    good = pki["b"][1]
+    bad = _swap(good, bytes.fromhex("a003020102" "02010c"), 7, 0)  # serial 12 -> 0 (conftest: seed 12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+        with pytest.raises(AuthError, match="serial number that is not positive"):
+            auth.verify_certificate_chain([bad], [pki["ca"]], T0)
