@@ -8,6 +8,8 @@
   no common ESP proposal (NO_PROPOSAL_CHOSEN). meshsec, initiating, keeps its one IKE_SA
   (RFC 7296 §1.2) and retries the CHILD_SA by CREATE_CHILD_SA after 2, 4, 8 ... s, instead of a
   new IKE_SA every 2 s; `meshsec status` shows the last error.
+- As responder: strongSwan asks for selectors meshsec does not protect; meshsec's log names the
+  peer and what was offered, `meshsec status` shows it.
 - Identities: strongSwan with certificates and its default identity (the subject DN:
   ID_DER_ASN1_DN), and with an IP address identity in the certificate's subjectAltName
   (ID_IPV4_ADDR); meshsec configured with that identity, both initiator roles, traffic both ways.
@@ -23,7 +25,7 @@ import pytest
 
 from e2e.test_interop_strongswan import (MS_NET, MS_UL, SW_ID, SW_UL, bring_up, check_traffic,  # noqa: F401
                                          lab)
-from e2e.topology import wait_until
+from e2e.topology import sh, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -118,5 +120,24 @@ def test_certificate_identity_mismatch_is_refused_naming_both(lab, tmp_path):
         wait_until(lambda: "is not the expected 'CN=someone-else'" in lab.agent_text(), 60, 0.2,
                    "the identity mismatch in the agent log")
         assert "peer identity 'CN=sw-ecdsa256' (ID_DER_ASN1_DN)" in lab.agent_text()
+    finally:
+        lab.stop_agent()
+
+
+def test_refusal_as_responder_is_logged_with_the_offer(lab, tmp_path):
+    """strongSwan initiates asking for TSr 10.99.0.0/24, which meshsec does not protect: meshsec
+    answers TS_UNACCEPTABLE, logs the peer and what it offered, and shows it in `meshsec status`."""
+    lab.charon.load(lab.swanctl_conf(auth="psk", ike=IKE, esp=ESP, creds=None, remote_ts="10.99.0.0/24"))
+    lab.start_agent(lab.meshsec_conf(creds=None, ike=IKE, esp=ESP, initiate=False))
+    try:
+        wait_until(lambda: ":500 " in sh("ss", "-uln", ns=lab.ms_ns).stdout, 60, 0.05, "agent bound to UDP 500")
+        res = lab.charon.initiate("ms")
+        assert res.returncode != 0 and "TS_UNACCEPTABLE" in res.stdout, res.stdout[-2000:]
+        wait_until(lambda: "refused by us" in lab.agent_text(), 30, 0.2, "the refusal in the agent log")
+        line = next(ln for ln in lab.agent_text().splitlines() if "refused by us" in ln)
+        assert f"CHILD_SA with {SW_ID} refused by us: traffic selectors do not overlap" in line, line
+        assert "TSi 10.201.2.0/24 TSr 10.99.0.0/24" in line and "ENCR_AES_GCM_16_128" in line, line
+        out = lab.cli("status").stdout
+        assert "LAST ERRORS (1)" in out and "we refused its CHILD_SA" in out, out
     finally:
         lab.stop_agent()

@@ -102,7 +102,9 @@ class IkeManager:
         A peer whose policy is BYPASS or DISCARD has no PAD entry: it may not
         negotiate SAs with us."""
         for p in self.view.peers:
-            # exact, or the same address / DN written another way (agent.ike.auth.same_identity)
+            if p.identity == identity and p.policy.action == "protect":
+                return p
+        for p in self.view.peers:  # the same address or DN written another way (auth.same_identity)
             if p.policy.action == "protect" and auth.same_identity(p.identity, identity):
                 return p
         return None
