@@ -146,3 +146,17 @@ def test_acquires_during_the_backoff_do_not_ask_the_peer_again():
     assert len(requests) == 4  # at +2, +6, +14, +30 s; the next is due at +62 s
     assert held == 60
     assert [e.retry_in_s for e in n.of("a", ChildSaRefused)] == [2, 4, 8, 16, 32]
+
+
+def test_the_retry_moves_with_an_ike_sa_rekey():
+    n = _net(a_net=ELSEWHERE)
+    n.a.initiate("node-b", n.now)
+    n.pump()
+    old = n.a._live()[0]
+    assert n.a.rekey_ike("node-b", n.now)
+    n.pump()
+    (new,) = n.a._live()
+    assert new is not old and new._child_wanted == old._child_wanted and new._child_retry_at is not None
+    n.advance(n.now + 10)
+    spis = {(e.ike_spi_i, e.ike_spi_r) for e in n.of("a", ChildSaRefused)[1:]}
+    assert spis == {(new.spi_i, new.spi_r)} and [e.retry_in_s for e in n.of("a", ChildSaRefused)] == [2, 4, 8]
