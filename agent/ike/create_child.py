@@ -209,6 +209,10 @@ class CreateChildExchange:
         kind = protocol or ch.kinds(self.peer.policy)[0]
         task = _ChildTask(None, tuple(local_ts or self._local_nets()), tuple(remote_ts or self.peer.subnets),
                           ch.child_mode(self.peer.policy, kind), protocol=kind)
+        if (local_ts is None and remote_ts is None and protocol is None
+                and not any(c.protocol == kind for c in self.children)):
+            # the policy's missing CHILD_SA (an acquire): refused, it backs off as the IKE_AUTH one does
+            self._child_wanted, self._child_retry_task = (task.local_ts, task.remote_ts, kind), task
         self._start_child_task(task, now)
         return True
 

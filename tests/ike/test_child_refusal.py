@@ -160,3 +160,20 @@ def test_the_retry_moves_with_an_ike_sa_rekey():
     n.advance(n.now + 10)
     spis = {(e.ike_spi_i, e.ike_spi_r) for e in n.of("a", ChildSaRefused)[1:]}
     assert spis == {(new.spi_i, new.spi_r)} and [e.retry_in_s for e in n.of("a", ChildSaRefused)] == [2, 4, 8]
+
+
+def test_acquire_driven_child_sa_refused_backs_off_too():
+    """The IKE_SA's responder (B) asks for the CHILD_SA on acquires (every 5 s from the runtime):
+    refused, those asks back off the same way (2, 4, 8 ... s) instead of every 5 s."""
+    n = _net(a_net=ELSEWHERE)
+    n.a.initiate("node-b", n.now)
+    n.pump()
+    t0 = n.now
+    for i in range(0, 61, 5):
+        n.advance(t0 + i)
+        n.b.create_child("node-a", n.now)
+        n.pump()
+    n.advance(t0 + 61)
+    requests = [m for _d, m in _sent(n, "b", ExchangeType.CREATE_CHILD_SA) if not m.is_response]
+    assert len(requests) == 5  # at 0, +2, +6, +14, +30 s (was 13: one per acquire)
+    assert [e.retry_in_s for e in n.of("b", ChildSaRefused) if e.by == "peer"] == [2, 4, 8, 16, 32]
