@@ -141,9 +141,10 @@ def policy_from_proto(p: pb.PeerPolicy) -> PeerPolicy:
         ike_lifetime_s=p.ike_lifetime_s,
         child_lifetime_s=p.child_lifetime_s,
         dpd_interval_s=p.dpd_interval_s,
-        replay_window=p.replay_window,
-        # the controller refuses a 0 window unless the inventory says allow_no_replay
-        allow_no_replay=p.replay_window == 0,
+        # 0 is also what an unset field reads as: it means the default, never "off"; only the
+        # explicit allow_no_replay (the inventory's opt-in, logged by the client) turns it off
+        replay_window=p.replay_window or (0 if p.allow_no_replay else d.replay_window),
+        allow_no_replay=p.replay_window == 0 and p.allow_no_replay,
         action=_enum(_ACTION, p.action, d.action, "action"),  # type: ignore[arg-type]
         rule=p.rule,
         child_lifetime_bytes=p.child_lifetime_bytes,
@@ -166,6 +167,11 @@ def peer_from_proto(p: pb.Peer) -> Peer:
         ike_port=p.ike_port or 500,
         initiate=p.initiate,
     )
+
+
+def no_replay_peers(view: NodeView) -> list[str]:
+    """Names of the peers whose policy turns anti-replay off (explicit allow_no_replay)."""
+    return [p.name for p in view.peers if p.policy.replay_window == 0 and p.policy.allow_no_replay]
 
 
 def view_from_proto(update: pb.ViewUpdate, previous: NodeView | None = None) -> NodeView:
@@ -525,6 +531,14 @@ class ControllerClient:
             if self._call is not None:
                 self._call.cancel()
 
+
+    def _log_no_replay(self, view: NodeView) -> None:
+        """Warn once per peer whose policy turns anti-replay off (the explicit opt-in)."""
+        off = set(no_replay_peers(view))
+        for name in sorted(off - getattr(self, "_no_replay_logged", set())):
+            self.log.warning("anti-replay is OFF for peer %s: the controller's inventory sets replay_window 0 "
+                             "with allow_no_replay (RFC 4303 §3.4.3)", name)
+        self._no_replay_logged = off
     def watch(self, on_view: Callable[[NodeView], None], stop: threading.Event) -> None:
         """Follow this node's view until ``stop`` is set; never raises.
 
@@ -572,6 +586,7 @@ class ControllerClient:
                             break
                         self._view, self._version = view, view.version
                         attempt = 0
+                        self._log_no_replay(view)
                         try:
                             on_view(view)
                         except Exception:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import ipaddress
 import logging
 import os
@@ -134,6 +135,19 @@ def check_dev_tun(path: str = "/dev/net/tun") -> None:
                            "pass the device (--device /dev/net/tun)")
 
 
+def bind_hint(err: int | None, port: int, local_address: str) -> str:
+    """What to do when binding UDP ``port`` failed with ``err`` (an errno)."""
+    if err == errno.EADDRINUSE:
+        return "is another IKE daemon (strongSwan charon, another meshsec-agent) running?"
+    if err == errno.EACCES:
+        return (f"port {port} is below 1024 and needs CAP_NET_BIND_SERVICE: run as root or grant it "
+                "(`setcap cap_net_bind_service,cap_net_admin+ep`, or NET_BIND_SERVICE in the container's "
+                "capabilities)")
+    if err == errno.EADDRNOTAVAIL:
+        return f"{local_address} is not an address of this host: fix --local-address / local_address"
+    return "check --local-address and the agent's privileges"
+
+
 def check_ports_free(local_address: str) -> None:
     """StartupError if UDP 500 or 4500 is already bound on ``local_address``."""
     fam = socket.AF_INET6 if ":" in local_address else socket.AF_INET
@@ -143,9 +157,28 @@ def check_ports_free(local_address: str) -> None:
             s.bind((local_address, port))
         except OSError as exc:
             raise StartupError(f"UDP port {port} on {local_address} is not available ({exc.strerror}): "
-                               "is another IKE daemon (strongSwan charon, another meshsec-agent) running?") from None
+                               + bind_hint(exc.errno, port, local_address)) from None
         finally:
             s.close()
+
+
+class _Abandon:
+    """A RouteManager in the start-up cleanup list: closing it removes what it added."""
+
+    def __init__(self, routes) -> None:
+        self.routes = routes
+
+    def close(self) -> None:
+        self.routes.abandon()
+
+
+def _undo_start(opened: list) -> None:
+    """Close what a failed start opened, newest first (no ip rules or routes left behind)."""
+    for o in reversed(opened):
+        try:
+            o.close()
+        except Exception as exc:
+            log.error("cleanup after a failed start: %s", exc)
 
 
 def route_source_address(host: str) -> str:
@@ -310,7 +343,7 @@ def _run(args) -> int:
         keylog = KeyLog(args.keylog_dir)
         log.warning("key log enabled in %s: traffic keys are written to disk (debugging only)", args.keylog_dir)
 
-    opened = []
+    opened = []  # closed again, in reverse, if the start fails (RouteManager: abandon, its ip rules go)
     try:
         udp500 = UdpSocket(local, 500, mark=args.fwmark)
         opened.append(udp500)
@@ -327,10 +360,11 @@ def _run(args) -> int:
         routes = RouteManager(tun.name, view.subnets, settings.tun_addresses, table=args.routing_table,
                               mark=args.fwmark, rule_priority=args.rule_priority, local_address=local,
                               bypass=bypass)
+        opened.append(_Abandon(routes))
         control = ControlServer(args.control_socket, {})
+        opened.append(control)
     except (UdpError, TunError, RouteError, ControlSocketError) as exc:
-        for o in reversed(opened):
-            o.close()
+        _undo_start(opened)
         raise StartupError(str(exc))
     enable_ip_forwarding(view.subnets)
 
@@ -348,6 +382,7 @@ def _run(args) -> int:
         try:
             routes.set_mtu(mtu)
         except RouteError as exc:
+            _undo_start(opened)
             raise StartupError(str(exc))
     on_stored = client is not None and stored_view is not None
     rt = Runtime(view, ike, tun=tun, udp500=udp500, udp4500=udp4500, local_address=local,

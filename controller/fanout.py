@@ -63,6 +63,8 @@ def policy_to_proto(pol: PolicyView) -> pb.PeerPolicy:
         dpd_interval_s=pol.dpd_interval_s, replay_window=pol.replay_window,
         action=_ACTION[pol.action], rule=pol.rule,
         child_lifetime_bytes=pol.child_lifetime_bytes, child_lifetime_packets=pol.child_lifetime_packets,
+        # the inventory accepts a 0 window only with allow_no_replay: true
+        allow_no_replay=pol.replay_window == 0,
     )
 
 

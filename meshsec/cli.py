@@ -143,6 +143,15 @@ def format_status(st: dict) -> str:
         out.append(f"REFUSED PEERS ({len(errs)}): bad policy data, fix it in the inventory / config")
         out += [f"  {peer}: {why}" for peer, why in sorted(errs.items())]
         out.append("")
+    last = dict(st.get("peer_errors") or {})
+    for s in st.get("ike_sas") or []:
+        if s.get("last_error") and s.get("peer"):
+            last.setdefault(s["peer"], s["last_error"])
+    if last:
+        # the last IKE_SA failure or CHILD_SA refusal per peer, until a CHILD_SA with it is up
+        out.append(f"LAST ERRORS ({len(last)})")
+        out += [f"  {peer}: {why}" for peer, why in sorted(last.items())]
+        out.append("")
     ike = st.get("ike_sas") or []
     out.append(f"IKE_SAs ({len(ike)})")
     if ike:

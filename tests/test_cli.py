@@ -214,3 +214,100 @@ def test_format_status_shows_refused_peers_early_drops_and_internal_errors():
     assert "before first view: 2 IKE packets ignored" in text
     assert "internal errors: 1" in text and "STORED: controller unreachable" in text
     assert "kept out of the TUN (covered by a peer's subnet): 198.51.100.2" in text
+
+
+def test_status_shows_the_last_error_per_peer_and_the_runtime_logs_refusals(caplog):
+    """B allows A only 10.9.0.0/16 (A offers 10.1.0.0/16): B refuses A's CHILD_SA with TS_UNACCEPTABLE,
+    logs the refusal with what was offered; both `meshsec status` show the last error per peer."""
+    import ipaddress
+    import logging
+    from tests.datapath.test_runtime import _real_node
+    net, clock = FakeNetwork(), FakeClock()
+    a = _real_node(net, clock, "a", A_IP, NET_A, [("b", B_IP, NET_B, True)])
+    b = _real_node(net, clock, "b", B_IP, NET_B, [("a", A_IP, ipaddress.ip_network("10.9.0.0/16"), False)])
+    with caplog.at_level(logging.WARNING):
+        a.rt.start()
+        b.rt.start()
+        pump(a, b)
+    st_a, st_b = a.rt.status(), b.rt.status()
+    assert [s["state"] for s in st_a["ike_sas"]] == ["ESTABLISHED"] and not st_a["child_sas"]
+    assert "TS_UNACCEPTABLE" in st_a["peer_errors"]["b"] and "retry in 2 s" in st_a["peer_errors"]["b"]
+    assert "TSi 10.1.0.0/24" in st_b["peer_errors"]["a"]
+    text = cli.format_status(st_b)
+    assert "LAST ERRORS (1)" in text and "a: we refused its CHILD_SA: traffic selectors do not overlap" in text
+    logs = [r.getMessage() for r in caplog.records]
+    assert any("CHILD_SA with a refused by us: traffic selectors do not overlap" in m and "TSi 10.1.0.0/24" in m
+               for m in logs)
+    assert any("CHILD_SA with b refused by the peer" in m and "retry in 2 s" in m for m in logs)
+
+
+def test_format_status_last_error_of_an_ike_sa_row():
+    text = cli.format_status({"node": "n", "child_sas": [], "drops": {}, "ike_sas": [
+        {"peer": "gw", "spi_i": "1", "spi_r": "2", "state": "ESTABLISHED", "last_error": "CHILD_SA refused by "
+         "the peer: CHILD_SA refused: NO_PROPOSAL_CHOSEN (retry in 4 s)"}]})
+    assert "LAST ERRORS (1)\n  gw: CHILD_SA refused by the peer: CHILD_SA refused: NO_PROPOSAL_CHOSEN" in text
+
+
+@pytest.mark.parametrize("err,says,not_says", [
+    (13, "needs CAP_NET_BIND_SERVICE", "another IKE daemon"),  # EACCES: no privilege for port 500
+    (98, "another IKE daemon", "CAP_NET_BIND_SERVICE"),  # EADDRINUSE
+    (99, "is not an address of this host", "another IKE daemon")])  # EADDRNOTAVAIL
+def test_preflight_port_error_names_the_real_cause(monkeypatch, err, says, not_says):
+    import errno as errno_mod
+
+    class Refusing:
+        def __init__(self, *a, **kw):
+            pass
+
+        def bind(self, addr):
+            raise OSError(err, os.strerror(err))
+
+        def close(self):
+            pass
+    monkeypatch.setattr(agent_main.socket, "socket", Refusing)
+    with pytest.raises(agent_main.StartupError) as ei:
+        agent_main.check_ports_free("198.51.100.1")
+    assert says in str(ei.value) and not_says not in str(ei.value)
+    assert errno_mod.errorcode[err] in ("EACCES", "EADDRINUSE", "EADDRNOTAVAIL")
+
+
+def test_failed_start_closes_what_it_opened_and_abandons_the_routes():
+    """agent.main._undo_start: newest first; a RouteManager is abandoned (its own ip rules removed)."""
+    calls = []
+
+    class Thing:
+        def __init__(self, name):
+            self.name = name
+
+        def close(self):
+            calls.append(self.name)
+
+    class Routes:
+        def abandon(self):
+            calls.append("routes abandoned")
+
+    agent_main._undo_start([Thing("udp500"), Thing("tun"), agent_main._Abandon(Routes()), Thing("control")])
+    assert calls == ["control", "routes abandoned", "tun", "udp500"]
+
+
+def test_route_manager_abandon_removes_only_its_own_rules():
+    """Rules that existed before the agent (EEXIST, e.g. another agent's) stay; ours go."""
+    from agent.datapath.routes import RouteManager
+    rm = RouteManager.__new__(RouteManager)
+    deleted = []
+
+    class Ipr:
+        def rule(self, op, **r):
+            deleted.append((op, r["priority"]))
+
+        def route(self, *a, **kw):
+            pass
+
+        def close(self):
+            deleted.append(("close", None))
+    import logging
+    rm._ipr, rm.log, rm._installed, rm._carved = Ipr(), logging.getLogger("t"), set(), {}
+    ours, theirs = {"family": 2, "priority": 4301, "table": 4301}, {"family": 2, "priority": 4300, "table": 254}
+    rm._rules, rm._found = [theirs, ours], [theirs]
+    rm.abandon()
+    assert deleted == [("del", 4301), ("close", None)]

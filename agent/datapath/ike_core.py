@@ -18,6 +18,7 @@ class IkeCore(Protocol):
     wall_offset: float  # Unix time minus ``now``, for certificate validity (RFC 5280)
     counters: dict  # IKE drop reasons -> count
     policy_errors: dict  # peer -> why the IKE side refuses to negotiate with it
+    last_errors: dict  # peer -> the last error with it (cleared when a CHILD_SA is up)
 
     # configuration
     def update_view(self, view: Any, now: float) -> None: ...

@@ -92,12 +92,17 @@ class RouteManager:
         self.local_address = local_address
         self.bypass = tuple(bypass)
         self._rules: list[dict] = []
+        self._found: list[dict] = []  # rules of _rules that existed before us (EEXIST)
         self._carved: dict[str, list[dict]] = {}  # address -> its ip rules
         self.refused: set = set()  # prefixes not routed (table None: they covered an underlay address)
         for cidr in addresses:
             self.add_address(cidr)
         if table is not None:
-            self._add_rules()
+            try:
+                self._add_rules()
+            except RouteError:
+                self.abandon()  # the rules added before the failing one go too
+                raise
 
     def _add_rules(self) -> None:
         """``fwmark <mark> lookup main`` (our own IKE/ESP sockets) before ``lookup <table>`` (the
@@ -117,6 +122,7 @@ class RouteManager:
                 except Exception as exc:
                     if getattr(exc, "code", None) == _EEXIST:
                         self._rules.append(r)
+                        self._found.append(r)
                     elif family == 2:
                         raise RouteError(f"cannot add ip rule {r}: {exc}") from exc
                     # IPv6 disabled in this namespace: IPv4 alone works
@@ -306,6 +312,20 @@ class RouteManager:
 
     def close(self) -> None:
         self._ipr.close()
+
+    def abandon(self) -> None:
+        """Start-up failed: remove the routes and the ip rules this instance added (not rules that
+        were there before it, which may be another agent's) and close. Never raises."""
+        try:
+            self._rules = [r for r in self._rules if r not in self._found]
+            self.remove_all()
+        except Exception as exc:  # cleanup of a failed start must not hide the start-up error
+            self.log.error("cleaning up routes and ip rules after a failed start: %s", exc)
+        finally:
+            try:
+                self.close()
+            except Exception:
+                pass
 
 
 def enable_ip_forwarding(own_subnets, logger: logging.Logger | None = None, *, proc_sys: str = "/proc/sys") -> bool:

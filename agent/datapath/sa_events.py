@@ -10,8 +10,8 @@ import time
 from agent.datapath.policy import selector_entries
 from agent.esp import AhSa
 from agent.esp.sad import ChildEntry
-from agent.ike.events import (ChildSaDeleted, ChildSaEstablished, IkeKeysDerived, IkeSaDeleted, IkeSaEstablished,
-                              PeerAddressChanged, PeerRefused)
+from agent.ike.events import (ChildSaDeleted, ChildSaEstablished, ChildSaRefused, IkeKeysDerived, IkeSaDeleted,
+                              IkeSaEstablished, PeerAddressChanged, PeerRefused)
 
 # soft byte/packet lifetime (RFC 4301 §4.4.2.1) as a fraction of the hard one: the sending SA
 # gets there first and starts the rekey; the receiving SA only if the sender did not (e.g. a
@@ -156,7 +156,15 @@ def peer_refused(rt, ev: PeerRefused, now: float) -> None:
                    "see meshsec status)", ev.peer, ev.reason)
 
 
+def child_refused(rt, ev: ChildSaRefused, now: float) -> None:
+    # RFC 7296 §2.21.2: a refused CHILD_SA leaves the IKE_SA up; the IKE side backs off the retry
+    rt.log.warning("CHILD_SA with %s refused by %s: %s%s%s", ev.peer or "?", "the peer" if ev.by == "peer" else "us",
+                   ev.reason, f"; {ev.offered}" if ev.offered else "",
+                   f"; retry in {ev.retry_in_s:.0f} s" if ev.retry_in_s is not None else "")
+
+
 HANDLERS = {
+    ChildSaRefused: child_refused,
     PeerRefused: peer_refused,
     IkeSaEstablished: ike_established,
     IkeKeysDerived: ike_keys,

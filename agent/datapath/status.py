@@ -107,6 +107,7 @@ def status(rt) -> dict:
         "before_first_view": {"ike_dropped": counters[BEFORE_FIRST_VIEW]},
         "view_source": rt.view_source,
         "policy_errors": dict(rt.ike.policy_errors or {}),
+        "peer_errors": dict(rt.ike.last_errors or {}),  # IkeManager.last_errors: the last error per peer
         "internal_errors": counters["internal_errors"],
         "route_carve_outs": sorted(getattr(rt.routes, "carve_outs", ()) or ()),
     }

@@ -41,7 +41,8 @@ class UdpSocket:
             self._sock.bind((local_ip, port))
         except OSError as exc:
             self._sock.close()
-            hint = " (another IKE daemon running?)" if exc.errno == errno.EADDRINUSE else ""
+            hint = {errno.EADDRINUSE: " (another IKE daemon running?)",
+                    errno.EACCES: " (ports below 1024 need CAP_NET_BIND_SERVICE)"}.get(exc.errno, "")
             raise UdpError(f"cannot bind UDP {local_ip}:{port}: {exc.strerror}{hint}") from exc
         self._sock.setblocking(False)
         self.local = (local_ip, port)

@@ -31,6 +31,11 @@ __all__ = [
     "verify_digital_signature",
     "verify_certificate_chain",
     "identity_matches_certificate",
+    "parse_der_dn",
+    "id_text",
+    "same_identity",
+    "id_for_identity",
+    "dn_for_identity",
     "certreq_hash",
     "find_by_certreq_hash",
     "MAX_CHAIN_LEN",
@@ -283,7 +288,10 @@ def verify_digital_signature(public_key, octets: bytes, auth_data: bytes) -> str
     Returns a short algorithm name; AuthError says what failed.
     """
     if isinstance(public_key, x509.Certificate):
-        public_key = public_key.public_key()
+        try:
+            public_key = public_key.public_key()
+        except _CERT_ERRORS as e:
+            raise AuthError(f"certificate {_subject(public_key)}: unusable public key ({_short(e)})") from None
     auth_data = bytes(auth_data)
     if len(auth_data) < 2 or auth_data[0] + 1 >= len(auth_data):
         raise AuthError("DIGITAL_SIGNATURE AUTH data too short for its AlgorithmIdentifier length")
@@ -345,15 +353,54 @@ def _key_kind(key) -> str:
 
 # ---------------------------------------------------------------- certificates
 
+# what ``cryptography`` raises for a certificate it cannot parse, at load or lazily when a field
+# is first read (an invalid version, a malformed subject, issuer or extension)
+_CERT_ERRORS = (ValueError, TypeError, x509.InvalidVersion, UnsupportedAlgorithm)
+
+
+def _fingerprint(der: bytes) -> str:
+    h = hashes.Hash(hashes.SHA256())
+    h.update(bytes(der))
+    return h.finalize().hex()[:16]
+
+
 def _load_cert(der: bytes, what: str) -> x509.Certificate:
+    """Parse a DER certificate completely: every field read later is read here once, so a
+    malformed certificate (even one ``cryptography`` parses lazily) fails now with an AuthError
+    naming it (``what``, e.g. "certificate 0", and the first 16 hex digits of its SHA-256
+    fingerprint, since its subject may be unreadable)."""
+    der = bytes(der)
+    fp = f"SHA-256 {_fingerprint(der)}..."
     try:
-        return x509.load_der_x509_certificate(bytes(der))
-    except (ValueError, TypeError) as e:
-        raise AuthError(f"{what} is not a DER X.509 certificate ({e})") from None
+        cert = x509.load_der_x509_certificate(der)
+    except _CERT_ERRORS as e:
+        raise AuthError(f"{what} is not a DER X.509 certificate ({_short(e)}; {fp})") from None
+    for field, read in (("version", lambda: cert.version), ("serial number", lambda: cert.serial_number),
+                        ("subject", lambda: cert.subject.rfc4514_string()),
+                        ("issuer", lambda: cert.issuer.rfc4514_string()),
+                        ("validity", lambda: (cert.not_valid_before_utc, cert.not_valid_after_utc)),
+                        ("extensions", lambda: list(cert.extensions)),
+                        ("public key", cert.public_key)):
+        try:
+            read()
+        except _CERT_ERRORS as e:
+            raise AuthError(f"{what} has a malformed {field} ({_short(e)}; {fp})") from None
+    if cert.serial_number <= 0:  # cryptography only warns (for now)
+        raise AuthError(f"{what} has a serial number that is not positive (RFC 5280 §4.1.2.2; {fp})")
+    return cert
+
+
+def _short(e: Exception) -> str:
+    """An exception text bounded for a log line (parser errors can be long)."""
+    text = str(e) or type(e).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def _subject(cert: x509.Certificate) -> str:
-    return cert.subject.rfc4514_string() or "<empty subject>"
+    try:
+        return cert.subject.rfc4514_string() or "<empty subject>"
+    except _CERT_ERRORS:  # only certificates that passed _load_cert get here; still never raise
+        return "<unreadable subject>"
 
 
 def _check_validity(cert: x509.Certificate, now: float, what: str) -> None:
@@ -391,6 +438,14 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
 
 def verify_certificate_chain(chain_der: list[bytes], trust_anchors_der: list[bytes],
                              now: float) -> x509.Certificate:
+    """See _verify_chain; any parser error of ``cryptography`` becomes an AuthError."""
+    try:
+        return _verify_chain(chain_der, trust_anchors_der, now)
+    except _CERT_ERRORS as e:  # _load_cert reads every field first: this is the last guard
+        raise AuthError(f"malformed certificate in the peer's chain ({_short(e)})") from None
+
+
+def _verify_chain(chain_der: list[bytes], trust_anchors_der: list[bytes], now: float) -> x509.Certificate:
     """Verify a peer's chain (leaf first, DER; from CERT payloads) up to one of
     ``trust_anchors_der`` (DER CA certificates) at time ``now`` (Unix seconds).
 
@@ -437,8 +492,14 @@ def verify_certificate_chain(chain_der: list[bytes], trust_anchors_der: list[byt
         _check_ca(nxt, "intermediate")
         _check_validity(nxt, now, "intermediate")
         cur = nxt
-    raise AuthError(f"certificate {_subject(cur)} (issuer {cur.issuer.rfc4514_string()}) "
-                    f"is not signed by any trusted CA")
+    raise AuthError(f"certificate {_subject(cur)} (issuer {_issuer(cur)}) is not signed by any trusted CA")
+
+
+def _issuer(cert: x509.Certificate) -> str:
+    try:
+        return cert.issuer.rfc4514_string() or "<empty issuer>"
+    except _CERT_ERRORS:
+        return "<unreadable issuer>"
 
 
 def identity_matches_certificate(id_type: int, id_data: bytes, cert: x509.Certificate) -> bool:
@@ -453,8 +514,8 @@ def identity_matches_certificate(id_type: int, id_data: bytes, cert: x509.Certif
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         san = x509.SubjectAlternativeName([])
-    except ValueError as e:
-        raise AuthError(f"certificate subjectAltName is malformed ({e})") from None
+    except _CERT_ERRORS as e:
+        raise AuthError(f"certificate {_subject(cert)}: subjectAltName is malformed ({_short(e)})") from None
     tname = name_of(IdType, id_type)
     if id_type in (IdType.ID_FQDN, IdType.ID_RFC822_ADDR):
         try:
@@ -478,10 +539,134 @@ def identity_matches_certificate(id_type: int, id_data: bytes, cert: x509.Certif
         raise AuthError(f"{tname} identity {want_ip} not among the certificate's iPAddress SANs "
                         f"{[str(a) for a in have_ips]}")
     if id_type == IdType.ID_DER_ASN1_DN:
-        if id_data == cert.subject.public_bytes():
-            return True
-        raise AuthError(f"ID_DER_ASN1_DN identity does not equal the certificate subject {_subject(cert)}")
+        try:
+            if id_data == cert.subject.public_bytes() or parse_der_dn(id_data) == cert.subject:
+                return True
+        except _CERT_ERRORS:
+            pass
+        raise AuthError(f"ID_DER_ASN1_DN identity {id_text(id_type, id_data) or id_data.hex()!r} does not equal "
+                        f"the certificate subject {_subject(cert)}")
     raise AuthError(f"identity type {tname} is not supported for certificate authentication")
+
+
+# ---------------------------------------------------------------- identities (§3.5)
+
+_DN_STRINGS = {0x0C: "utf-8", 0x13: "ascii", 0x16: "ascii", 0x12: "ascii", 0x1A: "ascii", 0x14: "latin-1",
+               0x1E: "utf-16-be", 0x1C: "utf-32-be"}
+
+
+def parse_der_dn(data: bytes) -> x509.Name:
+    """An ID_DER_ASN1_DN body (DER Name, RFC 5280 §4.1.2.4) as an ``x509.Name``; attribute
+    values compare equal whatever string type carried them. ValueError if malformed."""
+    tag, seq, end = _parse_tlv(bytes(data))
+    if tag != 0x30 or end != len(data):
+        raise ValueError("a DN is one DER SEQUENCE")
+    rdns, off = [], 0
+    while off < len(seq):
+        tag, rdn, off = _parse_tlv(seq, off)
+        if tag != 0x31:
+            raise ValueError("a DN holds SETs of attributes")
+        attrs, o2 = [], 0
+        while o2 < len(rdn):
+            tag, atv, o2 = _parse_tlv(rdn, o2)
+            t_oid, oid, o3 = _parse_tlv(atv)
+            t_val, val, o4 = _parse_tlv(atv, o3)
+            if tag != 0x30 or t_oid != 0x06 or o4 != len(atv) or t_val not in _DN_STRINGS:
+                raise ValueError("unsupported DN attribute")
+            attrs.append(x509.NameAttribute(x509.ObjectIdentifier(_oid_to_str(oid)), val.decode(_DN_STRINGS[t_val])))
+        if not attrs:
+            raise ValueError("empty RDN")
+        rdns.append(x509.RelativeDistinguishedName(attrs))
+    return x509.Name(rdns)
+
+
+def _configured_dn(identity: str) -> x509.Name | None:
+    """A configured identity written as a DN ("CN=gw,O=Example" or strongSwan's "C=CH, O=x, CN=gw"),
+    else None."""
+    if "=" not in identity:
+        return None
+    for text in (identity, ",".join(part.strip() for part in identity.split(","))):
+        try:
+            return x509.Name.from_rfc4514_string(text)
+        except ValueError:
+            continue
+    return None
+
+
+def id_text(id_type: int, data: bytes) -> str | None:
+    """The identity of an ID payload (§3.5) as text: ID_FQDN / ID_RFC822_ADDR as sent, ID_IPV4_ADDR /
+    ID_IPV6_ADDR as an address, ID_DER_ASN1_DN in RFC 4514 form. None: a type we do not take
+    (ID_KEY_ID, ...) or a malformed value."""
+    data = bytes(data)
+    try:
+        if id_type in (IdType.ID_FQDN, IdType.ID_RFC822_ADDR):
+            return data.decode("utf-8")
+        if id_type == IdType.ID_IPV4_ADDR and len(data) == 4 or id_type == IdType.ID_IPV6_ADDR and len(data) == 16:
+            return str(ipaddress.ip_address(data))
+        if id_type == IdType.ID_DER_ASN1_DN:
+            return parse_der_dn(data).rfc4514_string()
+    except (UnicodeDecodeError, ValueError, TypeError):
+        return None
+    return None
+
+
+def same_identity(configured: str, text: str) -> bool:
+    """Does an identity from id_text() equal a configured one? Addresses compare as addresses, DNs
+    as names (RDNs in either order, as RFC 4514 and strongSwan write them), the rest exactly."""
+    if configured == text:
+        return True
+    try:
+        return ipaddress.ip_address(configured) == ipaddress.ip_address(text)
+    except ValueError:
+        pass
+    want = _configured_dn(configured)
+    if want is None:
+        return False
+    try:
+        got = x509.Name.from_rfc4514_string(text)
+    except ValueError:
+        return False
+    return got == want or got == x509.Name(list(reversed(want.rdns)))
+
+
+def identity_has_forms(configured: str) -> bool:
+    """Can a text other than ``configured`` itself name it (an address or a DN)? See same_identity."""
+    try:
+        ipaddress.ip_address(configured)
+        return True
+    except ValueError:
+        return _configured_dn(configured) is not None
+
+
+def id_for_identity(identity: str) -> tuple[int, bytes] | None:
+    """ID payload (type, data) naming a configured identity: an address as ID_IPV4_ADDR /
+    ID_IPV6_ADDR, anything else as ID_FQDN; None for a DN (its RDN order is ambiguous in text,
+    so an optional IDr is better left out than sent wrong)."""
+    try:
+        ip = ipaddress.ip_address(identity)
+        return (int(IdType.ID_IPV4_ADDR if ip.version == 4 else IdType.ID_IPV6_ADDR), ip.packed)
+    except ValueError:
+        pass
+    if _configured_dn(identity) is not None:
+        return None
+    return int(IdType.ID_FQDN), identity.encode()
+
+
+def dn_for_identity(identity: str, own_certificate: tuple | list = ()) -> bytes:
+    """DER of our own DN identity: the subject of ``own_certificate`` (DER, at most one) when it is
+    that DN in either RDN order, so the ID equals the certificate subject byte for byte (RFC 4945
+    §3.1.5); else the DN as written (RFC 4514 order). AuthError if ``identity`` is no DN."""
+    want = _configured_dn(identity)
+    if want is None:
+        raise AuthError(f"identity {identity!r} is not a distinguished name")
+    for der in own_certificate:
+        try:
+            subject = x509.load_der_x509_certificate(bytes(der)).subject
+            if subject == want or subject == x509.Name(list(reversed(want.rdns))):
+                return subject.public_bytes()
+        except _CERT_ERRORS:
+            pass
+    return want.public_bytes()
 
 
 def certreq_hash(ca_cert_der: bytes) -> bytes:

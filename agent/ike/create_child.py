@@ -196,16 +196,23 @@ class CreateChildExchange:
         """Additional CHILD_SA (§1.3.1): HDR, SK {SA, Ni, [KEi], TSi, TSr} -->.
 
         ``local_ts`` / ``remote_ts``: networks to propose (default: ours and the peer's
-        subnets). Returns False if the IKE_SA is not established. The outcome is a
+        subnets). Returns False if the IKE_SA is not established, or, for the default selectors,
+        while a refused CHILD_SA backs off (agent.ike.child_refusal). The outcome is a
         ChildSaEstablished event, or a reason appended to ``child_errors`` (the IKE_SA
         stays up, e.g. on TS_UNACCEPTABLE). ``protocol``: "esp" or "ah" (default: the
         policy's first kind, see ``child.kinds``).
         """
         if self.state != "ESTABLISHED" or self.peer is None or self._successor is not None:
             return False
+        if local_ts is None and remote_ts is None and protocol is None and self._child_backoff_holds(now):
+            return False  # an acquire while the refused CHILD_SA waits out its backoff (child_refusal)
         kind = protocol or ch.kinds(self.peer.policy)[0]
         task = _ChildTask(None, tuple(local_ts or self._local_nets()), tuple(remote_ts or self.peer.subnets),
                           ch.child_mode(self.peer.policy, kind), protocol=kind)
+        if (local_ts is None and remote_ts is None and protocol is None
+                and not any(c.protocol == kind for c in self.children)):
+            # the policy's missing CHILD_SA (an acquire): refused, it backs off as the IKE_AUTH one does
+            self._child_wanted, self._child_retry_task = (task.local_ts, task.remote_ts, kind), task
         self._start_child_task(task, now)
         return True
 
@@ -259,11 +266,13 @@ class CreateChildExchange:
             payloads.append(NotifyPayload(int(NotifyType.USE_TRANSPORT_MODE)))
         return payloads
 
-    def _child_failed(self, task: _ChildTask, reason: str, now: float) -> None:
+    def _child_failed(self, task: _ChildTask, reason: str, now: float, notify: int | None = None) -> None:
         self._drop_task(task)
         self.child_errors.append(reason)
         if task.old is not None and task.old in self.children:
             task.old.rekey_at = self._retry_at(task.old.expire_at, now)
+        if task is self._child_retry_task:  # our retry of a refused CHILD_SA: back off further
+            self._refused_by_peer(reason, notify, now)
 
     def _process_child_response(self, task: _ChildTask, msg: Message, inner, now: float,
                                 additional: bytes | None = None) -> None:
@@ -282,7 +291,8 @@ class CreateChildExchange:
             return
         errors = [n for n in m.notifies() if n.is_error]
         if errors:
-            self._child_failed(task, f"CREATE_CHILD_SA refused: {_nname(errors[0].notify_type)}", now)
+            self._child_failed(task, f"CREATE_CHILD_SA refused: {_nname(errors[0].notify_type)}", now,
+                               errors[0].notify_type)
             return
         sa, nr, ke = m.first(PayloadType.SA), m.first(PayloadType.NONCE), m.first(PayloadType.KE)
         tsi, tsr = m.first(PayloadType.TSi), m.first(PayloadType.TSr)
@@ -326,6 +336,8 @@ class CreateChildExchange:
                                selectors=(tuple(tsi.selectors), tuple(tsr.selectors)),
                                rekey_of=task.old.inbound_spi if task.old is not None else None,
                                additional=additional or b"")
+        if task is self._child_retry_task:
+            self._child_retry_done()
         if task.old is None:
             return
         task.old.rekeyed = True
@@ -398,6 +410,8 @@ class CreateChildExchange:
             ours = [p for p in ours if p.is_ah == old.proposal.is_ah]
         choice = ch.choose_esp(sa, ours, pfs=True, ke_hint=ke.group if ke else None)
         if choice is None:
+            self._refused_by_us("no common CHILD_SA proposal (CREATE_CHILD_SA)", NotifyType.NO_PROPOSAL_CHOSEN,
+                                self._offer_text(sa, tsi, tsr))
             return [NotifyPayload(int(NotifyType.NO_PROPOSAL_CHOSEN))]
         g_ir, kex = None, None
         if choice.proposal.ke:
@@ -415,6 +429,8 @@ class CreateChildExchange:
         local_sel = ch.narrow_ts(tsr.selectors, ch.ts_from_networks(self._local_nets()))
         remote_ts, local_ts = ch.networks_of(remote_sel), ch.networks_of(local_sel)
         if not remote_ts or not local_ts:
+            self._refused_by_us(f"traffic selectors do not overlap ours (CREATE_CHILD_SA; {self._ts_allowed_text()})",
+                                NotifyType.TS_UNACCEPTABLE, self._offer_text(sa, tsi, tsr))
             return [NotifyPayload(int(NotifyType.TS_UNACCEPTABLE))]
         nr = self.rng(NONCE_LEN)
         spi = self._new_child_spi()
@@ -610,6 +626,7 @@ class CreateChildExchange:
         new._nat_local, new._nat_remote = self._nat_local, self._nat_remote
         new._peer_sig_hashes = set(self._peer_sig_hashes)
         new.virtual_ips, new.peer_virtual_ips = self.virtual_ips, self.peer_virtual_ips
+        new._inherit_child_retry(self)
         new.events.append(IkeKeysDerived(spi_i, spi_r, new._keys.sk_ei, new._keys.sk_er, new._keys.sk_ai,
                                          new._keys.sk_ar, wireshark_ike_encr_name(prop.encr, prop.encr_key_bits),
                                          wireshark_ike_integ_name(prop.integ)))

@@ -121,8 +121,29 @@ class PeerRefused:
     reason: str
 
 
+@dataclass(frozen=True)
+class ChildSaRefused:
+    """A CHILD_SA was not created; the IKE_SA stays (RFC 7296 §1.2, §2.21.2).
+
+    ``by``: "peer" (the peer answered our IKE_AUTH / CREATE_CHILD_SA request with an error
+    notify, or its answer was unacceptable to us) or "us" (we refused the peer's request as
+    responder). ``notify``: the error Notify Message Type sent or received (agent.iana.NotifyType),
+    None when the refusal had no notify. ``offered``: what the refused request offered
+    (proposals and traffic selectors, for the log). ``retry_in_s``: seconds until we try the
+    CHILD_SA again with CREATE_CHILD_SA (exponential backoff), None when we do not retry.
+    """
+    peer: str
+    ike_spi_i: int
+    ike_spi_r: int
+    by: str
+    reason: str
+    notify: int | None = None
+    offered: str = ""
+    retry_in_s: float | None = None
+
+
 Event = Union[IkeSaEstablished, IkeKeysDerived, ChildSaEstablished, ChildSaDeleted, IkeSaDeleted, PeerRefused,
-              PeerAddressChanged]
+              PeerAddressChanged, ChildSaRefused]
 
 __all__ = ["Addr", "Event", "IkeSaEstablished", "IkeKeysDerived", "ChildSaEstablished",
-           "ChildSaDeleted", "IkeSaDeleted", "PeerRefused", "PeerAddressChanged"]
+           "ChildSaDeleted", "IkeSaDeleted", "PeerRefused", "PeerAddressChanged", "ChildSaRefused"]

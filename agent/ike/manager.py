@@ -13,10 +13,12 @@ from collections import OrderedDict, deque
 from typing import Callable
 
 from agent.iana import ExchangeType, NotifyType, PayloadType
+from agent.ike import auth
 from agent.ike.cookie import CookieJar
 from agent.ike.fragment import DEFAULT_FRAGMENT_SIZE
 from agent.ike.cp import AddressPool
-from agent.ike.events import Addr, Event, IkeSaDeleted, IkeSaEstablished, PeerRefused
+from agent.ike.events import (Addr, ChildSaEstablished, ChildSaRefused, Event, IkeSaDeleted, IkeSaEstablished,
+                              PeerRefused)
 from agent.ike.message import (HEADER_LEN, EncryptedFragmentPayload, EncryptedPayload, Message, MessageError,
                                MessageLimitError, NotifyPayload, check_outer, decode_header, decode_message,
                                encode_message, scan_payloads)
@@ -49,10 +51,14 @@ class _ViewIndex:
         self.endpoints: dict[str, list[Peer]] = {}
         self.identities: dict[str, Peer] = {}
         self.responder: tuple[tuple[str, ...], bool] | None = None
+        # peers whose identity is an address or a DN: another text may name them (auth.same_identity)
+        self.loose: list[Peer] = []
         for p in view.peers:
             if p.policy.action != "protect":
                 continue
             self.identities.setdefault(p.identity, p)
+            if auth.identity_has_forms(p.identity):
+                self.loose.append(p)
             for ep in dict.fromkeys(p.endpoints):
                 self.endpoints.setdefault(ep, []).append(p)
 
@@ -115,6 +121,8 @@ class IkeManager:
         self._hold: dict[str, float] = {}  # peer -> no new initiation before (backoff after failures)
         self._revoked: frozenset[int] = frozenset(getattr(view, "revoked_serials", ()) or ())
         self.policy_errors: dict[str, str] = {}  # peer -> why we refuse to negotiate with it
+        # peer -> its last IKE_SA failure or CHILD_SA refusal (until a CHILD_SA with it is up)
+        self.last_errors: dict[str, str] = {}
         self._policy_cache: dict[str, tuple[object, str | None]] = {}
         self._ike_prop_ok: dict[str, str | None] = {}
         self._invalid_spi_sent: dict[str, float] = {}
@@ -137,7 +145,14 @@ class IkeManager:
         """PAD lookup (RFC 4301 §4.4.3): the configured peer with this IKE identity.
         A peer whose policy is BYPASS or DISCARD has no PAD entry: it may not
         negotiate SAs with us."""
-        return self._index().identities.get(identity)
+        ix = self._index()
+        p = ix.identities.get(identity)
+        if p is not None:
+            return p
+        for p in ix.loose:  # the same address or DN written another way (auth.same_identity)
+            if auth.same_identity(p.identity, identity):
+                return p
+        return None
 
     def _index(self) -> _ViewIndex:
         """Lookups by endpoint and identity, and the responder's proposals, for the current
@@ -261,7 +276,7 @@ class IkeManager:
         for name in list(self._retry):
             if name not in names:
                 del self._retry[name]
-        for d in (self._hold, self._backoff, self.policy_errors, self._policy_cache):
+        for d in (self._hold, self._backoff, self.policy_errors, self._policy_cache, self.last_errors):
             for name in [k for k in d if k not in names]:
                 del d[name]
         for p in view.peers:  # a corrected policy clears its error (and a new one is reported)
@@ -708,8 +723,12 @@ class IkeManager:
 
     def status(self) -> list[dict]:
         """JSON-ready list of IKE_SAs (no keys); each has ``created`` / ``established``
-        (seconds on the ``now`` clock, see IkeSa.status)."""
-        return [sa.status() for sa in self._live()]
+        (seconds on the ``now`` clock, see IkeSa.status) and ``last_error``: the peer's last
+        IKE_SA failure or CHILD_SA refusal (``last_errors``), None once a CHILD_SA with it is up."""
+        rows = [sa.status() for sa in self._live()]
+        for row in rows:
+            row["last_error"] = self.last_errors.get(row.get("peer") or "")
+        return rows
 
     # ------------------------------------------------------------ bookkeeping
     def _collect(self, sa: IkeSa, now: float) -> None:
@@ -732,7 +751,6 @@ class IkeManager:
             if isinstance(ev, IkeSaEstablished):
                 self._contacted.add(ev.peer)
                 self._retry.pop(ev.peer, None)
-                self._backoff.pop(ev.peer, None)
                 self._hold.pop(ev.peer, None)
                 if ev.peer:
                     self._by_peer.setdefault(ev.peer, set()).add(sa.my_spi)
@@ -743,9 +761,24 @@ class IkeManager:
                         if old is not sa and old.state == State.ESTABLISHED:
                             old._die("peer sent INITIAL_CONTACT")
                             self._collect(old, now)
+            elif isinstance(ev, ChildSaEstablished):
+                # the re-initiation backoff ends when traffic can flow, not at IKE_AUTH: an IKE_SA
+                # whose CHILD_SA keeps failing must not restart at the shortest delay
+                self._backoff.pop(ev.peer, None)
+                self.last_errors.pop(ev.peer, None)
+            elif isinstance(ev, ChildSaRefused):
+                self._count("child_sa_refused_by_peer" if ev.by == "peer" else "child_sa_refused")
+                if ev.peer:
+                    retry = f" (retry in {ev.retry_in_s:.0f} s)" if ev.retry_in_s is not None else ""
+                    self.last_errors[ev.peer] = (f"CHILD_SA refused by the peer: {ev.reason}{retry}" if ev.by == "peer"
+                                                 else f"we refused its CHILD_SA: {ev.reason}; {ev.offered}")
             elif isinstance(ev, IkeSaDeleted):
                 if "AUTHENTICATION_FAILED" in ev.reason:
                     self._count("auth_failed")
+                name = ev.peer or (sa.cfg.peer.name if sa.cfg.peer else "")
+                if (name and ev.rekeyed_to is None and ev.reason not in _FINAL_REASONS
+                        and not any(s is not sa for s in self._sas_of(name))):
+                    self.last_errors[name] = f"IKE_SA {'deleted' if sa.established_at else 'failed'}: {ev.reason}"
                 if ev.rekeyed_to is None and ev.peer:
                     self._release_vip(ev.peer, sa)
                 self._schedule_retry(sa, ev, now)

@@ -24,12 +24,13 @@ from typing import Callable
 from cryptography.hazmat.primitives import hashes
 
 from agent.iana import (AuthMethod, CertEncoding, ExchangeType, HashAlgorithm, IdType, NotifyType,
-                        PayloadType, ProtocolId)
+                        PayloadType, ProtocolId, name_of)
 from agent.ike import auth
 from agent.ike import child as ch
 from agent.ike import fragment as frag
 from agent.ike.auth import AuthError
 from agent.ike import cp as cfgp
+from agent.ike.child_refusal import CHILD_SA_REFUSALS, ChildRefusal
 from agent.ike.create_child import CreateChildExchange
 from agent.ike.intermediate import IntermediateExchange
 from agent.ike.crypto import (CryptoError, IntegrityError, KeyExchange, KeyExchangeError, Prf, SkCipher,
@@ -138,7 +139,11 @@ class _Pending:
     max_tries: int = RETRANSMIT_TRIES
 
 
-class IkeSa(IntermediateExchange, CreateChildExchange):
+# exchanges of an authenticated IKE_SA (§2.21.3)
+_AFTER_AUTH = frozenset({ExchangeType.CREATE_CHILD_SA, ExchangeType.INFORMATIONAL, ExchangeType.IKE_FOLLOWUP_KE})
+
+
+class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
     """One IKE_SA (RFC 7296). Create with :meth:`new_initiator` or :meth:`new_responder`.
 
     CREATE_CHILD_SA, rekeys and lifetimes: agent.ike.create_child (``create_child``,
@@ -187,6 +192,7 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         self._esp_offered: list[EspProposal] = []
         self._peer_sig_hashes: set[int] = set()
         self._last_raw = b""
+        self._rx_authentic = False  # the message being opened passed its ICV check
         self.auth_failure: str | None = None
         self._frag_peer = False  # the peer sent IKEV2_FRAGMENTATION_SUPPORTED (RFC 7383 §2.3)
         self._ts_proposed: tuple = ((), ())  # TSi, TSr of our IKE_AUTH request (§2.9)
@@ -197,6 +203,7 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         self._closing: list[tuple[ch.ChildSa, str]] = []  # CHILD_SAs whose Delete awaits its response
         self._init_create_child()
         self._init_intermediate()  # RFC 9370 / RFC 9242: agent.ike.intermediate
+        self._init_child_refusal()  # CHILD_SA refusals and retry backoff: agent.ike.child_refusal
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -276,6 +283,7 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         if self.state == State.ESTABLISHED and not self._pending and dpd:
             ts.append(self.last_received + dpd)
         ts += self._lifetime_timers()
+        ts += self._child_retry_timers()
         return min(ts) if ts else None
 
     @property
@@ -290,6 +298,22 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         """Liveness check interval in seconds; 0 (or less): no periodic checks."""
         d = self.peer.policy.dpd_interval_s if self.peer else 0
         return d if d and d > 0 else 0.0
+
+    def _fragmentation_hint(self, p: _Pending) -> str:
+        """Why a peer may not have answered a big request: an IP packet above ``fragment_size``
+        sent whole (RFC 7383 not negotiated, or IKE_SA_INIT, which it cannot split) travels as IP
+        fragments, which many paths drop. "" when the request was small or sent as SKF fragments."""
+        if getattr(p.data, "fragments", None):
+            return ""
+        ipv6 = ":" in self.local[0]
+        packet = len(p.data) + (40 if ipv6 else 20) + 8 + (4 if self.local[1] == NAT_T_PORT else 0)
+        if packet <= self.cfg.fragment_size:
+            return ""
+        why = ("the peer did not announce IKEV2_FRAGMENTATION_SUPPORTED (RFC 7383)"
+               if p.exchange != ExchangeType.IKE_SA_INIT else "IKE_SA_INIT cannot be fragmented by RFC 7383")
+        return (f" (likely cause: lost IP fragments; our {_xname(p.exchange)} request was a {packet}-octet IP "
+                f"packet, above fragment_size {self.cfg.fragment_size}, sent unfragmented because {why}; "
+                "enable fragmentation on the peer, or check that the path passes IP fragments)")
 
     def check_liveness(self, now: float, *, hinted: bool = False) -> bool:
         """Start a liveness check now (§2.4): HDR, SK {} -->. ``hinted``: after an unauthenticated
@@ -319,7 +343,7 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
                 if self.state == State.DELETING:
                     self.state = State.DELETED
                 else:
-                    self._die("peer did not respond")
+                    self._die("peer did not respond" + self._fragmentation_hint(p))
                 return
             p.tries += 1
             p.deadline = now + RETRANSMIT_BASE_S * RETRANSMIT_FACTOR ** p.tries
@@ -330,6 +354,8 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
             self._die("half-open IKE_SA timed out" if not self.initiator else "IKE_SA setup timed out")
             return
         if self._handle_lifetimes(now):
+            return
+        if self._handle_child_retry(now):
             return
         dpd = self._dpd_interval()
         if (self.state == State.ESTABLISHED and not self._pending and dpd
@@ -372,6 +398,12 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
                 self._die("IKE_SA_INIT response with an unsupported critical payload")
                 return None
             inner = (NotifyPayload(int(NotifyType.UNSUPPORTED_CRITICAL_PAYLOAD)),)  # seen as an error notify
+        if msg.exchange in _AFTER_AUTH and any(
+                isinstance(x, NotifyPayload) and x.notify_type == NotifyType.INVALID_SYNTAX for x in inner):
+            # §2.21.3: fatal in both peers; the peer has deleted the IKE_SA already (the setup
+            # exchanges fail on any error notify by themselves)
+            self._die(f"{_xname(msg.exchange)} refused: INVALID_SYNTAX (fatal for the IKE_SA, RFC 7296 §2.21.3)")
+            return None
         p.on_response(msg, inner, now)
         self._run_queue(now)
         return None
@@ -391,8 +423,15 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
             return "invalid_message_id"
         if msg.exchange != ExchangeType.IKE_SA_INIT and self._keys is None:
             return "invalid_message_id"
+        self._rx_authentic = False
         inner, err = self._open(msg, raw)
         if err and err != frag.FRAGMENT_QUEUED:
+            if self._rx_authentic:
+                # §2.21.3: a request that passed the ICV and window checks but does not parse is
+                # answered with INVALID_SYNTAX, which is fatal for the IKE_SA in both peers
+                self._respond(msg, [NotifyPayload(int(NotifyType.INVALID_SYNTAX))], local, remote)
+                self._die(f"peer sent a malformed {_xname(msg.exchange)} request ({err}); "
+                          "answered INVALID_SYNTAX (RFC 7296 §2.21.3)")
             return err
         # only datagrams that authenticated (a queued SKF fragment did) count as the request's
         # retransmissions (§2.1): a forgery must not make us re-send the response
@@ -441,6 +480,10 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         payloads = handler(msg, inner, now)
         if payloads is not None:
             self._respond(msg, payloads, local, remote)
+            if msg.exchange != ExchangeType.IKE_SA_INIT and any(
+                    isinstance(p, NotifyPayload) and p.notify_type == NotifyType.INVALID_SYNTAX for p in payloads):
+                self._die(f"peer sent an invalid {_xname(msg.exchange)} request; answered INVALID_SYNTAX "
+                          "(RFC 7296 §2.21.3)")
         return None
 
     def _follow_nat(self, remote: Addr) -> None:
@@ -486,6 +529,7 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         else:
             return (), "unexpected_payload"
         self._rx_plain = (first, plain)  # IntAuth (RFC 9242 §3.3.2)
+        self._rx_authentic = True  # the ICV verified: what follows is the peer's, not noise
         try:
             inner = decode_payloads(first, plain, allow_sk=False)
         except MessageLimitError:
@@ -793,11 +837,13 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
 
     def _verify_peer(self, idp: IdPayload, auth_p: AuthPayload | None, certs: list, peer: Peer, now: float) -> None:
         """Check the peer's ID, certificate and AUTH (§2.15); raises AuthError."""
-        if idp.id_type != IdType.ID_FQDN:
-            raise AuthError(f"ID type {idp.id_type} is not ID_FQDN")
-        ident = idp.data.decode("utf-8", "replace")
-        if ident != peer.identity:
-            raise AuthError(f"peer identity {ident!r} is not the expected {peer.identity!r}")
+        ident = auth.id_text(idp.id_type, idp.data)
+        if ident is None:
+            raise AuthError(f"peer identity of type {name_of(IdType, idp.id_type)} is not supported or malformed "
+                            "(we take ID_FQDN, ID_RFC822_ADDR, ID_IPV4_ADDR, ID_IPV6_ADDR, ID_DER_ASN1_DN)")
+        if not auth.same_identity(peer.identity, ident):
+            raise AuthError(f"peer identity {ident!r} ({name_of(IdType, idp.id_type)}) is not the expected "
+                            f"{peer.identity!r}")
         if auth_p is None:
             raise AuthError("no AUTH payload")
         prf = self._ike_prop.prf
@@ -847,7 +893,13 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         return None if self.cfg.credentials.uses_certificates else self.cfg.credentials.psk
 
     def _id(self, ptype: int) -> IdPayload:
-        return IdPayload(ptype, int(IdType.ID_FQDN), self.cfg.identity.encode())
+        """Our IDi / IDr (§3.5): ID_FQDN for a name, ID_IPV4_ADDR / ID_IPV6_ADDR for an address,
+        ID_DER_ASN1_DN for a DN (our certificate's subject, byte for byte, when it is that DN)."""
+        want = auth.id_for_identity(self.cfg.identity)
+        if want is not None:
+            return IdPayload(ptype, *want)
+        return IdPayload(ptype, int(IdType.ID_DER_ASN1_DN), auth.dn_for_identity(
+            self.cfg.identity, self.cfg.credentials.certificate_chain[:1]))
 
     def _cert_payloads(self, psk: bytes | None) -> list:
         if psk is not None:
@@ -865,7 +917,9 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
             payloads.append(self._certreq())
         if self.cfg.initial_contact:
             payloads.append(NotifyPayload(int(NotifyType.INITIAL_CONTACT)))
-        payloads.append(IdPayload(int(PayloadType.IDr), int(IdType.ID_FQDN), peer.identity.encode()))
+        want = auth.id_for_identity(peer.identity)  # IDr is optional (§3.5): left out for a DN
+        if want is not None:
+            payloads.append(IdPayload(int(PayloadType.IDr), *want))
         try:
             payloads.append(self._my_auth(idi, psk))
         except (AuthError, CryptoError) as e:
@@ -924,13 +978,28 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
             self._fail_with_notify(NotifyType.AUTHENTICATION_FAILED, f"AUTHENTICATION_FAILED: {e}", now)
             return
         self._established(now)
-        if errors:
-            self.delete(now, f"CHILD_SA refused: {_nname(errors[0].notify_type)}")
-            return
+        first_kind = ch.kinds(self.peer.policy)[0]
+        # §1.2, §2.21.2: a refused CHILD_SA leaves the IKE_SA up; the CHILD_SA is retried with
+        # CREATE_CHILD_SA after a backoff (agent.ike.child_refusal). Not with a virtual IP: that
+        # comes only with IKE_AUTH, so such an IKE_SA is deleted and set up again.
+        wanted = (None if getattr(self.peer.policy, "request_virtual_ip", ()) else
+                  (tuple(self.cfg.local_subnets), tuple(self.peer.subnets), first_kind))
         sa, tsi, tsr = m.first(PayloadType.SA), m.first(PayloadType.TSi), m.first(PayloadType.TSr)
+
+        def refuse(reason: str, notify: int | None = None) -> None:
+            if sa is not None and notify is None:
+                self._delete_unwanted(self._child_spi, now, first_kind)  # the responder installed it
+            if wanted is None or (notify is not None and notify not in CHILD_SA_REFUSALS):
+                self.delete(now, reason)
+            else:
+                self._refused_by_peer(reason, notify, now, wanted)
+
+        if errors:
+            refuse(f"CHILD_SA refused: {_nname(errors[0].notify_type)}", errors[0].notify_type)
+            return
         choice = ch.accepted_esp(sa, self._esp_offered) if sa else None
         if choice is None or tsi is None or tsr is None:
-            self.delete(now, "CHILD_SA refused: response SA/TS not acceptable")
+            refuse("CHILD_SA refused: response SA/TS not acceptable")
             return
         if getattr(self.peer.policy, "request_virtual_ip", ()):
             try:
@@ -950,7 +1019,7 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
                 or not ch.ts_within(tsr.selectors, ch.ts_from_networks(self.peer.subnets))
                 or not ch.ts_within(tsi.selectors, self._ts_proposed[0])
                 or not ch.ts_within(tsr.selectors, self._ts_proposed[1])):
-            self.delete(now, "CHILD_SA refused: responder widened the traffic selectors")
+            refuse("CHILD_SA refused: responder widened the traffic selectors")
             return
         kind = "ah" if choice.proposal.is_ah else "esp"
         transport = (ch.child_mode(self.peer.policy, kind) == "transport"
@@ -983,14 +1052,16 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         <-- HDR, SK {IDr, [CERT,] AUTH, SA, TSi, TSr}  or  <-- HDR, SK {N(AUTHENTICATION_FAILED)}."""
         m = Message(msg.spi_i, msg.spi_r, msg.exchange, msg.message_id, True, False, tuple(inner))
         idi = m.first(PayloadType.IDi)
-        ident = idi.data.decode("utf-8", "replace") if idi.id_type == IdType.ID_FQDN else None
+        ident = auth.id_text(idi.id_type, idi.data)  # FQDN, RFC822, IPv4/6 address or DN (§3.5)
         peer = self.cfg.find_peer(ident) if ident is not None else None
         try:
             if peer is None:
-                raise AuthError(f"no configured peer has identity {ident!r}")
+                raise AuthError(f"no configured peer has identity {ident!r} ({name_of(IdType, idi.id_type)})")
             idr = m.first(PayloadType.IDr)
-            if idr is not None and idr.data.decode("utf-8", "replace") != self.cfg.identity:
-                raise AuthError(f"peer wants to talk to {idr.data!r}, we are {self.cfg.identity!r}")
+            wanted = auth.id_text(idr.id_type, idr.data) if idr is not None else None
+            if idr is not None and (wanted is None or not auth.same_identity(self.cfg.identity, wanted)):
+                raise AuthError(f"peer wants to talk to {wanted or idr.data!r} ({name_of(IdType, idr.id_type)}), "
+                                f"we are {self.cfg.identity!r}")
             self._verify_peer(idi, m.first(PayloadType.AUTH), m.get(PayloadType.CERT), peer, now)
             self._check_binding(peer, self.remote)
         except (AuthError, CryptoError) as e:
@@ -1027,16 +1098,22 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
             except cfgp.CpError:
                 cpr = None
             if cpr is None or cpr.cfg_type != cfgp.CfgType.CFG_REQUEST:
+                self._refused_by_us("no CP(CFG_REQUEST): this gateway assigns a virtual IP (RFC 7296 §3.15.4)",
+                                    NotifyType.FAILED_CP_REQUIRED, self._offer_text(sa, tsi, tsr))
                 return payloads + [NotifyPayload(int(NotifyType.FAILED_CP_REQUIRED))]
             versions = tuple(v for v, a in ((4, cfgp.INTERNAL_IP4_ADDRESS), (6, cfgp.INTERNAL_IP6_ADDRESS))
                              if cpr.get(a)) or (4,)
             vips = self.cfg.assign_vip(peer, versions)
             if not vips:
+                self._refused_by_us(f"virtual IP pool {pool} has no free address", NotifyType.INTERNAL_ADDRESS_FAILURE,
+                                    self._offer_text(sa, tsi, tsr))
                 return payloads + [NotifyPayload(int(NotifyType.INTERNAL_ADDRESS_FAILURE))]
             self.peer_virtual_ips = tuple(str(a) for a in vips)
             payloads.append(cfgp.reply(vips).encode())
         choice = ch.choose_esp(sa, ch.acceptable(peer.policy))
         if choice is None:
+            self._refused_by_us("no common CHILD_SA proposal", NotifyType.NO_PROPOSAL_CHOSEN,
+                                self._offer_text(sa, tsi, tsr))
             return payloads + [NotifyPayload(int(NotifyType.NO_PROPOSAL_CHOSEN))]
         # TSi is the initiator's side (the peer's subnets), TSr ours (§2.9)
         # §2.9 on IP protocol, ports and addresses
@@ -1044,6 +1121,8 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         local_sel = ch.narrow_ts(tsr.selectors, ch.ts_from_networks(self.cfg.local_subnets))
         remote_ts, local_ts = ch.networks_of(remote_sel), ch.networks_of(local_sel)
         if not remote_ts or not local_ts:
+            self._refused_by_us(f"traffic selectors do not overlap ours ({self._ts_allowed_text()})",
+                                NotifyType.TS_UNACCEPTABLE, self._offer_text(sa, tsi, tsr))
             return payloads + [NotifyPayload(int(NotifyType.TS_UNACCEPTABLE))]
         self._child_spi = self._new_child_spi()
         kind = "ah" if choice.proposal.is_ah else "esp"
@@ -1147,6 +1226,13 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
 def _renumber(p, number: int):
     from agent.ike.message import Proposal
     return Proposal(number, p.protocol, p.spi, p.transforms)
+
+
+def _xname(t: int) -> str:
+    try:
+        return ExchangeType(t).name
+    except ValueError:
+        return f"EXCHANGE({t})"
 
 
 def _nname(t: int) -> str:

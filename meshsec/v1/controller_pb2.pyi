@@ -84,7 +84,7 @@ class WatchRequest(_message.Message):
     def __init__(self, node_name: _Optional[str] = ..., since_version: _Optional[int] = ...) -> None: ...
 
 class PeerPolicy(_message.Message):
-    __slots__ = ("mode", "protocol", "encapsulation", "ike_proposals", "esp_proposals", "ike_lifetime_s", "child_lifetime_s", "dpd_interval_s", "replay_window", "action", "rule", "child_lifetime_bytes", "child_lifetime_packets")
+    __slots__ = ("mode", "protocol", "encapsulation", "ike_proposals", "esp_proposals", "ike_lifetime_s", "child_lifetime_s", "dpd_interval_s", "replay_window", "action", "rule", "child_lifetime_bytes", "child_lifetime_packets", "allow_no_replay")
     MODE_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     ENCAPSULATION_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,7 @@ class PeerPolicy(_message.Message):
     RULE_FIELD_NUMBER: _ClassVar[int]
     CHILD_LIFETIME_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHILD_LIFETIME_PACKETS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_NO_REPLAY_FIELD_NUMBER: _ClassVar[int]
     mode: Mode
     protocol: Protocol
     encapsulation: Encapsulation
@@ -111,7 +112,8 @@ class PeerPolicy(_message.Message):
     rule: str
     child_lifetime_bytes: int
     child_lifetime_packets: int
-    def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., protocol: _Optional[_Union[Protocol, str]] = ..., encapsulation: _Optional[_Union[Encapsulation, str]] = ..., ike_proposals: _Optional[_Iterable[str]] = ..., esp_proposals: _Optional[_Iterable[str]] = ..., ike_lifetime_s: _Optional[float] = ..., child_lifetime_s: _Optional[float] = ..., dpd_interval_s: _Optional[float] = ..., replay_window: _Optional[int] = ..., action: _Optional[_Union[Action, str]] = ..., rule: _Optional[str] = ..., child_lifetime_bytes: _Optional[int] = ..., child_lifetime_packets: _Optional[int] = ...) -> None: ...
+    allow_no_replay: bool
+    def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., protocol: _Optional[_Union[Protocol, str]] = ..., encapsulation: _Optional[_Union[Encapsulation, str]] = ..., ike_proposals: _Optional[_Iterable[str]] = ..., esp_proposals: _Optional[_Iterable[str]] = ..., ike_lifetime_s: _Optional[float] = ..., child_lifetime_s: _Optional[float] = ..., dpd_interval_s: _Optional[float] = ..., replay_window: _Optional[int] = ..., action: _Optional[_Union[Action, str]] = ..., rule: _Optional[str] = ..., child_lifetime_bytes: _Optional[int] = ..., child_lifetime_packets: _Optional[int] = ..., allow_no_replay: _Optional[bool] = ...) -> None: ...
 
 class Peer(_message.Message):
     __slots__ = ("name", "identity", "endpoints", "subnets", "policy", "initiate", "ike_port")

@@ -79,3 +79,58 @@ def test_corrupt_key_file_is_a_clear_error(tmp_path: Path) -> None:
     c = ControllerClient("127.0.0.1:1", "a", "t", tmp_path, ca_pem)
     with pytest.raises(ControlError, match="not a readable PEM private key"):
         c.enroll()
+
+
+def test_replay_window_zero_or_unset_means_the_default_not_off() -> None:
+    """A 0 window (what an unset proto field reads as) is the default 1024; anti-replay is off only
+    with the explicit allow_no_replay the controller sets for the inventory's opt-in."""
+    from agent.control import no_replay_peers
+    from agent.ike.policy_check import policy_problem
+    unset = pb.Peer(name="u", identity="u", endpoints=["198.51.100.3"], subnets=["10.3.0.0/16"])
+    zero = pb.Peer(name="z", identity="z", endpoints=["198.51.100.4"], subnets=["10.4.0.0/16"],
+                   policy=pb.PeerPolicy(replay_window=0))
+    off = pb.Peer(name="o", identity="o", endpoints=["198.51.100.5"], subnets=["10.5.0.0/16"],
+                  policy=pb.PeerPolicy(replay_window=0, allow_no_replay=True))
+    v = view_from_proto(full(unset, zero, off))
+    pol = {p.name: p.policy for p in v.peers}
+    assert (pol["u"].replay_window, pol["u"].allow_no_replay) == (1024, False)
+    assert (pol["z"].replay_window, pol["z"].allow_no_replay) == (1024, False)
+    assert (pol["o"].replay_window, pol["o"].allow_no_replay) == (0, True)
+    assert no_replay_peers(v) == ["o"]
+    assert policy_problem(v.peer("o")) is None and policy_problem(v.peer("z")) is None
+    # allow_no_replay with a real window changes nothing
+    w = view_from_proto(full(pb.Peer(name="w", identity="w", endpoints=["198.51.100.6"], subnets=["10.6.0.0/16"],
+                                     policy=pb.PeerPolicy(replay_window=64, allow_no_replay=True))))
+    assert (w.peers[0].policy.replay_window, w.peers[0].policy.allow_no_replay) == (64, False)
+
+
+def test_controller_sends_allow_no_replay_only_for_a_zero_window() -> None:
+    from controller.fanout import policy_to_proto
+    from controller.policy import Defaults, pair_policy
+    from dataclasses import replace as dc_replace
+    pol = pair_policy(Defaults(), *_two_nodes())
+    assert not policy_to_proto(pol).allow_no_replay and policy_to_proto(pol).replay_window == 1024
+    off = dc_replace(pol, replay_window=0)
+    assert policy_to_proto(off).allow_no_replay and policy_to_proto(off).replay_window == 0
+
+
+def _two_nodes():
+    from controller.policy import NodeSpec
+    return (NodeSpec("a", "gateway", ("198.51.100.1",), ("10.1.0.0/16",)),
+            NodeSpec("b", "gateway", ("198.51.100.2",), ("10.2.0.0/16",)))
+
+
+def test_the_opt_out_is_logged_once_per_peer(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import datetime as dt
+    import logging
+    from controller.ca import CertificateAuthority
+    ca = CertificateAuthority.create(dt.datetime.now(dt.timezone.utc)).certificate_pem
+    c = ControllerClient("127.0.0.1:1", "a", "t", tmp_path, ca)
+    off = pb.Peer(name="o", identity="o", endpoints=["198.51.100.5"], subnets=["10.5.0.0/16"],
+                  policy=pb.PeerPolicy(replay_window=0, allow_no_replay=True))
+    with caplog.at_level(logging.WARNING):
+        for version in (1, 2):
+            c._log_no_replay(view_from_proto(full(off, peer("b"), version=version)))
+    msgs = [r.getMessage() for r in caplog.records if "anti-replay is OFF" in r.getMessage()]
+    assert msgs == ["anti-replay is OFF for peer o: the controller's inventory sets replay_window 0 with "
+                    "allow_no_replay (RFC 4303 §3.4.3)"]

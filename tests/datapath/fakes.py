@@ -52,6 +52,7 @@ class FakeIke:
         self.established: dict[str, dict] = {}
         self.counters = {"malformed": 0}
         self.policy_errors: dict[str, str] = {}
+        self.last_errors: dict[str, dict] = {}
         self.wall_offset = 0.0
         self.initiate_calls: list[str] = []
         self.views: list = [view]
@@ -173,6 +174,7 @@ class ScriptedIke:
     def __init__(self):
         self.events, self.counters, self.initiated = [], {}, []
         self.policy_errors: dict[str, str] = {}
+        self.last_errors: dict[str, dict] = {}
         self.wall_offset = 0.0
 
     def update_view(self, view, now): pass

@@ -17,7 +17,7 @@ from scapy.contrib.ikev2 import IKEv2_SA  # decoder we did not write
 from agent.iana import EsnId, ExchangeType, IntegId, NotifyType, PayloadType, ProtocolId, TransformType
 from agent.ike import child as ch
 from agent.ike.crypto import derive_child_keymat
-from agent.ike.events import ChildSaDeleted, ChildSaEstablished, IkeSaDeleted
+from agent.ike.events import ChildSaDeleted, ChildSaEstablished, ChildSaRefused, IkeSaDeleted
 from agent.ike.message import Proposal, SaPayload, Transform, _encode_sa, decode_message
 from agent.ike.proposals import ProposalError, parse_ah_proposal, parse_child_proposal
 from agent.model import Credentials, PeerPolicy
@@ -161,8 +161,12 @@ def test_ah_proposal_with_an_encr_transform_is_not_chosen():
 def test_esp_initiator_against_ah_responder_gets_no_proposal_chosen():
     n = _net(PeerPolicy(mode="transport"), AH, seed="mix")
     assert not n.of("a", ChildSaEstablished) and not n.of("b", ChildSaEstablished)
-    (d,) = n.of("a", IkeSaDeleted)
-    assert "NO_PROPOSAL_CHOSEN" in d.reason
+    # RFC 7296 §1.2: the IKE_SA stays, the CHILD_SA backs off (agent.ike.child_refusal)
+    assert not n.of("a", IkeSaDeleted)
+    (d,) = n.of("a", ChildSaRefused)
+    assert d.notify == NotifyType.NO_PROPOSAL_CHOSEN and d.by == "peer" and d.retry_in_s == 2.0
+    (r,) = n.of("b", ChildSaRefused)
+    assert r.by == "us" and "ESP#1" in r.offered
 
 
 def test_offers_defaults():

@@ -78,6 +78,9 @@ def test_pool_exhaustion_is_internal_address_failure():
     assert not n.of("a", ChildSaEstablished) and not n.of("b", ChildSaEstablished)
     (d,) = n.of("a", IkeSaDeleted)
     assert "INTERNAL_ADDRESS_FAILURE" in d.reason
+    # the gateway logs its refusal (agent.ike.child_refusal)
+    (r,) = [e for e in n.events["b"] if type(e).__name__ == "ChildSaRefused"]
+    assert r.by == "us" and r.reason == "virtual IP pool 10.99.0.4/32 has no free address"
 
 
 def test_host_without_cp_request_gets_failed_cp_required():
@@ -86,6 +89,8 @@ def test_host_without_cp_request_gets_failed_cp_required():
     n.pump()
     (d,) = n.of("a", IkeSaDeleted)
     assert "FAILED_CP_REQUIRED" in d.reason and not n.of("b", ChildSaEstablished)
+    (r,) = [e for e in n.events["b"] if type(e).__name__ == "ChildSaRefused"]
+    assert r.notify == 37 and "no CP(CFG_REQUEST)" in r.reason  # FAILED_CP_REQUIRED
 
 
 def test_gateway_without_pool_sends_no_cp_reply_and_the_host_refuses():

@@ -9,7 +9,8 @@ import ipaddress
 import struct
 
 from agent.iana import EncrId, ExchangeType, NotifyType, PayloadType
-from agent.ike.events import ChildSaDeleted, ChildSaEstablished, IkeKeysDerived, IkeSaDeleted, IkeSaEstablished
+from agent.ike.events import (ChildSaDeleted, ChildSaEstablished, ChildSaRefused, IkeKeysDerived, IkeSaDeleted,
+                              IkeSaEstablished)
 from agent.ike.message import (KePayload, Message, NoncePayload, NotifyPayload, UnknownPayload, decode_message,
                                encode_message)
 from agent.ike.proposals import parse_ike_proposal
@@ -271,7 +272,11 @@ def test_ts_outside_the_peers_subnets_is_refused():
     n.a.initiate("node-b", n.now)
     n.pump()
     _assert_no_child(n)
-    assert n.of("a", IkeSaDeleted)[0].reason == "CHILD_SA refused: TS_UNACCEPTABLE"
+    # RFC 7296 §1.2: the IKE_SA stays up without the CHILD_SA
+    assert not n.of("a", IkeSaDeleted) and n.a._live()[0].state == "ESTABLISHED"
+    assert [e.notify for e in n.of("a", ChildSaRefused)] == [NotifyType.TS_UNACCEPTABLE]
+    (r,) = n.of("b", ChildSaRefused)
+    assert "TSi 10.9.0.0/16" in r.offered and "we allow TSi 10.1.0.0/16" in r.reason
 
 
 def test_responder_narrows_traffic_selectors():
@@ -399,7 +404,8 @@ def test_additional_child_sa_with_no_ts_overlap_is_ts_unacceptable_and_the_ike_s
     n.pump()
     sa = n.a._live()[0]
     assert sa.child_errors == ["CREATE_CHILD_SA refused: TS_UNACCEPTABLE"]
-    assert sa.state == "ESTABLISHED" and len(sa.children) == 1 and not n.events["a"] and not n.events["b"]
+    assert sa.state == "ESTABLISHED" and len(sa.children) == 1 and not n.events["a"]
+    assert [(e.by, e.notify) for e in n.events["b"]] == [("us", NotifyType.TS_UNACCEPTABLE)]  # logged by B
 
 
 def test_pad_rule_at_create_child_sa_peer_may_claim_only_its_own_subnets(psk_net):
@@ -424,7 +430,8 @@ def test_pad_rule_at_ike_auth_peer_claiming_anothers_subnet_is_refused():
     n.a.initiate("node-b", n.now)
     n.pump()
     assert not n.of("b", ChildSaEstablished)
-    assert n.of("a", IkeSaDeleted)[0].reason == "CHILD_SA refused: TS_UNACCEPTABLE"
+    assert not n.of("a", IkeSaDeleted)
+    assert [e.notify for e in n.of("a", ChildSaRefused)] == [NotifyType.TS_UNACCEPTABLE]
 
 
 # ------------------------------------------------------------------ message IDs (§2.1-2.3)

@@ -241,3 +241,44 @@ def test_fragment_size_comes_from_each_peers_policy(big_ca):
     assert max(sizes["a"]) <= frag.udp_budget(700, ipv6=False, nat_t=True)
     assert frag.udp_budget(700, ipv6=False, nat_t=True) < max(sizes["b"]) <= frag.udp_budget(1000, ipv6=False,
                                                                                              nat_t=True)
+
+
+# ------------------------------------------------------------------ lost IP fragments named as the cause
+
+def _lossy_net(pki_, monkeypatch, *, peer_fragments: bool):
+    """IKE_AUTH with certificates is bigger than fragment_size 576; the wire drops every datagram
+    above 576 octets of IP packet (as a path that loses IP fragments)."""
+    from dataclasses import replace
+    from agent.ike import sa as sa_mod
+    from tests.ike.conftest import CLASSICAL, cert_creds
+    if not peer_fragments:  # a responder without RFC 7383: never announces it
+        orig = sa_mod.IkeSa._note_sig_hashes
+
+        def note(self, payloads):
+            orig(self, payloads)
+            if not self.initiator:
+                self._frag_peer = False
+        monkeypatch.setattr(sa_mod.IkeSa, "_note_sig_hashes", note)
+    pol = replace(CLASSICAL, fragment_size=576)
+    n = make_net(view("node-a", "node-b", policy=pol), cert_creds(pki_, "a"),
+                 view("node-b", "node-a", policy=pol, initiate=False), cert_creds(pki_, "b"))
+    n.drop = lambda src, d: len(d.data) + 20 + 8 + 4 > 576
+    return n
+
+
+def test_lost_fragments_of_an_unfragmented_ike_auth_are_named_as_the_likely_cause(pki, monkeypatch):
+    from agent.ike.events import IkeSaDeleted
+    n = _lossy_net(pki, monkeypatch, peer_fragments=False)
+    n.a.initiate("node-b", n.now)
+    n.pump()
+    n.advance(n.now + 70)
+    (d,) = n.of("a", IkeSaDeleted)
+    assert d.reason.startswith("peer did not respond (likely cause: lost IP fragments; our IKE_AUTH request was a ")
+    assert "above fragment_size 576" in d.reason and "IKEV2_FRAGMENTATION_SUPPORTED" in d.reason
+
+
+def test_with_rfc7383_the_same_path_works(pki, monkeypatch):
+    n = _lossy_net(pki, monkeypatch, peer_fragments=True)
+    n.a.initiate("node-b", n.now)
+    n.pump()
+    assert n.of("a", IkeSaEstablished) and n.of("b", IkeSaEstablished)

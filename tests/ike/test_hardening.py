@@ -15,7 +15,7 @@ import pytest
 
 from agent.iana import ExchangeType, NotifyType, PayloadType
 from agent.ike import child as ch
-from agent.ike.events import ChildSaEstablished, IkeSaDeleted, IkeSaEstablished, PeerRefused
+from agent.ike.events import ChildSaDeleted, ChildSaEstablished, ChildSaRefused, IkeSaDeleted, IkeSaEstablished, PeerRefused
 from agent.ike.manager import IkeManager
 from agent.ike.message import (EncryptedPayload, KePayload, Message, NoncePayload, TrafficSelector,
                                decode_message, encode_message)
@@ -377,8 +377,11 @@ def test_initiator_refuses_a_responder_that_widens_the_protocol(monkeypatch):
     n = _psk_net()
     n.a.initiate("node-b", n.now)
     n.pump()
-    assert [e.reason for e in n.of("a", IkeSaDeleted)] == ["CHILD_SA refused: responder widened the traffic selectors"]
-    assert not n.of("a", ChildSaEstablished)
+    # the IKE_SA stays (§1.2); the CHILD_SA B installed is deleted again, and retried later
+    assert not n.of("a", IkeSaDeleted) and not n.of("a", ChildSaEstablished)
+    assert [(e.reason, e.notify) for e in n.of("a", ChildSaRefused)] == [
+        ("CHILD_SA refused: responder widened the traffic selectors", None)]
+    assert len(n.of("b", ChildSaDeleted)) == 1 and not n.b._live()[0].children
 
 
 def test_responder_ts_unacceptable_when_the_intersection_is_empty(monkeypatch):
@@ -388,7 +391,8 @@ def test_responder_ts_unacceptable_when_the_intersection_is_empty(monkeypatch):
     n = _psk_net()
     n.a.initiate("node-b", n.now)
     n.pump()
-    assert [e.reason for e in n.of("a", IkeSaDeleted)] == ["CHILD_SA refused: TS_UNACCEPTABLE"]
+    assert not n.of("a", IkeSaDeleted)
+    assert [e.reason for e in n.of("a", ChildSaRefused)] == ["CHILD_SA refused: TS_UNACCEPTABLE"]
 
 
 # ------------------------------------------------------------------ 7. bad policy data

@@ -343,7 +343,12 @@ def test_short_ni_for_a_sha512_prf_is_refused_in_ike_sa_init_and_create_child(mo
     assert sa_a.create_child(n.now)
     n.a._collect(sa_a, n.now)
     n.pump()
-    assert n.of("b", ChildSaEstablished) == [] and any("INVALID_SYNTAX" in e for e in sa_a.child_errors)
+    assert n.of("b", ChildSaEstablished) == []
+    # RFC 7296 §2.21.3: INVALID_SYNTAX is fatal for the IKE_SA in both peers
+    assert [e.reason for e in n.of("a", IkeSaDeleted)] == [
+        "CREATE_CHILD_SA refused: INVALID_SYNTAX (fatal for the IKE_SA, RFC 7296 §2.21.3)"]
+    assert [e.reason for e in n.of("b", IkeSaDeleted)] == [
+        "peer sent an invalid CREATE_CHILD_SA request; answered INVALID_SYNTAX (RFC 7296 §2.21.3)"]
     # HDR, SA, KEi, Ni(20 octets) --> ; <-- HDR, N(INVALID_SYNTAX)
     from tests.ike.conftest import make_net, view
     from tests.ike.helpers import PSK

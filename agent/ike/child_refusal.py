@@ -1,0 +1,148 @@
+"""CHILD_SA refusals (RFC 7296 §1.2, §2.21.2): the IKE_SA stays, the CHILD_SA backs off.
+
+A mixin of :class:`agent.ike.sa.IkeSa`. When the peer refuses the CHILD_SA of our IKE_AUTH
+request (TS_UNACCEPTABLE, NO_PROPOSAL_CHOSEN, ...) the IKE_SA is authenticated all the same
+(§1.2: "the IKE SA is still created"): it stays ESTABLISHED without that CHILD_SA, and we try
+the CHILD_SA again with CREATE_CHILD_SA (§1.3.1) after an exponential backoff (2, 4, 8 ... s,
+capped at CHILD_RETRY_MAX_S). Each refusal, ours as responder too, is a ChildSaRefused event
+naming the peer, the notify and what was offered, so the shell can log it.
+
+Which refusals keep the IKE_SA is decided from the Notify Message Type
+(CHILD_SA_REFUSALS), never from reason strings.
+
+Pure module: no I/O.
+"""
+from __future__ import annotations
+
+from agent.iana import EncrId, EsnId, IntegId, KeId, NotifyType, ProtocolId, TransformType, name_of
+from agent.ike.child import child_mode
+from agent.ike.create_child import _ChildTask
+from agent.ike.events import ChildSaRefused
+
+CHILD_RETRY_BASE_S = 2.0
+CHILD_RETRY_MAX_S = 120.0
+
+# error notifies that concern the CHILD_SA alone (§2.21.2, §1.3.1): the IKE_SA stays up.
+# CP failures (FAILED_CP_REQUIRED, INTERNAL_ADDRESS_FAILURE) are not here: the address comes
+# only with IKE_AUTH, so a CREATE_CHILD_SA cannot repair them.
+CHILD_SA_REFUSALS = frozenset({
+    NotifyType.NO_PROPOSAL_CHOSEN, NotifyType.TS_UNACCEPTABLE, NotifyType.SINGLE_PAIR_REQUIRED,
+    NotifyType.INVALID_SELECTORS, NotifyType.TEMPORARY_FAILURE,
+})
+
+_TYPE_ENUM = {TransformType.ENCR: EncrId, TransformType.INTEG: IntegId, TransformType.KE: KeId,
+              TransformType.ESN: EsnId}
+
+
+def describe_sa(sa) -> str:
+    """Proposals of a received SA payload for a log line, e.g.
+    ``ESP#1 ENCR_AES_GCM_16_256 ESN NO_EXTENDED_SEQUENCE_NUMBERS``; "-" when absent."""
+    if sa is None or not getattr(sa, "proposals", ()):
+        return "-"
+    out = []
+    for p in sa.proposals[:8]:  # bounded: the peer chooses how many it sends
+        parts = []
+        for t in p.transforms[:16]:
+            enum = _TYPE_ENUM.get(t.type)
+            name = name_of(enum, t.id) if enum is not None else f"{name_of(TransformType, t.type)}:{t.id}"
+            parts.append(name + (f"_{t.key_length}" if t.key_length else ""))
+        out.append(f"{name_of(ProtocolId, p.protocol)}#{p.number} {' '.join(parts)}")
+    return "; ".join(out) + (f"; ... {len(sa.proposals) - 8} more" if len(sa.proposals) > 8 else "")
+
+
+def describe_ts(tsi, tsr) -> str:
+    """Traffic selectors of a request for a log line, e.g. ``TSi 10.1.0.0/16 TSr 10.2.0.0/16``."""
+    def one(tsp) -> str:
+        if tsp is None:
+            return "-"
+        parts = []
+        for s in tsp.selectors[:8]:
+            nets = ",".join(str(n) for n in s.networks()[:4]) or "?"
+            if getattr(s, "ip_protocol", 0) or (getattr(s, "start_port", 0), getattr(s, "end_port", 65535)) != (0, 65535):
+                nets += f"[proto {s.ip_protocol} ports {s.start_port}-{s.end_port}]"
+            parts.append(nets)
+        return " ".join(parts) or "-"
+    return f"TSi {one(tsi)} TSr {one(tsr)}"
+
+
+class ChildRefusal:
+    """CHILD_SA refusal events and the CHILD_SA retry backoff of an IkeSa (mixin)."""
+
+    def _init_child_refusal(self) -> None:
+        self._child_retry_at: float | None = None
+        self._child_backoff = 0.0
+        self._child_wanted: tuple | None = None  # (local nets, remote nets, kind) to retry
+        self._child_retry_task = None  # the CREATE_CHILD_SA task of the running retry
+        self.child_refusals = 0  # refusals of our CHILD_SA in a row
+
+    def _offer_text(self, sa, tsi, tsr) -> str:
+        """What the peer's refused CHILD_SA request offered: proposals and selectors."""
+        return f"offered {describe_sa(sa)}; {describe_ts(tsi, tsr)}"
+
+    def _ts_allowed_text(self) -> str:
+        """The selectors we accept from the peer (PAD, §2.9): TSi its networks, TSr ours."""
+        return (f"we allow TSi {','.join(str(n) for n in self._remote_allowed()) or '-'} "
+                f"TSr {','.join(str(n) for n in self._local_nets()) or '-'}")
+
+    def _refused_by_us(self, reason: str, notify: int, offered: str) -> None:
+        """As responder: we answer the peer's CHILD_SA with ``notify``; report it (no retry)."""
+        self.events.append(ChildSaRefused(self.peer_name, self.spi_i, self.spi_r, "us", reason, int(notify),
+                                          offered))
+
+    def _refused_by_peer(self, reason: str, notify: int | None, now: float, wanted: tuple | None = None) -> None:
+        """Our CHILD_SA (IKE_AUTH or its CREATE_CHILD_SA retry) was refused: back off, then try
+        again with CREATE_CHILD_SA; ``wanted``: (local nets, remote nets, kind) to ask for."""
+        if wanted is not None:
+            self._child_wanted = wanted
+        self._child_retry_task = None
+        self.child_refusals += 1
+        self._child_backoff = min(CHILD_RETRY_MAX_S, self._child_backoff * 2 if self._child_backoff
+                                  else CHILD_RETRY_BASE_S)
+        retry = self._child_backoff if self._child_wanted is not None else None
+        self._child_retry_at = now + retry if retry is not None else None
+        self.events.append(ChildSaRefused(self.peer_name, self.spi_i, self.spi_r, "peer", reason,
+                                          int(notify) if notify is not None else None, "", retry))
+
+    def _child_retry_done(self) -> None:
+        """The retried CHILD_SA is up: the backoff starts over."""
+        self._child_retry_at = None
+        self._child_backoff = 0.0
+        self._child_wanted = None
+        self._child_retry_task = None
+        self.child_refusals = 0
+
+    def _child_backoff_holds(self, now: float) -> bool:
+        """True while the refused CHILD_SA waits for its retry (or the retry is in flight): an
+        acquire must not ask the peer again before (the shell asks every few seconds)."""
+        return self._child_wanted is not None and (
+            self._child_retry_task is not None or (self._child_retry_at is not None and now < self._child_retry_at))
+
+    def _child_retry_timers(self) -> list[float]:
+        if self.state != "ESTABLISHED" or self._child_retry_at is None or self._successor is not None:
+            return []
+        return [self._child_retry_at]
+
+    def _handle_child_retry(self, now: float) -> bool:
+        """Start the CREATE_CHILD_SA retry when its time has come; True if it was due."""
+        if (self.state != "ESTABLISHED" or self._child_retry_at is None or now < self._child_retry_at
+                or self._successor is not None):
+            return False
+        self._child_retry_at = None
+        local, remote, kind = self._child_wanted
+        if any(c.protocol == kind for c in self.children):
+            self._child_retry_done()  # the peer created one meanwhile
+            return True
+        task = _ChildTask(None, tuple(local), tuple(remote), child_mode(self.peer.policy, kind), protocol=kind)
+        self._child_retry_task = task
+        self._start_child_task(task, now)
+        return True
+
+    def _inherit_child_retry(self, old) -> None:
+        """IKE_SA rekey (§1.3.2): a pending CHILD_SA retry moves to the new IKE_SA."""
+        if old._child_wanted is not None and old._child_retry_task is None:
+            self._child_wanted, self._child_backoff = old._child_wanted, old._child_backoff
+            self._child_retry_at, self.child_refusals = old._child_retry_at, old.child_refusals
+
+
+__all__ = ["ChildRefusal", "CHILD_SA_REFUSALS", "CHILD_RETRY_BASE_S", "CHILD_RETRY_MAX_S", "describe_sa",
+           "describe_ts"]
