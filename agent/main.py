@@ -5,8 +5,11 @@ Two modes:
   --controller HOST:PORT --controller-ca FILE --name NODE --join-token-file FILE
                                       enrol with the controller, then follow its view
 
-Exit status: 0 after SIGTERM/SIGINT (SAs deleted, routes removed), 2 for
-bad arguments or configuration, 1 for a failed preflight or start-up.
+  --uninstall                         remove the fail-closed state (ip rules, guard table) and exit
+
+Exit status: 0 after SIGTERM/SIGINT (SAs deleted, TUN routes removed; the
+fail-closed guard stays unless --fail-open), 2 for bad arguments or
+configuration, 1 for a failed preflight or start-up.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from agent.model import NodeView
 DEFAULT_STATE_DIR = "/var/lib/meshsec"
 DEFAULT_TUN = "meshsec0"
 DEFAULT_MTU = 1400
+DEFAULT_GUARD_TABLE = 4302
 CAP_NET_ADMIN = 12
 DEFAULT_STORED_VIEW_AFTER = 10.0  # seconds without the controller before a stored view is used
 
@@ -86,7 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--routing-table", type=int, default=4301,
                    help="routing table for the routes into the TUN (default 4301; ip rules at pref "
                         "--rule-priority and +1 are added and removed on exit)")
-    p.add_argument("--rule-priority", type=int, default=4300, help="pref of our ip rules (default 4300)")
+    p.add_argument("--rule-priority", type=int, default=4300,
+                   help="pref of our ip rules (default 4300; we own this pref and the next two)")
+    p.add_argument("--guard-table", type=int, default=DEFAULT_GUARD_TABLE,
+                   help="fail closed: routing table of blackhole routes for every protected prefix, consulted "
+                        "at pref --rule-priority+2, after the TUN routes (default %(default)s). It outlives the "
+                        "agent (SIGTERM, crash, kill -9): traffic policy says to PROTECT is dropped, never sent "
+                        "in the clear, while no agent runs; a peer that leaves the view stays dropped. Removed "
+                        "only by --uninstall (or for a prefix listed in --bypass / a BYPASS policy)")
+    p.add_argument("--fail-open", action="store_true",
+                   help="OPT-OUT of fail closed: no guard table (an earlier run's is removed); when the agent "
+                        "stops, its routes and rules go and protected traffic falls back to the other routes "
+                        "(e.g. the CNI's), IN THE CLEAR. Logged as a warning")
+    p.add_argument("--uninstall", action="store_true",
+                   help="remove every ip rule at --rule-priority..+2 and every route in --routing-table and "
+                        "--guard-table (what fail closed leaves behind), then exit; run it on a node after "
+                        "stopping the agent for good")
     p.add_argument("--fwmark", type=lambda v: int(v, 0), default=0x4301,
                    help="SO_MARK on our IKE/ESP sockets so they bypass the TUN routes (default 0x4301)")
     p.add_argument("--local-address", default=None,
@@ -201,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
+    if args.uninstall:
+        return _uninstall(args)
     standalone = args.config is not None
     if standalone == (args.controller is not None):
         parser.error("give either --config FILE (standalone) or --controller HOST:PORT (controller mode)")
@@ -229,9 +250,22 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _uninstall(args) -> int:
+    from agent.datapath.routes import RouteError, remove_state
+    try:
+        check_cap_net_admin()
+        counts = remove_state(args.routing_table, args.guard_table, args.rule_priority, logger=log)
+    except (StartupError, RouteError) as exc:
+        print(f"meshsec-agent --uninstall: {exc}", file=sys.stderr)
+        return 1
+    print(f"meshsec-agent: removed {counts['rules']} ip rules and {counts['routes']} routes "
+          f"(tables {args.routing_table}, {args.guard_table}): protected prefixes now follow the other routes")
+    return 0
+
+
 def _run(args) -> int:
     from agent.datapath.control_socket import ControlServer, ControlSocketError
-    from agent.datapath.routes import RouteError, RouteManager, enable_ip_forwarding
+    from agent.datapath.routes import RouteError, RouteManager, enable_ip_forwarding, flush_guard
     from agent.datapath.runtime import Runtime
     from agent.datapath.tun import TunDevice, TunError
     from agent.datapath.udp import RawSocket, UdpError, UdpSocket
@@ -324,9 +358,13 @@ def _run(args) -> int:
             log.warning("%s: policies with encapsulation none cannot send or receive", exc)
         tun = TunDevice(tun_name, mtu)
         opened.append(tun)
+        if args.fail_open:
+            log.warning("--fail-open: when this agent stops, traffic to protected prefixes falls back to the "
+                        "other routes IN THE CLEAR (no guard table)")
+            flush_guard(args.guard_table, logger=log)
         routes = RouteManager(tun.name, view.subnets, settings.tun_addresses, table=args.routing_table,
                               mark=args.fwmark, rule_priority=args.rule_priority, local_address=local,
-                              bypass=bypass)
+                              bypass=bypass, guard_table=None if args.fail_open else args.guard_table)
         control = ControlServer(args.control_socket, {})
     except (UdpError, TunError, RouteError, ControlSocketError) as exc:
         for o in reversed(opened):

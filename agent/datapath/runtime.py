@@ -686,7 +686,9 @@ class Runtime:
                     continue
                 if not any(ip.version == n.version and ip in n for n in p.subnets):
                     keep.add(e)
-        self.routes.sync(nets, keep_out=keep)
+        # fail closed (k8s helper): BYPASS peers' subnets leave the RouteManager's guard table
+        cleartext = {n for p in self.view.peers if p.policy.action == "bypass" for n in p.subnets}
+        self.routes.sync(nets, keep_out=keep, cleartext=cleartext)
 
     def _local_ips_underlay(self) -> tuple[str, ...]:
         return (self.local_address,)
