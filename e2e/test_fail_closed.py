@@ -16,15 +16,18 @@ A ping runs from pod a to pod b throughout. The agent on node-a is killed with S
 the underlay capture shows no ICMP and no pod address in a clear header. The agent comes back and
 the pings are answered again. Last, the opt-out: with --fail-open a SIGTERM'd agent lets the ping
 out in the clear, and a second capture shows it (so the first capture could have seen it).
+Readiness (`meshsec ready`, the DaemonSet's probe): node-b is not ready while node-a is away after
+a SIGTERM (which deleted their SAs), node-a is ready again once its CHILD_SA with node-b is up.
 """
 from __future__ import annotations
 
 import re
 import shutil
+import subprocess
 
 import pytest
 
-from e2e.mesh import Mesh
+from e2e.mesh import Mesh, venv_bin
 from e2e.topology import sh, wait_until
 from e2e.wire import tshark
 
@@ -64,15 +67,31 @@ def mesh(tmp_path_factory):
         yield m
 
 
-def down_then_up(mesh, ping, stop):
-    """Stop node-a's agent with ``stop``, see pings go unanswered, start it, see them answered."""
+def ready(mesh, name, grace=600):
+    """`meshsec ready` (the DaemonSet's readiness probe) on ``name``: (exit code, message)."""
+    res = subprocess.run([venv_bin("meshsec"), "ready", "--socket", str(mesh.socket(name)), "--grace", str(grace)],
+                         capture_output=True, text=True)
+    return res.returncode, res.stdout + res.stderr
+
+
+def down_then_up(mesh, ping, stop, peer_notices=False):
+    """Stop node-a's agent with ``stop``, see pings go unanswered, start it, see them answered.
+    ``peer_notices``: node-b is told (SIGTERM deletes the IKE_SA), so its readiness probe fails."""
     a = mesh.agents["node-a"]
     stop(a)
     assert a.poll() is not None
     before = len(ping.unanswered())
     wait_until(lambda: len(ping.unanswered()) >= before + 10, 30, what="10 unanswered pings while the agent is down")
+    if peer_notices:
+        code, msg = wait_until(lambda: (r := ready(mesh, "node-b")) and r[0] == 1 and r, 30,
+                               what="node-b not ready while node-a is away")
+        assert "no CHILD_SA yet with 1 peers: node-a" in msg, msg
     lost = ping.unanswered()[-1]
     mesh.start_agent("node-a")
+    # the readiness probe passes once the CHILD_SA is there (grace far away)
+    code, msg = wait_until(lambda: (r := ready(mesh, "node-a")) and r[0] == 0 and r, 90, what="node-a ready")
+    assert "CHILD_SAs with all 1 expected peers" in msg, msg
+    assert "node-b" in {c["peer"] for c in mesh.status("node-a")["child_sas"]}
     mesh.wait_established(timeout=90)
     wait_until(lambda: any(s > lost for s in ping.answered()), 30, what="pings answered again with the agent back")
 
@@ -91,7 +110,7 @@ def test_no_cleartext_while_the_agent_is_down_and_traffic_resumes(mesh):
     assert "lookup 4302" in rules, rules
 
     down_then_up(mesh, ping, lambda p: (p.kill(), p.wait(10)))      # kill -9: nothing cleaned up
-    down_then_up(mesh, ping, lambda p: mesh.topo.stop(p))           # SIGTERM: a rolling update
+    down_then_up(mesh, ping, lambda p: mesh.topo.stop(p), peer_notices=True)  # SIGTERM: a rolling update
     guard = sh("ip", "route", "show", "table", "4302", ns=mesh.node("node-a").ns).stdout
     assert "blackhole 10.2.0.0/24" in guard, guard
 

@@ -214,3 +214,34 @@ def test_format_status_shows_refused_peers_early_drops_and_internal_errors():
     assert "before first view: 2 IKE packets ignored" in text
     assert "internal errors: 1" in text and "STORED: controller unreachable" in text
     assert "kept out of the TUN (covered by a peer's subnet): 198.51.100.2" in text
+
+
+def test_ready_with_a_child_sa_with_every_expected_peer(running, capsys):
+    path, a = running
+    st = a.rt.status()
+    assert st["peers_expected"] == ["b"]
+    assert cli.main(["ready", "--socket", path, "--grace", "1000000"]) == 0
+    assert "ready: CHILD_SAs with all 1 expected peers" in capsys.readouterr().out
+
+
+def test_readiness_waits_for_missing_peers_and_view_until_the_grace():
+    st = {"view_source": "controller", "uptime_s": 5, "peers_expected": ["b", "c"], "child_sas": [{"peer": "b"}]}
+    ok, why = cli.readiness(st, 120)
+    assert not ok and "no CHILD_SA yet with 1 peers: c" in why and "up 5s of 120s grace" in why
+    ok, why = cli.readiness({**st, "uptime_s": 121}, 120)
+    assert ok and "grace of 120s passed" in why and "c" in why
+    ok, why = cli.readiness({"view_source": "none", "uptime_s": 3, "child_sas": []}, 60)
+    assert not ok and "no view from the controller yet" in why
+    # BYPASS/DISCARD peers and peers without endpoints are not expected (the agent leaves them out)
+    assert cli.readiness({"view_source": "stored", "uptime_s": 0, "peers_expected": [], "child_sas": []}, 60)[0]
+
+
+def test_ready_without_agent_is_not_ready(tmp_path, capsys):
+    assert cli.main(["ready", "--socket", str(tmp_path / "none.sock")]) == 1
+    assert "not ready: cannot connect" in capsys.readouterr().err
+
+
+def test_ready_bad_grace_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as ei:
+        cli.main(["ready", "--grace", "-1"])
+    assert ei.value.code == 2 and "--grace -1" in capsys.readouterr().err

@@ -1517,4 +1517,7 @@ class Runtime:
             "policy_errors": dict(getattr(self.ike, "policy_errors", {}) or {}),
             "internal_errors": self.counters["internal_errors"],
             "route_carve_outs": sorted(getattr(self.routes, "carve_outs", ()) or ()),
+            # readiness (k8s helper): PROTECT peers with an endpoint, and the fail-closed guard
+            "peers_expected": sorted(p.name for p in self.view.peers if p.policy.action == "protect" and p.endpoints),
+            "guarded": sorted(map(str, getattr(self.routes, "guarded", ()) or ())),
         }
