@@ -2,7 +2,8 @@
 
 Exit status: 0 after SIGTERM/SIGINT, 2 for a bad command line or inventory
 (one message on stderr, ``FILE:LINE: FIELD: problem`` for the inventory),
-1 if it cannot listen.
+1 if it cannot listen. ``--check FILE`` validates an inventory and prints every
+error (exit 0 if it is good, 2 if not) without starting anything.
 """
 from __future__ import annotations
 
@@ -20,8 +21,13 @@ from controller.service import ControllerServer, default_server_names, split_lis
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meshsec-controller",
                                 description="meshsec controller: enrols nodes and serves their views")
-    p.add_argument("--inventory", required=True, metavar="FILE",
-                   help="inventory YAML (nodes, defaults); polled every second for changes")
+    p.add_argument("--inventory", metavar="FILE",
+                   help="inventory YAML (nodes, defaults, groups, policies); polled every second and reloaded in "
+                        "place when it changes (a bad edit is logged and the previous inventory kept)")
+    p.add_argument("--check", metavar="FILE",
+                   help="validate inventory FILE, print every error (FILE:LINE: FIELD: problem), exit 0 if it is "
+                        "good and 2 if not; starts nothing (--listen/--server-name count as the controller's "
+                        "addresses)")
     p.add_argument("--state-dir", default="/var/lib/meshsec-controller", metavar="DIR",
                    help="SQLite state and ca.pem (default: %(default)s)")
     p.add_argument("--listen", default="0.0.0.0:7443", metavar="HOST:PORT",
@@ -97,8 +103,35 @@ def _kube_source(args, log: logging.Logger):
     return source, review
 
 
+def _check(args) -> int:
+    from controller.inventory_check import check_file
+    from controller.service import split_listen
+
+    try:
+        addrs = [split_listen(args.listen)[0], *args.server_name]
+        if args.watch_listen:
+            addrs.append(split_listen(args.watch_listen)[0])
+    except ValueError as e:
+        print(f"meshsec-controller: {e}", file=sys.stderr)
+        return 2
+    errors = check_file(args.check, addrs)
+    for e in errors:
+        print(e, file=sys.stderr)
+    if errors:
+        print(f"meshsec-controller: {args.check}: {len(errors)} error{'s' if len(errors) > 1 else ''}",
+              file=sys.stderr)
+        return 2
+    print(f"{args.check}: OK")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.check:
+        return _check(args)
+    if not args.inventory:
+        parser.error("give --inventory FILE (or --check FILE to validate one)")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("meshsec.controller")
