@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--controller", metavar="HOST:PORT[,HOST:PORT...]",
                      help="controller gRPC address; several replicas comma-separated (tried in turn)")
     ctl.add_argument("--controller-ca", metavar="FILE", help="PEM CA that signed the controller's certificate")
+    ctl.add_argument("--wait-for-ca", action="store_true",
+                     help="if --controller-ca does not exist yet (or is empty), wait for it instead of failing: "
+                          "in Kubernetes the controller publishes it to a ConfigMap the agent mounts")
     ctl.add_argument("--name", metavar="NODE", help="this node's name in the controller's inventory")
     ctl.add_argument("--join-token-file", metavar="FILE", help="file holding the one-time join token")
     ctl.add_argument("--stored-view-after", type=float, default=DEFAULT_STORED_VIEW_AFTER, metavar="SECONDS",
@@ -173,6 +176,27 @@ def route_source_address(host: str) -> str:
     with socket.socket(fam, socket.SOCK_DGRAM) as s:
         s.connect((host, 9))
         return s.getsockname()[0]
+
+
+def wait_for_file(path: str, stop: threading.Event, interval: float = 1.0, log_every: float = 30.0) -> bool:
+    """Poll until ``path`` exists and is not empty (True), or ``stop`` is set (False); logs
+    what it waits for at once and every ``log_every`` seconds."""
+    last = None
+    while not stop.is_set():
+        try:
+            if os.path.getsize(path) > 0:
+                if last is not None:
+                    log.info("controller CA %s is there now", path)
+                return True
+        except OSError:
+            pass
+        now = time.monotonic()
+        if last is None or now - last >= log_every:
+            log.warning("waiting for the controller CA at %s (in Kubernetes the controller publishes it to its "
+                        "ConfigMap; the kubelet refreshes the volume within a minute or two)", path)
+            last = now
+        stop.wait(interval)
+    return False
 
 
 def _split_hostport(addr: str) -> tuple[str, int]:
@@ -302,6 +326,8 @@ def _run(args) -> int:
     stop_event = threading.Event()
     if not args.config:
         from agent.control import ControllerClient, ControlError
+        if args.wait_for_ca:
+            wait_for_file(args.controller_ca, stop_event)
         try:
             token = Path(args.join_token_file).read_text().strip()
             ca_pem = Path(args.controller_ca).read_bytes()

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the agents' service account for --kube-token-review (default: %(default)s)")
     kube.add_argument("--kube-audience", default="meshsec",
                       help="audience the projected token must carry (default: %(default)s)")
+    kube.add_argument("--kube-ca-configmap", metavar="NAMESPACE/NAME",
+                      help="publish the controller CA certificate as key ca.pem of this existing ConfigMap (and "
+                           "repair it every minute), for the agents to mount; needs get and patch on it only")
     ha = p.add_argument_group("high availability (docs/ha.md)")
     ha.add_argument("--etcd-endpoints", metavar="URL[,URL...]",
                     help="keep state in etcd (http://HOST:PORT, comma-separated) instead of SQLite under "
@@ -78,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _kube_source(args, log: logging.Logger):
     """(KubeNodeSource, TokenReviewer.check or None) from the flags; ValueError/OSError with the reason."""
     from controller.k8s import KubeNodeSource, KubeSourceError, TokenReviewer, api_client, token_sha256
+    if args.kube_ca_configmap:
+        from controller.k8s import parse_configmap_ref
+        parse_configmap_ref(args.kube_ca_configmap)
 
     if not args.kube_join_token_file and not args.kube_token_review:
         raise ValueError("with --kubernetes/--kubeconfig give --kube-join-token-file FILE (the cluster agents' "
@@ -100,6 +106,7 @@ def _kube_source(args, log: logging.Logger):
     review = None
     if args.kube_token_review:
         review = TokenReviewer(api, source, args.kube_service_account, (args.kube_audience,)).check
+    source.api = api  # for the CA publisher
     return source, review
 
 
@@ -164,9 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, OSError) as e:
             print(f"meshsec-controller: {e}", file=sys.stderr)
             return 2
-    elif args.kube_join_token_file or args.kube_token_review:
-        print("meshsec-controller: --kube-join-token-file/--kube-token-review need --kubernetes or --kubeconfig FILE",
-              file=sys.stderr)
+    elif args.kube_join_token_file or args.kube_token_review or args.kube_ca_configmap:
+        print("meshsec-controller: --kube-join-token-file/--kube-token-review/--kube-ca-configmap need --kubernetes "
+              "or --kubeconfig FILE", file=sys.stderr)
         return 2
     server = ControllerServer(args.inventory, args.state_dir, node_source=node_source, token_review=token_review, listen=args.listen, watch_listen=args.watch_listen,
                               server_names=args.server_name or default_server_names(host),
@@ -181,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"meshsec-controller: {e}", file=sys.stderr)
         return 1
+    publisher = None
+    if args.kube_ca_configmap:
+        from controller.k8s import CaPublisher, parse_configmap_ref
+        ns, name = parse_configmap_ref(args.kube_ca_configmap)
+        publisher = CaPublisher(node_source.api, ns, name, server.ca_path.read_text(), logger=log.getChild("k8s"))
+        publisher.start()
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -194,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     while not stopping.wait(1.0):
         pass
     log.info("shutting down")
+    if publisher is not None:
+        publisher.stop()
     server.stop(grace=2.0)
     return 0
 
