@@ -204,7 +204,8 @@ DEFAULT_GRACE = 120.0
 def readiness(st: dict, grace_s: float) -> tuple[bool, str]:
     """(ready, why) from an agent status: ready once it has a view and a CHILD_SA with every
     peer its view asks for (``peers_expected``: PROTECT peers with an endpoint), or once
-    ``grace_s`` seconds of uptime have passed (a dead peer must not block a rollout forever)."""
+    ``grace_s`` seconds of uptime have passed (a dead peer must not block a rollout forever;
+    0: no grace, only the CHILD_SAs count, as for ``helm test``)."""
     up = float(st.get("uptime_s") or 0.0)
     if st.get("view_source") == "none":
         missing = "no view from the controller yet"
@@ -215,8 +216,10 @@ def readiness(st: dict, grace_s: float) -> tuple[bool, str]:
             return True, f"ready: CHILD_SAs with all {len(st.get('peers_expected') or [])} expected peers"
         missing = f"no CHILD_SA yet with {len(lacking)} peers: {', '.join(lacking[:10])}" + (
             " ..." if len(lacking) > 10 else "")
-    if up >= grace_s:
+    if grace_s > 0 and up >= grace_s:
         return True, f"ready (grace of {grace_s:g}s passed, up {up:.0f}s): {missing}"
+    if grace_s <= 0:
+        return False, f"not ready (no grace): {missing}"
     return False, f"not ready (up {up:.0f}s of {grace_s:g}s grace): {missing}"
 
 
@@ -234,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     pq = sub.add_parser("ready", help="readiness probe: exit 0 once the agent has CHILD_SAs with every peer "
                                       "its view asks for, or --grace seconds after it started; 1 otherwise")
     pq.add_argument("--grace", type=float, default=DEFAULT_GRACE, metavar="SECONDS",
-                    help=f"ready anyway after this much agent uptime (default {DEFAULT_GRACE:g})")
+                    help=f"ready anyway after this much agent uptime (default {DEFAULT_GRACE:g}; 0: never, only "
+                         "the CHILD_SAs count)")
     pq.add_argument("--socket", default=DEFAULT_SOCKET, help=f"agent control socket (default {DEFAULT_SOCKET})")
     args = p.parse_args(argv)
     if args.cmd == "ready":

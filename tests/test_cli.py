@@ -230,6 +230,8 @@ def test_readiness_waits_for_missing_peers_and_view_until_the_grace():
     assert not ok and "no CHILD_SA yet with 1 peers: c" in why and "up 5s of 120s grace" in why
     ok, why = cli.readiness({**st, "uptime_s": 121}, 120)
     assert ok and "grace of 120s passed" in why and "c" in why
+    ok, why = cli.readiness({**st, "uptime_s": 10 ** 6}, 0)  # grace 0: no grace (helm test)
+    assert not ok and "not ready (no grace): no CHILD_SA yet with 1 peers: c" in why
     ok, why = cli.readiness({"view_source": "none", "uptime_s": 3, "child_sas": []}, 60)
     assert not ok and "no view from the controller yet" in why
     # BYPASS/DISCARD peers and peers without endpoints are not expected (the agent leaves them out)
