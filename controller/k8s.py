@@ -5,7 +5,10 @@ A Node maps onto a :class:`controller.policy.NodeSpec` as follows
 - name: ``metadata.name`` (also its IKE identity, ID_FQDN);
 - role: ``gateway`` (tunnel mode between nodes; each node protects its pods);
 - endpoints: every ``status.addresses`` entry of type ``InternalIP``;
-- subnets: ``spec.podCIDRs`` (or the older single ``spec.podCIDR``).
+- subnets: the annotation ``meshsec.io/pod-cidrs`` (comma-separated CIDRs) when
+  present, for CNIs whose IPAM does not fill ``spec.podCIDRs`` (Calico IPAM
+  blocks, Cilium cluster-pool; docs/kubernetes.md); else ``spec.podCIDRs``
+  (or the older single ``spec.podCIDR``).
 A Node without an InternalIP or without a pod CIDR (IPAM not done yet) is
 not a peer until a later MODIFIED event supplies them.
 
@@ -38,6 +41,7 @@ from controller.policy import NodeSpec
 
 _DNS_NAME = re.compile(r"^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
 NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
+POD_CIDRS_ANNOTATION = "meshsec.io/pod-cidrs"
 DEFAULT_AUDIENCE = "meshsec"
 
 
@@ -66,19 +70,29 @@ def node_spec_from_k8s(obj: dict, token_sha256: bytes = b"") -> tuple[NodeSpec |
                 return None, f"Node {name!r}: InternalIP {addr.get('address')!r} is not an IP address"
             if ip not in endpoints:
                 endpoints.append(ip)
-    cidrs = spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else [])
+    note = (meta.get("annotations") or {}).get(POD_CIDRS_ANNOTATION)
+    if note is not None:
+        cidrs = [c.strip() for c in str(note).split(",") if c.strip()]
+        where = f"annotation {POD_CIDRS_ANNOTATION}"
+        if not cidrs:
+            return None, f"Node {name!r}: {where} is empty (remove it to use spec.podCIDRs)"
+    else:
+        cidrs = spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else [])
+        where = "spec.podCIDRs"
     subnets: list[str] = []
     for c in cidrs:
         try:
-            net = ipaddress.ip_network(c, strict=False)
+            net = ipaddress.ip_network(c, strict=True)
         except (ValueError, TypeError):
-            return None, f"Node {name!r}: pod CIDR {c!r} is not a network"
+            return None, (f"Node {name!r}: pod CIDR {c!r} ({where}) is not a network without host bits, "
+                          "e.g. 10.244.1.0/24")
         if str(net) not in subnets:
             subnets.append(str(net))
     if not endpoints:
         return None, f"Node {name!r} has no InternalIP address yet"
     if not subnets:
-        return None, f"Node {name!r} has no spec.podCIDRs yet (is the node IPAM controller running?)"
+        return None, (f"Node {name!r} has no spec.podCIDRs yet (is the node IPAM controller running? a CNI with "
+                      f"its own IPAM: set the annotation {POD_CIDRS_ANNOTATION}, docs/kubernetes.md)")
     return NodeSpec(name=name, role="gateway", endpoints=tuple(endpoints), subnets=tuple(subnets),
                     join_token_sha256=token_sha256, shared_token=True), ""
 

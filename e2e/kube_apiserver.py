@@ -47,7 +47,8 @@ CLONE_NEWNET = 0x40000000
 
 
 def node_object(name: str, internal_ips: list[str], pod_cidrs: list[str], rv: int,
-                uid: str | None = None, extra_addresses: list[dict] | None = None) -> dict:
+                uid: str | None = None, extra_addresses: list[dict] | None = None,
+                annotations: dict | None = None) -> dict:
     """A v1 Node as the API server serialises it (the fields meshsec reads,
     plus the usual neighbours so the parser meets realistic objects)."""
     addresses = [{"type": "InternalIP", "address": ip} for ip in internal_ips]
@@ -60,7 +61,8 @@ def node_object(name: str, internal_ips: list[str], pod_cidrs: list[str], rv: in
         "kind": "Node", "apiVersion": "v1",
         "metadata": {"name": name, "uid": uid or str(uuid.uuid4()), "resourceVersion": str(rv),
                      "creationTimestamp": "2026-01-01T00:00:00Z",
-                     "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}},
+                     "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"},
+                     **({"annotations": dict(annotations)} if annotations else {})},
         "spec": spec,
         "status": {"addresses": addresses,
                    "conditions": [{"type": "Ready", "status": "True"}],
@@ -150,14 +152,16 @@ class FakeKubeApiServer:
             return copy.deepcopy(obj)
 
     def modify_node(self, name: str, *, internal_ips: list[str] | None = None,
-                    pod_cidrs: list[str] | None = None, labels: dict | None = None) -> dict:
+                    pod_cidrs: list[str] | None = None, labels: dict | None = None,
+                    annotations: dict | None = None) -> dict:
         with self._cond:
             old = self._nodes[name]
             ips = internal_ips if internal_ips is not None else [
                 a["address"] for a in old["status"]["addresses"] if a["type"] == "InternalIP"]
             cidrs = pod_cidrs if pod_cidrs is not None else old["spec"].get("podCIDRs", [])
             self._rv += 1
-            obj = node_object(name, ips, cidrs, self._rv, uid=old["metadata"]["uid"])
+            notes = annotations if annotations is not None else old["metadata"].get("annotations")
+            obj = node_object(name, ips, cidrs, self._rv, uid=old["metadata"]["uid"], annotations=notes)
             obj["metadata"]["labels"].update(labels or {})
             self._nodes[name] = obj
             self._record("MODIFIED", obj)
