@@ -110,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--guard-table (what fail closed leaves behind), then exit; run it on a node after "
                         "stopping the agent for good")
     p.add_argument("--fwmark", type=lambda v: int(v, 0), default=0x4301,
-                   help="SO_MARK on our IKE/ESP sockets so they bypass the TUN routes (default 0x4301)")
+                   help="SO_MARK on our IKE/ESP sockets and (through a local forwarder) our controller connections, "
+                        "so they take the main table, never the TUN or the fail-closed guard (default 0x4301; 0: "
+                        "no mark, controller connections direct)")
     p.add_argument("--local-address", default=None,
                    help="underlay address to bind UDP 500/4500 on (default: from --config, else the "
                         "source address of the route to the controller)")
@@ -342,9 +344,21 @@ def _run(args) -> int:
                 log.warning("cannot re-read %s (%s); using the token read before", token_path, exc.strerror)
             return last[0]
 
+        address, watch_address = args.controller, None
+        if args.fwmark:
+            # kube-proxy rewrites the Service address to a pod address after our bypass rule has
+            # matched: mark the control connections so they take the main table, never the mesh
+            from agent.control import default_watch_address
+            from agent.controller_path import forward_controller
+            try:
+                watch = [default_watch_address(a.strip()) for a in args.controller.split(",") if a.strip()]
+                address, watch_address, forwarders = forward_controller(args.controller, watch, args.fwmark,
+                                                                        logger=log)
+            except (OSError, ValueError) as exc:
+                raise StartupError(f"controller path: {exc}")
         try:  # a CA file that is not a PEM certificate fails here
-            client = ControllerClient(args.controller, args.name, current_token, Path(args.state_dir), ca_pem,
-                                      logger=logging.getLogger("meshsec.control"))
+            client = ControllerClient(address, args.name, current_token, Path(args.state_dir), ca_pem,
+                                      logger=logging.getLogger("meshsec.control"), watch_address=watch_address)
         except (ControlError, ValueError) as exc:
             raise StartupError(f"controller client: {exc}")
         fallback = _stored_fallback(args.state_dir, args.name)
