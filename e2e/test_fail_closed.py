@@ -14,7 +14,8 @@ dropped on its node, never sent in the clear over the CNI's route; it resumes wh
 A ping runs from pod a to pod b throughout. The agent on node-a is killed with SIGKILL, then
 (after it is back) stopped with SIGTERM: each time the pings go unanswered while it is down, and
 the underlay capture shows no ICMP and no pod address in a clear header. The agent comes back and
-the pings are answered again. Last, the opt-out: with --fail-open a SIGTERM'd agent lets the ping
+the pings are answered again. node-b removed from the inventory stays dropped on node-a (the
+guard keeps its pod CIDR; the capture shows no cleartext ping). Last, the opt-out: with --fail-open a SIGTERM'd agent lets the ping
 out in the clear, and a second capture shows it (so the first capture could have seen it).
 Readiness (`meshsec ready`, the DaemonSet's probe): node-b is not ready while node-a is away after
 a SIGTERM (which deleted their SAs), node-a is ready again once its CHILD_SA with node-b is up.
@@ -22,6 +23,7 @@ a SIGTERM (which deleted their SAs), node-a is ready again once its CHILD_SA wit
 from __future__ import annotations
 
 import re
+import secrets
 import shutil
 import subprocess
 
@@ -119,6 +121,37 @@ def test_no_cleartext_while_the_agent_is_down_and_traffic_resumes(mesh):
     assert tshark(pcap, "esp"), "no ESP on the underlay"
     assert clear_pod_traffic(pcap) == [], "pod traffic in the clear while the agent was down"
     assert "fail closed" in mesh.log("node-a")
+
+
+def test_a_node_removed_from_the_inventory_stays_dropped(mesh):
+    """node-b leaves the inventory: node-a removes its tunnel and TUN route, but the guard keeps its
+    pod CIDR dropped instead of handing it to the CNI's route in the clear."""
+    pcap = mesh.workdir / "removed.pcap"
+    cap = mesh.capture(pcap)
+    spec = mesh.spec
+    a_ns = mesh.node("node-a").ns
+    try:
+        mesh.spec = {"node-a": spec["node-a"]}
+        mesh.write_inventory()
+        wait_until(lambda: "10.2.0.0/24 dev meshsec0" not in sh("ip", "route", "show", "table", "4301", ns=a_ns,
+                                                                 check=False).stdout, 30,
+                   what="node-a to drop node-b's route")
+        assert "blackhole 10.2.0.0/24" in sh("ip", "route", "show", "table", "4302", ns=a_ns).stdout
+        src, dst = mesh.node("node-a").workloads[0], mesh.node("node-b").workloads[0]
+        ping = PingLog(mesh, src, dst.ip, "ping-removed")
+        wait_until(lambda: len(ping.unanswered()) >= 5, 30, what="5 unanswered pings to the removed node")
+        assert ping.answered() == []
+        mesh.topo.stop(ping.proc)
+    finally:
+        # back in the inventory: its certificates were revoked with the removal, so a new join token
+        mesh.spec = spec
+        mesh.tokens["node-b"] = secrets.token_urlsafe(16)
+        mesh.write_inventory()
+        mesh.topo.stop(mesh.agents["node-b"])
+        mesh.start_agent("node-b")
+    mesh.stop_capture(cap, pcap)
+    assert clear_pod_traffic(pcap) == [], "pod traffic to a removed node in the clear"
+    mesh.wait_established(timeout=90)
 
 
 def test_fail_open_opt_out_sends_in_the_clear(mesh):

@@ -138,6 +138,9 @@ def test_deleting_a_node_tears_its_tunnels_and_routes_down(cluster):
                    30, what=f"{name} to drop node-3")
         assert routes_to(cluster, name, PODCIDRS["node-2" if name == "node-1" else "node-1"])
         assert routes_to(cluster, name, PODCIDRS["node-3"]) == [], f"{name} still routes node-3's pod CIDR"
+        # fail closed: the deleted Node's pod CIDR stays dropped, never handed to other routes in the clear
+        guard = sh("ip", "route", "show", "table", "4302", ns=cluster.node(name).ns).stdout
+        assert f"blackhole {PODCIDRS['node-3']}" in guard, guard
         assert "node-1" in peers_of(cluster, name) or "node-2" in peers_of(cluster, name)
     src, dst = cluster.node("node-1").workloads[0], cluster.node("node-3").workloads[0]
     assert not ping(src.ns, dst.ip, count=2)
