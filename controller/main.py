@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-workers", type=int, default=256, metavar="N",
                    help="gRPC server threads; every Watch stream holds one (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    from meshsec.version import version_line
+    p.add_argument("--version", action="version", version=version_line("meshsec-controller"))
     return p
 
 

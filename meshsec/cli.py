@@ -225,6 +225,8 @@ def readiness(st: dict, grace_s: float) -> tuple[bool, str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="meshsec", description="meshsec operator CLI")
+    from meshsec.version import version_line
+    p.add_argument("--version", action="version", version=version_line("meshsec"))
     sub = p.add_subparsers(dest="cmd", required=True)
     ps = sub.add_parser("status", help="IKE_SAs, CHILD_SAs and drop counters of the local agent")
     ps.add_argument("--socket", default=DEFAULT_SOCKET, help=f"agent control socket (default {DEFAULT_SOCKET})")

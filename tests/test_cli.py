@@ -247,3 +247,15 @@ def test_ready_bad_grace_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as ei:
         cli.main(["ready", "--grace", "-1"])
     assert ei.value.code == 2 and "--grace -1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tool", ["meshsec-agent", "meshsec-controller", "meshsec"])
+def test_every_cli_has_version(tool):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from meshsec.version import version
+    res = subprocess.run([str(Path(sys.executable).parent / tool), "--version"], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.startswith(f"{tool} {version()} (Python ")
+    assert version() != "unknown"
