@@ -517,7 +517,8 @@ def _run(args) -> int:
     if watcher is not None:
         watcher.join(timeout=2.0)
     if rt.fatal:
-        print(f"meshsec-agent: fatal: {rt.fatal}; stopped (IKE_SAs deleted, routes removed)", file=sys.stderr)
+        print(f"meshsec-agent: fatal: {rt.fatal}; stopped (IKE_SAs deleted, TUN routes removed"
+              f"{'' if args.fail_open else '; fail-closed guard kept'})", file=sys.stderr)
         return 1
     return 0
 

@@ -137,6 +137,10 @@ def test_stale_rules_of_a_previous_run_are_removed_after_the_first_sync(ns):
     ns.step(routes=["10.2.0.0/24"], bypass=["10.96.0.0/12"], keep=["10.2.0.9"])
     rules = ns.rules()
     assert "to 10.96.0.0/12 lookup main" in rules and "to 10.2.0.9 lookup main" in rules
+    ns.step(routes=["10.2.0.0/24"], bypass=["10.96.0.0/12", "fd00:96::/64"], keep=["10.2.0.9"])  # same again: kept
+    rules = ns.rules()
+    assert "to 10.96.0.0/12 lookup main" in rules and "to 10.96.0.0/12 unreachable" in rules
+    assert "to 10.2.0.9 lookup main" in rules and "fwmark 0x4301 lookup main" in rules
     ns.step(routes=["10.2.0.0/24"])  # bypass taken away, endpoint gone: their rules go
     rules = ns.rules()
     assert "10.96.0.0/12" not in rules and "10.2.0.9" not in rules and "lookup 4302" in rules
