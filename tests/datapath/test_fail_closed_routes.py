@@ -161,3 +161,33 @@ def test_uninstall_needs_cap_net_admin(monkeypatch, capsys):
     monkeypatch.setattr(agent_main, "check_cap_net_admin", no_cap)
     assert agent_main.main(["--uninstall"]) == 1
     assert "CAP_NET_ADMIN" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("action", ["protect", "bypass", "discard"])
+def test_runtime_hands_bypass_peers_subnets_to_the_guard_as_cleartext(action):
+    """Only a BYPASS policy takes a peer's subnets out of the guard (RouteManager.sync cleartext=);
+    PROTECT and DISCARD peers are routed into the TUN and so guarded; status shows peers_expected."""
+    from dataclasses import replace
+
+    from agent.datapath.runtime import Runtime
+    from agent.datapath.udp import FakeNetwork
+    from agent.model import PeerPolicy
+    from tests.datapath.fakes import FakeClock
+    from tests.datapath.test_runtime import A_IP, B_IP, NET_A, NET_B, Node
+
+    a = Node(FakeNetwork(), FakeClock(), "a", A_IP, NET_A, [("b", B_IP, NET_B, True)])
+    view = replace(a.view, peers=tuple(replace(p, policy=PeerPolicy(action=action)) for p in a.view.peers))
+    calls = []
+
+    class Routes:
+        guarded = frozenset()
+
+        def sync(self, nets, keep_out=(), cleartext=()):
+            calls.append((set(nets), set(cleartext)))
+
+    rt = Runtime(view, a.ike, tun=a.tun, udp500=a.u500, udp4500=a.u4500, local_address=A_IP, clock=a.rt.clock,
+                 routes=Routes())
+    rt.start()
+    nets, cleartext = calls[-1]
+    assert (NET_B in cleartext) == (action == "bypass") and (NET_B in nets) == (action != "bypass")
+    assert rt.status()["peers_expected"] == (["b"] if action == "protect" else [])
