@@ -257,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         missing = [f for f in ("controller_ca", "name", "join_token_file") if getattr(args, f) is None]
         if missing:
             parser.error("controller mode also needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
+    if args.controller and "$(" in args.controller:
+        parser.error(f"--controller {args.controller!r} holds an unexpanded $(VAR): in Kubernetes the "
+                     "Service's *_SERVICE_HOST variable is set only for Services that existed when the pod "
+                     "started; the container is restarted and gets it then")
     if args.mtu is not None and not 576 <= args.mtu <= 65535:
         parser.error(f"--mtu {args.mtu}: use 576..65535")
     for b in args.bypass:

@@ -175,7 +175,11 @@ def test_agent_daemonset(rendered):
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     assert mounts["dev-net-tun"] == "/dev/net/tun"
     args = c["args"]
-    assert "--controller=ms-meshsec-controller.meshsec.svc:7443" in args
+    # the ClusterIP from the service environment (no DNS, which may sit behind the fail-closed guard)
+    assert "--controller=$(MS_MESHSEC_CONTROLLER_SERVICE_HOST):7443" in args
+    assert pod["enableServiceLinks"] is True
+    svc = find(docs, "Service")["metadata"]["name"]
+    assert svc.upper().replace("-", "_") + "_SERVICE_HOST" == "MS_MESHSEC_CONTROLLER_SERVICE_HOST"
     assert "--name=$(NODE_NAME)" in args and "--local-address=$(HOST_IP)" in args
     assert "--join-token-file=/etc/meshsec/token/token" in args
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["env"]}

@@ -259,3 +259,10 @@ def test_every_cli_has_version(tool):
     res = subprocess.run([str(Path(sys.executable).parent / tool), "--version"], capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.startswith(f"{tool} {version()} (Python ")
     assert version() != "unknown"
+
+
+def test_unexpanded_service_variable_in_controller_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as ei:
+        agent_main.main(["--controller", "$(MS_MESHSEC_CONTROLLER_SERVICE_HOST):7443", "--controller-ca", "c",
+                         "--name", "n", "--join-token-file", "t"])
+    assert ei.value.code == 2 and "unexpanded $(VAR)" in capsys.readouterr().err
