@@ -214,6 +214,8 @@ def test_format_status_shows_refused_peers_early_drops_and_internal_errors():
     assert "before first view: 2 IKE packets ignored" in text
     assert "internal errors: 1" in text and "STORED: controller unreachable" in text
     assert "kept out of the TUN (covered by a peer's subnet): 198.51.100.2" in text
+    text = cli.format_status({"node": "n", "ike_sas": [], "child_sas": [], "guarded": ["10.2.0.0/24", "10.3.0.0/24"]})
+    assert "fail closed (dropped whenever no agent runs): 10.2.0.0/24, 10.3.0.0/24" in text
 
 
 def test_ready_with_a_child_sa_with_every_expected_peer(running, capsys):
