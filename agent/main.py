@@ -5,8 +5,11 @@ Two modes:
   --controller HOST:PORT --controller-ca FILE --name NODE --join-token-file FILE
                                       enrol with the controller, then follow its view
 
-Exit status: 0 after SIGTERM/SIGINT (SAs deleted, routes removed), 2 for
-bad arguments or configuration, 1 for a failed preflight or start-up.
+  --uninstall                         remove the fail-closed state (ip rules, guard table) and exit
+
+Exit status: 0 after SIGTERM/SIGINT (SAs deleted, TUN routes removed; the
+fail-closed guard stays unless --fail-open), 2 for bad arguments or
+configuration, 1 for a failed preflight or start-up.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from agent.model import NodeView
 DEFAULT_STATE_DIR = "/var/lib/meshsec"
 DEFAULT_TUN = "meshsec0"
 DEFAULT_MTU = 1400
+DEFAULT_GUARD_TABLE = 4302
 CAP_NET_ADMIN = 12
 DEFAULT_STORED_VIEW_AFTER = 10.0  # seconds without the controller before a stored view is used
 
@@ -70,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--controller", metavar="HOST:PORT[,HOST:PORT...]",
                      help="controller gRPC address; several replicas comma-separated (tried in turn)")
     ctl.add_argument("--controller-ca", metavar="FILE", help="PEM CA that signed the controller's certificate")
+    ctl.add_argument("--wait-for-ca", action="store_true",
+                     help="if --controller-ca does not exist yet (or is empty), wait for it instead of failing: "
+                          "in Kubernetes the controller publishes it to a ConfigMap the agent mounts")
     ctl.add_argument("--name", metavar="NODE", help="this node's name in the controller's inventory")
     ctl.add_argument("--join-token-file", metavar="FILE", help="file holding the one-time join token")
     ctl.add_argument("--stored-view-after", type=float, default=DEFAULT_STORED_VIEW_AFTER, metavar="SECONDS",
@@ -87,9 +94,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--routing-table", type=int, default=4301,
                    help="routing table for the routes into the TUN (default 4301; ip rules at pref "
                         "--rule-priority and +1 are added and removed on exit)")
-    p.add_argument("--rule-priority", type=int, default=4300, help="pref of our ip rules (default 4300)")
+    p.add_argument("--rule-priority", type=int, default=4300,
+                   help="pref of our ip rules (default 4300; we own this pref and the next two)")
+    p.add_argument("--guard-table", type=int, default=DEFAULT_GUARD_TABLE,
+                   help="fail closed: routing table of blackhole routes for every protected prefix, consulted "
+                        "at pref --rule-priority+2, after the TUN routes (default %(default)s). It outlives the "
+                        "agent (SIGTERM, crash, kill -9): traffic policy says to PROTECT is dropped, never sent "
+                        "in the clear, while no agent runs; a peer that leaves the view stays dropped. Removed "
+                        "only by --uninstall (or for a prefix listed in --bypass / a BYPASS policy)")
+    p.add_argument("--fail-open", action="store_true",
+                   help="OPT-OUT of fail closed: no guard table (an earlier run's is removed); when the agent "
+                        "stops, its routes and rules go and protected traffic falls back to the other routes "
+                        "(e.g. the CNI's), IN THE CLEAR. Logged as a warning")
+    p.add_argument("--uninstall", action="store_true",
+                   help="remove every ip rule at --rule-priority..+2 and every route in --routing-table and "
+                        "--guard-table (what fail closed leaves behind), then exit; run it on a node after "
+                        "stopping the agent for good")
     p.add_argument("--fwmark", type=lambda v: int(v, 0), default=0x4301,
-                   help="SO_MARK on our IKE/ESP sockets so they bypass the TUN routes (default 0x4301)")
+                   help="SO_MARK on our IKE/ESP sockets and (through a local forwarder) our controller connections, "
+                        "so they take the main table, never the TUN or the fail-closed guard (default 0x4301; 0: "
+                        "no mark, controller connections direct)")
     p.add_argument("--local-address", default=None,
                    help="underlay address to bind UDP 500/4500 on (default: from --config, else the "
                         "source address of the route to the controller)")
@@ -111,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-listen", metavar="HOST:PORT", default=None,
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off; docs/metrics.md)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    from meshsec.version import version_line
+    p.add_argument("--version", action="version", version=version_line("meshsec-agent"))
     return p
 
 
@@ -189,6 +215,27 @@ def route_source_address(host: str) -> str:
         return s.getsockname()[0]
 
 
+def wait_for_file(path: str, stop: threading.Event, interval: float = 1.0, log_every: float = 30.0) -> bool:
+    """Poll until ``path`` exists and is not empty (True), or ``stop`` is set (False); logs
+    what it waits for at once and every ``log_every`` seconds."""
+    last = None
+    while not stop.is_set():
+        try:
+            if os.path.getsize(path) > 0:
+                if last is not None:
+                    log.info("controller CA %s is there now", path)
+                return True
+        except OSError:
+            pass
+        now = time.monotonic()
+        if last is None or now - last >= log_every:
+            log.warning("waiting for the controller CA at %s (in Kubernetes the controller publishes it to its "
+                        "ConfigMap; the kubelet refreshes the volume within a minute or two)", path)
+            last = now
+        stop.wait(interval)
+    return False
+
+
 def _split_hostport(addr: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
     if not host or not port.isdigit():
@@ -234,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
+    if args.uninstall:
+        return _uninstall(args)
     standalone = args.config is not None
     if standalone == (args.controller is not None):
         parser.error("give either --config FILE (standalone) or --controller HOST:PORT (controller mode)")
@@ -241,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
         missing = [f for f in ("controller_ca", "name", "join_token_file") if getattr(args, f) is None]
         if missing:
             parser.error("controller mode also needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
+    if args.controller and "$(" in args.controller:
+        parser.error(f"--controller {args.controller!r} holds an unexpanded $(VAR): in Kubernetes the "
+                     "Service's *_SERVICE_HOST variable is set only for Services that existed when the pod "
+                     "started; the container is restarted and gets it then")
     if args.mtu is not None and not 576 <= args.mtu <= 65535:
         parser.error(f"--mtu {args.mtu}: use 576..65535")
     for b in args.bypass:
@@ -262,9 +315,22 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _uninstall(args) -> int:
+    from agent.datapath.routes import RouteError, remove_state
+    try:
+        check_cap_net_admin()
+        counts = remove_state(args.routing_table, args.guard_table, args.rule_priority, logger=log)
+    except (StartupError, RouteError) as exc:
+        print(f"meshsec-agent --uninstall: {exc}", file=sys.stderr)
+        return 1
+    print(f"meshsec-agent: removed {counts['rules']} ip rules and {counts['routes']} routes "
+          f"(tables {args.routing_table}, {args.guard_table}): protected prefixes now follow the other routes")
+    return 0
+
+
 def _run(args) -> int:
     from agent.datapath.control_socket import ControlServer, ControlSocketError
-    from agent.datapath.routes import RouteError, RouteManager, enable_ip_forwarding
+    from agent.datapath.routes import RouteError, RouteManager, enable_ip_forwarding, flush_guard
     from agent.datapath.runtime import Runtime
     from agent.datapath.tun import TunDevice, TunError
     from agent.datapath.udp import RawSocket, UdpError, UdpSocket
@@ -301,6 +367,8 @@ def _run(args) -> int:
     stop_event = threading.Event()
     if not args.config:
         from agent.control import ControllerClient, ControlError
+        if args.wait_for_ca:
+            wait_for_file(args.controller_ca, stop_event)
         try:
             token = Path(args.join_token_file).read_text().strip()
             ca_pem = Path(args.controller_ca).read_bytes()
@@ -315,9 +383,21 @@ def _run(args) -> int:
                 log.warning("cannot re-read %s (%s); using the token read before", token_path, exc.strerror)
             return last[0]
 
+        address, watch_address = args.controller, None
+        if args.fwmark:
+            # kube-proxy rewrites the Service address to a pod address after our bypass rule has
+            # matched: mark the control connections so they take the main table, never the mesh
+            from agent.control import default_watch_address
+            from agent.controller_path import forward_controller
+            try:
+                watch = [default_watch_address(a.strip()) for a in args.controller.split(",") if a.strip()]
+                address, watch_address, forwarders = forward_controller(args.controller, watch, args.fwmark,
+                                                                        logger=log)
+            except (OSError, ValueError) as exc:
+                raise StartupError(f"controller path: {exc}")
         try:  # a CA file that is not a PEM certificate fails here
-            client = ControllerClient(args.controller, args.name, current_token, Path(args.state_dir), ca_pem,
-                                      logger=logging.getLogger("meshsec.control"))
+            client = ControllerClient(address, args.name, current_token, Path(args.state_dir), ca_pem,
+                                      logger=logging.getLogger("meshsec.control"), watch_address=watch_address)
         except (ControlError, ValueError) as exc:
             raise StartupError(f"controller client: {exc}")
         fallback = _stored_fallback(args.state_dir, args.name)
@@ -357,9 +437,13 @@ def _run(args) -> int:
             log.warning("%s: policies with encapsulation none cannot send or receive", exc)
         tun = TunDevice(tun_name, mtu)
         opened.append(tun)
+        if args.fail_open:
+            log.warning("--fail-open: when this agent stops, traffic to protected prefixes falls back to the "
+                        "other routes IN THE CLEAR (no guard table)")
+            flush_guard(args.guard_table, logger=log)
         routes = RouteManager(tun.name, view.subnets, settings.tun_addresses, table=args.routing_table,
                               mark=args.fwmark, rule_priority=args.rule_priority, local_address=local,
-                              bypass=bypass)
+                              bypass=bypass, guard_table=None if args.fail_open else args.guard_table)
         opened.append(_Abandon(routes))
         control = ControlServer(args.control_socket, {})
         opened.append(control)
@@ -472,7 +556,8 @@ def _run(args) -> int:
     if watcher is not None:
         watcher.join(timeout=2.0)
     if rt.fatal:
-        print(f"meshsec-agent: fatal: {rt.fatal}; stopped (IKE_SAs deleted, routes removed)", file=sys.stderr)
+        print(f"meshsec-agent: fatal: {rt.fatal}; stopped (IKE_SAs deleted, TUN routes removed"
+              f"{'' if args.fail_open else '; fail-closed guard kept'})", file=sys.stderr)
         return 1
     return 0
 

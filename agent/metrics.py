@@ -17,6 +17,7 @@ Names (docs/metrics.md):
     meshsec_agent_rekeys_total{kind}                counter: child, ike
     meshsec_agent_view_version                      gauge
     meshsec_agent_snapshot_timeouts_total           counter
+    meshsec_agent_build_info{version,python}        gauge, always 1
 
 CHILD_SA byte and packet counters live in each SA; when an SA goes away
 (deleted, rekeyed, its peer removed) its last counts are kept, so the
@@ -29,7 +30,7 @@ import logging
 import threading
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 HANDSHAKE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -64,6 +65,10 @@ class AgentMetrics:
         self.timeouts = Counter("meshsec_agent_snapshot_timeouts",
                                 "Scrapes served from an old snapshot because the loop did not answer",
                                 registry=self.registry)
+        from meshsec.version import build_info
+        info = build_info()
+        Gauge("meshsec_agent_build_info", "meshsec version and Python of this agent (always 1)", list(info),
+              registry=self.registry).labels(**info).set(1)
         # loop-thread state: last counts per inbound SPI, and counts of SAs gone
         self._live: dict[int, dict[str, int]] = {}
         self._retired: dict[str, int] = {}

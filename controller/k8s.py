@@ -5,7 +5,10 @@ A Node maps onto a :class:`controller.policy.NodeSpec` as follows
 - name: ``metadata.name`` (also its IKE identity, ID_FQDN);
 - role: ``gateway`` (tunnel mode between nodes; each node protects its pods);
 - endpoints: every ``status.addresses`` entry of type ``InternalIP``;
-- subnets: ``spec.podCIDRs`` (or the older single ``spec.podCIDR``).
+- subnets: the annotation ``meshsec.io/pod-cidrs`` (comma-separated CIDRs) when
+  present, for CNIs whose IPAM does not fill ``spec.podCIDRs`` (Calico IPAM
+  blocks, Cilium cluster-pool; docs/kubernetes.md); else ``spec.podCIDRs``
+  (or the older single ``spec.podCIDR``).
 A Node without an InternalIP or without a pod CIDR (IPAM not done yet) is
 not a peer until a later MODIFIED event supplies them.
 
@@ -38,6 +41,7 @@ from controller.policy import NodeSpec
 
 _DNS_NAME = re.compile(r"^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
 NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
+POD_CIDRS_ANNOTATION = "meshsec.io/pod-cidrs"
 DEFAULT_AUDIENCE = "meshsec"
 
 
@@ -66,19 +70,29 @@ def node_spec_from_k8s(obj: dict, token_sha256: bytes = b"") -> tuple[NodeSpec |
                 return None, f"Node {name!r}: InternalIP {addr.get('address')!r} is not an IP address"
             if ip not in endpoints:
                 endpoints.append(ip)
-    cidrs = spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else [])
+    note = (meta.get("annotations") or {}).get(POD_CIDRS_ANNOTATION)
+    if note is not None:
+        cidrs = [c.strip() for c in str(note).split(",") if c.strip()]
+        where = f"annotation {POD_CIDRS_ANNOTATION}"
+        if not cidrs:
+            return None, f"Node {name!r}: {where} is empty (remove it to use spec.podCIDRs)"
+    else:
+        cidrs = spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else [])
+        where = "spec.podCIDRs"
     subnets: list[str] = []
     for c in cidrs:
         try:
-            net = ipaddress.ip_network(c, strict=False)
+            net = ipaddress.ip_network(c, strict=True)
         except (ValueError, TypeError):
-            return None, f"Node {name!r}: pod CIDR {c!r} is not a network"
+            return None, (f"Node {name!r}: pod CIDR {c!r} ({where}) is not a network without host bits, "
+                          "e.g. 10.244.1.0/24")
         if str(net) not in subnets:
             subnets.append(str(net))
     if not endpoints:
         return None, f"Node {name!r} has no InternalIP address yet"
     if not subnets:
-        return None, f"Node {name!r} has no spec.podCIDRs yet (is the node IPAM controller running?)"
+        return None, (f"Node {name!r} has no spec.podCIDRs yet (is the node IPAM controller running? a CNI with "
+                      f"its own IPAM: set the annotation {POD_CIDRS_ANNOTATION}, docs/kubernetes.md)")
     return NodeSpec(name=name, role="gateway", endpoints=tuple(endpoints), subnets=tuple(subnets),
                     join_token_sha256=token_sha256, shared_token=True), ""
 
@@ -349,3 +363,77 @@ def token_sha256(token: str) -> bytes:
 def same_token(digest: bytes, token: str) -> bool:
     """Constant-time comparison of a token against a stored SHA-256."""
     return hmac.compare_digest(digest, token_sha256(token))
+
+
+def parse_configmap_ref(ref: str) -> tuple[str, str]:
+    """``NAMESPACE/NAME`` -> (namespace, name); ValueError naming what is wrong."""
+    ns, sep, name = ref.partition("/")
+    if not sep or not _DNS_NAME.match(ns or "") or not _DNS_NAME.match(name or ""):
+        raise ValueError(f"--kube-ca-configmap {ref!r}: expected NAMESPACE/NAME, e.g. meshsec/meshsec-controller-ca")
+    return ns, name
+
+
+class CaPublisher:
+    """Publishes the controller CA certificate (PEM) as key ``ca.pem`` of one existing ConfigMap,
+    so agents mount it without manual steps (``--kube-ca-configmap NAMESPACE/NAME``).
+
+    Only ``get`` and ``patch`` of that one object are needed (RBAC ``resourceNames``); the chart
+    creates the ConfigMap. ``publish_once() -> (changed, problem)``; ``start()`` runs it in a
+    thread: at once, then every ``interval`` seconds (a ``kubectl apply`` of the chart's empty
+    object is repaired), retrying API errors with backoff. The CA is public: no secret here."""
+
+    KEY = "ca.pem"
+
+    def __init__(self, api, namespace: str, name: str, pem: str, *, interval: float = 60.0,
+                 logger: logging.Logger | None = None, backoff: Backoff | None = None) -> None:
+        from kubernetes import client
+
+        self._core = client.CoreV1Api(api)
+        self.namespace, self.name, self.pem = namespace, name, pem
+        self.interval = interval
+        self.log = logger or logging.getLogger("meshsec.controller.k8s")
+        self.backoff = backoff or Backoff()
+        self.published = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def publish_once(self) -> tuple[bool, str]:
+        where = f"ConfigMap {self.namespace}/{self.name}"
+        try:
+            cm = self._core.read_namespaced_config_map(self.name, self.namespace, _request_timeout=(5, 10))
+        except Exception as e:
+            if getattr(e, "status", None) == 404:
+                return False, (f"{where} does not exist: the chart creates it (or `kubectl -n {self.namespace} "
+                               f"create configmap {self.name}`); the controller may only update it")
+            return False, f"cannot read {where}: {_describe(e)}"
+        if (cm.data or {}).get(self.KEY) == self.pem:
+            return False, ""
+        try:
+            self._core.patch_namespaced_config_map(self.name, self.namespace, {"data": {self.KEY: self.pem}},
+                                                   _request_timeout=(5, 10))
+        except Exception as e:
+            return False, f"cannot update {where}: {_describe(e)}"
+        self.log.info("controller CA published to %s (key %s)", where, self.KEY)
+        return True, ""
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="ca-publisher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            _changed, problem = self.publish_once()
+            if problem:
+                delay = self.backoff.next()
+                self.log.error("%s; retrying in %.1f s", problem, delay)
+            else:
+                self.backoff.reset()
+                self.published.set()
+                delay = self.interval
+            if self._stop.wait(delay):
+                return

@@ -2,7 +2,8 @@
 
 Exit status: 0 after SIGTERM/SIGINT, 2 for a bad command line or inventory
 (one message on stderr, ``FILE:LINE: FIELD: problem`` for the inventory),
-1 if it cannot listen.
+1 if it cannot listen. ``--check FILE`` validates an inventory and prints every
+error (exit 0 if it is good, 2 if not) without starting anything.
 """
 from __future__ import annotations
 
@@ -20,8 +21,13 @@ from controller.service import ControllerServer, default_server_names, split_lis
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meshsec-controller",
                                 description="meshsec controller: enrols nodes and serves their views")
-    p.add_argument("--inventory", required=True, metavar="FILE",
-                   help="inventory YAML (nodes, defaults); polled every second for changes")
+    p.add_argument("--inventory", metavar="FILE",
+                   help="inventory YAML (nodes, defaults, groups, policies); polled every second and reloaded in "
+                        "place when it changes (a bad edit is logged and the previous inventory kept)")
+    p.add_argument("--check", metavar="FILE",
+                   help="validate inventory FILE, print every error (FILE:LINE: FIELD: problem), exit 0 if it is "
+                        "good and 2 if not; starts nothing (--listen/--server-name count as the controller's "
+                        "addresses)")
     p.add_argument("--state-dir", default="/var/lib/meshsec-controller", metavar="DIR",
                    help="SQLite state and ca.pem (default: %(default)s)")
     p.add_argument("--listen", default="0.0.0.0:7443", metavar="HOST:PORT",
@@ -50,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the agents' service account for --kube-token-review (default: %(default)s)")
     kube.add_argument("--kube-audience", default="meshsec",
                       help="audience the projected token must carry (default: %(default)s)")
+    kube.add_argument("--kube-ca-configmap", metavar="NAMESPACE/NAME",
+                      help="publish the controller CA certificate as key ca.pem of this existing ConfigMap (and "
+                           "repair it every minute), for the agents to mount; needs get and patch on it only")
     ha = p.add_argument_group("high availability (docs/ha.md)")
     ha.add_argument("--etcd-endpoints", metavar="URL[,URL...]",
                     help="keep state in etcd (http://HOST:PORT, comma-separated) instead of SQLite under "
@@ -67,12 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gRPC server threads; every Watch stream holds one, one live Watch per node, and "
                         "1/16 of them (2 to 16) stay free for Enroll/Renew (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    from meshsec.version import version_line
+    p.add_argument("--version", action="version", version=version_line("meshsec-controller"))
     return p
 
 
 def _kube_source(args, log: logging.Logger):
     """(KubeNodeSource, TokenReviewer.check or None) from the flags; ValueError/OSError with the reason."""
     from controller.k8s import KubeNodeSource, KubeSourceError, TokenReviewer, api_client, token_sha256
+    if args.kube_ca_configmap:
+        from controller.k8s import parse_configmap_ref
+        parse_configmap_ref(args.kube_ca_configmap)
 
     if not args.kube_join_token_file and not args.kube_token_review:
         raise ValueError("with --kubernetes/--kubeconfig give --kube-join-token-file FILE (the cluster agents' "
@@ -95,11 +109,39 @@ def _kube_source(args, log: logging.Logger):
     review = None
     if args.kube_token_review:
         review = TokenReviewer(api, source, args.kube_service_account, (args.kube_audience,)).check
+    source.api = api  # for the CA publisher
     return source, review
 
 
+def _check(args) -> int:
+    from controller.inventory_check import check_file
+    from controller.service import split_listen
+
+    try:
+        addrs = [split_listen(args.listen)[0], *args.server_name]
+        if args.watch_listen:
+            addrs.append(split_listen(args.watch_listen)[0])
+    except ValueError as e:
+        print(f"meshsec-controller: {e}", file=sys.stderr)
+        return 2
+    errors = check_file(args.check, addrs)
+    for e in errors:
+        print(e, file=sys.stderr)
+    if errors:
+        print(f"meshsec-controller: {args.check}: {len(errors)} error{'s' if len(errors) > 1 else ''}",
+              file=sys.stderr)
+        return 2
+    print(f"{args.check}: OK")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.check:
+        return _check(args)
+    if not args.inventory:
+        parser.error("give --inventory FILE (or --check FILE to validate one)")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("meshsec.controller")
@@ -132,9 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, OSError) as e:
             print(f"meshsec-controller: {e}", file=sys.stderr)
             return 2
-    elif args.kube_join_token_file or args.kube_token_review:
-        print("meshsec-controller: --kube-join-token-file/--kube-token-review need --kubernetes or --kubeconfig FILE",
-              file=sys.stderr)
+    elif args.kube_join_token_file or args.kube_token_review or args.kube_ca_configmap:
+        print("meshsec-controller: --kube-join-token-file/--kube-token-review/--kube-ca-configmap need --kubernetes "
+              "or --kubeconfig FILE", file=sys.stderr)
         return 2
     server = ControllerServer(args.inventory, args.state_dir, node_source=node_source, token_review=token_review, listen=args.listen, watch_listen=args.watch_listen,
                               server_names=args.server_name or default_server_names(host),
@@ -149,6 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"meshsec-controller: {e}", file=sys.stderr)
         return 1
+    publisher = None
+    if args.kube_ca_configmap:
+        from controller.k8s import CaPublisher, parse_configmap_ref
+        ns, name = parse_configmap_ref(args.kube_ca_configmap)
+        publisher = CaPublisher(node_source.api, ns, name, server.ca_path.read_text(), logger=log.getChild("k8s"))
+        publisher.start()
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -162,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     while not stopping.wait(1.0):
         pass
     log.info("shutting down")
+    if publisher is not None:
+        publisher.stop()
     server.stop(grace=2.0)
     return 0
 

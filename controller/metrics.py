@@ -10,6 +10,7 @@ Names (docs/metrics.md):
                                                   with SQLite)
     meshsec_controller_leader_transitions_total   counter of elections won and lost
     meshsec_controller_view_version               gauge, the view version this replica serves
+    meshsec_controller_build_info{version,python} gauge, always 1
 
 Each :class:`ControllerMetrics` has its own registry (several controllers
 in one process, e.g. tests, do not collide). Updating is thread-safe.
@@ -49,6 +50,10 @@ class ControllerMetrics:
         self.transitions = Counter("meshsec_controller_leader_transitions",
                                    "Leadership won or lost", registry=r)
         self.version = Gauge("meshsec_controller_view_version", "View version this replica serves", registry=r)
+        from meshsec.version import build_info
+        info = build_info()
+        Gauge("meshsec_controller_build_info", "meshsec version and Python of this controller (always 1)",
+              list(info), registry=r).labels(**info).set(1)
         self._server = None
         self._is_leader = False
 

@@ -18,6 +18,9 @@ What it implements, in the API server's JSON wire format:
   with ``status.authenticated`` and, for known tokens, ``status.user``
   (username, ``extra["authentication.kubernetes.io/node-name"]``) as for a
   projected service-account token bound to a pod.
+- ``GET`` / ``PATCH`` (merge of ``data``) ``/api/v1/namespaces/NS/configmaps/NAME`` for
+  the ConfigMaps in ``configmaps`` (404 ``Status`` for others; no create, as the chart's
+  RBAC allows none).
 - Every request needs ``Authorization: Bearer <token>`` (401 ``Status``
   otherwise); resourceVersions are decimal strings of one global counter.
 
@@ -44,7 +47,8 @@ CLONE_NEWNET = 0x40000000
 
 
 def node_object(name: str, internal_ips: list[str], pod_cidrs: list[str], rv: int,
-                uid: str | None = None, extra_addresses: list[dict] | None = None) -> dict:
+                uid: str | None = None, extra_addresses: list[dict] | None = None,
+                annotations: dict | None = None) -> dict:
     """A v1 Node as the API server serialises it (the fields meshsec reads,
     plus the usual neighbours so the parser meets realistic objects)."""
     addresses = [{"type": "InternalIP", "address": ip} for ip in internal_ips]
@@ -57,7 +61,8 @@ def node_object(name: str, internal_ips: list[str], pod_cidrs: list[str], rv: in
         "kind": "Node", "apiVersion": "v1",
         "metadata": {"name": name, "uid": uid or str(uuid.uuid4()), "resourceVersion": str(rv),
                      "creationTimestamp": "2026-01-01T00:00:00Z",
-                     "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}},
+                     "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"},
+                     **({"annotations": dict(annotations)} if annotations else {})},
         "spec": spec,
         "status": {"addresses": addresses,
                    "conditions": [{"type": "Ready", "status": "True"}],
@@ -89,6 +94,7 @@ class FakeKubeApiServer:
         self._open_watches = 0        # streams past their initial events, waiting for changes
         self.requests: list[tuple[str, str, dict]] = []
         self.review_tokens: dict[str, tuple[str, str]] = {}   # token -> (username, node name)
+        self.configmaps: dict[tuple[str, str], dict] = {}      # (namespace, name) -> ConfigMap object
         sock = _listen_socket(host, port, netns)
         self._httpd = ThreadingHTTPServer((host, port), _handler_for(self), bind_and_activate=False)
         self._httpd.socket.close()
@@ -117,6 +123,14 @@ class FakeKubeApiServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def add_configmap(self, namespace: str, name: str, data: dict | None = None) -> None:
+        with self._cond:
+            self._rv += 1
+            self.configmaps[(namespace, name)] = {
+                "kind": "ConfigMap", "apiVersion": "v1", "data": dict(data or {}),
+                "metadata": {"name": name, "namespace": namespace, "uid": str(uuid.uuid4()),
+                             "resourceVersion": str(self._rv)}}
+
     # -- cluster changes ------------------------------------------------
     @property
     def resource_version(self) -> int:
@@ -138,14 +152,16 @@ class FakeKubeApiServer:
             return copy.deepcopy(obj)
 
     def modify_node(self, name: str, *, internal_ips: list[str] | None = None,
-                    pod_cidrs: list[str] | None = None, labels: dict | None = None) -> dict:
+                    pod_cidrs: list[str] | None = None, labels: dict | None = None,
+                    annotations: dict | None = None) -> dict:
         with self._cond:
             old = self._nodes[name]
             ips = internal_ips if internal_ips is not None else [
                 a["address"] for a in old["status"]["addresses"] if a["type"] == "InternalIP"]
             cidrs = pod_cidrs if pod_cidrs is not None else old["spec"].get("podCIDRs", [])
             self._rv += 1
-            obj = node_object(name, ips, cidrs, self._rv, uid=old["metadata"]["uid"])
+            notes = annotations if annotations is not None else old["metadata"].get("annotations")
+            obj = node_object(name, ips, cidrs, self._rv, uid=old["metadata"]["uid"], annotations=notes)
             obj["metadata"]["labels"].update(labels or {})
             self._nodes[name] = obj
             self._record("MODIFIED", obj)
@@ -263,6 +279,9 @@ def _handler_for(api: FakeKubeApiServer):
             api.requests.append(("GET", url.path, query))
             if not self._authorised():
                 return
+            if "/configmaps/" in url.path:
+                self._configmap(url.path, None)
+                return
             if url.path != "/api/v1/nodes":
                 self._json(404, _status(404, "NotFound", f"the server could not find the requested resource ({url.path})"))
                 return
@@ -301,6 +320,39 @@ def _handler_for(api: FakeKubeApiServer):
                 status["error"] = "invalid bearer token"
             self._json(201, {"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
                              "metadata": {}, "spec": review["spec"], "status": status})
+
+        def do_PATCH(self) -> None:
+            url = urlsplit(self.path)
+            api.requests.append(("PATCH", url.path, {}))
+            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if not self._authorised():
+                return
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                self._json(400, _status(400, "BadRequest", "patch body is not JSON"))
+                return
+            self._configmap(url.path, body)
+
+        def _configmap(self, path: str, patch: dict | None) -> None:
+            parts = path.strip("/").split("/")
+            if len(parts) != 6 or parts[:3] != ["api", "v1", "namespaces"] or parts[4] != "configmaps":
+                self._json(404, _status(404, "NotFound", path))
+                return
+            key = (parts[3], parts[5])
+            with api._cond:
+                cm = api.configmaps.get(key)
+                if cm is None:
+                    self._json(404, _status(404, "NotFound", f'configmaps "{key[1]}" not found'))
+                    return
+                if patch is not None:
+                    data = dict(cm.get("data") or {})
+                    data.update((patch or {}).get("data") or {})
+                    cm["data"] = data
+                    api._rv += 1
+                    cm["metadata"]["resourceVersion"] = str(api._rv)
+                body = copy.deepcopy(cm)
+            self._json(200, body)
 
         def _chunk(self, obj: dict) -> None:
             data = json.dumps(obj).encode() + b"\n"

@@ -14,7 +14,9 @@
 
 The controller learns the three nodes only from the served NodeList/watch
 (InternalIP -> endpoint, spec.podCIDRs -> subnets); its inventory file is
-empty. Every pod reaches every pod on the other nodes; the underlay capture
+empty. As in the chart, it publishes its CA to a ConfigMap on that server; the
+agents start first and wait for the file (--wait-for-ca), which the test writes
+from the ConfigMap as the kubelet would. Every pod reaches every pod on the other nodes; the underlay capture
 has no plaintext pod traffic. Deleting Node node-3 tears its tunnels and
 routes down on the others; adding it back brings it in with nothing restarted.
 """
@@ -92,12 +94,28 @@ def cluster(tmp_path_factory):
                 add_node(api, mesh, name)
             (work / "cluster.token").write_text(token + "\n")
             os.chmod(work / "cluster.token", 0o600)
+            # as the chart runs them: the controller publishes its CA to a ConfigMap, the agents
+            # start before the CA is there and wait for the mounted file (--wait-for-ca)
+            api.add_configmap("meshsec", "ms-meshsec-controller-ca")
             mesh.controller_args = ["--kubeconfig", str(api.write_kubeconfig(work / "kubeconfig")),
-                                    "--kube-join-token-file", str(work / "cluster.token")]
+                                    "--kube-join-token-file", str(work / "cluster.token"),
+                                    "--kube-ca-configmap", "meshsec/ms-meshsec-controller-ca"]
+            mesh.agent_args = ["--wait-for-ca"]
             mesh.pcap = work / "underlay.pcap"
             mesh.tcpdump = mesh.capture(mesh.pcap)
-            mesh.start_all()
+            mesh.start_controller()
+            mounted = work / "ca-volume" / "ca.pem"  # the agents' ConfigMap volume, empty at first
+            mesh.ca_pem = mounted
+            for name in PODCIDRS:
+                mesh.start_agent(name)
+            wait_until(lambda: all("waiting for the controller CA" in mesh.log(n) for n in PODCIDRS), 30,
+                       what="agents waiting for the CA")
+            published = wait_until(lambda: api.configmaps[("meshsec", "ms-meshsec-controller-ca")]["data"].get(
+                "ca.pem"), 30, what="the controller to publish ca.pem")
+            mounted.parent.mkdir()
+            mounted.write_text(published)  # what the kubelet does with the updated ConfigMap
             mesh.wait_established(timeout=90)
+            assert published == (work / "controller" / "ca.pem").read_text()
             mesh.api = api
             yield mesh
         finally:
@@ -138,6 +156,9 @@ def test_deleting_a_node_tears_its_tunnels_and_routes_down(cluster):
                    30, what=f"{name} to drop node-3")
         assert routes_to(cluster, name, PODCIDRS["node-2" if name == "node-1" else "node-1"])
         assert routes_to(cluster, name, PODCIDRS["node-3"]) == [], f"{name} still routes node-3's pod CIDR"
+        # fail closed: the deleted Node's pod CIDR stays dropped, never handed to other routes in the clear
+        guard = sh("ip", "route", "show", "table", "4302", ns=cluster.node(name).ns).stdout
+        assert f"blackhole {PODCIDRS['node-3']}" in guard, guard
         assert "node-1" in peers_of(cluster, name) or "node-2" in peers_of(cluster, name)
     src, dst = cluster.node("node-1").workloads[0], cluster.node("node-3").workloads[0]
     assert not ping(src.ns, dst.ip, count=2)

@@ -117,8 +117,12 @@ def peer(name, endpoint, subnets=None, **kw):
 
 
 def _no_leftover_rules(s: Site, ns: str) -> None:
+    # fail closed: a stopped agent leaves its guard (pref 4302, table 4302); --uninstall removes it all
     rules = sh("ip", "rule", "show", ns=ns).stdout
-    assert "4301" not in rules, f"ip rules left behind:\n{rules}"
+    assert "lookup 4302" in rules, f"fail-closed guard missing after the agent stopped:\n{rules}"
+    sh(AGENT, "--uninstall", ns=ns)
+    rules = sh("ip", "rule", "show", ns=ns).stdout
+    assert "4301" not in rules and "4302" not in rules, f"ip rules left behind:\n{rules}"
 
 
 def test_case1_host_to_host_transport_esp(site):

@@ -1,9 +1,10 @@
 """``meshsec``: operator CLI. ``meshsec status [--socket PATH] [--json]``,
-``meshsec rekey PEER [--ike] [--socket PATH]``.
+``meshsec rekey PEER [--ike] [--socket PATH]``,
+``meshsec ready [--grace SECONDS] [--socket PATH]`` (a readiness probe).
 
 Talks to a running meshsec-agent over its control socket (newline-delimited
 JSON, agent.datapath.control_socket). Exit status: 0 ok, 1 agent not
-reachable or error answer, 2 usage.
+reachable or error answer (``ready``: or not ready yet), 2 usage.
 """
 from __future__ import annotations
 
@@ -199,13 +200,42 @@ def format_status(st: dict) -> str:
         out.append(f"before first view: {early} IKE packets ignored (normal at start; peers retransmit)")
     if st.get("route_carve_outs"):
         out.append("kept out of the TUN (covered by a peer's subnet): " + ", ".join(st["route_carve_outs"]))
+    if st.get("guarded"):
+        out.append("fail closed (dropped whenever no agent runs): " + ", ".join(st["guarded"]))
     if st.get("internal_errors"):
         out.append(f"internal errors: {st['internal_errors']} (logged by the agent; please report them)")
     return "\n".join(out)
 
 
+DEFAULT_GRACE = 120.0
+
+
+def readiness(st: dict, grace_s: float) -> tuple[bool, str]:
+    """(ready, why) from an agent status: ready once it has a view and a CHILD_SA with every
+    peer its view asks for (``peers_expected``: PROTECT peers with an endpoint), or once
+    ``grace_s`` seconds of uptime have passed (a dead peer must not block a rollout forever;
+    0: no grace, only the CHILD_SAs count, as for ``helm test``)."""
+    up = float(st.get("uptime_s") or 0.0)
+    if st.get("view_source") == "none":
+        missing = "no view from the controller yet"
+    else:
+        have = {c.get("peer") for c in st.get("child_sas") or []}
+        lacking = sorted(set(st.get("peers_expected") or []) - have)
+        if not lacking:
+            return True, f"ready: CHILD_SAs with all {len(st.get('peers_expected') or [])} expected peers"
+        missing = f"no CHILD_SA yet with {len(lacking)} peers: {', '.join(lacking[:10])}" + (
+            " ..." if len(lacking) > 10 else "")
+    if grace_s > 0 and up >= grace_s:
+        return True, f"ready (grace of {grace_s:g}s passed, up {up:.0f}s): {missing}"
+    if grace_s <= 0:
+        return False, f"not ready (no grace): {missing}"
+    return False, f"not ready (up {up:.0f}s of {grace_s:g}s grace): {missing}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="meshsec", description="meshsec operator CLI")
+    from meshsec.version import version_line
+    p.add_argument("--version", action="version", version=version_line("meshsec"))
     sub = p.add_subparsers(dest="cmd", required=True)
     ps = sub.add_parser("status", help="IKE_SAs, CHILD_SAs and drop counters of the local agent")
     ps.add_argument("--socket", default=DEFAULT_SOCKET, help=f"agent control socket (default {DEFAULT_SOCKET})")
@@ -215,7 +245,23 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("peer", metavar="PEER", help="peer name as in `meshsec status`")
     pr.add_argument("--ike", action="store_true", help="rekey the IKE_SA instead of the CHILD_SA(s)")
     pr.add_argument("--socket", default=DEFAULT_SOCKET, help=f"agent control socket (default {DEFAULT_SOCKET})")
+    pq = sub.add_parser("ready", help="readiness probe: exit 0 once the agent has CHILD_SAs with every peer "
+                                      "its view asks for, or --grace seconds after it started; 1 otherwise")
+    pq.add_argument("--grace", type=float, default=DEFAULT_GRACE, metavar="SECONDS",
+                    help=f"ready anyway after this much agent uptime (default {DEFAULT_GRACE:g}; 0: never, only "
+                         "the CHILD_SAs count)")
+    pq.add_argument("--socket", default=DEFAULT_SOCKET, help=f"agent control socket (default {DEFAULT_SOCKET})")
     args = p.parse_args(argv)
+    if args.cmd == "ready":
+        if args.grace < 0:
+            p.error(f"--grace {args.grace:g}: use 0 or more seconds")
+        try:
+            ok, why = readiness(request(args.socket, {"cmd": "status"}), args.grace)
+        except CliError as exc:
+            print(f"meshsec: not ready: {exc}", file=sys.stderr)
+            return 1
+        print(why, file=sys.stdout if ok else sys.stderr)
+        return 0 if ok else 1
     if args.cmd == "rekey":
         what = "ike" if args.ike else "child"
         try:

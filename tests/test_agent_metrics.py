@@ -114,6 +114,9 @@ def test_http_endpoint_serves_prometheus_text(pair):
     assert ike == {"ESTABLISHED": 1.0}
     assert "meshsec_agent_esp_packets" in families and "meshsec_agent_drops" in families
     assert "meshsec_agent_handshake_seconds" in families and "meshsec_agent_view_version" in families
+    from meshsec.version import version
+    (info,) = families["meshsec_agent_build_info"].samples
+    assert info.value == 1 and info.labels["version"] == version() != "unknown" and info.labels["python"]
 
 
 def test_bad_listen_address_is_a_clear_error(pair):

@@ -77,6 +77,29 @@ VARIANTS = {
     "metrics": ["--set", "metrics.enabled=true", "--set", "metrics.serviceMonitor.enabled=true"],
     "ha-etcd": ["--set", "controller.replicas=3", "--set", "controller.etcd.endpoints=http://etcd:2379",
                 "--set", "controller.service.type=LoadBalancer"],
+    "product": ["--set", "agent.mtu=1380", "--set", "agent.mssClamp=true", "--set", "agent.failClosed=false",
+                "--set", "agent.readiness.graceSeconds=300", "--set", "agent.updateStrategy.type=OnDelete",
+                "--set", "agent.updateStrategy.rollingUpdate=null", "--set", "agent.minReadySeconds=10",
+                "--set", "metrics.enabled=true", "--set", "metrics.podMonitor.enabled=true",
+                "--set", "agent.metricsPort=9300", "--set", "controller.maxWorkers=2048",
+                "--set", "controller.priorityClassName=system-cluster-critical",
+                "--set-string", "image.digest=sha256:" + "ab" * 32, "--set", "helmTest.enabled=false",
+                "--set", "inventory.nodes[0].name=site-a", "--set", "inventory.nodes[0].role=gateway",
+                "--set", "inventory.nodes[0].endpoints[0]=203.0.113.5",
+                "--set", "inventory.nodes[0].subnets[0]=10.50.0.0/24",
+                "--set", "inventory.nodes[0].join_token=site-a-token-0123456789",
+                "--set", "inventory.nodes[1].name=legacy-1", "--set", "inventory.nodes[1].role=host",
+                "--set", "inventory.nodes[1].endpoints[0]=203.0.113.9",
+                "--set", "inventory.nodes[1].join_token_sha256=" + "cd" * 32,
+                "--set", "inventory.groups.sites[0]=site-a",
+                "--set", "inventory.policies[0].name=legacy-in-clear",
+                "--set", "inventory.policies[0].between[0]=legacy-1",
+                "--set", "inventory.policies[0].between[1]=any", "--set", "inventory.policies[0].action=bypass",
+                "--set", "inventory.policies[1].name=sites-ah",
+                "--set", "inventory.policies[1].between[0]=group:sites",
+                "--set", "inventory.policies[1].between[1]=any", "--set", "inventory.policies[1].protocol=ah"],
+    "ha-hard": ["--set", "controller.replicas=2", "--set", "controller.etcd.endpoints=http://etcd:2379",
+                "--set", "controller.podAntiAffinity=hard"],
     "sites": ["--set-string", "controllerCA.pem=-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
               "--set", "joinToken.value=0123456789abcdef0123",
               "--set", "inventory.nodes[0].name=site-a", "--set", "inventory.nodes[0].role=gateway",
@@ -111,6 +134,7 @@ def test_lint_strict(helm):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_every_object_validates_against_kubernetes_schemas(rendered, variant, tmp_path):
     docs = [d for d in rendered[variant] if d["apiVersion"] != "monitoring.coreos.com/v1"]  # a CRD: no schema
+    assert docs
     files = []
     for i, d in enumerate(docs):
         f = tmp_path / f"{i}-{d['kind']}.yaml"
@@ -151,7 +175,11 @@ def test_agent_daemonset(rendered):
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     assert mounts["dev-net-tun"] == "/dev/net/tun"
     args = c["args"]
-    assert "--controller=ms-meshsec-controller.meshsec.svc:7443" in args
+    # the ClusterIP from the service environment (no DNS, which may sit behind the fail-closed guard)
+    assert "--controller=$(MS_MESHSEC_CONTROLLER_SERVICE_HOST):7443" in args
+    assert pod["enableServiceLinks"] is True
+    svc = find(docs, "Service")["metadata"]["name"]
+    assert svc.upper().replace("-", "_") + "_SERVICE_HOST" == "MS_MESHSEC_CONTROLLER_SERVICE_HOST"
     assert "--name=$(NODE_NAME)" in args and "--local-address=$(HOST_IP)" in args
     assert "--join-token-file=/etc/meshsec/token/token" in args
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["env"]}
@@ -191,7 +219,15 @@ def test_rbac_is_least_privilege(rendered):
     assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]}]
     binding = find(rendered["default"], "ClusterRoleBinding")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ms-meshsec-controller", "namespace": "meshsec"}]
-    assert not [d for d in rendered["default"] if d["kind"] in ("Role", "RoleBinding")]
+    # the CA ConfigMap: get and patch of that one object, nothing else, in the release namespace
+    role = find(rendered["default"], "Role")
+    assert role["metadata"]["namespace"] == "meshsec"
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"],
+                              "resourceNames": ["ms-meshsec-controller-ca"], "verbs": ["get", "patch"]}]
+    rb = find(rendered["default"], "RoleBinding")
+    assert rb["roleRef"]["name"] == role["metadata"]["name"] and rb["subjects"] == binding["subjects"]
+    # a CA given by the operator: no publishing, no Role
+    assert not [d for d in rendered["sites"] if d["kind"] in ("Role", "RoleBinding")]
 
 
 def test_controller_deployment_service_and_probes(rendered):
@@ -229,7 +265,7 @@ def test_standard_labels_everywhere(rendered):
 
 def test_inventory_configmap_is_a_valid_inventory(rendered):
     for variant in ("default", "sites"):
-        cm = find(rendered[variant], "ConfigMap")
+        cm = find(rendered[variant], "ConfigMap", "-inventory")
         inv = parse_inventory(cm["data"]["inventory.yaml"], f"{variant}/inventory.yaml")
         if variant == "sites":
             assert [n.name for n in inv.nodes] == ["site-a"] and inv.nodes[0].subnets == ("10.50.0.0/24",)
@@ -268,6 +304,134 @@ def test_variants(rendered):
     (["--set", "bogus=1"], "additional properties 'bogus' not allowed"),
 ])
 def test_bad_values_are_refused_with_a_clear_error(helm, args, message):
+    res = run_helm(helm, "template", "ms", str(CHART), *args, check=False)
+    assert res.returncode != 0
+    assert message in res.stderr, res.stderr
+
+
+def agent_of(docs):
+    return find(docs, "DaemonSet", "-agent")
+
+
+def agent_args(docs):
+    return agent_of(docs)["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def controller_pod(docs):
+    return find(docs, "Deployment", "-controller")["spec"]["template"]["spec"]
+
+
+def test_ca_published_to_a_configmap_the_agents_mount(rendered):
+    """Default: the controller publishes ca.pem (--kube-ca-configmap); the agents mount the ConfigMap
+    as optional and wait for the file (--wait-for-ca): no ContainerCreating hang, no manual step."""
+    docs = rendered["default"]
+    cm = find(docs, "ConfigMap", "-controller-ca")
+    assert "data" not in cm  # the controller owns the data; an upgrade leaves it alone
+    assert "--kube-ca-configmap=meshsec/ms-meshsec-controller-ca" in controller_pod(docs)["containers"][0]["args"]
+    pod = agent_of(docs)["spec"]["template"]["spec"]
+    vol = {v["name"]: v for v in pod["volumes"]}["controller-ca"]
+    assert vol == {"name": "controller-ca", "configMap": {"name": "ms-meshsec-controller-ca", "optional": True}}
+    assert "--wait-for-ca" in agent_args(docs)
+    # a pinned CA (Secret): as before
+    sites = rendered["sites"]
+    vol = {v["name"]: v for v in agent_of(sites)["spec"]["template"]["spec"]["volumes"]}["controller-ca"]
+    assert vol["secret"]["secretName"] == "ms-meshsec-controller-ca" and "--wait-for-ca" not in agent_args(sites)
+    assert not any(a.startswith("--kube-ca-configmap") for a in controller_pod(sites)["containers"][0]["args"])
+    assert not [d for d in sites if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-controller-ca")]
+
+
+def test_inventory_edit_does_not_restart_the_controller(rendered):
+    """No checksum of the inventory in the pod template: the controller reloads the file in place."""
+    for docs in rendered.values():
+        annotations = find(docs, "Deployment")["spec"]["template"]["metadata"].get("annotations") or {}
+        assert not any(k.startswith("checksum/") for k in annotations)
+
+
+def test_policies_groups_and_join_tokens_in_the_inventory(rendered):
+    import hashlib
+    cm = find(rendered["product"], "ConfigMap", "-inventory")
+    text = cm["data"]["inventory.yaml"]
+    assert "site-a-token-0123456789" not in yaml.safe_dump(rendered["product"])  # never in any object
+    inv = parse_inventory(text, "product/inventory.yaml")
+    by = {n.name: n for n in inv.nodes}
+    assert by["site-a"].join_token_sha256 == hashlib.sha256(b"site-a-token-0123456789").digest()
+    assert by["legacy-1"].join_token_sha256 == bytes.fromhex("cd" * 32)
+    assert inv.groups == (("sites", ("site-a",)),)
+    assert [(r.name, r.action) for r in inv.rules] == [("legacy-in-clear", "bypass"), ("sites-ah", "protect")]
+    assert dict(inv.rules[1].settings)["protocol"] == "ah"
+
+
+def test_agent_values(rendered):
+    default, product = agent_args(rendered["default"]), agent_args(rendered["product"])
+    # mtu auto (default): no --mtu flag, the agent sizes the TUN itself; a number: --mtu
+    assert not any(a.startswith("--mtu") for a in default) and "--mtu=1380" in product
+    assert "--mss-clamp" in product and "--mss-clamp" not in default
+    # fail closed by default; the opt-out is explicit
+    assert "--fail-open" in product and "--fail-open" not in default
+    assert "--metrics-listen=$(HOST_IP):9300" in product and not any(a.startswith("--metrics") for a in default)
+    c = agent_of(rendered["product"])["spec"]["template"]["spec"]["containers"][0]
+    assert ("metrics", 9300) in [(p["name"], p["containerPort"]) for p in c["ports"]]
+    ds = agent_of(rendered["product"])["spec"]
+    assert ds["updateStrategy"] == {"type": "OnDelete"} and ds["minReadySeconds"] == 10
+    assert c["readinessProbe"]["exec"]["command"] == ["meshsec", "ready", "--socket", "/run/meshsec/agent.sock",
+                                                      "--grace", "300"]
+    d = agent_of(rendered["default"])["spec"]
+    assert d["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
+    assert d["template"]["spec"]["containers"][0]["readinessProbe"]["exec"]["command"][-1] == "120"
+    pm = find(rendered["product"], "PodMonitor")
+    assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    assert pm["spec"]["selector"]["matchLabels"] == agent_of(rendered["product"])["spec"]["selector"]["matchLabels"]
+
+
+def test_controller_values(rendered):
+    default, product = controller_pod(rendered["default"]), controller_pod(rendered["product"])
+    assert "--max-workers=1100" in default["containers"][0]["args"]
+    assert "--max-workers=2048" in product["containers"][0]["args"]
+    assert product["priorityClassName"] == "system-cluster-critical" and "priorityClassName" not in default
+    res = default["containers"][0]["resources"]
+    assert res["requests"]["memory"] == "512Mi" and res["limits"]["memory"] == "1Gi"  # docs/scale.md, 1,000 agents
+    img = "ghcr.io/meshsec/meshsec@sha256:" + "ab" * 32
+    assert product["containers"][0]["image"] == img
+    assert agent_of(rendered["product"])["spec"]["template"]["spec"]["containers"][0]["image"] == img
+    # anti-affinity only with replicas > 1: preferred by default, required with "hard"
+    assert "affinity" not in default
+    soft = controller_pod(rendered["ha-etcd"])["affinity"]["podAntiAffinity"]
+    term = soft["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"] == find(rendered["ha-etcd"], "Deployment")["spec"]["selector"][
+        "matchLabels"]
+    hard = controller_pod(rendered["ha-hard"])["affinity"]["podAntiAffinity"]
+    assert hard["requiredDuringSchedulingIgnoredDuringExecution"][0]["topologyKey"] == "kubernetes.io/hostname"
+
+
+def test_helm_test_checks_the_mesh(rendered):
+    pod = find(rendered["default"], "Pod", "-test-mesh")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    c = pod["spec"]["containers"][0]
+    assert 'meshsec", "ready", "--socket", sock, "--grace", "0"' in c["args"][0]
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert pod["spec"]["volumes"][0]["hostPath"]["path"] == "/run/meshsec"
+    assert not [d for d in rendered["product"] if d["kind"] == "Pod"]  # helmTest.enabled=false
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "agent.mtu=banana"], "at '/agent/mtu'"),
+    (["--set", "inventory.nodes[0].name=x", "--set", "inventory.nodes[0].role=host",
+      "--set", "inventory.nodes[0].join_token=weak"], "minLength: got 4, want 16"),
+    (["--set", "inventory.nodes[0].name=x", "--set", "inventory.nodes[0].role=host",
+      "--set", "inventory.nodes[0].join_token=0123456789abcdef0", "--set", "inventory.nodes[0].psk=1"],
+     "additional properties 'psk' not allowed"),
+    (["--set", "inventory.policies[0].name=p", "--set", "inventory.policies[0].between[0]=a"], "between"),
+    (["--set", "inventory.policies[0].name=p", "--set", "inventory.policies[0].between={a,b}",
+      "--set", "inventory.policies[0].action=allow"], "at '/inventory/policies/0/action'"),
+    (["--set", "controller.etcd.endpoints=https://etcd:2379"], "at '/controller/etcd/endpoints'"),
+    (["--set-string", "image.digest=sha256:abc"], "at '/image/digest'"),
+    (["--set", "controller.podAntiAffinity=maybe"], "podAntiAffinity"),
+    (["--set", "agent.updateStrategy.type=Recreate"], "updateStrategy"),
+    (["--set", "agent.readiness.graceSeconds=-1"], "graceSeconds"),
+    (["--set", "controller.maxWorkers=1"], "maxWorkers"),
+])
+def test_bad_new_values_are_refused(helm, args, message):
     res = run_helm(helm, "template", "ms", str(CHART), *args, check=False)
     assert res.returncode != 0
     assert message in res.stderr, res.stderr

@@ -307,7 +307,68 @@ def test_route_manager_abandon_removes_only_its_own_rules():
             deleted.append(("close", None))
     import logging
     rm._ipr, rm.log, rm._installed, rm._carved = Ipr(), logging.getLogger("t"), set(), {}
+    rm._guarded, rm.guard_table = set(), None
     ours, theirs = {"family": 2, "priority": 4301, "table": 4301}, {"family": 2, "priority": 4300, "table": 254}
     rm._rules, rm._found = [theirs, ours], [theirs]
     rm.abandon()
     assert deleted == [("del", 4301), ("close", None)]
+    # a guard a previous fail-closed run left stays with every rule: a failed start removes no protection
+    deleted.clear()
+    rm._rules, rm._found, rm.guard_table = [theirs, ours], [theirs], 4302
+    rm._guarded = {__import__("ipaddress").ip_network("10.2.0.0/24")}
+    rm.abandon()
+    assert deleted == [("close", None)]
+    text = cli.format_status({"node": "n", "ike_sas": [], "child_sas": [], "guarded": ["10.2.0.0/24", "10.3.0.0/24"]})
+    assert "fail closed (dropped whenever no agent runs): 10.2.0.0/24, 10.3.0.0/24" in text
+
+
+def test_ready_with_a_child_sa_with_every_expected_peer(running, capsys):
+    path, a = running
+    st = a.rt.status()
+    assert st["peers_expected"] == ["b"]
+    assert cli.main(["ready", "--socket", path, "--grace", "1000000"]) == 0
+    assert "ready: CHILD_SAs with all 1 expected peers" in capsys.readouterr().out
+
+
+def test_readiness_waits_for_missing_peers_and_view_until_the_grace():
+    st = {"view_source": "controller", "uptime_s": 5, "peers_expected": ["b", "c"], "child_sas": [{"peer": "b"}]}
+    ok, why = cli.readiness(st, 120)
+    assert not ok and "no CHILD_SA yet with 1 peers: c" in why and "up 5s of 120s grace" in why
+    ok, why = cli.readiness({**st, "uptime_s": 121}, 120)
+    assert ok and "grace of 120s passed" in why and "c" in why
+    ok, why = cli.readiness({**st, "uptime_s": 10 ** 6}, 0)  # grace 0: no grace (helm test)
+    assert not ok and "not ready (no grace): no CHILD_SA yet with 1 peers: c" in why
+    ok, why = cli.readiness({"view_source": "none", "uptime_s": 3, "child_sas": []}, 60)
+    assert not ok and "no view from the controller yet" in why
+    # BYPASS/DISCARD peers and peers without endpoints are not expected (the agent leaves them out)
+    assert cli.readiness({"view_source": "stored", "uptime_s": 0, "peers_expected": [], "child_sas": []}, 60)[0]
+
+
+def test_ready_without_agent_is_not_ready(tmp_path, capsys):
+    assert cli.main(["ready", "--socket", str(tmp_path / "none.sock")]) == 1
+    assert "not ready: cannot connect" in capsys.readouterr().err
+
+
+def test_ready_bad_grace_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as ei:
+        cli.main(["ready", "--grace", "-1"])
+    assert ei.value.code == 2 and "--grace -1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tool", ["meshsec-agent", "meshsec-controller", "meshsec"])
+def test_every_cli_has_version(tool):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from meshsec.version import version
+    res = subprocess.run([str(Path(sys.executable).parent / tool), "--version"], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.startswith(f"{tool} {version()} (Python ")
+    assert version() != "unknown"
+
+
+def test_unexpanded_service_variable_in_controller_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as ei:
+        agent_main.main(["--controller", "$(MS_MESHSEC_CONTROLLER_SERVICE_HOST):7443", "--controller-ca", "c",
+                         "--name", "n", "--join-token-file", "t"])
+    assert ei.value.code == 2 and "unexpanded $(VAR)" in capsys.readouterr().err

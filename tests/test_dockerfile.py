@@ -46,6 +46,12 @@ def test_image_shape():
     assert re.search(r"^USER 10001$", text, re.M), "the controller (default) must not run as root"
     assert "COPY --from=build /opt/meshsec /opt/meshsec" in text
     assert "-c constraints.txt" in text
+    build, final = text.split("\nFROM ", 2)[1:]
+    # python-pytun has x86_64 wheels only: built from source in the builder stage, compiler stays there
+    assert "--no-binary python-pytun" in build and "gcc" in build and "gcc" not in final
+    # iproute2 in the image, for `ip rule` / `ip route show table 4302` on a node
+    assert re.search(r"apt-get install -y --no-install-recommends iproute2", final)
+    assert "docker buildx build --platform linux/amd64,linux/arm64" in text
 
 
 def install_steps() -> list[str]:
@@ -74,6 +80,11 @@ def test_install_steps_give_working_entry_points(tmp_path):
         assert out.returncode == 0, f"{cmd}\n{out.stderr[-3000:]}"
         if argv[-1] == "--help" or "--help" in argv:
             assert "usage:" in out.stdout
+        if argv[-1] == "--version":
+            assert out.stdout.split()[0] == Path(argv[0]).name and "unknown" not in out.stdout
+    # pytun was compiled here, not taken from a wheel (the path a linux/arm64 build takes)
+    wheel = next((venv / "lib").glob("python3*/site-packages/python_pytun-*.dist-info/WHEEL")).read_text()
+    assert "manylinux" not in wheel, wheel
     for tool in ("meshsec-controller", "meshsec-agent", "meshsec"):
         res = subprocess.run([str(venv / "bin" / tool), "--help"], capture_output=True, text=True)
         assert res.returncode == 0 and "usage:" in res.stdout

@@ -234,4 +234,6 @@ class Policy:
                     continue
                 if not any(ip.version == n.version and ip in n for n in p.subnets):
                     keep.add(e)
-        self.routes.sync(nets, keep_out=keep)
+        # fail closed: BYPASS peers' subnets leave the RouteManager's guard table (cleartext on purpose)
+        cleartext = {n for p in view.peers if p.policy.action == "bypass" for n in p.subnets}
+        self.routes.sync(nets, keep_out=keep, cleartext=cleartext)

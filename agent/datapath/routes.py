@@ -22,6 +22,23 @@ address a routed prefix covers, it adds ``to ADDR/32 lookup main`` plus
 <table>``), logs a warning naming route and address, and removes them when the
 route goes. Without a table of our own (``table=None``) a covering route is
 refused instead (logged, ``refused`` lists it).
+
+Fail closed (``guard_table`` set, the agent's default, table 4302): every
+prefix routed into the TUN also gets a ``blackhole`` route in the guard table,
+consulted by ``ip rule`` pref ``rule_priority + 2`` (after ``lookup <table>``,
+before the main table). While the agent runs, the TUN route wins; when the
+agent stops (SIGTERM, crash, kill -9, OOM) the TUN device and its routes go,
+and the guard drops the traffic instead of letting it fall through to the
+CNI's routes in the clear. ``remove_all()`` then leaves the guard, the rules
+and the carve-outs in place (the kernel keeps them, no agent needed); a new
+agent adopts them (``guarded``) and removes rules it no longer wants after
+its first ``sync``. A prefix stays guarded when its peer leaves the view (a
+node removed from the inventory is dropped, not sent in the clear); it leaves
+the guard only when policy says BYPASS for it (``sync(..., cleartext=...)``),
+when an agent ``--bypass`` prefix covers it, when it overlaps the node's own
+subnets, or through ``remove_state`` (``meshsec-agent --uninstall``). With
+``guard_table=None`` (``--fail-open``) there is no guard, and ``remove_all``
+removes everything as before.
 """
 from __future__ import annotations
 
@@ -36,6 +53,11 @@ _EEXIST, _ESRCH, _ENOENT = 17, 3, 2
 DEFAULT_TABLE = 4301
 DEFAULT_MARK = 0x4301
 DEFAULT_RULE_PRIORITY = 4300
+DEFAULT_GUARD_TABLE = 4302
+# rule priorities we own: rule_priority (fwmark, bypass, carve-outs), +1 (lookup table), +2 (guard)
+_OUR_PRIORITIES = 3
+_RTN_BLACKHOLE = 6
+_ACTIONS = {1: None, 6: "FR_ACT_BLACKHOLE", 7: "FR_ACT_UNREACHABLE", 8: "FR_ACT_PROHIBIT"}
 
 
 class RouteError(Exception):
@@ -73,7 +95,7 @@ class RouteManager:
     def __init__(self, ifname: str, own_subnets: tuple[IPNetwork, ...] = (),
                  addresses: tuple[str, ...] = (), logger: logging.Logger | None = None, *,
                  table: int | None = None, mark: int = 0, rule_priority: int = DEFAULT_RULE_PRIORITY,
-                 local_address: str | None = None, bypass=()) -> None:
+                 local_address: str | None = None, bypass=(), guard_table: int | None = None) -> None:
         from pyroute2 import IPRoute  # imported here: tests without netlink never load it
 
         self.log = logger or logging.getLogger("meshsec.routes")
@@ -95,9 +117,19 @@ class RouteManager:
         self._found: list[dict] = []  # rules of _rules that existed before us (EEXIST)
         self._carved: dict[str, list[dict]] = {}  # address -> its ip rules
         self.refused: set = set()  # prefixes not routed (table None: they covered an underlay address)
+        self.guard_table = guard_table if table is not None else None
+        self._guarded: set[IPNetwork] = set()
+        self._stale: list[dict] | None = None  # rules of a previous run, reconciled after the first sync
         for cidr in addresses:
             self.add_address(cidr)
         if table is not None:
+            self._stale = self._existing_rules()
+            if self.guard_table is not None:
+                self._guarded = self._read_guard()
+                if self._guarded:
+                    self.log.warning("fail closed: %d prefixes left blackholed by a previous run (table %d): %s",
+                                     len(self._guarded), self.guard_table,
+                                     ", ".join(sorted(map(str, self._guarded))))
             try:
                 self._add_rules()
             except RouteError:
@@ -115,6 +147,8 @@ class RouteManager:
                               "fwmark": self.mark, "fwmask": 0xFFFFFFFF})
             rules += [r for r in bypass_rules(self.bypass, self.rule_priority) if r["family"] == family]
             rules.append({"family": family, "priority": self.rule_priority + 1, "table": self.table})
+            if self.guard_table is not None:
+                rules.append({"family": family, "priority": self.rule_priority + 2, "table": self.guard_table})
             for r in rules:
                 try:
                     self._ipr.rule("add", **r)
@@ -131,6 +165,9 @@ class RouteManager:
         if self.bypass:
             self.log.info("ip rules: to %s lookup main (pref %d, bypass)",
                           ", ".join(map(str, self.bypass)), self.rule_priority)
+        if self.guard_table is not None:
+            self.log.info("fail closed: lookup %d (pref %d) blackholes protected prefixes while no agent runs",
+                          self.guard_table, self.rule_priority + 2)
 
     def _remove_rules(self) -> None:
         for r in self._rules:
@@ -196,10 +233,12 @@ class RouteManager:
                 return str(ip)
         return None
 
-    def sync(self, subnets, keep_out=()) -> None:
+    def sync(self, subnets, keep_out=(), cleartext=()) -> None:
         """Make the routes via the device exactly ``subnets``, and keep every address in
         ``keep_out`` (IP strings: our underlay address, peers' IKE/ESP endpoints) out of the
-        TUN (see the module docstring). Errors are logged, not raised."""
+        TUN (see the module docstring). With a guard table, every routed prefix is guarded
+        too; ``cleartext`` (networks policy says BYPASS for) leaves the guard. Errors are
+        logged, not raised."""
         want = set(subnets)
         keep = set()
         for a in keep_out:
@@ -219,8 +258,11 @@ class RouteManager:
             self._add(net)
         for net in sorted(self._installed - want, key=str):
             self._del(net)
+        if self.guard_table is not None:
+            self._sync_guard(set(cleartext))
         if self.table is not None:
             self._sync_carve_outs(keep)
+            self._drop_stale_rules()
 
     def _bypassed(self, addr) -> bool:
         for b in self.bypass:
@@ -231,10 +273,102 @@ class RouteManager:
                 continue
         return False
 
+    def _sync_guard(self, cleartext: set) -> None:
+        """Guard = routed prefixes + those guarded before, minus what policy or --bypass sends in
+        the clear and what overlaps our own subnets (a pod CIDR handed to this node)."""
+        want = set(self._guarded) | self._installed
+        bypass = []
+        for b in self.bypass:
+            try:
+                bypass.append(ipaddress.ip_network(b, strict=False))
+            except ValueError:
+                continue
+        for n in list(want):
+            if n in self._installed:
+                continue
+            why = None
+            if n in cleartext:
+                why = "policy says BYPASS for it"
+            elif any(b.version == n.version and n.subnet_of(b) for b in bypass):
+                why = "an agent --bypass prefix covers it"
+            elif any(o.version == n.version and n.overlaps(o) for o in self.own_subnets):
+                why = "it overlaps this node's own subnets"
+            if why:
+                want.discard(n)
+                self.log.warning("fail closed: %s leaves the guard (table %d): %s", n, self.guard_table, why)
+        for n in sorted(want - self._guarded, key=str):
+            kw = {"dst": str(n), "table": self.guard_table, "type": "blackhole"}
+            if n.version == 6:
+                kw["family"] = 10
+            try:
+                self._ipr.route("replace", **kw)
+                self._guarded.add(n)
+            except Exception as exc:
+                self.log.error("fail closed: cannot add blackhole %s to table %d: %s", n, self.guard_table, exc)
+        for n in sorted(self._guarded - want, key=str):
+            self._unguard(n)
+        gone = self._guarded - self._installed
+        if gone:
+            self.log.debug("fail closed: %s stay blackholed (no peer routes them now)", ", ".join(map(str, gone)))
+
+    def _unguard(self, n) -> None:
+        kw = {"dst": str(n), "table": self.guard_table, "type": "blackhole"}
+        if n.version == 6:
+            kw["family"] = 10
+        try:
+            self._ipr.route("del", **kw)
+        except Exception as exc:
+            if getattr(exc, "code", None) not in (_ESRCH, _ENOENT):
+                self.log.error("fail closed: cannot remove blackhole %s from table %d: %s", n, self.guard_table, exc)
+        self._guarded.discard(n)
+
+    @property
+    def guarded(self) -> frozenset:
+        """Prefixes blackholed in the guard table now (dropped whenever no TUN route matches)."""
+        return frozenset(self._guarded)
+
+    def _read_guard(self) -> set:
+        out = set()
+        for family in (2, 10):
+            try:
+                msgs = self._ipr.get_routes(family=family, table=self.guard_table)
+            except Exception:
+                continue
+            for m in msgs:
+                if m.get("type") != _RTN_BLACKHOLE or (m.get_attr("RTA_TABLE") or m.get("table")) != self.guard_table:
+                    continue
+                dst = m.get_attr("RTA_DST") or ("0.0.0.0" if family == 2 else "::")
+                out.add(ipaddress.ip_network(f"{dst}/{m['dst_len']}", strict=False))
+        return out
+
+    def _existing_rules(self) -> list[dict]:
+        """Our priorities' rules already in the kernel (a previous run's), as rule() specs."""
+        return list_rules(self._ipr, self.rule_priority)
+
+    def _drop_stale_rules(self) -> None:
+        """Once, after the first sync: remove a previous run's rules we no longer want (a bypass
+        prefix taken away, a carve-out no longer needed, the guard rule under --fail-open)."""
+        if self._stale is None:
+            return
+        stale, self._stale = self._stale, None
+        mine = {_rule_key(r) for r in self._rules}
+        for rules in self._carved.values():
+            mine |= {_rule_key(r) for r in rules}
+        for r in stale:
+            if _rule_key(r) in mine:
+                continue
+            try:
+                self._ipr.rule("del", **r)
+                self.log.info("ip rule %s from a previous run removed", r)
+            except Exception as exc:
+                if getattr(exc, "code", None) not in (_ESRCH, _ENOENT):
+                    self.log.error("cannot remove ip rule %s of a previous run: %s", r, exc)
+
     def _sync_carve_outs(self, keep) -> None:
         want = {}
+        covered = self._installed | self._guarded
         for a in keep:
-            covering = [n for n in self._installed if n.version == a.version and a in n]
+            covering = [n for n in covered if n.version == a.version and a in n]
             if covering and not self._bypassed(a):
                 want[str(a)] = covering
         for a in sorted(set(self._carved) - set(want)):
@@ -304,9 +438,17 @@ class RouteManager:
         return frozenset(self._installed)
 
     def remove_all(self) -> None:
-        """Remove every route we installed and our ip rules (other routes are left alone)."""
+        """Remove every route we installed via the TUN device. Without a guard table also our ip
+        rules and carve-outs (other routes are left alone). With one (fail closed), the guard,
+        its rule, the bypass rules and carve-outs stay: traffic to protected prefixes is dropped
+        until an agent is back or ``remove_state`` runs (``meshsec-agent --uninstall``)."""
         for net in list(self._installed):
             self._del(net)
+        if self.guard_table is not None:
+            self.log.warning("fail closed: %d prefixes stay blackholed (table %d, ip rule pref %d) until the "
+                             "agent is back; `meshsec-agent --uninstall` removes them", len(self._guarded),
+                             self.guard_table, self.rule_priority + 2)
+            return
         self._sync_carve_outs(set())
         self._remove_rules()
 
@@ -315,10 +457,16 @@ class RouteManager:
 
     def abandon(self) -> None:
         """Start-up failed: remove the routes and the ip rules this instance added (not rules that
-        were there before it, which may be another agent's) and close. Never raises."""
+        were there before it, which may be another agent's) and close. A guard a previous run left
+        (fail closed) stays with its rules: the start failed, the protection it gives does not.
+        Never raises."""
         try:
-            self._rules = [r for r in self._rules if r not in self._found]
-            self.remove_all()
+            for net in list(self._installed):
+                self._del(net)
+            if not self._guarded:
+                self._rules = [r for r in self._rules if r not in self._found]
+                self._sync_carve_outs(set())
+                self._remove_rules()
         except Exception as exc:  # cleanup of a failed start must not hide the start-up error
             self.log.error("cleaning up routes and ip rules after a failed start: %s", exc)
         finally:
@@ -326,6 +474,100 @@ class RouteManager:
                 self.close()
             except Exception:
                 pass
+
+
+def _rule_key(r: dict) -> tuple:
+    return (r.get("family"), r.get("priority"), r.get("table"), r.get("action"), r.get("dst"),
+            r.get("dst_len", 0), r.get("fwmark"))
+
+
+def list_rules(ipr, rule_priority: int = DEFAULT_RULE_PRIORITY) -> list[dict]:
+    """``ip rule`` entries at our priorities (``rule_priority`` .. +2), both families, as
+    pyroute2 ``rule()`` keyword dicts (the shape ``bypass_rules`` returns)."""
+    out = []
+    for family in (2, 10):
+        try:
+            msgs = ipr.get_rules(family=family)
+        except Exception:
+            continue
+        for m in msgs:
+            prio = m.get_attr("FRA_PRIORITY")
+            if prio is None or not rule_priority <= prio < rule_priority + _OUR_PRIORITIES:
+                continue
+            r = {"family": family, "priority": prio}
+            if m.get_attr("FRA_DST") is not None:
+                r["dst"], r["dst_len"] = m.get_attr("FRA_DST"), m["dst_len"]
+            if m.get_attr("FRA_FWMARK") is not None:
+                r["fwmark"] = m.get_attr("FRA_FWMARK")
+                r["fwmask"] = m.get_attr("FRA_FWMASK") if m.get_attr("FRA_FWMASK") is not None else 0xFFFFFFFF
+            action = _ACTIONS.get(m["action"], "?")
+            if action is None:
+                r["table"] = m.get_attr("FRA_TABLE") or m["table"]
+            else:
+                r["action"] = action
+            out.append(r)
+    return out
+
+
+def _flush_tables(ipr, tables) -> int:
+    n = 0
+    for t in tables:
+        for family in (2, 10):
+            try:
+                msgs = ipr.get_routes(family=family, table=t)
+            except Exception:
+                continue
+            for m in msgs:
+                if (m.get_attr("RTA_TABLE") or m.get("table")) != t:
+                    continue
+                dst = m.get_attr("RTA_DST") or ("0.0.0.0" if family == 2 else "::")
+                kw = {"family": family, "dst": f"{dst}/{m['dst_len']}", "table": t, "type": m["type"]}
+                if m.get_attr("RTA_OIF") is not None:
+                    kw["oif"] = m.get_attr("RTA_OIF")
+                try:
+                    ipr.route("del", **kw)
+                    n += 1
+                except Exception as exc:
+                    if getattr(exc, "code", None) not in (_ESRCH, _ENOENT):
+                        raise RouteError(f"cannot remove route {kw['dst']} from table {t}: {exc}") from exc
+    return n
+
+
+def flush_guard(guard_table: int = DEFAULT_GUARD_TABLE, logger: logging.Logger | None = None) -> int:
+    """Remove every route in ``guard_table`` (``--fail-open`` at start: a guard left by an earlier
+    fail-closed run). Returns how many; RouteError if netlink refuses."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        n = _flush_tables(ipr, [guard_table])
+    if n:
+        (logger or logging.getLogger("meshsec.routes")).warning(
+            "fail open: %d blackhole routes of an earlier fail-closed run removed from table %d", n, guard_table)
+    return n
+
+
+def remove_state(table: int = DEFAULT_TABLE, guard_table: int | None = DEFAULT_GUARD_TABLE,
+                 rule_priority: int = DEFAULT_RULE_PRIORITY, logger: logging.Logger | None = None) -> dict:
+    """Uninstall: remove every ip rule at our priorities (``rule_priority`` .. +2) and every route
+    in ``table`` and ``guard_table``, with no agent running (``meshsec-agent --uninstall``).
+    Returns counts ``{"rules": n, "routes": m}``; RouteError if netlink refuses."""
+    from pyroute2 import IPRoute
+
+    log = logger or logging.getLogger("meshsec.routes")
+    counts = {"rules": 0, "routes": 0}
+    with IPRoute() as ipr:
+        for r in list_rules(ipr, rule_priority):
+            try:
+                ipr.rule("del", **r)
+                counts["rules"] += 1
+            except Exception as exc:
+                if getattr(exc, "code", None) not in (_ESRCH, _ENOENT):
+                    raise RouteError(f"cannot remove ip rule {r}: {exc}") from exc
+        counts["routes"] = _flush_tables(ipr, [t for t in (table, guard_table) if t is not None])
+    log.warning("uninstalled: %d ip rules (pref %d..%d) and %d routes (tables %s) removed", counts["rules"],
+                rule_priority, rule_priority + _OUR_PRIORITIES - 1, counts["routes"],
+                ", ".join(str(t) for t in (table, guard_table) if t is not None))
+    return counts
 
 
 def enable_ip_forwarding(own_subnets, logger: logging.Logger | None = None, *, proc_sys: str = "/proc/sys") -> bool:

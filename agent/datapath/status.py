@@ -110,4 +110,7 @@ def status(rt) -> dict:
         "peer_errors": dict(rt.ike.last_errors or {}),  # IkeManager.last_errors: the last error per peer
         "internal_errors": counters["internal_errors"],
         "route_carve_outs": sorted(getattr(rt.routes, "carve_outs", ()) or ()),
+        # readiness (`meshsec ready`): PROTECT peers with an endpoint; the fail-closed guard
+        "peers_expected": sorted(p.name for p in rt.view.peers if p.policy.action == "protect" and p.endpoints),
+        "guarded": sorted(map(str, getattr(rt.routes, "guarded", ()) or ())),
     }

@@ -345,3 +345,32 @@ def test_cli_errors(tmp_path, capsys, api):
     with pytest.raises(SystemExit):
         controller_main.main(base + ["--kubernetes", "--kubeconfig", str(api.kubeconfig)])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+# -- pod CIDRs from a CNI with its own IPAM (annotation meshsec.io/pod-cidrs) ---------
+def test_pod_cidrs_annotation_replaces_spec_pod_cidrs():
+    import copy
+    obj = copy.deepcopy(NODE_JSON)
+    obj["metadata"]["annotations"] = {"meshsec.io/pod-cidrs": "10.0.7.0/26, 10.0.7.64/26"}
+    spec, why = node_spec_from_k8s(obj)
+    assert why == "" and spec.subnets == ("10.0.7.0/26", "10.0.7.64/26")
+    obj["spec"] = {}  # Calico / Cilium cluster-pool: spec.podCIDRs not filled at all
+    assert node_spec_from_k8s(obj)[0].subnets == ("10.0.7.0/26", "10.0.7.64/26")
+    obj["metadata"]["annotations"]["meshsec.io/pod-cidrs"] = "10.0.7.1/26"
+    spec, why = node_spec_from_k8s(obj)
+    assert spec is None and "'10.0.7.1/26' (annotation meshsec.io/pod-cidrs) is not a network" in why
+    obj["metadata"]["annotations"]["meshsec.io/pod-cidrs"] = " , "
+    spec, why = node_spec_from_k8s(obj)
+    assert spec is None and "annotation meshsec.io/pod-cidrs is empty" in why
+    del obj["metadata"]["annotations"]
+    spec, why = node_spec_from_k8s(obj)
+    assert spec is None and "set the annotation meshsec.io/pod-cidrs" in why
+
+
+def test_annotated_node_becomes_a_peer_through_the_watch(api, source_factory):
+    src = source_factory()
+    api.add_node("calico-1", ["198.51.100.21"], [])
+    assert src.wait_synced(10)
+    assert [n.name for n in src.nodes()] == []
+    api.modify_node("calico-1", annotations={"meshsec.io/pod-cidrs": "10.0.9.0/26"})
+    wait_for(lambda: [n.subnets for n in src.nodes()] == [("10.0.9.0/26",)], what="annotated node as a peer")

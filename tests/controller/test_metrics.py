@@ -57,7 +57,10 @@ def test_metrics_http_endpoint(controller: ServerFactory) -> None:
     body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
     names = {f.name for f in text_string_to_metric_families(body)}
     assert {"meshsec_controller_watch_streams", "meshsec_controller_enrolments", "meshsec_controller_leader",
-            "meshsec_controller_fanout_latency_seconds", "meshsec_controller_view_version"} <= names
+            "meshsec_controller_fanout_latency_seconds", "meshsec_controller_view_version",
+            "meshsec_controller_build_info"} <= names
+    from meshsec.version import version
+    assert f'meshsec_controller_build_info{{python="' in body and f'version="{version()}"' in body
 
 
 def test_leader_gauge_and_transitions() -> None:

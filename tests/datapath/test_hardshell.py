@@ -52,7 +52,7 @@ class RecordingRoutes:
         self.closed = False
         self.carve_outs = []
 
-    def sync(self, nets, keep_out=()):
+    def sync(self, nets, keep_out=(), cleartext=()):
         self.syncs.append((set(nets), set(keep_out)))
 
     def set_mtu(self, mtu):

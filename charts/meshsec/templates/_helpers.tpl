@@ -31,7 +31,11 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{- define "meshsec.image" -}}
+{{- if .Values.image.digest -}}
+{{ .Values.image.repository }}@{{ .Values.image.digest }}
+{{- else -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
 {{- end }}
 
 {{- define "meshsec.controllerName" -}}
@@ -48,4 +52,12 @@ app.kubernetes.io/component: {{ .component }}
 
 {{- define "meshsec.caSecret" -}}
 {{ .Values.controllerCA.existingSecret | default (printf "%s-controller-ca" (include "meshsec.fullname" .)) }}
+{{- end }}
+
+{{- define "meshsec.caConfigMap" -}}
+{{ include "meshsec.fullname" . }}-controller-ca
+{{- end }}
+
+{{- define "meshsec.caFromConfigMap" -}}
+{{- if not (or .Values.controllerCA.pem .Values.controllerCA.existingSecret) }}true{{ end }}
 {{- end }}
