@@ -1,9 +1,10 @@
 """``meshsec``: operator CLI. ``meshsec status [--socket PATH] [--json]``,
-``meshsec rekey PEER [--ike] [--socket PATH]``.
+``meshsec rekey PEER [--ike] [--socket PATH]``, ``meshsec mesh [--json]``
+(meshsec.cli_mesh).
 
 Talks to a running meshsec-agent over its control socket (newline-delimited
-JSON, agent.datapath.control_socket). Exit status: 0 ok, 1 agent not
-reachable or error answer, 2 usage.
+JSON, agent.datapath.control_socket); ``mesh`` asks the controller. Exit
+status: 0 ok, 1 agent / controller not reachable or error answer, 2 usage.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import os
 import socket
 import stat
 import sys
+import time
 
 DEFAULT_SOCKET = "/run/meshsec/agent.sock"
 
@@ -32,10 +34,13 @@ def _not_a_socket(path: str) -> str | None:
     return "a directory" if stat.S_ISDIR(mode) else "a regular file" if stat.S_ISREG(mode) else "not a socket"
 
 
-def request(path: str, req: dict, timeout: float = 5.0) -> dict:
-    """Send one request, return the decoded answer. CliError with a hint on failure."""
+def request(path: str, req: dict, timeout: float = 5.0, who: str = "meshsec-agent") -> dict:
+    """Send one request, return the decoded answer. CliError with a hint on failure
+    (``who``: the program expected behind the socket)."""
     what = _not_a_socket(path)
     if what is not None:
+        if who != "meshsec-agent":
+            raise CliError(f"{path} is not a socket ({what}); pass {who}'s socket with --socket")
         raise CliError(f"{path} is not a socket ({what}); pass the agent's control socket with --socket "
                        f"(meshsec-agent --control-socket, default {DEFAULT_SOCKET})")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -44,9 +49,9 @@ def request(path: str, req: dict, timeout: float = 5.0) -> dict:
         try:
             s.connect(path)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise CliError(f"cannot connect to {path}: {exc.strerror}; is meshsec-agent running? pass --socket")
+            raise CliError(f"cannot connect to {path}: {exc.strerror}; is {who} running? pass --socket")
         except PermissionError:
-            raise CliError(f"permission denied on {path}: the socket is mode 0600, run as the agent's user (root)")
+            raise CliError(f"permission denied on {path}: the socket is mode 0600, run as {who}'s user (root)")
         except OSError as exc:
             raise CliError(f"cannot connect to {path}: {exc}")
         s.sendall(json.dumps(req).encode() + b"\n")
@@ -66,7 +71,7 @@ def request(path: str, req: dict, timeout: float = 5.0) -> dict:
     except ValueError as exc:
         raise CliError(f"unreadable answer from {path}: {exc}")
     if isinstance(ans, dict) and "error" in ans:
-        raise CliError(f"agent: {ans['error']}")
+        raise CliError(f"{'agent' if who == 'meshsec-agent' else who}: {ans['error']}")
     return ans
 
 
@@ -138,6 +143,36 @@ def format_status(st: dict) -> str:
     src = {"stored": " (STORED: controller unreachable)", "none": " (waiting for the controller)"}.get(src, "")
     out = [f"node {st.get('node', '?')}  local {st.get('local_address', '?')}  tun {st.get('tun', '?')}  "
            f"view v{st.get('view_version', 0)}{src}  up {_age(st.get('uptime_s'))}", ""]
+    ctl = st.get("controller")
+    if ctl:
+        if ctl.get("reachable") is None:
+            out.append(f"controller {ctl.get('address', '?')}: not asked yet")
+        elif ctl.get("reachable") and not ctl.get("error"):
+            out.append(f"controller {ctl.get('address', '?')}: reachable (last report "
+                       f"{_age(time.time() - ctl['last_ok']) if ctl.get('last_ok') else '-'} ago)")
+        else:
+            last = f"; last answer {_age(time.time() - ctl['last_ok'])} ago" if ctl.get("last_ok") else ""
+            state = "answers but refused the report" if ctl.get("reachable") else "UNREACHABLE"
+            out.append(f"controller {ctl.get('address', '?')}: {state}: {ctl.get('error') or '?'}{last}")
+    if st.get("cert_not_after"):
+        left = st["cert_not_after"] - time.time()
+        out.append(f"certificate expires in {_age(left)}" if left > 0 else "certificate EXPIRED")
+    if ctl or st.get("cert_not_after"):
+        out.append("")
+    peers = st.get("peers")
+    if peers is not None:
+        out.append(f"PEERS ({len(peers)})")
+        if peers:
+            now = time.time()
+            rows = [[p["name"], p["state"].upper() if p["state"] == "down" else p["state"], p.get("ike_state") or "-",
+                     p.get("endpoint") or "-", _age(now - p["last_handshake"]) + " ago" if p.get("last_handshake")
+                     else "never", f"{_size(p.get('bytes_in'))}/{_size(p.get('bytes_out'))}",
+                     p.get("rule") or "-",
+                     (f"{p['last_error']} ({_age(now - p['last_error_at'])} ago)" if p.get("last_error") else "-")]
+                    for p in peers]
+            out.append(_table(["PEER", "STATE", "IKE_SA", "ENDPOINT", "LAST HANDSHAKE", "IN/OUT", "RULE",
+                               "LAST ERROR"], rows))
+        out.append("")
     errs = st.get("policy_errors") or {}
     if errs:
         out.append(f"REFUSED PEERS ({len(errs)}): bad policy data, fix it in the inventory / config")
@@ -198,7 +233,8 @@ def format_status(st: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="meshsec", description="meshsec operator CLI")
     sub = p.add_subparsers(dest="cmd", required=True)
-    ps = sub.add_parser("status", help="IKE_SAs, CHILD_SAs and drop counters of the local agent")
+    ps = sub.add_parser("status", help="peers (state, last handshake, last error, endpoint), IKE_SAs, CHILD_SAs "
+                                       "and drop counters of the local agent; whether the controller answers")
     ps.add_argument("--socket", default=DEFAULT_SOCKET, help=f"agent control socket (default {DEFAULT_SOCKET})")
     ps.add_argument("--json", action="store_true", help="print the raw JSON status")
     pr = sub.add_parser("rekey", help="rekey the CHILD_SA(s) with a peer now (RFC 7296 §1.3.3), or with "
@@ -206,7 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("peer", metavar="PEER", help="peer name as in `meshsec status`")
     pr.add_argument("--ike", action="store_true", help="rekey the IKE_SA instead of the CHILD_SA(s)")
     pr.add_argument("--socket", default=DEFAULT_SOCKET, help=f"agent control socket (default {DEFAULT_SOCKET})")
+    from meshsec import cli_mesh
+    cli_mesh.add_parser(sub)
     args = p.parse_args(argv)
+    if args.cmd == "mesh":
+        return cli_mesh.run(args)
     if args.cmd == "rekey":
         what = "ike" if args.ike else "child"
         try:
