@@ -37,13 +37,15 @@ header{padding:8px 14px;background:#1d2b3a;color:#fff;display:flex;gap:18px;alig
 header h1{font-size:16px;margin:0} #summary span{margin-right:12px}
 main{display:flex;gap:10px;padding:10px}
 #graph{background:#fff;border:1px solid #ddd;flex:0 0 auto}
-#side{flex:1 1 auto;overflow:auto;max-height:760px}
+#side{flex:1 1 auto;overflow:auto;max-height:760px;font-size:12px}
 table{border-collapse:collapse;width:100%;background:#fff}
 td,th{border-bottom:1px solid #eee;padding:3px 6px;text-align:left;white-space:nowrap}
+td:last-child{white-space:normal}
 .legend span{display:inline-block;margin-right:10px}
 .sw{display:inline-block;width:18px;height:4px;vertical-align:middle;margin-right:4px}
 .st-up{color:#1a7f37}.st-down{color:#cf222e}.st-connecting{color:#bf8700}
 text{font:11px system-ui,sans-serif}
+.edge-label{paint-order:stroke;stroke:#fff;stroke-width:3px}
 .c-up{background:#1a7f37}.c-connecting{background:#d4a72c}.c-down{background:#cf222e}
 .c-never{background:#9aa0a6}.c-bypass{background:#0969da}.c-discard{background:#24292f}
 """
@@ -56,25 +58,25 @@ const SITE_COLORS=['#dbe9ff','#ffe3d1','#dff5e1','#f3e1ff','#fff5c2','#d6f3f7','
 const NS='http://www.w3.org/2000/svg';
 function el(tag,attrs,parent){const e=document.createElementNS(NS,tag);
   for(const k in attrs){e.setAttribute(k,attrs[k]);} if(parent){parent.appendChild(e);} return e;}
-function rate(bps){if(bps===null||bps===undefined){return '';} const u=['bit/s','kbit/s','Mbit/s','Gbit/s'];
+function rate(bps){if(bps===null||bps===undefined){return '-';} const u=['bit/s','kbit/s','Mbit/s','Gbit/s'];
   let i=0; while(bps>=1000&&i<3){bps/=1000;i++;} return bps.toFixed(i?1:0)+' '+u[i];}
 function td(tr,text,cls){const c=document.createElement('td'); c.textContent=text; if(cls){c.className=cls;} tr.appendChild(c);}
 function draw(doc){
   const svg=document.getElementById('graph'); while(svg.firstChild){svg.removeChild(svg.firstChild);}
   const W=760,H=760,cx=W/2,cy=H/2;
   const nodes=doc.nodes.slice().sort((a,b)=>a.site<b.site?-1:a.site>b.site?1:(a.name<b.name?-1:1));
-  const sites=[...new Set(nodes.map(n=>n.site))];
-  const R=nodes.length>1?Math.min(300,60+nodes.length*18):0, pos={};
-  nodes.forEach((n,i)=>{const t=2*Math.PI*i/Math.max(1,nodes.length)-Math.PI/2;
-    pos[n.name]=[cx+R*Math.cos(t),cy+R*Math.sin(t)];});
+  const sites=[...new Set(nodes.map(n=>n.site))], pos={};
+  // sites on a large circle, each site's nodes on a small circle around its centre
   const gs=el('g',{id:'sites'},svg);
-  sites.forEach((s,i)=>{const members=nodes.filter(n=>n.site===s); const xs=members.map(n=>pos[n.name][0]),
-    ys=members.map(n=>pos[n.name][1]); const x0=Math.min(...xs)-48,y0=Math.min(...ys)-40,
-    x1=Math.max(...xs)+48,y1=Math.max(...ys)+46;
+  const RS=sites.length>1?Math.min(250,110+40*sites.length):0;
+  sites.forEach((s,i)=>{const members=nodes.filter(n=>n.site===s);
+    const t=2*Math.PI*i/sites.length-Math.PI/2, sx=cx+RS*Math.cos(t), sy=cy+RS*Math.sin(t);
+    const r=members.length>1?Math.min(sites.length>1?110:300,40+18*members.length):0;
+    members.forEach((n,j)=>{const u=2*Math.PI*j/members.length+(sites.length>1?t+Math.PI/2:-Math.PI/2);
+      pos[n.name]=[sx+r*Math.cos(u),sy+r*Math.sin(u)];});
     const g=el('g',{'class':'site','data-site':s},gs);
-    el('rect',{x:x0,y:y0,width:x1-x0,height:y1-y0,rx:14,fill:SITE_COLORS[i%SITE_COLORS.length],
-      'fill-opacity':0.6,stroke:'#bbb'},g);
-    el('text',{x:x0+8,y:y0+14,fill:'#555'},g).textContent='site '+s;});
+    el('circle',{cx:sx,cy:sy,r:r+48,fill:SITE_COLORS[i%SITE_COLORS.length],'fill-opacity':0.55,stroke:'#bbb'},g);
+    el('text',{x:sx,y:sy-r-30,'text-anchor':'middle',fill:'#555','font-weight':'bold'},g).textContent=s;});
   const ge=el('g',{id:'edges'},svg);
   const dense=doc.pairs.length>400;
   doc.pairs.forEach(p=>{ if(!(p.a in pos)||!(p.b in pos)){return;}
@@ -84,12 +86,15 @@ function draw(doc){
     const g=el('g',{'class':'edge','data-a':p.a,'data-b':p.b,'data-state':p.state,'data-rule':p.rule,
       'data-action':p.action,'data-bps':Math.round(bps)},ge);
     const w=p.state==='up'?2+Math.min(6,Math.log10(1+bps)/1.5):1.5;
-    const line=el('line',{x1:x1,y1:y1,x2:x2,y2:y2,stroke:COLORS[p.state]||'#999','stroke-width':w.toFixed(1)},g);
+    // a slight bend keeps edges that pass behind other nodes apart
+    const qx=(x1+x2)/2+(y2-y1)*0.12, qy=(y1+y2)/2-(x2-x1)*0.12;
+    const line=el('path',{d:'M'+x1.toFixed(1)+' '+y1.toFixed(1)+' Q'+qx.toFixed(1)+' '+qy.toFixed(1)+' '+
+      x2.toFixed(1)+' '+y2.toFixed(1),fill:'none',stroke:COLORS[p.state]||'#999','stroke-width':w.toFixed(1)},g);
     if(DASH[p.state]){line.setAttribute('stroke-dasharray',DASH[p.state]);}
     el('title',{},g).textContent=p.a+' \u2194 '+p.b+': '+p.state+(p.reason?' ('+p.reason+')':'')+
       '\nrule '+p.rule+' ('+p.action+', '+p.protocol+'/'+p.mode+')'+
       '\n'+p.a+' \u2192 '+p.b+' '+rate(p.bps_a_to_b)+', '+p.b+' \u2192 '+p.a+' '+rate(p.bps_b_to_a);
-    const mx=(x1+x2)/2,my=(y1+y2)/2;
+    const mx=(x1+2*qx+x2)/4,my=(y1+2*qy+y2)/4;
     const label=p.state==='up'?rate(bps)+' \u00b7 '+p.rule:(p.state==='never'||p.state==='unknown'?'':p.state+' \u00b7 '+p.rule);
     if(label&&!dense){const t=el('text',{x:mx,y:my-4,'text-anchor':'middle',fill:COLORS[p.state]||'#555',
       'class':'edge-label'},g); t.textContent=label;}});
@@ -111,7 +116,7 @@ function draw(doc){
     const sp=document.createElement('span'); sp.textContent=k+' '+v; sum.appendChild(sp);}
   const tb=document.getElementById('pairs'); while(tb.firstChild){tb.removeChild(tb.firstChild);}
   doc.pairs.filter(p=>p.state!=='never').forEach(p=>{const tr=document.createElement('tr');
-    td(tr,p.a+' \u2194 '+p.b); td(tr,p.state,'st-'+p.state); td(tr,p.rule+' ('+p.action+')');
+    td(tr,p.a+' \u2194 '+p.b); td(tr,p.state,'st-'+p.state); td(tr,p.rule);
     td(tr,rate(p.bps_a_to_b)+' / '+rate(p.bps_b_to_a)); td(tr,p.reason||''); tb.appendChild(tr);});
   document.getElementById('updated').textContent='updated '+new Date(doc.generated_at*1000).toISOString();
   document.body.setAttribute('data-drawn',String(doc.generated_at));
@@ -147,7 +152,7 @@ def render_page(doc: dict) -> str:
 <main><svg id="graph" xmlns="http://www.w3.org/2000/svg" width="760" height="760" viewBox="0 0 760 760"
  role="img" aria-label="mesh graph"></svg>
 <div id="side"><div class="legend">{legend}</div>
-<table><thead><tr><th>pair</th><th>state</th><th>rule</th><th>bit/s a&#8594;b / b&#8594;a</th><th>reason</th></tr></thead>
+<table><thead><tr><th>pair</th><th>state</th><th>rule</th><th>a&#8594;b / b&#8594;a</th><th>reason</th></tr></thead>
 <tbody id="pairs"></tbody></table></div></main>
 <script type="application/json" id="mesh-data">{data}</script>
 <script>{_SCRIPT}</script>
