@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from controller.inventory import InventoryError, parse_duration
 from controller.service import ControllerServer, default_server_names, split_listen
@@ -72,9 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "--web-client-ca); 'none': anyone reaching the port sees the mesh (logged)")
     mesh.add_argument("--web-client-ca", default=None, metavar="FILE",
                       help="also accept client certificates signed by this PEM CA on the web page")
-    mesh.add_argument("--status-socket", default="/run/meshsec/controller.sock", metavar="PATH",
+    mesh.add_argument("--status-socket", default=None, metavar="PATH",
                       help="UNIX socket (mode 0600) for `meshsec mesh` on this host; '' turns it off "
-                           "(default: %(default)s)")
+                           "(default: controller.sock in --state-dir)")
     p.add_argument("--max-workers", type=int, default=256, metavar="N",
                    help="gRPC server threads; every Watch stream holds one (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -164,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
                               mesh_options={"web_listen": args.web_listen,
                                             "web_client_auth": args.web_client_auth == "required",
                                             "web_client_ca": args.web_client_ca,
-                                            "status_socket": args.status_socket or None})
+                                            "status_socket": (str(Path(args.state_dir) / "controller.sock")
+                                                              if args.status_socket is None
+                                                              else args.status_socket or None)})
     try:
         server.start()
     except InventoryError as e:

@@ -17,7 +17,8 @@ document built from them, and the ways it is read.
 
 A pair's state comes from both ends' reports: ``up`` (a CHILD_SA carries it
 and neither fresh end lacks one), ``down`` (a fresh end has no SA: its last
-error is the reason), ``connecting``, ``never`` (both ends idle: never tried),
+error is the reason), ``connecting`` (with the last error of an earlier
+attempt, if any), ``never`` (both ends idle: never tried),
 ``unknown`` (no fresh report from either end), or the policy's ``bypass`` /
 ``discard``. A report is fresh for ``STALE_AFTER_S`` seconds; a node is
 ``connected`` while its report is fresh.
@@ -234,7 +235,8 @@ def _pair_state(action: str, a: str, b: str, ea: dict | None, eb: dict | None) -
             return "up", f"{n}: no CHILD_SA yet"
         return "up", ""
     if "connecting" in states:
-        return "connecting", ""
+        errs = [f"{n}: last error {e['last_error']}" for n, e in ends if e["last_error"]]
+        return "connecting", errs[0] if errs else ""
     missing = [n for n, e in ((a, ea), (b, eb)) if e is None]
     return "never", (f"not tried yet; no recent report from {missing[0]}" if missing else "not tried yet")
 

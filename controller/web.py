@@ -40,7 +40,7 @@ main{display:flex;gap:10px;padding:10px}
 #side{flex:1 1 auto;overflow:auto;max-height:760px;font-size:12px}
 table{border-collapse:collapse;width:100%;background:#fff}
 td,th{border-bottom:1px solid #eee;padding:3px 6px;text-align:left;white-space:nowrap}
-td:last-child{white-space:normal}
+td:last-child{white-space:normal;min-width:200px}
 .legend span{display:inline-block;margin-right:10px}
 .sw{display:inline-block;width:18px;height:4px;vertical-align:middle;margin-right:4px}
 .st-up{color:#1a7f37}.st-down{color:#cf222e}.st-connecting{color:#bf8700}
@@ -71,7 +71,7 @@ function draw(doc){
   const RS=sites.length>1?Math.min(250,110+40*sites.length):0;
   sites.forEach((s,i)=>{const members=nodes.filter(n=>n.site===s);
     const t=2*Math.PI*i/sites.length-Math.PI/2, sx=cx+RS*Math.cos(t), sy=cy+RS*Math.sin(t);
-    const r=members.length>1?Math.min(sites.length>1?110:300,40+18*members.length):0;
+    const r=members.length>1?Math.min(sites.length>1?120:300,40+24*members.length):0;
     members.forEach((n,j)=>{const u=2*Math.PI*j/members.length+(sites.length>1?t+Math.PI/2:-Math.PI/2);
       pos[n.name]=[sx+r*Math.cos(u),sy+r*Math.sin(u)];});
     const g=el('g',{'class':'site','data-site':s},gs);
@@ -87,17 +87,23 @@ function draw(doc){
       'data-action':p.action,'data-bps':Math.round(bps)},ge);
     const w=p.state==='up'?2+Math.min(6,Math.log10(1+bps)/1.5):1.5;
     // a slight bend keeps edges that pass behind other nodes apart
-    const qx=(x1+x2)/2+(y2-y1)*0.12, qy=(y1+y2)/2-(x2-x1)*0.12;
+    const len=Math.hypot(x2-x1,y2-y1), bend=len<260?0.3:0.12;
+    const qx=(x1+x2)/2+(y2-y1)*bend, qy=(y1+y2)/2-(x2-x1)*bend;
     const line=el('path',{d:'M'+x1.toFixed(1)+' '+y1.toFixed(1)+' Q'+qx.toFixed(1)+' '+qy.toFixed(1)+' '+
       x2.toFixed(1)+' '+y2.toFixed(1),fill:'none',stroke:COLORS[p.state]||'#999','stroke-width':w.toFixed(1)},g);
     if(DASH[p.state]){line.setAttribute('stroke-dasharray',DASH[p.state]);}
     el('title',{},g).textContent=p.a+' \u2194 '+p.b+': '+p.state+(p.reason?' ('+p.reason+')':'')+
       '\nrule '+p.rule+' ('+p.action+', '+p.protocol+'/'+p.mode+')'+
       '\n'+p.a+' \u2192 '+p.b+' '+rate(p.bps_a_to_b)+', '+p.b+' \u2192 '+p.a+' '+rate(p.bps_b_to_a);
-    const mx=(x1+2*qx+x2)/4,my=(y1+2*qy+y2)/4;
-    const label=p.state==='up'?rate(bps)+' \u00b7 '+p.rule:(p.state==='never'||p.state==='unknown'?'':p.state+' \u00b7 '+p.rule);
-    if(label&&!dense){const t=el('text',{x:mx,y:my-4,'text-anchor':'middle',fill:COLORS[p.state]||'#555',
-      'class':'edge-label'},g); t.textContent=label;}});
+    // labels of long edges sit off-centre, so crossing edges do not stack them in the middle
+    const t=len<260?0.5:0.38, mx=(1-t)*(1-t)*x1+2*(1-t)*t*qx+t*t*x2, my=(1-t)*(1-t)*y1+2*(1-t)*t*qy+t*t*y2;
+    // two short lines: throughput (or state) over the policy rule
+    const top=p.state==='up'?rate(bps):(p.state==='never'||p.state==='unknown'?'':p.state);
+    if(top&&!dense){
+      const t1=el('text',{x:mx,y:my-3,'text-anchor':'middle',fill:COLORS[p.state]||'#555','class':'edge-label'},g);
+      t1.textContent=top;
+      const t2=el('text',{x:mx,y:my+10,'text-anchor':'middle',fill:'#555','class':'edge-label'},g);
+      t2.textContent=p.rule;}});
   const gn=el('g',{id:'nodes'},svg);
   nodes.forEach(n=>{const [x,y]=pos[n.name];
     const g=el('g',{'class':'node','data-node':n.name,'data-site':n.site,'data-role':n.role,

@@ -3,7 +3,8 @@
 
 Two ways to ask:
 - on the controller host: its status socket (``--socket``, default
-  ``/run/meshsec/controller.sock``, mode 0600: run as the controller's user);
+  ``/var/lib/meshsec-controller/controller.sock``, ``controller.sock`` in the
+  controller's default ``--state-dir``; mode 0600: run as the controller's user);
 - from any node: ``--controller HOST:PORT`` calls ``GetMesh`` on the
   controller's watch port with mutual TLS, using the node's own certificate
   and key from the agent's ``--state-dir`` (``node.crt``, ``node.key``) and
@@ -15,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-DEFAULT_CONTROLLER_SOCKET = "/run/meshsec/controller.sock"
+DEFAULT_CONTROLLER_SOCKET = "/var/lib/meshsec-controller/controller.sock"  # in its default --state-dir
 DEFAULT_AGENT_STATE_DIR = "/var/lib/meshsec"
 
 

@@ -97,3 +97,61 @@ def test_chromium_draws_the_mesh(controller: ServerFactory, tmp_path: Path) -> N
     assert g.sites == {"gateway", "host"}  # no groups in this inventory: nodes grouped by role
     assert g.body.get("data-drawn")
     assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_controller_flags_for_the_mesh(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+
+    from tests.controller.test_cli import CLI, ROOT, run
+    good = tmp_path / "inv.yaml"
+    good.write_text(inventory_text())
+    r = run(["--inventory", str(good), "--web-listen", "nonsense"])
+    assert r.returncode == 2 and "--web-listen 'nonsense' is not HOST:PORT" in r.stderr
+    r = run(["--inventory", str(good), "--web-client-ca", str(tmp_path / "missing.pem")])
+    assert r.returncode == 2 and "cannot read --web-client-ca" in r.stderr
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    r = run(["--inventory", str(good), "--web-client-ca", str(tmp_path / "junk.pem")])
+    assert r.returncode == 2 and "no PEM certificate" in r.stderr
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:  # the web port is taken: exit 1 naming it
+        r = run(["--inventory", str(good), "--state-dir", str(tmp_path / "s1"), "--listen", "127.0.0.1:0",
+                 "--watch-listen", "127.0.0.1:0", "--web-listen", f"127.0.0.1:{busy.getsockname()[1]}"])
+    finally:
+        busy.close()
+    assert r.returncode == 1 and "Address already in use" in r.stderr
+    # the status socket lives in --state-dir by default; `meshsec mesh` reads it
+    state = tmp_path / "s2"
+    proc = subprocess.Popen(CLI + ["--inventory", str(good), "--state-dir", str(state), "--listen", "127.0.0.1:0",
+                                   "--watch-listen", "127.0.0.1:0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert proc.stdout.readline().startswith("meshsec-controller listening")
+        sock = state / "controller.sock"
+        assert (sock.stat().st_mode & 0o777) == 0o600
+        from meshsec.cli import request
+        doc = request(str(sock), {"cmd": "mesh"}, who="meshsec-controller")
+        assert {n["name"] for n in doc["nodes"]} == {"alpha", "bravo", "charlie"}
+        assert "error" in json.loads(_raw(str(sock), b'{"cmd": "nope"}\n'))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+    assert not (state / "controller.sock").exists()  # removed on exit
+
+
+def _raw(path: str, data: bytes) -> bytes:
+    import socket
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(5)
+    s.connect(path)
+    s.sendall(data)
+    out = b""
+    while not out.endswith(b"\n"):
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        out += chunk
+    s.close()
+    return out
