@@ -677,7 +677,7 @@ def report_from_rows(node_name: str, status: dict, rows: list[dict], cert_not_af
             last_handshake=n(r["last_handshake"]), last_error=r["last_error"][:200],
             last_error_at=n(r["last_error_at"]), endpoint=r["endpoint"][:64], bytes_in=n(r["bytes_in"]),
             bytes_out=n(r["bytes_out"]), packets_in=n(r["packets_in"]), packets_out=n(r["packets_out"]),
-            sa=r["sa"][:32], rule=r["rule"][:64])
+            sa=r["sa"][:32], rule=r["rule"][:64], mtu=min(n(r.get("mtu")), 65535))
         for k, v in r["drops"].items():
             if n(v):
                 p.drops[str(k)[:64]] = v

@@ -25,6 +25,7 @@ Names (docs/metrics.md):
     meshsec_agent_peer_bytes_total{peer,direction}  counter, inner bytes in/out with the peer
     meshsec_agent_peer_packets_total{peer,direction} counter
     meshsec_agent_peer_drops_total{peer,reason}     counter, drops on the peer's CHILD_SAs
+    meshsec_agent_peer_mtu_bytes{peer}              gauge, largest inner packet to the peer
     meshsec_agent_certificate_expiry_timestamp_seconds  gauge, node certificate notAfter (Unix)
     process_cpu_seconds_total, process_resident_memory_bytes, ...  the standard process collector
 
@@ -265,6 +266,8 @@ def _peer_families(snap: dict[str, Any]):
     nbytes = CounterMetricFamily("meshsec_agent_peer_bytes", "Inner bytes with the peer", labels=["peer", "direction"])
     npkts = CounterMetricFamily("meshsec_agent_peer_packets", "Inner packets with the peer",
                                 labels=["peer", "direction"])
+    mtu = GaugeMetricFamily("meshsec_agent_peer_mtu_bytes", "Largest inner packet to the peer (TUN MTU or the "
+                            "SA bundle's limit)", labels=["peer"])
     drops = CounterMetricFamily("meshsec_agent_peer_drops", "Dropped packets on the peer's CHILD_SAs by reason",
                                 labels=["peer", "reason"])
     for r in rows:
@@ -279,7 +282,9 @@ def _peer_families(snap: dict[str, Any]):
             npkts.add_metric([peer, d], r[f"packets_{d}"])
         for reason, n in sorted(r["drops"].items()):
             drops.add_metric([peer, reason], n)
-    yield from (up, state, age, nbytes, npkts, drops)
+        if r.get("mtu"):
+            mtu.add_metric([peer], r["mtu"])
+    yield from (up, state, age, nbytes, npkts, mtu, drops)
     if snap.get("cert_not_after"):
         g = GaugeMetricFamily("meshsec_agent_certificate_expiry_timestamp_seconds",
                               "notAfter of this node's certificate, Unix seconds")

@@ -14,7 +14,9 @@ discard), ``ike_state`` ("" if no IKE_SA), ``child_sas``, ``last_handshake`` (Un
 seconds, 0 never), ``last_error`` / ``last_error_at`` ("" / 0 none), ``endpoint``
 ("IP:PORT"), ``bytes_in/out`` and ``packets_in/out`` (totals since the agent
 started, inner packets), ``drops`` (reason -> count, CHILD_SAs of this peer),
-``sa`` (protocol/mode/encapsulation of the newest CHILD_SA), ``rule`` (policy rule).
+``sa`` (protocol/mode/encapsulation of the newest CHILD_SA), ``rule`` (policy rule),
+``mtu`` (largest inner packet to the peer: the TUN MTU, or less where the current
+SA bundle's overhead needs it; 0 unknown).
 
 Threading: every method except :meth:`cert_not_after` runs on the loop thread.
 """
@@ -154,12 +156,17 @@ class PeerTracker:
                 sa = f"{newest.get('protocol', 'esp')}/{newest.get('mode', '?')}/{newest.get('encapsulation', '?')}"
                 if newest.get("ah"):
                     sa += "+ah"
+            mtu = st.get("tun_mtu") or 0
+            cur = (getattr(self.rt, "current", None) or {}).get(p.name)
+            inner = getattr(cur, "max_inner", 65535) if cur is not None else 65535
+            if isinstance(inner, int) and 0 < inner < 65535:  # known underlay MTU: the bundle's limit
+                mtu = min(mtu, inner) if mtu else inner
             rows.append({
                 "name": p.name, "state": state, "ike_state": (ike or {}).get("state", "") or "",
                 "child_sas": len(children), "last_handshake": int(self.last_handshake.get(p.name, 0)),
                 "last_error": err, "last_error_at": int(err_at), "endpoint": endpoint,
                 **{k: counts.get(k, 0) for k in _TRAFFIC}, "drops": drops, "sa": sa,
-                "rule": getattr(p.policy, "rule", "") or "",
+                "rule": getattr(p.policy, "rule", "") or "", "mtu": int(mtu),
             })
         return rows
 

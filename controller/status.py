@@ -98,6 +98,7 @@ def report_to_dict(r: pb.StatusReport, known: set[str]) -> dict[str, Any]:
             "last_error_at": p.last_error_at, "endpoint": _text(p.endpoint), "bytes_in": p.bytes_in,
             "bytes_out": p.bytes_out, "packets_in": p.packets_in, "packets_out": p.packets_out,
             "drops": {_text(k): v for k, v in sorted(p.drops.items())[:64]}, "sa": _text(p.sa), "rule": _text(p.rule),
+            "mtu": p.mtu,
         }
     return {
         "view_version": r.view_version, "cert_not_after": r.cert_not_after, "tun_mtu": r.tun_mtu,

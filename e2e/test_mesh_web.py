@@ -160,6 +160,8 @@ def test_status_per_peer_and_controller_reachable(mesh):
     peers = {p["name"]: p for p in st["peers"]}
     assert peers["node-b"]["state"] == "up" and peers["node-b"]["endpoint"].startswith("198.51.100.2:")
     assert peers["node-b"]["last_handshake"] > 0 and peers["node-b"]["rule"] == "east-internal"
+    # veth underlay MTU 1500 minus the ESP-in-UDP tunnel overhead (and no more than the TUN MTU)
+    assert 1280 <= peers["node-b"]["mtu"] <= min(st["tun_mtu"], 1500 - 50)
     assert peers["node-d"]["state"] in ("connecting", "down")
     assert peers["node-d"]["last_error"] == "IKE_SA failed: peer did not respond"
     assert peers["node-d"]["endpoint"].startswith("198.51.100.4:") and peers["node-d"]["last_handshake"] == 0

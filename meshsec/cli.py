@@ -167,10 +167,10 @@ def format_status(st: dict) -> str:
             rows = [[p["name"], p["state"].upper() if p["state"] == "down" else p["state"], p.get("ike_state") or "-",
                      p.get("endpoint") or "-", _age(now - p["last_handshake"]) + " ago" if p.get("last_handshake")
                      else "never", f"{_size(p.get('bytes_in'))}/{_size(p.get('bytes_out'))}",
-                     p.get("rule") or "-",
+                     str(p.get("mtu") or "-"), p.get("rule") or "-",
                      (f"{p['last_error']} ({_age(now - p['last_error_at'])} ago)" if p.get("last_error") else "-")]
                     for p in peers]
-            out.append(_table(["PEER", "STATE", "IKE_SA", "ENDPOINT", "LAST HANDSHAKE", "IN/OUT", "RULE",
+            out.append(_table(["PEER", "STATE", "IKE_SA", "ENDPOINT", "LAST HANDSHAKE", "IN/OUT", "MTU", "RULE",
                                "LAST ERROR"], rows))
         out.append("")
     errs = st.get("policy_errors") or {}

@@ -52,6 +52,7 @@ def test_rows_up_connecting_and_traffic(trio) -> None:
     assert r["b"]["last_handshake"] == 1_700_000_000 and r["b"]["endpoint"] == f"{B_IP}:4500"  # UDP-encapsulated (RFC 3948)
     assert r["b"]["packets_out"] == 3 and r["b"]["bytes_out"] == 3 * 120
     assert r["b"]["sa"] == "esp/tunnel/udp" and r["b"]["rule"] == ""
+    assert r["b"]["mtu"] == a.rt.tun_mtu > 0  # no underlay MTU known here: the TUN MTU
     assert r["c"]["state"] == "connecting" and r["c"]["ike_state"] == "CONNECTING" and r["c"]["last_handshake"] == 0
     assert rows(tb)["a"]["packets_in"] == 3
 
@@ -100,6 +101,7 @@ def test_metrics_with_peer_label(trio) -> None:
     assert v("meshsec_agent_peer_packets_total", {"peer": "b", "direction": "out"}) == 1
     assert v("meshsec_agent_peer_last_handshake_age_seconds", {"peer": "b"}) > 0
     assert v("meshsec_agent_peer_last_handshake_age_seconds", {"peer": "c"}) is None  # never
+    assert v("meshsec_agent_peer_mtu_bytes", {"peer": "b"}) == a.rt.tun_mtu
     assert v("process_resident_memory_bytes") > 0 and v("process_cpu_seconds_total") >= 0
 
 

@@ -156,7 +156,7 @@ class ViewUpdate(_message.Message):
     def __init__(self, version: _Optional[int] = ..., full: _Optional[bool] = ..., node_name: _Optional[str] = ..., identity: _Optional[str] = ..., subnets: _Optional[_Iterable[str]] = ..., endpoints: _Optional[_Iterable[str]] = ..., upserted_peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., removed_peers: _Optional[_Iterable[str]] = ..., revoked_serials: _Optional[_Iterable[bytes]] = ..., unrevoked_serials: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class PeerStatus(_message.Message):
-    __slots__ = ("name", "state", "ike_state", "child_sas", "last_handshake", "last_error", "last_error_at", "endpoint", "bytes_in", "bytes_out", "packets_in", "packets_out", "drops", "sa", "rule")
+    __slots__ = ("name", "state", "ike_state", "child_sas", "last_handshake", "last_error", "last_error_at", "endpoint", "bytes_in", "bytes_out", "packets_in", "packets_out", "drops", "sa", "rule", "mtu")
     class DropsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +179,7 @@ class PeerStatus(_message.Message):
     DROPS_FIELD_NUMBER: _ClassVar[int]
     SA_FIELD_NUMBER: _ClassVar[int]
     RULE_FIELD_NUMBER: _ClassVar[int]
+    MTU_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: str
     ike_state: str
@@ -194,7 +195,8 @@ class PeerStatus(_message.Message):
     drops: _containers.ScalarMap[str, int]
     sa: str
     rule: str
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., ike_state: _Optional[str] = ..., child_sas: _Optional[int] = ..., last_handshake: _Optional[int] = ..., last_error: _Optional[str] = ..., last_error_at: _Optional[int] = ..., endpoint: _Optional[str] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., packets_in: _Optional[int] = ..., packets_out: _Optional[int] = ..., drops: _Optional[_Mapping[str, int]] = ..., sa: _Optional[str] = ..., rule: _Optional[str] = ...) -> None: ...
+    mtu: int
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., ike_state: _Optional[str] = ..., child_sas: _Optional[int] = ..., last_handshake: _Optional[int] = ..., last_error: _Optional[str] = ..., last_error_at: _Optional[int] = ..., endpoint: _Optional[str] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., packets_in: _Optional[int] = ..., packets_out: _Optional[int] = ..., drops: _Optional[_Mapping[str, int]] = ..., sa: _Optional[str] = ..., rule: _Optional[str] = ..., mtu: _Optional[int] = ...) -> None: ...
 
 class StatusReport(_message.Message):
     __slots__ = ("node_name", "view_version", "cert_not_after", "tun_mtu", "underlay_mtu", "peers", "drops", "uptime_s", "view_source", "local_address")
