@@ -714,6 +714,14 @@ class StatusReporter:
         self.last_error = ""
         self.reachable: bool | None = None  # None: not tried yet
         self._unimplemented_logged = False
+        self._channel: grpc.Channel | None = None
+        self._channel_key: tuple | None = None
+
+    def close(self) -> None:
+        """Close the channel (the next report opens a new one)."""
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
 
     def controller_state(self) -> dict:
         """JSON-ready: ``address`` (watch port), ``reachable`` (the last report
@@ -749,11 +757,16 @@ class StatusReporter:
             with self._lock:
                 self.last_error, self.reachable = "not enrolled yet", False
             return False
+        key = (self.client.watch_address, creds.certificate_chain)
         try:
-            channel_creds = self.client._mtls(creds.private_key_pem, creds.certificate_chain)
-            with grpc.secure_channel(self.client.watch_address, channel_creds, options=_CHANNEL_OPTIONS) as ch:
-                resp = pb_grpc.ControllerStub(ch).ReportStatus(report, timeout=self.timeout)
+            if self._channel is None or self._channel_key != key:  # one channel while it works
+                self.close()
+                channel_creds = self.client._mtls(creds.private_key_pem, creds.certificate_chain)
+                self._channel = grpc.secure_channel(key[0], channel_creds, options=_CHANNEL_OPTIONS)
+                self._channel_key = key
+            resp = pb_grpc.ControllerStub(self._channel).ReportStatus(report, timeout=self.timeout)
         except grpc.RpcError as e:
+            self.close()  # a fresh channel next time: no reconnect backoff inherited from a dead one
             code = e.code() if hasattr(e, "code") else None
             details = e.details() if hasattr(e, "details") else str(e)
             with self._lock:
@@ -796,3 +809,4 @@ class StatusReporter:
                 stop.wait(self.min_interval)
                 continue
             stop.wait(min(0.5, max(0.0, next_at - now)))
+        self.close()

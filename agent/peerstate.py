@@ -196,8 +196,12 @@ def install_status(control, runtime, tracker: PeerTracker, reporter=None) -> Non
 
     def status(req: dict) -> dict:
         st = base(req)
-        st["peers"] = tracker.peers(st)
-        st["cert_not_after"] = tracker.cert_not_after()
+        try:
+            st["peers"] = tracker.peers(st)
+            st["cert_not_after"] = tracker.cert_not_after()
+        except Exception as exc:  # the rest of the status is still worth showing
+            tracker.log.exception("per-peer status failed")
+            st["peers_error"] = str(exc)
         st["controller"] = reporter.controller_state() if reporter is not None else None
         return st
 

@@ -52,8 +52,9 @@ MAX_REPORT_BYTES = 256 * 1024
 MAX_TEXT = 200                  # characters kept of any string in a report
 RATE_BURST = 3
 RATE_PER_S = 1.0
-MAX_PAIRS = 20_000              # larger meshes list only pairs that were ever tried
+MAX_PAIRS = 20_000              # larger meshes list only pairs a fresh report shows as tried
 DOCUMENT_CACHE_S = 1.0
+ENROLLED_CACHE_S = 10.0         # who holds a certificate: asked of the store at most this often
 PEER_STATES = ("up", "connecting", "down", "idle", "bypass", "discard")
 PAIR_STATES = ("up", "connecting", "down", "never", "unknown", "bypass", "discard")
 REPORT_RESULTS = ("ok", "too_large", "rate_limited", "unknown_node", "bad_name")
@@ -180,42 +181,46 @@ def build_mesh(inventory: Inventory, version: int, reports: dict, enrolled: dict
     counts = dict.fromkeys(PAIR_STATES, 0)
     specs = sorted(inventory.nodes, key=lambda n: n.name)
     total = len(specs) * (len(specs) - 1) // 2
-    truncated = False
-    for i, a in enumerate(specs):
-        for b in specs[i + 1:]:
-            pol = pair_policy(inventory, a, b)
-            ea = fresh.get(a.name, {}).get("peers", {}).get(b.name)
-            eb = fresh.get(b.name, {}).get("peers", {}).get(a.name)
-            state, reason = _pair_state(pol.action, a.name, b.name, ea, eb)
-            counts[state] += 1
-            if total > max_pairs and state in ("never", "unknown"):
-                truncated = True
-                continue
-            rates = {}
-            for me, other, end in ((a.name, b.name, ea), (b.name, a.name, eb)):
-                rep = reports.get(me)
-                if end is not None and rep is not None and other in rep[2]:
-                    rates[me] = rep[2][other]
-            a_to_b = rates[a.name][1] if a.name in rates else (rates[b.name][0] if b.name in rates else None)
-            b_to_a = rates[b.name][1] if b.name in rates else (rates[a.name][0] if a.name in rates else None)
-            ends = {}
-            for name, end in ((a.name, ea), (b.name, eb)):
-                if end is not None:
-                    ends[name] = end
-            pairs.append({
-                "a": a.name, "b": b.name, "state": state, "reason": reason, "rule": pol.rule,
-                "action": pol.action, "mode": pol.mode, "protocol": pol.protocol,
-                "last_handshake": max([e["last_handshake"] for e in ends.values()] or [0]) or None,
-                "bps_a_to_b": round(a_to_b, 1) if a_to_b is not None else None,
-                "bps_b_to_a": round(b_to_a, 1) if b_to_a is not None else None,
-                "ends": ends,
-            })
+    truncated = total > max_pairs
+    if not truncated:
+        candidates = [(a, b) for i, a in enumerate(specs) for b in specs[i + 1:]]
+    else:  # O(N^2) policies would be too slow: only pairs some fresh report shows as tried
+        by_name = {n.name: n for n in specs}
+        keys = {tuple(sorted((me, other))) for me, rep in fresh.items() for other, r in rep["peers"].items()
+                if other in by_name and r["state"] != "idle"}
+        candidates = [(by_name[a], by_name[b]) for a, b in sorted(keys)]
+    for a, b in candidates:
+        pol = pair_policy(inventory, a, b)
+        ea = fresh.get(a.name, {}).get("peers", {}).get(b.name)
+        eb = fresh.get(b.name, {}).get("peers", {}).get(a.name)
+        state, reason = _pair_state(pol.action, a.name, b.name, ea, eb)
+        counts[state] += 1
+        rates = {}
+        for me, other, end in ((a.name, b.name, ea), (b.name, a.name, eb)):
+            rep = reports.get(me)
+            if end is not None and rep is not None and other in rep[2]:
+                rates[me] = rep[2][other]
+        a_to_b = rates[a.name][1] if a.name in rates else (rates[b.name][0] if b.name in rates else None)
+        b_to_a = rates[b.name][1] if b.name in rates else (rates[a.name][0] if a.name in rates else None)
+        ends = {}
+        for name, end in ((a.name, ea), (b.name, eb)):
+            if end is not None:
+                ends[name] = end
+        pairs.append({
+            "a": a.name, "b": b.name, "state": state, "reason": reason, "rule": pol.rule,
+            "action": pol.action, "mode": pol.mode, "protocol": pol.protocol,
+            "last_handshake": max([e["last_handshake"] for e in ends.values()] or [0]) or None,
+            "bps_a_to_b": round(a_to_b, 1) if a_to_b is not None else None,
+            "bps_b_to_a": round(b_to_a, 1) if b_to_a is not None else None,
+            "ends": ends,
+        })
     return {
         "generated_at": int(now), "view_version": version, "leader": leader,
         "report_interval_s": REPORT_INTERVAL_S, "stale_after_s": stale_after,
         "nodes": nodes, "pairs": pairs, "pairs_truncated": truncated,
         "summary": {"nodes": len(nodes), "enrolled": sum(1 for n in nodes if n["enrolled"]),
-                    "connected": sum(1 for n in nodes if n["connected"]), "pairs": counts},
+                    "connected": sum(1 for n in nodes if n["connected"]), "pairs": counts,
+                    "pairs_total": total, "pairs_unlisted": total - len(pairs)},
     }
 
 
@@ -276,6 +281,7 @@ class MeshService:
         self.status_socket = status_socket
         self.results = dict.fromkeys(REPORT_RESULTS, 0)
         self._doc: tuple[float, dict] | None = None
+        self._enrolled_cache: tuple[Inventory, float, dict[str, int]] | None = None
         self._doc_lock = threading.Lock()
         self._web = None
         self._sock: _SocketServer | None = None
@@ -338,7 +344,19 @@ class MeshService:
         return pb.MeshStatus(json=json.dumps(self.document(), sort_keys=True))
 
     # -- the document -----------------------------------------------------------------
-    def _enrolled(self, inventory: Inventory, now: float) -> dict[str, int]:
+    def _enrolled(self, inventory: Inventory, now: float, reporting: set[str]) -> dict[str, int]:
+        """node -> notAfter of its current certificate; the store is asked at most every
+        ENROLLED_CACHE_S seconds (one query per node: etcd in HA), or when the inventory
+        changed or a node reports (it has a certificate) that the cache does not know."""
+        cached = self._enrolled_cache
+        if (cached is not None and cached[0] is inventory and now - cached[1] < ENROLLED_CACHE_S
+                and reporting <= cached[2].keys()):
+            return {k: v for k, v in cached[2].items() if v > now}
+        out = self._enrolled_now(inventory, now)
+        self._enrolled_cache = (inventory, now, out)
+        return out
+
+    def _enrolled_now(self, inventory: Inventory, now: float) -> dict[str, int]:
         store = self.server.store
         if store is None:
             return {}
@@ -361,7 +379,9 @@ class MeshService:
                 return self._doc[1]
         inventory, version = self.server.state.snapshot()
         self.status.forget({n.name for n in inventory.nodes})
-        doc = build_mesh(inventory, version, self.status.snapshot(), self._enrolled(inventory, now), now,
+        reports = self.status.snapshot()
+        reporting = {n for n, r in reports.items() if now - r[1] <= STALE_AFTER_S}
+        doc = build_mesh(inventory, version, reports, self._enrolled(inventory, now, reporting), now,
                          leader=bool(getattr(self.server, "is_leader", True)))
         with self._doc_lock:
             self._doc = (now, doc)

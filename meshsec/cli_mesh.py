@@ -128,7 +128,8 @@ def format_mesh(doc: dict, *, show_all: bool = False, now: float | None = None) 
     if hidden:
         out.append(f"({hidden} pairs never tried not shown; --all lists them)")
     if doc.get("pairs_truncated"):
-        out.append("(large mesh: pairs never tried or without reports are left out of the document)")
+        out.append(f"({s.get('pairs_unlisted', '?')} more pairs no recent report shows as tried are not listed: "
+                   "large mesh)")
     return "\n".join(out)
 
 

@@ -90,7 +90,12 @@ def test_pair_states_from_both_ends() -> None:
     assert nodes["charlie"]["site"] == "gateway"  # no group: its role
     assert doc["summary"] == {"nodes": 3, "enrolled": 2, "connected": 2,
                               "pairs": {"up": 1, "connecting": 0, "down": 1, "never": 1, "unknown": 0,
-                                        "bypass": 0, "discard": 0}}
+                                        "bypass": 0, "discard": 0}, "pairs_total": 3, "pairs_unlisted": 0}
+    # a mesh too large for every pair: only pairs a fresh report shows as tried
+    big = build_mesh(_inv(), 7, st.snapshot(), {}, 1005.0, max_pairs=2)
+    assert big["pairs_truncated"] and {(p["a"], p["b"]) for p in big["pairs"]} == {("alpha", "bravo"),
+                                                                                   ("alpha", "charlie")}
+    assert big["summary"]["pairs_unlisted"] == 1
     # reports go stale: nobody connected, every pair unknown
     late = build_mesh(_inv(), 7, st.snapshot(), {}, 1000.0 + 31)
     assert {p["state"] for p in late["pairs"]} == {"unknown"} and late["summary"]["connected"] == 0
