@@ -294,3 +294,109 @@ def test_reporter_sends_periodically_and_on_change(controller: ServerFactory, tm
         stop.set()
         t.join(timeout=10)
     assert not t.is_alive()
+
+
+# ---------------------------------------------------------------- failure paths
+
+class _Abort(Exception):
+    pass
+
+
+class _Ctx:
+    """A ServicerContext stand-in: abort raises with the code and details."""
+
+    def abort(self, code, details):
+        raise _Abort(code, details)
+
+
+def test_report_from_a_node_no_longer_in_the_inventory_is_not_found(controller: ServerFactory) -> None:
+    server = controller.start()
+
+    class Servicer:  # the certificate checks passed (e.g. a node source lost the node a moment ago)
+        def _check_identity(self, name, context, rpc):
+            return None
+
+    from controller.status import MeshService
+    mesh = MeshService(server, Servicer())
+    with pytest.raises(_Abort) as e:
+        mesh.ReportStatus(report("delta", []), _Ctx())
+    assert e.value.args == (grpc.StatusCode.NOT_FOUND, "node 'delta' is not in the inventory")
+    assert mesh.results["unknown_node"] == 1 and "delta" not in mesh.status.snapshot()
+
+
+def test_get_mesh_is_rate_limited(controller: ServerFactory, tmp_path: Path) -> None:
+    server = controller.start()
+    alpha = mtls(server, tmp_path, "alpha")
+    codes = []
+    for _ in range(5):
+        try:
+            call(server, alpha, "GetMesh", pb.GetMeshRequest())
+            codes.append("ok")
+        except grpc.RpcError as e:
+            codes.append(e.code().name)
+    assert codes[:3] == ["ok"] * 3 and "RESOURCE_EXHAUSTED" in codes
+
+
+def test_status_socket_path_taken_by_a_file_is_logged_not_fatal(controller: ServerFactory, tmp_path: Path,
+                                                                caplog) -> None:
+    taken = tmp_path / "not-a-socket"
+    taken.write_text("x")
+    with caplog.at_level(logging.WARNING):
+        server = controller.start(mesh_options={"status_socket": str(taken)})
+    assert server.mesh._sock is None and taken.read_text() == "x"
+    assert f"no status socket at {taken}" in caplog.text and "exists and is not a socket" in caplog.text
+
+
+def test_cli_mesh_controller_unreachable(controller: ServerFactory, tmp_path: Path, capsys) -> None:
+    server = controller.start()
+    mtls(server, tmp_path, "alpha")
+    state = tmp_path / "agent-alpha"
+    server.stop(grace=0)
+    assert cli.main(["mesh", "--controller", f"127.0.0.1:{server.port}", "--watch-address",
+                     f"127.0.0.1:{server.watch_port}", "--state-dir", str(state)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"meshsec: controller 127.0.0.1:{server.watch_port}: UNAVAILABLE")
+
+
+class _StuckLoop(_Loop):
+    def call_soon(self, fn) -> None:
+        pass  # never runs: a busy or stuck loop
+
+
+def test_reporter_skips_a_report_when_the_loop_does_not_answer(controller: ServerFactory, tmp_path: Path) -> None:
+    server = controller.start()
+    c = client(controller, server, "alpha", "alpha-token", tmp_path)
+    rep = StatusReporter(c, _StuckLoop(), _Tracker(), timeout=0.05, logger=logging.getLogger("test.report"))
+    assert rep.build() is None
+    # not enrolled yet: no call, the reason is shown
+    assert rep.send(report("alpha", [])) is False
+    assert rep.controller_state()["reachable"] is False and rep.controller_state()["error"] == "not enrolled yet"
+
+
+def test_reporter_against_a_controller_without_reports(tmp_path: Path, caplog) -> None:
+    """An older controller (no ReportStatus): UNIMPLEMENTED, logged once, the controller counts as reachable."""
+    from concurrent import futures
+
+    from tests.controller.ctl_helpers import ServerFactory as _F
+    factory = _F(tmp_path)
+    server = factory.start()
+    try:
+        c = client(factory, server, "alpha", "alpha-token", tmp_path)
+        c.enroll()
+        old = grpc.server(futures.ThreadPoolExecutor(max_workers=2))  # plain port, no services at all
+        port = old.add_insecure_port("127.0.0.1:0")
+        old.start()
+        try:
+            c.watch_addresses = [f"127.0.0.1:{port}"]
+            c._mtls = lambda *a: grpc.local_channel_credentials()  # noqa: E731 (plain local channel to it)
+            rep = StatusReporter(c, _Loop(), _Tracker(), logger=logging.getLogger("test.report"))
+            with caplog.at_level(logging.WARNING, logger="test.report"):
+                assert rep.send(report("alpha", [])) is False
+                assert rep.send(report("alpha", [])) is False
+            assert caplog.text.count("does not take status reports") == 1
+            assert rep.controller_state()["reachable"] is True
+            assert rep.controller_state()["error"].startswith("UNIMPLEMENTED")
+        finally:
+            old.stop(0)
+    finally:
+        factory.stop_all()
