@@ -128,7 +128,8 @@ function draw(doc){
   document.body.setAttribute('data-drawn',String(doc.generated_at));
 }
 function poll(){fetch('api/mesh',{cache:'no-store'}).then(r=>r.ok?r.json():Promise.reject(r.status))
-  .then(d=>{draw(d);document.getElementById('error').textContent='';})
+  .then(d=>{draw(d);document.getElementById('error').textContent='';
+    document.body.setAttribute('data-polls',String(Number(document.body.getAttribute('data-polls')||0)+1));})
   .catch(e=>{document.getElementById('error').textContent='cannot refresh: '+e;});}
 draw(JSON.parse(document.getElementById('mesh-data').textContent));
 setInterval(poll,POLL_MS);

@@ -36,9 +36,10 @@ def spki_pin(cert_pem: bytes) -> str:
 
 
 def run_chromium(url: str, *, pin: str | None = None, screenshot: Path | None = None, ns: str | None = None,
-                 timeout: float = 90.0, size: str = "1280,800") -> str:
+                 timeout: float = 90.0, size: str = "1280,800", virtual_time_ms: int = 0) -> str:
     """The DOM of ``url`` after load (``--dump-dom``); with ``screenshot``, a second
-    run saves a PNG there. ``ns``: run inside that network namespace."""
+    run saves a PNG there. ``ns``: run inside that network namespace.
+    ``virtual_time_ms``: let the page's timers run that long (virtual time) before the dump."""
     exe = chromium()
     if exe is None:
         raise FileNotFoundError("chromium not installed (apt-get install -y chromium; scripts/setup.sh)")
@@ -51,7 +52,8 @@ def run_chromium(url: str, *, pin: str | None = None, screenshot: Path | None = 
                 "--hide-scrollbars"]
         if pin:
             base.append(f"--ignore-certificate-errors-spki-list={pin}")
-        dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=timeout)
+        budget = [f"--virtual-time-budget={virtual_time_ms}"] if virtual_time_ms else []
+        dom = subprocess.run([*base, *budget, "--dump-dom", url], capture_output=True, text=True, timeout=timeout)
         if dom.returncode != 0 or "<svg" not in dom.stdout:
             raise RuntimeError(f"chromium --dump-dom {url} failed ({dom.returncode}):\n{dom.stderr[-3000:]}")
         if screenshot is not None:

@@ -44,11 +44,16 @@ def fetch_remote(controller: str, watch_address: str | None, state_dir: str, ca_
     """GetMesh over mutual TLS; CliError with the reason on failure."""
     import grpc
 
-    from agent.control import channel_options, default_watch_address
     from meshsec.cli import CliError
     from meshsec.v1 import controller_pb2 as pb
     from meshsec.v1 import controller_pb2_grpc as pb_grpc
 
+    where = watch_address
+    if not where:
+        host, sep, port = controller.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise CliError(f"--controller {controller!r} is not HOST:PORT")
+        where = f"{host}:{int(port) + 1}"  # the watch port (mutual TLS) is the enrol port + 1 by default
     d = Path(state_dir)
     try:
         key = (d / "node.key").read_bytes()
@@ -57,12 +62,9 @@ def fetch_remote(controller: str, watch_address: str | None, state_dir: str, ca_
     except OSError as e:
         raise CliError(f"cannot read {e.filename}: {e.strerror}; --state-dir must be an enrolled agent's state "
                        "directory (node.key, node.crt, mesh-ca.pem), readable by this user") from None
-    try:
-        where = watch_address or default_watch_address(controller)
-    except ValueError as e:
-        raise CliError(str(e)) from None
     creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=chain)
-    with grpc.secure_channel(where, creds, options=channel_options()) as ch:
+    # the controller's certificate always names "meshsec-controller", whatever address reaches it
+    with grpc.secure_channel(where, creds, options=[("grpc.ssl_target_name_override", "meshsec-controller")]) as ch:
         try:
             resp = pb_grpc.ControllerStub(ch).GetMesh(pb.GetMeshRequest(), timeout=timeout)
         except grpc.RpcError as e:

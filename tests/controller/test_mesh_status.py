@@ -220,6 +220,8 @@ def test_status_socket_and_cli_mesh(controller: ServerFactory, tmp_path: Path, c
     # no certificate there: a clear error, exit 1
     assert cli.main(["mesh", "--controller", f"127.0.0.1:{server.port}", "--state-dir", str(tmp_path / "x")]) == 1
     assert "node.key" in capsys.readouterr().err
+    assert cli.main(["mesh", "--controller", "nonsense"]) == 1
+    assert "--controller 'nonsense' is not HOST:PORT" in capsys.readouterr().err
 
 
 def test_metrics_of_the_mesh(controller: ServerFactory, tmp_path: Path) -> None:

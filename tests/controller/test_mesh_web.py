@@ -97,6 +97,12 @@ def test_chromium_draws_the_mesh(controller: ServerFactory, tmp_path: Path) -> N
     assert g.sites == {"gateway", "host"}  # no groups in this inventory: nodes grouped by role
     assert g.body.get("data-drawn")
     assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "data-polls" not in g.body  # the first drawing comes from the embedded document
+    # the page refreshes itself from /api/mesh (every 3 s; virtual time lets two polls happen)
+    polled = parse_graph(run_chromium(f"https://127.0.0.1:{server.mesh.web_port}/", pin=spki_pin(cert_pem),
+                                      virtual_time_ms=7000))
+    assert int(polled.body["data-polls"]) >= 1
+    assert {k: v["data-state"] for k, v in polled.edges.items()} == drawn
 
 
 def test_controller_flags_for_the_mesh(tmp_path: Path) -> None:
