@@ -224,9 +224,26 @@ class _Server(http.server.ThreadingHTTPServer):
     def __init__(self, addr, ctx: ssl.SSLContext, **kw) -> None:
         self.ctx = ctx
         self.address_family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+        self._slots = threading.BoundedSemaphore(self.max_connections)
         super().__init__(addr, _Handler)
         for k, v in kw.items():
             setattr(self, k, v)
+
+    max_connections = 64  # a page for operators: more at once is refused, not queued
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.log.warning("web: more than %d connections at once; refusing %s",  # type: ignore[attr-defined]
+                             self.max_connections, client_address[0])
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def get_request(self):
         sock, addr = super().get_request()

@@ -161,3 +161,30 @@ def _raw(path: str, data: bytes) -> bytes:
         out += chunk
     s.close()
     return out
+
+
+def test_web_bounds_concurrent_connections(controller: ServerFactory, monkeypatch, caplog) -> None:
+    import logging
+    import socket
+
+    from controller import web
+    monkeypatch.setattr(web._Server, "max_connections", 1)
+    server = controller.start(mesh_options={"web_listen": "127.0.0.1:0", "web_client_auth": False})
+    port = server.mesh.web_port
+    hog = socket.create_connection(("127.0.0.1", port))  # never speaks TLS: holds the only slot
+    try:
+        with caplog.at_level(logging.WARNING):
+            late = socket.create_connection(("127.0.0.1", port))
+            late.settimeout(5)
+            assert late.recv(1) == b""  # closed at once, not queued
+            late.close()
+        assert "more than 1 connections at once" in caplog.text
+    finally:
+        hog.close()
+    # the slot comes back: the page answers again
+    def answers() -> bool:
+        try:
+            return get(server, "/api/mesh", _ctx(server))[0] == 200
+        except (ssl.SSLError, OSError):  # refused while the slot is still taken
+            return False
+    wait_for(answers, what="page after the hog left")
