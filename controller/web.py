@@ -37,10 +37,10 @@ header{padding:8px 14px;background:#1d2b3a;color:#fff;display:flex;gap:18px;alig
 header h1{font-size:16px;margin:0} #summary span{margin-right:12px}
 main{display:flex;gap:10px;padding:10px}
 #graph{background:#fff;border:1px solid #ddd;flex:0 0 auto}
-#side{flex:1 1 auto;overflow:auto;max-height:760px;font-size:12px}
+#side{flex:1 1 auto;overflow:auto;max-height:760px;font-size:12px;min-width:0}
 table{border-collapse:collapse;width:100%;background:#fff}
 td,th{border-bottom:1px solid #eee;padding:3px 6px;text-align:left;white-space:nowrap}
-td:last-child{white-space:normal;min-width:200px}
+td:last-child{white-space:normal;min-width:160px}
 .legend span{display:inline-block;margin-right:10px}
 .sw{display:inline-block;width:18px;height:4px;vertical-align:middle;margin-right:4px}
 .st-up{color:#1a7f37}.st-down{color:#cf222e}.st-connecting{color:#bf8700}
@@ -156,7 +156,7 @@ def render_page(doc: dict) -> str:
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <style>{_STYLE}</style></head>
 <body><header><h1>meshsec mesh</h1><div id="summary"></div><div id="updated"></div><div id="error"></div></header>
-<main><svg id="graph" xmlns="http://www.w3.org/2000/svg" width="760" height="760" viewBox="0 0 760 760"
+<main><svg id="graph" xmlns="http://www.w3.org/2000/svg" width="680" height="680" viewBox="0 0 760 760"
  role="img" aria-label="mesh graph"></svg>
 <div id="side"><div class="legend">{legend}</div>
 <table><thead><tr><th>pair</th><th>state</th><th>rule</th><th>a&#8594;b / b&#8594;a</th><th>reason</th></tr></thead>
