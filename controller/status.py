@@ -4,7 +4,8 @@ document built from them, and the ways it is read.
 - ``ReportStatus`` (mutual TLS, the node's own certificate): the latest
   :class:`~meshsec.v1.controller_pb2.StatusReport` per node, kept **in
   memory** with the time it came (a restarted controller knows nothing until
-  the agents report again, within ``REPORT_INTERVAL_S``; each HA replica
+  the agents report again, within one report interval (:func:`report_interval`:
+  10 s, longer in meshes of more than 100 nodes); each HA replica
   knows the reports of the agents that talk to it). Bounded: at most
   ``MAX_REPORT_PEERS`` peers and ``MAX_REPORT_BYTES`` bytes per report,
   strings cut short, peers not in the inventory ignored; rate-limited per
@@ -20,7 +21,7 @@ and neither fresh end lacks one), ``down`` (a fresh end has no SA: its last
 error is the reason), ``connecting`` (with the last error of an earlier
 attempt, if any), ``never`` (both ends idle: never tried),
 ``unknown`` (no fresh report from either end), or the policy's ``bypass`` /
-``discard``. A report is fresh for ``STALE_AFTER_S`` seconds; a node is
+``discard``. A report is fresh for three report intervals; a node is
 ``connected`` while its report is fresh.
 """
 from __future__ import annotations
@@ -45,8 +46,15 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from controller.policy import Inventory, pair_policy
 from meshsec.v1 import controller_pb2 as pb
 
-REPORT_INTERVAL_S = 10.0        # what the controller asks agents for
-STALE_AFTER_S = 3 * REPORT_INTERVAL_S
+REPORT_INTERVAL_S = 10.0        # what the controller asks agents for (small meshes)
+MAX_ENDS_PAIRS = 1000            # larger documents leave out each pair's two rows (``ends``)
+
+
+def report_interval(nodes: int) -> float:
+    """Seconds between periodic reports for a mesh of ``nodes`` nodes: 10 s, longer
+    from 100 nodes on (N / 10 s, at most 300 s), so the controller takes about 10
+    reports a second whatever the size (a 1000-peer report is about 100 KB)."""
+    return min(300.0, max(REPORT_INTERVAL_S, nodes / 10.0))
 MAX_REPORT_PEERS = 4096
 MAX_REPORT_BYTES = 256 * 1024
 MAX_TEXT = 200                  # characters kept of any string in a report
@@ -153,10 +161,12 @@ def _site(inventory: Inventory, name: str, role: str) -> str:
 
 
 def build_mesh(inventory: Inventory, version: int, reports: dict, enrolled: dict[str, int], now: float, *,
-               leader: bool = True, stale_after: float = STALE_AFTER_S, max_pairs: int = MAX_PAIRS) -> dict:
+               leader: bool = True, stale_after: float | None = None, max_pairs: int = MAX_PAIRS) -> dict:
     """The mesh document (docs/metrics.md "Seeing the mesh"). ``reports`` as
     :meth:`MeshStatus.snapshot`; ``enrolled``: node -> notAfter (Unix s) of its
     current certificate; ``now``: Unix seconds."""
+    interval = report_interval(len(inventory.nodes))
+    stale_after = 3 * interval if stale_after is None else stale_after
     fresh: dict[str, dict] = {}
     nodes = []
     for n in sorted(inventory.nodes, key=lambda n: n.name):
@@ -212,11 +222,12 @@ def build_mesh(inventory: Inventory, version: int, reports: dict, enrolled: dict
             "last_handshake": max([e["last_handshake"] for e in ends.values()] or [0]) or None,
             "bps_a_to_b": round(a_to_b, 1) if a_to_b is not None else None,
             "bps_b_to_a": round(b_to_a, 1) if b_to_a is not None else None,
-            "ends": ends,
+            "ends": ends if len(candidates) <= MAX_ENDS_PAIRS else {},
         })
     return {
         "generated_at": int(now), "view_version": version, "leader": leader,
-        "report_interval_s": REPORT_INTERVAL_S, "stale_after_s": stale_after,
+        "report_interval_s": interval, "stale_after_s": stale_after,
+        "ends_omitted": len(candidates) > MAX_ENDS_PAIRS,
         "nodes": nodes, "pairs": pairs, "pairs_truncated": truncated,
         "summary": {"nodes": len(nodes), "enrolled": sum(1 for n in nodes if n["enrolled"]),
                     "connected": sum(1 for n in nodes if n["connected"]), "pairs": counts,
@@ -321,7 +332,7 @@ class MeshService:
             self._count("rate_limited")
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"node {name!r} reports too often (at most {RATE_BURST} in a row, then "
-                          f"{RATE_PER_S:g} per second); report every {REPORT_INTERVAL_S:g} s")
+                          f"{RATE_PER_S:g} per second); report every {REPORT_INTERVAL_S:g} s or more")
         inventory, _ = self.server.state.snapshot()
         known = {n.name for n in inventory.nodes}
         if name not in known:
@@ -331,7 +342,7 @@ class MeshService:
         self._count("ok")
         with self._doc_lock:
             self._doc = None
-        return pb.StatusReportResponse(report_interval_s=REPORT_INTERVAL_S)
+        return pb.StatusReportResponse(report_interval_s=report_interval(len(known)))
 
     def GetMesh(self, request: pb.GetMeshRequest, context: grpc.ServicerContext) -> pb.MeshStatus:
         name = _cert_name(context)
@@ -380,7 +391,8 @@ class MeshService:
         inventory, version = self.server.state.snapshot()
         self.status.forget({n.name for n in inventory.nodes})
         reports = self.status.snapshot()
-        reporting = {n for n, r in reports.items() if now - r[1] <= STALE_AFTER_S}
+        stale = 3 * report_interval(len(inventory.nodes))
+        reporting = {n for n, r in reports.items() if now - r[1] <= stale}
         doc = build_mesh(inventory, version, reports, self._enrolled(inventory, now, reporting), now,
                          leader=bool(getattr(self.server, "is_leader", True)))
         with self._doc_lock:

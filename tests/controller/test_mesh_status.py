@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 
 from agent.control import StatusReporter, report_from_rows
 from controller.policy import Inventory, NodeSpec, Rule
-from controller.status import MAX_REPORT_PEERS, MeshStatus, RateLimiter, build_mesh, report_to_dict
+from controller.status import MAX_REPORT_PEERS, MeshStatus, RateLimiter, build_mesh, report_interval, report_to_dict
 from meshsec import cli
 from meshsec.v1 import controller_pb2 as pb
 from meshsec.v1 import controller_pb2_grpc as pb_grpc
@@ -126,6 +126,18 @@ def test_throughput_from_consecutive_reports_and_counter_reset() -> None:
     st.ingest("alpha", report_to_dict(report("alpha", [row("bravo", bytes_out=10, bytes_in=0)]), k))
     p = _pairs(build_mesh(_inv(), 1, st.snapshot(), {}, 1020.0))[("alpha", "bravo")]
     assert p["bps_a_to_b"] == 0.0
+
+
+def test_report_interval_grows_with_the_mesh_and_large_documents_stay_small(monkeypatch) -> None:
+    assert report_interval(3) == 10.0 and report_interval(1000) == 100.0 and report_interval(10_000) == 300.0
+    st = MeshStatus(clock=lambda: 1000.0)
+    st.ingest("alpha", report_to_dict(report("alpha", [row("bravo"), row("charlie")]), {"bravo", "charlie"}))
+    assert _pairs(build_mesh(_inv(), 1, st.snapshot(), {}, 1000.0))[("alpha", "bravo")]["ends"]
+    import controller.status as status
+    monkeypatch.setattr(status, "MAX_ENDS_PAIRS", 2)
+    doc = build_mesh(_inv(), 1, st.snapshot(), {}, 1000.0)
+    assert doc["ends_omitted"] and all(p["ends"] == {} for p in doc["pairs"])
+    assert _pairs(doc)[("alpha", "bravo")]["state"] == "up"  # the pair itself is still there
 
 
 def test_report_to_dict_drops_unknown_peers_and_cuts_strings() -> None:
