@@ -152,10 +152,10 @@ class PeerTracker:
             endpoint = (ike or {}).get("remote") or (newest or {}).get("remote") or (
                 f"{p.endpoints[0]}:{p.ike_port}" if p.endpoints else "")
             sa = ""
-            if newest is not None:
+            if newest is not None and newest.get("ah"):  # ah+esp: the ESP rides inside the AH SA
+                sa = f"esp/{newest.get('mode', '?')} in ah"
+            elif newest is not None:
                 sa = f"{newest.get('protocol', 'esp')}/{newest.get('mode', '?')}/{newest.get('encapsulation', '?')}"
-                if newest.get("ah"):
-                    sa += "+ah"
             mtu = st.get("tun_mtu") or 0
             cur = (getattr(self.rt, "current", None) or {}).get(p.name)
             inner = getattr(cur, "max_inner", 65535) if cur is not None else 65535

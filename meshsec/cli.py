@@ -107,10 +107,13 @@ def _drops(d: dict) -> str:
 
 
 def _sa_kind(c: dict) -> str:
-    """e.g. ``esp/transport/udp``; an ESP SA inside an AH SA (ah+esp) shows ``+ah``."""
+    """e.g. ``esp/transport/udp``. The ESP SA of an ah+esp bundle travels inside its AH SA
+    (RFC 4301 §4.5: IP/AH/ESP, never in UDP, whatever NAT-T said): ``esp/transport in ah
+    SPI_o``; the AH SA has its own row (``ah/transport/none``)."""
+    if c.get("ah"):
+        return f"{c.get('protocol', 'esp')}/{c.get('mode', '?')} in ah {c['ah']}_o"
     encap = c.get("encapsulation") or ("udp" if c.get("udp_encap") else "none")
-    kind = f"{c.get('protocol', 'esp')}/{c.get('mode', '?')}/{encap}"
-    return kind + (f" +ah {c['ah']}_o" if c.get("ah") else "")
+    return f"{c.get('protocol', 'esp')}/{c.get('mode', '?')}/{encap}"
 
 
 def _life(c: dict) -> str:
