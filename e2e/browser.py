@@ -6,8 +6,8 @@ The controller's certificate is signed by the mesh CA, which Chromium does not
 know: it is accepted by pinning its public key
 (``--ignore-certificate-errors-spki-list``), nothing else is trusted. Every
 run uses a fresh ``--user-data-dir`` and no network service of its own
-(background networking, component updates and sync are off), so the browser
-talks only to the page's address.
+(background networking, component updates and sync are off) and resolves no
+name at all, so the browser talks only to the page's IP address.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import html.parser
 import shutil
 import subprocess
 import tempfile
+import urllib.parse
 from pathlib import Path
 
 from cryptography import x509
@@ -48,8 +49,11 @@ def run_chromium(url: str, *, pin: str | None = None, screenshot: Path | None = 
         base = [*prefix, exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 "--disable-default-apps", "--disable-extensions", "--no-default-browser-check",
-                "--metrics-recording-only", f"--user-data-dir={profile}", f"--window-size={size}",
-                "--hide-scrollbars"]
+                "--metrics-recording-only", "--no-pings", "--disable-domain-reliability",
+                "--disable-client-side-phishing-detection", "--disable-features=OptimizationHints,MediaRouter",
+                # no name resolves but the page's own host: nothing else can be reached
+                f"--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE {urllib.parse.urlsplit(url).hostname}",
+                f"--user-data-dir={profile}", f"--window-size={size}", "--hide-scrollbars"]
         if pin:
             base.append(f"--ignore-certificate-errors-spki-list={pin}")
         budget = [f"--virtual-time-budget={virtual_time_ms}"] if virtual_time_ms else []
