@@ -477,10 +477,12 @@ def _run(args) -> int:
     if on_stored:
         rt.view_source = "stored"
 
+    from agent.peerstate import PeerTracker, install_status
+    tracker = PeerTracker(rt)  # per-peer state for `meshsec status`, metrics and the controller's mesh view
     metrics = None
     if args.metrics_listen:
         from agent.metrics import AgentMetrics
-        metrics = AgentMetrics(rt)
+        metrics = AgentMetrics(rt, tracker=tracker)
         try:
             port = metrics.serve(args.metrics_listen)
         except (ValueError, OSError) as exc:
@@ -496,7 +498,7 @@ def _run(args) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    watcher = None
+    watcher = reporter = None
     if client is not None:
         got_view = threading.Event()
         saved = [stored_view]
@@ -548,6 +550,10 @@ def _run(args) -> int:
             threading.Thread(target=use_stored, name="stored-view", daemon=True).start()
         watcher = threading.Thread(target=watch_main, name="controller-watch", daemon=True)
         watcher.start()
+        from agent.control import StatusReporter
+        reporter = StatusReporter(client, rt, tracker)  # ReportStatus: periodic and on change
+        threading.Thread(target=reporter.run, args=(stop_event,), name="status-report", daemon=True).start()
+    install_status(control, rt, tracker, reporter)
     log.info("meshsec-agent %s up: %s on %s, TUN %s mtu %d, %d peers", view.name,
              "standalone" if args.config else f"controller {args.controller}", local, tun.name, mtu,
              len(view.peers))

@@ -18,6 +18,19 @@ Names (docs/metrics.md):
     meshsec_agent_view_version                      gauge
     meshsec_agent_snapshot_timeouts_total           counter
     meshsec_agent_build_info{version,python}        gauge, always 1
+    meshsec_agent_peer_up{peer}                     gauge 1 while a CHILD_SA with the peer is installed
+    meshsec_agent_peer_state{peer,state}            gauge 1 for the peer's state (up, connecting, down,
+                                                    idle, bypass, discard), 0 for the others
+    meshsec_agent_peer_last_handshake_age_seconds{peer}  gauge, since the last IKE_SA / CHILD_SA
+                                                    established with the peer (absent: never)
+    meshsec_agent_peer_bytes_total{peer,direction}  counter, inner bytes in/out with the peer
+    meshsec_agent_peer_packets_total{peer,direction} counter
+    meshsec_agent_peer_drops_total{peer,reason}     counter, drops on the peer's CHILD_SAs
+    meshsec_agent_peer_mtu_bytes{peer}              gauge, largest inner packet to the peer
+    meshsec_agent_certificate_expiry_timestamp_seconds  gauge, node certificate notAfter (Unix)
+    process_cpu_seconds_total, process_resident_memory_bytes, ...  the standard process collector
+
+The ``peer`` metrics need a PeerTracker (agent.peerstate; ``AgentMetrics(rt, tracker=...)``).
 
 CHILD_SA byte and packet counters live in each SA; when an SA goes away
 (deleted, rekeyed, its peer removed) its last counts are kept, so the
@@ -28,9 +41,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 HANDSHAKE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -50,8 +64,10 @@ def _sa_counts(ch) -> dict[str, int]:
 class AgentMetrics:
     """Metrics of one Runtime; ``serve(listen)`` exposes them over HTTP."""
 
-    def __init__(self, runtime, *, timeout: float = 1.0, logger: logging.Logger | None = None) -> None:
+    def __init__(self, runtime, *, timeout: float = 1.0, logger: logging.Logger | None = None,
+                 tracker=None) -> None:
         self.rt = runtime
+        self.tracker = tracker  # agent.peerstate.PeerTracker: per-peer metrics
         self.timeout = timeout
         self.log = logger or logging.getLogger("meshsec.metrics")
         self.registry = CollectorRegistry()
@@ -77,6 +93,7 @@ class AgentMetrics:
         self._server = None
         runtime.event_observers.append(self.observe)
         self.registry.register(_Collector(self))
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, process_resident_memory_bytes
 
     # -- loop thread -------------------------------------------------------------
     def observe(self, ev, now: float) -> None:
@@ -149,7 +166,17 @@ class AgentMetrics:
                 "ike": {k: v for k, v in (getattr(rt.ike, "counters", None) or {}).items() if isinstance(v, int)},
             },
             "view_version": getattr(rt.view, "version", 0) or 0,
+            **self._peer_snapshot(),
         }
+
+    def _peer_snapshot(self) -> dict[str, Any]:
+        if self.tracker is None:
+            return {}
+        try:
+            return {"peers": self.tracker.peers(), "cert_not_after": self.tracker.cert_not_after()}
+        except Exception as e:  # per-peer state must not break a scrape
+            self.log.warning("peer status for metrics failed: %s", e)
+            return {}
 
     # -- any thread ----------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
@@ -225,4 +252,46 @@ class _Collector:
         yield c
         g = GaugeMetricFamily("meshsec_agent_view_version", "Controller view version applied")
         g.add_metric([], snap["view_version"])
+        yield g
+        yield from _peer_families(snap)
+
+
+def _peer_families(snap: dict[str, Any]):
+    """Per-peer families (``peer`` label) and the certificate expiry, if tracked."""
+    if "peers" not in snap:
+        return
+    from agent.peerstate import STATES
+    now = time.time()
+    rows = snap["peers"]
+    up = GaugeMetricFamily("meshsec_agent_peer_up", "1 while a CHILD_SA with the peer is installed", labels=["peer"])
+    state = GaugeMetricFamily("meshsec_agent_peer_state", "1 for the peer's current state", labels=["peer", "state"])
+    age = GaugeMetricFamily("meshsec_agent_peer_last_handshake_age_seconds",
+                            "Seconds since the last IKE_SA or CHILD_SA was established with the peer",
+                            labels=["peer"])
+    nbytes = CounterMetricFamily("meshsec_agent_peer_bytes", "Inner bytes with the peer", labels=["peer", "direction"])
+    npkts = CounterMetricFamily("meshsec_agent_peer_packets", "Inner packets with the peer",
+                                labels=["peer", "direction"])
+    mtu = GaugeMetricFamily("meshsec_agent_peer_mtu_bytes", "Largest inner packet to the peer (TUN MTU or the "
+                            "SA bundle's limit)", labels=["peer"])
+    drops = CounterMetricFamily("meshsec_agent_peer_drops", "Dropped packets on the peer's CHILD_SAs by reason",
+                                labels=["peer", "reason"])
+    for r in rows:
+        peer = r["name"]
+        up.add_metric([peer], 1 if r["state"] == "up" else 0)
+        for st in STATES:
+            state.add_metric([peer, st], 1 if r["state"] == st else 0)
+        if r["last_handshake"]:
+            age.add_metric([peer], max(0.0, now - r["last_handshake"]))
+        for d in ("in", "out"):
+            nbytes.add_metric([peer, d], r[f"bytes_{d}"])
+            npkts.add_metric([peer, d], r[f"packets_{d}"])
+        for reason, n in sorted(r["drops"].items()):
+            drops.add_metric([peer, reason], n)
+        if r.get("mtu"):
+            mtu.add_metric([peer], r["mtu"])
+    yield from (up, state, age, nbytes, npkts, mtu, drops)
+    if snap.get("cert_not_after"):
+        g = GaugeMetricFamily("meshsec_agent_certificate_expiry_timestamp_seconds",
+                              "notAfter of this node's certificate, Unix seconds")
+        g.add_metric([], snap["cert_not_after"])
         yield g

@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from controller.inventory import InventoryError, parse_duration
 from controller.service import ControllerServer, default_server_names, split_listen
@@ -72,6 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--health-listen", default=None, metavar="HOST:PORT",
                    help="plain-text gRPC port with only grpc.health.v1 and reflection, for probes (default: off; "
                         "the TLS ports serve both anyway)")
+    mesh = p.add_argument_group("seeing the mesh (docs/metrics.md)")
+    mesh.add_argument("--web-listen", default=None, metavar="HOST:PORT",
+                      help="serve the read-only mesh page at https://HOST:PORT/ with the controller's TLS "
+                           "certificate (default: off)")
+    mesh.add_argument("--web-client-auth", choices=("required", "none"), default="required",
+                      help="'required' (default): browsers present a certificate of the mesh CA (or "
+                           "--web-client-ca); 'none': anyone reaching the port sees the mesh (logged)")
+    mesh.add_argument("--web-client-ca", default=None, metavar="FILE",
+                      help="also accept client certificates signed by this PEM CA on the web page")
+    mesh.add_argument("--status-socket", default=None, metavar="PATH",
+                      help="UNIX socket (mode 0600) for `meshsec mesh` on this host; '' turns it off "
+                           "(default: controller.sock in --state-dir)")
     p.add_argument("--max-workers", type=int, default=256, metavar="N",
                    help="gRPC server threads; every Watch stream holds one, one live Watch per node, and "
                         "1/16 of them (2 to 16) stay free for Enroll/Renew (default: %(default)s)")
@@ -160,6 +173,15 @@ def main(argv: list[str] | None = None) -> int:
         for flag in ("metrics_listen", "health_listen"):
             if getattr(args, flag) is not None:
                 split_hostport(getattr(args, flag), "--" + flag.replace("_", "-"))
+        if args.web_listen is not None:
+            split_hostport(args.web_listen, "--web-listen")
+        if args.web_client_ca is not None:
+            try:
+                with open(args.web_client_ca, "rb") as f:
+                    if b"-----BEGIN CERTIFICATE-----" not in f.read():
+                        raise ValueError(f"--web-client-ca {args.web_client_ca}: no PEM certificate in it")
+            except OSError as e:
+                raise ValueError(f"cannot read --web-client-ca {args.web_client_ca}: {e.strerror}") from None
         if args.max_workers < 4:
             raise ValueError(f"--max-workers {args.max_workers}: use at least 4")
         if lifetime <= 0:
@@ -182,7 +204,13 @@ def main(argv: list[str] | None = None) -> int:
                               server_names=args.server_name or default_server_names(host),
                               cert_lifetime=dt.timedelta(seconds=lifetime), logger=log, ha=ha,
                               metrics_listen=args.metrics_listen, health_listen=args.health_listen,
-                              max_workers=args.max_workers)
+                              max_workers=args.max_workers,
+                              mesh_options={"web_listen": args.web_listen,
+                                            "web_client_auth": args.web_client_auth == "required",
+                                            "web_client_ca": args.web_client_ca,
+                                            "status_socket": (str(Path(args.state_dir) / "controller.sock")
+                                                              if args.status_socket is None
+                                                              else args.status_socket or None)})
     try:
         server.start()
     except InventoryError as e:

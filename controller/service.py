@@ -435,7 +435,7 @@ def _serialize_update(update: bytes | pb.ViewUpdate) -> bytes:
     return update if isinstance(update, bytes) else update.SerializeToString()
 
 
-def add_servicer(servicer: ControllerServicer, server: grpc.Server) -> None:
+def add_servicer(servicer: ControllerServicer, server: grpc.Server, extra: dict | None = None) -> None:
     """Register ``meshsec.v1.Controller`` like the generated
     ``add_ControllerServicer_to_server``, except that Watch may yield
     pre-serialized ``ViewUpdate`` bytes (shared across streams)."""
@@ -455,6 +455,7 @@ def add_servicer(servicer: ControllerServicer, server: grpc.Server) -> None:
             request_deserializer=tolerant_deserializer(pb.RenewRequest),
             response_serializer=pb.EnrollResponse.SerializeToString),
     }
+    handlers.update(extra or {})  # ReportStatus, GetMesh (controller.status)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("meshsec.v1.Controller", handlers),))
     server.add_registered_method_handlers("meshsec.v1.Controller", handlers)
 
@@ -500,7 +501,11 @@ class ControllerServer:
                  metrics_listen: str | None = None, health_listen: str | None = None,
                  logger: logging.Logger | None = None, node_source=None,
                  token_review: Callable[[str, str], tuple[bool, str]] | None = None,
-                 source_sync_timeout: float = 10.0, grpc_options: list[tuple[str, int]] | None = None) -> None:
+                 source_sync_timeout: float = 10.0, grpc_options: list[tuple[str, int]] | None = None,
+                 mesh_options: dict | None = None) -> None:
+        # mesh_options: keyword arguments of controller.status.MeshService (web page, status socket)
+        self.mesh_options = dict(mesh_options or {})
+        self.mesh = None
         # node_source: controller.nodesource.NodeSource (e.g. Kubernetes Nodes), merged with the inventory
         self.node_source = node_source
         self.grpc_options = list(grpc_options) if grpc_options is not None else SERVER_OPTIONS
@@ -599,10 +604,12 @@ class ControllerServer:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.max_workers,
                                                         thread_name_prefix="meshsec-rpc"),
                              options=self.grpc_options)
-        add_servicer(
-            ControllerServicer(self.state, self.store, self.ca, self.cert_lifetime, self.log,
-                               metrics=self.metrics, is_leader=lambda: self.is_leader,
-                               token_review=self.token_review, watches=self.watches), server)
+        servicer = ControllerServicer(self.state, self.store, self.ca, self.cert_lifetime, self.log,
+                                      metrics=self.metrics, is_leader=lambda: self.is_leader,
+                                      token_review=self.token_review, watches=self.watches)
+        from controller.status import MeshService  # ReportStatus, GetMesh, web page, status socket
+        self.mesh = MeshService(self, servicer, logger=self.log, **self.mesh_options)
+        add_servicer(servicer, server, self.mesh.rpc_handlers())
         ports = []
         for listen, creds in ((self.listen, enrol_creds), (self.watch_listen, watch_creds)):
             try:
@@ -616,6 +623,12 @@ class ControllerServer:
         add_health_and_reflection(server)
         server.start()
         self._server = server
+        try:
+            self.mesh.start(key_pem, cert_pem, self.ca.certificate_pem)
+        except OSError:
+            server.stop(0)
+            self._server = None
+            raise
         if self.health_listen:
             self._health_server, self.health_port = add_health_and_reflection(None, self.health_listen)
         if self.metrics_listen:
@@ -737,6 +750,8 @@ class ControllerServer:
             self._health_server.stop(grace)
             self._health_server = None
         self.metrics.close()
+        if self.mesh is not None:
+            self.mesh.stop()
         if self.node_source is not None:
             self.node_source.stop()
         if self._server is not None:

@@ -1,10 +1,12 @@
 """``meshsec``: operator CLI. ``meshsec status [--socket PATH] [--json]``,
 ``meshsec rekey PEER [--ike] [--socket PATH]``,
-``meshsec ready [--grace SECONDS] [--socket PATH]`` (a readiness probe).
+``meshsec ready [--grace SECONDS] [--socket PATH]`` (a readiness probe),
+``meshsec mesh [--json]`` (meshsec.cli_mesh).
 
 Talks to a running meshsec-agent over its control socket (newline-delimited
-JSON, agent.datapath.control_socket). Exit status: 0 ok, 1 agent not
-reachable or error answer (``ready``: or not ready yet), 2 usage.
+JSON, agent.datapath.control_socket); ``mesh`` asks the controller. Exit
+status: 0 ok, 1 agent / controller not reachable or error answer (``ready``:
+or not ready yet), 2 usage.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import os
 import socket
 import stat
 import sys
+import time
 
 DEFAULT_SOCKET = "/run/meshsec/agent.sock"
 
@@ -33,10 +36,13 @@ def _not_a_socket(path: str) -> str | None:
     return "a directory" if stat.S_ISDIR(mode) else "a regular file" if stat.S_ISREG(mode) else "not a socket"
 
 
-def request(path: str, req: dict, timeout: float = 5.0) -> dict:
-    """Send one request, return the decoded answer. CliError with a hint on failure."""
+def request(path: str, req: dict, timeout: float = 5.0, who: str = "meshsec-agent") -> dict:
+    """Send one request, return the decoded answer. CliError with a hint on failure
+    (``who``: the program expected behind the socket)."""
     what = _not_a_socket(path)
     if what is not None:
+        if who != "meshsec-agent":
+            raise CliError(f"{path} is not a socket ({what}); pass {who}'s socket with --socket")
         raise CliError(f"{path} is not a socket ({what}); pass the agent's control socket with --socket "
                        f"(meshsec-agent --control-socket, default {DEFAULT_SOCKET})")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -45,9 +51,9 @@ def request(path: str, req: dict, timeout: float = 5.0) -> dict:
         try:
             s.connect(path)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise CliError(f"cannot connect to {path}: {exc.strerror}; is meshsec-agent running? pass --socket")
+            raise CliError(f"cannot connect to {path}: {exc.strerror}; is {who} running? pass --socket")
         except PermissionError:
-            raise CliError(f"permission denied on {path}: the socket is mode 0600, run as the agent's user (root)")
+            raise CliError(f"permission denied on {path}: the socket is mode 0600, run as {who}'s user (root)")
         except OSError as exc:
             raise CliError(f"cannot connect to {path}: {exc}")
         s.sendall(json.dumps(req).encode() + b"\n")
@@ -67,7 +73,7 @@ def request(path: str, req: dict, timeout: float = 5.0) -> dict:
     except ValueError as exc:
         raise CliError(f"unreadable answer from {path}: {exc}")
     if isinstance(ans, dict) and "error" in ans:
-        raise CliError(f"agent: {ans['error']}")
+        raise CliError(f"{'agent' if who == 'meshsec-agent' else who}: {ans['error']}")
     return ans
 
 
@@ -103,10 +109,13 @@ def _drops(d: dict) -> str:
 
 
 def _sa_kind(c: dict) -> str:
-    """e.g. ``esp/transport/udp``; an ESP SA inside an AH SA (ah+esp) shows ``+ah``."""
+    """e.g. ``esp/transport/udp``. The ESP SA of an ah+esp bundle travels inside its AH SA
+    (RFC 4301 §4.5: IP/AH/ESP, never in UDP, whatever NAT-T said): ``esp/transport in ah
+    SPI_o``; the AH SA has its own row (``ah/transport/none``)."""
+    if c.get("ah"):
+        return f"{c.get('protocol', 'esp')}/{c.get('mode', '?')} in ah {c['ah']}_o"
     encap = c.get("encapsulation") or ("udp" if c.get("udp_encap") else "none")
-    kind = f"{c.get('protocol', 'esp')}/{c.get('mode', '?')}/{encap}"
-    return kind + (f" +ah {c['ah']}_o" if c.get("ah") else "")
+    return f"{c.get('protocol', 'esp')}/{c.get('mode', '?')}/{encap}"
 
 
 def _life(c: dict) -> str:
@@ -139,6 +148,36 @@ def format_status(st: dict) -> str:
     src = {"stored": " (STORED: controller unreachable)", "none": " (waiting for the controller)"}.get(src, "")
     out = [f"node {st.get('node', '?')}  local {st.get('local_address', '?')}  tun {st.get('tun', '?')}  "
            f"view v{st.get('view_version', 0)}{src}  up {_age(st.get('uptime_s'))}", ""]
+    ctl = st.get("controller")
+    if ctl:
+        if ctl.get("reachable") is None:
+            out.append(f"controller {ctl.get('address', '?')}: not asked yet")
+        elif ctl.get("reachable") and not ctl.get("error"):
+            out.append(f"controller {ctl.get('address', '?')}: reachable (last report "
+                       f"{_age(time.time() - ctl['last_ok']) if ctl.get('last_ok') else '-'} ago)")
+        else:
+            last = f"; last answer {_age(time.time() - ctl['last_ok'])} ago" if ctl.get("last_ok") else ""
+            state = "answers but refused the report" if ctl.get("reachable") else "UNREACHABLE"
+            out.append(f"controller {ctl.get('address', '?')}: {state}: {ctl.get('error') or '?'}{last}")
+    if st.get("cert_not_after"):
+        left = st["cert_not_after"] - time.time()
+        out.append(f"certificate expires in {_age(left)}" if left > 0 else "certificate EXPIRED")
+    if ctl or st.get("cert_not_after"):
+        out.append("")
+    peers = st.get("peers")
+    if peers is not None:
+        out.append(f"PEERS ({len(peers)})")
+        if peers:
+            now = time.time()
+            rows = [[p["name"], p["state"].upper() if p["state"] == "down" else p["state"], p.get("ike_state") or "-",
+                     p.get("endpoint") or "-", _age(now - p["last_handshake"]) + " ago" if p.get("last_handshake")
+                     else "never", f"{_size(p.get('bytes_in'))}/{_size(p.get('bytes_out'))}",
+                     str(p.get("mtu") or "-"), p.get("rule") or "-",
+                     (f"{p['last_error']} ({_age(now - p['last_error_at'])} ago)" if p.get("last_error") else "-")]
+                    for p in peers]
+            out.append(_table(["PEER", "STATE", "IKE_SA", "ENDPOINT", "LAST HANDSHAKE", "IN/OUT", "MTU", "RULE",
+                               "LAST ERROR"], rows))
+        out.append("")
     errs = st.get("policy_errors") or {}
     if errs:
         out.append(f"REFUSED PEERS ({len(errs)}): bad policy data, fix it in the inventory / config")
@@ -237,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     from meshsec.version import version_line
     p.add_argument("--version", action="version", version=version_line("meshsec"))
     sub = p.add_subparsers(dest="cmd", required=True)
-    ps = sub.add_parser("status", help="IKE_SAs, CHILD_SAs and drop counters of the local agent")
+    ps = sub.add_parser("status", help="peers (state, last handshake, last error, endpoint), IKE_SAs, CHILD_SAs "
+                                       "and drop counters of the local agent; whether the controller answers")
     ps.add_argument("--socket", default=DEFAULT_SOCKET, help=f"agent control socket (default {DEFAULT_SOCKET})")
     ps.add_argument("--json", action="store_true", help="print the raw JSON status")
     pr = sub.add_parser("rekey", help="rekey the CHILD_SA(s) with a peer now (RFC 7296 §1.3.3), or with "
@@ -251,7 +291,11 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"ready anyway after this much agent uptime (default {DEFAULT_GRACE:g}; 0: never, only "
                          "the CHILD_SAs count)")
     pq.add_argument("--socket", default=DEFAULT_SOCKET, help=f"agent control socket (default {DEFAULT_SOCKET})")
+    from meshsec import cli_mesh
+    cli_mesh.add_parser(sub)
     args = p.parse_args(argv)
+    if args.cmd == "mesh":
+        return cli_mesh.run(args)
     if args.cmd == "ready":
         if args.grace < 0:
             p.error(f"--grace {args.grace:g}: use 0 or more seconds")

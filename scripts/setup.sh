@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 PKGS=(python3 python3-venv python3-dev gcc iproute2 iputils-ping nftables tcpdump tshark iperf3 procps etcd-server etcd-client
       strongswan-charon strongswan-swanctl strongswan-pki libcharon-extra-plugins libstrongswan-standard-plugins
-      libstrongswan-extra-plugins)
+      libstrongswan-extra-plugins chromium)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

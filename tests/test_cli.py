@@ -156,7 +156,7 @@ def test_status_text_shows_the_spd_and_sa_kinds():
         "ike_sas": [], "drops": {}, "tun_mtu": 1418, "underlay_mtu": 1500,
         "child_sas": [
             {"peer": "h2", "spi_in": "0000aaaa", "spi_out": "0000bbbb", "protocol": "esp", "mode": "transport",
-             "encapsulation": "none", "via": None, "ah": "0000cccc", "algorithms": "ENCR_AES_GCM_16_128",
+             "encapsulation": "udp", "via": None, "ah": "0000cccc", "algorithms": "ENCR_AES_GCM_16_128",
              "age_s": 1, "drops": {}},
             {"peer": "h2", "spi_in": "0000dddd", "spi_out": "0000cccc", "protocol": "ah", "mode": "transport",
              "encapsulation": "none", "via": None, "algorithms": "AH/AUTH_HMAC_SHA2_256_128", "age_s": 1,
@@ -182,7 +182,8 @@ def test_status_text_shows_the_spd_and_sa_kinds():
     assert "view:gw-b" in row2 and "no SA yet" in row2 and " - " in row2  # no controller rule
     row3 = next(ln for ln in lines if ln.startswith("3 "))
     assert "BYPASS" in row3 and "17 remote_ports=500" in row3
-    assert any("esp/transport/none +ah 0000cccc_o" in ln for ln in lines)
+    assert any("esp/transport in ah 0000cccc_o" in ln for ln in lines)  # IP/AH/ESP on the wire
+    assert not any("esp/transport/udp" in ln and "h2" in ln for ln in lines)  # NAT-T does not apply inside AH
     assert any("ah/transport/none" in ln and "icv=1" in ln for ln in lines)
     assert any("esp/transport/udp" in ln and "gw-b" in ln for ln in lines)  # via
     assert out.index("CHILD_SAs") < out.index("SPD (")

@@ -24,21 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmeshsec/v1/controller.proto\x12\nmeshsec.v1\"G\n\rEnrollRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x0f\n\x07\x63sr_der\x18\x02 \x01(\x0c\x12\x12\n\njoin_token\x18\x03 \x01(\t\"2\n\x0cRenewRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x0f\n\x07\x63sr_der\x18\x02 \x01(\x0c\"_\n\x0e\x45nrollResponse\x12\x1d\n\x15\x63\x65rtificate_chain_der\x18\x01 \x03(\x0c\x12\x1b\n\x13\x63\x61_certificates_der\x18\x02 \x03(\x0c\x12\x11\n\tnot_after\x18\x03 \x01(\x03\"8\n\x0cWatchRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x15\n\rsince_version\x18\x02 \x01(\x04\"\x9e\x03\n\nPeerPolicy\x12\x1e\n\x04mode\x18\x01 \x01(\x0e\x32\x10.meshsec.v1.Mode\x12&\n\x08protocol\x18\x02 \x01(\x0e\x32\x14.meshsec.v1.Protocol\x12\x30\n\rencapsulation\x18\x03 \x01(\x0e\x32\x19.meshsec.v1.Encapsulation\x12\x15\n\rike_proposals\x18\x04 \x03(\t\x12\x15\n\resp_proposals\x18\x05 \x03(\t\x12\x16\n\x0eike_lifetime_s\x18\x06 \x01(\x01\x12\x18\n\x10\x63hild_lifetime_s\x18\x07 \x01(\x01\x12\x16\n\x0e\x64pd_interval_s\x18\x08 \x01(\x01\x12\x15\n\rreplay_window\x18\t \x01(\r\x12\"\n\x06\x61\x63tion\x18\n \x01(\x0e\x32\x12.meshsec.v1.Action\x12\x0c\n\x04rule\x18\x0b \x01(\t\x12\x1c\n\x14\x63hild_lifetime_bytes\x18\x0c \x01(\x04\x12\x1e\n\x16\x63hild_lifetime_packets\x18\r \x01(\x04\x12\x17\n\x0f\x61llow_no_replay\x18\x14 \x01(\x08\"\x96\x01\n\x04Peer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08identity\x18\x02 \x01(\t\x12\x11\n\tendpoints\x18\x03 \x03(\t\x12\x0f\n\x07subnets\x18\x04 \x03(\t\x12&\n\x06policy\x18\x05 \x01(\x0b\x32\x16.meshsec.v1.PeerPolicy\x12\x10\n\x08initiate\x18\x06 \x01(\x08\x12\x10\n\x08ike_port\x18\x07 \x01(\r\"\xe9\x01\n\nViewUpdate\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0c\n\x04\x66ull\x18\x02 \x01(\x08\x12\x11\n\tnode_name\x18\x03 \x01(\t\x12\x10\n\x08identity\x18\x04 \x01(\t\x12\x0f\n\x07subnets\x18\x05 \x03(\t\x12\x11\n\tendpoints\x18\x06 \x03(\t\x12(\n\x0eupserted_peers\x18\x07 \x03(\x0b\x32\x10.meshsec.v1.Peer\x12\x15\n\rremoved_peers\x18\x08 \x03(\t\x12\x17\n\x0frevoked_serials\x18\t \x03(\x0c\x12\x19\n\x11unrevoked_serials\x18\n \x03(\x0c*A\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bMODE_TUNNEL\x10\x01\x12\x12\n\x0eMODE_TRANSPORT\x10\x02*\\\n\x08Protocol\x12\x18\n\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x10\n\x0cPROTOCOL_ESP\x10\x01\x12\x0f\n\x0bPROTOCOL_AH\x10\x02\x12\x13\n\x0fPROTOCOL_AH_ESP\x10\x03*[\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x41\x43TION_PROTECT\x10\x01\x12\x11\n\rACTION_BYPASS\x10\x02\x12\x12\n\x0e\x41\x43TION_DISCARD\x10\x03*]\n\rEncapsulation\x12\x1d\n\x19\x45NCAPSULATION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45NCAPSULATION_UDP\x10\x01\x12\x16\n\x12\x45NCAPSULATION_NONE\x10\x02\x32\xc9\x01\n\nController\x12?\n\x06\x45nroll\x12\x19.meshsec.v1.EnrollRequest\x1a\x1a.meshsec.v1.EnrollResponse\x12=\n\x05Renew\x12\x18.meshsec.v1.RenewRequest\x1a\x1a.meshsec.v1.EnrollResponse\x12;\n\x05Watch\x12\x18.meshsec.v1.WatchRequest\x1a\x16.meshsec.v1.ViewUpdate0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmeshsec/v1/controller.proto\x12\nmeshsec.v1\"G\n\rEnrollRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x0f\n\x07\x63sr_der\x18\x02 \x01(\x0c\x12\x12\n\njoin_token\x18\x03 \x01(\t\"2\n\x0cRenewRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x0f\n\x07\x63sr_der\x18\x02 \x01(\x0c\"_\n\x0e\x45nrollResponse\x12\x1d\n\x15\x63\x65rtificate_chain_der\x18\x01 \x03(\x0c\x12\x1b\n\x13\x63\x61_certificates_der\x18\x02 \x03(\x0c\x12\x11\n\tnot_after\x18\x03 \x01(\x03\"8\n\x0cWatchRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x15\n\rsince_version\x18\x02 \x01(\x04\"\x9e\x03\n\nPeerPolicy\x12\x1e\n\x04mode\x18\x01 \x01(\x0e\x32\x10.meshsec.v1.Mode\x12&\n\x08protocol\x18\x02 \x01(\x0e\x32\x14.meshsec.v1.Protocol\x12\x30\n\rencapsulation\x18\x03 \x01(\x0e\x32\x19.meshsec.v1.Encapsulation\x12\x15\n\rike_proposals\x18\x04 \x03(\t\x12\x15\n\resp_proposals\x18\x05 \x03(\t\x12\x16\n\x0eike_lifetime_s\x18\x06 \x01(\x01\x12\x18\n\x10\x63hild_lifetime_s\x18\x07 \x01(\x01\x12\x16\n\x0e\x64pd_interval_s\x18\x08 \x01(\x01\x12\x15\n\rreplay_window\x18\t \x01(\r\x12\"\n\x06\x61\x63tion\x18\n \x01(\x0e\x32\x12.meshsec.v1.Action\x12\x0c\n\x04rule\x18\x0b \x01(\t\x12\x1c\n\x14\x63hild_lifetime_bytes\x18\x0c \x01(\x04\x12\x1e\n\x16\x63hild_lifetime_packets\x18\r \x01(\x04\x12\x17\n\x0f\x61llow_no_replay\x18\x14 \x01(\x08\"\x96\x01\n\x04Peer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08identity\x18\x02 \x01(\t\x12\x11\n\tendpoints\x18\x03 \x03(\t\x12\x0f\n\x07subnets\x18\x04 \x03(\t\x12&\n\x06policy\x18\x05 \x01(\x0b\x32\x16.meshsec.v1.PeerPolicy\x12\x10\n\x08initiate\x18\x06 \x01(\x08\x12\x10\n\x08ike_port\x18\x07 \x01(\r\"\xe9\x01\n\nViewUpdate\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0c\n\x04\x66ull\x18\x02 \x01(\x08\x12\x11\n\tnode_name\x18\x03 \x01(\t\x12\x10\n\x08identity\x18\x04 \x01(\t\x12\x0f\n\x07subnets\x18\x05 \x03(\t\x12\x11\n\tendpoints\x18\x06 \x03(\t\x12(\n\x0eupserted_peers\x18\x07 \x03(\x0b\x32\x10.meshsec.v1.Peer\x12\x15\n\rremoved_peers\x18\x08 \x03(\t\x12\x17\n\x0frevoked_serials\x18\t \x03(\x0c\x12\x19\n\x11unrevoked_serials\x18\n \x03(\x0c\"\xf9\x02\n\nPeerStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x11\n\tike_state\x18\x03 \x01(\t\x12\x11\n\tchild_sas\x18\x04 \x01(\r\x12\x16\n\x0elast_handshake\x18\x05 \x01(\x03\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12\x15\n\rlast_error_at\x18\x07 \x01(\x03\x12\x10\n\x08\x65ndpoint\x18\x08 \x01(\t\x12\x10\n\x08\x62ytes_in\x18\t \x01(\x04\x12\x11\n\tbytes_out\x18\n \x01(\x04\x12\x12\n\npackets_in\x18\x0b \x01(\x04\x12\x13\n\x0bpackets_out\x18\x0c \x01(\x04\x12\x30\n\x05\x64rops\x18\r \x03(\x0b\x32!.meshsec.v1.PeerStatus.DropsEntry\x12\n\n\x02sa\x18\x0e \x01(\t\x12\x0c\n\x04rule\x18\x0f \x01(\t\x12\x0b\n\x03mtu\x18\x10 \x01(\r\x1a,\n\nDropsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xbd\x02\n\x0cStatusReport\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x14\n\x0cview_version\x18\x02 \x01(\x04\x12\x16\n\x0e\x63\x65rt_not_after\x18\x03 \x01(\x03\x12\x0f\n\x07tun_mtu\x18\x04 \x01(\r\x12\x14\n\x0cunderlay_mtu\x18\x05 \x01(\r\x12%\n\x05peers\x18\x06 \x03(\x0b\x32\x16.meshsec.v1.PeerStatus\x12\x32\n\x05\x64rops\x18\x07 \x03(\x0b\x32#.meshsec.v1.StatusReport.DropsEntry\x12\x10\n\x08uptime_s\x18\x08 \x01(\x01\x12\x13\n\x0bview_source\x18\t \x01(\t\x12\x15\n\rlocal_address\x18\n \x01(\t\x1a,\n\nDropsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"1\n\x14StatusReportResponse\x12\x19\n\x11report_interval_s\x18\x01 \x01(\x01\"\x10\n\x0eGetMeshRequest\"\x1a\n\nMeshStatus\x12\x0c\n\x04json\x18\x01 \x01(\t*A\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bMODE_TUNNEL\x10\x01\x12\x12\n\x0eMODE_TRANSPORT\x10\x02*\\\n\x08Protocol\x12\x18\n\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x10\n\x0cPROTOCOL_ESP\x10\x01\x12\x0f\n\x0bPROTOCOL_AH\x10\x02\x12\x13\n\x0fPROTOCOL_AH_ESP\x10\x03*[\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x41\x43TION_PROTECT\x10\x01\x12\x11\n\rACTION_BYPASS\x10\x02\x12\x12\n\x0e\x41\x43TION_DISCARD\x10\x03*]\n\rEncapsulation\x12\x1d\n\x19\x45NCAPSULATION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45NCAPSULATION_UDP\x10\x01\x12\x16\n\x12\x45NCAPSULATION_NONE\x10\x02\x32\xd4\x02\n\nController\x12?\n\x06\x45nroll\x12\x19.meshsec.v1.EnrollRequest\x1a\x1a.meshsec.v1.EnrollResponse\x12=\n\x05Renew\x12\x18.meshsec.v1.RenewRequest\x1a\x1a.meshsec.v1.EnrollResponse\x12;\n\x05Watch\x12\x18.meshsec.v1.WatchRequest\x1a\x16.meshsec.v1.ViewUpdate0\x01\x12J\n\x0cReportStatus\x12\x18.meshsec.v1.StatusReport\x1a .meshsec.v1.StatusReportResponse\x12=\n\x07GetMesh\x12\x1a.meshsec.v1.GetMeshRequest\x1a\x16.meshsec.v1.MeshStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meshsec.v1.controller_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODE']._serialized_start=1129
-  _globals['_MODE']._serialized_end=1194
-  _globals['_PROTOCOL']._serialized_start=1196
-  _globals['_PROTOCOL']._serialized_end=1288
-  _globals['_ACTION']._serialized_start=1290
-  _globals['_ACTION']._serialized_end=1381
-  _globals['_ENCAPSULATION']._serialized_start=1383
-  _globals['_ENCAPSULATION']._serialized_end=1476
+  _globals['_PEERSTATUS_DROPSENTRY']._loaded_options = None
+  _globals['_PEERSTATUS_DROPSENTRY']._serialized_options = b'8\001'
+  _globals['_STATUSREPORT_DROPSENTRY']._loaded_options = None
+  _globals['_STATUSREPORT_DROPSENTRY']._serialized_options = b'8\001'
+  _globals['_MODE']._serialized_start=1926
+  _globals['_MODE']._serialized_end=1991
+  _globals['_PROTOCOL']._serialized_start=1993
+  _globals['_PROTOCOL']._serialized_end=2085
+  _globals['_ACTION']._serialized_start=2087
+  _globals['_ACTION']._serialized_end=2178
+  _globals['_ENCAPSULATION']._serialized_start=2180
+  _globals['_ENCAPSULATION']._serialized_end=2273
   _globals['_ENROLLREQUEST']._serialized_start=43
   _globals['_ENROLLREQUEST']._serialized_end=114
   _globals['_RENEWREQUEST']._serialized_start=116
@@ -53,6 +57,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PEER']._serialized_end=891
   _globals['_VIEWUPDATE']._serialized_start=894
   _globals['_VIEWUPDATE']._serialized_end=1127
-  _globals['_CONTROLLER']._serialized_start=1479
-  _globals['_CONTROLLER']._serialized_end=1680
+  _globals['_PEERSTATUS']._serialized_start=1130
+  _globals['_PEERSTATUS']._serialized_end=1507
+  _globals['_PEERSTATUS_DROPSENTRY']._serialized_start=1463
+  _globals['_PEERSTATUS_DROPSENTRY']._serialized_end=1507
+  _globals['_STATUSREPORT']._serialized_start=1510
+  _globals['_STATUSREPORT']._serialized_end=1827
+  _globals['_STATUSREPORT_DROPSENTRY']._serialized_start=1463
+  _globals['_STATUSREPORT_DROPSENTRY']._serialized_end=1507
+  _globals['_STATUSREPORTRESPONSE']._serialized_start=1829
+  _globals['_STATUSREPORTRESPONSE']._serialized_end=1878
+  _globals['_GETMESHREQUEST']._serialized_start=1880
+  _globals['_GETMESHREQUEST']._serialized_end=1896
+  _globals['_MESHSTATUS']._serialized_start=1898
+  _globals['_MESHSTATUS']._serialized_end=1924
+  _globals['_CONTROLLER']._serialized_start=2276
+  _globals['_CONTROLLER']._serialized_end=2616
 # @@protoc_insertion_point(module_scope)

@@ -156,3 +156,93 @@ class ViewUpdate(_message.Message):
     revoked_serials: _containers.RepeatedScalarFieldContainer[bytes]
     unrevoked_serials: _containers.RepeatedScalarFieldContainer[bytes]
     def __init__(self, version: _Optional[int] = ..., full: _Optional[bool] = ..., node_name: _Optional[str] = ..., identity: _Optional[str] = ..., subnets: _Optional[_Iterable[str]] = ..., endpoints: _Optional[_Iterable[str]] = ..., upserted_peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., removed_peers: _Optional[_Iterable[str]] = ..., revoked_serials: _Optional[_Iterable[bytes]] = ..., unrevoked_serials: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class PeerStatus(_message.Message):
+    __slots__ = ("name", "state", "ike_state", "child_sas", "last_handshake", "last_error", "last_error_at", "endpoint", "bytes_in", "bytes_out", "packets_in", "packets_out", "drops", "sa", "rule", "mtu")
+    class DropsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    IKE_STATE_FIELD_NUMBER: _ClassVar[int]
+    CHILD_SAS_FIELD_NUMBER: _ClassVar[int]
+    LAST_HANDSHAKE_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_AT_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_IN_FIELD_NUMBER: _ClassVar[int]
+    BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
+    PACKETS_IN_FIELD_NUMBER: _ClassVar[int]
+    PACKETS_OUT_FIELD_NUMBER: _ClassVar[int]
+    DROPS_FIELD_NUMBER: _ClassVar[int]
+    SA_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    MTU_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    state: str
+    ike_state: str
+    child_sas: int
+    last_handshake: int
+    last_error: str
+    last_error_at: int
+    endpoint: str
+    bytes_in: int
+    bytes_out: int
+    packets_in: int
+    packets_out: int
+    drops: _containers.ScalarMap[str, int]
+    sa: str
+    rule: str
+    mtu: int
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., ike_state: _Optional[str] = ..., child_sas: _Optional[int] = ..., last_handshake: _Optional[int] = ..., last_error: _Optional[str] = ..., last_error_at: _Optional[int] = ..., endpoint: _Optional[str] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., packets_in: _Optional[int] = ..., packets_out: _Optional[int] = ..., drops: _Optional[_Mapping[str, int]] = ..., sa: _Optional[str] = ..., rule: _Optional[str] = ..., mtu: _Optional[int] = ...) -> None: ...
+
+class StatusReport(_message.Message):
+    __slots__ = ("node_name", "view_version", "cert_not_after", "tun_mtu", "underlay_mtu", "peers", "drops", "uptime_s", "view_source", "local_address")
+    class DropsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    NODE_NAME_FIELD_NUMBER: _ClassVar[int]
+    VIEW_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CERT_NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    TUN_MTU_FIELD_NUMBER: _ClassVar[int]
+    UNDERLAY_MTU_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    DROPS_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    VIEW_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    node_name: str
+    view_version: int
+    cert_not_after: int
+    tun_mtu: int
+    underlay_mtu: int
+    peers: _containers.RepeatedCompositeFieldContainer[PeerStatus]
+    drops: _containers.ScalarMap[str, int]
+    uptime_s: float
+    view_source: str
+    local_address: str
+    def __init__(self, node_name: _Optional[str] = ..., view_version: _Optional[int] = ..., cert_not_after: _Optional[int] = ..., tun_mtu: _Optional[int] = ..., underlay_mtu: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerStatus, _Mapping]]] = ..., drops: _Optional[_Mapping[str, int]] = ..., uptime_s: _Optional[float] = ..., view_source: _Optional[str] = ..., local_address: _Optional[str] = ...) -> None: ...
+
+class StatusReportResponse(_message.Message):
+    __slots__ = ("report_interval_s",)
+    REPORT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    report_interval_s: float
+    def __init__(self, report_interval_s: _Optional[float] = ...) -> None: ...
+
+class GetMeshRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class MeshStatus(_message.Message):
+    __slots__ = ("json",)
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    json: str
+    def __init__(self, json: _Optional[str] = ...) -> None: ...

@@ -49,6 +49,16 @@ class ControllerStub:
                 request_serializer=meshsec_dot_v1_dot_controller__pb2.WatchRequest.SerializeToString,
                 response_deserializer=meshsec_dot_v1_dot_controller__pb2.ViewUpdate.FromString,
                 _registered_method=True)
+        self.ReportStatus = channel.unary_unary(
+                '/meshsec.v1.Controller/ReportStatus',
+                request_serializer=meshsec_dot_v1_dot_controller__pb2.StatusReport.SerializeToString,
+                response_deserializer=meshsec_dot_v1_dot_controller__pb2.StatusReportResponse.FromString,
+                _registered_method=True)
+        self.GetMesh = channel.unary_unary(
+                '/meshsec.v1.Controller/GetMesh',
+                request_serializer=meshsec_dot_v1_dot_controller__pb2.GetMeshRequest.SerializeToString,
+                response_deserializer=meshsec_dot_v1_dot_controller__pb2.MeshStatus.FromString,
+                _registered_method=True)
 
 
 class ControllerServicer:
@@ -94,6 +104,31 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportStatus(self, request, context):
+        """This node's runtime state, per peer (IKE_SA / CHILD_SA state, last
+        handshake, last error, endpoint, traffic). Mutual TLS like Watch; the
+        certificate's identity must equal report.node_name. The controller keeps
+        the latest report per node, in memory (lost on restart; agents report
+        again within report_interval_s). Errors: PERMISSION_DENIED (certificate),
+        NOT_FOUND (node not in the inventory), INVALID_ARGUMENT (more than 4096
+        peers or 262144 bytes), RESOURCE_EXHAUSTED (more than 3 reports in a row
+        less than 1 s apart from one node: retry later).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMesh(self, request, context):
+        """The whole mesh as this controller sees it: enrolled nodes, whether each
+        reported recently, and every pair's state (docs/metrics.md, "Seeing the
+        mesh"). Mutual TLS with any enrolled node's certificate. Errors:
+        PERMISSION_DENIED (no, an expired or a revoked certificate),
+        RESOURCE_EXHAUSTED (more than 3 calls in a row less than 1 s apart).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +146,16 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=meshsec_dot_v1_dot_controller__pb2.WatchRequest.FromString,
                     response_serializer=meshsec_dot_v1_dot_controller__pb2.ViewUpdate.SerializeToString,
+            ),
+            'ReportStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportStatus,
+                    request_deserializer=meshsec_dot_v1_dot_controller__pb2.StatusReport.FromString,
+                    response_serializer=meshsec_dot_v1_dot_controller__pb2.StatusReportResponse.SerializeToString,
+            ),
+            'GetMesh': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMesh,
+                    request_deserializer=meshsec_dot_v1_dot_controller__pb2.GetMeshRequest.FromString,
+                    response_serializer=meshsec_dot_v1_dot_controller__pb2.MeshStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -194,6 +239,60 @@ class Controller:
             '/meshsec.v1.Controller/Watch',
             meshsec_dot_v1_dot_controller__pb2.WatchRequest.SerializeToString,
             meshsec_dot_v1_dot_controller__pb2.ViewUpdate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshsec.v1.Controller/ReportStatus',
+            meshsec_dot_v1_dot_controller__pb2.StatusReport.SerializeToString,
+            meshsec_dot_v1_dot_controller__pb2.StatusReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMesh(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshsec.v1.Controller/GetMesh',
+            meshsec_dot_v1_dot_controller__pb2.GetMeshRequest.SerializeToString,
+            meshsec_dot_v1_dot_controller__pb2.MeshStatus.FromString,
             options,
             channel_credentials,
             insecure,
