@@ -31,6 +31,7 @@ HALF_OPEN_PER_SOURCE = 20  # half-open IKE_SAs one source address may hold
 INVALID_IKE_SPI_INTERVAL_S = 1.0  # at most one unprotected INVALID_IKE_SPI per source per interval
 HINT_INTERVAL_S = 5.0  # unknown-SPI hints acted on at most once per address per interval
 _RATE_TABLE_MAX = 4096  # rate-limit tables are pruned beyond this many addresses
+_INITS_DONE_MAX = 1024  # established responder IKE_SAs whose IKE_SA_INIT retransmissions are ignored
 
 # reasons after which we do not re-initiate
 _FINAL_REASONS = ("shutdown", "peer removed from view", "deleted locally")
@@ -65,6 +66,7 @@ class IkeManager:
         self._half_open: dict[tuple[str, int], IkeSa] = {}  # responder: (remote ip, SPIi)
         self._half_open_key: dict[int, tuple[str, int]] = {}  # our SPI -> its _half_open key
         self._half_open_by_ip: dict[str, int] = {}
+        self._inits_done: dict[tuple[str, int], None] = {}  # (remote ip, SPIi) established as responder
         self.half_open_timeout_s = half_open_timeout_s
         self.half_open_per_source = half_open_per_source
         # deadlines: a heap of (when, seq, key) with lazy deletion; key is our SPI or ("retry", peer)
@@ -309,6 +311,9 @@ class IkeManager:
             if sa is None or sa.is_dead or sa.state != State.AUTH and sa.state != State.INIT:
                 if self._shutdown:
                     self._count("shutdown")
+                    return
+                if key in self._inits_done:  # a late retransmission: that IKE_SA is up already
+                    self._count("init_retransmit_late")
                     return
                 if self._half_open_by_ip.get(remote[0], 0) >= self.half_open_per_source:
                     self._count("half_open_per_source")
@@ -651,8 +656,20 @@ class IkeManager:
                 if not peers:
                     del self._by_peer[sa.peer_name]
         elif sa.state == State.ESTABLISHED:
+            self._remember_init(sa)
             self._forget_half_open(sa)
         self._schedule(sa)
+
+    def _remember_init(self, sa: IkeSa) -> None:
+        """Keep (remote ip, SPIi) of an IKE_SA we established as responder, so that a late
+        retransmission of its IKE_SA_INIT (quick IKE_SA_INIT retransmissions, agent.ike.retransmit)
+        is ignored instead of opening a second, half-open IKE_SA. Bounded (oldest forgotten)."""
+        key = self._half_open_key.get(sa.my_spi)
+        if key is None:
+            return
+        self._inits_done[key] = None
+        if len(self._inits_done) > _INITS_DONE_MAX:
+            del self._inits_done[next(iter(self._inits_done))]
 
     def _forget_half_open(self, sa: IkeSa) -> None:
         key = self._half_open_key.pop(sa.my_spi, None)

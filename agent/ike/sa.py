@@ -9,7 +9,9 @@ exchange (IKE_SA_INIT §1.2, IKE_AUTH §1.2, INFORMATIONAL §1.4).
 
 Window size 1 (§2.3); requests are retransmitted after 1, 2, 4, 8, 16 s and the
 IKE_SA fails with "peer did not respond" 32 s after the 5th retransmission
-(§2.1); the last response is cached and re-sent for a repeated request.
+(§2.1); an initiator's IKE_SA_INIT first retransmits after 0.1, 0.2, 0.4, 0.8 s
+(agent.ike.retransmit, per peer policy); the last response is cached and
+re-sent for a repeated request.
 
 Pure module: no I/O, time comes in as ``now``, randomness from ``rng``.
 """
@@ -32,6 +34,7 @@ from agent.ike.auth import AuthError
 from agent.ike import cp as cfgp
 from agent.ike.create_child import CreateChildExchange
 from agent.ike.intermediate import IntermediateExchange
+from agent.ike.retransmit import RetransmitSchedule, schedule_of
 from agent.ike.crypto import (CryptoError, IntegrityError, KeyExchange, KeyExchangeError, Prf, SkCipher,
                               derive_child_keymat, derive_ike_keys, nonce_ok)
 from agent.ike.events import (Addr, ChildSaDeleted, ChildSaEstablished, IkeKeysDerived, IkeSaDeleted,
@@ -110,6 +113,8 @@ class IkeSaConfig:
     # inbound CHILD_SA SPI allocator of the node (IkeManager: unique over every IKE_SA, RFC 4301
     # §4.1); None: drawn from rng by this IKE_SA alone
     new_child_spi: Callable[[], int] | None = None
+    # request retransmissions (RFC 7296 §2.1) while ``peer`` is unknown; then the peer policy's
+    retransmit: RetransmitSchedule = field(default_factory=RetransmitSchedule)
 
 
 def _sha1(data: bytes) -> bytes:
@@ -286,6 +291,15 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         t = self.cfg.half_open_timeout_s
         return self.created_at + (t if not self.initiator else t * INITIATOR_SETUP_FACTOR)
 
+    @property
+    def retransmit(self) -> RetransmitSchedule:
+        """Retransmission schedule (agent.ike.retransmit): the peer policy's once the peer is
+        known, else the configured one (a responder before IKE_AUTH)."""
+        return schedule_of(self.peer.policy) if self.peer is not None else self.cfg.retransmit
+
+    def _quick_init(self, p: _Pending) -> bool:
+        return self.initiator and p.exchange == ExchangeType.IKE_SA_INIT
+
     def _dpd_interval(self) -> float:
         """Liveness check interval in seconds; 0 (or less): no periodic checks."""
         d = self.peer.policy.dpd_interval_s if self.peer else 0
@@ -322,7 +336,7 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
                     self._die("peer did not respond")
                 return
             p.tries += 1
-            p.deadline = now + RETRANSMIT_BASE_S * RETRANSMIT_FACTOR ** p.tries
+            p.deadline = now + self.retransmit.wait(p.tries, init=self._quick_init(p))
             self.outbox.append(Datagram(p.data, self.local, self.remote))
             return
         setup = self.setup_deadline
@@ -530,7 +544,8 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         mid = self._next_mid
         self._next_mid += 1
         data = self._seal(exchange, mid, False, payloads)
-        self._pending = _Pending(mid, exchange, data, now, now + RETRANSMIT_BASE_S, 0, on_response)
+        sched = self.retransmit
+        self._pending = _Pending(mid, exchange, data, now, now + sched.wait(0), 0, on_response, sched.max_tries())
         self.outbox.append(Datagram(data, self.local, self.remote))
 
     def _run_queue(self, now: float) -> None:
@@ -629,8 +644,9 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         data = encode_message(msg)
         self._init_request = data
         self._next_mid = 1
-        self._pending = _Pending(0, int(ExchangeType.IKE_SA_INIT), data, now, now + RETRANSMIT_BASE_S, 0,
-                                 self._process_init_response)
+        sched = self.retransmit
+        self._pending = _Pending(0, int(ExchangeType.IKE_SA_INIT), data, now, now + sched.wait(0, init=True), 0,
+                                 self._process_init_response, sched.max_tries(init=True))
         self.outbox.append(Datagram(data, self.local, self.remote))
 
     def _process_init_response(self, msg: Message, inner, now: float) -> None:

@@ -107,24 +107,27 @@ def test_initial_contact_replaces_older_ike_sas():
     assert len(n.of("b", ChildSaDeleted)) == 1 and len(n.of("b", ChildSaEstablished)) == 2
 
 
+F = 64.5  # an unanswered IKE_SA_INIT fails after this (agent.ike.retransmit defaults)
+
+
 def test_reinitiate_with_backoff_after_failure():
     n = _net()
     n.drop = lambda src, d: True
     n.a.initiate("node-b", n.now)
     n.pump()
-    n.advance(T0 + 63)  # first IKE_SA fails
+    n.advance(T0 + F)  # first IKE_SA fails (IKE_SA_INIT schedule: 64.5 s)
     assert len(n.of("a", IkeSaDeleted)) == 1
-    assert n.a.get_timer() == T0 + 63 + 2.0
+    assert n.a.get_timer() == T0 + F + 2.0
     inits = lambda: [d for s, d in n.log if decode_message(d.data).message_id == 0  # noqa: E731
                      and decode_message(d.data).spi_r == 0 and not decode_message(d.data).is_response]
     k = len({decode_message(d.data).spi_i for d in inits()})
-    n.advance(T0 + 65)
+    n.advance(T0 + F + 2)
     assert len({decode_message(d.data).spi_i for d in inits()}) == k + 1  # new IKE_SA_INIT
-    n.advance(T0 + 65 + 63)
+    n.advance(T0 + F + 2 + F)
     assert len(n.of("a", IkeSaDeleted)) == 2
-    assert n.a.get_timer() == T0 + 65 + 63 + 4.0  # doubled
+    assert n.a.get_timer() == T0 + F + 2 + F + 4.0  # doubled
     n.drop = None
-    n.advance(T0 + 65 + 63 + 4.0)
+    n.advance(T0 + F + 2 + F + 4.0)
     assert n.of("a", ChildSaEstablished)
 
 
@@ -135,7 +138,7 @@ def test_no_reinitiate_when_peer_does_not_initiate():
     n.drop = lambda src, d: True
     n.a.initiate("node-b", n.now)
     n.pump()
-    n.advance(T0 + 63)
+    n.advance(T0 + F)
     assert n.of("a", IkeSaDeleted) and n.a.get_timer() is None
 
 
