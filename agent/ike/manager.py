@@ -359,6 +359,27 @@ class IkeManager:
                         not msg.is_initiator, True, (NotifyPayload(int(NotifyType.INVALID_IKE_SPI)),))
         self._out.append(Datagram(encode_message(reply), local, remote))
         self._count("invalid_ike_spi_sent")
+        self._initiate_after_lost_state(remote, now)
+
+    def _initiate_after_lost_state(self, remote: Addr, now: float) -> None:
+        """We just told a configured peer that we do not know its IKE_SA (we restarted, it still
+        checks our liveness): start an IKE_SA ourselves, whatever the tie-break says, since the
+        peer may ignore INVALID_IKE_SPI (strongSwan does) and keep the dead IKE_SA for a minute.
+        Ours carries INITIAL_CONTACT (§2.4), so the peer drops the old one at once. Only with
+        no IKE_SA to that peer at all (none being set up either: no duplicate), rate-limited
+        per address as the unknown-SPI hints are."""
+        peer = next((p for p in self.view.peers if remote[0] in p.endpoints and p.policy.action == "protect"),
+                    None)
+        if peer is None or self._shutdown or self._sas_of(peer.name):
+            return
+        if not self._rate_ok(self._hinted, remote[0], now, HINT_INTERVAL_S):
+            return
+        try:
+            self.initiate(peer.name, now)
+        except ValueError:
+            return
+        if self._sas_of(peer.name):
+            self._count("initiated_after_invalid_ike_spi")
 
     def _unprotected_notify(self, msg: Message, remote: Addr, now: float) -> None:
         """HDR, N(INVALID_IKE_SPI | INVALID_SPI) without SK: the peer may have lost its state.
@@ -478,6 +499,22 @@ class IkeManager:
             if any(c.inbound_spi == inbound_spi for c in sa.children):
                 return sa
         return None
+
+    # ------------------------------------------------------------ liveness (§2.4)
+    def note_inbound(self, peers, now: float) -> None:
+        """Authenticated ESP/AH arrived from these peers (a peer name, or an iterable of names)
+        at ``now``: their IKE_SAs start a liveness check only ``dpd_interval`` after the last such
+        packet or IKE message, not after the last IKE message alone. Called per inbound batch;
+        O(peers) and no heap work: a deadline that moved is found when its old one fires.
+        Unknown names are ignored; never raises."""
+        if isinstance(peers, str):
+            peers = (peers,)
+        sas, by_peer = self._sas, self._by_peer
+        for name in peers:
+            for spi in by_peer.get(name, ()):
+                sa = sas.get(spi)
+                if sa is not None:
+                    sa.note_inbound(now)
 
     def rekey_child(self, inbound_spi: int, now: float) -> bool:
         """Rekey the CHILD_SA with this inbound SPI (e.g. its ESP sequence numbers run out).
@@ -643,6 +680,9 @@ class IkeManager:
             elif isinstance(ev, IkeSaDeleted):
                 if "AUTHENTICATION_FAILED" in ev.reason:
                     self._count("auth_failed")
+                if ev.reason == "peer did not respond" and ev.peer:
+                    # the peer may have restarted: the IKE_SA we build next carries INITIAL_CONTACT
+                    self._contacted.discard(ev.peer)
                 if ev.rekeyed_to is None and ev.peer:
                     self._release_vip(ev.peer, sa)
                 self._schedule_retry(sa, ev, now)

@@ -279,7 +279,7 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
             ts.append(setup)
         dpd = self._dpd_interval()
         if self.state == State.ESTABLISHED and not self._pending and dpd:
-            ts.append(self.last_received + dpd)
+            ts.append(self.liveness_since + dpd)
         ts += self._lifetime_timers()
         return min(ts) if ts else None
 
@@ -290,6 +290,21 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
             return None
         t = self.cfg.half_open_timeout_s
         return self.created_at + (t if not self.initiator else t * INITIATOR_SETUP_FACTOR)
+
+    # when authenticated ESP/AH from the peer last arrived (note_inbound); -inf: never
+    last_inbound: float = float("-inf")
+
+    def note_inbound(self, now: float) -> None:
+        """The datapath authenticated ESP/AH of this IKE_SA's CHILD_SAs at ``now``: the peer is
+        alive, so no liveness check is due before ``now + dpd_interval`` (RFC 7296 §2.4: checks
+        are for a peer from which nothing cryptographically protected came for a while)."""
+        if now > self.last_inbound:
+            self.last_inbound = now
+
+    @property
+    def liveness_since(self) -> float:
+        """Last proof the peer is alive: an IKE message or authenticated ESP/AH (seconds)."""
+        return self.last_received if self.last_received >= self.last_inbound else self.last_inbound
 
     @property
     def retransmit(self) -> RetransmitSchedule:
@@ -347,7 +362,7 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
             return
         dpd = self._dpd_interval()
         if (self.state == State.ESTABLISHED and not self._pending and dpd
-                and now >= self.last_received + dpd):
+                and now >= self.liveness_since + dpd):
             # liveness check: HDR, SK {} -->
             self._request(ExchangeType.INFORMATIONAL, [], lambda msg, inner, now: None, now)
 

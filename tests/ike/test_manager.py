@@ -49,9 +49,12 @@ def test_unknown_spi_and_malformed_are_counted():
     n.b.receive_datagram(b"\x01\x02", (B_ADDR, 500), (A_ADDR, 500), n.now)
     # an encrypted request for an unknown IKE SPI is answered by an unprotected
     # N(INVALID_IKE_SPI) (RFC 7296 §2.21.4); see tests/ike/test_hardening.py
-    assert n.b.counters == {"unknown_spi": 1, "malformed": 1, "invalid_ike_spi_sent": 1}
-    (reply,) = [decode_message(d.data) for d in n.b.datagrams_to_send()]
+    # and, since the sender is a configured peer we have no IKE_SA with, b initiates itself
+    assert n.b.counters == {"unknown_spi": 1, "malformed": 1, "invalid_ike_spi_sent": 1,
+                            "initiated_after_invalid_ike_spi": 1}
+    reply, init = [decode_message(d.data) for d in n.b.datagrams_to_send()]
     assert reply.is_response and reply.notify(4) is not None  # INVALID_IKE_SPI (4)
+    assert init.exchange == 34 and not init.is_response  # IKE_SA_INIT
 
 
 def test_unexpected_payload_outside_sk_is_counted():
