@@ -974,6 +974,8 @@ class Runtime:
             before = sum(v for k, v in sa.counters.items() if k not in _FLOW_COUNTERS)
             inner = sa.decapsulate_batch(lst)
             c["ah_drops"] += sum(v for k, v in sa.counters.items() if k not in _FLOW_COUNTERS) - before
+            if inner and hasattr(self.ike, "note_inbound"):  # tunup: liveness aware of inbound AH
+                self.ike.note_inbound(ch.peer, self.clock())
             if getattr(sa, "needs_rekey", False):  # byte/packet soft or hard limit inbound
                 volume.append(ch)
             esp = []
@@ -1135,6 +1137,7 @@ class Runtime:
         allows = self.spd.allows_inbound
         local_b = None
         volume: list[ChildEntry] = []
+        alive: set[str] = set()  # tunup: peers with authenticated ESP in this batch (IKE liveness)
         for sa, lst in sad.demux_inbound(esp):
             ch = children[sa.spi]
             # "ah+esp": this ESP SA must come out of the same peer's AH SA, and only then
@@ -1154,6 +1157,8 @@ class Runtime:
                 fix = ch.udp_encap
                 inner = [pk.rebuild_transport(src, local_b, nh, pl, fix_checksum=fix)
                          for nh, pl in sa.decapsulate_batch_nh(lst)]
+            if inner:  # tunup
+                alive.add(ch.peer)
             if getattr(sa, "needs_rekey", False):  # byte/packet soft or hard limit inbound
                 volume.append(ch)
             good = []
@@ -1169,6 +1174,8 @@ class Runtime:
                 good = self._peel(ch.peer, good, depth)
             out += good
         c["unknown_spi"] += sad.counters["no_sa"] - before
+        if alive and hasattr(self.ike, "note_inbound"):  # tunup: liveness aware of inbound (issue 9)
+            self.ike.note_inbound(alive, self.clock())
         if out:
             if self.mss_clamp:
                 out = [self._clamp(p) for p in out]
