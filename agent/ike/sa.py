@@ -474,8 +474,13 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
 
     def _follow_nat(self, remote: Addr) -> None:
         """§2.23: the peer is behind a NAT and an authenticated message came from another
-        address or port: send there from now on and tell the runtime (PeerAddressChanged)."""
-        if not self._nat_remote or self.state != State.ESTABLISHED or tuple(remote) == tuple(self.remote):
+        address or port: send there from now on and tell the runtime (PeerAddressChanged).
+        Only the side NOT behind a NAT follows: when we are behind one (the peer's
+        NAT_DETECTION_DESTINATION_IP did not match our address), ``_nat_remote`` may only say
+        that the peer fakes its NAT_DETECTION_SOURCE_IP (forced UDP encapsulation, our
+        default), and the address we reach the peer at is not ours to change."""
+        if (not self._nat_remote or self._nat_local or self.state != State.ESTABLISHED
+                or tuple(remote) == tuple(self.remote)):
             return
         if self.peer is not None:
             try:
@@ -631,6 +636,9 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
             return  # peer does not support NAT-T
         r = _sha1(spis + ipaddress.ip_address(remote[0]).packed + struct.pack("!H", remote[1]))
         l_ = _sha1(spis + ipaddress.ip_address(local[0]).packed + struct.pack("!H", local[1]))
+        # a peer forcing UDP encapsulation fakes its source hash, so _nat_remote is also true for
+        # a peer that is not behind a NAT at all; _nat_local is always real (destination hashes
+        # are never faked). _follow_nat therefore follows only with _nat_remote and not _nat_local.
         self._nat_remote = r not in srcs
         self._nat_local = l_ not in dsts
 
