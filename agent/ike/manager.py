@@ -658,6 +658,7 @@ class IkeManager:
         sa.outbox.clear()
         spawned, sa.spawned = sa.spawned, []
         for new in spawned:  # IKE_SA rekey: the new IKE_SA's events come before the old one's delete
+            new._from_rekey = True  # the continuation of an IKE_SA, never a duplicate of it
             self._sas[new.my_spi] = new
             self._collect(new, now)
         events, sa.events = sa.events, []
@@ -677,6 +678,8 @@ class IkeManager:
                         if old is not sa and old.state == State.ESTABLISHED:
                             old._die("peer sent INITIAL_CONTACT")
                             self._collect(old, now)
+                if ev.peer:
+                    self._resolve_duplicates(sa, ev.peer, now)
             elif isinstance(ev, IkeSaDeleted):
                 if "AUTHENTICATION_FAILED" in ev.reason:
                     self._count("auth_failed")
@@ -699,6 +702,32 @@ class IkeManager:
             self._remember_init(sa)
             self._forget_half_open(sa)
         self._schedule(sa)
+
+    # ------------------------------------------------------------ duplicate IKE_SAs
+    @staticmethod
+    def _lowest_nonce(sa: IkeSa) -> bytes:
+        return min(sa._ni, sa._nr)
+
+    def _resolve_duplicates(self, sa: IkeSa, peer: str, now: float) -> None:
+        """Both sides initiated at once (or a late start crossed a retransmission): a second
+        IKE_SA with ``peer`` is ESTABLISHED beside ``sa``. RFC 7296 has no rule; both sides keep
+        the one and delete the other the same way, as for rekey collisions (§2.25.2): the
+        IKE_SA holding the lowest of the nonces is deleted (INFORMATIONAL Delete, §1.4.1). Each
+        side decides alone from what both know (Ni, Nr), so both delete the same IKE_SA, also a
+        peer that never deletes duplicates itself (strongSwan). IKE_SAs born of a rekey, or
+        being replaced by one, are a lineage, not duplicates."""
+        if getattr(sa, "_from_rekey", False) or sa.state != State.ESTABLISHED:
+            return
+        for other in self._sas_of(peer):
+            if (other is sa or other.state != State.ESTABLISHED or other._successor is not None
+                    or sa._successor is not None):
+                continue
+            loser = sa if self._lowest_nonce(sa) < self._lowest_nonce(other) else other
+            self._count("duplicate_ike_sa_deleted")
+            loser.delete(now, "duplicate IKE_SA (both sides initiated): the other one is kept")
+            self._collect(loser, now)
+            if loser is sa:
+                return
 
     def _remember_init(self, sa: IkeSa) -> None:
         """Keep (remote ip, SPIi) of an IKE_SA we established as responder, so that a late
@@ -727,7 +756,7 @@ class IkeManager:
         peer = self.view.peer(name) if name else None
         if (peer is None or self._shutdown or ev.reason in _FINAL_REASONS
                 or ev.reason == "peer sent INITIAL_CONTACT" or ev.rekeyed_to is not None
-                or ev.reason.startswith("redundant") or any(s is not sa for s in self._sas_of(name))):
+                or ev.reason.startswith(("redundant", "duplicate")) or any(s is not sa for s in self._sas_of(name))):
             return
         last = self._backoff.get(name, 0.0)
         auth = ("AUTHENTICATION_FAILED" in ev.reason or "revoked" in ev.reason
