@@ -348,6 +348,8 @@ class Runtime:
         for p in self.view.peers:
             if p.initiate:
                 self._initiate(p.name, now, "start")
+        if hasattr(self.ike, "join"):  # tunup: the joining node initiates too (IkeManager.join, issue 9)
+            self._guard("IKE join", self.ike.join, now)
         self._flush_ike(now)
 
     def run(self) -> None:

@@ -193,6 +193,7 @@ class IkeManager:
         names = {p.name for p in view.peers}
         old_policy = {p.name: p.policy for p in self.view.peers}
         new_policy = {p.name: p.policy for p in view.peers}
+        brought = self._brought(self.view, view)
         self.view = view
         for sa in self._live():
             if sa.peer_name and sa.peer_name not in names:
@@ -217,6 +218,76 @@ class IkeManager:
         revoked = frozenset(getattr(view, "revoked_serials", ()) or ())
         if revoked != self._revoked:  # NodeView.revoked_serials from the controller
             self.set_revoked_serials(revoked, now)
+        if brought:
+            self._restart_pending(brought, now)
+            self.join(now, brought)
+
+    # ------------------------------------------------------------ joining (issue 9)
+    @staticmethod
+    def _brought(old: NodeView, new: NodeView) -> list[str]:
+        """Peers the new view adds, or whose endpoints / IKE port it changes."""
+        before = {p.name: (p.endpoints, p.ike_port) for p in old.peers}
+        return [p.name for p in new.peers if before.get(p.name) != (p.endpoints, p.ike_port)]
+
+    def _may_start(self, peer: Peer) -> bool:
+        """We may open an IKE_SA to ``peer`` whatever the tie-break says: it is PROTECT, has an
+        endpoint, and we are not its CP gateway (a host asks its gateway for its address in
+        IKE_AUTH, §3.15: only the host can initiate)."""
+        return (peer.policy.action == "protect" and bool(peer.endpoints) and not peer.policy.virtual_ip_pool
+                and self._policy_problem(peer) is None)
+
+    def _restart_pending(self, names, now: float) -> None:
+        """A view brought these peers (or their endpoints): an IKE_SA of ours still being set up
+        with them (its IKE_SA_INIT may retransmit into the void towards an old address, or at
+        long intervals) is dropped, and their re-initiation backoff forgotten, so that the
+        negotiation starts over at once."""
+        for name in names:
+            self._hold.pop(name, None)
+            self._backoff.pop(name, None)
+            self._retry.pop(name, None)
+            for sa in self._sas_of(name):
+                if sa.initiator and sa.state in (State.INIT, State.AUTH) and sa.state != State.ESTABLISHED:
+                    self._count("initiation_restarted")
+                    sa._die("restarted: the view brought the peer or its endpoint")
+                    self._collect(sa, now)
+
+    def join(self, now: float, names=None) -> list[str]:
+        """We join (agent start, or a view that brings peers): open an IKE_SA to each of these
+        peers (all by default) that we may start to (``_may_start``), also where the tie-break
+        leaves initiation to the peer, so that a node is reachable as soon as it runs instead of
+        when the peer's next retransmission comes. Race-free: nothing is started towards a peer
+        with an IKE_SA (or one of its IKE_SA_INITs half-open here); when both IKE_SA_INITs cross,
+        the side whose name sorts lower abandons its own unanswered one, and two IKE_SAs that
+        completed anyway are resolved (``_resolve_duplicates``). Returns the peers initiated to."""
+        out = []
+        for p in self.view.peers:
+            if names is not None and p.name not in names:
+                continue
+            if self._shutdown or not self._may_start(p) or self._sas_of(p.name):
+                continue
+            try:
+                self.initiate(p.name, now)
+            except ValueError:
+                continue
+            if self._sas_of(p.name):
+                self._count("join_initiated")
+                out.append(p.name)
+        return out
+
+    def _supersede_own_init(self, remote_ip: str, now: float) -> None:
+        """The peer at ``remote_ip`` sent us its IKE_SA_INIT while ours to it is unanswered (both
+        sides started at once): the side whose name sorts lower drops its own (no response came,
+        so the peer holds nothing of it but a half-open IKE_SA that expires), so that one IKE_SA
+        results. Both sides apply the rule, exactly one of them drops."""
+        for p in self.view.peers:
+            if remote_ip not in p.endpoints or not self.view.name < p.name:
+                continue
+            for sa in self._sas_of(p.name):
+                if (sa.initiator and sa.state == State.INIT and sa.spi_r == 0 and sa._pending is not None
+                        and sa._pending.exchange == ExchangeType.IKE_SA_INIT):
+                    self._count("own_init_superseded")
+                    sa._die("superseded by the peer's IKE_SA_INIT")
+                    self._collect(sa, now)
 
     def update_credentials(self, credentials: Credentials, now: float) -> None:
         """New credentials (e.g. a renewed certificate or new trust anchors): every IKE_SA set up
@@ -320,6 +391,7 @@ class IkeManager:
                     return
                 if not self._cookie_ok(msg, local, remote, now):
                     return
+                self._supersede_own_init(remote[0], now)
                 sa = IkeSa.new_responder(self._responder_config(), self.rng, local, remote, msg.spi_i, now)
                 self._sas[sa.my_spi] = sa
                 self._half_open[key] = sa
@@ -370,7 +442,7 @@ class IkeManager:
         per address as the unknown-SPI hints are."""
         peer = next((p for p in self.view.peers if remote[0] in p.endpoints and p.policy.action == "protect"),
                     None)
-        if peer is None or self._shutdown or self._sas_of(peer.name):
+        if peer is None or self._shutdown or self._sas_of(peer.name) or not self._may_start(peer):
             return
         if not self._rate_ok(self._hinted, remote[0], now, HINT_INTERVAL_S):
             return
@@ -756,7 +828,7 @@ class IkeManager:
         peer = self.view.peer(name) if name else None
         if (peer is None or self._shutdown or ev.reason in _FINAL_REASONS
                 or ev.reason == "peer sent INITIAL_CONTACT" or ev.rekeyed_to is not None
-                or ev.reason.startswith(("redundant", "duplicate")) or any(s is not sa for s in self._sas_of(name))):
+                or ev.reason.startswith(("redundant", "duplicate", "restarted")) or any(s is not sa for s in self._sas_of(name))):
             return
         last = self._backoff.get(name, 0.0)
         auth = ("AUTHENTICATION_FAILED" in ev.reason or "revoked" in ev.reason

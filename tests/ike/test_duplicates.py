@@ -35,6 +35,8 @@ class _Seen(dict):
 def _both_initiate(seed, policy=POL):
     n = make_net(view("node-a", "node-b", policy=policy), PSK, view("node-b", "node-a", policy=policy), PSK, seed=seed)
     n.a._sas = _Seen()
+    # the IKE_SA_INIT responses crossed (or the peer lacks the rule): both exchanges complete
+    n.a._supersede_own_init = n.b._supersede_own_init = lambda ip, now: None
     n.a.initiate("node-b", n.now)  # both IKE_SA_INITs leave before either arrives
     n.b.initiate("node-a", n.now)
     n.pump()
@@ -66,6 +68,7 @@ def test_a_peer_that_keeps_duplicates_is_made_to_drop_ours_choice():
     and b ends with the same single IKE_SA."""
     n = make_net(view("node-a", "node-b", policy=POL), PSK, view("node-b", "node-a", policy=POL), PSK, seed="ss")
     n.b._resolve_duplicates = lambda sa, peer, now: None
+    n.a._supersede_own_init = n.b._supersede_own_init = lambda ip, now: None
     n.a.initiate("node-b", n.now)
     n.b.initiate("node-a", n.now)
     n.pump()
