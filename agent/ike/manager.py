@@ -16,7 +16,7 @@ from agent.iana import ExchangeType, NotifyType, PayloadType
 from agent.ike.cookie import CookieJar
 from agent.ike.fragment import DEFAULT_FRAGMENT_SIZE
 from agent.ike.cp import AddressPool
-from agent.ike.events import Addr, Event, IkeSaDeleted, IkeSaEstablished, PeerRefused
+from agent.ike.events import Addr, ChildSaEstablished, Event, IkeSaDeleted, IkeSaEstablished, PeerRefused
 from agent.ike.message import (EncryptedFragmentPayload, EncryptedPayload, Message, MessageError, NotifyPayload,
                                check_outer, decode_message, encode_message)
 from agent.ike.policy_check import ike_proposal_problem, policy_problem
@@ -31,6 +31,7 @@ HALF_OPEN_PER_SOURCE = 20  # half-open IKE_SAs one source address may hold
 INVALID_IKE_SPI_INTERVAL_S = 1.0  # at most one unprotected INVALID_IKE_SPI per source per interval
 HINT_INTERVAL_S = 5.0  # unknown-SPI hints acted on at most once per address per interval
 _RATE_TABLE_MAX = 4096  # rate-limit tables are pruned beyond this many addresses
+REPLACE_WAIT_S = 10.0  # make before break: the side that does not initiate waits this long for the new IKE_SA
 _INITS_DONE_MAX = 1024  # established responder IKE_SAs whose IKE_SA_INIT retransmissions are ignored
 
 # reasons after which we do not re-initiate
@@ -84,6 +85,7 @@ class IkeManager:
         self._out: list[Datagram] = []
         self._events: deque[Event] = deque()
         self._retry: dict[str, float] = {}  # peer -> re-initiation deadline
+        self._replace_by: dict[str, float] = {}  # peer -> old IKE_SAs deleted then unless replaced before
         self._backoff: dict[str, float] = {}  # peer -> last re-initiation delay
         self._contacted: set[str] = set()
         self._shutdown = False
@@ -203,8 +205,11 @@ class IkeManager:
                 # the SAs were negotiated under the old policy (RFC 4301 §4.4.1: SAs must
                 # match the SPD): delete them; a peer still to PROTECT is set up again
                 pol = new_policy[sa.peer_name]
-                sa.delete(now, f"policy changed (now {pol.action}"
-                               f"{'' if pol.action != 'protect' else f', {pol.protocol}/{pol.mode}'})")
+                why = (f"policy changed (now {pol.action}"
+                       f"{'' if pol.action != 'protect' else f', {pol.protocol}/{pol.mode}'})")
+                if self._make_before_break(sa, view, why, now):
+                    continue
+                sa.delete(now, why)
                 self._collect(sa, now)
         for name in list(self._retry):
             if name not in names:
@@ -289,6 +294,45 @@ class IkeManager:
                     sa._die("superseded by the peer's IKE_SA_INIT")
                     self._collect(sa, now)
 
+    # ------------------------------------------------------------ make before break (issue 9)
+    def _make_before_break(self, sa: IkeSa, view: NodeView, why: str, now: float) -> bool:
+        """A PROTECT peer's policy changed (mode, protocol, proposals...): keep ``sa`` carrying
+        traffic until an IKE_SA under the new policy is up, then delete it, instead of deleting
+        first (traffic lost for the re-initiation backoff). The tie-break initiator opens the
+        replacement with INITIAL_CONTACT (§2.4), so the peer drops its old IKE_SA the moment the
+        new one is established, and deletes ours when it is; the other side keeps its old one
+        until then, at most REPLACE_WAIT_S (then deleted as before). A replacement that fails
+        deletes the old one too. False: not applicable (not ESTABLISHED, no longer PROTECT,
+        being rekeyed), the caller deletes at once."""
+        peer = view.peer(sa.peer_name)
+        if (peer is None or peer.policy.action != "protect" or sa.state != State.ESTABLISHED
+                or sa._successor is not None or self._shutdown):
+            return False
+        sa._replace_reason = why
+        name = peer.name
+        t = now + REPLACE_WAIT_S  # a backstop on both sides
+        self._replace_by[name] = t
+        self._push(t, ("replace", name))
+        if peer.initiate and self._may_start(peer):
+            if not any(getattr(s, "_replacement", False) for s in self._sas_of(name)):
+                self.initiate(name, now, replace=True)
+            self._count("make_before_break")
+            return True
+        self._count("make_before_break_wait")
+        return True
+
+    def _replaced(self, peer: str, now: float, failed: str | None = None) -> None:
+        """Delete the IKE_SAs of ``peer`` waiting for a replacement (one is up, or it failed)."""
+        self._replace_by.pop(peer, None)
+        for old in self._sas_of(peer):
+            why = getattr(old, "_replace_reason", None)
+            if why is None or getattr(old, "_replacement", False) and failed is None:
+                continue
+            old._replace_reason = None
+            old.delete(now, why + (" (replaced, make before break)" if failed is None
+                                   else f"; its replacement failed: {failed}"))
+            self._collect(old, now)
+
     def update_credentials(self, credentials: Credentials, now: float) -> None:
         """New credentials (e.g. a renewed certificate or new trust anchors): every IKE_SA set up
         from now on uses them; established IKE_SAs stay (they were authenticated already)."""
@@ -306,8 +350,10 @@ class IkeManager:
                 sa.delete(now, f"peer certificate revoked (serial {serial})")
                 self._collect(sa, now)
 
-    def initiate(self, peer_name: str, now: float) -> None:
+    def initiate(self, peer_name: str, now: float, *, replace: bool = False) -> None:
         """Start IKE_SA_INIT with ``peer_name`` unless an IKE_SA with it exists or is being set up.
+        ``replace``: an IKE_SA under a changed policy that replaces the established ones (make
+        before break): started beside them, with INITIAL_CONTACT.
 
         Raises ValueError for an unknown peer or one without endpoints (a configuration error).
         """
@@ -316,7 +362,8 @@ class IkeManager:
             raise ValueError(f"initiate: unknown peer {peer_name!r}")
         if not peer.endpoints:
             raise ValueError(f"initiate: peer {peer_name!r} has no endpoint")
-        if self._sas_of(peer_name) or self._shutdown:
+        if self._shutdown or (self._sas_of(peer_name) if not replace else any(
+                s.state != State.ESTABLISHED for s in self._sas_of(peer_name))):
             self._retry.pop(peer_name, None)
             return
         if any(addr in peer.endpoints for addr, _spi in self._half_open):
@@ -340,13 +387,16 @@ class IkeManager:
         cfg = IkeSaConfig(
             identity=self.view.identity, credentials=self.credentials, local_subnets=self.view.subnets,
             ike_proposals=peer.policy.ike_proposals, peer=peer, find_peer=self._find_peer,
-            force_encap=peer.policy.encapsulation == "udp", initial_contact=peer_name not in self._contacted,
+            force_encap=peer.policy.encapsulation == "udp",
+            initial_contact=replace or peer_name not in self._contacted,
             wall_offset=lambda: self.wall_offset, assign_vip=self._assign_vip,
             fragment_size=getattr(peer.policy, "fragment_size", DEFAULT_FRAGMENT_SIZE),
             half_open_timeout_s=self.half_open_timeout_s, revoked=lambda: self._revoked,
             policy_problem=self._policy_problem, new_child_spi=self._new_child_spi)
         sa = IkeSa.new_initiator(cfg, self.rng, (self.local_address, IKE_PORT),
                                  (peer.endpoints[0], peer.ike_port), now)
+        if replace:
+            sa._replacement = True
         self._sas[sa.my_spi] = sa
         sa.initiate(now)
         self._collect(sa, now)
@@ -461,6 +511,14 @@ class IkeManager:
             self._count("unexpected_payload")
             return
         sa = self._sas.get(msg.spi_i) or self._sas.get(msg.spi_r)
+        if (sa is not None and sa.state == State.DELETING and sa.remote[0] == remote[0]
+                and NotifyType.INVALID_IKE_SPI in kinds):
+            # our Delete answered "no such IKE_SA" (the peer dropped it already, e.g. on an
+            # INITIAL_CONTACT): nothing left to wait for; at worst a forgery ends it early
+            sa._finish_delete()
+            self._collect(sa, now)
+            self._count("delete_answered_invalid_ike_spi")
+            return
         if sa is None or sa.is_dead or sa.remote[0] != remote[0] or sa.state != State.ESTABLISHED:
             sa = next((s for p in self.view.peers if remote[0] in p.endpoints for s in self._sas_of(p.name)
                        if s.remote[0] == remote[0] and s.state == State.ESTABLISHED), None)
@@ -646,6 +704,9 @@ class IkeManager:
                 if t is not None and t <= now:
                     sa.handle_timer(now)
                 self._collect(sa, now)  # reschedules
+            elif key[0] == "replace":  # no replacement came in time: the old IKE_SAs go now
+                if self._replace_by.get(key[1], now + 1) <= now:
+                    self._replaced(key[1], now, failed="none came in time")
             else:
                 name = key[1]
                 if self._retry.get(name) is None or self._retry[name] > now:
@@ -670,6 +731,8 @@ class IkeManager:
     def _valid(self, t: float, key: object) -> bool:
         if isinstance(key, int):
             return self._deadline.get(key) == t and key in self._sas
+        if key[0] == "replace":
+            return self._replace_by.get(key[1]) == t
         return self._retry.get(key[1]) == t
 
     def _schedule(self, sa: IkeSa) -> None:
@@ -686,7 +749,7 @@ class IkeManager:
 
     def _push(self, t: float, key: object) -> None:
         heapq.heappush(self._heap, (t, next(self._seq), key))
-        if len(self._heap) > 4 * (len(self._deadline) + len(self._retry)) + 64:
+        if len(self._heap) > 4 * (len(self._deadline) + len(self._retry) + len(self._replace_by)) + 64:
             # stale entries (deadlines that moved) outnumber live ones: rebuild
             self._heap = [e for e in self._heap if self._valid(e[0], e[2])]
             heapq.heapify(self._heap)
@@ -734,6 +797,8 @@ class IkeManager:
             self._sas[new.my_spi] = new
             self._collect(new, now)
         events, sa.events = sa.events, []
+        after: list = []  # (fn(peer, now), peer) run once all of this IKE_SA's events are out:
+        # the old IKE_SAs' ChildSaDeleted must follow the new ChildSaEstablished (make before break)
         for ev in events:
             self._events.append(ev)
             if isinstance(ev, IkeSaEstablished):
@@ -746,21 +811,29 @@ class IkeManager:
                 if sa.peer_initial_contact:
                     # RFC 7296 §2.4: the peer restarted; our older IKE_SAs with it are stale
                     # only SAs established before: a simultaneous initiation in flight stays
-                    for old in self._sas_of(ev.peer):
-                        if old is not sa and old.state == State.ESTABLISHED:
-                            old._die("peer sent INITIAL_CONTACT")
-                            self._collect(old, now)
+                    # (after this IKE_SA's events: its CHILD_SA is installed before theirs go)
+                    after.append((lambda p, n, s=sa: self._initial_contact(s, p, n), ev.peer))
+                if ev.peer and not getattr(sa, "_from_rekey", False) and sa.peer_initial_contact:
+                    after.append((self._replaced, ev.peer))  # the peer's replacement is up
                 if ev.peer:
-                    self._resolve_duplicates(sa, ev.peer, now)
+                    after.append((lambda p, n, s=sa: self._resolve_duplicates(s, p, n), ev.peer))
+            elif isinstance(ev, ChildSaEstablished) and getattr(sa, "_replacement", False) and ev.peer:
+                sa._replacement_up = True
+                after.append((self._replaced, ev.peer))  # our replacement carries traffic now
             elif isinstance(ev, IkeSaDeleted):
                 if "AUTHENTICATION_FAILED" in ev.reason:
                     self._count("auth_failed")
+                name = ev.peer or (sa.cfg.peer.name if sa.cfg.peer else "")
+                if getattr(sa, "_replacement", False) and not getattr(sa, "_replacement_up", False) and name:
+                    after.append((lambda p, n, r=ev.reason: self._replaced(p, n, failed=r), name))
                 if ev.reason == "peer did not respond" and ev.peer:
                     # the peer may have restarted: the IKE_SA we build next carries INITIAL_CONTACT
                     self._contacted.discard(ev.peer)
                 if ev.rekeyed_to is None and ev.peer:
                     self._release_vip(ev.peer, sa)
                 self._schedule_retry(sa, ev, now)
+        for fn, peer in after:
+            fn(peer, now)
         if sa.is_dead:
             if self._sas.get(sa.my_spi) is sa:
                 del self._sas[sa.my_spi]
@@ -774,6 +847,12 @@ class IkeManager:
             self._remember_init(sa)
             self._forget_half_open(sa)
         self._schedule(sa)
+
+    def _initial_contact(self, sa: IkeSa, peer: str, now: float) -> None:
+        for old in self._sas_of(peer):
+            if old is not sa and old.state == State.ESTABLISHED:
+                old._die("peer sent INITIAL_CONTACT")
+                self._collect(old, now)
 
     # ------------------------------------------------------------ duplicate IKE_SAs
     @staticmethod
@@ -792,7 +871,8 @@ class IkeManager:
             return
         for other in self._sas_of(peer):
             if (other is sa or other.state != State.ESTABLISHED or other._successor is not None
-                    or sa._successor is not None):
+                    or sa._successor is not None or getattr(other, "_replace_reason", None)
+                    or getattr(sa, "_replace_reason", None)):
                 continue
             loser = sa if self._lowest_nonce(sa) < self._lowest_nonce(other) else other
             self._count("duplicate_ike_sa_deleted")
