@@ -262,8 +262,9 @@ class IkeManager:
         leaves initiation to the peer, so that a node is reachable as soon as it runs instead of
         when the peer's next retransmission comes. Race-free: nothing is started towards a peer
         with an IKE_SA (or one of its IKE_SA_INITs half-open here); when both IKE_SA_INITs cross,
-        the side whose name sorts lower abandons its own unanswered one, and two IKE_SAs that
-        completed anyway are resolved (``_resolve_duplicates``). Returns the peers initiated to."""
+        the side whose name sorts higher abandons its own unanswered one, an unanswered one is
+        dropped once an IKE_SA with the peer is up, and two IKE_SAs that completed anyway are
+        resolved (``_resolve_duplicates``). Returns the peers initiated to."""
         out = []
         for p in self.view.peers:
             if names is not None and p.name not in names:
@@ -279,20 +280,48 @@ class IkeManager:
                 out.append(p.name)
         return out
 
+    @staticmethod
+    def _unanswered_init(sa: IkeSa) -> bool:
+        """Our IKE_SA_INIT that got no response yet: the peer holds at most a half-open IKE_SA
+        for it (which expires), so dropping it can never leave the two sides disagreeing."""
+        return (sa.initiator and sa.state == State.INIT and sa.spi_r == 0 and sa._pending is not None
+                and sa._pending.exchange == ExchangeType.IKE_SA_INIT)
+
     def _supersede_own_init(self, remote_ip: str, now: float) -> None:
         """The peer at ``remote_ip`` sent us its IKE_SA_INIT while ours to it is unanswered (both
-        sides started at once): the side whose name sorts lower drops its own (no response came,
-        so the peer holds nothing of it but a half-open IKE_SA that expires), so that one IKE_SA
-        results. Both sides apply the rule, exactly one of them drops."""
+        sides started at once): the side whose name sorts higher (the one the tie-break leaves
+        to respond) drops its own, so that one IKE_SA results, in the roles the tie-break says.
+        Both sides apply the rule, exactly one of them drops."""
         for p in self.view.peers:
-            if remote_ip not in p.endpoints or not self.view.name < p.name:
+            if remote_ip not in p.endpoints or not self.view.name > p.name:
                 continue
             for sa in self._sas_of(p.name):
-                if (sa.initiator and sa.state == State.INIT and sa.spi_r == 0 and sa._pending is not None
-                        and sa._pending.exchange == ExchangeType.IKE_SA_INIT):
+                if self._unanswered_init(sa):
                     self._count("own_init_superseded")
                     sa._die("superseded by the peer's IKE_SA_INIT")
                     self._collect(sa, now)
+
+    def _drop_moot_inits(self, sa: IkeSa, peer: str, now: float) -> None:
+        """An IKE_SA with ``peer`` is up: our IKE_SA_INITs to it still unanswered (e.g. sent
+        before the peer ran, retransmitted at long intervals) are moot; dropped before one of
+        their retransmissions makes a second IKE_SA."""
+        for other in self._sas_of(peer):
+            if other is not sa and self._unanswered_init(other):
+                self._count("own_init_moot")
+                other._die("moot: an IKE_SA with the peer is up")
+                self._collect(other, now)
+        # likewise the peer's crossed IKE_SA_INIT it dropped itself (_supersede_own_init): its
+        # half-open IKE_SA here would wait for an IKE_AUTH that never comes; only when no other
+        # configured peer shares the address (hosts behind one NAT)
+        p = self.view.peer(peer)
+        ips = set(p.endpoints) if p is not None else set()
+        if any(q.name != peer and ips & set(q.endpoints) for q in self.view.peers):
+            return
+        for key, half in list(self._half_open.items()):
+            if key[0] in ips and half is not sa and half.state in (State.INIT, State.AUTH) and not half.initiator:
+                self._count("half_open_moot")
+                half._die("moot: an IKE_SA with the peer is up")
+                self._collect(half, now)
 
     # ------------------------------------------------------------ make before break (issue 9)
     def _make_before_break(self, sa: IkeSa, view: NodeView, why: str, now: float) -> bool:
@@ -816,6 +845,7 @@ class IkeManager:
                 if ev.peer and not getattr(sa, "_from_rekey", False) and sa.peer_initial_contact:
                     after.append((self._replaced, ev.peer))  # the peer's replacement is up
                 if ev.peer:
+                    after.append((lambda p, n, s=sa: self._drop_moot_inits(s, p, n), ev.peer))
                     after.append((lambda p, n, s=sa: self._resolve_duplicates(s, p, n), ev.peer))
             elif isinstance(ev, ChildSaEstablished) and getattr(sa, "_replacement", False) and ev.peer:
                 sa._replacement_up = True
@@ -908,7 +938,7 @@ class IkeManager:
         peer = self.view.peer(name) if name else None
         if (peer is None or self._shutdown or ev.reason in _FINAL_REASONS
                 or ev.reason == "peer sent INITIAL_CONTACT" or ev.rekeyed_to is not None
-                or ev.reason.startswith(("redundant", "duplicate", "restarted")) or any(s is not sa for s in self._sas_of(name))):
+                or ev.reason.startswith(("redundant", "duplicate", "restarted", "moot")) or any(s is not sa for s in self._sas_of(name))):
             return
         last = self._backoff.get(name, 0.0)
         auth = ("AUTHENTICATION_FAILED" in ev.reason or "revoked" in ev.reason

@@ -26,8 +26,8 @@ def _up(m):
 def test_joining_node_initiates_although_the_tie_break_leaves_it_to_the_peer():
     """a (initiator by the tie-break) started at the inventory edit; b was not running, so a's
     IKE_SA_INIT retransmits into the void (next try 16 s away at t=40 s). b starts at 40 s and
-    initiates itself (join): the IKE_SA is up at once, a drops its unanswered IKE_SA_INIT and
-    exactly one IKE_SA exists (before: b waited for a's retransmission at 48.5 s)."""
+    initiates itself (join): the IKE_SA is up at once, a drops its unanswered IKE_SA_INIT (moot
+    now) and exactly one IKE_SA exists (before: b waited for a's retransmission at 48.5 s)."""
     a = _mgr(view("node-a", "node-b", policy=POL), "a")
     b_down = _mgr(view("node-b", "node-a", policy=POL, initiate=False), "b0")
     n = Net(a, b_down)
@@ -42,7 +42,7 @@ def test_joining_node_initiates_although_the_tie_break_leaves_it_to_the_peer():
     n.pump()
     assert len(_up(n.a)) == 1 and len(_up(n.b)) == 1
     assert (_up(n.a)[0].spi_i, _up(n.a)[0].spi_r) == (_up(n.b)[0].spi_i, _up(n.b)[0].spi_r)
-    assert n.a.counters["own_init_superseded"] == 1
+    assert n.a.counters["own_init_moot"] == 1
     n.advance(T0 + 200.0)  # the abandoned exchange leaves nothing behind
     assert len(_up(n.a)) == 1 and len(_up(n.b)) == 1 and n.b.half_open() == 0
 
@@ -94,13 +94,32 @@ def test_join_respects_policy_gateway_role_and_existing_sas():
 
 
 def test_cold_start_both_join_one_ike_sa():
-    """Both agents start at once and both join: their IKE_SA_INITs cross, a (the lower name)
-    drops its own, b's completes; one IKE_SA on each side."""
+    """Both agents start at once and both join: their IKE_SA_INITs cross, b (the higher name,
+    left to respond by the tie-break) drops its own, a's completes; one IKE_SA on each side."""
     n = Net(_mgr(view("node-a", "node-b", policy=POL), "a"),
             _mgr(view("node-b", "node-a", policy=POL, initiate=False), "b"))
     n.a.join(n.now)
     n.b.join(n.now)
     n.pump()
     (sa_a,), (sa_b,) = _up(n.a), _up(n.b)
-    assert (sa_a.spi_i, sa_a.spi_r) == (sa_b.spi_i, sa_b.spi_r) and sa_b.initiator
-    assert A_ADDR == sa_b.remote[0]
+    assert (sa_a.spi_i, sa_a.spi_r) == (sa_b.spi_i, sa_b.spi_r) and sa_a.initiator
+    assert A_ADDR == sa_b.remote[0] and n.b.counters["own_init_superseded"] == 1
+
+
+def test_half_open_of_another_peer_behind_the_same_address_is_kept():
+    """Hosts behind one NAT share an address: an IKE_SA coming up with one of them drops no
+    half-open IKE_SA from that address (it may be the other host's)."""
+    from agent.model import Peer
+    v = view("node-a", "node-b", policy=POL)
+    c = Peer(name="node-c", identity="node-c", endpoints=(B_ADDR,), subnets=v.peers[0].subnets, policy=POL)
+    a = _mgr(replace(v, peers=(*v.peers, c)), "a")
+    n = Net(a, _mgr(view("node-b", "node-a", policy=POL, initiate=False), "b"))
+    stranger = _mgr(view("node-c", "node-a", policy=POL, my_addr=B_ADDR), "c")
+    stranger.initiate("node-a", n.now)  # node-c's IKE_SA_INIT from the shared address
+    (d,) = stranger.datagrams_to_send()
+    a.receive_datagram(d.data, d.remote, d.local, n.now)
+    a.datagrams_to_send()
+    assert a.half_open() == 1
+    n.b.initiate("node-a", n.now)  # node-b's IKE_SA comes up at a (responder)
+    n.pump()
+    assert len(_up(n.a)) == 1 and a.half_open() == 1 and "half_open_moot" not in a.counters
