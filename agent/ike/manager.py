@@ -242,16 +242,17 @@ class IkeManager:
                 and self._policy_problem(peer) is None)
 
     def _restart_pending(self, names, now: float) -> None:
-        """A view brought these peers (or their endpoints): an IKE_SA of ours still being set up
-        with them (its IKE_SA_INIT may retransmit into the void towards an old address, or at
-        long intervals) is dropped, and their re-initiation backoff forgotten, so that the
-        negotiation starts over at once."""
+        """A view brought these peers (or their endpoints): our unanswered IKE_SA_INIT to them (it
+        may retransmit into the void towards an old address, or at long intervals) is dropped,
+        and their re-initiation backoff forgotten, so that the negotiation starts over at once."""
         for name in names:
             self._hold.pop(name, None)
             self._backoff.pop(name, None)
             self._retry.pop(name, None)
             for sa in self._sas_of(name):
-                if sa.initiator and sa.state in (State.INIT, State.AUTH) and sa.state != State.ESTABLISHED:
+                # unanswered only: an IKE_SA_INIT that got its response reached the peer, which may
+                # complete it (dropping ours then could leave the two sides disagreeing)
+                if self._unanswered_init(sa):
                     self._count("initiation_restarted")
                     sa._die("restarted: the view brought the peer or its endpoint")
                     self._collect(sa, now)
