@@ -661,17 +661,25 @@ class IkeManager:
         return None
 
     # ------------------------------------------------------------ liveness (§2.4)
-    def note_inbound(self, peers, now: float) -> None:
-        """Authenticated ESP/AH arrived from these peers (a peer name, or an iterable of names)
-        at ``now``: their IKE_SAs start a liveness check only ``dpd_interval`` after the last such
-        packet or IKE message, not after the last IKE message alone. Called per inbound batch;
-        O(peers) and no heap work: a deadline that moved is found when its old one fires.
-        Unknown names are ignored; never raises."""
-        if isinstance(peers, str):
-            peers = (peers,)
+    def note_inbound(self, peers_or_spis, now: float) -> None:
+        """Authenticated ESP/AH arrived at ``now`` for these: peer names (a name, or an iterable
+        of names: all their IKE_SAs) and/or IKE_SAs as (SPIi, SPIr) pairs (the IKE_SA whose
+        CHILD_SA authenticated it). Those IKE_SAs start a liveness check only ``dpd_interval``
+        after the last such packet or IKE message, not after the last IKE message alone (§2.4).
+        Called per inbound batch; O(items) and no heap work: a deadline that moved is found when
+        its old one fires. Unknown names or SPIs are ignored; never raises."""
+        if isinstance(peers_or_spis, str):
+            peers_or_spis = (peers_or_spis,)
         sas, by_peer = self._sas, self._by_peer
-        for name in peers:
-            for spi in by_peer.get(name, ()):
+        for item in peers_or_spis:
+            if isinstance(item, tuple):
+                if len(item) != 2:
+                    continue
+                sa = sas.get(item[0]) or sas.get(item[1])
+                if sa is not None and (sa.spi_i, sa.spi_r) == item:
+                    sa.note_inbound(now)
+                continue
+            for spi in by_peer.get(item, ()):
                 sa = sas.get(spi)
                 if sa is not None:
                     sa.note_inbound(now)

@@ -102,3 +102,16 @@ def test_ike_sa_after_a_normal_delete_has_no_initial_contact():
     n.pump()
     assert all(e.reason != "peer did not respond" for e in n.of("a", IkeSaDeleted))
     assert "node-b" in n.a._contacted
+
+
+def test_note_inbound_by_ike_sa_spis():
+    """The runtime may name IKE_SAs by (SPIi, SPIr) instead of peers; a wrong pair is ignored."""
+    n = _timed(_net(b_policy=replace(POL, dpd_interval_s=0)))
+    (sa,) = [s for s in n.a._sas.values()]
+    n.a.note_inbound({(sa.spi_i, sa.spi_r + 1), (1, 2), (3,)}, T0 + 5.0)  # no match: nothing moves
+    assert sa.last_inbound == float("-inf")
+    n.a.note_inbound({(sa.spi_i, sa.spi_r)}, T0 + 5.0)
+    n.advance(T0 + 14.9)
+    assert _probes(n, "a") == []
+    n.advance(T0 + 15.0)
+    assert _probes(n, "a") == [T0 + 15.0]
