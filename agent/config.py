@@ -29,6 +29,13 @@ Format (keys not listed are an error)::
         child_lifetime_packets: 0   # likewise in packets
         fragment_size: 1280         # RFC 7383: IP packet octets above which IKE messages are fragmented
         bind_endpoints: false       # true: refuse this peer when its IKE comes from another address (no NAT)
+        dpd_interval: 30s           # liveness check (RFC 7296 §2.4) after this long without IKE or ESP
+                                    # from the peer; 0: off
+        retransmit_timeout: 1s      # IKE requests: first retransmission after this (RFC 7296 §2.1),
+        retransmit_base: 2          # each further wait multiplied by this,
+        retransmit_tries: 5         # "peer did not respond" after this many retransmissions
+        init_retransmit_timeout: 0.1s   # IKE_SA_INIT first retransmits after this, doubling up to
+                                    # retransmit_timeout (a peer still starting); 0: not sooner
 
     docs/config.md documents every key with its default.
 
@@ -269,7 +276,8 @@ def _credentials(ctx, m) -> Credentials:
 _PEER_KEYS = {"name", "identity", "endpoints", "subnets", "psk", "initiate", "ike_proposals",
               "esp_proposals", "mode", "encapsulation", "ike_port", "protocol", "virtual_ip",
               "virtual_ip_pool", "ike_lifetime", "child_lifetime", "fragment_size", "bind_endpoints",
-              "child_lifetime_bytes", "child_lifetime_packets"}
+              "child_lifetime_bytes", "child_lifetime_packets", "dpd_interval", "retransmit_timeout",
+              "retransmit_base", "retransmit_tries", "init_retransmit_timeout"}
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MIN_LIFETIME_S = 10  # below this a rekey could not finish before the hard limit (retransmits)
 
@@ -437,6 +445,7 @@ def _peer(ctx, name: str, p, idx: int) -> Peer:
     for key in ("child_lifetime_bytes", "child_lifetime_packets"):  # RFC 4301 §4.4.2.1
         if key in p:
             extra[key] = _volume(ctx, p, key, where)
+    extra.update(_liveness(ctx, p, where))
     policy = PeerPolicy(
         mode=mode, encapsulation=encap, protocol=protocol, **extra,
         ike_proposals=_proposals(ctx, p, "ike_proposals", where, "ike", DEFAULT_IKE_PROPOSALS),
@@ -444,6 +453,38 @@ def _peer(ctx, name: str, p, idx: int) -> Peer:
     )
     return Peer(name=pname, identity=ident, endpoints=tuple(eps), subnets=subnets, policy=policy,
                 ike_port=port, psk=psk, initiate=initiate)
+
+
+def _liveness(ctx, p, where: str) -> dict:
+    """``dpd_interval`` and the IKE retransmission keys of one peer -> PeerPolicy fields."""
+    from agent.ike.retransmit import RetransmitSchedule
+    out: dict = {}
+    for key, field in (("dpd_interval", "dpd_interval_s"), ("retransmit_timeout", "retransmit_timeout_s"),
+                       ("init_retransmit_timeout", "init_retransmit_timeout_s")):
+        if key in p:
+            try:
+                out[field] = parse_duration(p[key])
+            except ValueError as exc:
+                raise ctx.err(_line(p, key), f"{where}{key}", str(exc))
+    if "retransmit_base" in p:
+        base = p["retransmit_base"]
+        if isinstance(base, bool) or not isinstance(base, (int, float)):
+            raise ctx.err(_line(p, "retransmit_base"), f"{where}retransmit_base",
+                          f"{base!r} is not a number; give a factor from 1 to 10 (e.g. 2)")
+        out["retransmit_base"] = float(base)
+    if "retransmit_tries" in p:
+        out["retransmit_tries"] = _typed(ctx, p, "retransmit_tries", where, int, "a whole number from 0 to 20")
+    d = PeerPolicy()
+    try:
+        RetransmitSchedule(out.get("retransmit_timeout_s", d.retransmit_timeout_s),
+                           out.get("retransmit_base", d.retransmit_base),
+                           out.get("retransmit_tries", d.retransmit_tries),
+                           out.get("init_retransmit_timeout_s", d.init_retransmit_timeout_s))
+    except ValueError as exc:
+        key = next((k for k in ("retransmit_timeout", "retransmit_base", "retransmit_tries",
+                                "init_retransmit_timeout") if k in p), "retransmit_timeout")
+        raise ctx.err(_line(p, key), f"{where}{key}", str(exc))
+    return out
 
 
 def parse_config(text: str, path: str = "<config>") -> tuple[NodeView, Credentials, DatapathSettings]:

@@ -555,6 +555,8 @@ class ControllerClient:
         while not stop.is_set():
             renewing = threading.Event()
             timer: threading.Timer | None = None
+            established_at: float | None = None  # when the controller accepted this stream
+            attempt_before = attempt
             try:
                 creds = self.enroll(stop=stop)  # renewals are reported through on_credentials
                 assert creds.private_key_pem is not None
@@ -576,6 +578,9 @@ class ControllerClient:
                     if ("meshsec-watch", "established") in (call.initial_metadata() or ()):
                         self.log.info("watching view of %r at %s from version %d", self.node_name,
                                       self.watch_address, self._version)
+                        # a healthy stream resets the backoff even when no update follows (a
+                        # resume at the current version gets none)
+                        established_at, attempt = time.monotonic(), 0
                     for update in call:
                         try:
                             view = view_from_proto(update, self._view)
@@ -639,11 +644,22 @@ class ControllerClient:
                 break
             self._removed_logged = 0.0
             self._next_controller()
+            attempt = self._attempt_after_stream(attempt, attempt_before, established_at, time.monotonic())
             delay = self._backoff(attempt)
             attempt += 1
             self.log.info("reconnecting to %s in %.1f s (attempt %d, from version %d)", self.watch_address, delay,
                           attempt, self._version)
             stop.wait(delay)
+
+    def _attempt_after_stream(self, attempt: int, attempt_before: int, established_at: float | None,
+                              now: float) -> int:
+        """Reconnect attempt counter once a watch stream ended: reset (0) by the stream if it was
+        established, unless it lasted less than ``backoff_max`` (a controller that accepts and
+        drops at once must not be hammered at ``backoff_initial``): then it goes on from where
+        it was before the stream. ``established_at`` None: never established."""
+        if established_at is not None and now - established_at < self.backoff_max:
+            return max(attempt, attempt_before)
+        return attempt
 
     def _removed(self, details: str, on_view: Callable[[NodeView], None]) -> None:
         """The controller says this node is not in the inventory: clear the

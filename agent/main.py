@@ -329,9 +329,11 @@ def _uninstall(args) -> int:
 
 
 def _run(args) -> int:
+    # light modules only until UDP 500/4500 are bound: a peer's IKE_SA_INIT sent while we start
+    # then waits in the socket buffer instead of being refused (and retransmitted later); the
+    # IKE core, the ESP datapath and pyroute2 load afterwards
     from agent.datapath.control_socket import ControlServer, ControlSocketError
     from agent.datapath.routes import RouteError, RouteManager, enable_ip_forwarding, flush_guard
-    from agent.datapath.runtime import Runtime
     from agent.datapath.tun import TunDevice, TunError
     from agent.datapath.udp import RawSocket, UdpError, UdpSocket
 
@@ -452,6 +454,7 @@ def _run(args) -> int:
         raise StartupError(str(exc))
     enable_ip_forwarding(view.subnets)
 
+    from agent.datapath.runtime import Runtime
     from agent.ike.manager import IkeManager
     ike = IkeManager(view, creds, os.urandom, local_address=local, wall_offset=time.time() - time.monotonic())
     underlay_mtu = routes.underlay_mtu(local)

@@ -101,6 +101,13 @@ class PeerPolicy:
     # hard limit (the SA refuses further packets and is deleted through IKE) at 100 %.
     child_lifetime_bytes: int = 0
     child_lifetime_packets: int = 0
+    # IKE request retransmissions (RFC 7296 §2.1, agent.ike.retransmit): first wait in seconds,
+    # factor between waits, retransmissions before "peer did not respond"; an initiator's
+    # IKE_SA_INIT first retransmits after init_retransmit_timeout_s, doubling (0: no quick phase)
+    retransmit_timeout_s: float = 1.0
+    retransmit_base: float = 2.0
+    retransmit_tries: int = 5
+    init_retransmit_timeout_s: float = 0.1
 
 
 @dataclass(frozen=True)

@@ -627,3 +627,48 @@ def test_keylog_lets_tshark_decrypt_ike_and_esp_with_strongswan(lab, tmp_path):
     srcs = {x for line in icmp for x in line.split(",")}
     assert MS_IN in srcs and SW_IN in srcs, f"tshark did not decrypt ESP both ways: {srcs}"
     assert tshark(pcap, "esp.icv_bad == 1", home=home) == []
+
+
+def _established_ike_sas(lab) -> tuple[int, int]:
+    """(meshsec, strongSwan) counts of ESTABLISHED IKE_SAs."""
+    st = lab.status() or {}
+    ms = sum(1 for s in st.get("ike_sas", []) if s.get("state") == "ESTABLISHED")
+    sw = len(re.findall(r"^ms: #\d+, ESTABLISHED", lab.charon.list_sas(), re.M))
+    return ms, sw
+
+
+def test_both_sides_initiating_at_once_leave_one_ike_sa(lab, tmp_path):
+    """meshsec (at start) and strongSwan (swanctl --initiate) both initiate while the link between
+    them is down; once it is up their IKE_SA_INITs cross. strongSwan keeps duplicate IKE_SAs, so
+    meshsec must resolve them (issue 9): one IKE_SA remains on each side, traffic flows."""
+    ike, esp = "aes128gcm16-prfsha256-x25519", "aes128gcm16"
+    mark = lab.charon.mark()
+    lab.charon.load(lab.swanctl_conf(auth="psk", ike=ike, esp=esp, creds=None))
+    port = "p0"  # meshsec's port on the switch bridge (first host added)
+    sh("ip", "link", "set", port, "down", ns=lab.topo.switch_ns)
+    sw_init = None
+    try:
+        lab.start_agent(lab.meshsec_conf(creds=None, ike=ike, esp=esp, initiate=True))
+        sw_init = subprocess.Popen(["ip", "netns", "exec", lab.sw_ns, "swanctl", "--initiate", "--child", "ms",
+                                    "--timeout", "40", "--uri", f"unix://{lab.charon.vici}"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: "initiating IKE_SA ms" in lab.charon.log_since(mark), 30, 0.05, "strongSwan initiating")
+        sh("ip", "link", "set", port, "up", ns=lab.topo.switch_ns)
+        bring_up(lab, meshsec_initiates=True)
+        wait_until(lambda: _established_ike_sas(lab) == (1, 1), 60, 0.2,
+                   "one IKE_SA on each side (duplicates resolved)")
+        sw = lab.charon.list_sas()
+        spis = re.findall(r"^ms: #\d+, ESTABLISHED, IKEv2, ([0-9a-f]{16})_i\*? ([0-9a-f]{16})_r", sw, re.M)
+        st = lab.status()
+        (ours,) = [s for s in st["ike_sas"] if s.get("state") == "ESTABLISHED"]
+        assert spis and (ours["spi_i"], ours["spi_r"]) == spis[0], (ours, sw)
+        check_traffic(lab, tmp_path)
+        assert _established_ike_sas(lab) == (1, 1)
+        print(f"path taken: {lab.agent_text().count('superseded')} superseded, "
+              f"{lab.agent_text().count('duplicate IKE_SA')} duplicate deletes\n{sw}")
+    finally:
+        sh("ip", "link", "set", port, "up", ns=lab.topo.switch_ns, check=False)
+        if sw_init is not None and sw_init.poll() is None:
+            sw_init.kill()
+            sw_init.wait()
+        lab.stop_agent()

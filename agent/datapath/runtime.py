@@ -53,7 +53,6 @@ from agent.model import NodeView
 
 __all__ = ["Runtime", "ChildEntry", "selector_entries", "DROP_REASONS", "BEFORE_FIRST_VIEW",
            "NAT_KEEPALIVE", "DEFAULT_NAT_KEEPALIVE_S"]
-
 NON_ESP_MARKER = b"\x00\x00\x00\x00"  # RFC 3948 §2.2
 _MAX_LOGGED_ERRORS = 256  # distinct internal errors logged with a traceback (then only counted)
 
@@ -231,6 +230,7 @@ class Runtime:
         for p in self.view.peers:
             if p.initiate:
                 self.requests.initiate(p.name, now, "start")
+        self._guard("IKE join", self.ike.join, now)  # the starting node initiates too (race-free)
         self._flush_ike(now)
 
     def run(self) -> None:
@@ -484,8 +484,10 @@ class Runtime:
     def _finish(self, out: Batch) -> None:
         """After a batch: send its packets, then hand its requests to IKE (volume rekey /
         expire, unknown-SPI hints, acquires, IKE datagrams) and flush IKE once.
-        ``out.inbound_ike_sas`` is left for a liveness consumer (not used here yet)."""
+        ``out.inbound_ike_sas`` (authenticated ESP/AH) keeps those IKE_SAs' liveness checks away."""
         self._send(out)
+        if out.inbound_ike_sas:  # RFC 7296 §2.4: traffic from the peer proves it alive
+            self._guard("IKE note_inbound", self.ike.note_inbound, out.inbound_ike_sas, self.clock())
         if not out.requests:
             return
         now = self.clock()

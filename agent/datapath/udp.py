@@ -11,7 +11,12 @@ import os
 import socket
 from collections import deque
 
-from agent.esp.packet import build_ip
+
+def build_ip(*args):
+    # agent.esp loads `cryptography`: imported at first use, so the agent binds its ports early
+    from agent.esp.packet import build_ip as real
+    globals()["build_ip"] = real
+    return real(*args)
 
 
 class UdpError(Exception):

@@ -36,6 +36,8 @@ HALF_OPEN_PRESSURE_TIMEOUT_S = 6.0  # half-open lifetime while in COOKIE mode (I
 INVALID_IKE_SPI_INTERVAL_S = 1.0  # at most one unprotected INVALID_IKE_SPI per source per interval
 HINT_INTERVAL_S = 5.0  # unknown-SPI hints acted on at most once per address per interval
 _RATE_TABLE_MAX = 4096  # rate-limit tables are pruned beyond this many addresses
+REPLACE_WAIT_S = 10.0  # make before break: the side that does not initiate waits this long for the new IKE_SA
+_INITS_DONE_MAX = 1024  # established responder IKE_SAs whose IKE_SA_INIT retransmissions are ignored
 
 # reasons after which we do not re-initiate
 _FINAL_REASONS = ("shutdown", "peer removed from view", "deleted locally")
@@ -108,6 +110,7 @@ class IkeManager:
         self._half_open: OrderedDict[tuple[str, int], IkeSa] = OrderedDict()
         self._half_open_key: dict[int, tuple[str, int]] = {}  # our SPI -> its _half_open key
         self._half_open_by_ip: dict[str, int] = {}
+        self._inits_done: dict[tuple[str, int], None] = {}  # (remote ip, SPIi) established as responder
         self.half_open_timeout_s = half_open_timeout_s
         self.half_open_per_source = half_open_per_source
         self.half_open_max = max(1, half_open_max)
@@ -130,6 +133,7 @@ class IkeManager:
         self._out: list[Datagram] = []
         self._events: deque[Event] = deque()
         self._retry: dict[str, float] = {}  # peer -> re-initiation deadline
+        self._replace_by: dict[str, float] = {}  # peer -> old IKE_SAs deleted then unless replaced before
         self._backoff: dict[str, float] = {}  # peer -> last re-initiation delay
         self._contacted: set[str] = set()
         self._shutdown = False
@@ -261,6 +265,7 @@ class IkeManager:
         names = {p.name for p in view.peers}
         old_policy = {p.name: p.policy for p in self.view.peers}
         new_policy = {p.name: p.policy for p in view.peers}
+        brought = self._brought(self.view, view)
         self.view = view
         for sa in self._live():
             if sa.peer_name and sa.peer_name not in names:
@@ -270,8 +275,11 @@ class IkeManager:
                 # the SAs were negotiated under the old policy (RFC 4301 §4.4.1: SAs must
                 # match the SPD): delete them; a peer still to PROTECT is set up again
                 pol = new_policy[sa.peer_name]
-                sa.delete(now, f"policy changed (now {pol.action}"
-                               f"{'' if pol.action != 'protect' else f', {pol.protocol}/{pol.mode}'})")
+                why = (f"policy changed (now {pol.action}"
+                       f"{'' if pol.action != 'protect' else f', {pol.protocol}/{pol.mode}'})")
+                if self._make_before_break(sa, view, why, now):
+                    continue
+                sa.delete(now, why)
                 self._collect(sa, now)
         for name in list(self._retry):
             if name not in names:
@@ -285,6 +293,145 @@ class IkeManager:
         revoked = frozenset(getattr(view, "revoked_serials", ()) or ())
         if revoked != self._revoked:  # NodeView.revoked_serials from the controller
             self.set_revoked_serials(revoked, now)
+        if brought:
+            self._restart_pending(brought, now)
+            self.join(now, brought)
+
+    # ------------------------------------------------------------ joining (issue 9)
+    @staticmethod
+    def _brought(old: NodeView, new: NodeView) -> list[str]:
+        """Peers the new view adds, or whose endpoints / IKE port it changes."""
+        before = {p.name: (p.endpoints, p.ike_port) for p in old.peers}
+        return [p.name for p in new.peers if before.get(p.name) != (p.endpoints, p.ike_port)]
+
+    def _may_start(self, peer: Peer) -> bool:
+        """We may open an IKE_SA to ``peer`` whatever the tie-break says: it is PROTECT, has an
+        endpoint, and we are not its CP gateway (a host asks its gateway for its address in
+        IKE_AUTH, §3.15: only the host can initiate)."""
+        return (peer.policy.action == "protect" and bool(peer.endpoints) and not peer.policy.virtual_ip_pool
+                and self._policy_problem(peer) is None)
+
+    def _restart_pending(self, names, now: float) -> None:
+        """A view brought these peers (or their endpoints): our unanswered IKE_SA_INIT to them (it
+        may retransmit into the void towards an old address, or at long intervals) is dropped,
+        and their re-initiation backoff forgotten, so that the negotiation starts over at once."""
+        for name in names:
+            self._hold.pop(name, None)
+            self._backoff.pop(name, None)
+            self._retry.pop(name, None)
+            for sa in self._sas_of(name):
+                # unanswered only: an IKE_SA_INIT that got its response reached the peer, which may
+                # complete it (dropping ours then could leave the two sides disagreeing)
+                if self._unanswered_init(sa):
+                    self._count("initiation_restarted")
+                    sa._die("restarted: the view brought the peer or its endpoint")
+                    self._collect(sa, now)
+
+    def join(self, now: float, names=None) -> list[str]:
+        """We join (agent start, or a view that brings peers): open an IKE_SA to each of these
+        peers (all by default) that we may start to (``_may_start``), also where the tie-break
+        leaves initiation to the peer, so that a node is reachable as soon as it runs instead of
+        when the peer's next retransmission comes. Race-free: nothing is started towards a peer
+        with an IKE_SA (or one of its IKE_SA_INITs half-open here); when both IKE_SA_INITs cross,
+        the side whose name sorts higher abandons its own unanswered one, an unanswered one is
+        dropped once an IKE_SA with the peer is up, and two IKE_SAs that completed anyway are
+        resolved (``_resolve_duplicates``). Returns the peers initiated to."""
+        out = []
+        for p in self.view.peers:
+            if names is not None and p.name not in names:
+                continue
+            if self._shutdown or not self._may_start(p) or self._sas_of(p.name):
+                continue
+            try:
+                self.initiate(p.name, now)
+            except ValueError:
+                continue
+            if self._sas_of(p.name):
+                self._count("join_initiated")
+                out.append(p.name)
+        return out
+
+    @staticmethod
+    def _unanswered_init(sa: IkeSa) -> bool:
+        """Our IKE_SA_INIT that got no response yet: the peer holds at most a half-open IKE_SA
+        for it (which expires), so dropping it can never leave the two sides disagreeing."""
+        return (sa.initiator and sa.state == State.INIT and sa.spi_r == 0 and sa._pending is not None
+                and sa._pending.exchange == ExchangeType.IKE_SA_INIT)
+
+    def _supersede_own_init(self, remote_ip: str, now: float) -> None:
+        """The peer at ``remote_ip`` sent us its IKE_SA_INIT while ours to it is unanswered (both
+        sides started at once): the side whose name sorts higher (the one the tie-break leaves
+        to respond) drops its own, so that one IKE_SA results, in the roles the tie-break says.
+        Both sides apply the rule, exactly one of them drops."""
+        for p in self._index().endpoints.get(remote_ip, ()):  # indexed: this runs before authentication
+            if not self.view.name > p.name:
+                continue
+            for sa in self._sas_of(p.name):
+                if self._unanswered_init(sa):
+                    self._count("own_init_superseded")
+                    sa._die("superseded by the peer's IKE_SA_INIT")
+                    self._collect(sa, now)
+
+    def _drop_moot_inits(self, sa: IkeSa, peer: str, now: float) -> None:
+        """An IKE_SA with ``peer`` is up: our IKE_SA_INITs to it still unanswered (e.g. sent
+        before the peer ran, retransmitted at long intervals) are moot; dropped before one of
+        their retransmissions makes a second IKE_SA."""
+        for other in self._sas_of(peer):
+            if other is not sa and self._unanswered_init(other):
+                self._count("own_init_moot")
+                other._die("moot: an IKE_SA with the peer is up")
+                self._collect(other, now)
+        # likewise the peer's crossed IKE_SA_INIT it dropped itself (_supersede_own_init): its
+        # half-open IKE_SA here would wait for an IKE_AUTH that never comes; only when no other
+        # configured peer shares the address (hosts behind one NAT)
+        p = self.view.peer(peer)
+        ips = set(p.endpoints) if p is not None else set()
+        if any(q.name != peer and ips & set(q.endpoints) for q in self.view.peers):
+            return
+        for key, half in list(self._half_open.items()):
+            if key[0] in ips and half is not sa and half.state in (State.INIT, State.AUTH) and not half.initiator:
+                self._count("half_open_moot")
+                half._die("moot: an IKE_SA with the peer is up")
+                self._collect(half, now)
+
+    # ------------------------------------------------------------ make before break (issue 9)
+    def _make_before_break(self, sa: IkeSa, view: NodeView, why: str, now: float) -> bool:
+        """A PROTECT peer's policy changed (mode, protocol, proposals...): keep ``sa`` carrying
+        traffic until an IKE_SA under the new policy is up, then delete it, instead of deleting
+        first (traffic lost for the re-initiation backoff). The tie-break initiator opens the
+        replacement with INITIAL_CONTACT (§2.4), so the peer drops its old IKE_SA the moment the
+        new one is established, and deletes ours when it is; the other side keeps its old one
+        until then, at most REPLACE_WAIT_S (then deleted as before). A replacement that fails
+        deletes the old one too. False: not applicable (not ESTABLISHED, no longer PROTECT,
+        being rekeyed), the caller deletes at once."""
+        peer = view.peer(sa.peer_name)
+        if (peer is None or peer.policy.action != "protect" or sa.state != State.ESTABLISHED
+                or sa._successor is not None or self._shutdown):
+            return False
+        sa._replace_reason = why
+        name = peer.name
+        t = now + REPLACE_WAIT_S  # a backstop on both sides
+        self._replace_by[name] = t
+        self._push(t, ("replace", name))
+        if peer.initiate and self._may_start(peer):
+            if not any(getattr(s, "_replacement", False) for s in self._sas_of(name)):
+                self.initiate(name, now, replace=True)
+            self._count("make_before_break")
+            return True
+        self._count("make_before_break_wait")
+        return True
+
+    def _replaced(self, peer: str, now: float, failed: str | None = None) -> None:
+        """Delete the IKE_SAs of ``peer`` waiting for a replacement (one is up, or it failed)."""
+        self._replace_by.pop(peer, None)
+        for old in self._sas_of(peer):
+            why = getattr(old, "_replace_reason", None)
+            if why is None or getattr(old, "_replacement", False) and failed is None:
+                continue
+            old._replace_reason = None
+            old.delete(now, why + (" (replaced, make before break)" if failed is None
+                                   else f"; its replacement failed: {failed}"))
+            self._collect(old, now)
 
     def update_credentials(self, credentials: Credentials, now: float) -> None:
         """New credentials (e.g. a renewed certificate or new trust anchors): every IKE_SA set up
@@ -303,8 +450,10 @@ class IkeManager:
                 sa.delete(now, f"peer certificate revoked (serial {serial})")
                 self._collect(sa, now)
 
-    def initiate(self, peer_name: str, now: float) -> None:
+    def initiate(self, peer_name: str, now: float, *, replace: bool = False) -> None:
         """Start IKE_SA_INIT with ``peer_name`` unless an IKE_SA with it exists or is being set up.
+        ``replace``: an IKE_SA under a changed policy that replaces the established ones (make
+        before break): started beside them, with INITIAL_CONTACT.
 
         Raises ValueError for an unknown peer or one without endpoints (a configuration error).
         """
@@ -313,7 +462,8 @@ class IkeManager:
             raise ValueError(f"initiate: unknown peer {peer_name!r}")
         if not peer.endpoints:
             raise ValueError(f"initiate: peer {peer_name!r} has no endpoint")
-        if self._sas_of(peer_name) or self._shutdown:
+        if self._shutdown or (self._sas_of(peer_name) if not replace else any(
+                s.state != State.ESTABLISHED for s in self._sas_of(peer_name))):
             self._retry.pop(peer_name, None)
             return
         if any(ep in self._half_open_by_ip for ep in peer.endpoints):
@@ -337,13 +487,16 @@ class IkeManager:
         cfg = IkeSaConfig(
             identity=self.view.identity, credentials=self.credentials, local_subnets=self.view.subnets,
             ike_proposals=peer.policy.ike_proposals, peer=peer, find_peer=self._find_peer,
-            force_encap=peer.policy.encapsulation == "udp", initial_contact=peer_name not in self._contacted,
+            force_encap=peer.policy.encapsulation == "udp",
+            initial_contact=replace or peer_name not in self._contacted,
             wall_offset=lambda: self.wall_offset, assign_vip=self._assign_vip,
             fragment_size=getattr(peer.policy, "fragment_size", DEFAULT_FRAGMENT_SIZE),
             half_open_timeout_s=self.half_open_timeout_s, revoked=lambda: self._revoked,
             policy_problem=self._policy_problem, new_child_spi=self._new_child_spi)
         sa = IkeSa.new_initiator(cfg, self.rng, (self.local_address, IKE_PORT),
                                  (peer.endpoints[0], peer.ike_port), now)
+        if replace:
+            sa._replacement = True
         self._sas[sa.my_spi] = sa
         sa.initiate(now)
         self._collect(sa, now)
@@ -385,9 +538,13 @@ class IkeManager:
                 if self._shutdown:
                     self._count("shutdown")
                     return
+                if key in self._inits_done:  # a late retransmission: that IKE_SA is up already
+                    self._count("init_retransmit_late")
+                    return
                 if self._half_open_by_ip.get(remote[0], 0) >= self.half_open_per_source:
                     self._count("half_open_per_source")
                     return
+                self._supersede_own_init(remote[0], now)
                 sa = self._new_half_open(key, local, remote, now)
                 spi = sa.my_spi
                 reason = sa.receive(msg, data, local, remote, now)
@@ -433,6 +590,27 @@ class IkeManager:
                         not msg.is_initiator, True, (NotifyPayload(int(NotifyType.INVALID_IKE_SPI)),))
         self._out.append(Datagram(encode_message(reply), local, remote))
         self._count("invalid_ike_spi_sent")
+        self._initiate_after_lost_state(remote, now)
+
+    def _initiate_after_lost_state(self, remote: Addr, now: float) -> None:
+        """We just told a configured peer that we do not know its IKE_SA (we restarted, it still
+        checks our liveness): start an IKE_SA ourselves, whatever the tie-break says, since the
+        peer may ignore INVALID_IKE_SPI (strongSwan does) and keep the dead IKE_SA for a minute.
+        Ours carries INITIAL_CONTACT (§2.4), so the peer drops the old one at once. Only with
+        no IKE_SA to that peer at all (none being set up either: no duplicate), rate-limited
+        per address as the unknown-SPI hints are."""
+        peer = next((p for p in self.view.peers if remote[0] in p.endpoints and p.policy.action == "protect"),
+                    None)
+        if peer is None or self._shutdown or self._sas_of(peer.name) or not self._may_start(peer):
+            return
+        if not self._rate_ok(self._hinted, remote[0], now, HINT_INTERVAL_S):
+            return
+        try:
+            self.initiate(peer.name, now)
+        except ValueError:
+            return
+        if self._sas_of(peer.name):
+            self._count("initiated_after_invalid_ike_spi")
 
     def _unprotected_notify(self, msg: Message, remote: Addr, now: float) -> None:
         """HDR, N(INVALID_IKE_SPI | INVALID_SPI) without SK: the peer may have lost its state.
@@ -442,6 +620,14 @@ class IkeManager:
             self._count("unexpected_payload")
             return
         sa = self._sas.get(msg.spi_i) or self._sas.get(msg.spi_r)
+        if (sa is not None and sa.state == State.DELETING and sa.remote[0] == remote[0]
+                and NotifyType.INVALID_IKE_SPI in kinds):
+            # our Delete answered "no such IKE_SA" (the peer dropped it already, e.g. on an
+            # INITIAL_CONTACT): nothing left to wait for; at worst a forgery ends it early
+            sa._finish_delete()
+            self._collect(sa, now)
+            self._count("delete_answered_invalid_ike_spi")
+            return
         if sa is None or sa.is_dead or sa.remote[0] != remote[0] or sa.state != State.ESTABLISHED:
             sa = next((s for p in self._peers_at(remote[0]) for s in self._sas_of(p.name)
                        if s.remote[0] == remote[0] and s.state == State.ESTABLISHED), None)
@@ -597,6 +783,30 @@ class IkeManager:
                 return sa
         return None
 
+    # ------------------------------------------------------------ liveness (§2.4)
+    def note_inbound(self, peers_or_spis, now: float) -> None:
+        """Authenticated ESP/AH arrived at ``now`` for these: peer names (a name, or an iterable
+        of names: all their IKE_SAs) and/or IKE_SAs as (SPIi, SPIr) pairs (the IKE_SA whose
+        CHILD_SA authenticated it). Those IKE_SAs start a liveness check only ``dpd_interval``
+        after the last such packet or IKE message, not after the last IKE message alone (§2.4).
+        Called per inbound batch; O(items) and no heap work: a deadline that moved is found when
+        its old one fires. Unknown names or SPIs are ignored; never raises."""
+        if isinstance(peers_or_spis, str):
+            peers_or_spis = (peers_or_spis,)
+        sas, by_peer = self._sas, self._by_peer
+        for item in peers_or_spis:
+            if isinstance(item, tuple):
+                if len(item) != 2:
+                    continue
+                sa = sas.get(item[0]) or sas.get(item[1])
+                if sa is not None and (sa.spi_i, sa.spi_r) == item:
+                    sa.note_inbound(now)
+                continue
+            for spi in by_peer.get(item, ()):
+                sa = sas.get(spi)
+                if sa is not None:
+                    sa.note_inbound(now)
+
     def rekey_child(self, inbound_spi: int, now: float) -> bool:
         """Rekey the CHILD_SA with this inbound SPI (e.g. its ESP sequence numbers run out).
         Returns False if no IKE_SA has it or it is already being rekeyed; never raises."""
@@ -655,6 +865,9 @@ class IkeManager:
                 if t is not None and t <= now:
                     sa.handle_timer(now)
                 self._collect(sa, now)  # reschedules
+            elif key[0] == "replace":  # no replacement came in time: the old IKE_SAs go now
+                if self._replace_by.get(key[1], now + 1) <= now:
+                    self._replaced(key[1], now, failed="none came in time")
             else:
                 name = key[1]
                 if self._retry.get(name) is None or self._retry[name] > now:
@@ -679,6 +892,8 @@ class IkeManager:
     def _valid(self, t: float, key: object) -> bool:
         if isinstance(key, int):
             return self._deadline.get(key) == t and key in self._sas
+        if key[0] == "replace":
+            return self._replace_by.get(key[1]) == t
         return self._retry.get(key[1]) == t
 
     def _schedule(self, sa: IkeSa) -> None:
@@ -695,7 +910,7 @@ class IkeManager:
 
     def _push(self, t: float, key: object) -> None:
         heapq.heappush(self._heap, (t, next(self._seq), key))
-        if len(self._heap) > 4 * (len(self._deadline) + len(self._retry)) + 64:
+        if len(self._heap) > 4 * (len(self._deadline) + len(self._retry) + len(self._replace_by)) + 64:
             # stale entries (deadlines that moved) outnumber live ones: rebuild
             self._heap = [e for e in self._heap if self._valid(e[0], e[2])]
             heapq.heapify(self._heap)
@@ -743,9 +958,12 @@ class IkeManager:
         sa.outbox.clear()
         spawned, sa.spawned = sa.spawned, []
         for new in spawned:  # IKE_SA rekey: the new IKE_SA's events come before the old one's delete
+            new._from_rekey = True  # the continuation of an IKE_SA, never a duplicate of it
             self._sas[new.my_spi] = new
             self._collect(new, now)
         events, sa.events = sa.events, []
+        after: list = []  # (fn(peer, now), peer) run once all of this IKE_SA's events are out:
+        # the old IKE_SAs' ChildSaDeleted must follow the new ChildSaEstablished (make before break)
         for ev in events:
             self._events.append(ev)
             if isinstance(ev, IkeSaEstablished):
@@ -757,21 +975,32 @@ class IkeManager:
                 if sa.peer_initial_contact:
                     # RFC 7296 §2.4: the peer restarted; our older IKE_SAs with it are stale
                     # only SAs established before: a simultaneous initiation in flight stays
-                    for old in self._sas_of(ev.peer):
-                        if old is not sa and old.state == State.ESTABLISHED:
-                            old._die("peer sent INITIAL_CONTACT")
-                            self._collect(old, now)
+                    # (after this IKE_SA's events: its CHILD_SA is installed before theirs go)
+                    after.append((lambda p, n, s=sa: self._initial_contact(s, p, n), ev.peer))
+                if ev.peer and not getattr(sa, "_from_rekey", False) and sa.peer_initial_contact:
+                    after.append((self._replaced, ev.peer))  # the peer's replacement is up
+                if ev.peer:
+                    after.append((lambda p, n, s=sa: self._drop_moot_inits(s, p, n), ev.peer))
+                    after.append((lambda p, n, s=sa: self._resolve_duplicates(s, p, n), ev.peer))
             elif isinstance(ev, ChildSaEstablished):
                 # the re-initiation backoff ends when traffic can flow, not at IKE_AUTH: an IKE_SA
                 # whose CHILD_SA keeps failing must not restart at the shortest delay
                 self._backoff.pop(ev.peer, None)
                 self.last_errors.pop(ev.peer, None)
+                if getattr(sa, "_replacement", False) and ev.peer:
+                    sa._replacement_up = True
+                    after.append((self._replaced, ev.peer))  # our replacement carries traffic now
             elif isinstance(ev, ChildSaRefused):
                 self._count("child_sa_refused_by_peer" if ev.by == "peer" else "child_sa_refused")
                 if ev.peer:
                     retry = f" (retry in {ev.retry_in_s:.0f} s)" if ev.retry_in_s is not None else ""
                     self.last_errors[ev.peer] = (f"CHILD_SA refused by the peer: {ev.reason}{retry}" if ev.by == "peer"
                                                  else f"we refused its CHILD_SA: {ev.reason}; {ev.offered}")
+                if (ev.peer and ev.by == "peer" and getattr(sa, "_replacement", False)
+                        and not getattr(sa, "_replacement_up", False)):
+                    # make before break: the new policy's CHILD_SA is refused, so the old IKE_SA must not
+                    # stay for good; the replacement IKE_SA keeps retrying its CHILD_SA (backoff)
+                    after.append((lambda p, n, r=ev.reason: self._replaced(p, n, failed=r), ev.peer))
             elif isinstance(ev, IkeSaDeleted):
                 if "AUTHENTICATION_FAILED" in ev.reason:
                     self._count("auth_failed")
@@ -779,9 +1008,16 @@ class IkeManager:
                 if (name and ev.rekeyed_to is None and ev.reason not in _FINAL_REASONS
                         and not any(s is not sa for s in self._sas_of(name))):
                     self.last_errors[name] = f"IKE_SA {'deleted' if sa.established_at else 'failed'}: {ev.reason}"
+                if getattr(sa, "_replacement", False) and not getattr(sa, "_replacement_up", False) and name:
+                    after.append((lambda p, n, r=ev.reason: self._replaced(p, n, failed=r), name))
+                if ev.reason == "peer did not respond" and ev.peer:
+                    # the peer may have restarted: the IKE_SA we build next carries INITIAL_CONTACT
+                    self._contacted.discard(ev.peer)
                 if ev.rekeyed_to is None and ev.peer:
                     self._release_vip(ev.peer, sa)
                 self._schedule_retry(sa, ev, now)
+        for fn, peer in after:
+            fn(peer, now)
         if sa.is_dead:
             if self._sas.get(sa.my_spi) is sa:
                 del self._sas[sa.my_spi]
@@ -792,8 +1028,53 @@ class IkeManager:
                 if not peers:
                     del self._by_peer[sa.peer_name]
         elif sa.state == State.ESTABLISHED:
+            self._remember_init(sa)
             self._forget_half_open(sa)
         self._schedule(sa)
+
+    def _initial_contact(self, sa: IkeSa, peer: str, now: float) -> None:
+        for old in self._sas_of(peer):
+            if old is not sa and old.state == State.ESTABLISHED:
+                old._die("peer sent INITIAL_CONTACT")
+                self._collect(old, now)
+
+    # ------------------------------------------------------------ duplicate IKE_SAs
+    @staticmethod
+    def _lowest_nonce(sa: IkeSa) -> bytes:
+        return min(sa._ni, sa._nr)
+
+    def _resolve_duplicates(self, sa: IkeSa, peer: str, now: float) -> None:
+        """Both sides initiated at once (or a late start crossed a retransmission): a second
+        IKE_SA with ``peer`` is ESTABLISHED beside ``sa``. RFC 7296 has no rule; both sides keep
+        the one and delete the other the same way, as for rekey collisions (§2.25.2): the
+        IKE_SA holding the lowest of the nonces is deleted (INFORMATIONAL Delete, §1.4.1). Each
+        side decides alone from what both know (Ni, Nr), so both delete the same IKE_SA, also a
+        peer that never deletes duplicates itself (strongSwan). IKE_SAs born of a rekey, or
+        being replaced by one, are a lineage, not duplicates."""
+        if getattr(sa, "_from_rekey", False) or sa.state != State.ESTABLISHED:
+            return
+        for other in self._sas_of(peer):
+            if (other is sa or other.state != State.ESTABLISHED or other._successor is not None
+                    or sa._successor is not None or getattr(other, "_replace_reason", None)
+                    or getattr(sa, "_replace_reason", None)):
+                continue
+            loser = sa if self._lowest_nonce(sa) < self._lowest_nonce(other) else other
+            self._count("duplicate_ike_sa_deleted")
+            loser.delete(now, "duplicate IKE_SA (both sides initiated): the other one is kept")
+            self._collect(loser, now)
+            if loser is sa:
+                return
+
+    def _remember_init(self, sa: IkeSa) -> None:
+        """Keep (remote ip, SPIi) of an IKE_SA we established as responder, so that a late
+        retransmission of its IKE_SA_INIT (quick IKE_SA_INIT retransmissions, agent.ike.retransmit)
+        is ignored instead of opening a second, half-open IKE_SA. Bounded (oldest forgotten)."""
+        key = self._half_open_key.get(sa.my_spi)
+        if key is None:
+            return
+        self._inits_done[key] = None
+        if len(self._inits_done) > _INITS_DONE_MAX:
+            del self._inits_done[next(iter(self._inits_done))]
 
     def _forget_half_open(self, sa: IkeSa, spi: int | None = None) -> None:
         """Drop ``sa`` from the half-open tables. ``spi``: our SPI as it was made (a stateless
@@ -818,7 +1099,7 @@ class IkeManager:
         peer = self.view.peer(name) if name else None
         if (peer is None or self._shutdown or ev.reason in _FINAL_REASONS
                 or ev.reason == "peer sent INITIAL_CONTACT" or ev.rekeyed_to is not None
-                or ev.reason.startswith("redundant") or any(s is not sa for s in self._sas_of(name))):
+                or ev.reason.startswith(("redundant", "duplicate", "restarted", "moot")) or any(s is not sa for s in self._sas_of(name))):
             return
         last = self._backoff.get(name, 0.0)
         auth = ("AUTHENTICATION_FAILED" in ev.reason or "revoked" in ev.reason

@@ -9,7 +9,9 @@ exchange (IKE_SA_INIT §1.2, IKE_AUTH §1.2, INFORMATIONAL §1.4).
 
 Window size 1 (§2.3); requests are retransmitted after 1, 2, 4, 8, 16 s and the
 IKE_SA fails with "peer did not respond" 32 s after the 5th retransmission
-(§2.1); the last response is cached and re-sent for a repeated request.
+(§2.1); an initiator's IKE_SA_INIT first retransmits after 0.1, 0.2, 0.4, 0.8 s
+(agent.ike.retransmit, per peer policy); the last response is cached and
+re-sent for a repeated request.
 
 Pure module: no I/O, time comes in as ``now``, randomness from ``rng``.
 """
@@ -33,6 +35,7 @@ from agent.ike import cp as cfgp
 from agent.ike.child_refusal import CHILD_SA_REFUSALS, ChildRefusal
 from agent.ike.create_child import CreateChildExchange
 from agent.ike.intermediate import IntermediateExchange
+from agent.ike.retransmit import RetransmitSchedule, schedule_of
 from agent.ike.crypto import (CryptoError, IntegrityError, KeyExchange, KeyExchangeError, Prf, SkCipher,
                               derive_child_keymat, derive_ike_keys, nonce_ok)
 from agent.ike.events import (Addr, ChildSaDeleted, ChildSaEstablished, IkeKeysDerived, IkeSaDeleted,
@@ -111,6 +114,8 @@ class IkeSaConfig:
     # inbound CHILD_SA SPI allocator of the node (IkeManager: unique over every IKE_SA, RFC 4301
     # §4.1); None: drawn from rng by this IKE_SA alone
     new_child_spi: Callable[[], int] | None = None
+    # request retransmissions (RFC 7296 §2.1) while ``peer`` is unknown; then the peer policy's
+    retransmit: RetransmitSchedule = field(default_factory=RetransmitSchedule)
 
 
 def _sha1(data: bytes) -> bytes:
@@ -281,7 +286,7 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
             ts.append(setup)
         dpd = self._dpd_interval()
         if self.state == State.ESTABLISHED and not self._pending and dpd:
-            ts.append(self.last_received + dpd)
+            ts.append(self.liveness_since + dpd)
         ts += self._lifetime_timers()
         ts += self._child_retry_timers()
         return min(ts) if ts else None
@@ -293,6 +298,30 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
             return None
         t = self.cfg.half_open_timeout_s
         return self.created_at + (t if not self.initiator else t * INITIATOR_SETUP_FACTOR)
+
+    # when authenticated ESP/AH from the peer last arrived (note_inbound); -inf: never
+    last_inbound: float = float("-inf")
+
+    def note_inbound(self, now: float) -> None:
+        """The datapath authenticated ESP/AH of this IKE_SA's CHILD_SAs at ``now``: the peer is
+        alive, so no liveness check is due before ``now + dpd_interval`` (RFC 7296 §2.4: checks
+        are for a peer from which nothing cryptographically protected came for a while)."""
+        if now > self.last_inbound:
+            self.last_inbound = now
+
+    @property
+    def liveness_since(self) -> float:
+        """Last proof the peer is alive: an IKE message or authenticated ESP/AH (seconds)."""
+        return self.last_received if self.last_received >= self.last_inbound else self.last_inbound
+
+    @property
+    def retransmit(self) -> RetransmitSchedule:
+        """Retransmission schedule (agent.ike.retransmit): the peer policy's once the peer is
+        known, else the configured one (a responder before IKE_AUTH)."""
+        return schedule_of(self.peer.policy) if self.peer is not None else self.cfg.retransmit
+
+    def _quick_init(self, p: _Pending) -> bool:
+        return self.initiator and p.exchange == ExchangeType.IKE_SA_INIT
 
     def _dpd_interval(self) -> float:
         """Liveness check interval in seconds; 0 (or less): no periodic checks."""
@@ -346,7 +375,7 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
                     self._die("peer did not respond" + self._fragmentation_hint(p))
                 return
             p.tries += 1
-            p.deadline = now + RETRANSMIT_BASE_S * RETRANSMIT_FACTOR ** p.tries
+            p.deadline = now + self.retransmit.wait(p.tries, init=self._quick_init(p))
             self.outbox.append(Datagram(p.data, self.local, self.remote))
             return
         setup = self.setup_deadline
@@ -359,7 +388,7 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
             return
         dpd = self._dpd_interval()
         if (self.state == State.ESTABLISHED and not self._pending and dpd
-                and now >= self.last_received + dpd):
+                and now >= self.liveness_since + dpd):
             # liveness check: HDR, SK {} -->
             self._request(ExchangeType.INFORMATIONAL, [], lambda msg, inner, now: None, now)
 
@@ -488,8 +517,13 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
 
     def _follow_nat(self, remote: Addr) -> None:
         """§2.23: the peer is behind a NAT and an authenticated message came from another
-        address or port: send there from now on and tell the runtime (PeerAddressChanged)."""
-        if not self._nat_remote or self.state != State.ESTABLISHED or tuple(remote) == tuple(self.remote):
+        address or port: send there from now on and tell the runtime (PeerAddressChanged).
+        Only the side NOT behind a NAT follows: when we are behind one (the peer's
+        NAT_DETECTION_DESTINATION_IP did not match our address), ``_nat_remote`` may only say
+        that the peer fakes its NAT_DETECTION_SOURCE_IP (forced UDP encapsulation, our
+        default), and the address we reach the peer at is not ours to change."""
+        if (not self._nat_remote or self._nat_local or self.state != State.ESTABLISHED
+                or tuple(remote) == tuple(self.remote)):
             return
         if self.peer is not None:
             try:
@@ -576,7 +610,8 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
         mid = self._next_mid
         self._next_mid += 1
         data = self._seal(exchange, mid, False, payloads)
-        self._pending = _Pending(mid, exchange, data, now, now + RETRANSMIT_BASE_S, 0, on_response)
+        sched = self.retransmit
+        self._pending = _Pending(mid, exchange, data, now, now + sched.wait(0), 0, on_response, sched.max_tries())
         self.outbox.append(Datagram(data, self.local, self.remote))
 
     def _run_queue(self, now: float) -> None:
@@ -647,6 +682,9 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
             return  # peer does not support NAT-T
         r = _sha1(spis + ipaddress.ip_address(remote[0]).packed + struct.pack("!H", remote[1]))
         l_ = _sha1(spis + ipaddress.ip_address(local[0]).packed + struct.pack("!H", local[1]))
+        # a peer forcing UDP encapsulation fakes its source hash, so _nat_remote is also true for
+        # a peer that is not behind a NAT at all; _nat_local is always real (destination hashes
+        # are never faked). _follow_nat therefore follows only with _nat_remote and not _nat_local.
         self._nat_remote = r not in srcs
         self._nat_local = l_ not in dsts
 
@@ -681,8 +719,9 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
         data = encode_message(msg)
         self._init_request = data
         self._next_mid = 1
-        self._pending = _Pending(0, int(ExchangeType.IKE_SA_INIT), data, now, now + RETRANSMIT_BASE_S, 0,
-                                 self._process_init_response)
+        sched = self.retransmit
+        self._pending = _Pending(0, int(ExchangeType.IKE_SA_INIT), data, now, now + sched.wait(0, init=True), 0,
+                                 self._process_init_response, sched.max_tries(init=True))
         self.outbox.append(Datagram(data, self.local, self.remote))
 
     def _process_init_response(self, msg: Message, inner, now: float) -> None:

@@ -28,5 +28,7 @@ peers:
     subnets: [$ANC_PEER_TUN_IP/32]
     esp_proposals: [${MESHSEC_ESP_PROPOSAL:-aes128gcm16}]
 YAML
-exec "$here/.venv/bin/meshsec-agent" --config "$cfg" --state-dir "$ANC_WORK/state" \
+# PYTHONDONTWRITEBYTECODE (set in some shells) would recompile the agent on every start;
+# an installed agent has its byte code cached, as it is after the first run here
+exec env -u PYTHONDONTWRITEBYTECODE "$here/.venv/bin/meshsec-agent" --config "$cfg" --state-dir "$ANC_WORK/state" \
   --control-socket "$ANC_WORK/agent.sock"

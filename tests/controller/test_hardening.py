@@ -251,11 +251,12 @@ def test_removed_node_clears_peers_retries_quietly_then_reenrols(controller: Ser
     reported: list = []
     c = client(controller, server, "charlie", lambda: token[0], tmp_path, on_credentials=reported.append)
     first = c.enroll()
+    caplog.set_level(logging.INFO, logger="test.agent.charlie")  # before the watch thread logs
     w = Watcher(c)
     try:
         with caplog.at_level(logging.INFO, logger="test.agent.charlie"):
             wait_for(lambda: w.views and w.views[-1].peers, what="snapshot")
-            assert "watching view of 'charlie'" in caplog.text
+            wait_for(lambda: "watching view of 'charlie'" in caplog.text, what="watch log line")
             gone = inventory_text().replace("  - name: charlie\n    role: host\n    endpoints: [127.0.0.3]\n"
                                             "    join_token: charlie-token\n", "")
             write_inventory(controller.inventory, gone)

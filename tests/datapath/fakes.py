@@ -156,6 +156,12 @@ class FakeIke:
     def next_event(self):
         return self._events.pop(0) if self._events else None
 
+    def join(self, now, names=None):
+        return []  # FakeIke initiates only where the view says so
+
+    def note_inbound(self, peers_or_spis, now):
+        self.inbound_noted = getattr(self, "inbound_noted", 0) + 1
+
     def delete_all(self, now):
         for name in list(self.established):
             msg = self.MAGIC + json.dumps({"t": "DEL", "from": self.view.name}).encode()
@@ -191,4 +197,6 @@ class ScriptedIke:
     def rekey_ike(self, peer_name, now): return False
     def hint_unknown_spi(self, remote_addr, now): return "ignored"
     def delete_all(self, now): pass
+    def join(self, now, names=None): return []
+    def note_inbound(self, peers_or_spis, now): pass
     def status(self): return []

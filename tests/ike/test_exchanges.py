@@ -8,6 +8,8 @@ from __future__ import annotations
 import ipaddress
 import struct
 
+import pytest
+
 from agent.iana import EncrId, ExchangeType, NotifyType, PayloadType
 from agent.ike.events import (ChildSaDeleted, ChildSaEstablished, ChildSaRefused, IkeKeysDerived, IkeSaDeleted,
                               IkeSaEstablished)
@@ -136,32 +138,36 @@ def test_no_proposal_chosen_fails_initiator():
 
 # ------------------------------------------------------------------ retransmission
 
-def test_dropped_first_message_is_retransmitted_after_1s(psk_net):
+def test_dropped_first_message_is_retransmitted_after_0_1s(psk_net):
+    """A lost IKE_SA_INIT (the peer was not listening yet) is retransmitted after 0.1 s, not 1 s
+    (agent.ike.retransmit: quick first retransmissions of IKE_SA_INIT)."""
     n = psk_net
     dropped = []
     n.drop = lambda src, d: (len(dropped) == 0 and src == "a") and not dropped.append(d)
     n.a.initiate("node-b", n.now)
     n.pump()
     assert len(dropped) == 1 and not n.of("a", IkeSaEstablished)
-    assert n.a.get_timer() == T0 + 1.0
-    n.advance(T0 + 0.999)
+    assert n.a.get_timer() == pytest.approx(T0 + 0.1)
+    n.advance(T0 + 0.099)
     assert len(n.log) == 1
-    n.advance(T0 + 1.0)
+    n.advance(T0 + 0.1)
     assert n.log[1][1].data == n.log[0][1].data  # same bytes retransmitted (§2.1)
     assert len(n.of("a", ChildSaEstablished)) == 1
+    assert len(n.b.status()) == 1  # one IKE_SA at the responder
 
 
 def test_no_answer_retransmits_with_backoff_then_fails(psk_net):
-    """Sends at 0, 1, 3, 7, 15, 31 s; fails at 63 s with 'peer did not respond'."""
+    """IKE_SA_INIT: sends at 0, 0.1, 0.3, 0.7, 1.5 s (quick phase), then 2.5, 4.5, 8.5, 16.5,
+    32.5 s; fails at 64.5 s with 'peer did not respond'."""
     n = psk_net
     sent_at = []
     n.drop = lambda src, d: sent_at.append(n.now) or True
     n.a.initiate("node-b", n.now)
     n.pump()
-    n.advance(T0 + 62.9)
-    assert [t - T0 for t in sent_at] == [0, 1, 3, 7, 15, 31]
+    n.advance(T0 + 64.4)
+    assert [t - T0 for t in sent_at] == pytest.approx([0, 0.1, 0.3, 0.7, 1.5, 2.5, 4.5, 8.5, 16.5, 32.5])
     assert not n.of("a", IkeSaDeleted)
-    n.advance(T0 + 63.0)
+    n.advance(T0 + 64.5)
     (d,) = n.of("a", IkeSaDeleted)
     assert d.reason == "peer did not respond"
 
