@@ -29,4 +29,4 @@ peers:
     esp_proposals: [${MESHSEC_ESP_PROPOSAL:-aes128gcm16}]
 YAML
 exec "$here/.venv/bin/meshsec-agent" --config "$cfg" --state-dir "$ANC_WORK/state" \
-  --control-socket "$ANC_WORK/agent.sock"
+  --control-socket "$ANC_WORK/agent.sock" ${MESHSEC_AGENT_ARGS:-}
