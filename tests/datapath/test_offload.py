@@ -29,9 +29,10 @@ def pseudo_partial(pkt: bytes, v6: bool, proto: int) -> int:
     return ~checksum(addrs + bytes([0, proto]) + l4len.to_bytes(2, "big")) & 0xFFFF
 
 
-def super_tcp(payload: bytes, mss: int, *, v6=False, flags="PA", seq=1000, ident=7, options=()) -> bytes:
+def super_tcp(payload: bytes, mss: int, *, v6=False, flags="PA", seq=1000, ident=7, options=(),
+              src="10.0.0.1", dst="10.0.0.2") -> bytes:
     """vnet header + a TSO super-packet as the kernel hands it to a TUN reader."""
-    l3 = IPv6(src="fd00::1", dst="fd00::2") if v6 else IP(src="10.0.0.1", dst="10.0.0.2", id=ident, flags="DF")
+    l3 = IPv6(src="fd00::1", dst="fd00::2") if v6 else IP(src=src, dst=dst, id=ident, flags="DF")
     pkt = bytearray(bytes(l3 / TCP(sport=5001, dport=40000, seq=seq, ack=77, flags=flags, window=500,
                                     options=list(options), chksum=0) / payload))
     ihl = 40 if v6 else 20
@@ -41,7 +42,8 @@ def super_tcp(payload: bytes, mss: int, *, v6=False, flags="PA", seq=1000, ident
     return hdr + bytes(pkt)
 
 
-def expected_tcp(payload: bytes, mss: int, *, v6=False, flags="PA", seq=1000, ident=7, options=()) -> list[bytes]:
+def expected_tcp(payload: bytes, mss: int, *, v6=False, flags="PA", seq=1000, ident=7, options=(),
+                 src="10.0.0.1", dst="10.0.0.2") -> list[bytes]:
     out = []
     chunks = [payload[i:i + mss] for i in range(0, len(payload), mss)]
     for i, c in enumerate(chunks):
@@ -50,8 +52,7 @@ def expected_tcp(payload: bytes, mss: int, *, v6=False, flags="PA", seq=1000, id
             f &= ~0x09  # FIN, PSH on the last only
         if i > 0:
             f &= ~0x80  # CWR on the first only
-        l3 = IPv6(src="fd00::1", dst="fd00::2") if v6 else IP(src="10.0.0.1", dst="10.0.0.2", id=(ident + i) & 0xFFFF,
-                                                               flags="DF")
+        l3 = IPv6(src="fd00::1", dst="fd00::2") if v6 else IP(src=src, dst=dst, id=(ident + i) & 0xFFFF, flags="DF")
         out.append(bytes(l3 / TCP(sport=5001, dport=40000, seq=(seq + i * mss) & 0xFFFFFFFF, ack=77, flags=int(f),
                                   window=500, options=list(options)) / c))
     return out
