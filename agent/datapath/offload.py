@@ -36,6 +36,7 @@ F_DATA_VALID = 0x02
 GSO_NONE, GSO_TCPV4, GSO_UDP, GSO_TCPV6, GSO_UDP_L4 = 0, 1, 3, 4, 5
 GSO_ECN = 0x80
 ZERO_HDR = bytes(VNET_HDR_LEN)
+_H, _HH, _I = struct.Struct("!H"), struct.Struct("!HH"), struct.Struct("!I")
 
 PROTO_TCP, PROTO_UDP = 6, 17
 TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK, TCP_URG, TCP_ECE, TCP_CWR = 1, 2, 4, 8, 16, 32, 64, 128
@@ -127,8 +128,20 @@ def internet_checksum(data) -> int:
 
 
 def _segment_sums(pay: np.ndarray, mss: int, nseg: int) -> np.ndarray:
-    """Word sums (int64, unfolded) of ``pay`` cut in ``nseg`` pieces of ``mss`` bytes (last shorter)."""
+    """Word sums (int64; unfolded, or already reduced mod 0xFFFF) of ``pay`` cut in ``nseg``
+    pieces of ``mss`` bytes (last shorter): each is congruent mod 0xFFFF to the sum of the
+    piece's big-endian 16-bit words, which is all a one's-complement checksum needs."""
     n = pay.shape[0]
+    full = nseg - 1
+    if mss & 3 == 0 and full:
+        # sum as native little-endian 32-bit words (fewer, aligned-size adds): since
+        # 2^16 = 1 (mod 0xFFFF) that is the little-endian 16-bit word sum, and swapping the
+        # bytes of every word multiplies the sum by 2^8 (mod 0xFFFF) (RFC 1071 §2(B))
+        le = pay[:full * mss].view("<u4").reshape(full, mss >> 2).sum(axis=1, dtype=np.uint64)
+        sums = np.empty(nseg, dtype=np.int64)
+        sums[:full] = ((le % 0xFFFF) << 8) % 0xFFFF
+        sums[full] = word_sum(pay[full * mss:])
+        return sums
     if mss & 1:
         return np.array([word_sum(pay[i * mss:(i + 1) * mss]) for i in range(nseg)], dtype=np.int64)
     m = n >> 1
@@ -251,64 +264,77 @@ def _split_l4(mv: memoryview, pkt: np.ndarray, plen: int, h: VnetHdr, gso: int,
     if data <= 0:
         raise OffloadError("gso_bad_length", "GSO packet without payload")
     nseg = -(-data // mss)
-    lens = np.full(nseg, mss, dtype=np.int64)
-    lens[-1] = data - (nseg - 1) * mss
-    l4len = lens + l4  # transport length per segment (pseudo-header length)
-
-    w = hl + mss  # one row per segment: headers then payload, cut from one buffer at the end
-    rows = np.empty((nseg, w), dtype=np.uint8)
-    rows[:, :hl] = pkt[:hl]
+    last = data - (nseg - 1) * mss
+    # payload sums vectorised; the few header fields per segment in plain ints (fewer numpy
+    # calls: their fixed cost dominates for the short super-packets TCP sends at low rates)
+    paysum = _segment_sums(pkt[hl:], mss, nseg).tolist()
+    w = hl + mss
+    out_buf = bytearray(nseg * w)
+    rows = np.frombuffer(out_buf, dtype=np.uint8).reshape(nseg, w)
     full = nseg - 1
     if full:
         rows[:full, hl:] = pkt[hl:hl + full * mss].reshape(full, mss)
-    rows[full, hl:hl + int(lens[-1])] = pkt[hl + full * mss:]
-    words = np.empty((nseg, hl >> 1), dtype=np.int64)  # the header's 16-bit words per segment
-    words[:] = pkt[:hl].view(">u2")
-    pbase = _pseudo_base(pkt, v6, PROTO_TCP if tcp else PROTO_UDP)
+    rows[full, hl:hl + last] = pkt[hl + full * mss:]
+    hdr = bytes(mv[:hl])
+    addr = hdr[8:40] if v6 else hdr[12:20]
+    pseudo = int.from_bytes(addr, "big") % 0xFFFF + (PROTO_TCP if tcp else PROTO_UDP)
+    pack_h, pack_hh, pack_i = _H.pack_into, _HH.pack_into, _I.pack_into
     if not v6:
-        tot = l4len + ihl
-        ident = (np.int64(int(pkt[4]) << 8 | int(pkt[5])) + np.arange(nseg, dtype=np.int64)) & 0xFFFF
-        words[:, 1] = tot
-        words[:, 2] = ident
-        words[:, 5] = 0
-        words[:, 5] = ~_fold_np(words[:, :ihl >> 1].sum(axis=1)) & 0xFFFF
-    else:
-        words[:, 2] = l4len
-    paysum = _segment_sums(pkt[hl:], mss, nseg)
-    o = ihl >> 1  # first word of the transport header
+        # IPv4 header sum without total length, ID and checksum
+        ipbase = int.from_bytes(hdr[:2] + hdr[6:10] + hdr[12:20], "big") % 0xFFFF
+        ident0 = hdr[4] << 8 | hdr[5]
     if tcp:
-        seq0 = int(pkt[ihl + 4]) << 24 | int(pkt[ihl + 5]) << 16 | int(pkt[ihl + 6]) << 8 | int(pkt[ihl + 7])
-        seq = (np.int64(seq0) + np.arange(nseg, dtype=np.int64) * mss) & 0xFFFFFFFF
-        fl0 = int(pkt[ihl + 13])
-        flags = np.full(nseg, fl0 & ~(TCP_FIN | TCP_PSH), dtype=np.int64)
-        flags[1:] &= ~TCP_CWR
-        flags[-1] |= fl0 & (TCP_FIN | TCP_PSH)
-        if nseg == 1:
-            flags[0] = fl0
-        words[:, o + 2] = seq >> 16
-        words[:, o + 3] = seq & 0xFFFF
-        words[:, o + 6] = (int(pkt[ihl + 12]) << 8) | flags
-        words[:, o + 8] = 0
-        s = words[:, o:].sum(axis=1) + paysum + (pbase + l4len)
-        words[:, o + 8] = ~_fold_np(s) & 0xFFFF
+        seq0 = int.from_bytes(hdr[ihl + 4:ihl + 8], "big")
+        fl0 = hdr[ihl + 13]
+        doff = hdr[ihl + 12]
+        # TCP header sum without seq, flags byte, checksum; the data offset byte is constant
+        tbase = (int.from_bytes(hdr[ihl:ihl + 4] + hdr[ihl + 8:ihl + 12] + hdr[ihl + 14:ihl + 16]
+                                + hdr[ihl + 18:hl], "big") % 0xFFFF) + (doff << 8) + pseudo
+        mid = fl0 & ~(TCP_FIN | TCP_PSH)
     else:
-        words[:, o + 2] = l4len
-        words[:, o + 3] = 0
-        s = words[:, o:].sum(axis=1) + paysum + (pbase + l4len)
-        csum = ~_fold_np(s) & 0xFFFF
-        csum[csum == 0] = 0xFFFF  # RFC 768: 0 means "no checksum"
-        words[:, o + 3] = csum
-    rows[:, :hl] = words.astype(">u2").view(np.uint8)
-    b = rows.tobytes()
+        ubase = int.from_bytes(hdr[ihl:ihl + 4], "big") % 0xFFFF + pseudo
+    for i in range(nseg):
+        o = i * w
+        ln = mss if i < full else last
+        l4len = l4 + ln
+        out_buf[o:o + hl] = hdr
+        if v6:
+            pack_h(out_buf, o + 4, l4len)
+        else:
+            tot = ihl + l4len
+            ident = (ident0 + i) & 0xFFFF
+            x = ipbase + tot + ident
+            x = (x & 0xFFFF) + (x >> 16)
+            pack_hh(out_buf, o + 2, tot, ident)
+            pack_h(out_buf, o + 10, ~((x & 0xFFFF) + (x >> 16)) & 0xFFFF)
+        if tcp:
+            seq = (seq0 + i * mss) & 0xFFFFFFFF
+            if nseg == 1:
+                fl = fl0
+            else:
+                fl = mid if i < full else mid | (fl0 & (TCP_FIN | TCP_PSH))
+                if i:
+                    fl &= ~TCP_CWR
+            x = tbase + l4len + (seq >> 16) + (seq & 0xFFFF) + fl + paysum[i]
+            x = (x & 0xFFFF) + (x >> 16)  # x < 2^32: two folds and the carry below suffice
+            x = (x & 0xFFFF) + (x >> 16)
+            pack_i(out_buf, o + ihl + 4, seq)
+            out_buf[o + ihl + 13] = fl
+            pack_h(out_buf, o + ihl + 16, ~((x & 0xFFFF) + (x >> 16)) & 0xFFFF)
+        else:
+            c = ~_fold(ubase + 2 * l4len + paysum[i]) & 0xFFFF
+            pack_hh(out_buf, o + ihl + 4, l4len, c or 0xFFFF)  # RFC 768: 0 means "no checksum"
+    b = bytes(out_buf)
     out = [b[i:i + w] for i in range(0, full * w, w)]
-    out.append(b[full * w:full * w + hl + int(lens[-1])])
+    out.append(b[full * w:full * w + hl + last])
     return out
 
 
 # ---- coalesce: packets to write -> super-packets ------------------------------------------
 
 class _Run:
-    __slots__ = ("first", "hl", "ihl", "v6", "mss", "next_seq", "payloads", "closed", "total", "psh")
+    __slots__ = ("first", "hl", "ihl", "v6", "mss", "next_seq", "payloads", "closed", "total", "psh", "flen",
+                 "fk", "seqb")
 
     def __init__(self, p: bytes, ihl: int, hl: int, v6: bool, seq: int, plen: int) -> None:
         self.first = p
@@ -317,10 +343,18 @@ class _Run:
         self.v6 = v6
         self.mss = plen
         self.next_seq = (seq + plen) & 0xFFFFFFFF
+        self.seqb = self.next_seq.to_bytes(4, "big")
         self.payloads = [p]
         self.total = hl + plen
         self.closed = False
         self.psh = False
+        self.flen = len(p)
+        # what a next full-sized segment must repeat byte for byte (see coalesce's fast path):
+        # all but IPv4 ID/checksum, sequence number and TCP checksum
+        if v6:
+            self.fk = (p[:44], p[48:56], p[58:hl])
+        else:
+            self.fk = (p[:4], p[6:10], p[12:24], p[28:36], p[38:hl])
 
     def frames(self) -> list:
         """The buffers of one TUN write: virtio-net header, IP+TCP header, payloads."""
@@ -407,19 +441,39 @@ def coalesce(packets: list[bytes], counters: dict) -> list[tuple[list, int]]:
     number of packets in it). See the module docstring for what is merged."""
     items: list = []  # _Run or bytes, in write order
     runs: dict[bytes, _Run] = {}
+    last = None  # the open run the previous TCP packet went to
+    append = items.append
     for p in packets:
+        r = last
+        if r is not None and len(p) == r.flen:
+            # fast path: the next full-sized in-order segment of the same flow, same headers
+            fk = r.fk
+            if r.v6:
+                ok = p[44:48] == r.seqb and p[:44] == fk[0] and p[48:56] == fk[1] and p[58:r.hl] == fk[2]
+            else:
+                ok = (p[24:28] == r.seqb and p[12:24] == fk[2] and p[28:36] == fk[3] and p[:4] == fk[0]
+                      and p[6:10] == fk[1] and p[38:r.hl] == fk[4])
+            if ok and len(r.payloads) < MAX_COALESCE_SEGMENTS and r.total + r.mss <= MAX_GSO_BYTES:
+                r.payloads.append(p)
+                r.total += r.mss
+                r.next_seq = (r.next_seq + r.mss) & 0xFFFFFFFF
+                r.seqb = r.next_seq.to_bytes(4, "big")
+                continue
         t = _tcp_view(p)
         if t is None:
-            items.append(p)
+            append(p)
             continue
         key = t[0]
         r = runs.get(key)
         if t[1] is None:
             if t is _ALL:
                 runs.clear()
+                last = None
             elif r is not None:
                 del runs[key]
-            items.append(p)
+                if r is last:
+                    last = None
+            append(p)
             continue
         _, ihl, hl, v6, seq, plen, fl = t
         if r is not None:
@@ -428,17 +482,24 @@ def coalesce(packets: list[bytes], counters: dict) -> list[tuple[list, int]]:
                 r.payloads.append(p)
                 r.total += plen
                 r.next_seq = (seq + plen) & 0xFFFFFFFF
+                r.seqb = r.next_seq.to_bytes(4, "big")
                 if plen < r.mss or fl & TCP_PSH:
                     r.psh = bool(fl & TCP_PSH)
                     del runs[key]  # a short or PSH segment ends the run (as GRO flushes)
+                    if r is last:
+                        last = None
+                else:
+                    last = r
                 continue
             del runs[key]
         r = _Run(p, ihl, hl, v6, seq, plen)
-        items.append(r)
+        append(r)
         if fl & TCP_PSH:
             r.psh = True
+            last = None
         else:
             runs[key] = r
+            last = r
     out = []
     for it in items:
         if type(it) is _Run:
