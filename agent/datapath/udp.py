@@ -119,8 +119,9 @@ class UdpSocket:
                 if 0 < seg < n:
                     c["gro_reads"] += 1
                     c["gro_datagrams"] += -(-n // seg)
+                    whole = bytes(mv[:n])  # one copy, then one slice per datagram
                     for off in range(0, n, seg):
-                        append((bytes(mv[off:min(off + seg, n)]), a))
+                        append((whole[off:off + seg], a))
                 else:
                     append((bytes(mv[:n]), a))
         except (BlockingIOError, InterruptedError):
