@@ -129,16 +129,19 @@ def test_uso_split_ipv6():
                    for k in range(0, 3000, 1400)]
 
 
+@pytest.mark.parametrize("size", [3, 1301])  # the short path (big integer) and the numpy one
 @pytest.mark.parametrize("v6, proto", [(False, 6), (False, 17), (True, 6), (True, 17)])
-def test_single_packet_partial_checksum_completed(v6, proto):
+def test_single_packet_partial_checksum_completed(v6, proto, size):
     l3 = IPv6(src="fd00::1", dst="fd00::2") if v6 else IP(src="10.0.0.1", dst="10.0.0.2")
     l4 = TCP(sport=1, dport=2, flags="S", chksum=0) if proto == 6 else UDP(sport=1, dport=2, chksum=0)
-    pkt = bytearray(bytes(l3 / l4 / b"abc"))
+    data = bytes(range(256)) * 5 + b"abcdefghijklmnopqrstu"
+    data = data[:size]
+    pkt = bytearray(bytes(l3 / l4 / data))
     ihl, off = (40 if v6 else 20), (16 if proto == 6 else 6)
     pkt[ihl + off:ihl + off + 2] = pseudo_partial(bytes(pkt), v6, proto).to_bytes(2, "big")
     out, c = run_split(o.build_vnet_hdr(o.F_NEEDS_CSUM, 0, 0, 0, ihl, off) + bytes(pkt))
     l4 = TCP(sport=1, dport=2, flags="S") if proto == 6 else UDP(sport=1, dport=2)
-    assert out == [bytes(l3 / l4 / b"abc")] and c["csum_completed"] == 1
+    assert out == [bytes(l3 / l4 / data)] and c["csum_completed"] == 1
 
 
 def test_udp_checksum_zero_is_sent_as_ffff():
