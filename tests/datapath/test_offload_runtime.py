@@ -101,3 +101,28 @@ def test_malformed_read_is_counted_by_the_device_and_traffic_continues():
     pump(a, b)
     assert b.tun.take_written() == segs
     assert a.tun.counters["vnet_malformed"] == 1 and a.tun.counters["gso_bad_length"] == 1
+
+
+def test_lifetime_packets_and_bytes_exact_across_a_split_super_packet():
+    """A packet lifetime that ends inside one TSO read: exactly the allowed segments pass."""
+    from agent.esp.sa import EspSa
+    from agent.iana import EncrId
+    from agent.model import EspKeys
+
+    frame, segs = _tcp(os.urandom(1000 * 48), 1000)
+    c = o.new_counters()
+    got = o.split(bytearray(frame), len(frame), c)
+    assert got == segs and len(segs) == 48
+    k = EspKeys(spi=0x1001, encr_id=EncrId.ENCR_AES_GCM_16, encr_key=bytes(20))
+    out = EspSa(k, rng=os.urandom, lifetime_packets=130)
+    inn = EspSa(k, rng=os.urandom, lifetime_packets=130)
+    esp = out.encapsulate_batch(segs) + out.encapsulate_batch(segs) + out.encapsulate_batch(segs)
+    assert len(esp) == 130 and out.counters["lifetime_expired"] == 14 and out.expired
+    assert out.counters["packets_out"] == 130 and out.counters["bytes_out"] == 130 * 1040
+    # inbound: the same limit, the same count, checked per segment
+    plain = inn.decapsulate_batch(esp[:100]) + inn.decapsulate_batch(esp[100:])
+    assert len(plain) == 130 and inn.counters["packets_in"] == 130 and not inn.counters["lifetime_expired"]
+    assert inn.expired
+    # byte lifetime: 10 segments of 1040 bytes fit in 10400, the 11th does not
+    out_b = EspSa(k, rng=os.urandom, lifetime_bytes=1040 * 10 + 1039)
+    assert len(out_b.encapsulate_batch(segs)) == 10 and out_b.counters["lifetime_expired"] == 38
