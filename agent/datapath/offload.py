@@ -185,8 +185,8 @@ def split(buf, n: int, counters: dict, arr: np.ndarray | None = None) -> list[by
             if not h.flags & F_NEEDS_CSUM:
                 return [bytes(mv)]
             return [_complete_csum(mv, pkt, h, counters)]
-        if not h.flags & F_NEEDS_CSUM:
-            raise OffloadError("vnet_malformed", "GSO without NEEDS_CSUM")
+        # without NEEDS_CSUM (a forwarded GRO packet: DATA_VALID, the checksum field stale)
+        # the split is the same: every segment's checksum is computed from scratch
         if h.gso_size == 0:
             raise OffloadError("gso_bad_length", "gso_size 0")
         if plen < 1:
@@ -276,7 +276,7 @@ def _split_l4(mv: memoryview, pkt: np.ndarray, plen: int, h: VnetHdr, gso: int,
               counters: dict) -> list[bytes]:
     tcp = gso in (GSO_TCPV4, GSO_TCPV6)
     v6, ihl = _ip_layout(pkt, plen, PROTO_TCP if tcp else PROTO_UDP)
-    if h.csum_start != ihl or h.csum_offset != (16 if tcp else 6):
+    if h.flags & F_NEEDS_CSUM and (h.csum_start != ihl or h.csum_offset != (16 if tcp else 6)):
         raise OffloadError("gso_bad_length", f"csum_start {h.csum_start}/offset {h.csum_offset} "
                                              f"do not point at the {'TCP' if tcp else 'UDP'} checksum")
     if tcp:
