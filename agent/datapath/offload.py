@@ -239,7 +239,7 @@ def _complete_small(buf, n: int) -> bytes | None:
     cs = buf[6] | buf[7] << 8
     co = buf[8] | buf[9] << 8
     start, at = VNET_HDR_LEN + cs, VNET_HDR_LEN + cs + co
-    if co not in (6, 16) or at + 2 > n:
+    if at + 2 > n:
         return None
     x = int.from_bytes(buf[start:n], "big")
     if (n - start) & 1:
@@ -260,7 +260,7 @@ def _complete_csum(mv: memoryview, pkt: np.ndarray, h: VnetHdr, counters: dict) 
     """A packet with CHECKSUM_PARTIAL: fold the sum from csum_start over the field's pseudo sum."""
     cs, co = h.csum_start, h.csum_offset
     at = cs + co
-    if cs >= len(mv) or at + 2 > len(mv) or co not in (6, 16):
+    if cs >= len(mv) or at + 2 > len(mv):
         raise OffloadError("vnet_malformed", f"csum_start {cs} + csum_offset {co} beyond {len(mv)} bytes")
     c = ~_fold(word_sum(pkt[cs:])) & 0xFFFF
     if co == 6 and c == 0:

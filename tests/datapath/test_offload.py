@@ -157,6 +157,17 @@ def test_single_packet_partial_checksum_completed(v6, proto, size):
     assert out == [bytes(l3 / l4 / data)] and c["csum_completed"] == 1
 
 
+@pytest.mark.parametrize("size", [8, 1300])
+def test_icmpv6_partial_checksum_completed(size):
+    # ICMPv6 (checksum at offset 2) also comes with NEEDS_CSUM when the TUN offers TUN_F_CSUM
+    from scapy.layers.inet6 import ICMPv6EchoRequest
+    want = bytes(IPv6(src="fd00::1", dst="fd00::2") / ICMPv6EchoRequest(id=1, seq=2, data=bytes(size)))
+    pkt = bytearray(want)
+    pkt[42:44] = pseudo_partial(want, True, 58).to_bytes(2, "big")
+    out, c = run_split(o.build_vnet_hdr(o.F_NEEDS_CSUM, 0, 0, 0, 40, 2) + bytes(pkt))
+    assert out == [want] and c["csum_completed"] == 1
+
+
 def test_udp_checksum_zero_is_sent_as_ffff():
     # find a payload whose UDP checksum computes to 0: RFC 768 sends it as 0xFFFF
     for i in range(200000):
@@ -198,7 +209,8 @@ GOOD = super_tcp(bytes(5000), 1348)
     (_bad(GOOD, 10 + 32, b"\x10"), "gso_bad_length"),                       # TCP data offset 4 bytes
     (_bad(GOOD, 10, b"\x46"), "gso_unsupported"),                           # IPv4 options
     (o.build_vnet_hdr(o.F_NEEDS_CSUM, o.GSO_TCPV4, 40, 1000, 20, 16) + GOOD[10:50], "gso_bad_length"),
-    (o.build_vnet_hdr(o.F_NEEDS_CSUM, 0, 0, 0, 20, 40) + GOOD[10:200], "vnet_malformed"),  # csum beyond
+    (o.build_vnet_hdr(o.F_NEEDS_CSUM, 0, 0, 0, 20, 400) + GOOD[10:200], "vnet_malformed"),  # csum beyond
+    (o.build_vnet_hdr(o.F_NEEDS_CSUM, 0, 0, 0, 20, 4000) + GOOD[10:2000], "vnet_malformed"),  # (numpy path)
 ])
 def test_inconsistent_super_packets_dropped_and_counted(frame, reason):
     out, c = run_split(frame)
