@@ -339,8 +339,8 @@ class FakeTun:
 class FakeVnetTun(FakeTun):
     """FakeTun speaking virtio-net headers like an offloaded ``TunDevice``.
 
-    ``inject_frames(frames)`` queues reads (header + packet, e.g. TSO super-packets) that
-    ``read_batch`` splits; ``write_batch`` coalesces like the real device and keeps each
+    ``inject_frames(frames)`` takes reads (header + packet, e.g. TSO super-packets), splits
+    them as ``TunDevice.read_batch`` does and queues the result; ``write_batch`` coalesces like the real device and keeps each
     write in ``frames`` (header + packet) while ``written`` gets what the kernel would see
     after segmenting them again (plain IP packets, as with FakeTun).
     """
