@@ -200,8 +200,11 @@ class TunDevice:
         readv, fd, bufs, buf, arr, c = os.readv, self._fd, self._bufs, self._buf, self._arr, self.counters
         mv = self._mv
         split = off.split
+        reads = 0
         try:
-            while len(out) < max_packets:
+            # bounded by reads too: reads that yield nothing (malformed, dropped) never spin
+            while len(out) < max_packets and reads < max_packets:
+                reads += 1
                 n = readv(fd, bufs)
                 if n > off.VNET_HDR_LEN and buf[0] == 0 and buf[1] == 0:
                     out.append(bytes(mv[off.VNET_HDR_LEN:n]))  # plain packet: no header work

@@ -235,3 +235,27 @@ def test_tun_offload_refused_falls_back_to_plain_reads(monkeypatch, caplog):
         assert n + d.counters["write_errors"] == 2 and d.counters["coalesced_super"] == 0
     finally:
         d.close()
+
+
+def test_malformed_reads_are_counted_and_the_read_loop_ends():
+    """A device that only yields garbage reads: read_batch returns after at most ``max`` reads,
+    every one counted, never spinning (a socketpair keeps the read boundaries)."""
+    from agent.datapath import offload as off
+
+    r, w = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        d = object.__new__(TunDevice)
+        d.name, d.vnet, d._fd = "fake-vnet", True, r.fileno()
+        d.counters = {"write_errors": 0, "coalesce_fallback": 0, **off.new_counters()}
+        d._buffers()
+        r.setblocking(False)
+        for _ in range(100):
+            w.send(b"\x01" * 9)  # shorter than a virtio-net header
+        assert d.read_batch(64) == []
+        assert d.counters["vnet_malformed"] == 64
+        assert d.read_batch(64) == [] and d.counters["vnet_malformed"] == 100
+        w.send(off.ZERO_HDR + b"\x45" + bytes(19))
+        assert d.read_batch(64) == [b"\x45" + bytes(19)]
+    finally:
+        r.close()
+        w.close()
