@@ -137,10 +137,15 @@ class CertificateAuthority:
             valid = False
         if not valid:
             raise CsrError("CSR signature does not verify")
-        attrs = list(csr.subject)
-        if attrs and not (len(attrs) == 1 and attrs[0].oid == NameOID.COMMON_NAME
-                          and attrs[0].value == node_name):
-            raise CsrError(f"CSR subject must be empty or CN={node_name}, got {csr.subject.rfc4514_string()!r}")
+        try:  # the subject is parsed lazily: a value that is not valid (e.g. not UTF-8) fails only here
+            attrs = list(csr.subject)
+            ok = not attrs or (len(attrs) == 1 and attrs[0].oid == NameOID.COMMON_NAME
+                               and attrs[0].value == node_name)
+            shown = "" if ok else csr.subject.rfc4514_string()
+        except (ValueError, UnsupportedAlgorithm, UnicodeError) as e:
+            raise CsrError(f"CSR subject is unreadable ({e}); make it empty or CN={node_name}") from None
+        if not ok:
+            raise CsrError(f"CSR subject must be empty or CN={node_name}, got {shown!r}")
         return self._leaf(node_name, [x509.DNSName(node_name)], public_key,
                           now - BACKDATE, now + lifetime)
 

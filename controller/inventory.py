@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import math
 import re
 from fractions import Fraction
 from pathlib import Path
@@ -129,12 +130,19 @@ def parse_duration(text: str | int | float) -> float:
     if isinstance(text, bool):
         raise ValueError(f"{text!r} is not a duration")
     if isinstance(text, (int, float)):
-        value = float(text)
+        try:
+            value = float(text)
+        except OverflowError:
+            raise ValueError(f"{text!r} is too large for a duration") from None
+        if not math.isfinite(value):
+            raise ValueError(f"{text!r} is not a finite number of seconds")
     else:
         m = _DURATION.match(str(text).strip())
         if not m:
             raise ValueError(f"{text!r} is not a duration (like 30s, 15m, 4h, 1d or seconds)")
         value = float(m.group(1)) * _UNITS[m.group(2)]
+        if not math.isfinite(value):
+            raise ValueError(f"{text!r} is too large for a duration")
     if value < 0:
         raise ValueError(f"{text!r} is negative")
     return value
@@ -173,9 +181,19 @@ class _Parser:
         return out
 
     def scalar(self, node: Node, path: str) -> Any:
+        """The value of a scalar node. Anything PyYAML cannot (or may not) construct, such as
+        explicit or unknown tags, bad timestamps or integers too long to convert, and
+        non-finite numbers (.nan, .inf: no setting takes them) are InventoryErrors here."""
         if not isinstance(node, ScalarNode):
             raise self.fail(node, path, "expected a single value, not a list or mapping")
-        return self._constructor.construct_object(node)
+        try:
+            value = self._constructor.construct_object(node)
+        except (yaml.YAMLError, ValueError, TypeError, OverflowError, ArithmeticError) as e:
+            what = getattr(e, "problem", None) or (str(e).splitlines() or [type(e).__name__])[0]
+            raise self.fail(node, path, f"cannot read {node.value[:40]!r} (tag {node.tag}): {what}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.fail(node, path, f"{node.value!r} is not a finite number")
+        return value
 
     def string(self, node: Node, path: str) -> str:
         value = self.scalar(node, path)
@@ -197,8 +215,9 @@ class _Parser:
         return value
 
     def duration(self, node: Node, path: str) -> float:
+        value = self.scalar(node, path)
         try:
-            return parse_duration(self.scalar(node, path))
+            return parse_duration(value)
         except ValueError as e:
             raise self.fail(node, path, str(e)) from None
 
@@ -236,8 +255,9 @@ class _Parser:
             elif key in ("ike_lifetime", "child_lifetime", "dpd_interval"):
                 kw[f"{key}_s"] = self.duration(v, p)
             elif key in ("child_lifetime_bytes", "child_lifetime_packets"):
+                raw = self.scalar(v, p)
                 try:
-                    value = parse_size(self.scalar(v, p))
+                    value = parse_size(raw)
                 except ValueError as e:
                     raise self.fail(v, p, str(e)) from None
                 low = MIN_LIFETIME_BYTES if key.endswith("bytes") else MIN_LIFETIME_PACKETS
@@ -457,10 +477,17 @@ def _addresses(values) -> tuple:
 
 
 def parse_inventory(text: str, filename: str = "inventory.yaml", controller_addresses=()) -> Inventory:
-    """Validate inventory YAML text; raises :class:`InventoryError`.
+    """Validate inventory YAML text; raises :class:`InventoryError` and nothing else.
     ``controller_addresses``: the controller's own IPs (strings; names and
     wildcards are skipped), which no node's subnets may contain."""
-    return _Parser(filename, _addresses(controller_addresses)).inventory(text)
+    try:
+        return _Parser(filename, _addresses(controller_addresses)).inventory(text)
+    except InventoryError:
+        raise
+    except RecursionError:
+        raise InventoryError(f"{filename}:1: YAML nested too deeply: an inventory needs a few levels") from None
+    except Exception as e:  # a case the checks above missed: still FILE:LINE and exit 2, not a traceback
+        raise InventoryError(f"{filename}:1: cannot read the inventory: {type(e).__name__}: {e}") from None
 
 
 def load_inventory(path: str | Path, controller_addresses=()) -> Inventory:

@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plain-text gRPC port with only grpc.health.v1 and reflection, for probes (default: off; "
                         "the TLS ports serve both anyway)")
     p.add_argument("--max-workers", type=int, default=256, metavar="N",
-                   help="gRPC server threads; every Watch stream holds one (default: %(default)s)")
+                   help="gRPC server threads; every Watch stream holds one, one live Watch per node, and "
+                        "1/16 of them (2 to 16) stay free for Enroll/Renew (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 

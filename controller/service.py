@@ -40,6 +40,7 @@ from controller.fanout import ViewCache, peer_to_proto, view_update  # noqa: F40
 from controller.policy import Inventory, UnknownNode
 from controller.metrics import ControllerMetrics
 from controller.store import StateStore, Store
+from controller.watchlimit import RateLimitedLog, WatchRegistry, guard, tolerant_deserializer, watch_capacity
 from meshsec.v1 import controller_pb2 as pb
 from meshsec.v1 import controller_pb2_grpc as pb_grpc
 
@@ -189,8 +190,12 @@ class ControllerServicer(pb_grpc.ControllerServicer):
                  clock: Callable[[], dt.datetime] = utcnow,
                  token_review: Callable[[str, str], tuple[bool, str]] | None = None,
                  metrics: ControllerMetrics | None = None,
-                 is_leader: Callable[[], bool] = lambda: True) -> None:
+                 is_leader: Callable[[], bool] = lambda: True,
+                 watches: WatchRegistry | None = None) -> None:
         self._state = state
+        # one live Watch per node, and threads left for Enroll/Renew (controller.watchlimit)
+        self.watches = watches or WatchRegistry(watch_capacity(256))
+        self.malformed_log = RateLimitedLog(logger)
         self._metrics = metrics or ControllerMetrics()
         self._is_leader = is_leader  # HA: only the leader enrols (it writes)
         self._token_review = token_review  # (node, token) -> (ok, reason): e.g. controller.k8s.TokenReviewer
@@ -363,18 +368,30 @@ class ControllerServicer(pb_grpc.ControllerServicer):
     def Watch(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         name = request.node_name
         self._check_identity(name, context)
-        context.send_initial_metadata((("meshsec-watch", "established"),))
         wakeup = self._state.watcher()
+        ticket = self.watches.register(name, wakeup, context.cancel)
+        if ticket is None:
+            self._state.unwatch(wakeup)
+            self._log.warning("Watch of node %r refused: %d Watch streams are live, the most this controller "
+                              "serves with its --max-workers", name, self.watches.capacity)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"the controller serves {self.watches.capacity} Watch streams already; retry later "
+                          "(operators: raise --max-workers)")
+        context.send_initial_metadata((("meshsec-watch", "established"),))
         context.add_callback(wakeup.set)
         self._metrics.watch_started()
         try:
-            yield from self._watch(request, context, name, wakeup)
+            if not self.watches.started(ticket):
+                self._log.info("node %r opened a newer Watch; ending this one", name)
+                return
+            yield from self._watch(request, context, name, wakeup, ticket)
         finally:
+            self.watches.release(ticket)
             self._state.unwatch(wakeup)
             self._metrics.watch_ended()
 
     def _watch(self, request: pb.WatchRequest, context: grpc.ServicerContext, name: str,
-               wakeup: threading.Event) -> Iterator[bytes]:
+               wakeup: threading.Event, ticket=None) -> Iterator[bytes]:
         # Yields serialized ViewUpdates (see add_servicer): the shared
         # per-version work lives in controller.fanout; a stream keeps only
         # the index of the version it last sent.
@@ -395,6 +412,9 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             if update is not None:
                 yield update
         while context.is_active():
+            if ticket is not None and ticket.superseded:
+                self._log.info("node %r opened a newer Watch; ending this one", name)
+                return
             inventory, newer = self._state.wait_newer(version, timeout=WATCH_POLL_S, wakeup=wakeup)
             if newer == version:
                 continue
@@ -419,15 +439,20 @@ def add_servicer(servicer: ControllerServicer, server: grpc.Server) -> None:
     """Register ``meshsec.v1.Controller`` like the generated
     ``add_ControllerServicer_to_server``, except that Watch may yield
     pre-serialized ``ViewUpdate`` bytes (shared across streams)."""
+    # malformed protobuf: INVALID_ARGUMENT and one rate-limited log line (controller.watchlimit)
+    bad = getattr(servicer, "malformed_log", None) or RateLimitedLog(logging.getLogger("meshsec.controller"))
     handlers = {
         "Enroll": grpc.unary_unary_rpc_method_handler(
-            servicer.Enroll, request_deserializer=pb.EnrollRequest.FromString,
+            guard(servicer.Enroll, "Enroll", "EnrollRequest", bad),
+            request_deserializer=tolerant_deserializer(pb.EnrollRequest),
             response_serializer=pb.EnrollResponse.SerializeToString),
         "Watch": grpc.unary_stream_rpc_method_handler(
-            servicer.Watch, request_deserializer=pb.WatchRequest.FromString,
+            guard(servicer.Watch, "Watch", "WatchRequest", bad),
+            request_deserializer=tolerant_deserializer(pb.WatchRequest),
             response_serializer=_serialize_update),
         "Renew": grpc.unary_unary_rpc_method_handler(
-            servicer.Renew, request_deserializer=pb.RenewRequest.FromString,
+            guard(servicer.Renew, "Renew", "RenewRequest", bad),
+            request_deserializer=tolerant_deserializer(pb.RenewRequest),
             response_serializer=pb.EnrollResponse.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("meshsec.v1.Controller", handlers),))
@@ -505,6 +530,7 @@ class ControllerServer:
         self._replica = None
         self._health_server: grpc.Server | None = None
         self.max_workers = max_workers
+        self.watches = WatchRegistry(watch_capacity(max_workers))
         self.log = logger or logging.getLogger("meshsec.controller")
         self.port = 0
         self.watch_port = 0
@@ -576,7 +602,7 @@ class ControllerServer:
         add_servicer(
             ControllerServicer(self.state, self.store, self.ca, self.cert_lifetime, self.log,
                                metrics=self.metrics, is_leader=lambda: self.is_leader,
-                               token_review=self.token_review), server)
+                               token_review=self.token_review, watches=self.watches), server)
         ports = []
         for listen, creds in ((self.listen, enrol_creds), (self.watch_listen, watch_creds)):
             try:

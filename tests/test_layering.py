@@ -1,8 +1,13 @@
 """Layering rules from DESIGN.md, checked on the source (AST, not grep).
 
 - agent.ike and agent.esp are pure: no sockets, asyncio, grpc, clocks or OS
-  randomness; they take `now` and an injected `rng`.
+  randomness; they take `now` and an injected `rng`; they never import the
+  I/O shell (agent.datapath, agent.control).
 - agent and controller share only the generated API (meshsec.v1).
+- The datapath's two packet sides (inside, outside) never reach agent.ike, not
+  even through another module: they return requests, the loop talks to IKE.
+- No import circle among the agent.datapath modules.
+- No module in agent.datapath or agent.esp over 600 lines.
 """
 from __future__ import annotations
 
@@ -53,6 +58,113 @@ def test_agent_and_controller_share_only_the_api(pkg, other):
         bad += [f"{path.relative_to(ROOT)}:{ln}: imports {mod}" for ln, mod in imports(path)
                 if mod.split(".")[0] == other]
     assert not bad, "\n".join(bad)
+
+
+def module_file(mod: str, root: Path = ROOT) -> Path | None:
+    """The source file of an in-repo module name (package -> its __init__.py), else None."""
+    base = root.joinpath(*mod.split("."))
+    for cand in (base.with_suffix(".py"), base / "__init__.py"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def agent_imports(path: Path, root: Path = ROOT) -> set[str]:
+    """The agent.* modules ``path`` imports (anywhere in the file), names resolved to modules:
+    ``from agent.esp import Sad`` is agent.esp, ``from agent.datapath import packets`` is
+    agent.datapath.packets."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.split(".")[0] == "agent"}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
+                and node.module.split(".")[0] == "agent":
+            for a in node.names:
+                sub = f"{node.module}.{a.name}"
+                out.add(sub if module_file(sub, root) is not None else node.module)
+    return out
+
+
+def reachable(mod: str) -> dict[str, str]:
+    """Every agent.* module ``mod`` imports, directly or not -> the module that imports it."""
+    seen: dict[str, str] = {}
+    todo = [mod]
+    while todo:
+        m = todo.pop()
+        f = module_file(m)
+        if f is None:
+            continue
+        for dep in sorted(agent_imports(f)):
+            if dep not in seen and dep != mod:
+                seen[dep] = m
+                todo.append(dep)
+    return seen
+
+
+def datapath_circles(root: Path = ROOT) -> tuple[list[str], list[str]]:
+    """(the agent.datapath modules, the import circles among them as "a -> b -> a")."""
+    mods = sorted("agent.datapath." + p.stem for p in (root / "agent/datapath").glob("*.py") if p.stem != "__init__")
+    graph = {m: {d for d in agent_imports(module_file(m, root), root) if d in mods} for m in mods}
+    state: dict[str, int] = {}  # 1: on the stack, 2: done
+    circles = []
+
+    def visit(m, stack):
+        state[m] = 1
+        for d in sorted(graph[m]):
+            if state.get(d) == 1:
+                circles.append(" -> ".join(stack[stack.index(d):] + [d]))
+            elif d not in state:
+                visit(d, stack + [d])
+        state[m] = 2
+
+    for m in mods:
+        if m not in state:
+            visit(m, [m])
+    return mods, circles
+
+
+@pytest.mark.parametrize("path", list(core_files()), ids=lambda p: str(p.relative_to(ROOT)))
+def test_pure_core_does_not_import_the_io_shell(path):
+    bad = [f"{path.relative_to(ROOT)}:{ln}: imports {mod}" for ln, mod in imports(path)
+           if mod.startswith(("agent.datapath", "agent.control", "agent.main"))]
+    assert not bad, "the pure core must not depend on the I/O shell:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("side", ["agent.datapath.inside", "agent.datapath.outside"])
+def test_packet_sides_never_import_ike(side):
+    assert module_file(side) is not None, f"{side} is missing"
+    via = reachable(side)
+    assert "agent.esp" in via  # the walk follows imports (it would see agent.ike too)
+    bad = sorted(m for m in via if m == "agent.ike" or m.startswith("agent.ike."))
+    assert not bad, f"{side} reaches " + ", ".join(f"{m} (imported by {via[m]})" for m in bad) + \
+        ": the packet sides return requests; only the loop talks to IKE"
+
+
+def test_no_import_circle_in_the_datapath():
+    mods, circles = datapath_circles()
+    assert "agent.datapath.runtime" in mods and len(mods) >= 10
+    assert not circles, "import circles in agent.datapath:\n" + "\n".join(circles)
+
+
+def test_the_circle_check_sees_a_circle(tmp_path):
+    # guards against the check above passing because it cannot see circles
+    pkg = tmp_path / "agent" / "datapath"
+    pkg.mkdir(parents=True)
+    (tmp_path / "agent" / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "x.py").write_text("from agent.datapath import y\n")
+    (pkg / "y.py").write_text("def f():\n    from agent.datapath.x import g\n")
+    (pkg / "z.py").write_text("from agent.datapath import x\n")
+    _mods, circles = datapath_circles(tmp_path)
+    assert circles == ["agent.datapath.x -> agent.datapath.y -> agent.datapath.x"]
+
+
+@pytest.mark.parametrize("pkg", ["agent/datapath", "agent/esp"])
+def test_modules_stay_small(pkg):
+    big = [f"{p.relative_to(ROOT)}: {n} lines" for p in sorted((ROOT / pkg).rglob("*.py"))
+           if (n := len(p.read_text().splitlines())) > 600]
+    assert not big, "split these modules (at most ~600 lines each):\n" + "\n".join(big)
 
 
 def test_layering_check_sees_files():

@@ -1,113 +1,176 @@
-"""Security Association Database (RFC 4301 §4.4.2), ESP and AH SAs.
+"""Security Association Database (RFC 4301 §4.4.2): the one table of installed
+CHILD_SAs, ESP and AH alike.
 
-Inbound SAs are found by SPI (the SPI is unique per receiver here, we chose
-it), optionally checked against the destination address and protocol they
-were installed with (RFC 4301 §4.4.2: SPI, destination, protocol); outbound
-by peer name: the peer's current SA. During a rekey the new
-inbound SA is added beside the old one, so both decrypt until the old one is
-removed; the outbound SA is switched in one step (RFC 7296 §2.8).
+Each row (``ChildEntry``) is one CHILD_SA: both directions' SA objects
+(EspSa/AhSa), its traffic selectors, peer, mode, encapsulation and the SA
+bundle links the policy computes (``via``: the peer whose SA carries our
+output; ``ah``: the AH SA outside an "ah+esp" ESP SA). Rows are found
+inbound by SPI (unique per receiver: we chose it) and outbound by peer: the
+peer's current row, the newest one (``relink``). During a rekey the new row
+sits beside the old one, so both receive until the old one is deleted, while
+sending switches in one step (RFC 7296 §2.8).
+
+Pure: no I/O, no clock (ages are computed from a ``now`` the caller gives).
 """
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
+from dataclasses import dataclass, field
 
-import ipaddress
-
-from agent.esp.sa import EspSa
+_FLOW = ("packets_in", "packets_out", "bytes_in", "bytes_out")
 
 
-class SadEntry(NamedTuple):
-    """One SAD row: ``direction`` "in" or "out", the peer name, the SA."""
+@dataclass
+class ChildEntry:
+    """One installed CHILD_SA: both directions, its selectors and accounting.
 
-    direction: str
+    ``in_sa``/``out_sa``: EspSa or AhSa (``protocol`` "esp"/"ah"); ``local_ts``/
+    ``remote_ts``: networks; ``remote``: (ip, port) the SA's packets go to;
+    ``established``: monotonic seconds, ``established_wall``: Unix seconds."""
+
     peer: str
-    sa: EspSa
+    ike_spi_i: int
+    ike_spi_r: int
+    inbound_spi: int
+    outbound_spi: int
+    in_sa: object
+    out_sa: object
+    local_ts: tuple
+    remote_ts: tuple
+    remote: tuple[str, int]
+    mode: str
+    udp_encap: bool
+    algorithms: str
+    established: float  # monotonic seconds
+    established_wall: float
+    drops: dict = field(default_factory=lambda: {"policy": 0})
+    protocol: str = "esp"
+    via: str | None = None  # peer whose SA carries our output (SA bundle, iterated processing)
+    # "ah+esp" (RFC 4301 §4.5): the ESP entry needs the peer's AH SA outside it, both ways
+    needs_ah: bool = False
+    ah: "ChildEntry | None" = None
+    # SPD entries with the negotiated protocol/ports (RFC 7296 §2.9) when they narrow the
+    # addresses (None: addresses alone decide, the fast path)
+    narrow: tuple | None = None
+    overhead: int = 0  # bytes this SA adds (worst case)
+    max_inner: int = 65535  # largest inner packet that fits the underlay MTU through the whole bundle
+
+    @property
+    def describe(self) -> str:
+        encap = "udp" if self.udp_encap else "none"
+        d = f"{self.protocol}/{self.mode}/{encap} {self.outbound_spi:08x}_o"
+        if self.ah is not None:
+            d += f" + {self.ah.describe}"
+        return d
+
+    def status(self, now: float) -> dict:
+        """JSON-ready row (no keys); ``now`` on the clock of ``established``."""
+        c_in = dict(getattr(self.in_sa, "counters", {}) or {})
+        c_out = dict(getattr(self.out_sa, "counters", {}) or {})
+        drops = {k: v for k, v in self.drops.items() if v}
+        for c in (c_in, c_out):
+            for k, v in c.items():
+                if k not in _FLOW and isinstance(v, int) and v:
+                    drops[k] = drops.get(k, 0) + v
+        return {
+            "peer": self.peer,
+            "ike_spi_i": f"{self.ike_spi_i:016x}", "ike_spi_r": f"{self.ike_spi_r:016x}",
+            "spi_in": f"{self.inbound_spi:08x}", "spi_out": f"{self.outbound_spi:08x}",
+            "mode": self.mode, "protocol": self.protocol, "udp_encap": self.udp_encap,
+            "ah": f"{self.ah.outbound_spi:08x}" if self.ah is not None else None,
+            "encapsulation": "udp" if self.udp_encap else "none", "via": self.via, "overhead": self.overhead,
+            "remote": f"{self.remote[0]}:{self.remote[1]}",
+            "local_ts": [str(n) for n in self.local_ts], "remote_ts": [str(n) for n in self.remote_ts],
+            "algorithms": self.algorithms,
+            "established": self.established_wall, "age_s": round(now - self.established, 3),
+            "packets_in": c_in.get("packets_in", 0), "bytes_in": c_in.get("bytes_in", 0),
+            "packets_out": c_out.get("packets_out", 0), "bytes_out": c_out.get("bytes_out", 0),
+            "drops": drops,
+            "lifetime": self.lifetime(),
+        }
+
+    def lifetime(self) -> dict | None:
+        """Byte/packet lifetimes (RFC 4301 §4.4.2.1) of both directions: limits (0 = none),
+        soft limits and use; None if the SAs do not track them."""
+        li = getattr(self.in_sa, "lifetime_status", None)
+        lo = getattr(self.out_sa, "lifetime_status", None)
+        if li is None or lo is None:
+            return None
+        i, o = li(), lo()
+        out = {k: {"limit": o[k]["limit"], "soft_in": i[k]["soft"], "soft_out": o[k]["soft"],
+                   "used_in": i[k]["used"], "used_out": o[k]["used"]} for k in ("bytes", "packets")}
+        out["expired"] = bool(i["expired"] or o["expired"])
+        return out
 
 
 class Sad:
-    """Inbound by SPI, outbound by peer. ``counters["no_sa"]``: inbound packets
-    with an unknown SPI (``demux_inbound``)."""
+    """Installed CHILD_SAs: ``children`` (inbound SPI -> ChildEntry, ESP and AH) and
+    ``current`` (peer -> the ChildEntry that sends to it). Only this class writes them.
+    ``counters``: ``no_sa`` (ESP with an unknown SPI, ``demux_esp``), ``malformed``
+    (ESP shorter than its 8-octet header)."""
 
     def __init__(self) -> None:
-        self._in: dict[int, EspSa] = {}
-        self._in_peer: dict[int, str] = {}
-        self._in_dst: dict[int, bytes] = {}
-        self._out: dict[str, EspSa] = {}
+        self.children: dict[int, ChildEntry] = {}
+        self.current: dict[str, ChildEntry] = {}
         self.counters: dict[str, int] = {"no_sa": 0, "malformed": 0}
 
-    def add_inbound(self, peer: str, sa: EspSa, *, dst: str | bytes | None = None) -> None:
-        """Install an inbound SA (EspSa or AhSa); ``dst``: our address it is
-        bound to (then ``lookup_inbound`` with another destination misses).
-        ValueError if its SPI is already installed or ``dst`` is no address."""
-        if sa.spi in self._in:
-            raise ValueError(f"inbound SPI 0x{sa.spi:08x} already installed (peer {self._in_peer[sa.spi]})")
-        if dst is not None:
-            self._in_dst[sa.spi] = dst if isinstance(dst, bytes) else ipaddress.ip_address(dst).packed
-        self._in[sa.spi] = sa
-        self._in_peer[sa.spi] = peer
+    def __len__(self) -> int:
+        return len(self.children)
 
-    def set_outbound(self, peer: str, sa: EspSa) -> EspSa | None:
-        """Make ``sa`` the peer's outbound SA; returns the one it replaces."""
-        old = self._out.get(peer)
-        self._out[peer] = sa
-        return old
+    def add(self, ch: ChildEntry) -> ChildEntry | None:
+        """Install ``ch`` and make the peer's newest SA the sending one. If its inbound SPI
+        is already installed nothing changes and the installed row is returned (the caller
+        reports the clash), else None."""
+        old = self.children.get(ch.inbound_spi)
+        if old is not None:
+            return old
+        self.children[ch.inbound_spi] = ch
+        self.relink(ch.peer)
+        return None
 
-    def install(self, peer: str, inbound: EspSa, outbound: EspSa) -> EspSa | None:
-        """Both halves of a CHILD_SA; returns the replaced outbound SA (rekey)."""
-        self.add_inbound(peer, inbound)
-        return self.set_outbound(peer, outbound)
+    def remove(self, ch: ChildEntry) -> bool:
+        """Remove ``ch`` (if it is the row installed under its SPI); the peer's next newest
+        SA, if any, sends from now on. Returns whether it was installed."""
+        if self.children.get(ch.inbound_spi) is not ch:
+            return False
+        del self.children[ch.inbound_spi]
+        self.relink(ch.peer)
+        return True
 
-    def remove_inbound(self, spi: int) -> EspSa | None:
-        self._in_peer.pop(spi, None)
-        self._in_dst.pop(spi, None)
-        return self._in.pop(spi, None)
-
-    def remove_outbound(self, peer: str, spi: int | None = None) -> EspSa | None:
-        """Remove the peer's outbound SA (only if its SPI is ``spi``, when given)."""
-        sa = self._out.get(peer)
-        if sa is None or (spi is not None and sa.spi != spi):
+    def lookup(self, spi: int, protocol: str | None = None) -> ChildEntry | None:
+        """The row for inbound ``spi`` (and ``protocol`` "esp"/"ah" when given), else None."""
+        ch = self.children.get(spi)
+        if ch is None or (protocol is not None and ch.protocol != protocol):
             return None
-        return self._out.pop(peer)
+        return ch
 
-    def remove_peer(self, peer: str) -> list[EspSa]:
-        """Remove every SA of ``peer``; returns them."""
-        gone = [self._in.pop(s) for s, p in list(self._in_peer.items()) if p == peer]
-        for sa in gone:
-            del self._in_peer[sa.spi]
-            self._in_dst.pop(sa.spi, None)
-        out = self._out.pop(peer, None)
-        if out is not None:
-            gone.append(out)
-        return gone
+    def of_peer(self, peer: str) -> list[ChildEntry]:
+        return [c for c in self.children.values() if c.peer == peer]
 
-    def lookup_inbound(self, spi: int, dst: str | bytes | None = None,
-                       protocol: str | None = None) -> EspSa | None:
-        """The inbound SA for ``spi``; with ``dst`` (our address the packet was
-        sent to) and/or ``protocol`` ("esp"/"ah") the SA must match them too
-        (RFC 4301 §4.4.2). None when nothing matches."""
-        sa = self._in.get(spi)
-        if sa is None:
-            return None
-        if protocol is not None and getattr(sa, "protocol", "esp") != protocol:
-            return None
-        if dst is not None:
-            bound = self._in_dst.get(spi)
-            if bound is not None and bound != (dst if isinstance(dst, bytes) else ipaddress.ip_address(dst).packed):
-                return None
-        return sa
+    def of_ike_sa(self, spi_i: int, spi_r: int) -> list[ChildEntry]:
+        """The CHILD_SAs negotiated by the IKE_SA ``spi_i``/``spi_r``."""
+        return [c for c in self.children.values() if c.ike_spi_i == spi_i and c.ike_spi_r == spi_r]
 
-    def inbound_peer(self, spi: int) -> str | None:
-        return self._in_peer.get(spi)
+    def relink(self, peer: str) -> None:
+        """The SAs that send to ``peer``: the newest ESP one (with the newest AH one outside it
+        for "ah+esp"), or the newest AH one for an AH-only policy."""
+        mine = self.of_peer(peer)
+        esp = max((c for c in mine if c.protocol == "esp"), key=lambda c: c.established, default=None)
+        ah = max((c for c in mine if c.protocol == "ah"), key=lambda c: c.established, default=None)
+        for c in mine:
+            c.ah = None
+        cur = esp or ah
+        if esp is not None and esp.needs_ah:
+            esp.ah = ah
+        if cur is None:
+            self.current.pop(peer, None)
+        else:
+            self.current[peer] = cur
 
-    def lookup_outbound(self, peer: str) -> EspSa | None:
-        return self._out.get(peer)
+    def demux_esp(self, esp_packets: list[bytes]) -> list[tuple[ChildEntry, list[bytes]]]:
+        """Group ESP packets (from the SPI on) by inbound ESP CHILD_SA, keeping order per SA.
 
-    def demux_inbound(self, esp_packets: list[bytes]) -> list[tuple[EspSa, list[bytes]]]:
-        """Group ESP packets by inbound SA, keeping order per SA.
-
-        Packets shorter than 8 bytes count as ``malformed``, unknown SPIs as
-        ``no_sa`` (RFC 4303 §3.4.2: discard, auditable event). Never raises.
-        """
+        Packets shorter than 8 bytes count as ``malformed``, unknown SPIs (or an AH SA's
+        SPI) as ``no_sa`` (RFC 4303 §3.4.2: discard, auditable event). Never raises."""
         groups: dict[bytes, list[bytes]] = {}
         c = self.counters
         for p in esp_packets:
@@ -120,26 +183,11 @@ class Sad:
                 g = groups[key] = []
             g.append(p)
         out = []
+        children = self.children
         for key, pkts in groups.items():
-            sa = self._in.get(int.from_bytes(key, "big"))
-            if sa is None:
+            ch = children.get(int.from_bytes(key, "big"))
+            if ch is None or ch.protocol != "esp":
                 c["no_sa"] += len(pkts)
                 continue
-            out.append((sa, pkts))
+            out.append((ch, pkts))
         return out
-
-    def __iter__(self) -> Iterator[SadEntry]:
-        for spi, sa in self._in.items():
-            yield SadEntry("in", self._in_peer[spi], sa)
-        for peer, sa in self._out.items():
-            yield SadEntry("out", peer, sa)
-
-    def __len__(self) -> int:
-        return len(self._in) + len(self._out)
-
-    def status(self) -> list[dict]:
-        """JSON-ready rows (no keys): direction, peer, spi, algorithm, counters."""
-        return [{"direction": e.direction, "peer": e.peer, "spi": f"0x{e.sa.spi:08x}",
-                 "algorithm": e.sa.transform.name, "esn": e.sa.esn, "mode": e.sa.mode,
-                 "seq_out": e.sa.seq_out, "replay_top": e.sa.replay.top,
-                 "needs_rekey": e.sa.needs_rekey, "counters": dict(e.sa.counters)} for e in self]

@@ -4,56 +4,27 @@ Entries are matched in order on the packet's local (source) and remote
 (destination) address prefixes (one prefix or a list), IP protocol and port
 ranges, ICMP type/code (RFC 4301 §4.4.1.1: carried in the local/remote port
 selectors); the first match wins, else a default entry (BYPASS or DISCARD).
-PROTECT entries carry an SA bundle template (``SaTemplate`` list, innermost
-first, outermost last). Lookups are cached by (source, destination) when
+PROTECT entries name the peer whose CHILD_SA carries the traffic; the SA
+bundle (RFC 4301 §4.5) is the datapath's (agent.datapath.policy). Lookups are cached by (source, destination) when
 every entry selects on addresses only, else by the full selector tuple.
 ``allows_inbound`` is the RFC 4301 §5.2 check of a decrypted packet against
 the CHILD_SA's traffic selectors; ``entry_allows`` the same against one
-entry's selectors incl. protocol and ports. ``compile_spd`` turns a NodeView
-into entries.
+entry's selectors incl. protocol and ports. ``bypass_entries`` makes the
+control-plane BYPASS entries.
 """
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
 from enum import Enum
-from typing import Iterable, NamedTuple, Sequence
+from typing import Iterable, Sequence
 
-from agent.esp.replay import check_replay_window
-from agent.model import IPNetwork, NodeView
+from agent.model import IPNetwork
 
 _PORT_PROTOCOLS = frozenset((6, 17, 132, 136))  # TCP, UDP, SCTP, UDP-Lite
 _ICMP_PROTOCOLS = frozenset((1, 58))  # ICMP, IPv6-ICMP: type/code in the port selectors
 _V6_EXT = frozenset((0, 43, 60))  # hop-by-hop, routing, destination options
 _CACHE_MAX = 65536
-
-
-class SaTemplate(NamedTuple):
-    """One SA of a PROTECT entry's bundle (RFC 4301 §4.4.1.2 "processing info").
-
-    ``protocol`` "esp" | "ah"; ``mode`` "tunnel" | "transport"; ``peer``: the
-    peer name whose CHILD_SA provides it; ``encapsulation`` "udp" (ESP in UDP
-    4500, RFC 3948) | "none" (raw IP protocol 50/51; always "none" for AH).
-    """
-
-    protocol: str
-    mode: str
-    peer: str
-    encapsulation: str = "udp"
-
-    def check(self, where: str = "SA template") -> None:
-        """ValueError naming the bad field."""
-        if self.protocol not in ("esp", "ah"):
-            raise ValueError(f"{where}: protocol {self.protocol!r} must be 'esp' or 'ah'")
-        if self.mode not in ("tunnel", "transport"):
-            raise ValueError(f"{where}: mode {self.mode!r} must be 'tunnel' or 'transport'")
-        if self.encapsulation not in ("udp", "none"):
-            raise ValueError(f"{where}: encapsulation {self.encapsulation!r} must be 'udp' or 'none'")
-        if self.protocol == "ah" and self.encapsulation != "none":
-            raise ValueError(f"{where}: AH cannot be UDP-encapsulated (a NAT breaks its ICV); "
-                             f"use encapsulation 'none'")
-        if not self.peer:
-            raise ValueError(f"{where}: peer is empty")
 
 
 class Action(str, Enum):
@@ -75,9 +46,7 @@ class SpdEntry:
     ranges (RFC 4301 §4.4.1.1); ``icmp_type``/``icmp_code`` are shorthands
     that set those ranges to one value.
     PROTECT needs ``peer`` (the peer name whose outbound SA carries it) and a
-    ``mode`` ("tunnel"/"transport"); ``bundle`` optionally lists the SAs to
-    apply (innermost first, outermost last); empty means one ESP SA
-    (``mode``, ``peer``, UDP-encapsulated), see ``templates``.
+    ``mode`` ("tunnel"/"transport").
     Raises ValueError naming the bad field.
     """
 
@@ -90,7 +59,6 @@ class SpdEntry:
     peer: str | None = None
     mode: str = "tunnel"
     name: str = ""
-    bundle: tuple[SaTemplate, ...] = ()
     icmp_type: int | None = None
     icmp_code: int | None = None
 
@@ -142,21 +110,6 @@ class SpdEntry:
             if not isinstance(r, tuple) or len(r) != 2 or not 0 <= r[0] <= r[1] <= hi:
                 what = "type/code" if hi == 255 else "port"
                 raise ValueError(f"SPD entry {self.name!r}: {f} {r!r} is not a (low, high) {what} range in 0..{hi}")
-        if not isinstance(self.bundle, tuple):
-            raise ValueError(f"SPD entry {self.name!r}: bundle must be a tuple of SaTemplate")
-        for i, t in enumerate(self.bundle):
-            if not isinstance(t, SaTemplate):
-                raise ValueError(f"SPD entry {self.name!r}: bundle[{i}] {t!r} is not an SaTemplate")
-            t.check(f"SPD entry {self.name!r}: bundle[{i}]")
-        if self.bundle and self.action is not Action.PROTECT:
-            raise ValueError(f"SPD entry {self.name!r}: a bundle only goes with PROTECT")
-
-    @property
-    def templates(self) -> tuple[SaTemplate, ...]:
-        """The SA bundle of a PROTECT entry, innermost first (empty otherwise)."""
-        if self.action is not Action.PROTECT:
-            return ()
-        return self.bundle or (SaTemplate("esp", self.mode, self.peer or "", "udp"),)
 
     @property
     def local_nets(self) -> tuple[IPNetwork, ...]:
@@ -266,6 +219,7 @@ class Spd:
         self._ts_cache: dict[tuple, tuple] = {}
         # packets matched per entry (by id(entry)), counted by group_outbound / count_hit
         self.hits: dict[int, int] = {}
+        self._rebuild()  # an SPD with no entries is total too (lookups give default_entry)
         for e in entries:
             self.add(e)
 
@@ -409,13 +363,13 @@ class Spd:
         self.hits[k] = self.hits.get(k, 0) + n
 
     def status(self) -> list[dict]:
-        """JSON-ready rows in match order: name, action, selectors, bundle, hits."""
+        """JSON-ready rows in match order: name, action, selectors, peer, mode, hits."""
         rows = []
         for e in self._entries:
             rows.append({"name": e.name, "action": e.action.value,
                          "local": [str(n) for n in e.local_nets], "remote": [str(n) for n in e.remote_nets],
                          "protocol": e.protocol, "local_ports": e.local_ports, "remote_ports": e.remote_ports,
-                         "bundle": [t._asdict() for t in e.templates], "hits": self.hits.get(id(e), 0)})
+                         "peer": e.peer, "mode": e.mode, "hits": self.hits.get(id(e), 0)})
         return rows
 
     def group_outbound(self, packets: list[bytes]) -> list[tuple[SpdEntry, list[bytes]]]:
@@ -467,32 +421,11 @@ class Spd:
 _ANY = {4: ipaddress.ip_network("0.0.0.0/0"), 6: ipaddress.ip_network("::/0")}
 
 
-def policy_templates(peer_name: str, policy) -> tuple[SaTemplate, ...]:
-    """The SA bundle (innermost first) a PeerPolicy asks for: "esp" -> ESP;
-    "ah" -> AH; "ah+esp" -> ESP then AH outermost (RFC 4301 §4.5, RFC 4302
-    §3.1). AH is never UDP-encapsulated, and ESP inside AH is not either (the
-    NAT that UDP would get through breaks AH anyway). ValueError otherwise."""
-    mode, encap = policy.mode, policy.encapsulation
-    if policy.protocol == "esp":
-        ts = (SaTemplate("esp", mode, peer_name, encap),)
-    elif policy.protocol == "ah":
-        ts = (SaTemplate("ah", mode, peer_name, "none"),)
-    elif policy.protocol == "ah+esp":
-        # RFC 4301 §4.5: in one bundle the inner SA is transport mode when the
-        # outer is (both end at the same peer); with tunnel the outer carries it.
-        ts = (SaTemplate("esp", "transport", peer_name, "none"), SaTemplate("ah", mode, peer_name, "none"))
-    else:
-        raise ValueError(f"peer {peer_name!r}: policy.protocol {policy.protocol!r} must be esp, ah or ah+esp")
-    for i, t in enumerate(ts):
-        t.check(f"peer {peer_name!r}: policy")
-    return ts
-
-
 def bypass_entries(prefixes: Iterable) -> list[SpdEntry]:
     """BYPASS entries (RFC 4301 §4.4.1) for control-plane destinations, in the order given:
     any local address -> each prefix (``str`` or network; host bits allowed), named
-    ``bypass:<prefix>``. For ``compile_spd(view, bypass=...)``: they precede every PROTECT
-    entry, so these destinations stay in the clear even inside a peer's subnets.
+    ``bypass:<prefix>``. They go ahead of every PROTECT entry (agent.datapath.policy), so
+    these destinations stay in the clear even inside a peer's subnets.
     ValueError names a prefix that is not a network."""
     out = []
     for pfx in prefixes:
@@ -502,49 +435,3 @@ def bypass_entries(prefixes: Iterable) -> list[SpdEntry]:
             raise ValueError(f"bypass prefix {pfx!r}: {exc}; write e.g. 10.96.0.0/12") from None
         out.append(SpdEntry(local=_ANY[net.version], remote=net, action=Action.BYPASS, name=f"bypass:{net}"))
     return out
-
-
-def compile_spd(view: NodeView, *, bypass: Iterable[SpdEntry] = ()) -> list[SpdEntry]:
-    """SPD entries for a NodeView (RFC 4301 §4.4.1), pure.
-
-    ``bypass``: the caller's control-plane entries (IKE ports, the
-    controller, ...); they come first, in the order given, whatever their
-    selectors. Then per peer, per remote selector (its ``subnets``, or in
-    transport mode with no subnets its endpoints as host prefixes) and each
-    local subnet of the same IP version (or any address of that version):
-    PROTECT with ``policy_templates`` (``action`` protect), BYPASS or DISCARD
-    (``action`` bypass / discard). These are ordered most specific first
-    (``SpdEntry.specificity``), stably, so equal entries keep view order.
-    Entry names: ``view:<peer>``.
-    Raises ValueError naming the peer and field for a bad policy (incl. a
-    replay window of 0 without ``allow_no_replay``).
-    """
-    out = []
-    for p in view.peers:
-        pol = p.policy
-        where = f"peers[{p.name}].policy"
-        if pol.action not in ("protect", "bypass", "discard"):
-            raise ValueError(f"{where}.action {pol.action!r} must be protect, bypass or discard")
-        action = Action(pol.action)
-        templates: tuple[SaTemplate, ...] = ()
-        if action is Action.PROTECT:
-            check_replay_window(pol.replay_window, getattr(pol, "allow_no_replay", False), f"{where}.replay_window")
-            templates = policy_templates(p.name, pol)
-        remotes = list(p.subnets)
-        if not remotes and pol.mode == "transport":
-            for ep in p.endpoints:
-                a = ipaddress.ip_address(ep)
-                remotes.append(ipaddress.ip_network(f"{a}/{a.max_prefixlen}"))
-        for rnet in remotes:
-            if pol.mode == "transport" and view.local_address:
-                la = ipaddress.ip_address(view.local_address)
-                locals_ = [ipaddress.ip_network(f"{la}/{la.max_prefixlen}")] if la.version == rnet.version else []
-                locals_ += [n for n in view.subnets if n.version == rnet.version]
-            else:
-                locals_ = [n for n in view.subnets if n.version == rnet.version]
-            for lnet in locals_ or [_ANY[rnet.version]]:
-                out.append(SpdEntry(local=lnet, remote=rnet, action=action,
-                                    peer=p.name if action is Action.PROTECT else None,
-                                    mode=pol.mode, name=f"view:{p.name}", bundle=templates))
-    out.sort(key=lambda e: e.specificity)
-    return list(bypass) + out

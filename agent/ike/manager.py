@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Callable
 
 from agent.iana import ExchangeType, NotifyType, PayloadType
@@ -17,8 +17,9 @@ from agent.ike.cookie import CookieJar
 from agent.ike.fragment import DEFAULT_FRAGMENT_SIZE
 from agent.ike.cp import AddressPool
 from agent.ike.events import Addr, Event, IkeSaDeleted, IkeSaEstablished, PeerRefused
-from agent.ike.message import (EncryptedFragmentPayload, EncryptedPayload, Message, MessageError, NotifyPayload,
-                               check_outer, decode_message, encode_message)
+from agent.ike.message import (HEADER_LEN, EncryptedFragmentPayload, EncryptedPayload, Message, MessageError,
+                               MessageLimitError, NotifyPayload, check_outer, decode_header, decode_message,
+                               encode_message, scan_payloads)
 from agent.ike.policy_check import ike_proposal_problem, policy_problem
 from agent.ike.sa import HALF_OPEN_TIMEOUT_S, IKE_PORT, Datagram, IkeSa, IkeSaConfig, State
 from agent.model import DEFAULT_IKE_PROPOSALS, Credentials, NodeView, Peer
@@ -28,12 +29,43 @@ REINITIATE_AUTH_BASE_S = 8.0  # first delay after an authentication failure (a c
 REINITIATE_MAX_S = 120.0
 COOKIE_THRESHOLD = 50  # half-open IKE_SAs above which IKE_SA_INIT needs a COOKIE (§2.6)
 HALF_OPEN_PER_SOURCE = 20  # half-open IKE_SAs one source address may hold
+HALF_OPEN_MAX = 512  # half-open IKE_SAs in all; beyond, the oldest is dropped for the new one
+HALF_OPEN_PRESSURE_TIMEOUT_S = 6.0  # half-open lifetime while in COOKIE mode (IKE_AUTH + 2 retransmissions)
 INVALID_IKE_SPI_INTERVAL_S = 1.0  # at most one unprotected INVALID_IKE_SPI per source per interval
 HINT_INTERVAL_S = 5.0  # unknown-SPI hints acted on at most once per address per interval
 _RATE_TABLE_MAX = 4096  # rate-limit tables are pruned beyond this many addresses
 
 # reasons after which we do not re-initiate
 _FINAL_REASONS = ("shutdown", "peer removed from view", "deleted locally")
+
+
+class _ViewIndex:
+    """Per-view lookups of IkeManager (rebuilt when the view object changes): PROTECT peers by
+    endpoint IP (view order) and by IKE identity (the first, as a scan would find), and the
+    responder's (proposals, force_encap) once computed."""
+
+    def __init__(self, view: NodeView) -> None:
+        self.view = view
+        self.endpoints: dict[str, list[Peer]] = {}
+        self.identities: dict[str, Peer] = {}
+        self.responder: tuple[tuple[str, ...], bool] | None = None
+        for p in view.peers:
+            if p.policy.action != "protect":
+                continue
+            self.identities.setdefault(p.identity, p)
+            for ep in dict.fromkeys(p.endpoints):
+                self.endpoints.setdefault(ep, []).append(p)
+
+
+def _cookie_of(data: bytes, first: tuple[int, int, int]) -> bytes | None:
+    """The data of N(COOKIE) if it is the first payload (``first`` from scan_payloads), else None."""
+    ptype, a, b = first
+    if ptype != PayloadType.NOTIFY or b - a < 4:
+        return None
+    spi_size = data[a + 1]
+    if int.from_bytes(data[a + 2:a + 4], "big") != NotifyType.COOKIE or a + 4 + spi_size > b:
+        return None
+    return bytes(data[a + 4 + spi_size:b])
 
 
 class IkeManager:
@@ -46,10 +78,14 @@ class IkeManager:
     def __init__(self, view: NodeView, credentials: Credentials, rng: Callable[[int], bytes], *,
                  local_address: str, wall_offset: float = 0.0, cookie_threshold: int = COOKIE_THRESHOLD,
                  cookie_rotate_s: float = 120.0, half_open_timeout_s: float = HALF_OPEN_TIMEOUT_S,
-                 half_open_per_source: int = HALF_OPEN_PER_SOURCE):
+                 half_open_per_source: int = HALF_OPEN_PER_SOURCE, half_open_max: int = HALF_OPEN_MAX,
+                 half_open_pressure_timeout_s: float = HALF_OPEN_PRESSURE_TIMEOUT_S):
         # ``half_open_timeout_s``: a responder IKE_SA not ESTABLISHED this long after its
         # IKE_SA_INIT is dropped (strongSwan's half_open_timeout); ``half_open_per_source``:
-        # IKE_SA_INITs from one address beyond this many half-open IKE_SAs are dropped (counted).
+        # IKE_SA_INITs from one address beyond this many half-open IKE_SAs are dropped (counted);
+        # ``half_open_max``: at this many half-open IKE_SAs in all, a new one replaces the oldest
+        # (counted "half_open_evicted"); ``half_open_pressure_timeout_s``: the lifetime of half-open
+        # IKE_SAs made while in COOKIE mode (under pressure they must finish IKE_AUTH sooner).
         # ``cookie_threshold``: with this many half-open IKE_SAs, answer IKE_SA_INIT without a
         # valid cookie statelessly with N(COOKIE) (§2.6); ``cookie_rotate_s``: secret lifetime.
         # ``wall_offset``: Unix time minus the ``now`` clock, for certificate validity (RFC 5280
@@ -62,11 +98,15 @@ class IkeManager:
         self.counters: dict[str, int] = {}
         self._sas: dict[int, IkeSa] = {}  # by our SPI
         self._recent_child_spis: deque = deque(maxlen=256)
-        self._half_open: dict[tuple[str, int], IkeSa] = {}  # responder: (remote ip, SPIi)
+        # responder: (remote ip, SPIi), oldest first (an OrderedDict: the oldest is found in O(1))
+        self._half_open: OrderedDict[tuple[str, int], IkeSa] = OrderedDict()
         self._half_open_key: dict[int, tuple[str, int]] = {}  # our SPI -> its _half_open key
         self._half_open_by_ip: dict[str, int] = {}
         self.half_open_timeout_s = half_open_timeout_s
         self.half_open_per_source = half_open_per_source
+        self.half_open_max = max(1, half_open_max)
+        self.half_open_pressure_timeout_s = min(half_open_pressure_timeout_s, half_open_timeout_s)
+        self._view_index: _ViewIndex | None = None
         # deadlines: a heap of (when, seq, key) with lazy deletion; key is our SPI or ("retry", peer)
         self._heap: list[tuple[float, int, object]] = []
         self._deadline: dict[int, float] = {}  # our SPI -> deadline in the heap
@@ -97,30 +137,45 @@ class IkeManager:
         """PAD lookup (RFC 4301 §4.4.3): the configured peer with this IKE identity.
         A peer whose policy is BYPASS or DISCARD has no PAD entry: it may not
         negotiate SAs with us."""
-        for p in self.view.peers:
-            if p.identity == identity and p.policy.action == "protect":
-                return p
-        return None
+        return self._index().identities.get(identity)
+
+    def _index(self) -> _ViewIndex:
+        """Lookups by endpoint and identity, and the responder's proposals, for the current
+        view: built once per view, because unauthenticated datagrams ask them (O(1) each)."""
+        ix = self._view_index
+        if ix is None or ix.view is not self.view:
+            ix = self._view_index = _ViewIndex(self.view)
+        return ix
 
     def _responder_config(self) -> IkeSaConfig:
-        props: list[str] = []
-        for p in self.view.peers:
-            for s in p.policy.ike_proposals:
-                if s in props:
-                    continue
-                if s not in self._ike_prop_ok:
-                    self._ike_prop_ok[s] = ike_proposal_problem(s)
-                if self._ike_prop_ok[s] is None:
-                    props.append(s)
-                else:  # one peer's typo must not refuse every initiator
-                    self._policy_problem(p)
+        ix = self._index()
+        if ix.responder is None:  # once per view, not per IKE_SA_INIT (O(peers x proposals))
+            props: list[str] = []
+            for p in self.view.peers:
+                for s in p.policy.ike_proposals:
+                    if s in props:
+                        continue
+                    if s not in self._ike_prop_ok:
+                        self._ike_prop_ok[s] = ike_proposal_problem(s)
+                    if self._ike_prop_ok[s] is None:
+                        props.append(s)
+                    else:  # one peer's typo must not refuse every initiator
+                        self._policy_problem(p)
+            ix.responder = (tuple(props) or DEFAULT_IKE_PROPOSALS,
+                            any(p.policy.encapsulation == "udp" for p in self.view.peers))
+        props, force_encap = ix.responder
         return IkeSaConfig(
             identity=self.view.identity, credentials=self.credentials, local_subnets=self.view.subnets,
-            ike_proposals=tuple(props) or DEFAULT_IKE_PROPOSALS, peer=None, find_peer=self._find_peer,
-            force_encap=any(p.policy.encapsulation == "udp" for p in self.view.peers),
+            ike_proposals=props, peer=None, find_peer=self._find_peer,
+            force_encap=force_encap,
             wall_offset=lambda: self.wall_offset, assign_vip=self._assign_vip,
             half_open_timeout_s=self.half_open_timeout_s, revoked=lambda: self._revoked,
             policy_problem=self._policy_problem, new_child_spi=self._new_child_spi)
+
+    def _peers_at(self, ip: str) -> list[Peer]:
+        """PROTECT peers with endpoint ``ip``, in view order: O(1) (an index rebuilt per view)
+        because unauthenticated hints from any source address ask it."""
+        return self._index().endpoints.get(ip, [])
 
     def _child_spis_in_use(self) -> set[int]:
         """Inbound CHILD_SA SPIs of every IKE_SA of this node, rekeyed and half-open ones included:
@@ -246,7 +301,7 @@ class IkeManager:
         if self._sas_of(peer_name) or self._shutdown:
             self._retry.pop(peer_name, None)
             return
-        if any(addr in peer.endpoints for addr, _spi in self._half_open):
+        if any(ep in self._half_open_by_ip for ep in peer.endpoints):
             # the peer is initiating to us right now (its IKE_SA_INIT is answered, IKE_AUTH is
             # due): a second exchange of ours would only make a duplicate IKE_SA
             self._count("initiate_peer_negotiating")
@@ -286,8 +341,13 @@ class IkeManager:
             self._count("internal_error")
 
     def _receive(self, data: bytes, local: Addr, remote: Addr, now: float) -> None:
+        if self._needs_cookie(data, local, remote, now):
+            return  # answered (or dropped) statelessly before decoding the rest (§2.6)
         try:
             msg = decode_message(data)
+        except MessageLimitError:
+            self._count("payload_limit")
+            return
         except MessageError:
             self._count("malformed")
             return
@@ -313,13 +373,17 @@ class IkeManager:
                 if self._half_open_by_ip.get(remote[0], 0) >= self.half_open_per_source:
                     self._count("half_open_per_source")
                     return
-                if not self._cookie_ok(msg, local, remote, now):
-                    return
-                sa = IkeSa.new_responder(self._responder_config(), self.rng, local, remote, msg.spi_i, now)
-                self._sas[sa.my_spi] = sa
-                self._half_open[key] = sa
-                self._half_open_key[sa.my_spi] = key
-                self._half_open_by_ip[key[0]] = self._half_open_by_ip.get(key[0], 0) + 1
+                sa = self._new_half_open(key, local, remote, now)
+                spi = sa.my_spi
+                reason = sa.receive(msg, data, local, remote, now)
+                if reason:
+                    self._count(reason)
+                self._collect(sa, now)
+                if sa.is_dead or sa.state == State.INIT:
+                    # refused (INVALID_KE_PAYLOAD, NO_PROPOSAL_CHOSEN, ...: answered with SPIr 0) or
+                    # dropped: nothing of it may stay, or refusals would lock the address out
+                    self._forget_half_open(sa, spi)
+                return
         else:
             our_spi = msg.spi_r if msg.is_initiator else msg.spi_i
             sa = self._sas.get(our_spi)
@@ -364,7 +428,7 @@ class IkeManager:
             return
         sa = self._sas.get(msg.spi_i) or self._sas.get(msg.spi_r)
         if sa is None or sa.is_dead or sa.remote[0] != remote[0] or sa.state != State.ESTABLISHED:
-            sa = next((s for p in self.view.peers if remote[0] in p.endpoints for s in self._sas_of(p.name)
+            sa = next((s for p in self._peers_at(remote[0]) for s in self._sas_of(p.name)
                        if s.remote[0] == remote[0] and s.state == State.ESTABLISHED), None)
         if sa is None:
             self._count("unsolicited_notify")
@@ -391,7 +455,8 @@ class IkeManager:
         policy), "rate_limited", or "unknown_address" (no configured peer has that endpoint).
         Never raises."""
         ip = remote_addr[0] if isinstance(remote_addr, tuple) else str(remote_addr)
-        peer = next((p for p in self.view.peers if ip in p.endpoints and p.policy.action == "protect"), None)
+        peers = self._peers_at(ip)  # an index: hints come from any source address
+        peer = peers[0] if peers else None
         if peer is None or self._shutdown:
             self._count("hint_unknown_address")
             return "unknown_address"
@@ -417,28 +482,71 @@ class IkeManager:
             return "held"
         return "initiated" if self._sas_of(peer.name) else "held"
 
-    def _cookie_ok(self, msg: Message, local: Addr, remote: Addr, now: float) -> bool:
-        """Under load, IKE_SA_INIT must carry a valid N(COOKIE) first; else answer
-        <-- HDR(SPIi, 0), N(COOKIE) and keep no state. Returns True to go on."""
-        if self.half_open() < self.cookie_threshold:
-            return True
-        ni = msg.first(PayloadType.NONCE)
-        if ni is None:
-            self._count("malformed")
+    def _needs_cookie(self, data: bytes, local: Addr, remote: Addr, now: float) -> bool:
+        """COOKIE mode (§2.6): with ``cookie_threshold`` half-open IKE_SAs, a new IKE_SA_INIT must
+        carry a valid N(COOKIE) first. Checked on the raw datagram, before the rest is decoded:
+        only the header and the payload headers are read (at most MAX_PAYLOADS), so a forged
+        flood costs little. Returns True when the datagram was dealt with here (answered
+        <-- HDR(SPIi, 0), N(COOKIE), or dropped and counted), False to go on."""
+        if self.half_open() < self.cookie_threshold or len(data) < HEADER_LEN:
             return False
-        first = msg.payloads[0] if msg.payloads else None
-        if isinstance(first, NotifyPayload) and first.notify_type == NotifyType.COOKIE:
-            bad = self._cookies.check(first.data, ni.data, remote[0], msg.spi_i, now)
+        try:
+            h = decode_header(data)
+        except MessageError:
+            return False  # decode_message counts it
+        if (h.exchange != ExchangeType.IKE_SA_INIT or h.spi_r or h.message_id
+                or h.flags & 0x28 != 0x08):  # a new request from the original initiator only
+            return False
+        old = self._half_open.get((remote[0], h.spi_i))
+        if old is not None and not old.is_dead:
+            return False  # a retransmission to an IKE_SA we made: its cached response answers
+        try:
+            chain = scan_payloads(h.first, data, HEADER_LEN)
+        except MessageLimitError:
+            self._count("payload_limit")
+            return True
+        except MessageError:
+            self._count("malformed")
+            return True
+        nonce = next(((a, b) for t, a, b in chain if t == PayloadType.NONCE), None)
+        if nonce is None:
+            self._count("malformed")
+            return True
+        ni = bytes(data[nonce[0]:nonce[1]])
+        cookie = _cookie_of(data, chain[0]) if chain else None
+        if cookie is not None:
+            bad = self._cookies.check(cookie, ni, remote[0], h.spi_i, now)
             if bad is None:
-                return True
+                return False
             self._count(bad)  # forged or stale: a fresh cookie, still no state
         else:
             self._count("cookie_required")
-        cookie = self._cookies.make(ni.data, remote[0], msg.spi_i, now)
-        reply = Message(msg.spi_i, 0, int(ExchangeType.IKE_SA_INIT), 0, False, True,
-                        (NotifyPayload(int(NotifyType.COOKIE), cookie),))
+        reply = Message(h.spi_i, 0, int(ExchangeType.IKE_SA_INIT), 0, False, True,
+                        (NotifyPayload(int(NotifyType.COOKIE), self._cookies.make(ni, remote[0], h.spi_i, now)),))
         self._out.append(Datagram(encode_message(reply), local, remote))
-        return False
+        return True
+
+    def _new_half_open(self, key: tuple[str, int], local: Addr, remote: Addr, now: float) -> IkeSa:
+        """A responder IKE_SA for a new IKE_SA_INIT. At ``half_open_max`` the oldest half-open
+        IKE_SA goes first; in COOKIE mode the new one gets the shorter pressure timeout."""
+        while len(self._half_open) >= self.half_open_max:
+            old_key = next(iter(self._half_open))
+            old = self._half_open[old_key]
+            self._count("half_open_evicted")
+            old._die("half-open IKE_SA dropped: too many half-open IKE_SAs")
+            self._collect(old, now)
+            self._forget_half_open(old, old.my_spi)
+            if self._half_open.get(old_key) is old:  # not expected: the loop must end all the same
+                del self._half_open[old_key]
+        cfg = self._responder_config()
+        if self.half_open() >= self.cookie_threshold:
+            cfg.half_open_timeout_s = self.half_open_pressure_timeout_s
+        sa = IkeSa.new_responder(cfg, self.rng, local, remote, key[1], now)
+        self._sas[sa.my_spi] = sa
+        self._half_open[key] = sa
+        self._half_open_key[sa.my_spi] = key
+        self._half_open_by_ip[key[0]] = self._half_open_by_ip.get(key[0], 0) + 1
+        return sa
 
     # ------------------------------------------------------------ CP address pools (§3.15)
     def _assign_vip(self, peer: Peer, versions: tuple) -> list | None:
@@ -654,8 +762,15 @@ class IkeManager:
             self._forget_half_open(sa)
         self._schedule(sa)
 
-    def _forget_half_open(self, sa: IkeSa) -> None:
-        key = self._half_open_key.pop(sa.my_spi, None)
+    def _forget_half_open(self, sa: IkeSa, spi: int | None = None) -> None:
+        """Drop ``sa`` from the half-open tables. ``spi``: our SPI as it was made (a stateless
+        refusal resets SPIr to 0); given, ``sa`` also leaves the IKE_SAs and the timer heap."""
+        if spi is None:
+            spi = sa.my_spi
+        elif self._sas.get(spi) is sa:
+            del self._sas[spi]
+            self._deadline.pop(spi, None)
+        key = self._half_open_key.pop(spi, None)
         if key is None or self._half_open.get(key) is not sa:
             return
         del self._half_open[key]

@@ -38,6 +38,22 @@ class MessageError(Exception):
         self.reason = reason
 
 
+class MessageLimitError(MessageError):
+    """A count limit was exceeded (payloads per chain, proposals, transforms, attributes):
+    refused before anything more is decoded, as the sender is not authenticated yet.
+    The manager counts it as ``payload_limit``."""
+
+
+# Count limits (§3.2, §3.3), checked while decoding, before any authentication. Far above
+# what real peers send (strongSwan sends about 12 payloads in IKE_SA_INIT and caps notifies
+# and vendor IDs at 20 each), low enough that a 64 KiB datagram of tiny payloads is refused
+# after a few dozen of them instead of costing milliseconds.
+MAX_PAYLOADS = 64  # per payload chain: the outer one, or the decrypted one inside SK
+MAX_PROPOSALS = 64  # per SA payload
+MAX_TRANSFORMS = 256  # per SA payload, all proposals together
+MAX_ATTRIBUTES = 8  # per transform (real ones carry at most Key Length)
+
+
 # --------------------------------------------------------------------------
 # Payloads
 # --------------------------------------------------------------------------
@@ -334,6 +350,8 @@ def _decode_attributes(data: bytes) -> tuple[TransformAttribute, ...]:
     attrs = []
     off = 0
     while off < len(data):
+        if len(attrs) >= MAX_ATTRIBUTES:
+            raise MessageLimitError(f"transform: more than {MAX_ATTRIBUTES} attributes")
         _need(data[off:], 4, "transform attribute")
         atype, val = struct.unpack_from("!HH", data, off)
         if atype & 0x8000:
@@ -363,9 +381,12 @@ def _decode_sa(data: bytes) -> SaPayload:
     proposals = []
     off = 0
     last = False
+    ntotal = 0
     while off < len(data):
         if last:
             raise MessageError("SA: data after the last proposal")
+        if len(proposals) >= MAX_PROPOSALS:
+            raise MessageLimitError(f"SA: more than {MAX_PROPOSALS} proposals")
         _need(data[off:], 8, "proposal")
         more, _r, plen, num, proto, spi_size, ntrans = struct.unpack_from("!BBHBBBB", data, off)
         if more not in (0, 2):
@@ -380,6 +401,9 @@ def _decode_sa(data: bytes) -> SaPayload:
         while toff < len(tdata):
             if tlast:
                 raise MessageError("SA: data after the last transform")
+            ntotal += 1
+            if ntotal > MAX_TRANSFORMS:
+                raise MessageLimitError(f"SA: more than {MAX_TRANSFORMS} transforms")
             _need(tdata[toff:], 8, "transform")
             tmore, _r1, tlen, ttype, _r2, tid = struct.unpack_from("!BBHBBH", tdata, toff)
             if tmore not in (0, 3):
@@ -551,6 +575,8 @@ def decode_payloads(first: int, data: bytes, *, allow_sk: bool = True) -> tuple[
     ptype = first
     data = memoryview(data)
     while ptype != PayloadType.NO_NEXT_PAYLOAD:
+        if len(payloads) >= MAX_PAYLOADS:
+            raise MessageLimitError(f"more than {MAX_PAYLOADS} payloads in one chain")
         if len(data) - off < GENERIC_HEADER_LEN:
             raise MessageError(f"payload {ptype}: truncated generic header")
         nxt, flags, plen = struct.unpack_from("!BBH", data, off)
@@ -580,6 +606,29 @@ def decode_payloads(first: int, data: bytes, *, allow_sk: bool = True) -> tuple[
     if off != len(data):
         raise MessageError(f"{len(data) - off} octets after the last payload")
     return tuple(payloads)
+
+
+def scan_payloads(first: int, data: bytes, off: int = 0) -> list[tuple[int, int, int]]:
+    """Walk a payload chain (§3.2) by its generic headers only, decoding no body:
+    ``[(payload type, body start, body end)]`` (offsets into ``data``), stopping after an
+    SK/SKF payload. For checks that must come before decoding (the COOKIE, §2.6).
+    Raises MessageError (bad lengths) or MessageLimitError (over MAX_PAYLOADS)."""
+    out: list[tuple[int, int, int]] = []
+    ptype = first
+    while ptype != PayloadType.NO_NEXT_PAYLOAD:
+        if len(out) >= MAX_PAYLOADS:
+            raise MessageLimitError(f"more than {MAX_PAYLOADS} payloads in one chain")
+        if len(data) - off < GENERIC_HEADER_LEN:
+            raise MessageError(f"payload {ptype}: truncated generic header")
+        nxt, _flags, plen = struct.unpack_from("!BBH", data, off)
+        if plen < GENERIC_HEADER_LEN or off + plen > len(data):
+            raise MessageError(f"payload {ptype}: bad length {plen}")
+        out.append((ptype, off + GENERIC_HEADER_LEN, off + plen))
+        off += plen
+        if ptype in (PayloadType.SK, PayloadType.SKF):
+            break
+        ptype = nxt
+    return out
 
 
 def encode_payloads(payloads: tuple[Payload, ...] | list[Payload]) -> tuple[int, bytes]:
@@ -646,6 +695,12 @@ def decode_message(data: bytes) -> Message:
     """Decode one IKE message (§3.1, §3.2). Raises only MessageError."""
     try:
         h = decode_header(data)
+        try:
+            scan_payloads(h.first, data, HEADER_LEN)  # count limit on the headers alone, before any body
+        except MessageLimitError:
+            raise
+        except MessageError:
+            pass  # decode_payloads names the problem in more detail
         payloads = decode_payloads(h.first, bytes(data[HEADER_LEN:]))
     except MessageError:
         raise
@@ -777,7 +832,8 @@ def _xname(t: int) -> str:
 
 
 __all__ = [
-    "MessageError", "Message", "Header", "Payload", "SaPayload", "Proposal", "Transform",
+    "MessageError", "MessageLimitError", "MAX_PAYLOADS", "MAX_PROPOSALS", "MAX_TRANSFORMS", "MAX_ATTRIBUTES",
+    "scan_payloads", "Message", "Header", "Payload", "SaPayload", "Proposal", "Transform",
     "TransformAttribute", "KePayload", "IdPayload", "CertPayload", "CertReqPayload", "AuthPayload",
     "NoncePayload", "NotifyPayload", "DeletePayload", "VendorPayload", "TsPayload",
     "TrafficSelector", "OpaqueSelector", "EncryptedPayload", "EncryptedFragmentPayload", "RawPayload", "UnknownPayload", "decode_message",

@@ -37,9 +37,9 @@ from agent.ike.crypto import (CryptoError, IntegrityError, KeyExchange, KeyExcha
 from agent.ike.events import (Addr, ChildSaDeleted, ChildSaEstablished, IkeKeysDerived, IkeSaDeleted,
                               IkeSaEstablished, PeerAddressChanged)
 from agent.ike.message import (HEADER_LEN, AuthPayload, CertPayload, CertReqPayload, DeletePayload,
-                               EncryptedFragmentPayload, EncryptedPayload, IdPayload, KePayload, Message, MessageError, NoncePayload,
-                               NotifyPayload, SaPayload, TsPayload, check_payload_rules, decode_payloads,
-                               encode_header, encode_message, encode_payloads)
+                               EncryptedFragmentPayload, EncryptedPayload, IdPayload, KePayload, Message, MessageError,
+                               MessageLimitError, NoncePayload, NotifyPayload, SaPayload, TsPayload,
+                               check_payload_rules, decode_payloads, encode_header, encode_message, encode_payloads)
 from agent.ike.proposals import (EspProposal, IkeProposal, ProposalError, encr_key_len, integ_key_len,
                                  parse_esp_proposal, parse_ike_proposal, wireshark_ike_encr_name,
                                  wireshark_ike_integ_name)
@@ -488,6 +488,8 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         self._rx_plain = (first, plain)  # IntAuth (RFC 9242 §3.3.2)
         try:
             inner = decode_payloads(first, plain, allow_sk=False)
+        except MessageLimitError:
+            return (), "payload_limit"  # the peer is not authenticated before IKE_AUTH completes
         except MessageError:
             return (), "malformed"
         try:
@@ -616,13 +618,19 @@ class IkeSa(IntermediateExchange, CreateChildExchange):
         return [NotifyPayload(int(NotifyType.SIGNATURE_HASH_ALGORITHMS), data)]
 
     def _send_init(self, group: int, now: float) -> None:
-        self._ke = KeyExchange(group, self.rng)
+        body = getattr(self, "_init_body", None)
+        if body is None or self._ke is None or self._ke.ke_id != group:
+            # a COOKIE retry keeps the same KEi and NAT-D (§2.6: the same payloads, cookie first);
+            # only INVALID_KE_PAYLOAD (another group) makes a new key exchange
+            self._ke = KeyExchange(group, self.rng)
+            body = self._init_body = [
+                ch.ike_sa_payload(self._ike_proposals()), KePayload(group, self._ke.public_bytes()),
+                NoncePayload(self._ni), *self._nat_notifies(0), *self._sig_hash_notify(),
+                NotifyPayload(int(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED)), *self._intermediate_notify()]
         payloads = []
         if self._cookie is not None:
             payloads.append(NotifyPayload(int(NotifyType.COOKIE), self._cookie))
-        payloads += [ch.ike_sa_payload(self._ike_proposals()), KePayload(group, self._ke.public_bytes()),
-                     NoncePayload(self._ni), *self._nat_notifies(0), *self._sig_hash_notify(),
-                     NotifyPayload(int(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED)), *self._intermediate_notify()]
+        payloads += body
         self._next_mid = 0
         self._pending = None
         msg = Message(self.spi_i, 0, int(ExchangeType.IKE_SA_INIT), 0, True, False, tuple(payloads))

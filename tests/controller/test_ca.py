@@ -97,3 +97,12 @@ def test_ca_persists_in_store(tmp_path: Path) -> None:
     assert repr(again).find("key=") == -1
     assert (tmp_path / "state").stat().st_mode & 0o077 == 0
     assert (tmp_path / "state" / "controller.db").stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize("cn,tag", [(b"\xff\xfe node-a", 0x0C), (b"\xc3\x28", 0x0C)])
+def test_subject_that_does_not_decode_is_a_csr_error(ca: CertificateAuthority, cn: bytes, tag: int) -> None:
+    """Issue 13: the subject is parsed lazily; a value that is not valid UTF-8 (or PrintableString)
+    raised ValueError out of issue_for_csr, so Enroll answered UNKNOWN."""
+    from tests.controller.test_bounds import csr_with_raw_cn
+    with pytest.raises(CsrError, match="CSR subject is unreadable .*make it empty or CN=node-a"):
+        ca.issue_for_csr(csr_with_raw_cn(cn, tag), "node-a", dt.timedelta(hours=1), dt.datetime.now(dt.timezone.utc))

@@ -121,3 +121,48 @@ def test_controller_refuses_an_inventory_with_its_own_address_in_a_subnet(tmp_pa
     with pytest.raises(InventoryError, match="contains the controller's address 10.2.0.9"):
         server.start()
     server.stop(grace=0)
+
+
+# -- values PyYAML builds but no setting takes, and input it cannot build (issue 13) ----------
+
+@pytest.mark.parametrize("setting,why", [
+    ("ike_lifetime: .nan", "'.nan' is not a finite number"),
+    ("child_lifetime: .inf", "'.inf' is not a finite number"),
+    ("dpd_interval: -.Inf", "'-.Inf' is not a finite number"),
+    ("ike_lifetime: !!float nan", "'nan' is not a finite number"),
+    ("ike_lifetime: 1e999", "is not a duration"),
+    ("ike_lifetime: !!float 1e999", "not a finite number"),
+    ("ike_lifetime: !!python/object:os.system x", "could not determine a constructor"),
+    ("dpd_interval: !custom 30s", "could not determine a constructor for the tag '!custom'"),
+    ("ike_lifetime: !!timestamp 2020-13-45", "month must be in 1..12"),
+    ("replay_window: " + "9" * 5000, "Exceeds the limit"),
+    ("ike_lifetime: !!int 0x", "invalid literal"),
+])
+def test_non_finite_and_unconstructible_values_are_refused_with_file_line(setting: str, why: str) -> None:
+    """.nan as ike_lifetime made every agent refuse every peer; tags, timestamps and long
+    integers escaped as ValueError/ConstructorError (exit 1 with a traceback)."""
+    key = setting.split(":")[0]
+    e = err("defaults:\n  " + setting + "\n" + NODES)
+    assert e.startswith(f"inv.yaml:2: defaults.{key}: ") and why in e
+    assert e.count("inv.yaml:") == 1
+
+
+def test_policy_setting_nan_is_refused_too() -> None:
+    text = NODES + "policies:\n  - name: p\n    between: [gw-a, gw-b]\n    action: protect\n    ike_lifetime: .NaN\n"
+    assert err(text) == "inv.yaml:16: policies[0].ike_lifetime: '.NaN' is not a finite number"
+
+
+def test_deep_nesting_is_an_inventory_error() -> None:
+    assert err("nodes: " + "[" * 100_000 + "]" * 100_000) == \
+        "inv.yaml:1: YAML nested too deeply: an inventory needs a few levels"
+
+
+def test_controller_exits_2_for_a_nan_lifetime(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("defaults:\n  ike_lifetime: .nan\n" + NODES)
+    r = subprocess.run([sys.executable, "-c", "import sys; from controller.main import main; sys.exit(main())",
+                        "--inventory", str(bad), "--state-dir", str(tmp_path / "s"), "--listen", "127.0.0.1:0"],
+                       capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 2 and r.stderr == f"{bad}:2: defaults.ike_lifetime: '.nan' is not a finite number\n"

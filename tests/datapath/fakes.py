@@ -1,6 +1,7 @@
-"""In-memory fakes for datapath tests: a fake clock and a toy IKE manager with
-the IkeManager interface (docs/design.md), so the runtime's loop is tested
-independently of agent.ike. ESP is the real agent.esp.EspSa.
+"""In-memory fakes for datapath tests: a fake clock and two toy IKE sides that
+satisfy ``agent.datapath.ike_core.IkeCore`` (what the runtime uses of
+IkeManager), so the runtime's loop is tested independently of agent.ike. ESP is
+the real agent.esp.EspSa.
 """
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ class FakeIke:
         self.pending: dict[str, tuple[float, bytes, dict]] = {}
         self.established: dict[str, dict] = {}
         self.counters = {"malformed": 0}
+        self.policy_errors: dict[str, str] = {}
+        self.wall_offset = 0.0
         self.initiate_calls: list[str] = []
         self.views: list = [view]
 
@@ -60,6 +63,25 @@ class FakeIke:
         for name in list(self.established):
             if name not in names:
                 self._drop(name, "peer removed")
+
+    def update_credentials(self, credentials, now):
+        pass
+
+    # requests this toy does not support: answered "not done", as IkeManager does for an unknown SA
+    def create_child(self, peer_name, now):
+        return False
+
+    def rekey_child(self, inbound_spi, now):
+        return False
+
+    def delete_child(self, inbound_spi, now, reason="deleted locally"):
+        return False
+
+    def rekey_ike(self, peer_name, now):
+        return False
+
+    def hint_unknown_spi(self, remote_addr, now):
+        return "ignored"
 
     def _remote(self, peer):
         return (peer.endpoints[0], peer.ike_port)
@@ -142,3 +164,29 @@ class FakeIke:
     def status(self):
         return [{"peer": n, "spi_i": f"{s['ike'][0]:016x}", "spi_r": f"{s['ike'][1]:016x}", "state": "ESTABLISHED",
                  "algorithms": "fake"} for n, s in self.established.items()]
+
+
+class ScriptedIke:
+    """IkeCore stand-in that only emits the events a test queues (``events``) and records
+    ``initiate`` calls; every request is answered "not done"."""
+
+    def __init__(self):
+        self.events, self.counters, self.initiated = [], {}, []
+        self.policy_errors: dict[str, str] = {}
+        self.wall_offset = 0.0
+
+    def update_view(self, view, now): pass
+    def update_credentials(self, credentials, now): pass
+    def initiate(self, peer_name, now): self.initiated.append(peer_name)
+    def receive_datagram(self, data, local, remote, now): self.counters["ike_in"] = self.counters.get("ike_in", 0) + 1
+    def handle_timer(self, now): pass
+    def get_timer(self): return None
+    def datagrams_to_send(self): return []
+    def next_event(self): return self.events.pop(0) if self.events else None
+    def create_child(self, peer_name, now): return False
+    def rekey_child(self, inbound_spi, now): return False
+    def delete_child(self, inbound_spi, now, reason="deleted locally"): return False
+    def rekey_ike(self, peer_name, now): return False
+    def hint_unknown_spi(self, remote_addr, now): return "ignored"
+    def delete_all(self, now): pass
+    def status(self): return []

@@ -22,7 +22,8 @@ from agent.datapath.routes import bypass_rules
 from agent.datapath.runtime import Runtime
 from agent.datapath.tun import FakeTun
 from agent.datapath.udp import FakeNetwork
-from agent.esp import Action, Spd, bypass_entries, compile_spd
+from agent.datapath.policy import Policy
+from agent.esp import Action, Sad, bypass_entries
 from agent.model import Credentials
 from tests.datapath.fakes import FakeClock, FakeIke
 from tests.datapath.test_runtime import A_IP, B_IP, NET_A, NET_B, ipv4, make_view, pump
@@ -51,10 +52,10 @@ def test_bypass_entries_precede_protect_even_inside_a_peers_subnet():
     byp = bypass_entries(["10.2.0.5/32", "fd00::/8"])
     assert [(e.action, str(e.remote), e.name) for e in byp] == [
         (Action.BYPASS, "10.2.0.5/32", "bypass:10.2.0.5/32"), (Action.BYPASS, "fd00::/8", "bypass:fd00::/8")]
-    entries = compile_spd(view, bypass=byp)
-    assert entries[:2] == byp
-    spd = Spd()
-    spd.replace(entries)
+    policy = Policy(Sad(), local_address=A_IP, bypass=["10.2.0.5/32", "fd00::/8"])
+    policy.apply_view(view)
+    assert list(policy.spd.entries[:2]) == byp
+    spd = policy.spd
     assert spd.lookup_outbound(ipv4("10.1.0.7", "10.2.0.5")).action is Action.BYPASS
     hit = spd.lookup_outbound(ipv4("10.1.0.7", "10.2.0.6"))
     assert hit.action is Action.PROTECT and hit.peer == "b"

@@ -117,7 +117,7 @@ def test_keepalives_stop_when_the_ike_sa_goes():
     a.ike.delete_all(clock())
     a.rt._flush_ike(clock())
     run(clock, a, b, 20.0)
-    assert len(keepalives(net)) == 1 and a.rt._ka_deadline is None
+    assert len(keepalives(net)) == 1 and a.rt.keepalive.deadline is None
 
 
 @pytest.mark.parametrize("interval", [1.0, 7.5])

@@ -311,3 +311,29 @@ def test_controller_actions_bypass_and_discard_reach_the_spd(action, counter):
         assert a.rt.counters[counter] == 1 and a.rt.counters["no_sa"] == 0
     assert Routes.synced is not None, "the runtime must sync its routes at start"
     assert (NET_B in Routes.synced) == (action != "bypass")
+
+
+def test_inbound_batches_name_the_ike_sas_whose_child_sas_authenticated_traffic(mesh):
+    """Batch.inbound_ike_sas: the IKE_SAs (SPIi, SPIr) of CHILD_SAs that authenticated at least
+    one inbound packet in the batch (for IKE liveness); forged or unknown ESP adds nothing."""
+    from agent.datapath.batch import Batch
+
+    net, clock, a, b = mesh
+    establish(a, b)
+    seen = []
+    finish = b.rt._finish
+    b.rt._finish = lambda out: (seen.append(set(out.inbound_ike_sas)), finish(out))[1]
+    a.tun.inject([ipv4("10.1.0.5", "10.2.0.7", b"alive")])
+    pump(a, b)
+    ch = b.rt.current["a"]
+    assert {(ch.ike_spi_i, ch.ike_spi_r)} in seen
+    (esp,) = a.rt.current["b"].out_sa.encapsulate_batch([ipv4("10.1.0.5", "10.2.0.7", b"x")])
+    forged = esp[:-1] + bytes([esp[-1] ^ 1])
+    unknown = b"\x00\x00\x99\x99" + esp[4:]
+    out = Batch()
+    b.rt.outside.udp4500([(forged, (A_IP, 4500)), (unknown, (A_IP, 4500))], out)
+    assert out.inbound_ike_sas == set() and out.tun == [] and b.rt.counters["unknown_spi"] == 1
+    assert ch.in_sa.counters["icv"] == 1
+    out = Batch()
+    b.rt.outside.udp4500([(esp, (A_IP, 4500))], out)
+    assert out.inbound_ike_sas == {(ch.ike_spi_i, ch.ike_spi_r)} and len(out.tun) == 1

@@ -79,8 +79,9 @@ def test_needs_rekey_asks_ike_once_per_child_sa():
     a.ike.rekey_child = lambda spi, now: calls.append(spi) or real(spi, now)
     ch = a.rt.current["b"]
     ch.out_sa.needs_rekey = True
-    for i in range(3):
-        a.rt._protect(ch, [ipv4("10.1.0.5", "10.2.0.7", b"x%d" % i)], 0)
+    for i in range(3):  # three TUN batches through the same SA: one request, handed over after the batch
+        a.tun.inject([ipv4("10.1.0.5", "10.2.0.7", b"x%d" % i)])
+        a.rt.pump()
     assert calls == [ch.inbound_spi]
 
 

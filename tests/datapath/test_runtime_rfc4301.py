@@ -18,26 +18,10 @@ from agent.esp import EspSa
 from agent.iana import EncrId
 from agent.ike.events import ChildSaEstablished
 from agent.model import EspKeys, NodeView, Peer, PeerPolicy
+from tests.datapath.fakes import ScriptedIke
 
 R_IP, G_IP, H_IP = "198.51.100.21", "198.51.100.2", "10.2.0.2"
 NET = ipaddress.ip_network
-
-
-class ScriptedIke:
-    """IkeManager stand-in that only emits the events a test queues."""
-
-    def __init__(self):
-        self.events, self.counters, self.initiated = [], {}, []
-
-    def update_view(self, view, now): pass
-    def initiate(self, peer, now): self.initiated.append(peer)
-    def receive_datagram(self, data, local, remote, now): self.counters["ike_in"] = self.counters.get("ike_in", 0) + 1
-    def handle_timer(self, now): pass
-    def get_timer(self): return None
-    def datagrams_to_send(self): return []
-    def next_event(self): return self.events.pop(0) if self.events else None
-    def delete_all(self, now): pass
-    def status(self): return []
 
 
 def keys(spi: int) -> EspKeys:

@@ -5,7 +5,7 @@ import ipaddress as ip
 
 import pytest
 
-from agent.esp import (Action, EspSa, Sad, Spd, SpdEntry, add_non_esp_marker, classify_udp4500,
+from agent.esp import (Action, ChildEntry, EspSa, Sad, Spd, SpdEntry, add_non_esp_marker, classify_udp4500,
                        parse_selectors, strip_non_esp_marker)
 from agent.iana import EncrId
 from agent.model import EspKeys
@@ -18,38 +18,57 @@ def sa(spi: int) -> EspSa:
     return EspSa(EspKeys(spi=spi, encr_id=EncrId.ENCR_AES_GCM_16, encr_key=bytes(20)), rng=DetRng())
 
 
+def child(spi_in: int, spi_out: int, peer: str = "b", established: float = 0.0, protocol: str = "esp",
+          **kw) -> ChildEntry:
+    return ChildEntry(peer=peer, ike_spi_i=1, ike_spi_r=2, inbound_spi=spi_in, outbound_spi=spi_out,
+                      in_sa=sa(spi_in), out_sa=sa(spi_out), local_ts=(N("10.1.0.0/16"),),
+                      remote_ts=(N("10.2.0.0/16"),), remote=("198.51.100.2", 4500), mode="tunnel",
+                      udp_encap=True, algorithms="ENCR_AES_GCM_16_128", established=established,
+                      established_wall=0.0, protocol=protocol, **kw)
+
+
 def test_sad_rekey_keeps_old_inbound() -> None:
     sad = Sad()
-    in1, out1, in2, out2 = sa(0x101), sa(0x201), sa(0x102), sa(0x202)
-    assert sad.install("b", in1, out1) is None
-    assert sad.install("b", in2, out2) is out1  # rekey: outbound switched
-    assert sad.lookup_outbound("b") is out2
-    assert sad.lookup_inbound(0x101) is in1 and sad.lookup_inbound(0x102) is in2
-    assert sad.inbound_peer(0x101) == "b"
-    assert sad.remove_outbound("b", spi=0x201) is None  # old one already replaced
-    assert sad.remove_inbound(0x101) is in1 and sad.lookup_inbound(0x101) is None
-    assert len(sad) == 2
-    assert [(e.direction, e.peer, e.sa.spi) for e in sad] == [("in", "b", 0x102), ("out", "b", 0x202)]
-    st = sad.status()
-    assert st[0]["spi"] == "0x00000102" and st[0]["algorithm"] == "ENCR_AES_GCM_16_128"
-    assert "0000000000" not in repr(st)  # no key bytes
-    with pytest.raises(ValueError, match="0x00000102 already installed"):
-        sad.add_inbound("c", sa(0x102))
-    assert len(sad.remove_peer("b")) == 2 and len(sad) == 0
+    old, new = child(0x101, 0x201, established=1.0), child(0x102, 0x202, established=2.0)
+    assert sad.add(old) is None and sad.current["b"] is old
+    assert sad.add(new) is None and sad.current["b"] is new  # rekey: the newest sends
+    assert sad.lookup(0x101) is old and sad.lookup(0x102) is new  # both receive
+    assert sad.of_peer("b") == [old, new] and sad.of_ike_sa(1, 2) == [old, new] and len(sad) == 2
+    assert sad.add(child(0x102, 0x999, peer="c")) is new  # SPI clash: the live one stays
+    assert sad.lookup(0x102).peer == "b" and "c" not in sad.current
+    assert sad.remove(new) and sad.current["b"] is old  # back to the older one
+    assert not sad.remove(new)
+    assert sad.remove(old) and sad.current == {} and sad.children == {}
+    st = old.status(10.0)
+    assert st["spi_in"] == "00000101" and st["age_s"] == 9.0
+    assert "key" not in repr(st)  # no key material
 
 
-def test_sad_demux_inbound() -> None:
+def test_sad_ah_outside_esp_for_ah_plus_esp() -> None:
     sad = Sad()
-    a, b = sa(0xA), sa(0xB)
-    sad.add_inbound("a", a)
-    sad.add_inbound("b", b)
+    esp = child(0x101, 0x201, established=1.0, needs_ah=True)
+    sad.add(esp)
+    assert sad.current["b"] is esp and esp.ah is None  # the AH SA is not up yet
+    ah = child(0x102, 0x202, established=2.0, protocol="ah")
+    sad.add(ah)
+    assert sad.current["b"] is esp and esp.ah is ah
+    assert sad.lookup(0x102, "ah") is ah and sad.lookup(0x102, "esp") is None
+
+
+def test_sad_demux_esp() -> None:
+    sad = Sad()
+    a, b = child(0xA, 0x1A, peer="a"), child(0xB, 0x1B, peer="b")
+    sad.add(a)
+    sad.add(b)
+    sad.add(child(0xD, 0x1D, peer="d", protocol="ah"))
     ta, tb = sa(0xA), sa(0xB)
     pa = ta.encapsulate_batch([ipv4_packet(10, fill=i) for i in range(3)])
     pb = tb.encapsulate_batch([ipv4_packet(10)])
     unknown = sa(0xC).encapsulate(ipv4_packet(10))
-    groups = sad.demux_inbound([pa[0], pb[0], b"\x00\x00", pa[1], unknown, pa[2]])
-    assert [(s.spi, pk) for s, pk in groups] == [(0xA, pa), (0xB, pb)]
-    assert sad.counters == {"no_sa": 1, "malformed": 1}
+    ah_spi = sa(0xD).encapsulate(ipv4_packet(10))  # ESP with an AH SA's SPI
+    groups = sad.demux_esp([pa[0], pb[0], b"\x00\x00", pa[1], unknown, pa[2], ah_spi])
+    assert [(c.inbound_spi, pk) for c, pk in groups] == [(0xA, pa), (0xB, pb)]
+    assert sad.counters == {"no_sa": 2, "malformed": 1}
 
 
 def test_spd_first_match_ports_protocol_default() -> None:

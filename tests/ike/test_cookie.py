@@ -10,7 +10,7 @@ from agent.ike.manager import IkeManager
 from agent.ike.message import Message, NoncePayload, NotifyPayload, decode_message, encode_message
 from agent.model import Credentials
 
-from tests.ike.conftest import A_ADDR, B_ADDR, DetRng, T0, make_net, view
+from tests.ike.conftest import A_ADDR, B_ADDR, CLASSICAL, DetRng, T0, make_net, view
 
 PSK = b"correct horse battery staple 0123"
 
@@ -98,3 +98,22 @@ def test_cookie_jar_previous_secret_accepted_one_rotation():
     assert jar.check(c[:-1], b"n" * 16, "198.51.100.1", 7, 25.0) == "bad_cookie"
     c2 = jar.make(b"n" * 16, "198.51.100.1", 7, 25.0)
     assert c2[0] != c[0] and jar.check(c2, b"m" * 16, "198.51.100.1", 7, 25.0) == "bad_cookie"
+
+
+def test_cookie_retry_resends_the_same_payloads():
+    """Issue 9 / RFC 7296 §2.6: the retry is the first request with N(COOKIE) in front: same
+    KEi, same Ni, same NAT-D (a fresh KEi or NAT-D hash per try is not the same request)."""
+    from dataclasses import replace
+
+    from agent.ike.message import KePayload
+    n = make_net(view("node-a", "node-b", policy=replace(CLASSICAL, encapsulation="udp")), Credentials(psk=PSK),
+                 view("node-b", "node-a"), Credentials(psk=PSK))
+    n.b = IkeManager(n.b.view, n.b.credentials, DetRng("cookie-b"), local_address=B_ADDR, cookie_threshold=0)
+    n.a.initiate("node-b", n.now)
+    n.pump()
+    reqs = [decode_message(d.data) for s, d in n.log if s == "a"][:2]
+    first, retry = reqs
+    assert retry.payloads[0].notify_type == NotifyType.COOKIE
+    assert retry.payloads[1:] == first.payloads
+    assert any(isinstance(p, KePayload) for p in first.payloads)
+    assert n.of("a", ChildSaEstablished)

@@ -117,9 +117,23 @@ def test_size_limit_drops_the_message():
     assert _feed(r, GCM, _forge(GCM, 3, 3, 0, b"y")) == frag.FRAGMENT_QUEUED
 
 
+@pytest.mark.parametrize("count", [40, 64])
+def test_small_mtu_peer_with_many_fragments_reassembles(count):
+    """Issue 9: reassembly refused more than 32 fragments; small-MTU peers send 40+."""
+    plain = bytes(range(256)) * 60  # 15,360 octets
+    budget = next(b for b in range(2000, 60, -1)
+                  if -(-len(plain) // frag.max_chunk(GCM[0], b)) >= count)
+    frags = _split(GCM, plain, budget=budget)
+    assert len(frags) >= count
+    r = frag.Reassembler()
+    for raw in frags[:-1]:
+        assert _feed(r, GCM, raw) == frag.FRAGMENT_QUEUED
+    assert _feed(r, GCM, frags[-1]) == (35, plain)
+
+
 def test_too_big_to_fragment_and_tiny_budget():
-    with pytest.raises(frag.FragmentError, match="limit 32"):
-        _split(GCM, bytes(40000))
+    with pytest.raises(frag.FragmentError, match="limit 64"):
+        _split(GCM, bytes(60000))
     with pytest.raises(frag.FragmentError, match="no room"):
         _split(GCM, b"abc", budget=50)
 
