@@ -56,7 +56,12 @@ class Outside:
         esp: list[bytes] = []
         esp_src: list = []
         ike = None
+        zero3 = b"\x00\x00\x00"
         for data, addr in batch:
+            if len(data) >= 12 and data[:3] != zero3:
+                esp.append(data)  # SPI >= 256: ESP (classify_udp4500's answer, without the call)
+                esp_src.append(addr)
+                continue
             kind = classify_udp4500(data)
             if kind == "esp":
                 esp.append(data)
