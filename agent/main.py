@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 20; 0 turns them off)")
     p.add_argument("--metrics-listen", metavar="HOST:PORT", default=None,
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off; docs/metrics.md)")
+    p.add_argument("--no-offload", action="store_true",
+                   help="turn the datapath offloads off (TUN TSO/USO with userspace split and coalescing, "
+                        "UDP GSO/GRO): one packet per system call, as for kernels without them")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
     from meshsec.version import version_line
     p.add_argument("--version", action="version", version=version_line("meshsec-agent"))
@@ -427,9 +430,12 @@ def _run(args) -> int:
 
     opened = []  # closed again, in reverse, if the start fails (RouteManager: abandon, its ip rules go)
     try:
-        udp500 = UdpSocket(local, 500, mark=args.fwmark)
+        offload = not args.no_offload
+        if not offload:
+            log.warning("--no-offload: TUN and UDP offloads off (one packet per system call)")
+        udp500 = UdpSocket(local, 500, mark=args.fwmark, offload=False)  # IKE only: nothing to batch
         opened.append(udp500)
-        udp4500 = UdpSocket(local, 4500, mark=args.fwmark)
+        udp4500 = UdpSocket(local, 4500, mark=args.fwmark, offload=offload)
         opened.append(udp4500)
         try:
             raw_esp = RawSocket(local, 50, mark=args.fwmark)
@@ -437,7 +443,7 @@ def _run(args) -> int:
         except UdpError as exc:
             raw_esp = None
             log.warning("%s: policies with encapsulation none cannot send or receive", exc)
-        tun = TunDevice(tun_name, mtu)
+        tun = TunDevice(tun_name, mtu, offload=offload)
         opened.append(tun)
         if args.fail_open:
             log.warning("--fail-open: when this agent stops, traffic to protected prefixes falls back to the "

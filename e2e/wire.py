@@ -6,7 +6,20 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from e2e.gso_pcap import resegment
+
 KEY_TABLES = ("esp_sa", "ikev2_decryption_table")
+_wire_copies: dict = {}
+
+
+def _wire_view(pcap: Path) -> Path:
+    """``pcap`` with UDP GSO frames cut into the ESP packets a real wire carries (see
+    e2e/gso_pcap.py), made once per file version."""
+    st = Path(pcap).stat()
+    key = (str(pcap), st.st_size, st.st_mtime_ns)
+    if key not in _wire_copies:
+        _wire_copies[key] = resegment(Path(pcap))
+    return _wire_copies[key]
 
 
 def tshark(pcap: Path, display_filter: str, home: Path | None = None, fields: list[str] | None = None,
@@ -14,7 +27,7 @@ def tshark(pcap: Path, display_filter: str, home: Path | None = None, fields: li
     """Frames of ``pcap`` matching ``display_filter``, one line each (or the
     ``fields`` of each). With ``home`` (see :func:`wireshark_home`) tshark
     decrypts IKE and ESP with the key tables there and checks ESP ICVs."""
-    cmd = ["tshark", "-n", "-r", str(pcap), "-Y", display_filter]
+    cmd = ["tshark", "-n", "-r", str(_wire_view(pcap)), "-Y", display_filter]
     env = dict(os.environ)
     if home is not None:
         env["HOME"] = str(home)

@@ -42,6 +42,7 @@ class Outside:
         self.local_address = local_address
         self.mss_clamp = mss_clamp
         self._local_b: bytes | None = None  # packed local address, for transport mode
+        self._local_packed: tuple = (None, set())  # (policy.local_ips, the same packed) for _peel
 
     # -- sockets --------------------------------------------------------------
     def udp500(self, batch: list, out: Batch) -> None:
@@ -55,7 +56,12 @@ class Outside:
         esp: list[bytes] = []
         esp_src: list = []
         ike = None
+        zero3 = b"\x00\x00\x00"
         for data, addr in batch:
+            if len(data) >= 12 and data[:3] != zero3:
+                esp.append(data)  # SPI >= 256: ESP (classify_udp4500's answer, without the call)
+                esp_src.append(addr)
+                continue
             kind = classify_udp4500(data)
             if kind == "esp":
                 esp.append(data)
@@ -193,13 +199,11 @@ class Outside:
                 out.volume.append((ch, sa))
             if inner:
                 alive.add((ch.ike_spi_i, ch.ike_spi_r))
-            good = []
-            for p in inner:
-                if allows(lts, rts, p):
-                    good.append(p)
-                else:
-                    ch.drops["policy"] += 1
-                    c["policy"] += 1
+            # the SPD answer depends on the addresses only: asked once per address pair
+            good, bad = pk.filter_inbound(allows, lts, rts, inner)
+            if bad:
+                ch.drops["policy"] += bad
+                c["policy"] += bad
             if ch.narrow is not None and good:
                 good = within_child(ch, good, spd, c, inbound=True)
             if good and ch.mode == "tunnel" and nest_in:
@@ -217,18 +221,21 @@ class Outside:
         through the next layer here (IKE: queued for IKE); the rest are returned for the TUN."""
         rest, esp = [], []
         local_ips = self.policy.local_ips
+        if self._local_packed[0] != local_ips:  # our addresses as packed bytes, per set of them
+            self._local_packed = (set(local_ips), {ipaddress.ip_address(a).packed for a in local_ips})
+        local_b = self._local_packed[1]
         c = self.counters
         for p in pkts:
             v = p[0] >> 4
             if v == 4:
-                dst, proto, off = str(ipaddress.IPv4Address(p[16:20])), p[9], (p[0] & 0x0F) * 4
-                src = str(ipaddress.IPv4Address(p[12:16]))
+                dst_b, proto, off = p[16:20], p[9], (p[0] & 0x0F) * 4
             else:
-                dst, proto, off = str(ipaddress.IPv6Address(p[24:40])), p[6], 40
-                src = str(ipaddress.IPv6Address(p[8:24]))
-            if dst not in local_ips:
+                dst_b, proto, off = p[24:40], p[6], 40
+            if dst_b not in local_b:
                 rest.append(p)
-            elif proto == pk.PROTO_ESP:
+                continue
+            src = str(ipaddress.IPv4Address(p[12:16]) if v == 4 else ipaddress.IPv6Address(p[8:24]))
+            if proto == pk.PROTO_ESP:
                 esp.append(p[off:])
             elif proto == pk.PROTO_UDP and len(p) >= off + 8 and p[off + 2:off + 4] in _NATT:
                 data = p[off + 8:]

@@ -96,3 +96,36 @@ def ah_overhead(algorithms: str, *, mode: str, outer_v6: bool) -> int:
     if mode == "tunnel":
         n += 40 if outer_v6 else 20
     return n
+
+
+def filter_inbound(allows, ts_local, ts_remote, pkts: list[bytes]) -> tuple[list[bytes], int]:
+    """(packets inside the CHILD_SA's selectors, how many were not) for decrypted inbound
+    ``pkts`` (RFC 4301 §5.2): ``allows(ts_local, ts_remote, packet)`` (the SPD's
+    ``allows_inbound``, which looks at version and addresses only) asked once per distinct
+    address pair in the batch, not once per packet: the segments of one TCP burst share it."""
+    good = []
+    append = good.append
+    seen: dict[bytes, bool] = {}
+    bad = 0
+    for p in pkts:
+        n = len(p)
+        b0 = p[0] if n else 0
+        # key: first byte (version, IPv4 header length) and the addresses; the answer only
+        # depends on them once the header is long enough to hold them
+        if b0 >> 4 == 4 and n >= 60:
+            key = p[:1] + p[12:20]
+        elif b0 >> 4 == 6 and n >= 40:
+            key = p[:1] + p[8:40]
+        else:
+            key = None
+        if key is None:
+            ok = allows(ts_local, ts_remote, p)
+        else:
+            ok = seen.get(key)
+            if ok is None:
+                ok = seen[key] = allows(ts_local, ts_remote, p)
+        if ok:
+            append(p)
+        else:
+            bad += 1
+    return good, bad

@@ -31,4 +31,4 @@ YAML
 # PYTHONDONTWRITEBYTECODE (set in some shells) would recompile the agent on every start;
 # an installed agent has its byte code cached, as it is after the first run here
 exec env -u PYTHONDONTWRITEBYTECODE "$here/.venv/bin/meshsec-agent" --config "$cfg" --state-dir "$ANC_WORK/state" \
-  --control-socket "$ANC_WORK/agent.sock"
+  --control-socket "$ANC_WORK/agent.sock" ${MESHSEC_AGENT_ARGS:-}
