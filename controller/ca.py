@@ -123,7 +123,7 @@ class CertificateAuthority:
         """
         try:
             csr = x509.load_der_x509_csr(csr_der)
-        except (ValueError, UnsupportedAlgorithm) as e:
+        except (ValueError, UnsupportedAlgorithm, x509.InvalidVersion) as e:  # InvalidVersion: not a ValueError
             raise CsrError(f"csr_der is not a DER PKCS#10 request ({e})") from None
         try:
             public_key = csr.public_key()
@@ -137,10 +137,15 @@ class CertificateAuthority:
             valid = False
         if not valid:
             raise CsrError("CSR signature does not verify")
-        attrs = list(csr.subject)
-        if attrs and not (len(attrs) == 1 and attrs[0].oid == NameOID.COMMON_NAME
-                          and attrs[0].value == node_name):
-            raise CsrError(f"CSR subject must be empty or CN={node_name}, got {csr.subject.rfc4514_string()!r}")
+        try:  # the subject is parsed lazily: a malformed one surfaces here
+            attrs = list(csr.subject)
+            ok = not attrs or (len(attrs) == 1 and attrs[0].oid == NameOID.COMMON_NAME
+                               and attrs[0].value == node_name)
+            subject = "" if ok else csr.subject.rfc4514_string()
+        except ValueError as e:
+            raise CsrError(f"CSR subject is unreadable ({e})") from None
+        if not ok:
+            raise CsrError(f"CSR subject must be empty or CN={node_name}, got {subject!r}")
         return self._leaf(node_name, [x509.DNSName(node_name)], public_key,
                           now - BACKDATE, now + lifetime)
 

@@ -27,7 +27,7 @@ def main() -> None:
     spec = importlib.import_module(f"fuzz.targets.{name}")  # the plain module: its TARGET names the packages
     packages = spec.TARGET.packages
     for mod in list(sys.modules):  # re-import the code under test with instrumentation
-        if mod.split(".")[0] in packages or mod == f"fuzz.targets.{name}":
+        if mod.split(".")[0] in packages or mod == "fuzz.targets" or mod.startswith("fuzz.targets."):
             del sys.modules[mod]
     with atheris.instrument_imports(include=list(packages)):
         module = importlib.import_module(f"fuzz.targets.{name}")
