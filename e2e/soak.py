@@ -227,7 +227,7 @@ class Soak:
         self.rng = random.Random(args.seed)
         names = [f"node-{c}" for c in "abcdefghijklmnop"[:args.nodes]]
         spec = {n: f"10.{i}.0.0/24" for i, n in enumerate(names, start=1)}
-        self.mesh = SoakMesh(spec, names[-1] if args.nat else None)
+        self.mesh = SoakMesh(spec, names[-1] if args.nat else None, workdir=args.workdir)
         self.names = names
         self.t0 = 0.0
         self.events: list[dict] = []
@@ -296,10 +296,16 @@ class Soak:
             if self.stop.is_set():
                 return
             t = self.now()
-            res = subprocess.run(["ip", "netns", "exec", wl[a].ns, "iperf3", "-c", wl[b].ip, "-p", "5201", "-t",
-                                  str(self.args.iperf_seconds), "-b", self.args.iperf_rate, "-J"],
-                                 capture_output=True, text=True, timeout=self.args.iperf_seconds + 30)
             row = {"src": a, "dst": b, "t": round(t, 1)}
+            try:
+                res = subprocess.run(["ip", "netns", "exec", wl[a].ns, "iperf3", "-c", wl[b].ip, "-p", "5201",
+                                      "-t", str(self.args.iperf_seconds), "-b", self.args.iperf_rate, "-J",
+                                      "--connect-timeout", "3000"],
+                                     capture_output=True, text=True, timeout=self.args.iperf_seconds + 30)
+            except subprocess.TimeoutExpired:  # a fault stalled it: note and go on
+                row["error"] = "timed out"
+                self.iperf.append(row)
+                continue
             try:
                 j = json.loads(res.stdout)
                 row["mbit_s"] = round(j["end"]["sum_received"]["bits_per_second"] / 1e6, 1)
@@ -457,15 +463,16 @@ class Soak:
         per_pair = {}
         for (a, b), pl in self.pings.items():
             sent = pl.send_times()
-            lost_out = lost_in = 0
+            lost_out, lost_in = [], 0
             for s, ts in sent.items():
                 if s in pl.replies:
                     continue
                 if any(lo <= ts <= hi for lo, hi in windows):
                     lost_in += 1
                 else:
-                    lost_out += 1
-            per_pair[f"{a}->{b}"] = {"sent": len(sent), "lost_outside_faults": lost_out, "lost_in_faults": lost_in}
+                    lost_out.append(round(ts - self.t0, 1))
+            per_pair[f"{a}->{b}"] = {"sent": len(sent), "lost_outside_faults": len(lost_out),
+                                     "lost_in_faults": lost_in, "lost_outside_at_s": lost_out}
         growth = {}
         for n in self.names:
             rows = [(s["t"], s["agents"][n]) for s in self.samples if n in s["agents"] and "rss_mb" in s["agents"][n]]
@@ -486,7 +493,7 @@ class Soak:
             "rekeys": {"child_started": sum(1 for e in rekeys if e["event"] == "rekey_child" and e["ok"]),
                        "ike_started": sum(1 for e in rekeys if e["event"] == "rekey_ike" and e["ok"]),
                        "refused": [e for e in rekeys if not e["ok"]]},
-            "events": [e for e in self.events if not e["event"].startswith("rekey")],
+            "events": self.events,
             "sas_leaked": leaks,
             "replay_drops_total": sum(self.replay_max.values()),
             "replay_drops": {f"{n}<-{p} {spi}": v for (n, p, spi), v in self.replay_max.items() if v},
@@ -507,7 +514,8 @@ def print_summary(r: dict) -> None:
               f"{f.get('recovery_s')} s" + (f" NOT RECOVERED {f['not_recovered']}" if f.get("not_recovered") else ""))
     print("per pair (lost outside / inside fault windows):")
     for k, v in sorted(r["pairs"].items()):
-        print(f"  {k:16} sent {v['sent']:6} lost {v['lost_outside_faults']:4} / {v['lost_in_faults']:4}")
+        print(f"  {k:16} sent {v['sent']:6} lost {v['lost_outside_faults']:4} / {v['lost_in_faults']:4}"
+              + (f"  (outside at {v['lost_outside_at_s']} s)" if v["lost_outside_at_s"] else ""))
     print(f"SAs leaked: {r['sas_leaked']}")
     print(f"replay drops seen by peers: {r['replay_drops_total']} {r['replay_drops'] or ''}; "
           f"inbound SPI reused: {len(r['spi_reuse'])}")
@@ -534,12 +542,15 @@ def main(argv=None) -> int:
     ap.add_argument("--recovery-timeout", type=float, default=120.0)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--report", type=Path, help="write the full report as JSON here")
+    ap.add_argument("--workdir", type=Path, help="keep keys, logs (agents, controller, pings) here")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         ap.error("needs root (network namespaces)")
     if args.nodes < 3:
         ap.error("--nodes: at least 3")
     venv_bin("meshsec-agent")
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     soak = Soak(args)
     with soak.mesh:
         try:
