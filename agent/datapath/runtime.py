@@ -147,6 +147,8 @@ class ChildEntry:
     # addresses (None: addresses alone decide, the fast path)
     narrow: tuple | None = None
     overhead: int = 0  # bytes this SA adds (worst case)
+    # rekey responder: the old SA's inbound SPI; sends only once that one is gone (ChildSaEstablished)
+    send_after: int | None = None
     max_inner: int = 65535  # largest inner packet that fits the underlay MTU through the whole bundle
 
     @property
@@ -1346,6 +1348,8 @@ class Runtime:
                     self.log.error("cannot assign virtual IP %s: %s", vip, exc)
         if not is_ah:  # the SAD demultiplexes ESP; AH SAs are found by SPI in self.children
             self.sad.add_inbound(ch.peer, in_sa)
+        if ev.rekey_of is not None and not getattr(ev, "exchange_initiator", True):
+            ch.send_after = ev.rekey_of  # the peer may not have our new inbound SA yet
         self.children[ch.inbound_spi] = ch
         self._relink(ch.peer)  # newest SA sends; a rekeyed one keeps receiving until deleted
         self._rebuild_spd()
@@ -1360,7 +1364,8 @@ class Runtime:
     def _relink(self, peer: str) -> None:
         """The SAs that send to ``peer``: the newest ESP one (with the newest AH one outside it
         for "ah+esp"), or the newest AH one for an AH-only policy."""
-        mine = [c for c in self.children.values() if c.peer == peer]
+        mine = [c for c in self.children.values() if c.peer == peer
+                and (c.send_after is None or c.send_after not in self.children)]
         esp = max((c for c in mine if c.protocol == "esp"), key=lambda c: c.established, default=None)
         ah = max((c for c in mine if c.protocol == "ah"), key=lambda c: c.established, default=None)
         for c in mine:
