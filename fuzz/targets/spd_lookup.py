@@ -51,11 +51,8 @@ SELECTORS = [
 
 def _ref(entries, default, sel) -> SpdEntry:
     v, src, dst, proto, sp, dp = sel
-    s, d = ipaddress.ip_address(src if v == 4 else src), ipaddress.ip_address(dst)
-    if v == 6:
-        s, d = ipaddress.IPv6Address(src), ipaddress.IPv6Address(dst)
-    else:
-        s, d = ipaddress.IPv4Address(src), ipaddress.IPv4Address(dst)
+    addr = ipaddress.IPv4Address if v == 4 else ipaddress.IPv6Address
+    s, d = addr(src), addr(dst)
     for e in entries:
         nets = e.local_nets + e.remote_nets
         if nets and nets[0].version != v:
