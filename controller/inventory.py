@@ -175,7 +175,13 @@ class _Parser:
     def scalar(self, node: Node, path: str) -> Any:
         if not isinstance(node, ScalarNode):
             raise self.fail(node, path, "expected a single value, not a list or mapping")
-        return self._constructor.construct_object(node)
+        try:
+            return self._constructor.construct_object(node)
+        except yaml.YAMLError as e:  # e.g. an unknown tag such as !foo
+            raise self.fail(node, path, f"cannot read this value: {getattr(e, 'problem', None) or e}; "
+                                        "write it plain or quoted") from None
+        except (ValueError, OverflowError) as e:  # e.g. 2001-13-01 resolves as a date, month 13
+            raise self.fail(node, path, f"cannot read this value ({e}); quote it if it is text") from None
 
     def string(self, node: Node, path: str) -> str:
         value = self.scalar(node, path)

@@ -54,3 +54,37 @@ def test_valid_csr_still_issues() -> None:
     ca = CertificateAuthority.create(NOW)
     cert = ca.issue_for_csr(_csr(), "alpha", dt.timedelta(days=1), NOW)
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "alpha"
+
+
+# ---- inventory (fuzz/findings/inventory/crash-c48b0fe6...) ----------------------------------
+
+from controller.inventory import InventoryError, parse_inventory  # noqa: E402
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("!:-::9 alpha-token", "could not determine a constructor"),  # the saved input: an unknown tag
+    ("2001-13-01", "month must be in 1..12"),  # resolves as a date: PyYAML raised a bare ValueError
+])
+def test_unreadable_scalar_is_an_inventory_error_with_its_line(value: str, problem: str) -> None:
+    text = f"nodes:\n  - name: a\n    role: host\n    join_token: {value}\n"
+    with pytest.raises(InventoryError, match=rf"^inventory.yaml:4: nodes\[0\].join_token: cannot read this value.*{problem}"):
+        parse_inventory(text)
+
+
+# ---- IKE certificates (fuzz/findings/ike_sk/crash-7a374c1e...) ------------------------------
+
+from agent.ike import auth  # noqa: E402
+
+
+def test_certificate_with_malformed_subject_is_an_auth_error() -> None:
+    """A CERT payload whose subject fails to parse only when it is read (cryptography parses
+    lazily) made verify_certificate_chain raise ValueError while naming the certificate in its
+    error; IkeManager counted internal_error instead of refusing the IKE_AUTH."""
+    from fuzz.targets import _ike_env as env
+    p = env.pki()
+    der = p["b"][1]
+    i = der.index(b"\x0c\x06node-b")  # the subject's CN (UTF8String); the SAN's dNSName is tagged 0x82
+    bad = der[:i] + b"\x0e" + der[i + 1:]  # tag 14: not a string type
+    with pytest.raises(auth.AuthError, match="malformed peer certificate"):
+        auth.verify_certificate_chain([bad], [p["ca"]], env.T0)
+    assert auth.verify_certificate_chain([der], [p["ca"]], env.T0)  # the intact one still verifies

@@ -391,6 +391,16 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
 
 def verify_certificate_chain(chain_der: list[bytes], trust_anchors_der: list[bytes],
                              now: float) -> x509.Certificate:
+    """As :func:`_verify_chain`; a field ``cryptography`` parses only when it is read (a
+    subject, an issuer, an extension) that turns out malformed is an AuthError too."""
+    try:
+        return _verify_chain(chain_der, trust_anchors_der, now)
+    except ValueError as e:
+        raise AuthError(f"malformed peer certificate ({e})") from None
+
+
+def _verify_chain(chain_der: list[bytes], trust_anchors_der: list[bytes],
+                  now: float) -> x509.Certificate:
     """Verify a peer's chain (leaf first, DER; from CERT payloads) up to one of
     ``trust_anchors_der`` (DER CA certificates) at time ``now`` (Unix seconds).
 
