@@ -348,7 +348,7 @@ def _key_kind(key) -> str:
 def _load_cert(der: bytes, what: str) -> x509.Certificate:
     try:
         return x509.load_der_x509_certificate(bytes(der))
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, x509.InvalidVersion) as e:  # InvalidVersion is no ValueError
         raise AuthError(f"{what} is not a DER X.509 certificate ({e})") from None
 
 
