@@ -123,7 +123,7 @@ class CertificateAuthority:
         """
         try:
             csr = x509.load_der_x509_csr(csr_der)
-        except (ValueError, UnsupportedAlgorithm) as e:
+        except (ValueError, UnsupportedAlgorithm, x509.InvalidVersion) as e:  # InvalidVersion: not a ValueError
             raise CsrError(f"csr_der is not a DER PKCS#10 request ({e})") from None
         try:
             public_key = csr.public_key()

@@ -110,6 +110,8 @@ def child_established(rt, ev: ChildSaEstablished, now: float) -> None:
                 rt.routes.add_address(f"{vip}/{32 if ':' not in str(vip) else 128}")
             except Exception as exc:
                 rt.log.error("cannot assign virtual IP %s: %s", vip, exc)
+    if ev.rekey_of is not None and not ev.exchange_initiator:
+        ch.send_after = ev.rekey_of  # the peer may not have our new inbound SA yet (sent on at its Delete)
     rt.sad.add(ch)  # newest SA sends; a rekeyed one keeps receiving until deleted
     sas_changed(rt)
     if rt.keylog is not None:

@@ -52,6 +52,9 @@ class ChildEntry:
     # addresses (None: addresses alone decide, the fast path)
     narrow: tuple | None = None
     overhead: int = 0  # bytes this SA adds (worst case)
+    # CHILD_SA rekey we responded to (RFC 7296 §2.8): the old SA's inbound SPI; this SA sends only
+    # once that one is gone, because the initiator may not have installed its new inbound SA yet
+    send_after: int | None = None
     max_inner: int = 65535  # largest inner packet that fits the underlay MTU through the whole bundle
 
     @property
@@ -153,7 +156,7 @@ class Sad:
     def relink(self, peer: str) -> None:
         """The SAs that send to ``peer``: the newest ESP one (with the newest AH one outside it
         for "ah+esp"), or the newest AH one for an AH-only policy."""
-        mine = self.of_peer(peer)
+        mine = [c for c in self.of_peer(peer) if c.send_after is None or c.send_after not in self.children]
         esp = max((c for c in mine if c.protocol == "esp"), key=lambda c: c.established, default=None)
         ah = max((c for c in mine if c.protocol == "ah"), key=lambda c: c.established, default=None)
         for c in mine:

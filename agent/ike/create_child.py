@@ -375,7 +375,7 @@ class CreateChildExchange:
         self.events.append(ChildSaEstablished(
             self.peer_name, self.spi_i, self.spi_r, inbound, outbound, tuple(local_ts), tuple(remote_ts), mode,
             child.udp_encap, self.local, self.remote, choice.proposal.describe(), rekey_of, vip,
-            child.protocol, child.local_selectors, child.remote_selectors))
+            child.protocol, child.local_selectors, child.remote_selectors, exchange_initiator))
         return child
 
     # ------------------------------------------------------------ CREATE_CHILD_SA: responder

@@ -57,6 +57,9 @@ class ChildSaEstablished:
     ``local_selectors`` / ``remote_selectors``: the narrowed selectors with IP protocol and
     port ranges (agent.ike.message.TrafficSelector, §2.9); ``local_ts`` / ``remote_ts``
     cover their addresses. Protocol 0 with ports 0-65535 means whole networks.
+    ``exchange_initiator``: we started the CREATE_CHILD_SA (or IKE_AUTH) that made it. The
+    responder of a rekey sends on the new SA only once the old one is deleted: the initiator
+    installs the new SA before it deletes the old one, so nothing arrives before it can be read.
     """
     peer: str
     ike_spi_i: int
@@ -75,6 +78,7 @@ class ChildSaEstablished:
     protocol: str = "esp"
     local_selectors: tuple = ()
     remote_selectors: tuple = ()
+    exchange_initiator: bool = True
 
 
 @dataclass(frozen=True)
