@@ -408,8 +408,10 @@ def _peer(ctx, name: str, p, idx: int) -> Peer:
     initiate = name < pname
     if vip or "virtual_ip_pool" in p:
         initiate = bool(vip)  # case 4: only the remote host can ask for its address (CP), so it starts
+    responder_only = False
     if "initiate" in p:
         initiate = _typed(ctx, p, "initiate", where, bool, "true or false")
+        responder_only = not initiate  # said explicitly: no IKE_SA_INIT at start-up (join) either
     psk = _psk_bytes(ctx, _line(p, "psk"), f"{where}psk", str(p["psk"])) if "psk" in p else None
     port = _typed(ctx, p, "ike_port", where, int, "a UDP port") if "ike_port" in p else 500
     extra = {}
@@ -452,7 +454,7 @@ def _peer(ctx, name: str, p, idx: int) -> Peer:
         esp_proposals=_proposals(ctx, p, "esp_proposals", where, "esp", DEFAULT_ESP_PROPOSALS, protocol),
     )
     return Peer(name=pname, identity=ident, endpoints=tuple(eps), subnets=subnets, policy=policy,
-                ike_port=port, psk=psk, initiate=initiate)
+                ike_port=port, psk=psk, initiate=initiate, responder_only=responder_only)
 
 
 def _liveness(ctx, p, where: str) -> dict:

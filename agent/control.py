@@ -279,7 +279,7 @@ class ControllerClient:
                  controller_ca_pem: bytes, *, logger: logging.Logger | None = None,
                  backoff_initial: float = 1.0, backoff_max: float = 30.0, rpc_timeout: float = 10.0,
                  on_credentials: Callable[[Credentials], None] | None = None,
-                 watch_address: str | None = None) -> None:
+                 watch_address: str | None = None, shown_watch_address: str | None = None) -> None:
         # HA: several controller replicas, comma-separated; a failure moves to the next
         self.addresses = [a.strip() for a in address.split(",") if a.strip()]
         if not self.addresses:
@@ -289,6 +289,10 @@ class ControllerClient:
         if len(self.watch_addresses) != len(self.addresses):
             raise ValueError(f"{len(self.addresses)} controller addresses but {len(self.watch_addresses)} "
                              "watch addresses; give one watch address per controller or none")
+        # what status shows: the controllers' own watch ports, also when we reach them through the
+        # local fwmark forwarder (agent.controller_path), whose 127.0.0.1 ports mean nothing to operators
+        shown = [a.strip() for a in shown_watch_address.split(",") if a.strip()] if shown_watch_address else []
+        self.shown_watch_addresses = shown if len(shown) == len(self.watch_addresses) else self.watch_addresses
         self._index = 0
         self.node_name = node_name
         self._join_token = join_token
@@ -320,6 +324,11 @@ class ControllerClient:
     @property
     def watch_address(self) -> str:
         return self.watch_addresses[self._index]
+
+    @property
+    def shown_watch_address(self) -> str:
+        """The controller's watch port in use now, as configured (not the local forwarder's)."""
+        return self.shown_watch_addresses[self._index]
 
     def _next_controller(self) -> None:
         if len(self.addresses) > 1:
@@ -759,7 +768,7 @@ class StatusReporter:
         got an answer: True / False / None before the first), ``last_ok`` (Unix
         seconds, 0 never), ``error`` (why the last report failed, "" if it did not)."""
         with self._lock:
-            return {"address": self.client.watch_address, "reachable": self.reachable,
+            return {"address": self.client.shown_watch_address, "reachable": self.reachable,
                     "last_ok": int(self.last_ok), "error": self.last_error, "reports_sent": self.sent}
 
     def build(self) -> pb.StatusReport | None:

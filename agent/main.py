@@ -388,7 +388,7 @@ def _run(args) -> int:
                 log.warning("cannot re-read %s (%s); using the token read before", token_path, exc.strerror)
             return last[0]
 
-        address, watch_address = args.controller, None
+        address, watch_address, shown_watch = args.controller, None, None
         if args.fwmark:
             # kube-proxy rewrites the Service address to a pod address after our bypass rule has
             # matched: mark the control connections so they take the main table, never the mesh
@@ -396,13 +396,15 @@ def _run(args) -> int:
             from agent.controller_path import forward_controller
             try:
                 watch = [default_watch_address(a.strip()) for a in args.controller.split(",") if a.strip()]
+                shown_watch = ",".join(watch)
                 address, watch_address, forwarders = forward_controller(args.controller, watch, args.fwmark,
                                                                         logger=log)
             except (OSError, ValueError) as exc:
                 raise StartupError(f"controller path: {exc}")
         try:  # a CA file that is not a PEM certificate fails here
             client = ControllerClient(address, args.name, current_token, Path(args.state_dir), ca_pem,
-                                      logger=logging.getLogger("meshsec.control"), watch_address=watch_address)
+                                      logger=logging.getLogger("meshsec.control"), watch_address=watch_address,
+                                      shown_watch_address=shown_watch)
         except (ControlError, ValueError) as exc:
             raise StartupError(f"controller client: {exc}")
         fallback = _stored_fallback(args.state_dir, args.name)

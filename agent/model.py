@@ -129,6 +129,10 @@ class Peer:
     ike_port: int = 500
     psk: bytes | None = field(default=None, repr=False)
     initiate: bool = True
+    # ``initiate: false`` written by the operator (standalone config): we never open an IKE_SA
+    # to this peer at start-up (IkeManager.join), as for a gateway that only answers; traffic
+    # (acquire) and recovery after the peer restarted still do
+    responder_only: bool = False
 
 
 @dataclass(frozen=True)

@@ -340,7 +340,7 @@ class IkeManager:
         for p in self.view.peers:
             if names is not None and p.name not in names:
                 continue
-            if self._shutdown or not self._may_start(p) or self._sas_of(p.name):
+            if self._shutdown or p.responder_only or not self._may_start(p) or self._sas_of(p.name):
                 continue
             try:
                 self.initiate(p.name, now)

@@ -123,3 +123,26 @@ def test_half_open_of_another_peer_behind_the_same_address_is_kept():
     n.b.initiate("node-a", n.now)  # node-b's IKE_SA comes up at a (responder)
     n.pump()
     assert len(_up(n.a)) == 1 and a.half_open() == 1 and "half_open_moot" not in a.counters
+
+
+def test_join_skips_a_peer_the_operator_marked_initiate_false():
+    """``initiate: false`` written in the standalone config (Peer.responder_only): no IKE_SA_INIT at
+    start-up towards a gateway that initiates to us itself (strongSwan does not follow our
+    crossed-init rule); left to the tie-break (initiate False, not written), join still starts."""
+    v = view("node-b", "node-a", policy=POL, initiate=False)
+    only = replace(v, peers=tuple(replace(p, responder_only=True) for p in v.peers))
+    m = _mgr(only, "ro")
+    assert m.join(T0) == [] and m._sas == {}
+    assert _mgr(v, "tb").join(T0) == ["node-a"]
+
+
+def test_config_marks_an_explicit_initiate_false_as_responder_only(tmp_path):
+    from agent.config import load_config
+    base = ("name: b\nlocal_address: 198.51.100.2\nsubnets: [10.2.0.0/24]\n"
+            "auth: {psk: 'joining tests psk 0123456789abcde'}\npeers:\n"
+            "  - name: a\n    endpoints: [198.51.100.1]\n    subnets: [10.1.0.0/24]\n")
+    for extra, want in (("", False), ("    initiate: false\n", True), ("    initiate: true\n", False)):
+        f = tmp_path / "c.yaml"
+        f.write_text(base + extra)
+        view_, _creds = load_config(str(f))[:2]
+        assert view_.peers[0].responder_only is want, extra
