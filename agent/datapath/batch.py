@@ -18,6 +18,8 @@ class Batch:
       ``icmp``: ICMP too-big / Packet Too Big for the TUN device (RFC 4301 §8.2.1).
     Requests:
       ``acquire``: {peer: packets without an SA} (RFC 4301 §5.1);
+      ``acquire_pair``: {(peer, local network, remote network): packets} for a peer that has
+      CHILD_SAs, none of them for this SPD entry's selector pair;
       ``volume``: [(ChildEntry, SA)] whose SA set ``needs_rekey`` (sequence number or
       byte/packet soft limit: rekey; hard limit, ``expired``: delete);
       ``unknown_spi``: [(SPI bytes, source address)] of ESP/AH with an SPI we do not know;
@@ -26,7 +28,7 @@ class Batch:
       least one inbound ESP/AH packet in this batch (traffic proves the peer alive).
     """
 
-    __slots__ = ("udp4500", "udp4500_to", "raw_esp", "raw_ah", "tun", "icmp", "acquire",
+    __slots__ = ("udp4500", "udp4500_to", "raw_esp", "raw_ah", "tun", "icmp", "acquire", "acquire_pair",
                  "volume", "unknown_spi", "ike", "inbound_ike_sas")
 
     def __init__(self) -> None:
@@ -37,6 +39,7 @@ class Batch:
         self.tun: list = []
         self.icmp: list = []
         self.acquire: dict[str, int] = {}
+        self.acquire_pair: dict[tuple, int] = {}
         self.volume: list = []
         self.unknown_spi: list = []
         self.ike: list = []
@@ -45,4 +48,4 @@ class Batch:
     @property
     def requests(self) -> bool:
         """Whether anything here is for the IKE side."""
-        return bool(self.acquire or self.volume or self.unknown_spi or self.ike)
+        return bool(self.acquire or self.acquire_pair or self.volume or self.unknown_spi or self.ike)

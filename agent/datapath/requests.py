@@ -34,6 +34,7 @@ class IkeRequests:
         self._rekey_asked: set[int] = set()
         self._expired_done: set[int] = set()
         self._child_acquired_at: dict[str, float] = {}
+        self._pair_acquired_at: dict[tuple, float] = {}
 
     def initiate(self, peer: str, now: float, why: str) -> bool:
         """``ike.initiate`` for one peer; a peer without endpoints or whose initiation fails is
@@ -73,6 +74,37 @@ class IkeRequests:
                 self.counters["child_acquires"] = self.counters.get("child_acquires", 0) + 1
         except Exception as exc:
             self.internal_error(f"create_child({peer}) on acquire", exc)
+
+    def acquire_pair(self, key: tuple, n: int, now: float) -> None:
+        """``n`` packets of the SPD entry ``key`` = (peer, local network, remote network) found
+        no CHILD_SA of that peer whose selectors cover the pair (RFC 4301 §5.1: they are never
+        sent through another pair's SA). A pair apart from every CHILD_SA of the peer (e.g.
+        one the peer's narrowing left out, RFC 7296 §2.9) gets its own CREATE_CHILD_SA
+        proposing exactly that pair, at most once per ACQUIRE_CHILD_INTERVAL_S; a pair
+        partly inside an SA's selectors is what the peer narrowed away: dropped (counter
+        ``narrowed``), asking again would get the same answer."""
+        peer, local, remote = key
+        c = self.counters
+        if any(ch.overlaps(local, remote) for ch in self.sad.of_peer(peer)):
+            c["narrowed"] = c.get("narrowed", 0) + n
+            return
+        c["no_sa"] += n
+        asked = self._pair_acquired_at
+        if now - asked.get(key, float("-inf")) < self.ACQUIRE_CHILD_INTERVAL_S:
+            return
+        if len(asked) > 4096:  # bounded: forget the oldest asks
+            for k in sorted(asked, key=asked.get)[:1024]:
+                del asked[k]
+        asked[key] = now
+        try:
+            if self.ike.create_child(peer, now, local_ts=(local,), remote_ts=(remote,)):
+                c["child_acquires"] = c.get("child_acquires", 0) + 1
+                self.log.info("no CHILD_SA with %s carries %s -> %s: asking for one (CREATE_CHILD_SA)",
+                              peer, local, remote)
+            else:
+                self.initiate(peer, now, "acquire")
+        except Exception as exc:
+            self.internal_error(f"create_child({peer}, {local}, {remote}) on acquire", exc)
 
     def volume(self, ch: ChildEntry, sa, now: float) -> None:
         """``sa`` (one direction of ``ch``) set needs_rekey: a sequence number or byte/packet
