@@ -235,8 +235,9 @@ class Policy:
         for p in view.peers:
             if p.policy.action != "bypass":  # BYPASS traffic keeps the normal routes, in the clear
                 nets.update(p.subnets)
-        for ch in self.sad.current.values():
-            nets.update(ch.remote_ts)  # e.g. a remote host's virtual IP, routed back through its SA
+        for sending in self.sad.sending.values():
+            for ch in sending:
+                nets.update(ch.remote_ts)  # e.g. a remote host's virtual IP, routed back through its SA
         # what we exchange IKE/ESP with in the clear must never be routed into another peer's
         # tunnel: our own address and tunnel-mode peers' endpoints. Not carved out: a
         # transport-mode peer's address (captured on purpose; a host behind a gateway is

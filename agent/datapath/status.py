@@ -70,12 +70,14 @@ def _spd_rows(rt) -> list[dict]:
             v = getattr(e, k, None)
             if v is not None:
                 row[k] = v if isinstance(v, (int, str)) else str(v)
-        cur, seen = current.get(e.peer) if e.peer else None, set()
+        cur = rt.policy.sa_for(e) if e.peer and e.action is Action.PROTECT else None
+        seen = set()
         while cur is not None and cur.peer not in seen:  # the SAs applied, innermost first
             seen.add(cur.peer)
             row["bundle"].append(f"{cur.peer}:{cur.describe}")
             cur = current.get(cur.via) if cur.via else None
-        row["bundle"] = " -> ".join(row["bundle"]) or ("-" if e.action is not Action.PROTECT else "no SA yet")
+        row["bundle"] = " -> ".join(row["bundle"]) or ("-" if e.action is not Action.PROTECT else
+                                                   "no SA yet" if e.peer not in current else "no SA for this pair")
         rows.append(row)
     return rows
 
