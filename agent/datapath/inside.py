@@ -123,7 +123,7 @@ class Inside:
                 # the peer has CHILD_SAs, none for this selector pair (e.g. the peer narrowed,
                 # RFC 7296 §2.9): never through another pair's SA (RFC 4301 §5.1); ask for one
                 k = (e.peer, e.local, e.remote)
-                out.acquire_pair[k] = out.acquire_pair.get(k, 0) + len(lst)
+                acquire[k] = acquire.get(k, 0) + len(lst)
                 continue
             if ch.narrow is not None and not e.name.startswith("child:"):
                 lst = within_child(ch, lst, spd, c, inbound=False)

@@ -496,8 +496,8 @@ class Runtime:
             self._request("unknown-SPI hint", req.unknown_spi, out.unknown_spi, now)
         for peer, n in out.acquire.items():
             self._request(f"acquire({peer})", req.acquire, peer, n, now)
-        for key, n in out.acquire_pair.items():
-            self._request(f"acquire({key[0]})", req.acquire_pair, key, n, now)
+        for ch, remote in out.moved.values():
+            self._request(f"follow({ch.peer})", req.follow, ch, remote, now)
         if out.ike:
             c = self.counters
             if self.awaiting_view:

@@ -81,6 +81,9 @@ class FakeIke:
     def rekey_ike(self, peer_name, now):
         return False
 
+    def follow_peer(self, inbound_spi, remote, now):
+        return False
+
     def hint_unknown_spi(self, remote_addr, now):
         return "ignored"
 
@@ -190,5 +193,6 @@ class ScriptedIke:
     def delete_child(self, inbound_spi, now, reason="deleted locally"): return False
     def rekey_ike(self, peer_name, now): return False
     def hint_unknown_spi(self, remote_addr, now): return "ignored"
+    def follow_peer(self, inbound_spi, remote, now): return False
     def delete_all(self, now): pass
     def status(self): return []
