@@ -133,7 +133,7 @@ class AgentMetrics:
     def take_snapshot(self) -> dict[str, Any]:
         """Numbers only, copied from the runtime (run on the loop thread)."""
         rt = self.rt
-        current = {id(ch) for ch in rt.current.values()}
+        current = {id(ch) for sending in rt.sad.sending.values() for ch in sending}  # every sending SA
         child_states = {"active": 0, "rekeyed": 0}
         present: dict[int, dict[str, int]] = {}
         for spi, ch in rt.children.items():

@@ -3,9 +3,11 @@
 Outbound flow (one TUN batch, ``Inside.process``):
   1. TUN batch read by the loop (``tun.read_batch``)
   2. TCP MSS clamp on SYN / SYN-ACK (``mss_clamp``)
-  3. SPD lookup per packet (RFC 4301 §5.1): PROTECT with an SA -> grouped per SPD
-     entry / CHILD_SA; PROTECT without an SA -> acquire request; DISCARD, BYPASS and
-     no match -> counted drop
+  3. SPD lookup per packet (RFC 4301 §5.1): PROTECT -> grouped per SPD entry, and per
+     group the CHILD_SA whose selectors cover the entry (``Policy.sa_for``; a peer may
+     have several); PROTECT with no SA for the peer -> acquire request, with SAs but none
+     for that selector pair -> acquire for the pair; DISCARD, BYPASS and no match ->
+     counted drop
   4. narrowed-selector check (protocol / ports negotiated, RFC 7296 §2.9)
   5. MTU fit: too big with DF -> ICMP too-big back into the TUN (RFC 4301 §8.2.1)
   6. encapsulate per CHILD_SA, one ``encapsulate_batch`` per group: ESP (tunnel or
@@ -113,10 +115,15 @@ class Inside:
                 c["discard"] += 1  # explicit DISCARD, or BYPASS (nothing to bypass to on a TUN)
         hits = policy.hits
         tun_mtu = policy.tun_mtu
+        sa_for = policy.sa_for
         for e, lst in groups.values():
             hits[e] = hits.get(e, 0) + len(lst)
-            ch = current.get(e.peer)
+            ch = sa_for(e)  # the CHILD_SA whose selectors cover this SPD entry, once per group
             if ch is None:
+                # the peer has CHILD_SAs, none for this selector pair (e.g. the peer narrowed,
+                # RFC 7296 §2.9): never through another pair's SA (RFC 4301 §5.1); ask for one
+                k = (e.peer, e.local, e.remote)
+                acquire[k] = acquire.get(k, 0) + len(lst)
                 continue
             if ch.narrow is not None and not e.name.startswith("child:"):
                 lst = within_child(ch, lst, spd, c, inbound=False)

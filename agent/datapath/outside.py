@@ -76,7 +76,7 @@ class Outside:
                 c["malformed"] += 1
         if esp:
             before = c["unknown_spi"]
-            self.esp_in(esp, None, out)
+            self.esp_in(esp, None, out, srcs=esp_src)
             if c["unknown_spi"] != before:
                 out.unknown_spi += [(p[:4], a) for p, a in zip(esp, esp_src)]
         if ike:
@@ -159,12 +159,13 @@ class Outside:
 
     # -- ESP (RFC 4303) ---------------------------------------------------------
     def esp_in(self, esp: list[bytes], via: str | None, out: Batch, depth: int = 0,
-               ah_peer: str | None = None) -> None:
+               ah_peer: str | None = None, srcs: list | None = None) -> None:
         """Decapsulate ESP packets (RFC 4303 §3.4), check each inner packet against its
         CHILD_SA's selectors (RFC 4301 §5.2) and queue them for the TUN; an inner packet
         that is itself ESP/IKE addressed to us (a nested SA) is processed again here.
         ``via``: the peer whose SA the packets came out of (None: from the underlay);
-        ``ah_peer``: the peer whose AH SA they came out of ("ah+esp" bundles)."""
+        ``ah_peer``: the peer whose AH SA they came out of ("ah+esp" bundles); ``srcs``: the
+        (ip, port) each packet came from (UDP 4500), to notice a rebound NAT mapping."""
         c = self.counters
         c["esp_in"] += len(esp)
         good_all: list[bytes] = []
@@ -175,6 +176,7 @@ class Outside:
         allows = spd.allows_inbound
         nest_in = policy.nest_in
         alive = out.inbound_ike_sas
+        src_set = set(srcs) if srcs else None  # per batch, not per packet
         for ch, lst in sad.demux_esp(esp):
             # "ah+esp": this ESP SA must come out of the same peer's AH SA, and only then
             bad_ah = (ah_peer != ch.peer) if ch.needs_ah else (ah_peer is not None)
@@ -199,6 +201,8 @@ class Outside:
                 out.volume.append((ch, sa))
             if inner:
                 alive.add((ch.ike_spi_i, ch.ike_spi_r))
+                if src_set is not None and ch.udp_encap and ch.remote not in src_set:
+                    self._rebound(ch, lst, esp, srcs, src_set, out)
             # the SPD answer depends on the addresses only: asked once per address pair
             good, bad = pk.filter_inbound(allows, lts, rts, inner)
             if bad:
@@ -215,6 +219,22 @@ class Outside:
                 clamp = policy.clamp
                 good_all = [clamp(p, c) for p in good_all]
             out.tun += good_all
+
+    @staticmethod
+    def _rebound(ch, lst: list[bytes], esp: list[bytes], srcs: list, src_set: set, out: Batch) -> None:
+        """``ch`` authenticated ESP (``lst``), none of it from ``ch.remote``: if it all came from
+        one address, the peer's NAT mapping moved there (RFC 3948, RFC 7296 §2.23); the loop
+        asks IKE whether to follow (``IkeRequests.follow``). Packets from several addresses
+        decide nothing (one of them may be a forgery that failed)."""
+        if len(src_set) == 1:
+            src = next(iter(src_set))
+        else:
+            key = lst[0][:4]
+            from_ = {a for p, a in zip(esp, srcs) if p[:4] == key}
+            if len(from_) != 1:
+                return
+            src = from_.pop()
+        out.moved[ch.inbound_spi] = (ch, tuple(src))
 
     def _peel(self, peer: str, pkts: list[bytes], depth: int, out: Batch) -> list[bytes]:
         """Inner packets of ``peer``'s tunnel that are ESP (raw or in UDP 4500) or IKE for us go

@@ -95,6 +95,8 @@ class Policy:
         self.local_ips: set[str] = {local_address}
         self.nest_in = False
         self._view_spd: list[SpdEntry] = []
+        # SPD entry (by id) -> the CHILD_SA that carries it, None: no SA covers it (``sa_for``)
+        self._sa_of: dict[int, object] = {}
         self._bypass_spd: list[SpdEntry] = bypass_entries(bypass)
 
     # -- SPD ----------------------------------------------------------------
@@ -118,21 +120,38 @@ class Policy:
     def rebuild(self, view: NodeView) -> None:
         """Rebuild the SPD from bypass, CHILD_SA and view entries; then the bundles and MTU."""
         child = []
-        for ch in self.sad.current.values():
-            if ch.narrow is not None:  # protocol / ports negotiated (RFC 7296 §2.9)
-                child.extend(ch.narrow)
-                continue
-            for r in ch.remote_ts:
-                for loc in ch.local_ts:
-                    if loc.version == r.version:
-                        child.append(SpdEntry(local=loc, remote=r, action=Action.PROTECT, peer=ch.peer,
-                                              mode=ch.mode, name=f"child:{ch.peer}"))
+        sa_of: dict[int, object] = {}
+        for sending in self.sad.sending.values():
+            for ch in sending:  # every sending CHILD_SA of the peer, each with its own selectors
+                if ch.narrow is not None:  # protocol / ports negotiated (RFC 7296 §2.9)
+                    mine = list(ch.narrow)
+                else:
+                    mine = [SpdEntry(local=loc, remote=r, action=Action.PROTECT, peer=ch.peer, mode=ch.mode,
+                                     name=f"child:{ch.peer}")
+                            for r in ch.remote_ts for loc in ch.local_ts if loc.version == r.version]
+                for e in mine:
+                    sa_of[id(e)] = ch
+                child += mine
+        self._sa_of = sa_of
         spd = child + self._view_spd
         # Most specific first (remote prefix, then local prefix); stable for equal lengths.
         spd.sort(key=lambda e: (-e.remote.prefixlen, -e.local.prefixlen, e.protocol is None,
                                 e.local_ports is None and e.remote_ports is None))
         self.spd.replace(self._bypass_spd + spd)  # BYPASS first, whatever its prefix length
         self._compute_bundles(view)
+
+    def sa_for(self, e: SpdEntry):
+        """The CHILD_SA that carries PROTECT entry ``e`` (RFC 4301 §5.1): for a CHILD_SA's own
+        entry that SA; for a view entry the peer's newest sending SA whose address selectors
+        cover the whole entry; None when none does (the caller asks for one). Cached per
+        entry until the next ``rebuild``: the packet path asks once per batch group."""
+        sa_of = self._sa_of
+        k = id(e)
+        if k in sa_of:
+            return sa_of[k]
+        ch = next((c for c in self.sad.sending.get(e.peer, ()) if c.covers(e.local, e.remote)), None)
+        sa_of[k] = ch
+        return ch
 
     # -- SA bundles and MTU ------------------------------------------------
     def carrier(self, dst: str, exclude: str | None) -> str | None:
@@ -216,8 +235,9 @@ class Policy:
         for p in view.peers:
             if p.policy.action != "bypass":  # BYPASS traffic keeps the normal routes, in the clear
                 nets.update(p.subnets)
-        for ch in self.sad.current.values():
-            nets.update(ch.remote_ts)  # e.g. a remote host's virtual IP, routed back through its SA
+        for sending in self.sad.sending.values():
+            for ch in sending:
+                nets.update(ch.remote_ts)  # e.g. a remote host's virtual IP, routed back through its SA
         # what we exchange IKE/ESP with in the clear must never be routed into another peer's
         # tunnel: our own address and tunnel-mode peers' endpoints. Not carved out: a
         # transport-mode peer's address (captured on purpose; a host behind a gateway is

@@ -34,6 +34,8 @@ class IkeRequests:
         self._rekey_asked: set[int] = set()
         self._expired_done: set[int] = set()
         self._child_acquired_at: dict[str, float] = {}
+        self._pair_acquired_at: dict[tuple, float] = {}
+        self._follow_asked: dict[tuple, float] = {}
 
     def initiate(self, peer: str, now: float, why: str) -> bool:
         """``ike.initiate`` for one peer; a peer without endpoints or whose initiation fails is
@@ -50,7 +52,11 @@ class IkeRequests:
 
     def acquire(self, peer: str, n: int, now: float) -> None:
         """``n`` packets to ``peer`` found no SA (RFC 4301 §5.1): initiate (idempotent while
-        negotiating) and, with an IKE_SA up, ask for a CHILD_SA."""
+        negotiating) and, with an IKE_SA up, ask for a CHILD_SA. ``peer`` may be a selector
+        pair (peer, local network, remote network): see ``acquire_pair``."""
+        if isinstance(peer, tuple):
+            self.acquire_pair(peer, n, now)
+            return
         vp = self.view().peer(peer)
         if vp is not None and not vp.endpoints:
             # nowhere to send IKE_SA_INIT: counted, not an error (the view may add one later)
@@ -73,6 +79,58 @@ class IkeRequests:
                 self.counters["child_acquires"] = self.counters.get("child_acquires", 0) + 1
         except Exception as exc:
             self.internal_error(f"create_child({peer}) on acquire", exc)
+
+    def acquire_pair(self, key: tuple, n: int, now: float) -> None:
+        """``n`` packets of the SPD entry ``key`` = (peer, local network, remote network) found
+        no CHILD_SA of that peer whose selectors cover the pair (RFC 4301 §5.1: they are never
+        sent through another pair's SA). A pair apart from every CHILD_SA of the peer (e.g.
+        one the peer's narrowing left out, RFC 7296 §2.9) gets its own CREATE_CHILD_SA
+        proposing exactly that pair, at most once per ACQUIRE_CHILD_INTERVAL_S; a pair
+        partly inside an SA's selectors is what the peer narrowed away: dropped (counter
+        ``narrowed``), asking again would get the same answer."""
+        peer, local, remote = key
+        c = self.counters
+        if any(ch.overlaps(local, remote) for ch in self.sad.of_peer(peer)):
+            c["narrowed"] = c.get("narrowed", 0) + n
+            return
+        c["no_sa"] += n
+        asked = self._pair_acquired_at
+        if now - asked.get(key, float("-inf")) < self.ACQUIRE_CHILD_INTERVAL_S:
+            return
+        if len(asked) > 4096:  # bounded: forget the oldest asks
+            for k in sorted(asked, key=asked.get)[:1024]:
+                del asked[k]
+        asked[key] = now
+        try:
+            if self.ike.create_child(peer, now, local_ts=(local,), remote_ts=(remote,)):
+                c["child_acquires"] = c.get("child_acquires", 0) + 1
+                self.log.info("no CHILD_SA with %s carries %s -> %s: asking for one (CREATE_CHILD_SA)",
+                              peer, local, remote)
+            else:
+                self.initiate(peer, now, "acquire")
+        except Exception as exc:
+            self.internal_error(f"create_child({peer}, {local}, {remote}) on acquire", exc)
+
+    FOLLOW_INTERVAL_S = 1.0
+
+    def follow(self, ch: ChildEntry, remote: tuple, now: float) -> None:
+        """ESP that authenticated on ``ch`` came from ``remote``, not ``ch.remote`` (a rebound
+        NAT mapping): ask IKE to follow (``follow_peer``, RFC 7296 §2.23: only a peer behind a
+        NAT, never against PAD bindings); a PeerAddressChanged event then moves the CHILD_SAs.
+        Once per CHILD_SA and address per FOLLOW_INTERVAL_S (a refusal is not asked again
+        for every batch)."""
+        key = (ch.inbound_spi, remote)
+        asked = self._follow_asked
+        if now - asked.get(key, float("-inf")) < self.FOLLOW_INTERVAL_S:
+            return
+        if len(asked) > 1024:
+            asked.clear()
+        asked[key] = now
+        if self.ike.follow_peer(ch.inbound_spi, remote, now):
+            self.counters["esp_followed"] = self.counters.get("esp_followed", 0) + 1
+            self.log.info("authenticated ESP from %s on the CHILD_SA with %s (spi in %08x): its NAT mapping "
+                          "moved from %s:%d; the IKE_SA and its CHILD_SAs follow", f"{remote[0]}:{remote[1]}",
+                          ch.peer, ch.inbound_spi, ch.remote[0], ch.remote[1])
 
     def volume(self, ch: ChildEntry, sa, now: float) -> None:
         """``sa`` (one direction of ``ch``) set needs_rekey: a sequence number or byte/packet

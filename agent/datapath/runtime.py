@@ -9,10 +9,8 @@ sa_events.py (IKE events -> SAD), requests.py (batch requests -> IKE),
 keepalive.py, status.py. Here: the loop (selector, timers, guard, wakeups);
 after each batch it sends what the batch produced and hands its requests to IKE.
 
-Every stage is batch-shaped: a TUN read yields a list of packets, grouped per
-CHILD_SA, encapsulated with one ``encapsulate_batch`` call; received ESP is
-grouped per SPI and ``decapsulate_batch``-ed; each socket gets one ``send_batch``
-per batch. No asyncio in the packet path. Drops are counted
+Every stage is batch-shaped (lists of packets per CHILD_SA, one ``send_batch`` per
+socket per batch). No asyncio in the packet path. Drops are counted
 (``Runtime.counters``), never logged per packet. Neither side calls IKE in the
 middle of a batch: they return requests (acquire, rekey, expire, unknown SPI,
 IKE datagrams) that ``_finish`` hands over afterwards.
@@ -25,7 +23,7 @@ Robustness: every selector callback and timer runs under a guard. An
 unexpected exception is logged once per (callback, exception type, message),
 counted in ``counters["internal_errors"]`` and the loop keeps serving. A TUN
 device that disappears (``ip link del``) is fatal: ``fatal`` says why and the
-loop shuts down cleanly (IKE deletes sent, routes and rules removed).
+loop shuts down cleanly (IKE deletes sent, TUN routes removed; the fail-closed guard stays).
 """
 from __future__ import annotations
 
@@ -498,6 +496,8 @@ class Runtime:
             self._request("unknown-SPI hint", req.unknown_spi, out.unknown_spi, now)
         for peer, n in out.acquire.items():
             self._request(f"acquire({peer})", req.acquire, peer, n, now)
+        for ch, remote in out.moved.values():
+            self._request(f"follow({ch.peer})", req.follow, ch, remote, now)
         if out.ike:
             c = self.counters
             if self.awaiting_view:

@@ -88,7 +88,8 @@ def child_established(rt, ev: ChildSaEstablished, now: float) -> None:
                     mode=mode, udp_encap=ev.udp_encap and not is_ah, algorithms=ev.algorithms,
                     established=now, established_wall=time.time(), protocol="ah" if is_ah else "esp",
                     needs_ah=not is_ah and peer is not None and getattr(peer.policy, "protocol", "") == "ah+esp",
-                    narrow=selector_entries(ev.peer, mode, ev.local_selectors or (), ev.remote_selectors or ()))
+                    narrow=selector_entries(ev.peer, mode, ev.local_selectors or (), ev.remote_selectors or ()),
+                    rekey_of=ev.rekey_of)
     old = rt.sad.lookup(ch.inbound_spi)
     if old is not None:
         # IkeManager allocates inbound SPIs unique on this node (RFC 4301 §4.1): a clash is our
@@ -112,7 +113,7 @@ def child_established(rt, ev: ChildSaEstablished, now: float) -> None:
                 rt.log.error("cannot assign virtual IP %s: %s", vip, exc)
     if ev.rekey_of is not None and not ev.exchange_initiator:
         ch.send_after = ev.rekey_of  # the peer may not have our new inbound SA yet (sent on at its Delete)
-    rt.sad.add(ch)  # newest SA sends; a rekeyed one keeps receiving until deleted
+    rt.sad.add(ch)  # it sends for its selectors; a rekeyed one keeps receiving until deleted
     sas_changed(rt)
     if rt.keylog is not None:
         rt.keylog.child_sa(ev)  # ESP to esp_sa, AH to ah_sa
@@ -120,6 +121,22 @@ def child_established(rt, ev: ChildSaEstablished, now: float) -> None:
                 ch.inbound_spi, ch.outbound_spi, ev.algorithms,
                 ",".join(map(str, ch.local_ts)), ",".join(map(str, ch.remote_ts)),
                 f" (rekey of {ev.rekey_of:08x})" if ev.rekey_of is not None else "")
+    if ev.rekey_of is None and peer is not None and not is_ah:
+        log_narrowed(rt, ch, peer)
+
+
+def log_narrowed(rt, ch: ChildEntry, peer) -> None:
+    """Log the policy's subnet pairs a new CHILD_SA leaves out (the peer narrowed them away,
+    RFC 7296 §2.9, or proposed only some): traffic for them is never sent through this SA
+    (RFC 4301 §5.1); an acquire asks for a CHILD_SA of their own. Without local subnets
+    (a host: its address or virtual IP) there is nothing to compare."""
+    pairs = [(lo, r) for r in peer.subnets for lo in rt.view.subnets if lo.version == r.version]
+    left = [(lo, r) for lo, r in pairs if not ch.covers(lo, r)]
+    if left:
+        rt.log.info("CHILD_SA with %s (spi in %08x) carries only %s -> %s; not through it: %s (each such "
+                    "pair gets a CHILD_SA of its own on demand)", ch.peer, ch.inbound_spi,
+                    ",".join(map(str, ch.local_ts)), ",".join(map(str, ch.remote_ts)),
+                    ", ".join(f"{lo} -> {r}" for lo, r in left))
 
 
 def child_deleted(rt, ev: ChildSaDeleted, now: float) -> None:

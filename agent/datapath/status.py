@@ -9,7 +9,7 @@ import time
 from agent.esp import Action
 
 DROP_REASONS = ("no_sa", "no_policy", "discard", "unknown_spi", "policy", "malformed", "send_errors",
-                "too_big", "no_raw_socket", "nesting_loop", "ah_drops", "no_endpoint", "fragment")
+                "too_big", "no_raw_socket", "nesting_loop", "ah_drops", "no_endpoint", "fragment", "narrowed")
 # IKE packets dropped in controller mode before the first view arrived: expected once or
 # twice at every start (the peer retransmits), so shown apart from the drops
 BEFORE_FIRST_VIEW = "no_view_yet"
@@ -40,8 +40,11 @@ def rekey_command(rt, req: dict) -> dict:
         if cur is None:
             return {"error": f"rekey: no CHILD_SA with {peer} yet (see meshsec status)"}
         spis = []
-        for ch in (cur, cur.ah):
-            if ch is not None and rt.ike.rekey_child(ch.inbound_spi, now):
+        todo = []
+        for s in rt.sad.sending.get(peer, (cur,)):  # every sending CHILD_SA (one per selector set)
+            todo += [x for x in (s, s.ah) if x is not None and x not in todo]
+        for ch in todo:
+            if rt.ike.rekey_child(ch.inbound_spi, now):
                 spis.append(f"{ch.inbound_spi:08x}")
         if not spis:
             return {"error": f"rekey: the CHILD_SA with {peer} is already being rekeyed or its IKE_SA is "
@@ -67,12 +70,14 @@ def _spd_rows(rt) -> list[dict]:
             v = getattr(e, k, None)
             if v is not None:
                 row[k] = v if isinstance(v, (int, str)) else str(v)
-        cur, seen = current.get(e.peer) if e.peer else None, set()
+        cur = rt.policy.sa_for(e) if e.peer and e.action is Action.PROTECT else None
+        seen = set()
         while cur is not None and cur.peer not in seen:  # the SAs applied, innermost first
             seen.add(cur.peer)
             row["bundle"].append(f"{cur.peer}:{cur.describe}")
             cur = current.get(cur.via) if cur.via else None
-        row["bundle"] = " -> ".join(row["bundle"]) or ("-" if e.action is not Action.PROTECT else "no SA yet")
+        row["bundle"] = " -> ".join(row["bundle"]) or ("-" if e.action is not Action.PROTECT else
+                                                   "no SA yet" if e.peer not in current else "no SA for this pair")
         rows.append(row)
     return rows
 

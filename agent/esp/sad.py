@@ -5,10 +5,13 @@ Each row (``ChildEntry``) is one CHILD_SA: both directions' SA objects
 (EspSa/AhSa), its traffic selectors, peer, mode, encapsulation and the SA
 bundle links the policy computes (``via``: the peer whose SA carries our
 output; ``ah``: the AH SA outside an "ah+esp" ESP SA). Rows are found
-inbound by SPI (unique per receiver: we chose it) and outbound by peer: the
-peer's current row, the newest one (``relink``). During a rekey the new row
-sits beside the old one, so both receive until the old one is deleted, while
-sending switches in one step (RFC 7296 §2.8).
+inbound by SPI (unique per receiver: we chose it) and outbound by traffic
+selectors: a peer may have several CHILD_SAs, each carrying only its own
+selectors (RFC 4301 §4.4.1.1, §5.1); ``sending`` lists the ones that send
+(``relink``), ``current`` the newest of them (bundles, MSS, status). During a
+rekey the new row sits beside the old one, so both receive until the old one is
+deleted, while sending of the old one's selectors switches to its successor in
+one step (RFC 7296 §2.8).
 
 Pure: no I/O, no clock (ages are computed from a ``now`` the caller gives).
 """
@@ -56,6 +59,28 @@ class ChildEntry:
     # once that one is gone, because the initiator may not have installed its new inbound SA yet
     send_after: int | None = None
     max_inner: int = 65535  # largest inner packet that fits the underlay MTU through the whole bundle
+    rekey_of: int | None = None  # inbound SPI of the CHILD_SA this one rekeyed (it takes over its selectors)
+
+    @property
+    def selector_key(self) -> tuple:
+        """What the SA carries: its address selectors and narrowed protocol/ports."""
+        return (self.protocol, self.local_ts, self.remote_ts, self.narrow)
+
+    def covers(self, local, remote) -> bool:
+        """Whether every address pair of the networks ``local`` x ``remote`` (outbound view;
+        None = any) lies inside one pair of this SA's address selectors."""
+        if local is None or remote is None:
+            return False
+        lv, rv = local.version, remote.version
+        return (any(n.version == lv and local.subnet_of(n) for n in self.local_ts)
+                and any(n.version == rv and remote.subnet_of(n) for n in self.remote_ts))
+
+    def overlaps(self, local, remote) -> bool:
+        """Whether some address pair of ``local`` x ``remote`` lies inside this SA's selectors."""
+        if local is None or remote is None:
+            return True
+        return (any(n.version == local.version and n.overlaps(local) for n in self.local_ts)
+                and any(n.version == remote.version and n.overlaps(remote) for n in self.remote_ts))
 
     @property
     def describe(self) -> str:
@@ -106,14 +131,16 @@ class ChildEntry:
 
 
 class Sad:
-    """Installed CHILD_SAs: ``children`` (inbound SPI -> ChildEntry, ESP and AH) and
-    ``current`` (peer -> the ChildEntry that sends to it). Only this class writes them.
+    """Installed CHILD_SAs: ``children`` (inbound SPI -> ChildEntry, ESP and AH),
+    ``sending`` (peer -> the ChildEntries that send to it, one per set of selectors, newest
+    first) and ``current`` (peer -> the newest of them). Only this class writes them.
     ``counters``: ``no_sa`` (ESP with an unknown SPI, ``demux_esp``), ``malformed``
     (ESP shorter than its 8-octet header)."""
 
     def __init__(self) -> None:
         self.children: dict[int, ChildEntry] = {}
         self.current: dict[str, ChildEntry] = {}
+        self.sending: dict[str, tuple[ChildEntry, ...]] = {}
         self.counters: dict[str, int] = {"no_sa": 0, "malformed": 0}
 
     def __len__(self) -> int:
@@ -154,20 +181,38 @@ class Sad:
         return [c for c in self.children.values() if c.ike_spi_i == spi_i and c.ike_spi_r == spi_r]
 
     def relink(self, peer: str) -> None:
-        """The SAs that send to ``peer``: the newest ESP one (with the newest AH one outside it
-        for "ah+esp"), or the newest AH one for an AH-only policy."""
-        mine = [c for c in self.of_peer(peer) if c.send_after is None or c.send_after not in self.children]
-        esp = max((c for c in mine if c.protocol == "esp"), key=lambda c: c.established, default=None)
-        ah = max((c for c in mine if c.protocol == "ah"), key=lambda c: c.established, default=None)
+        """The SAs that send to ``peer``: per set of selectors the newest ESP one (with the newest
+        AH one outside it for "ah+esp"), or the newest AH ones for an AH-only policy. A CHILD_SA
+        that was rekeyed (another row names it in ``rekey_of``) no longer sends: its successor
+        carries its selectors (RFC 7296 §2.8)."""
+        rows = self.of_peer(peer)
+        # a successor rekeyed by the peer waits for the old SA's Delete (send_after): the old one
+        # keeps sending until then, because the initiator may not have our new inbound SA yet
+        waiting = {c.inbound_spi for c in rows if c.send_after is not None and c.send_after in self.children}
+        mine = sorted((c for c in rows if c.inbound_spi not in waiting), key=lambda c: c.established, reverse=True)
+        rekeyed = {c.rekey_of for c in mine if c.rekey_of is not None}
+        ah = next((c for c in mine if c.protocol == "ah"), None)
         for c in mine:
             c.ah = None
-        cur = esp or ah
-        if esp is not None and esp.needs_ah:
-            esp.ah = ah
-        if cur is None:
+        kind = "esp" if any(c.protocol == "esp" for c in mine) else "ah"
+        seen: set = set()
+        send = []
+        for c in mine:
+            if c.protocol != kind or c.inbound_spi in rekeyed:
+                continue
+            key = c.selector_key
+            if key in seen:
+                continue  # an older SA for the same selectors (e.g. a duplicate): the newest sends
+            seen.add(key)
+            if c.needs_ah:
+                c.ah = ah
+            send.append(c)
+        if not send:
             self.current.pop(peer, None)
+            self.sending.pop(peer, None)
         else:
-            self.current[peer] = cur
+            self.current[peer] = send[0]
+            self.sending[peer] = tuple(send)
 
     def demux_esp(self, esp_packets: list[bytes]) -> list[tuple[ChildEntry, list[bytes]]]:
         """Group ESP packets (from the SPI on) by inbound ESP CHILD_SA, keeping order per SA.

@@ -829,6 +829,23 @@ class IkeManager:
         self._collect(sa, now)
         return True
 
+    def follow_peer(self, inbound_spi: int, remote: tuple, now: float) -> bool:
+        """ESP that authenticated on the CHILD_SA with this inbound SPI came from ``remote``
+        (ip, port), not from the IKE_SA's peer address: its NAT mapping moved. The IKE_SA
+        follows by the rule it applies to its own authenticated messages (RFC 7296 §2.23:
+        only a peer behind a NAT, and never against PAD ``bind_endpoints``); when it moves,
+        a PeerAddressChanged event moves the UDP-encapsulated CHILD_SAs too. Returns whether
+        it moved; never raises."""
+        sa = self._sa_of_child(inbound_spi)
+        if sa is None or sa.state != State.ESTABLISHED:
+            return False
+        before = tuple(sa.remote)
+        sa._follow_nat(tuple(remote))
+        if tuple(sa.remote) == before:
+            return False
+        self._collect(sa, now)
+        return True
+
     def rekey_ike(self, peer_name: str, now: float) -> bool:
         """Rekey the established IKE_SA with ``peer_name`` (§1.3.2). False if there is none."""
         for sa in self._sas_of(peer_name):

@@ -69,7 +69,7 @@ class FakeIke:
         pass
 
     # requests this toy does not support: answered "not done", as IkeManager does for an unknown SA
-    def create_child(self, peer_name, now):
+    def create_child(self, peer_name, now, local_ts=None, remote_ts=None):
         return False
 
     def rekey_child(self, inbound_spi, now):
@@ -79,6 +79,9 @@ class FakeIke:
         return False
 
     def rekey_ike(self, peer_name, now):
+        return False
+
+    def follow_peer(self, inbound_spi, remote, now):
         return False
 
     def hint_unknown_spi(self, remote_addr, now):
@@ -191,11 +194,12 @@ class ScriptedIke:
     def get_timer(self): return None
     def datagrams_to_send(self): return []
     def next_event(self): return self.events.pop(0) if self.events else None
-    def create_child(self, peer_name, now): return False
+    def create_child(self, peer_name, now, local_ts=None, remote_ts=None): return False
     def rekey_child(self, inbound_spi, now): return False
     def delete_child(self, inbound_spi, now, reason="deleted locally"): return False
     def rekey_ike(self, peer_name, now): return False
     def hint_unknown_spi(self, remote_addr, now): return "ignored"
+    def follow_peer(self, inbound_spi, remote, now): return False
     def delete_all(self, now): pass
     def join(self, now, names=None): return []
     def note_inbound(self, peers_or_spis, now): pass
