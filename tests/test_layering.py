@@ -1,4 +1,4 @@
-"""Layering rules from DESIGN.md, checked on the source (AST, not grep).
+"""Layering rules from docs/design.md, checked on the source (AST, not grep).
 
 - agent.ike and agent.esp are pure: no sockets, asyncio, grpc, clocks or OS
   randomness; they take `now` and an injected `rng`; they never import the
@@ -50,7 +50,7 @@ def test_pure_core_has_no_io(path):
     bad = [f"{path.relative_to(ROOT)}:{ln}: imports {mod}" for ln, mod in imports(path)
            if mod.split(".")[0] in FORBIDDEN_IN_CORE]
     bad += [f"{path.relative_to(ROOT)}:{ln}: reads OS randomness" for ln in os_urandom_calls(path)]
-    assert not bad, "pure core must stay pure (DESIGN.md):\n" + "\n".join(bad)
+    assert not bad, "pure core must stay pure (docs/design.md):\n" + "\n".join(bad)
 
 
 @pytest.mark.parametrize("pkg,others", [("agent", ("controller",)), ("controller", ("agent",)),
