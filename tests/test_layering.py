@@ -188,3 +188,14 @@ def test_modules_stay_small(pkg):
 def test_layering_check_sees_files():
     # guards against the check passing because it looked at nothing
     assert len(list(core_files())) >= 4
+
+
+@pytest.mark.parametrize("mod", ["agent/view_proto.py", "meshsec/defaults.py",
+                                 "meshsec/units.py"])
+def test_conversion_errors_and_shared_parts_do_no_io(mod):
+    # the pieces split out of the controller client stay pure: proto -> model, errors, defaults, units
+    path = ROOT / mod
+    bad = [f"{mod}:{ln}: imports {m}" for ln, m in imports(path)
+           if m.split(".")[0] in FORBIDDEN_IN_CORE | {"os", "grpc"} or m.startswith("agent.control")]
+    assert not bad, "\n".join(bad)
+
