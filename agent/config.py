@@ -57,6 +57,9 @@ from dataclasses import dataclass
 
 import yaml
 
+from meshsec.defaults import MAX_LIFETIME_VOLUME, MIN_LIFETIME_BYTES, MIN_LIFETIME_PACKETS  # noqa: F401 (re-exported)
+from meshsec.units import parse_duration, parse_size  # noqa: F401 (re-exported)
+
 from agent.model import (DEFAULT_ESP_PROPOSALS, DEFAULT_IKE_PROPOSALS, Credentials, NodeView, Peer,
                          PeerPolicy)
 
@@ -278,70 +281,9 @@ _PEER_KEYS = {"name", "identity", "endpoints", "subnets", "psk", "initiate", "ik
               "virtual_ip_pool", "ike_lifetime", "child_lifetime", "fragment_size", "bind_endpoints",
               "child_lifetime_bytes", "child_lifetime_packets", "dpd_interval", "retransmit_timeout",
               "retransmit_base", "retransmit_tries", "init_retransmit_timeout"}
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MIN_LIFETIME_S = 10  # below this a rekey could not finish before the hard limit (retransmits)
-
-
-def parse_duration(value) -> float:
-    """``30s`` / ``15m`` / ``4h`` / ``1d`` / a bare number of seconds -> seconds (float).
-    ValueError naming the value and the accepted forms."""
-    if isinstance(value, bool):
-        raise ValueError(f"{value!r} is not a duration")
-    if isinstance(value, (int, float)):
-        secs = float(value)
-    else:
-        text = str(value).strip().lower()
-        unit = _UNITS.get(text[-1:]) if text else None
-        num = text[:-1] if unit else text
-        try:
-            secs = float(num) * (unit or 1)
-        except ValueError:
-            raise ValueError(f"{value!r} is not a duration; write e.g. 30s, 15m, 4h or 1d") from None
-    if secs < 0 or secs != secs or secs == float("inf"):
-        raise ValueError(f"{value!r} is not a duration; give a non-negative time such as 30s, 15m, 4h")
-    return secs
-
-
-_SIZE_EXP = {"k": 1, "m": 2, "g": 3, "t": 4}
-MAX_LIFETIME_VOLUME = (1 << 64) - 1
-# smallest non-zero volume limits: below these a CHILD_SA would be rekeyed every few packets
-MIN_LIFETIME_BYTES = 65536
-MIN_LIFETIME_PACKETS = 100
-
-
-def parse_size(value) -> int:
-    """A byte or packet count: an integer, or a number with ``k``/``M``/``G``/``T`` (decimal,
-    1000^n) or ``Ki``/``Mi``/``Gi``/``Ti`` (binary, 1024^n), case-insensitive, optional trailing
-    ``B`` (``64k``, ``500M``, ``10G``, ``1.5GiB``); fractions round down. ValueError naming the
-    value and the accepted forms (the same rules as the controller's inventory)."""
-    bad = f"{value!r} is not a count; write a whole number or e.g. 64k, 500M, 10G, 1Gi"
-    if isinstance(value, (bool, float)):
-        raise ValueError(bad)
-    if isinstance(value, int):
-        n = value
-    else:
-        text = str(value).strip().lower()
-        if text.endswith("b"):
-            text = text[:-1].rstrip()
-        binary = text.endswith("i")
-        if binary:
-            text = text[:-1]
-        exp = _SIZE_EXP.get(text[-1:]) if text else None
-        if binary and exp is None:
-            raise ValueError(bad)
-        num = text[:-1].rstrip() if exp else text
-        if not num or not all(c.isdigit() or c == "." for c in num) or num.count(".") > 1 or num[0] == ".":
-            raise ValueError(f"{value!r} is negative" if num.startswith("-") else bad)
-        if "." in num and not exp:
-            raise ValueError(f"{value!r} is not a whole number")
-        whole, _, frac = num.partition(".")
-        scale = (1024 if binary else 1000) ** (exp or 0)
-        n = int(whole) * scale + (int(frac) * scale // 10 ** len(frac) if frac else 0)
-    if n < 0:
-        raise ValueError(f"{value!r} is negative")
-    if n > MAX_LIFETIME_VOLUME:
-        raise ValueError(f"{value!r} is more than 2^64 - 1")
-    return n
+# the duration/size rules and lifetime bounds are shared with the controller's inventory
+# (meshsec.units, meshsec.defaults); re-exported here for the agent's callers
 
 
 def _volume(ctx, p, key, where) -> int:

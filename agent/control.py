@@ -11,17 +11,15 @@ was given (``grpc.ssl_target_name_override``). So agents may reach the
 controller by any IP or DNS name; trust comes from the mesh CA alone, and
 the inventory refuses a node called ``meshsec-controller``.
 
-State directory (created 0700):
-- ``node.key``   PKCS#8 PEM ECDSA P-256 private key, mode 0600, never sent.
-- ``node.crt``   certificate chain PEM, leaf first.
-- ``mesh-ca.pem`` the CA certificates the controller returned (peer trust).
+The control plane's other parts live beside this client and are re-exported
+here: proto -> model conversion (agent.view_proto), the key store in the state
+directory (agent.keystore), the errors (agent.control_errors); status reports
+are agent.status_report.
 """
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import logging
-import os
 import random
 import threading
 import time
@@ -34,16 +32,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from agent.model import Credentials, NodeView, Peer, PeerPolicy
+from agent.control_errors import ControlError, EnrollmentAborted, EnrollmentError
+from agent.keystore import CA_FILE, CERT_FILE, KEY_FILE, RENEW_FRACTION, KeyStore, _cert_identity  # noqa: F401
+from agent.model import Credentials, NodeView
+from agent.view_proto import no_replay_peers, peer_from_proto, policy_from_proto, view_from_proto  # noqa: F401
 from meshsec.v1 import controller_pb2 as pb
 from meshsec.v1 import controller_pb2_grpc as pb_grpc
 
 CONTROLLER_TLS_NAME = "meshsec-controller"
-KEY_FILE = "node.key"
-CERT_FILE = "node.crt"
-CA_FILE = "mesh-ca.pem"
-# Re-enrol once this fraction of the certificate's lifetime has passed.
-RENEW_FRACTION = 2 / 3
 # A node removed from the inventory logs its state at most this often (seconds).
 REMOVED_LOG_S = 60.0
 
@@ -71,29 +67,6 @@ def channel_options(keepalive_time_ms: int = KEEPALIVE_TIME_MS) -> list[tuple[st
 
 _CHANNEL_OPTIONS = channel_options()
 
-_MODE = {pb.MODE_TUNNEL: "tunnel", pb.MODE_TRANSPORT: "transport"}
-_PROTOCOL = {pb.PROTOCOL_ESP: "esp", pb.PROTOCOL_AH: "ah", pb.PROTOCOL_AH_ESP: "ah+esp"}
-_ACTION = {pb.ACTION_PROTECT: "protect", pb.ACTION_BYPASS: "bypass", pb.ACTION_DISCARD: "discard"}
-_ENCAP = {pb.ENCAPSULATION_UDP: "udp", pb.ENCAPSULATION_NONE: "none"}
-
-
-class ControlError(Exception):
-    """A permanent control-plane error (retrying will not help)."""
-
-
-class EnrollmentError(ControlError):
-    """The controller refused enrolment (wrong token, unknown node, bad CSR)
-    or returned an unusable certificate. ``code`` is the gRPC status or None."""
-
-    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class EnrollmentAborted(ControlError):
-    """``enroll(stop=...)`` gave up because ``stop`` was set."""
-
-
 # What grpc reports when the controller's certificate does not verify against our CA.
 _VERIFY_FAILED = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed")
 
@@ -115,134 +88,6 @@ def check_controller_ca(pem: bytes, source: str = "--controller-ca") -> list[x50
     if not cas:
         raise ControlError(f"{source} holds no certificate; give the controller's ca.pem")
     return cas
-
-
-# ---------------------------------------------------------------- proto -> model
-
-def _enum(table: dict[int, str], value: int, default: str, what: str) -> str:
-    if value == 0:
-        return default
-    try:
-        return table[value]
-    except KeyError:
-        raise ValueError(f"unknown {what} {value}") from None
-
-
-def policy_from_proto(p: pb.PeerPolicy) -> PeerPolicy:
-    """Unset enums and empty proposal lists take the model defaults;
-    unknown enum values raise ValueError."""
-    d = PeerPolicy()
-    return PeerPolicy(
-        mode=_enum(_MODE, p.mode, d.mode, "mode"),  # type: ignore[arg-type]
-        protocol=_enum(_PROTOCOL, p.protocol, d.protocol, "protocol"),  # type: ignore[arg-type]
-        encapsulation=_enum(_ENCAP, p.encapsulation, d.encapsulation, "encapsulation"),  # type: ignore[arg-type]
-        ike_proposals=tuple(p.ike_proposals) or d.ike_proposals,
-        esp_proposals=tuple(p.esp_proposals) or d.esp_proposals,
-        ike_lifetime_s=p.ike_lifetime_s,
-        child_lifetime_s=p.child_lifetime_s,
-        dpd_interval_s=p.dpd_interval_s,
-        # 0 is also what an unset field reads as: it means the default, never "off"; only the
-        # explicit allow_no_replay (the inventory's opt-in, logged by the client) turns it off
-        replay_window=p.replay_window or (0 if p.allow_no_replay else d.replay_window),
-        allow_no_replay=p.replay_window == 0 and p.allow_no_replay,
-        action=_enum(_ACTION, p.action, d.action, "action"),  # type: ignore[arg-type]
-        rule=p.rule,
-        child_lifetime_bytes=p.child_lifetime_bytes,
-        child_lifetime_packets=p.child_lifetime_packets,
-    )
-
-
-def peer_from_proto(p: pb.Peer) -> Peer:
-    """ValueError on an empty name or a bad address / network."""
-    if not p.name:
-        raise ValueError("peer without a name")
-    for e in p.endpoints:
-        ipaddress.ip_address(e)
-    return Peer(
-        name=p.name,
-        identity=p.identity or p.name,
-        endpoints=tuple(p.endpoints),
-        subnets=tuple(ipaddress.ip_network(s) for s in p.subnets),
-        policy=policy_from_proto(p.policy),
-        ike_port=p.ike_port or 500,
-        initiate=p.initiate,
-    )
-
-
-def no_replay_peers(view: NodeView) -> list[str]:
-    """Names of the peers whose policy turns anti-replay off (explicit allow_no_replay)."""
-    return [p.name for p in view.peers if p.policy.replay_window == 0 and p.policy.allow_no_replay]
-
-
-def view_from_proto(update: pb.ViewUpdate, previous: NodeView | None = None) -> NodeView:
-    """Apply one ``ViewUpdate`` and return the resulting full NodeView.
-
-    A ``full`` update replaces everything; an incremental one upserts and
-    removes peers of ``previous`` (required: ValueError if None) and adds /
-    drops revoked certificate serials (``NodeView.revoked_serials``). The node's
-    own fields are always taken from the update; ``local_address`` is its
-    first endpoint. Peers are kept sorted by name. Raises ValueError for a
-    malformed update.
-    """
-    if not update.node_name:
-        raise ValueError("view update without node_name")
-    if update.full:
-        peers: dict[str, Peer] = {}
-    else:
-        if previous is None:
-            raise ValueError("incremental view update without a previous view")
-        if previous.name != update.node_name:
-            raise ValueError(f"view update for {update.node_name!r} applied to {previous.name!r}")
-        peers = {p.name: p for p in previous.peers}
-        for name in update.removed_peers:
-            peers.pop(name, None)
-    for p in update.upserted_peers:
-        peer = peer_from_proto(p)
-        peers[peer.name] = peer
-    for e in update.endpoints:
-        ipaddress.ip_address(e)
-    revoked = set() if update.full else set(previous.revoked_serials)
-    revoked -= {_serial(b) for b in update.unrevoked_serials}
-    revoked |= {_serial(b) for b in update.revoked_serials}
-    return NodeView(
-        name=update.node_name,
-        identity=update.identity or update.node_name,
-        subnets=tuple(ipaddress.ip_network(s) for s in update.subnets),
-        peers=tuple(peers[n] for n in sorted(peers)),
-        local_address=update.endpoints[0] if update.endpoints else None,
-        version=update.version,
-        revoked_serials=frozenset(revoked),
-    )
-
-
-def _serial(data: bytes) -> int:
-    # RFC 5280 §4.1.2.2: serial numbers are at most 20 octets
-    if not 1 <= len(data) <= 20:
-        raise ValueError(f"revoked serial of {len(data)} bytes (expected 1..20)")
-    return int.from_bytes(data, "big")
-
-
-# ---------------------------------------------------------------- files
-
-def _write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fchmod(fd, mode)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
-def _cert_identity(cert: x509.Certificate) -> tuple[list[str], list[str]]:
-    cns = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
-    try:
-        dns = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
-            x509.DNSName)
-    except x509.ExtensionNotFound:
-        dns = []
-    return cns, dns
 
 
 def default_watch_address(address: str) -> str:
@@ -299,6 +144,7 @@ class ControllerClient:
         self.state_dir = Path(state_dir)
         self._controller_ca_pem = controller_ca_pem
         self.log = logger or logging.getLogger("meshsec.agent.control")
+        self.keys = KeyStore(self.state_dir, node_name, self.log)
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.rpc_timeout = rpc_timeout
@@ -353,67 +199,14 @@ class ControllerClient:
 
     # ------------------------------------------------------------ enrolment
 
-    def _load_or_create_key(self) -> ec.EllipticCurvePrivateKey:
-        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = self.state_dir / KEY_FILE
-        if path.exists():
-            try:
-                key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-            except (ValueError, TypeError) as e:
-                raise ControlError(f"{path}: not a readable PEM private key ({e}); remove it to re-key") from None
-            if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
-                raise ControlError(f"{path}: not an ECDSA P-256 key; remove it to re-key")
-            if path.stat().st_mode & 0o077:
-                os.chmod(path, 0o600)
-            return key
-        key = ec.generate_private_key(ec.SECP256R1())
-        _write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
-        self.log.info("generated node key %s", path)
-        return key
-
-    def _stored(self, key: ec.EllipticCurvePrivateKey) -> tuple[list, list, float] | None:
-        """(chain, CAs, renewal time) stored for this key and identity, or None."""
-        cert_path, ca_path = self.state_dir / CERT_FILE, self.state_dir / CA_FILE
-        if not cert_path.exists() or not ca_path.exists():
-            return None
-        try:
-            chain = x509.load_pem_x509_certificates(cert_path.read_bytes())
-            cas = x509.load_pem_x509_certificates(ca_path.read_bytes())
-        except ValueError:
-            self.log.warning("ignoring unreadable %s / %s", cert_path, ca_path)
-            return None
-        leaf = chain[0]
-        if leaf.public_key() != key.public_key() or _cert_identity(leaf) != ([self.node_name], [self.node_name]):
-            return None
-        return chain, cas, self._renewal_time(leaf, cert_path.stat().st_mtime)
-
     def _cached(self, key: ec.EllipticCurvePrivateKey, now: float) -> tuple[Credentials, float] | None:
         """Stored credentials if they match the key and identity and are not
         due for renewal; else None."""
-        stored = self._stored(key)
+        stored = self.keys.stored(key)
         if stored is None or now >= stored[2] or self._renew_at == 0.0:
             return None
         chain, cas, renew_at = stored
-        return self._credentials_from(key, chain, cas), renew_at
-
-    @staticmethod
-    def _renewal_time(leaf: x509.Certificate, received: float) -> float:
-        # Measured from when we got it, not notBefore: the CA backdates.
-        start = max(leaf.not_valid_before_utc.timestamp(), received)
-        na = leaf.not_valid_after_utc.timestamp()
-        return start + (na - start) * RENEW_FRACTION
-
-    @staticmethod
-    def _credentials_from(key: ec.EllipticCurvePrivateKey, chain: list[x509.Certificate],
-                          cas: list[x509.Certificate]) -> Credentials:
-        der = serialization.Encoding.DER
-        return Credentials(
-            private_key_pem=key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                              serialization.NoEncryption()),
-            certificate_chain=tuple(c.public_bytes(der) for c in chain),
-            ca_certificates=tuple(c.public_bytes(der) for c in cas),
-        )
+        return self.keys.credentials_from(key, chain, cas), renew_at
 
     def _mtls(self, key_pem: bytes, chain_der) -> grpc.ChannelCredentials:
         pem = serialization.Encoding.PEM
@@ -455,13 +248,11 @@ class ControllerClient:
             raise EnrollmentError(f"controller {self.address} returned a certificate for another key")
         if _cert_identity(chain[0]) != ([self.node_name], [self.node_name]):
             raise EnrollmentError(f"controller {self.address} returned a certificate for another identity")
-        pem = serialization.Encoding.PEM
-        _write_private(self.state_dir / CERT_FILE, b"".join(c.public_bytes(pem) for c in chain), 0o644)
-        _write_private(self.state_dir / CA_FILE, b"".join(c.public_bytes(pem) for c in cas), 0o644)
+        self.keys.save(chain, cas)
         self.log.info("%s as %r at %s; certificate valid until %s", "renewed" if current else "enrolled",
                       self.node_name, self.watch_address if current else self.address,
                       chain[0].not_valid_after_utc.isoformat())
-        return self._credentials_from(key, chain, cas), self._renewal_time(chain[0], time.time())
+        return self.keys.credentials_from(key, chain, cas), self.keys.renewal_time(chain[0], time.time())
 
     def _set_credentials(self, creds: Credentials, renew_at: float) -> Credentials:
         """Adopt credentials; report them through ``on_credentials`` if they
@@ -495,12 +286,12 @@ class ControllerClient:
         CSR: INVALID_ARGUMENT), :class:`ControlError` for an unusable key
         file, :class:`EnrollmentAborted` if ``stop`` gets set.
         """
-        key = self._load_or_create_key()
+        key = self.keys.load_or_create_key()
         cached = self._cached(key, time.time())
         if cached is not None:
             self.log.debug("reusing stored certificate until %s", dt.datetime.fromtimestamp(cached[1]))
             return self._set_credentials(*cached)
-        stored = self._stored(key)
+        stored = self.keys.stored(key)
         renewable = stored is not None
         attempt = 0
         while True:
@@ -688,165 +479,3 @@ class ControllerClient:
                 on_view(self._view)
             except Exception:
                 self.log.exception("on_view failed for the empty view")
-
-
-# ---------------------------------------------------------------- status reports
-
-REPORT_INTERVAL_S = 10.0      # periodic report (the controller may ask for another, 2..300 s)
-REPORT_MIN_INTERVAL_S = 2.0   # reports on change come at most this often
-REPORT_MAX_PEERS = 4096       # the controller refuses larger reports (controller.status)
-
-
-def report_from_rows(node_name: str, status: dict, rows: list[dict], cert_not_after: int) -> pb.StatusReport:
-    """A ``StatusReport`` from ``Runtime.status()`` and ``PeerTracker.peers()`` rows
-    (agent.peerstate); at most REPORT_MAX_PEERS peers, strings cut to 200 characters."""
-    def n(v) -> int:
-        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
-
-    report = pb.StatusReport(
-        node_name=node_name, view_version=n(status.get("view_version")), cert_not_after=n(cert_not_after),
-        tun_mtu=min(n(status.get("tun_mtu")), 2**32 - 1), underlay_mtu=min(n(status.get("underlay_mtu")), 2**32 - 1),
-        uptime_s=float(status.get("uptime_s") or 0.0), view_source=str(status.get("view_source") or "")[:32],
-        local_address=str(status.get("local_address") or "")[:64])
-    for k, v in (status.get("drops") or {}).items():
-        if n(v):
-            report.drops[str(k)[:64]] = v
-    for r in rows[:REPORT_MAX_PEERS]:
-        p = report.peers.add(
-            name=r["name"], state=r["state"], ike_state=r["ike_state"], child_sas=n(r["child_sas"]),
-            last_handshake=n(r["last_handshake"]), last_error=r["last_error"][:200],
-            last_error_at=n(r["last_error_at"]), endpoint=r["endpoint"][:64], bytes_in=n(r["bytes_in"]),
-            bytes_out=n(r["bytes_out"]), packets_in=n(r["packets_in"]), packets_out=n(r["packets_out"]),
-            sa=r["sa"][:32], rule=r["rule"][:64], mtu=min(n(r.get("mtu")), 65535))
-        for k, v in r["drops"].items():
-            if n(v):
-                p.drops[str(k)[:64]] = v
-    return report
-
-
-class StatusReporter:
-    """Sends this node's state to the controller (``ReportStatus`` on the watch
-    port, mutual TLS with the node certificate ``client`` holds): every
-    ``interval`` seconds, and within ``min_interval`` seconds of a change the
-    ``tracker`` (agent.peerstate.PeerTracker) saw. The report is built on the
-    runtime's loop thread (``Runtime.call_soon``); a loop that does not answer
-    within ``timeout`` seconds skips that report.
-
-    :meth:`controller_state` says whether the controller answered the last
-    report (``meshsec status`` shows it). Runs in its own thread
-    (:meth:`run`); never raises out of it."""
-
-    def __init__(self, client: ControllerClient, runtime, tracker, *, interval: float = REPORT_INTERVAL_S,
-                 min_interval: float = REPORT_MIN_INTERVAL_S, timeout: float = 5.0,
-                 logger: logging.Logger | None = None) -> None:
-        self.client = client
-        self.rt = runtime
-        self.tracker = tracker
-        self.interval = interval
-        self.min_interval = min_interval
-        self.timeout = timeout
-        self.log = logger or logging.getLogger("meshsec.agent.report")
-        self._lock = threading.Lock()
-        self.sent = 0
-        self.failed = 0
-        self.last_ok = 0.0          # Unix seconds of the last accepted report
-        self.last_attempt = 0.0
-        self.last_error = ""
-        self.reachable: bool | None = None  # None: not tried yet
-        self._unimplemented_logged = False
-        self._channel: grpc.Channel | None = None
-        self._channel_key: tuple | None = None
-
-    def close(self) -> None:
-        """Close the channel (the next report opens a new one)."""
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
-
-    def controller_state(self) -> dict:
-        """JSON-ready: ``address`` (watch port), ``reachable`` (the last report
-        got an answer: True / False / None before the first), ``last_ok`` (Unix
-        seconds, 0 never), ``error`` (why the last report failed, "" if it did not)."""
-        with self._lock:
-            return {"address": self.client.shown_watch_address, "reachable": self.reachable,
-                    "last_ok": int(self.last_ok), "error": self.last_error, "reports_sent": self.sent}
-
-    def build(self) -> pb.StatusReport | None:
-        """Build the report on the loop thread; None if the loop did not answer in time."""
-        done = threading.Event()
-        box: list = []
-
-        def on_loop() -> None:
-            try:
-                st = self.rt.status()
-                box.append(report_from_rows(self.client.node_name, st, self.tracker.peers(st),
-                                            self.tracker.cert_not_after()))
-            finally:
-                done.set()
-
-        self.rt.call_soon(on_loop)
-        if not done.wait(self.timeout) or not box:
-            return None
-        return box[0]
-
-    def send(self, report: pb.StatusReport) -> bool:
-        """One ReportStatus call; True if the controller accepted it."""
-        creds = self.client._credentials
-        self.last_attempt = time.time()
-        if creds is None or creds.private_key_pem is None:
-            with self._lock:
-                self.last_error, self.reachable = "not enrolled yet", False
-            return False
-        key = (self.client.watch_address, creds.certificate_chain)
-        try:
-            if self._channel is None or self._channel_key != key:  # one channel while it works
-                self.close()
-                channel_creds = self.client._mtls(creds.private_key_pem, creds.certificate_chain)
-                self._channel = grpc.secure_channel(key[0], channel_creds, options=_CHANNEL_OPTIONS)
-                self._channel_key = key
-            resp = pb_grpc.ControllerStub(self._channel).ReportStatus(report, timeout=self.timeout)
-        except grpc.RpcError as e:
-            self.close()  # a fresh channel next time: no reconnect backoff inherited from a dead one
-            code = e.code() if hasattr(e, "code") else None
-            details = e.details() if hasattr(e, "details") else str(e)
-            with self._lock:
-                self.failed += 1
-                # an answer, even a refusal, means the controller is reachable
-                self.reachable = code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-                self.last_error = f"{code.name if code else 'error'}: {details}"[:300]
-            if code == grpc.StatusCode.UNIMPLEMENTED:
-                if not self._unimplemented_logged:
-                    self._unimplemented_logged = True
-                    self.log.warning("controller %s does not take status reports (older version); the mesh "
-                                     "view there will not show this node's tunnels", self.client.watch_address)
-            else:
-                self.log.debug("status report to %s failed: %s", self.client.watch_address, self.last_error)
-            return False
-        with self._lock:
-            self.sent += 1
-            self.last_ok = time.time()
-            self.reachable, self.last_error = True, ""
-            if 2.0 <= resp.report_interval_s <= 300.0:
-                self.interval = resp.report_interval_s
-        return True
-
-    def run(self, stop: threading.Event) -> None:
-        """Report until ``stop`` is set: periodically and on change."""
-        seen = -1
-        next_at = 0.0
-        while not stop.is_set():
-            now = time.monotonic()
-            changed = self.tracker.changes != seen
-            if now >= next_at or changed:
-                seen = self.tracker.changes
-                try:
-                    report = self.build()
-                    if report is not None:
-                        self.send(report)
-                except Exception:  # never out of the thread: the next period tries again
-                    self.log.exception("status report failed")
-                next_at = now + self.interval
-                stop.wait(self.min_interval)
-                continue
-            stop.wait(min(0.5, max(0.0, next_at - now)))
-        self.close()

@@ -561,7 +561,7 @@ def _run(args) -> int:
             threading.Thread(target=use_stored, name="stored-view", daemon=True).start()
         watcher = threading.Thread(target=watch_main, name="controller-watch", daemon=True)
         watcher.start()
-        from agent.control import StatusReporter
+        from agent.status_report import StatusReporter
         reporter = StatusReporter(client, rt, tracker)  # ReportStatus: periodic and on change
         threading.Thread(target=reporter.run, args=(stop_event,), name="status-report", daemon=True).start()
     install_status(control, rt, tracker, reporter)

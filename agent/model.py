@@ -14,17 +14,8 @@ from typing import Literal
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-# strongSwan-style proposal strings; parsed by agent.ike.proposals.
-# Hybrid post-quantum first (RFC 9370: X25519 + ML-KEM-768 in IKE_INTERMEDIATE);
-# the classical proposals after it are the fallback for peers without ML-KEM.
-DEFAULT_IKE_PROPOSALS: tuple[str, ...] = (
-    "aes256gcm16-prfsha384-x25519-ke1_mlkem768",
-    "aes128gcm16-prfsha256-x25519",
-    "aes256gcm16-prfsha256-x25519",
-    "aes128gcm16-prfsha256-ecp256",
-    "aes256gcm16-prfsha256-ecp256",
-)
-DEFAULT_ESP_PROPOSALS: tuple[str, ...] = ("aes128gcm16", "aes256gcm16")
+# one list for agent and controller (meshsec.defaults); re-exported here
+from meshsec.defaults import DEFAULT_ESP_PROPOSALS, DEFAULT_IKE_PROPOSALS  # noqa: E402,F401
 
 
 @dataclass(frozen=True)

@@ -47,13 +47,15 @@ import hashlib
 import ipaddress
 import math
 import re
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from meshsec.defaults import MAX_LIFETIME_VOLUME, MIN_LIFETIME_BYTES, MIN_LIFETIME_PACKETS  # noqa: F401 (re-exported)
+from meshsec.units import parse_duration, parse_size  # noqa: F401 (re-exported)
 
 from controller.proposals import ProposalInvalid, check_child_proposal, check_ike_proposal
 from controller.policy import (
@@ -76,8 +78,6 @@ MAX_REPLAY_WINDOW = 1 << 20
 
 _DNS_NAME = re.compile(r"^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
 _PROPOSAL = re.compile(r"^[a-z0-9_]+(-[a-z0-9_]+)*$")
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 _DEFAULT_KEYS = ("ike_proposals", "esp_proposals", "mode", "protocol", "encapsulation",
                  "ike_lifetime", "child_lifetime", "dpd_interval", "replay_window", "allow_no_replay",
@@ -86,66 +86,8 @@ _RULE_KEYS = ("name", "between", "action") + _DEFAULT_KEYS
 _NODE_KEYS = ("name", "role", "endpoints", "subnets", "join_token", "join_token_sha256")
 
 
-_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*(?:([kmgt])(i?))?b?$", re.IGNORECASE)
-_SIZE_EXP = {"k": 1, "m": 2, "g": 3, "t": 4}
-MAX_LIFETIME_VOLUME = (1 << 64) - 1  # uint64 in PeerPolicy
-# smallest non-zero limits: below these a CHILD_SA would be rekeyed (or die) every few packets
-MIN_LIFETIME_BYTES = 65536
-MIN_LIFETIME_PACKETS = 100
-
-
-def parse_size(text: str | int) -> int:
-    """A byte or packet count: an integer, or a number with a suffix ``k``, ``M``, ``G``, ``T``
-    (decimal: 1000^n, as in 10G = 10 000 000 000) or ``Ki``, ``Mi``, ``Gi``, ``Ti`` (binary: 1024^n),
-    case-insensitive, an optional trailing ``B`` (``64k``, ``500M``, ``1.5GiB``). Fractions are
-    rounded down to a whole count. Raises ValueError for anything else, a negative value or one
-    above 2^64 - 1."""
-    if isinstance(text, bool) or isinstance(text, float):
-        raise ValueError(f"{text!r} is not a count (use a whole number or a suffix like 64k, 500M, 10G, 1Gi)")
-    if isinstance(text, int):
-        value = text
-    else:
-        m = _SIZE.match(str(text).strip())
-        if not m:
-            raise ValueError(f"{text!r} is not a count (use a whole number or a suffix like 64k, 500M, 10G, 1Gi)")
-        num, prefix, binary = m.groups()
-        base = 1024 if binary else 1000
-        if "." in num and not prefix:
-            raise ValueError(f"{text!r} is not a whole number")
-        value = int(Fraction(num) * base ** _SIZE_EXP[prefix.lower()]) if prefix else int(num)
-    if value < 0:
-        raise ValueError(f"{text!r} is negative")
-    if value > MAX_LIFETIME_VOLUME:
-        raise ValueError(f"{text!r} is more than 2^64 - 1")
-    return value
-
-
 class InventoryError(ValueError):
     """The inventory is invalid; ``str()`` is ``FILE:LINE: FIELD: problem``."""
-
-
-def parse_duration(text: str | int | float) -> float:
-    """``"90"``, ``"90s"``, ``"15m"``, ``"4h"``, ``"1d"`` or a number -> seconds.
-    Raises ValueError for anything else or a negative value."""
-    if isinstance(text, bool):
-        raise ValueError(f"{text!r} is not a duration")
-    if isinstance(text, (int, float)):
-        try:
-            value = float(text)
-        except OverflowError:
-            raise ValueError(f"{text!r} is too large for a duration") from None
-        if not math.isfinite(value):
-            raise ValueError(f"{text!r} is not a finite number of seconds")
-    else:
-        m = _DURATION.match(str(text).strip())
-        if not m:
-            raise ValueError(f"{text!r} is not a duration (like 30s, 15m, 4h, 1d or seconds)")
-        value = float(m.group(1)) * _UNITS[m.group(2)]
-        if not math.isfinite(value):
-            raise ValueError(f"{text!r} is too large for a duration")
-    if value < 0:
-        raise ValueError(f"{text!r} is negative")
-    return value
 
 
 class _Parser:

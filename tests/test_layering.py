@@ -1,9 +1,11 @@
-"""Layering rules from DESIGN.md, checked on the source (AST, not grep).
+"""Layering rules from docs/design.md, checked on the source (AST, not grep).
 
 - agent.ike and agent.esp are pure: no sockets, asyncio, grpc, clocks or OS
   randomness; they take `now` and an injected `rng`; they never import the
   I/O shell (agent.datapath, agent.control).
-- agent and controller share only the generated API (meshsec.v1).
+- agent and controller share only the meshsec package: the generated API (meshsec.v1)
+  and the shared defaults and unit parsers (meshsec.defaults, meshsec.units); meshsec
+  itself imports neither side.
 - The datapath's two packet sides (inside, outside) never reach agent.ike, not
   even through another module: they return requests, the loop talks to IKE.
 - No import circle among the agent.datapath modules.
@@ -48,16 +50,32 @@ def test_pure_core_has_no_io(path):
     bad = [f"{path.relative_to(ROOT)}:{ln}: imports {mod}" for ln, mod in imports(path)
            if mod.split(".")[0] in FORBIDDEN_IN_CORE]
     bad += [f"{path.relative_to(ROOT)}:{ln}: reads OS randomness" for ln in os_urandom_calls(path)]
-    assert not bad, "pure core must stay pure (DESIGN.md):\n" + "\n".join(bad)
+    assert not bad, "pure core must stay pure (docs/design.md):\n" + "\n".join(bad)
 
 
-@pytest.mark.parametrize("pkg,other", [("agent", "controller"), ("controller", "agent")])
-def test_agent_and_controller_share_only_the_api(pkg, other):
+@pytest.mark.parametrize("pkg,others", [("agent", ("controller",)), ("controller", ("agent",)),
+                                        ("meshsec", ("agent", "controller"))])
+def test_agent_and_controller_share_only_the_meshsec_package(pkg, others):
+    files = sorted((ROOT / pkg).rglob("*.py"))
+    assert files, f"no sources under {pkg}/"
     bad = []
-    for path in sorted((ROOT / pkg).rglob("*.py")):
+    for path in files:
         bad += [f"{path.relative_to(ROOT)}:{ln}: imports {mod}" for ln, mod in imports(path)
-                if mod.split(".")[0] == other]
+                if mod.split(".")[0] in others]
     assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("path", ["agent/model.py", "controller/policy.py", "agent/config.py",
+                                  "controller/inventory.py"])
+def test_shared_defaults_and_parsers_are_imported_not_rewritten(path):
+    # one home for the proposal defaults and the duration/size rules (meshsec.defaults, .units)
+    tree = ast.parse((ROOT / path).read_text())
+    defined = {t.id for n in ast.walk(tree) if isinstance(n, (ast.Assign, ast.AnnAssign))
+               for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)}
+    defined |= {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+    again = defined & {"DEFAULT_IKE_PROPOSALS", "DEFAULT_ESP_PROPOSALS", "parse_duration", "parse_size",
+                       "MAX_LIFETIME_VOLUME", "MIN_LIFETIME_BYTES", "MIN_LIFETIME_PACKETS"}
+    assert not again, f"{path} defines {sorted(again)} again; import them from meshsec.defaults/units"
 
 
 def module_file(mod: str, root: Path = ROOT) -> Path | None:
@@ -170,3 +188,14 @@ def test_modules_stay_small(pkg):
 def test_layering_check_sees_files():
     # guards against the check passing because it looked at nothing
     assert len(list(core_files())) >= 4
+
+
+@pytest.mark.parametrize("mod", ["agent/view_proto.py", "meshsec/defaults.py",
+                                 "meshsec/units.py"])
+def test_conversion_errors_and_shared_parts_do_no_io(mod):
+    # the pieces split out of the controller client stay pure: proto -> model, errors, defaults, units
+    path = ROOT / mod
+    bad = [f"{mod}:{ln}: imports {m}" for ln, m in imports(path)
+           if m.split(".")[0] in FORBIDDEN_IN_CORE | {"os", "grpc"} or m.startswith("agent.control")]
+    assert not bad, "\n".join(bad)
+

@@ -1,6 +1,6 @@
 """What the runtime does with each IKE event (agent.ike.events): CHILD_SAs are
 installed in and removed from the SAD here, and only here (the IKE side never
-writes the SAD, DESIGN.md). ``HANDLERS`` maps each event class to its handler
+writes the SAD, docs/design.md). ``HANDLERS`` maps each event class to its handler
 ``handler(rt, ev, now)``; ``rt`` is the Runtime, ``now`` its monotonic seconds.
 """
 from __future__ import annotations

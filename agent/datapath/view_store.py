@@ -27,12 +27,12 @@ import os
 import time
 from pathlib import Path
 
+# the files the key store (agent.keystore) keeps in the state directory
+from agent.keystore import CA_FILE, CERT_FILE, KEY_FILE
 from agent.model import Credentials, NodeView, Peer, PeerPolicy
 
 VIEW_FILE = "view.json"
 FORMAT = 1
-# file names agent.control writes into the state directory
-KEY_FILE, CERT_FILE, CA_FILE = "node.key", "node.crt", "mesh-ca.pem"
 
 
 class StoredStateError(Exception):

@@ -13,7 +13,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from agent.control import StatusReporter, report_from_rows
+from agent.status_report import StatusReporter, report_from_rows
 from controller.policy import Inventory, NodeSpec, Rule
 from controller.status import MAX_REPORT_PEERS, MeshStatus, RateLimiter, build_mesh, report_interval, report_to_dict
 from meshsec import cli

@@ -1,5 +1,7 @@
-"""Regression tests for the protocol review (docs/ike-hardening.md "Review fixes"); each one
-failed before its fix. Sans-I/O: two IkeManagers on the in-memory wire of tests/ike/conftest.py."""
+"""Exchange rules of RFC 7296 at the corners (docs/ike-hardening.md "Exchange rules"): crossing
+rekeys, SPI uniqueness, reassembly, NAT rebinding, retransmission digests, unknown selectors and
+critical payloads, nonce sizes, delete with a request outstanding, policy change.
+Sans-I/O: two IkeManagers on the in-memory wire of tests/ike/conftest.py."""
 from __future__ import annotations
 
 from agent.iana import ExchangeType, NotifyType, PayloadType

@@ -1,5 +1,6 @@
-"""Regression tests for the protocol review of the ESP core (docs/datapath.md); each failed
-before its fix. Packets are built with scapy (an implementation we did not write)."""
+"""Checks on the inner packet in the ESP/AH core: transport mode refuses IP fragments (RFC 4303
+§3.3.4), the SPD cache never answers a malformed packet, AH's mutable-field zeroing refuses
+truncated headers. Packets are built with scapy (an implementation we did not write)."""
 from __future__ import annotations
 
 import ipaddress
