@@ -48,6 +48,7 @@ import logging
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _EEXIST, _ESRCH, _ENOENT = 17, 3, 2
+_IFA_F_NODAD = 0x02  # linux/if_addr.h
 
 # Our routing table and fwmark (strongSwan uses table 220 and pref 220; we keep clear of it).
 DEFAULT_TABLE = 4301
@@ -120,6 +121,7 @@ class RouteManager:
         self.guard_table = guard_table if table is not None else None
         self._guarded: set[IPNetwork] = set()
         self._stale: list[dict] | None = None  # rules of a previous run, reconciled after the first sync
+        self._vips: dict[int, str] = {}  # IP version -> our virtual IP (RFC 4301 case 4)
         for cidr in addresses:
             self.add_address(cidr)
         if table is not None:
@@ -201,21 +203,24 @@ class RouteManager:
         """Put ``cidr`` on the device; a virtual IP (RFC 4301 case 4) then becomes the ``src``
         of every route of its family, re-installed here, so our own traffic leaves with it."""
         iface = ipaddress.ip_interface(cidr)
+        # IPv6: no duplicate address detection (IFA_F_NODAD). A tentative address cannot be a
+        # route's src (EINVAL), and DAD means nothing on a point-to-point TUN.
+        flags = {"flags": _IFA_F_NODAD} if iface.version == 6 else {}
         try:
-            self._ipr.addr("add", index=self._idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+            self._ipr.addr("add", index=self._idx, address=str(iface.ip), prefixlen=iface.network.prefixlen,
+                           **flags)
         except Exception as exc:
             if getattr(exc, "code", None) != _EEXIST:
                 raise RouteError(f"cannot add address {cidr} to {self.ifname}: {exc}") from exc
-        vips = self.__dict__.setdefault("_vips", {})
-        if vips.get(iface.version) != str(iface.ip):
-            vips[iface.version] = str(iface.ip)
+        if self._vips.get(iface.version) != str(iface.ip):
+            self._vips[iface.version] = str(iface.ip)
             for net in sorted(self._installed, key=str):
                 if net.version == iface.version:
                     self._add(net)
 
     def _local_src(self, family: int) -> str | None:
         """Our virtual IP, else a host address inside one of our subnets, or None."""
-        vip = self.__dict__.get("_vips", {}).get(family)
+        vip = self._vips.get(family)
         if vip is not None:
             return vip
         nets = [n for n in self.own_subnets if n.version == family]

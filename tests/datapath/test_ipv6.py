@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -140,3 +141,36 @@ def test_ipv6_addresses_in_the_config_are_canonical():
 def test_virtual_ip_family_follows_the_gateways_subnets(subnets, want):
     view, _c, _s = parse_config(CONFIG % subnets)
     assert view.peers[0].policy.request_virtual_ip == want
+
+
+_VIP_STEP = r"""
+import ipaddress, logging, subprocess, sys
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+from agent.datapath.tun import TunDevice
+from agent.datapath.routes import RouteManager
+tun = TunDevice("msv0", 1400)
+rm = RouteManager(tun.name, (), table=4301, mark=0x4301, rule_priority=4300)
+rm.sync({ipaddress.ip_network("fd00:2::/64")})
+rm.add_address("fd00:99::1/128")  # the virtual IP a gateway assigned by CP (RFC 4301 case 4)
+print(subprocess.run(["ip", "-6", "route", "show", "table", "4301"], capture_output=True, text=True).stdout)
+rm.remove_all(); rm.close(); tun.close()
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip") or not os.path.exists("/dev/net/tun"),
+                    reason="needs root, iproute2 and /dev/net/tun")
+def test_ipv6_virtual_ip_becomes_the_route_source_at_once(tmp_path):
+    """An IPv6 virtual IP goes on the TUN without duplicate address detection, so the routes
+    re-installed with it as src succeed at once (a tentative address as src is EINVAL: the
+    remote host's routes were lost and nothing reached the site)."""
+    ns = f"msvip-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=0"], check=True)
+        res = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", _VIP_STEP], capture_output=True,
+                             text=True, timeout=60, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+        assert res.returncode == 0, res.stderr
+        assert "cannot add route" not in res.stderr, res.stderr
+        assert "fd00:2::/64 dev msv0" in res.stdout and "src fd00:99::1" in res.stdout, res.stdout
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
