@@ -203,8 +203,7 @@ class RouteManager:
         """Put ``cidr`` on the device; a virtual IP (RFC 4301 case 4) then becomes the ``src``
         of every route of its family, re-installed here, so our own traffic leaves with it."""
         iface = ipaddress.ip_interface(cidr)
-        # IPv6: no duplicate address detection (IFA_F_NODAD). A tentative address cannot be a
-        # route's src (EINVAL), and DAD means nothing on a point-to-point TUN.
+        # IPv6 without DAD: a tentative address as a route's src is EINVAL; a TUN has no neighbours
         flags = {"flags": _IFA_F_NODAD} if iface.version == 6 else {}
         try:
             self._ipr.addr("add", index=self._idx, address=str(iface.ip), prefixlen=iface.network.prefixlen,
