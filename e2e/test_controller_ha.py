@@ -92,7 +92,8 @@ class Ha:
         self.ctl[name] = self.m.topo.spawn(self.ns[name], [
             venv_bin("meshsec-controller"), "--inventory", str(self.m.workdir / "inventory.yaml"),
             "--state-dir", str(self.m.workdir / f"state-{name}"), "--listen", f"{ip}:7443",
-            "--server-name", ip, "--etcd-endpoints", self.endpoints, "--etcd-lease-ttl", str(LEASE_TTL),
+            "--server-name", ip, "--etcd-endpoints", self.endpoints, "--etcd-allow-plain-http",
+            "--etcd-lease-ttl", str(LEASE_TTL),
             "--replica-id", name, "--metrics-listen", f"{ip}:9100"], self.m.workdir / f"controller-{name}.log")
         wait_until(lambda: self.metrics(name).get("meshsec_controller_view_version", 0) >= 1
                    or self._check_alive(name), 30, what=f"controller {name} serving")
