@@ -277,3 +277,19 @@ def test_psk_weakness_rule():
     assert psk_weakness(b"correct horse battery staple") is None
     assert "15 characters" in psk_weakness(b"0123456789abcde")
     assert "repeated" in psk_weakness(b"abcdefabcdefabcdef")
+
+
+def test_controller_hands_out_no_psk():
+    """The PSK rule needs no twin on the controller side: its wire format has no field that
+    could carry a pre-shared key (nodes it enrols authenticate with certificates), and its
+    inventory refuses a psk key anywhere."""
+    from controller.inventory import InventoryError, parse_inventory
+    from meshsec.v1 import controller_pb2 as pb
+
+    for msg in pb.DESCRIPTOR.message_types_by_name.values():
+        assert not [f.name for f in msg.fields if "psk" in f.name or "secret" in f.name], msg.name
+    node = "nodes:\n  - name: a\n    role: host\n    endpoints: [198.51.100.1]\n    join_token: 0123456789abcdefgh\n"
+    for text, where in ((node + "    psk: x\n", r"nodes\[0\].psk: unknown key"),
+                        ("defaults:\n  psk: x\n" + node, "defaults.psk: unknown key")):
+        with pytest.raises(InventoryError, match=where):
+            parse_inventory(text, "i.yaml")
