@@ -136,8 +136,8 @@ class EtcdTls:
                 ctx.load_verify_locations(cafile=cacert)
             except (OSError, ssl.SSLError) as e:
                 raise ValueError(f"--etcd-cacert {cacert}: cannot load a PEM CA certificate from it "
-                                 f"({getattr(e, 'strerror', None) or e}); give etcd's CA (its --trusted-ca-file "
-                                 "signs clients, the CA of its --cert-file is what we need)") from None
+                                 f"({getattr(e, 'strerror', None) or e}); give the PEM CA certificate that "
+                                 "signed etcd's --cert-file") from None
         if cert is not None:
             try:
                 ctx.load_cert_chain(cert, key)
@@ -191,9 +191,12 @@ def check_plain_http(endpoints: list[str], allow: bool, log: logging.Logger | No
 
 
 class EtcdClient:
-    """A small etcd v3 client over the JSON gateway; thread-safe (one HTTP
-    connection per call). Fails over between ``endpoints`` on connection
-    errors; ``timeout`` (seconds) bounds each request."""
+    """A small etcd v3 client over the JSON gateway; thread-safe (one HTTP(S)
+    connection per call). ``endpoints``: from :func:`parse_endpoints` (a bare
+    ``host:port`` is plain HTTP); ``tls``: :class:`EtcdTls` for ``https://``
+    ones (default: the system trust store, no client certificate). Fails over
+    between ``endpoints`` on connection and TLS errors (the TLS ones explained
+    by :meth:`EtcdTls.explain`); ``timeout`` (seconds) bounds each request."""
 
     def __init__(self, endpoints: list[str], *, timeout: float = 3.0, tls: EtcdTls | None = None,
                  logger: logging.Logger | None = None) -> None:
