@@ -6,13 +6,13 @@ Format (keys not listed are an error)::
     local_address: 198.51.100.1     # underlay address; IKE and ESP-in-UDP bind here
     subnets: [10.1.0.0/24]          # networks behind this node (may be empty)
     tun: {name: meshsec0, mtu: 1400, address: 10.200.9.1/32}   # all optional
-    auth: {psk: "secret"}           # or {psk_file: PATH} or {key: PATH, cert: PATH, ca: PATH}
+    auth: {psk: "long random key"}  # >= 16 chars, varied; or {psk_file: PATH} or {key: PATH, cert: PATH, ca: PATH}
     peers:
       - name: gw-b
         identity: gw-b              # default: name
         endpoints: [198.51.100.2]
         subnets: [10.2.0.0/24]
-        psk: "per-peer secret"      # optional, overrides auth.psk
+        psk: "per-peer random key"  # optional, overrides auth.psk (same strength rules)
         initiate: true              # default: our name sorts lower than the peer's
         ike_proposals: [aes128gcm16-prfsha256-x25519]
         esp_proposals: [aes128gcm16]
@@ -228,11 +228,42 @@ def _read_file(ctx, line, field, path) -> bytes:
                       "(relative paths are relative to the config file)")
 
 
+MIN_PSK_LENGTH = 16  # characters (octets); the controller's join tokens follow the same floor
+MIN_PSK_DISTINCT = 6  # different characters; 16 random hex digits have fewer about 4 times in 10^5
+
+
+def psk_weakness(psk: bytes) -> str | None:
+    """Why ``psk`` is too weak for IKEv2 PSK authentication (RFC 7296 §2.15: a key that is
+    not random enough falls to an offline dictionary attack on one IKE_AUTH), or None.
+
+    Weak: shorter than MIN_PSK_LENGTH octets, fewer than MIN_PSK_DISTINCT different octets,
+    or one shorter string repeated ("abcabcabc..."). The message never contains the key."""
+    if len(psk) < MIN_PSK_LENGTH:
+        return f"the pre-shared key is {len(psk)} characters long; use at least {MIN_PSK_LENGTH}"
+    distinct = len(set(psk))
+    if distinct < MIN_PSK_DISTINCT:
+        return f"the pre-shared key has only {distinct} different characters; use at least {MIN_PSK_DISTINCT}"
+    if psk in (psk + psk)[1:-1]:
+        return "the pre-shared key is one shorter string repeated"
+    return None
+
+
+_PSK_ADVICE = ("; give a long random string, e.g. the output of `head -c 24 /dev/urandom | base64` "
+               "(or authenticate with certificates: auth: {key, cert, ca})")
+
+
 def _psk_bytes(ctx, line, field, value) -> bytes:
     b = value.encode() if isinstance(value, str) else None
     if not b:
         raise ctx.err(line, field, "the pre-shared key is empty; give a long random string")
-    return b
+    return _strong_psk(ctx, line, field, b)
+
+
+def _strong_psk(ctx, line, field, psk: bytes) -> bytes:
+    why = psk_weakness(psk)
+    if why is not None:
+        raise ctx.err(line, field, why + _PSK_ADVICE)
+    return psk
 
 
 def _credentials(ctx, m) -> Credentials:
@@ -252,7 +283,7 @@ def _credentials(ctx, m) -> Credentials:
         data = _read_file(ctx, _line(a, "psk_file"), "auth.psk_file", path).strip()
         if not data:
             raise ctx.err(_line(a, "psk_file"), "auth.psk_file", f"{path!r} is empty; put the key in it")
-        return Credentials(psk=data)
+        return Credentials(psk=_strong_psk(ctx, _line(a, "psk_file"), "auth.psk_file", data))
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.serialization import Encoding

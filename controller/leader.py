@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Callable
 
-from controller.store_etcd import EtcdClient, EtcdError, _b64, _cmp_absent
+from controller.store_etcd import EtcdClient, EtcdError, EtcdTls, _b64, _cmp_absent
 
 
 def default_replica_id() -> str:
@@ -154,12 +154,13 @@ class LeaderElector:
 class HaConfig:
     """``meshsec-controller --etcd-endpoints``: state in etcd, leader election.
 
-    ``endpoints``: ``host:port`` list (:func:`controller.store_etcd.parse_endpoints`);
+    ``endpoints``: URLs (:func:`controller.store_etcd.parse_endpoints`);
     ``prefix``: key prefix; ``ttl``: lease seconds; ``replica_id``: this
-    replica's name (default hostname-pid)."""
+    replica's name (default hostname-pid); ``tls``: :class:`EtcdTls` for
+    ``https://`` endpoints (None: the system trust store, no client certificate)."""
 
     def __init__(self, endpoints: list[str], *, prefix: str = "/meshsec/", ttl: int = 10,
-                 replica_id: str | None = None, timeout: float = 3.0) -> None:
+                 replica_id: str | None = None, timeout: float = 3.0, tls: EtcdTls | None = None) -> None:
         if ttl < 2:
             raise ValueError(f"--etcd-lease-ttl {ttl}: use at least 2 seconds")
         self.endpoints = endpoints
@@ -167,6 +168,23 @@ class HaConfig:
         self.ttl = ttl
         self.replica_id = replica_id or default_replica_id()
         self.timeout = timeout
+        self.tls = tls
+
+    @classmethod
+    def from_args(cls, args, log: logging.Logger | None = None) -> "HaConfig":
+        """From ``meshsec-controller``'s flags (``--etcd-*``, ``--replica-id``); ValueError
+        naming the flag. Plain ``http://`` to a non-loopback etcd needs
+        ``--etcd-allow-plain-http`` (logged)."""
+        from controller.store_etcd import check_plain_http, parse_endpoints
+
+        endpoints = parse_endpoints(args.etcd_endpoints)
+        https = endpoints[0].startswith("https://")
+        given = [f for f in ("etcd_cacert", "etcd_cert", "etcd_key") if getattr(args, f, None)]
+        if given and not https:
+            raise ValueError(f"--{given[0].replace('_', '-')} needs https:// --etcd-endpoints")
+        check_plain_http(endpoints, getattr(args, "etcd_allow_plain_http", False), log)
+        tls = EtcdTls(args.etcd_cacert, args.etcd_cert, args.etcd_key) if https else None
+        return cls(endpoints, prefix=args.etcd_prefix, ttl=args.etcd_lease_ttl, replica_id=args.replica_id, tls=tls)
 
     def replica(self, server) -> "Replica":
         return Replica(self, server)
@@ -182,7 +200,7 @@ class Replica:
         self.cfg = cfg
         self.server = server
         self.log = server.log.getChild("ha")
-        self.client = EtcdClient(cfg.endpoints, timeout=cfg.timeout, logger=self.log)
+        self.client = EtcdClient(cfg.endpoints, timeout=cfg.timeout, tls=cfg.tls, logger=self.log)
         self.store = EtcdStore(self.client, cfg.prefix)
         self.store.current_version()  # fail early (EtcdError) if etcd is unreachable
         # a replica's view writes hold only while the leader key carries its id

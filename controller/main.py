@@ -62,8 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
                            "repair it every minute), for the agents to mount; needs get and patch on it only")
     ha = p.add_argument_group("high availability (docs/ha.md)")
     ha.add_argument("--etcd-endpoints", metavar="URL[,URL...]",
-                    help="keep state in etcd (http://HOST:PORT, comma-separated) instead of SQLite under "
+                    help="keep state in etcd (https://HOST:PORT, comma-separated) instead of SQLite under "
                          "--state-dir; replicas elect a leader on an etcd lease")
+    ha.add_argument("--etcd-cacert", metavar="FILE",
+                    help="PEM CA that signed etcd's server certificate (default: the system trust store)")
+    ha.add_argument("--etcd-cert", metavar="FILE", help="PEM client certificate for etcd's --client-cert-auth")
+    ha.add_argument("--etcd-key", metavar="FILE", help="unencrypted PEM key of --etcd-cert")
+    ha.add_argument("--etcd-allow-plain-http", action="store_true",
+                    help="allow http:// to a non-loopback etcd (logged): the CA private key then crosses the "
+                         "network in the clear")
     ha.add_argument("--etcd-prefix", default="/meshsec/", help="etcd key prefix (default: %(default)s)")
     ha.add_argument("--etcd-lease-ttl", type=int, default=10, metavar="SECONDS",
                     help="leader lease: a dead leader is replaced within about this time (default: %(default)s)")
@@ -166,9 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         ha = None
         if args.etcd_endpoints:
             from controller.leader import HaConfig
-            from controller.store_etcd import parse_endpoints
-            ha = HaConfig(parse_endpoints(args.etcd_endpoints), prefix=args.etcd_prefix, ttl=args.etcd_lease_ttl,
-                          replica_id=args.replica_id)
+            ha = HaConfig.from_args(args, log)
+        else:
+            for flag in ("etcd_cacert", "etcd_cert", "etcd_key", "etcd_allow_plain_http"):
+                if getattr(args, flag):
+                    raise ValueError(f"--{flag.replace('_', '-')} needs --etcd-endpoints")
         from controller.metrics import split_hostport
         for flag in ("metrics_listen", "health_listen"):
             if getattr(args, flag) is not None:

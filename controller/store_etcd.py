@@ -2,10 +2,12 @@
 
 Talks to etcd through its JSON gRPC gateway (``/v3/kv/range``, ``/v3/kv/put``,
 ``/v3/kv/txn``, ``/v3/kv/deleterange``, ``/v3/lease/grant``,
-``/v3/lease/keepalive``, ``/v3/lease/revoke``, ``/v3/watch``) over HTTP with
-the standard library: the maintained Python etcd v3 clients ship protobuf
-code generated for protobuf 3.x that does not import under our protobuf 7
-(docs/ha.md). Keys and values are base64 in the gateway's JSON.
+``/v3/lease/keepalive``, ``/v3/lease/revoke``, ``/v3/watch``) over HTTPS (server
+verified against ``--etcd-cacert``, client certificate ``--etcd-cert`` /
+``--etcd-key``) or, on loopback or with an explicit opt-out, plain HTTP, with
+the standard library (``http.client``, ``ssl``): the maintained Python etcd v3
+clients ship protobuf code generated for protobuf 3.x that does not import
+under our protobuf 7 (docs/ha.md). Keys and values are base64 in the gateway's JSON.
 
 Key layout under ``prefix`` (default ``/meshsec/``)::
 
@@ -26,9 +28,11 @@ from __future__ import annotations
 
 import base64
 import http.client
+import ipaddress
 import json
 import logging
 import socket
+import ssl
 import threading
 import time
 from typing import Callable, Iterator
@@ -70,39 +74,157 @@ def prefix_end(key: bytes) -> bytes:
 
 
 def parse_endpoints(text: str) -> list[str]:
-    """``http://h:2379[,http://h2:2379]`` -> list of ``host:port``.
+    """``https://h:2379[,https://h2:2379]`` -> normalised URLs ``scheme://host:port``
+    (IPv6 hosts in brackets; a bare ``host:port`` is ``http://``).
 
-    ValueError naming the bad entry (only plain http is supported: run etcd
-    on a private network or loopback, see docs/ha.md).
-    """
+    ValueError naming the bad entry; every entry must use the same scheme."""
     out = []
     for raw in text.split(","):
         raw = raw.strip()
         if not raw:
             continue
         u = urlsplit(raw if "://" in raw else "http://" + raw)
-        if u.scheme != "http" or not u.hostname or u.port is None or u.path not in ("", "/"):
-            raise ValueError(f"--etcd-endpoints entry {raw!r} is not http://HOST:PORT")
+        if u.scheme not in ("http", "https") or not u.hostname or u.port is None or u.path not in ("", "/"):
+            raise ValueError(f"--etcd-endpoints entry {raw!r} is not https://HOST:PORT (or http://HOST:PORT)")
         host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
-        out.append(f"{host}:{u.port}")
+        out.append(f"{u.scheme}://{host}:{u.port}")
     if not out:
-        raise ValueError("--etcd-endpoints is empty; give http://HOST:PORT[,http://HOST:PORT...]")
+        raise ValueError("--etcd-endpoints is empty; give https://HOST:PORT[,https://HOST:PORT...]")
+    if len({e.split("://")[0] for e in out}) > 1:
+        raise ValueError("--etcd-endpoints mixes http:// and https://; use https:// for every member")
     return out
 
 
-class EtcdClient:
-    """A small etcd v3 client over the JSON gateway; thread-safe (one HTTP
-    connection per call). Fails over between ``endpoints`` on connection
-    errors; ``timeout`` (seconds) bounds each request."""
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an IP, IPv6 with or without brackets) is this machine."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a DNS name: it may resolve anywhere
 
-    def __init__(self, endpoints: list[str], *, timeout: float = 3.0,
+
+def _split(ep: str) -> tuple[str, str, int]:
+    """(scheme, host without brackets, port) of ``[scheme://]host:port``."""
+    scheme, _, rest = ep.rpartition("://")
+    host, _, port = rest.rpartition(":")
+    return scheme or "http", host.strip("[]"), int(port)
+
+
+class EtcdTls:
+    """TLS to etcd (``--etcd-cacert``, ``--etcd-cert``, ``--etcd-key``; docs/ha.md).
+
+    ``cacert``: PEM CA bundle that signed etcd's server certificate (None: the
+    system's trust store); ``cert`` / ``key``: PEM client certificate and its
+    unencrypted key, for etcd's ``--client-cert-auth`` (both or neither). The
+    server's certificate must name the endpoint's host (DNS or IP SAN). Raises
+    ValueError naming the flag when a file is missing or unusable."""
+
+    def __init__(self, cacert: str | None = None, cert: str | None = None, key: str | None = None) -> None:
+        if (cert is None) != (key is None):
+            raise ValueError("give --etcd-cert and --etcd-key together (the client certificate and its key)")
+        self.cacert, self.cert, self.key = cacert, cert, key
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=None) if cacert is None \
+            else ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.check_hostname = True
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        if cacert is not None:
+            try:
+                ctx.load_verify_locations(cafile=cacert)
+            except (OSError, ssl.SSLError) as e:
+                raise ValueError(f"--etcd-cacert {cacert}: cannot load a PEM CA certificate from it "
+                                 f"({getattr(e, 'strerror', None) or e}); give the PEM CA certificate that "
+                                 "signed etcd's --cert-file") from None
+        if cert is not None:
+            try:
+                ctx.load_cert_chain(cert, key)
+            except (OSError, ssl.SSLError) as e:
+                raise ValueError(f"--etcd-cert {cert} / --etcd-key {key}: cannot load the client certificate and "
+                                 f"its key ({getattr(e, 'strerror', None) or e}); give PEM files, the key unencrypted "
+                                 "and matching the certificate") from None
+        self.context = ctx
+
+    def __repr__(self) -> str:
+        return f"EtcdTls(cacert={self.cacert!r}, cert={self.cert!r})"
+
+    def explain(self, ep: str, e: BaseException) -> str:
+        """A TLS failure against ``ep`` as a sentence naming the flag to fix."""
+        host = _split(ep)[1]
+        if isinstance(e, ssl.SSLCertVerificationError):
+            if e.verify_code == 62 or "hostname" in str(e.verify_message).lower() \
+                    or "IP address mismatch" in str(e.verify_message):
+                return (f"TLS: etcd's certificate does not name {host!r} ({e.verify_message}); use a host its "
+                        "certificate names (DNS or IP SAN) in --etcd-endpoints")
+            ca = f"--etcd-cacert {self.cacert}" if self.cacert else "the system trust store (no --etcd-cacert)"
+            return (f"TLS: etcd's certificate is not trusted by {ca} ({e.verify_message}); "
+                    "give the CA that signed etcd's --cert-file with --etcd-cacert")
+        text = str(e)
+        # etcd (Go) ends the handshake with an alert or just closes it when it refuses the client
+        refused = any(w in text for w in ("CERTIFICATE_REQUIRED", "HANDSHAKE_FAILURE", "BAD_CERTIFICATE",
+                                          "UNKNOWN_CA", "CERTIFICATE_UNKNOWN", "EOF")) or "reset" in text.lower()
+        if refused and self.cert is None:
+            return (f"TLS: etcd refused the connection without a client certificate ({text}); etcd runs with "
+                    "--client-cert-auth: give --etcd-cert and --etcd-key")
+        if refused:
+            return (f"TLS: etcd refused our client certificate --etcd-cert {self.cert} ({text}); it must be "
+                    "signed by a CA in etcd's --trusted-ca-file")
+        return f"TLS: {text}"
+
+
+def check_plain_http(endpoints: list[str], allow: bool, log: logging.Logger | None = None) -> None:
+    """Refuse ``http://`` to a non-loopback etcd (the CA private key would cross the network
+    in the clear) unless ``allow`` (``--etcd-allow-plain-http``), which is logged."""
+    plain = [ep for ep in endpoints if _split(ep)[0] == "http" and not is_loopback(_split(ep)[1])]
+    if not plain:
+        return
+    if not allow:
+        raise ValueError(f"--etcd-endpoints {','.join(plain)}: plain HTTP to a non-loopback etcd would carry the "
+                         "CA private key and join-token use in the clear; use https:// with --etcd-cacert, "
+                         "--etcd-cert and --etcd-key (docs/ha.md), or, on a network you trust, "
+                         "--etcd-allow-plain-http")
+    (log or logging.getLogger("meshsec.controller.etcd")).warning(
+        "--etcd-allow-plain-http: talking to etcd %s over plain HTTP; the CA private key crosses the network "
+        "in the clear", ",".join(plain))
+
+
+class EtcdClient:
+    """A small etcd v3 client over the JSON gateway; thread-safe (one HTTP(S)
+    connection per call). ``endpoints``: from :func:`parse_endpoints` (a bare
+    ``host:port`` is plain HTTP); ``tls``: :class:`EtcdTls` for ``https://``
+    ones (default: the system trust store, no client certificate). Fails over
+    between ``endpoints`` on connection and TLS errors (the TLS ones explained
+    by :meth:`EtcdTls.explain`); ``timeout`` (seconds) bounds each request."""
+
+    def __init__(self, endpoints: list[str], *, timeout: float = 3.0, tls: EtcdTls | None = None,
                  logger: logging.Logger | None = None) -> None:
         if not endpoints:
             raise ValueError("no etcd endpoints")
+        schemes = {_split(ep)[0] for ep in endpoints}
+        if tls is not None and schemes != {"https"}:
+            raise ValueError("--etcd-cacert/--etcd-cert/--etcd-key need https:// --etcd-endpoints")
+        if "https" in schemes and tls is None:
+            tls = EtcdTls()  # verify against the system trust store, no client certificate
         self.endpoints = list(endpoints)
         self.timeout = timeout
+        self.tls = tls
         self._preferred = 0
         self.log = logger or logging.getLogger("meshsec.controller.etcd")
+
+    def _connect(self, ep: str, timeout: float) -> http.client.HTTPConnection:
+        scheme, host, port = _split(ep)
+        if scheme == "https":
+            return http.client.HTTPSConnection(host, port, timeout=timeout, context=self.tls.context)
+        return http.client.HTTPConnection(host, port, timeout=timeout)
+
+    def _why(self, ep: str, e: BaseException) -> str:
+        if isinstance(e, ssl.SSLError) and self.tls is not None:
+            return f"{ep}: {self.tls.explain(ep, e)}"
+        if isinstance(e, ConnectionResetError) and self.tls is not None:
+            return f"{ep}: {self.tls.explain(ep, e)}"
+        return f"{ep}: {e}"
 
     def __repr__(self) -> str:
         return f"EtcdClient({self.endpoints!r})"
@@ -114,14 +236,13 @@ class EtcdClient:
         for i in range(n):
             idx = (self._preferred + i) % n
             ep = self.endpoints[idx]
-            host, _, port = ep.rpartition(":")
-            conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=self.timeout)
+            conn = self._connect(ep, self.timeout)
             try:
                 conn.request("POST", "/v3/" + path, json.dumps(body), {"Content-Type": "application/json"})
                 resp = conn.getresponse()
                 data = resp.read()
             except (OSError, http.client.HTTPException) as e:
-                errors.append(f"{ep}: {e}")
+                errors.append(self._why(ep, e))
                 continue
             finally:
                 conn.close()
@@ -189,15 +310,14 @@ class EtcdClient:
         errors = []
         for i in range(len(self.endpoints)):
             ep = self.endpoints[(self._preferred + i) % len(self.endpoints)]
-            host, _, port = ep.rpartition(":")
-            conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=idle_timeout)
+            conn = self._connect(ep, idle_timeout)
             body = {"create_request": {"key": _b64(key), "range_end": _b64(prefix_end(key)),
                                        "start_revision": str(start_revision)}}
             try:
                 conn.request("POST", "/v3/watch", json.dumps(body), {"Content-Type": "application/json"})
                 resp = conn.getresponse()
             except (OSError, http.client.HTTPException) as e:
-                errors.append(f"{ep}: {e}")
+                errors.append(self._why(ep, e))
                 conn.close()
                 continue
             closer = threading.Thread(target=self._close_on_stop, args=(conn, stop), daemon=True)

@@ -19,6 +19,10 @@ then reaches both agents through the new leader; no ping is lost and no
 CHILD_SA is replaced. Then c2 dies too: for MESHSEC_HA_OUTAGE_S seconds
 (default 30) with no controller at all, no ping is lost and the CHILD_SAs
 stay the same.
+
+etcd runs as in production (docs/ha.md): TLS on the client and peer ports,
+--client-cert-auth and --peer-client-cert-auth, certificates from one test CA;
+the controllers present a client certificate (--etcd-cacert/--etcd-cert/--etcd-key).
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ import pytest
 
 from e2e.mesh import Mesh, venv_bin
 from e2e.topology import sh, wait_until
+from tests.controller.etcd_pki import issue, make_ca
 
 pytestmark = pytest.mark.e2e
 
@@ -63,7 +68,15 @@ class Ha:
         self.ns = {}
         self.etcd = {}
         self.ctl: dict[str, subprocess.Popen] = {}
-        self.endpoints = ",".join(f"http://{ip}:2379" for ip in CTL.values())
+        self.endpoints = ",".join(f"https://{ip}:2379" for ip in CTL.values())
+        self.pki = m.workdir / "pki"
+        self.pki.mkdir()
+        ca = make_ca(self.pki, "etcd-ca")
+        for name, ip in CTL.items():
+            issue(self.pki, ca, f"etcd-{name}", server=True, ips=(ip,), dns=())
+        issue(self.pki, ca, "controller", server=False)
+        self.client_tls = ["--cacert", str(self.pki / "etcd-ca.pem"), "--cert", str(self.pki / "controller.pem"),
+                           "--key", str(self.pki / "controller.key")]
 
     def build(self) -> None:
         for name, ip in CTL.items():
@@ -72,18 +85,23 @@ class Ha:
             self.m.topo.add_gateway(name, f"198.51.100.{i}", NODES[name])
 
     def start_etcd(self) -> None:
-        cluster = ",".join(f"m{n[1]}=http://{ip}:2380" for n, ip in CTL.items())
+        cluster = ",".join(f"m{n[1]}=https://{ip}:2380" for n, ip in CTL.items())
+        ca = str(self.pki / "etcd-ca.pem")
         for name, ip in CTL.items():
+            cert, key = str(self.pki / f"etcd-{name}.pem"), str(self.pki / f"etcd-{name}.key")
             self.etcd[name] = self.m.topo.spawn(self.ns[name], [
                 shutil.which("etcd"), "--name", f"m{name[1]}", "--data-dir", str(self.m.workdir / f"etcd-{name}"),
-                "--listen-client-urls", f"http://{ip}:2379", "--advertise-client-urls", f"http://{ip}:2379",
-                "--listen-peer-urls", f"http://{ip}:2380", "--initial-advertise-peer-urls", f"http://{ip}:2380",
-                "--initial-cluster", cluster, "--initial-cluster-state", "new", "--log-level", "error"],
+                "--listen-client-urls", f"https://{ip}:2379", "--advertise-client-urls", f"https://{ip}:2379",
+                "--listen-peer-urls", f"https://{ip}:2380", "--initial-advertise-peer-urls", f"https://{ip}:2380",
+                "--initial-cluster", cluster, "--initial-cluster-state", "new", "--log-level", "error",
+                "--cert-file", cert, "--key-file", key, "--trusted-ca-file", ca, "--client-cert-auth",
+                "--peer-cert-file", cert, "--peer-key-file", key, "--peer-trusted-ca-file", ca,
+                "--peer-client-cert-auth"],
                 self.m.workdir / f"etcd-{name}.log")
 
         def healthy() -> bool:
-            res = sh("etcdctl", "--endpoints", self.endpoints, "--command-timeout=2s", "put", "/probe", "ok",
-                     ns=self.ns["c1"], check=False)
+            res = sh("etcdctl", "--endpoints", self.endpoints, *self.client_tls, "--command-timeout=2s",
+                     "put", "/probe", "ok", ns=self.ns["c1"], check=False)
             return res.returncode == 0
         wait_until(healthy, 30, interval=0.3, what="etcd cluster of three to accept writes")
 
@@ -92,7 +110,9 @@ class Ha:
         self.ctl[name] = self.m.topo.spawn(self.ns[name], [
             venv_bin("meshsec-controller"), "--inventory", str(self.m.workdir / "inventory.yaml"),
             "--state-dir", str(self.m.workdir / f"state-{name}"), "--listen", f"{ip}:7443",
-            "--server-name", ip, "--etcd-endpoints", self.endpoints, "--etcd-lease-ttl", str(LEASE_TTL),
+            "--server-name", ip, "--etcd-endpoints", self.endpoints, "--etcd-cacert", str(self.pki / "etcd-ca.pem"),
+            "--etcd-cert", str(self.pki / "controller.pem"), "--etcd-key", str(self.pki / "controller.key"),
+            "--etcd-lease-ttl", str(LEASE_TTL),
             "--replica-id", name, "--metrics-listen", f"{ip}:9100"], self.m.workdir / f"controller-{name}.log")
         wait_until(lambda: self.metrics(name).get("meshsec_controller_view_version", 0) >= 1
                    or self._check_alive(name), 30, what=f"controller {name} serving")

@@ -75,8 +75,10 @@ VARIANTS = {
     "token-review": ["--set", "tokenReview.enabled=true"],
     "bypass": ["--set", "agent.bypass={10.96.0.0/12,192.168.49.2/32,fd00:10:96::/112}"],
     "metrics": ["--set", "metrics.enabled=true", "--set", "metrics.serviceMonitor.enabled=true"],
-    "ha-etcd": ["--set", "controller.replicas=3", "--set", "controller.etcd.endpoints=http://etcd:2379",
-                "--set", "controller.service.type=LoadBalancer"],
+    "ha-etcd": ["--set", "controller.replicas=3",
+                "--set", "controller.etcd.endpoints=https://etcd-0.etcd:2379\\,https://etcd-1.etcd:2379",
+                "--set", "controller.etcd.tls.existingSecret=etcd-client",
+                "--set", "controller.service.type=LoadBalancer", "--set", "controller.web.enabled=true"],
     "product": ["--set", "agent.mtu=1380", "--set", "agent.mssClamp=true", "--set", "agent.failClosed=false",
                 "--set", "agent.readiness.graceSeconds=300", "--set", "agent.updateStrategy.type=OnDelete",
                 "--set", "agent.updateStrategy.rollingUpdate=null", "--set", "agent.minReadySeconds=10",
@@ -99,7 +101,9 @@ VARIANTS = {
                 "--set", "inventory.policies[1].between[0]=group:sites",
                 "--set", "inventory.policies[1].between[1]=any", "--set", "inventory.policies[1].protocol=ah"],
     "ha-hard": ["--set", "controller.replicas=2", "--set", "controller.etcd.endpoints=http://etcd:2379",
-                "--set", "controller.podAntiAffinity=hard"],
+                "--set", "controller.etcd.allowPlainHttp=true", "--set", "controller.podAntiAffinity=hard",
+                "--set", "controller.web.enabled=true", "--set", "controller.web.clientAuth=none",
+                "--set", "controller.ports.web=9443", "--set", "agent.uninstallHook.enabled=false"],
     "sites": ["--set-string", "controllerCA.pem=-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
               "--set", "joinToken.value=0123456789abcdef0123",
               "--set", "inventory.nodes[0].name=site-a", "--set", "inventory.nodes[0].role=gateway",
@@ -148,7 +152,7 @@ def test_every_object_validates_against_kubernetes_schemas(rendered, variant, tm
 
 def test_validator_rejects_a_broken_object(rendered, tmp_path):
     """kubernetes-validate does catch what we rely on it for (an unknown field under --strict)."""
-    ds = find(rendered["default"], "DaemonSet")
+    ds = find(rendered["default"], "DaemonSet", "-agent")
     broken = yaml.safe_load(yaml.safe_dump(ds))
     broken["spec"]["template"]["spec"]["containers"][0]["capabilitys"] = ["NET_ADMIN"]
     f = tmp_path / "broken.yaml"
@@ -203,7 +207,7 @@ def test_bypass_values_become_agent_args(rendered, helm):
 
 def test_token_review_variant_uses_projected_token(rendered):
     docs = rendered["token-review"]
-    pod = find(docs, "DaemonSet")["spec"]["template"]["spec"]
+    pod = find(docs, "DaemonSet", "-agent")["spec"]["template"]["spec"]
     src = {v["name"]: v for v in pod["volumes"]}["sa-token"]["projected"]["sources"][0]["serviceAccountToken"]
     assert src["audience"] == "meshsec" and src["expirationSeconds"] == 3600
     assert "--join-token-file=/var/run/secrets/meshsec/token" in pod["containers"][0]["args"]
@@ -220,14 +224,15 @@ def test_rbac_is_least_privilege(rendered):
     binding = find(rendered["default"], "ClusterRoleBinding")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ms-meshsec-controller", "namespace": "meshsec"}]
     # the CA ConfigMap: get and patch of that one object, nothing else, in the release namespace
-    role = find(rendered["default"], "Role")
+    role = find(rendered["default"], "Role", "-controller-ca")
     assert role["metadata"]["namespace"] == "meshsec"
     assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"],
                               "resourceNames": ["ms-meshsec-controller-ca"], "verbs": ["get", "patch"]}]
-    rb = find(rendered["default"], "RoleBinding")
+    rb = find(rendered["default"], "RoleBinding", "-controller-ca")
     assert rb["roleRef"]["name"] == role["metadata"]["name"] and rb["subjects"] == binding["subjects"]
-    # a CA given by the operator: no publishing, no Role
-    assert not [d for d in rendered["sites"] if d["kind"] in ("Role", "RoleBinding")]
+    # a CA given by the operator: no publishing, no Role (only the uninstall hook's)
+    assert not [d for d in rendered["sites"] if d["kind"] in ("Role", "RoleBinding")
+                and not d["metadata"]["name"].endswith("-uninstall")]
 
 
 def test_controller_deployment_service_and_probes(rendered):
@@ -277,7 +282,8 @@ def test_variants(rendered):
     ha = rendered["ha-etcd"]
     dep = find(ha, "Deployment")
     assert dep["spec"]["replicas"] == 3 and "strategy" not in dep["spec"]
-    assert "--etcd-endpoints=http://etcd:2379" in dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--etcd-endpoints=https://etcd-0.etcd:2379,https://etcd-1.etcd:2379" in \
+        dep["spec"]["template"]["spec"]["containers"][0]["args"]
     assert find(ha, "PodDisruptionBudget")["spec"]["minAvailable"] == 1
     assert find(ha, "Service")["spec"]["type"] == "LoadBalancer"
     assert not [d for d in ha if d["kind"] == "PersistentVolumeClaim"]
@@ -424,7 +430,17 @@ def test_helm_test_checks_the_mesh(rendered):
     (["--set", "inventory.policies[0].name=p", "--set", "inventory.policies[0].between[0]=a"], "between"),
     (["--set", "inventory.policies[0].name=p", "--set", "inventory.policies[0].between={a,b}",
       "--set", "inventory.policies[0].action=allow"], "at '/inventory/policies/0/action'"),
-    (["--set", "controller.etcd.endpoints=https://etcd:2379"], "at '/controller/etcd/endpoints'"),
+    (["--set", "controller.etcd.endpoints=ftp://etcd:2379"], "at '/controller/etcd/endpoints'"),
+    (["--set", "controller.etcd.endpoints=https://a:2379\\,http://b:2379"], "at '/controller/etcd/endpoints'"),
+    (["--set", "controller.etcd.endpoints=http://etcd:2379"],
+     "plain http:// to etcd carries the CA private key in the clear; use https:// endpoints with "
+     "controller.etcd.tls.existingSecret"),
+    (["--set", "controller.etcd.endpoints=http://127.0.0.1:2379", "--set", "controller.etcd.tls.existingSecret=x"],
+     "controller.etcd.tls.existingSecret needs https://"),
+    (["--set", "controller.etcd.allowPlainHttp=yes"], "allowPlainHttp"),
+    (["--set", "controller.web.clientAuth=optional"], "at '/controller/web/clientAuth'"),
+    (["--set", "controller.ports.web=0"], "at '/controller/ports/web'"),
+    (["--set", "agent.uninstallHook.timeoutSeconds=5"], "at '/agent/uninstallHook/timeoutSeconds'"),
     (["--set-string", "image.digest=sha256:abc"], "at '/image/digest'"),
     (["--set", "controller.podAntiAffinity=maybe"], "podAntiAffinity"),
     (["--set", "agent.updateStrategy.type=Recreate"], "updateStrategy"),
@@ -435,3 +451,126 @@ def test_bad_new_values_are_refused(helm, args, message):
     res = run_helm(helm, "template", "ms", str(CHART), *args, check=False)
     assert res.returncode != 0
     assert message in res.stderr, res.stderr
+
+
+def test_etcd_tls_values(rendered):
+    """controller.etcd.tls.existingSecret: the client certificate Secret mounted read-only, the
+    controller given --etcd-cacert/--etcd-cert/--etcd-key; plain HTTP only with the opt-out."""
+    pod = controller_pod(rendered["ha-etcd"])
+    args = pod["containers"][0]["args"]
+    assert {"--etcd-cacert=/etc/meshsec/etcd/ca.crt", "--etcd-cert=/etc/meshsec/etcd/tls.crt",
+            "--etcd-key=/etc/meshsec/etcd/tls.key"} <= set(args)
+    assert "--etcd-allow-plain-http" not in args
+    vol = {v["name"]: v for v in pod["volumes"]}["etcd-tls"]["secret"]
+    assert vol["secretName"] == "etcd-client" and vol["defaultMode"] == 0o400
+    assert [i["key"] for i in vol["items"]] == ["ca.crt", "tls.crt", "tls.key"]
+    mount = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}["etcd-tls"]
+    assert mount == {"name": "etcd-tls", "mountPath": "/etc/meshsec/etcd", "readOnly": True}
+    hard = controller_pod(rendered["ha-hard"])["containers"][0]["args"]
+    assert "--etcd-endpoints=http://etcd:2379" in hard and "--etcd-allow-plain-http" in hard
+    assert not any(a.startswith("--etcd-cert") for a in hard)
+    for variant in ("default", "product"):
+        assert not any(a.startswith("--etcd") for a in controller_pod(rendered[variant])["containers"][0]["args"])
+
+
+def test_etcd_on_loopback_may_be_plain_http(helm):
+    """The controller accepts http:// to loopback (an etcd sidecar); so does the chart."""
+    docs = render(helm, "--set", "controller.etcd.endpoints=http://127.0.0.1:2379")
+    assert "--etcd-endpoints=http://127.0.0.1:2379" in controller_pod(docs)["containers"][0]["args"]
+
+
+def test_web_page_value(rendered):
+    """controller.web: off by default; on: --web-listen, a container port and a Service port, the
+    client-certificate requirement kept unless clientAuth is none."""
+    for variant in ("default", "product"):
+        assert not any(a.startswith("--web") for a in controller_pod(rendered[variant])["containers"][0]["args"])
+        assert "web" not in [p["name"] for p in find(rendered[variant], "Service")["spec"]["ports"]]
+    on = rendered["ha-etcd"]
+    c = controller_pod(on)["containers"][0]
+    assert "--web-listen=0.0.0.0:8443" in c["args"] and "--web-client-auth=required" in c["args"]
+    assert ("web", 8443) in [(p["name"], p["containerPort"]) for p in c["ports"]]
+    assert ("web", 8443, "web") in [(p["name"], p["port"], p["targetPort"]) for p in find(on, "Service")["spec"]["ports"]]
+    other = controller_pod(rendered["ha-hard"])["containers"][0]["args"]
+    assert "--web-listen=0.0.0.0:9443" in other and "--web-client-auth=none" in other
+
+
+def uninstall_objects(docs):
+    return [d for d in docs if d["metadata"]["labels"].get("app.kubernetes.io/component") == "uninstall"]
+
+
+def test_uninstall_hook_objects_and_rbac(rendered):
+    objs = uninstall_objects(rendered["default"])
+    assert sorted(d["kind"] for d in objs) == ["DaemonSet", "Job", "Role", "RoleBinding", "ServiceAccount"]
+    for d in objs:  # helm runs them after the release's objects are gone and deletes them when done
+        a = d["metadata"]["annotations"]
+        assert a["helm.sh/hook"] == "post-delete"
+        assert a["helm.sh/hook-delete-policy"] == "before-hook-creation,hook-succeeded"
+    weights = {d["kind"]: int(d["metadata"]["annotations"]["helm.sh/hook-weight"]) for d in objs}
+    assert weights["ServiceAccount"] < weights["DaemonSet"] < weights["Job"]
+    # RBAC: the Job may read the one cleanup DaemonSet, nothing else
+    role = find(objs, "Role")
+    assert role["rules"] == [{"apiGroups": ["apps"], "resources": ["daemonsets"],
+                              "resourceNames": ["ms-meshsec-uninstall"], "verbs": ["get"]}]
+    assert find(objs, "RoleBinding")["subjects"] == [{"kind": "ServiceAccount", "name": "ms-meshsec-uninstall",
+                                                      "namespace": "meshsec"}]
+    assert not [d for d in objs if d["kind"].startswith("Cluster")]
+    ds = find(objs, "DaemonSet")["spec"]["template"]["spec"]
+    agent = agent_of(rendered["default"])["spec"]["template"]["spec"]
+    # every node the agents ran on, in the node's network namespace, NET_ADMIN only, no API token
+    assert ds["hostNetwork"] is True and ds["automountServiceAccountToken"] is False
+    assert ds["tolerations"] == agent["tolerations"] and ds["nodeSelector"] == agent["nodeSelector"]
+    init = ds["initContainers"][0]
+    assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    assert init["securityContext"]["privileged"] is False
+    assert 'os.execvp("meshsec-agent", ["meshsec-agent", "--uninstall"])' in init["args"][0]
+    assert init["volumeMounts"] == [{"name": "run", "mountPath": "/run/meshsec", "readOnly": True}]
+    done = ds["containers"][0]["securityContext"]
+    assert done["capabilities"] == {"drop": ["ALL"]} and done["runAsNonRoot"] is True
+    job = find(objs, "Job")["spec"]
+    assert job["activeDeadlineSeconds"] == 300 and job["backoffLimit"] == 0
+    assert job["template"]["spec"]["serviceAccountName"] == "ms-meshsec-uninstall"
+    assert job["template"]["spec"]["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert not uninstall_objects(rendered["ha-hard"])  # agent.uninstallHook.enabled=false
+
+
+def test_uninstall_hook_scripts_run(rendered, tmp_path):
+    """The hook's two scripts, run for real: the node script waits while the agent's status
+    socket answers, then runs `meshsec-agent --uninstall` (a stand-in on PATH records it); the
+    Job's script compiles and names the DaemonSet and namespace it waits for."""
+    import socket
+    import time
+
+    objs = uninstall_objects(rendered["default"])
+    script = find(objs, "DaemonSet")["spec"]["template"]["spec"]["initContainers"][0]["args"][0]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert '"/run/meshsec/agent.sock"' in script
+    script = script.replace('"/run/meshsec/agent.sock"', repr(str(run_dir / "agent.sock")))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "called"
+    fake = bin_dir / "meshsec-agent"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" > {record}\n")
+    fake.chmod(0o755)
+    agent = socket.socket(socket.AF_UNIX)
+    agent.bind(str(run_dir / "agent.sock"))
+    agent.listen(16)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        line = proc.stdout.readline()
+        assert "the agent still answers" in line  # waits while the agent runs
+        assert not record.exists()
+        agent.close()  # the agent stops
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert proc.returncode == 0 and record.read_text().split() == ["--uninstall"]
+    finally:
+        agent.close()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    job = find(objs, "Job")["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    compile(job, "uninstall-wait", "exec")
+    assert 'ns, name = "meshsec", "ms-meshsec-uninstall"' in job

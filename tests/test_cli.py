@@ -111,7 +111,7 @@ def test_agent_needs_exactly_one_mode(capsys):
 
 def test_agent_config_error_exit_2(tmp_path, capsys):
     p = tmp_path / "c.yaml"
-    p.write_text("name: a\nlocal_address: 10.0.0.300\nauth: {psk: x}\n")
+    p.write_text("name: a\nlocal_address: 10.0.0.300\nauth: {psk: s3cret-test-key-0123}\n")
     assert agent_main.main(["--config", str(p)]) == 2
     assert f"{p}:2: local_address" in capsys.readouterr().err
 

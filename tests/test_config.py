@@ -13,7 +13,7 @@ name: gw-a
 local_address: 198.51.100.1
 subnets: [10.1.0.0/24]
 tun: {name: ms0, mtu: 1380, address: 10.200.9.1/32}
-auth: {psk: "s3cret"}
+auth: {psk: "s3cret-test-key-0123"}
 peers:
   - name: gw-b
     endpoints: [198.51.100.2]
@@ -22,7 +22,7 @@ peers:
     identity: zero.example
     endpoints: [198.51.100.3]
     subnets: [10.3.0.0/24]
-    psk: other
+    psk: other-peer-test-key-0123
     esp_proposals: [aes256gcm16]
     mode: tunnel
 """
@@ -32,10 +32,10 @@ def test_good_config():
     view, creds, ds = parse_config(GOOD, "x.yaml")
     assert view.name == "gw-a" and view.local_address == "198.51.100.1"
     assert view.subnets == (ipaddress.ip_network("10.1.0.0/24"),)
-    assert creds.psk == b"s3cret" and not creds.uses_certificates
+    assert creds.psk == b"s3cret-test-key-0123" and not creds.uses_certificates
     b, z = view.peers
     assert b.identity == "gw-b" and b.initiate is True  # gw-a < gw-b
-    assert z.identity == "zero.example" and z.initiate is False and z.psk == b"other"
+    assert z.identity == "zero.example" and z.initiate is False and z.psk == b"other-peer-test-key-0123"
     assert z.policy.esp_proposals == ("aes256gcm16",)
     assert ds.tun_name == "ms0" and ds.mtu == 1380 and ds.tun_addresses == ("10.200.9.1/32",)
 
@@ -52,8 +52,8 @@ def err(text: str) -> str:
     ("    endpoints: [198.51.100.2]", "    endpoints: [banana]", "cfg.yaml:8: peers[0].endpoints: 'banana' is not an IP address"),
     ("    mode: tunnel", "    mode: sideways", "cfg.yaml:16: peers[1].mode: 'sideways': use tunnel or transport"),
     ("tun: {name: ms0, mtu: 1380", "tun: {name: ms0, mtu: 12", "cfg.yaml:4: tun.mtu: 12 is out of range"),
-    ("auth: {psk: \"s3cret\"}", "auth: {psk: \"\"}", "cfg.yaml:5: auth.psk: the pre-shared key is empty"),
-    ("auth: {psk: \"s3cret\"}", "auth: {psk: a, key: k.pem}", "cfg.yaml:5: auth: give exactly one of"),
+    ("auth: {psk: \"s3cret-test-key-0123\"}", "auth: {psk: \"\"}", "cfg.yaml:5: auth.psk: the pre-shared key is empty"),
+    ("auth: {psk: \"s3cret-test-key-0123\"}", "auth: {psk: a, key: k.pem}", "cfg.yaml:5: auth: give exactly one of"),
     ("    subnets: [10.2.0.0/24]", "    subnetz: [10.2.0.0/24]", "cfg.yaml:9: peers[0].subnetz: unknown key"),
     ("    esp_proposals: [aes256gcm16]", "    esp_proposals: [aes999]", "cfg.yaml:15: peers[1].esp_proposals: unknown algorithm"),
     ("name: gw-a", "name: gw-a\nname: gw-c", "cfg.yaml:2: duplicate key 'name'"),
@@ -67,9 +67,9 @@ def test_errors_name_file_line_field(old, new, expect):
 
 
 def test_missing_required():
-    assert err("local_address: 198.51.100.1\nauth: {psk: x}\n").startswith("cfg.yaml:1: name: missing")
+    assert err("local_address: 198.51.100.1\nauth: {psk: s3cret-test-key-0123}\n").startswith("cfg.yaml:1: name: missing")
     assert "auth: missing" in err("name: a\n")
-    assert "peers[0].endpoints: missing" in err("name: a\nauth: {psk: x}\npeers:\n  - name: b\n")
+    assert "peers[0].endpoints: missing" in err("name: a\nauth: {psk: s3cret-test-key-0123}\npeers:\n  - name: b\n")
     assert "expected a mapping" in err("- just\n- a list\n")
 
 
@@ -80,9 +80,9 @@ def test_unreadable_files(tmp_path):
     p.write_text("name: a\nauth: {psk_file: missing.key}\n")
     with pytest.raises(ConfigError, match=r"c.yaml:2: auth.psk_file: cannot read 'missing.key'"):
         load_config(str(p))
-    (tmp_path / "k").write_text("  filekey\n")
+    (tmp_path / "k").write_text("  file-test-key-0123456789\n")
     p.write_text("name: a\nauth: {psk_file: k}\n")
-    assert load_config(str(p))[1].psk == b"filekey"
+    assert load_config(str(p))[1].psk == b"file-test-key-0123456789"
 
 
 def test_certificate_auth(tmp_path):
@@ -112,7 +112,7 @@ def test_certificate_auth(tmp_path):
 HOST = """\
 name: h1
 local_address: 198.51.100.11
-auth: {psk: "s3cret"}
+auth: {psk: "s3cret-test-key-0123"}
 tun: {mss_clamp: true}
 peers:
   - name: h2
@@ -237,3 +237,59 @@ def test_bind_endpoints_per_peer():
     assert b.policy.bind_endpoints is True and z.policy.bind_endpoints is False
     with pytest.raises(ConfigError, match=r"x.yaml:\d+: peers\[0\].bind_endpoints: expected true or false"):
         parse_config(text.replace("bind_endpoints: true", "bind_endpoints: maybe"), "x.yaml")
+
+
+@pytest.mark.parametrize("where, old, new, field, why", [
+    ("auth", 'auth: {psk: "s3cret-test-key-0123"}', 'auth: {psk: "s3cret"}', "cfg.yaml:5: auth.psk",
+     "is 6 characters long; use at least 16"),
+    ("auth", 'auth: {psk: "s3cret-test-key-0123"}', 'auth: {psk: "aaaaaaaaaaaaaaaaaaaa"}', "cfg.yaml:5: auth.psk",
+     "only 1 different characters"),
+    ("auth", 'auth: {psk: "s3cret-test-key-0123"}', 'auth: {psk: "0101010101020202020203"}', "cfg.yaml:5: auth.psk",
+     "only 4 different characters"),
+    ("auth", 'auth: {psk: "s3cret-test-key-0123"}', 'auth: {psk: "password1password1"}', "cfg.yaml:5: auth.psk",
+     "one shorter string repeated"),
+    ("peer", "    psk: other-peer-test-key-0123\n", "    psk: hunter2\n", "cfg.yaml:14: peers[1].psk",
+     "is 7 characters long"),
+])
+def test_weak_psk_refused_with_field_and_fix(where, old, new, field, why):
+    """A short or low-variety PSK falls to an offline dictionary attack on one IKE_AUTH
+    (RFC 7296 §2.15): refused, naming the field and what to do, never echoing the key."""
+    assert old in GOOD
+    msg = err(GOOD.replace(old, new, 1))
+    assert msg.startswith(field + ": "), msg
+    assert why in msg and "/dev/urandom" in msg, msg
+    assert new.split("psk: ")[1].strip().strip('"}') not in msg  # the key itself is not in the error
+
+
+def test_weak_psk_file_refused(tmp_path):
+    (tmp_path / "k").write_text("short\n")
+    p = tmp_path / "c.yaml"
+    p.write_text("name: a\nauth: {psk_file: k}\n")
+    with pytest.raises(ConfigError, match=r"c.yaml:2: auth.psk_file: the pre-shared key is 5 characters long; "
+                                          r"use at least 16; give a long random string"):
+        load_config(str(p))
+
+
+def test_psk_weakness_rule():
+    from agent.config import psk_weakness
+
+    assert psk_weakness(b"0123456789abcdef") is None  # 16 characters, 16 different: enough
+    assert psk_weakness(b"correct horse battery staple") is None
+    assert "15 characters" in psk_weakness(b"0123456789abcde")
+    assert "repeated" in psk_weakness(b"abcdefabcdefabcdef")
+
+
+def test_controller_hands_out_no_psk():
+    """The PSK rule needs no twin on the controller side: its wire format has no field that
+    could carry a pre-shared key (nodes it enrols authenticate with certificates), and its
+    inventory refuses a psk key anywhere."""
+    from controller.inventory import InventoryError, parse_inventory
+    from meshsec.v1 import controller_pb2 as pb
+
+    for msg in pb.DESCRIPTOR.message_types_by_name.values():
+        assert not [f.name for f in msg.fields if "psk" in f.name or "secret" in f.name], msg.name
+    node = "nodes:\n  - name: a\n    role: host\n    endpoints: [198.51.100.1]\n    join_token: 0123456789abcdefgh\n"
+    for text, where in ((node + "    psk: x\n", r"nodes\[0\].psk: unknown key"),
+                        ("defaults:\n  psk: x\n" + node, "defaults.psk: unknown key")):
+        with pytest.raises(InventoryError, match=where):
+            parse_inventory(text, "i.yaml")

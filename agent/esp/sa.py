@@ -42,8 +42,9 @@ class VolumeLifetime:
     """Byte and packet lifetimes of one SA (RFC 4301 §4.4.2.1), shared by EspSa and AhSa.
 
     ``lifetime_bytes`` / ``lifetime_packets``: hard limits, 0 = none. Bytes are what
-    ``counters`` count (bytes_in + bytes_out: inner packet octets; transport-mode ESP batches
-    count the whole IP packet outbound, the payload inbound). Packets: packets_in + packets_out.
+    ``counters`` count (bytes_in + bytes_out: ESP Payload Data octets, RFC 4303 §2.3, the same
+    at both ends: the inner IP packet in tunnel mode, the upper-layer payload in transport
+    mode; AH: the IP packet without AH). Packets: packets_in + packets_out.
     Soft limit = ``soft_fraction`` of the hard one (at least 1): ``needs_rekey`` is set from
     there. Hard limit: no packet is sent or accepted that would take the use past it; such a
     packet is dropped and counted ``lifetime_expired``, and ``expired`` is set (also when the
@@ -316,7 +317,7 @@ class EspSa(VolumeLifetime):
                     c[e.reason] += 1
                     continue
                 try:
-                    out.append(self._encap_one(payload, nh, len(p)))
+                    out.append(self._encap_one(payload, nh, len(payload)))
                 except EspError:
                     pass  # counted by _encap_one
             return out
@@ -328,7 +329,7 @@ class EspSa(VolumeLifetime):
             except EspError as e:
                 c[e.reason] += 1
                 continue
-            nbytes += len(p)
+            nbytes += len(payload)  # RFC 4303 payload, as the receiver counts it
         c["packets_out"] += len(out)
         c["bytes_out"] += nbytes
         if self._limited:

@@ -130,7 +130,7 @@ CFG = """\
 name: gw-a
 local_address: 198.51.100.1
 subnets: [10.1.0.0/24]
-auth: {psk: "s3cret"}
+auth: {psk: "s3cret-test-key-0123"}
 peers:
   - name: gw-b
     endpoints: [198.51.100.2]

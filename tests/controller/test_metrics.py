@@ -109,8 +109,8 @@ def test_bad_flags_are_clear_errors(tmp_path: Path, capsys) -> None:
     write_inventory(inv, inventory_text())
     for flags, msg in ((["--metrics-listen", "9100"], "--metrics-listen '9100' is not HOST:PORT"),
                        (["--health-listen", "x:y"], "--health-listen 'x:y' is not HOST:PORT"),
-                       (["--etcd-endpoints", "https://h:2379"], "is not http://HOST:PORT"),
-                       (["--etcd-endpoints", "http://h:2379", "--etcd-lease-ttl", "1"], "at least 2 seconds"),
+                       (["--etcd-endpoints", "ftp://h:2379"], "is not https://HOST:PORT"),
+                       (["--etcd-endpoints", "http://127.0.0.1:2379", "--etcd-lease-ttl", "1"], "at least 2 seconds"),
                        (["--max-workers", "1"], "--max-workers 1: use at least 4")):
         assert controller_main(["--inventory", str(inv), "--state-dir", str(tmp_path / "s"), *flags]) == 2
         assert msg in capsys.readouterr().err
@@ -128,4 +128,4 @@ def test_unreachable_etcd_exits_1_naming_it(tmp_path: Path, capsys) -> None:
     rc = controller_main(["--inventory", str(inv), "--state-dir", str(tmp_path / "s"), "--listen", "127.0.0.1:0",
                           "--etcd-endpoints", f"http://127.0.0.1:{port}"])
     assert rc == 1
-    assert f"no etcd endpoint answered /v3/kv/range: 127.0.0.1:{port}" in capsys.readouterr().err
+    assert f"no etcd endpoint answered /v3/kv/range: http://127.0.0.1:{port}" in capsys.readouterr().err

@@ -40,27 +40,35 @@ def free_port(host: str) -> int:
 
 
 class EtcdMember:
-    """One single-member etcd cluster; ``url`` is its client URL."""
+    """One single-member etcd cluster; ``url`` is its client URL. ``tls``: etcd's
+    ``--cert-file``, ``--key-file`` and ``--trusted-ca-file`` (then ``https://`` and
+    ``--client-cert-auth``) and ``probe_tls`` the :class:`EtcdTls` the start-up probe uses."""
 
-    def __init__(self, workdir: Path, host: str = "127.0.0.1") -> None:
+    def __init__(self, workdir: Path, host: str = "127.0.0.1", tls: dict | None = None, probe_tls=None) -> None:
         self.host = host
         self.client_port = free_port(host)
         self.peer_port = free_port(host)
-        self.url = f"http://{host}:{self.client_port}"
+        self.url = f"{'https' if tls else 'http'}://{host}:{self.client_port}"
         self.workdir = workdir
+        self.tls = tls
+        self.probe_tls = probe_tls
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 20.0) -> "EtcdMember":
         peer = f"http://{self.host}:{self.peer_port}"
         log = open(self.workdir / "etcd.log", "ab")
+        extra = []
+        if self.tls:
+            extra = ["--cert-file", str(self.tls["cert"]), "--key-file", str(self.tls["key"]),
+                     "--trusted-ca-file", str(self.tls["ca"]), "--client-cert-auth"]
         self.proc = subprocess.Popen(
             [shutil.which("etcd") or "etcd", "--name", "t0", "--data-dir", str(self.workdir / "etcd-data"),
              "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--initial-cluster", f"t0={peer}", "--log-level", "error"],
+             "--initial-cluster", f"t0={peer}", "--log-level", "error", *extra],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
-        client = EtcdClient([f"{self.host}:{self.client_port}"], timeout=1.0)
+        client = EtcdClient([self.url], timeout=1.0, tls=self.probe_tls)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -102,9 +110,11 @@ def store(etcd) -> EtcdStore:
 # ---------------------------------------------------------------- pure helpers
 
 def test_parse_endpoints_and_errors() -> None:
-    assert parse_endpoints("http://127.0.0.1:2379, 127.0.0.2:2379") == ["127.0.0.1:2379", "127.0.0.2:2379"]
-    for bad, what in (("https://h:2379", "https://h:2379"), ("http://h", "http://h"), ("", "empty"),
-                      ("http://h:2379/x", "http://h:2379/x")):
+    assert parse_endpoints("http://127.0.0.1:2379, 127.0.0.2:2379") == ["http://127.0.0.1:2379",
+                                                                         "http://127.0.0.2:2379"]
+    assert parse_endpoints("https://etcd-0:2379,https://[::1]:2379") == ["https://etcd-0:2379", "https://[::1]:2379"]
+    for bad, what in (("ftp://h:2379", "ftp://h:2379"), ("http://h", "http://h"), ("", "empty"),
+                      ("http://h:2379/x", "http://h:2379/x"), ("https://a:1,http://b:2", "mixes http:// and https://")):
         with pytest.raises(ValueError, match=what):
             parse_endpoints(bad)
 

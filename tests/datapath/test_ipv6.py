@@ -120,7 +120,7 @@ def test_keylog_family_is_the_outer_one_for_6in4(tmp_path):
 CONFIG = """
 name: rh
 local_address: 2001:DB8:0::21
-auth: {psk: not-secret}
+auth: {psk: ipv6-test-psk-not-secret}
 peers:
   - name: gw
     endpoints: ["2001:DB8:0:0::2", 198.51.100.2]

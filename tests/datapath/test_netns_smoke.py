@@ -64,7 +64,7 @@ def _config(path, me, my_ip, my_tun, peer, peer_ip, peer_tun):
 local_address: {my_ip}
 subnets: [{my_tun}/32]
 tun: {{name: meshsec0, mtu: 1400, address: {my_tun}/32}}
-auth: {{psk: "smoke-test-psk"}}
+auth: {{psk: "smoke-test-psk-not-secret"}}
 peers:
   - name: {peer}
     endpoints: [{peer_ip}]
