@@ -51,7 +51,7 @@ def main() -> int:
         src, dst = mesh.node("node-a").workloads[0], mesh.node("node-c").workloads[0]
         say(f"20 MB over TCP {src.ip} -> {dst.ip}")
         blob = mesh.workdir / "blob"
-        data = os.urandom(20 << 20)
+        data = os.urandom(20_000_000)
         blob.write_bytes(data)
         server = subprocess.Popen(["ip", "netns", "exec", dst.ns, sys.executable, "-m", "e2e.transfer", "serve", "5001"],
                                   stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
