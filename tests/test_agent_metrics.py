@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.datapath.udp import FakeNetwork
 from agent.metrics import AgentMetrics
 from tests.datapath.fakes import FakeClock
-from tests.datapath.test_runtime import A_IP, B_IP, NET_A, NET_B, _real_node, ipv4, make_view, pump
+from tests.datapath.test_runtime import A_IP, NET_A, ipv4, make_view, pump, real_pair
 
 pytest.importorskip("agent.ike.manager")
 
@@ -21,18 +21,13 @@ pytest.importorskip("agent.ike.manager")
 @pytest.fixture
 def pair():
     net, clock = FakeNetwork(), FakeClock()
-    a = _real_node(net, clock, "a", A_IP, NET_A, [("b", B_IP, NET_B, True)])
-    b = _real_node(net, clock, "b", B_IP, NET_B, [("a", A_IP, NET_A, False)])
-    ma, mb = AgentMetrics(a.rt, timeout=5.0), AgentMetrics(b.rt, timeout=5.0)
-    a.rt.start()
-    b.rt.start()
-    for _ in range(20):
-        pump(a, b, rounds=1)
-        clock.advance(0.01)
-        if "b" in a.rt.current and "a" in b.rt.current:
-            break
-    assert "b" in a.rt.current and "a" in b.rt.current
-    return a, b, ma, mb, clock
+    made = {}
+
+    def attach(a, b):  # metrics attached before start, as the agent does
+        made["ma"], made["mb"] = AgentMetrics(a.rt, timeout=5.0), AgentMetrics(b.rt, timeout=5.0)
+
+    a, b = real_pair(net, clock, attach)
+    return a, b, made["ma"], made["mb"], clock
 
 
 def value(m: AgentMetrics, name: str, **labels) -> float | None:

@@ -4,44 +4,21 @@ RFC 7296 §2.23 "as for IKE"): real IkeManagers on both sides, default UDP encap
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 
-from agent.datapath.runtime import Runtime
-from agent.datapath.tun import FakeTun
 from agent.datapath.udp import FakeNetwork
-from agent.model import Credentials
 from tests.datapath.fakes import FakeClock
-from tests.datapath.test_runtime import A_IP, B_IP, NET_A, NET_B, ipv4, make_view, pump
+from tests.datapath.test_runtime import A_IP, B_IP, ipv4, pump, real_pair
 
 pytest.importorskip("agent.ike.manager")
 NEW = (A_IP, 61000)
 
 
-class RealNode:
-    def __init__(self, net, clock, name, ip, subnet, peers):
-        from agent.ike.manager import IkeManager
-        self.view = make_view(name, ip, subnet, peers)
-        self.ike = IkeManager(self.view, Credentials(psk=b"nat-follow-psk"), os.urandom, local_address=ip)
-        self.tun = FakeTun()
-        self.u4500 = net.socket(ip, 4500)
-        self.rt = Runtime(self.view, self.ike, tun=self.tun, udp500=net.socket(ip, 500), udp4500=self.u4500,
-                          local_address=ip, clock=clock)
-
-
 @pytest.fixture
 def pair():
     net, clock = FakeNetwork(), FakeClock()
-    a = RealNode(net, clock, "a", A_IP, NET_A, [("b", B_IP, NET_B, True)])
-    b = RealNode(net, clock, "b", B_IP, NET_B, [("a", A_IP, NET_A, False)])
-    a.rt.start()
-    b.rt.start()
-    for _ in range(20):
-        pump(a, b, rounds=1)
-        clock.advance(0.01)
-        if "b" in a.rt.current and "a" in b.rt.current:
-            break
+    a, b = real_pair(net, clock)
     assert b.rt.current["a"].udp_encap and b.rt.current["a"].remote == (A_IP, 4500)
     return net, clock, a, b
 

@@ -224,11 +224,14 @@ def _real_node(net, clock, name, ip, subnet, peers):
     return n
 
 
-def test_real_ike_establishes_and_carries_traffic():
-    pytest.importorskip("agent.ike.manager")
-    net, clock = FakeNetwork(), FakeClock()
+def real_pair(net, clock, before_start=None):
+    """Two runtimes with the real IKE core, a initiating to b, pumped until both have a
+    CHILD_SA (AssertionError with both statuses if not within 20 rounds of 10 ms).
+    ``before_start(a, b)`` runs before the runtimes start (e.g. to attach metrics)."""
     a = _real_node(net, clock, "a", A_IP, NET_A, [("b", B_IP, NET_B, True)])
     b = _real_node(net, clock, "b", B_IP, NET_B, [("a", A_IP, NET_A, False)])
+    if before_start is not None:
+        before_start(a, b)
     a.rt.start()
     b.rt.start()
     for _ in range(20):
@@ -237,6 +240,13 @@ def test_real_ike_establishes_and_carries_traffic():
         if "b" in a.rt.current and "a" in b.rt.current:
             break
     assert "b" in a.rt.current and "a" in b.rt.current, (a.rt.status(), b.rt.status())
+    return a, b
+
+
+def test_real_ike_establishes_and_carries_traffic():
+    pytest.importorskip("agent.ike.manager")
+    net, clock = FakeNetwork(), FakeClock()
+    a, b = real_pair(net, clock)
     a.tun.inject([ipv4("10.1.0.5", "10.2.0.7", b"real-ike")])
     pump(a, b)
     assert b.tun.take_written() == [ipv4("10.1.0.5", "10.2.0.7", b"real-ike")]
