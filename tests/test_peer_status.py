@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from agent.datapath.udp import FakeNetwork
 from agent.metrics import AgentMetrics
 from agent.peerstate import PeerTracker, install_status
 from meshsec import cli
+from tests.datapath.fake_devices import FakeNetwork
 from tests.datapath.fakes import FakeClock
 from tests.datapath.test_runtime import A_IP, B_IP, NET_A, NET_B, _real_node, ipv4, pump
 

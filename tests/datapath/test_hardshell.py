@@ -22,12 +22,12 @@ from dataclasses import replace
 import pytest
 
 from agent.datapath.runtime import Runtime, selector_entries
-from agent.datapath.tun import FakeTun, TunGone
-from agent.datapath.udp import FakeNetwork
+from agent.datapath.tun import TunGone
 from agent.ike.events import ChildSaEstablished
 from agent.ike.manager import IkeManager
 from agent.ike.message import TrafficSelector
 from agent.model import Credentials, NodeView, Peer, PeerPolicy
+from tests.datapath.fake_devices import FakeNetwork, FakeTun
 from tests.datapath.fakes import FakeClock, FakeIke
 from tests.datapath.test_runtime import A_IP, B_IP, NET_A, NET_B, ipv4, make_view
 from tests.ike.conftest import CLASSICAL, T0, make_ca, make_node_cert
