@@ -190,7 +190,7 @@ def test_layering_check_sees_files():
     assert len(list(core_files())) >= 4
 
 
-@pytest.mark.parametrize("mod", ["agent/view_proto.py", "meshsec/defaults.py",
+@pytest.mark.parametrize("mod", ["agent/view_proto.py", "meshsec/defaults.py", "meshsec/proposals.py",
                                  "meshsec/units.py"])
 def test_conversion_errors_and_shared_parts_do_no_io(mod):
     # the pieces split out of the controller client stay pure: proto -> model, errors, defaults, units
