@@ -25,7 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from agent import control
-from agent.control import CERT_FILE, ControlError, ControllerClient, EnrollmentError
+from agent.control import ControlError, ControllerClient, EnrollmentError
+from agent.keystore import CERT_FILE
 from controller.ca import CertificateAuthority
 from controller.policy import NodeSpec
 from meshsec.v1 import controller_pb2 as pb
