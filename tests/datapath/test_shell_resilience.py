@@ -1,4 +1,4 @@
-"""The agent's I/O shell against bad input and lost state (review findings), with the
+"""The agent's I/O shell against bad input and lost state, with the
 real IkeManager or the toy FakeIke, FakeTun / FakeNetwork and a fake clock.
 
 - a callback that raises is logged once, counted (``internal_errors``), the loop goes on;

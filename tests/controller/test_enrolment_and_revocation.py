@@ -1,5 +1,4 @@
-"""What a fresh-eyes review found, each fixed and proven here against an
-in-process controller on 127.0.0.1:
+"""Enrolment, renewal and revocation, against an in-process controller on 127.0.0.1:
 
 - join tokens are single-use; renewal goes over mutual TLS (Renew);
 - a new key or a removal revokes the node's earlier certificates, and the
