@@ -58,7 +58,7 @@ from dataclasses import dataclass
 import yaml
 
 from meshsec.defaults import MAX_LIFETIME_VOLUME, MIN_LIFETIME_BYTES, MIN_LIFETIME_PACKETS  # noqa: F401 (re-exported)
-from meshsec.units import parse_duration, parse_size  # noqa: F401 (re-exported)
+from meshsec.units import parse_duration, parse_size
 
 from agent.model import (DEFAULT_ESP_PROPOSALS, DEFAULT_IKE_PROPOSALS, Credentials, NodeView, Peer,
                          PeerPolicy)

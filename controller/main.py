@@ -15,8 +15,9 @@ import sys
 import threading
 from pathlib import Path
 
-from controller.inventory import InventoryError, parse_duration
+from controller.inventory import InventoryError
 from controller.service import ControllerServer, default_server_names, split_listen
+from meshsec.units import parse_duration
 
 
 def build_parser() -> argparse.ArgumentParser:
