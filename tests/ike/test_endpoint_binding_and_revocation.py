@@ -1,4 +1,4 @@
-"""PAD additions (RFC 4301 §4.4.3, docs/ike-hardening.md), sans-I/O: endpoint binding
+"""PAD additions at the manager level (RFC 4301 §4.4.3, docs/ike-hardening.md), sans-I/O: endpoint binding
 (off by default, NAT-aware), revoked certificates delete their IKE_SA and cannot
 authenticate again, new credentials apply to new IKE_SAs only.
 """
