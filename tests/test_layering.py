@@ -2,18 +2,22 @@
 
 - agent.ike and agent.esp are pure: they import only computation (a short list of
   standard-library modules, ``cryptography``) and other pure modules (agent.iana,
-  agent.model, meshsec.defaults/.proposals/.units), directly or not: no sockets, asyncio,
-  grpc, pyroute2, pytun, files, clocks or OS randomness; they take ``now`` and an
-  injected ``rng``; they never import the I/O shell (agent.datapath, agent.control).
+  agent.model, meshsec.defaults/.proposals/.units): no sockets, asyncio, grpc, pyroute2,
+  pytun, files, clocks or OS randomness; they take `now` and an injected `rng`; they
+  never import the I/O shell (agent.datapath, agent.control).
+- The packet sides (inside, outside) and the policy module open nothing: batches in,
+  batches out.
+- No import circle anywhere in agent/, controller/, meshsec/ (strongly connected
+  components of the import graph, lazy imports count), and no module there over 600
+  lines, but for the lists below while their splits land.
+- In-memory stand-ins (Fake*) live in tests/, not in the packages.
 - agent and controller share only the meshsec package: the generated API (meshsec.v1)
   and the shared defaults, proposal keywords and unit parsers (meshsec.defaults,
   .proposals, .units); meshsec itself imports neither side.
 - The datapath's two packet sides (inside, outside) never reach agent.ike, not
-  even through another module: they return requests, the loop talks to IKE. They and
-  the policy module open nothing: batches in, batches out.
-- No import circle anywhere in agent/, controller/, meshsec/ (lazy imports count).
-- No module in agent/ or controller/ over 600 lines.
-- In-memory stand-ins (Fake*) live in tests/, not in the packages.
+  even through another module: they return requests, the loop talks to IKE.
+- No import circle among the agent.datapath modules.
+- No module in agent.datapath or agent.esp over 600 lines.
 """
 from __future__ import annotations
 
@@ -52,24 +56,6 @@ def imports(path: Path) -> list[tuple[int, str]]:
             out += [(node.lineno, a.name) for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             out.append((node.lineno, node.module))
-    return out
-
-
-def resolved_imports(path: Path) -> list[tuple[int, str]]:
-    """Like imports(), with in-repo names resolved to modules: ``from meshsec import
-    proposals`` is meshsec.proposals, ``from agent.esp import Sad`` is agent.esp."""
-    tree = ast.parse(path.read_text(), filename=str(path))
-    out = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            out += [(node.lineno, a.name) for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module.split(".")[0] not in PACKAGES:
-                out.append((node.lineno, node.module))
-                continue
-            for a in node.names:
-                sub = f"{node.module}.{a.name}"
-                out.append((node.lineno, sub if module_file(sub) is not None else node.module))
     return out
 
 
@@ -117,13 +103,24 @@ def test_shared_defaults_and_parsers_are_imported_not_rewritten(path):
     assert not again, f"{path} defines {sorted(again)} again; import them from meshsec.defaults/units"
 
 
-def module_file(mod: str, root: Path = ROOT) -> Path | None:
-    """The source file of an in-repo module name (package -> its __init__.py), else None."""
-    base = root.joinpath(*mod.split("."))
-    for cand in (base.with_suffix(".py"), base / "__init__.py"):
-        if cand.is_file():
-            return cand
-    return None
+# ---- the import graph of agent/, controller/, meshsec/ (names resolved to modules)
+
+def resolved_imports(path: Path) -> list[tuple[int, str]]:
+    """Like imports(), with in-repo names resolved to modules: ``from meshsec import
+    proposals`` is meshsec.proposals, ``from agent.esp import Sad`` is agent.esp."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module.split(".")[0] not in PACKAGES:
+                out.append((node.lineno, node.module))
+                continue
+            for a in node.names:
+                sub = f"{node.module}.{a.name}"
+                out.append((node.lineno, sub if module_file(sub) is not None else node.module))
+    return out
 
 
 def repo_imports(path: Path, root: Path = ROOT, packages: tuple[str, ...] = PACKAGES) -> set[str]:
@@ -141,27 +138,6 @@ def repo_imports(path: Path, root: Path = ROOT, packages: tuple[str, ...] = PACK
                 sub = f"{node.module}.{a.name}"
                 out.add(sub if module_file(sub, root) is not None else node.module)
     return out
-
-
-def agent_imports(path: Path, root: Path = ROOT) -> set[str]:
-    """The agent.* modules ``path`` imports (see repo_imports)."""
-    return repo_imports(path, root, ("agent",))
-
-
-def reachable(mod: str, packages: tuple[str, ...] = ("agent",)) -> dict[str, str]:
-    """Every module of ``packages`` ``mod`` imports, directly or not -> the module that imports it."""
-    seen: dict[str, str] = {}
-    todo = [mod]
-    while todo:
-        m = todo.pop()
-        f = module_file(m)
-        if f is None:
-            continue
-        for dep in sorted(repo_imports(f, ROOT, packages)):
-            if dep not in seen and dep != mod:
-                seen[dep] = m
-                todo.append(dep)
-    return seen
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:
@@ -219,23 +195,6 @@ def import_circles(graph: dict[str, set[str]]) -> list[tuple[str, ...]]:
     return sorted(out)
 
 
-@pytest.mark.parametrize("path", list(core_files()), ids=lambda p: str(p.relative_to(ROOT)))
-def test_pure_core_does_not_import_the_io_shell(path):
-    bad = [f"{path.relative_to(ROOT)}:{ln}: imports {mod}" for ln, mod in imports(path)
-           if mod.startswith(("agent.datapath", "agent.control", "agent.main"))]
-    assert not bad, "the pure core must not depend on the I/O shell:\n" + "\n".join(bad)
-
-
-@pytest.mark.parametrize("side", ["agent.datapath.inside", "agent.datapath.outside"])
-def test_packet_sides_never_import_ike(side):
-    assert module_file(side) is not None, f"{side} is missing"
-    via = reachable(side)
-    assert "agent.esp" in via  # the walk follows imports (it would see agent.ike too)
-    bad = sorted(m for m in via if m == "agent.ike" or m.startswith("agent.ike."))
-    assert not bad, f"{side} reaches " + ", ".join(f"{m} (imported by {via[m]})" for m in bad) + \
-        ": the packet sides return requests; only the loop talks to IKE"
-
-
 @pytest.mark.parametrize("mod", ["agent.datapath.inside", "agent.datapath.outside", "agent.datapath.policy"])
 def test_packet_sides_and_policy_open_no_devices(mod):
     # batches in, batches out: the TUN, sockets, clocks and threads belong to the loop
@@ -286,7 +245,7 @@ def test_no_import_circle_anywhere():
     assert not circles, "import circles (lazy imports count):\n" + "\n".join(" <-> ".join(c) for c in circles)
 
 
-def test_the_circle_check_sees_a_circle(tmp_path):
+def test_the_scc_check_sees_circles(tmp_path):
     # guards against the check above passing because it cannot see circles
     pkg = tmp_path / "agent" / "datapath"
     pkg.mkdir(parents=True)
@@ -302,7 +261,7 @@ def test_the_circle_check_sees_a_circle(tmp_path):
 
 
 @pytest.mark.parametrize("pkg", PACKAGES)
-def test_modules_stay_small(pkg):
+def test_no_module_over_600_lines(pkg):
     big = [f"{p.relative_to(ROOT)}: {n} lines" for p in sorted((ROOT / pkg).rglob("*.py"))
            if (n := len(p.read_text().splitlines())) > 600 and str(p.relative_to(ROOT)) not in KNOWN_LARGE
            and "v1" not in p.relative_to(ROOT).parts]
@@ -315,6 +274,113 @@ def test_fakes_live_in_tests():
            for p in sorted((ROOT / pkg).rglob("*.py"))
            for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.ClassDef) and n.name.startswith("Fake")]
     assert not bad, "move these to tests/:\n" + "\n".join(bad)
+
+
+def module_file(mod: str, root: Path = ROOT) -> Path | None:
+    """The source file of an in-repo module name (package -> its __init__.py), else None."""
+    base = root.joinpath(*mod.split("."))
+    for cand in (base.with_suffix(".py"), base / "__init__.py"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def agent_imports(path: Path, root: Path = ROOT) -> set[str]:
+    """The agent.* modules ``path`` imports (anywhere in the file), names resolved to modules:
+    ``from agent.esp import Sad`` is agent.esp, ``from agent.datapath import packets`` is
+    agent.datapath.packets."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.split(".")[0] == "agent"}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
+                and node.module.split(".")[0] == "agent":
+            for a in node.names:
+                sub = f"{node.module}.{a.name}"
+                out.add(sub if module_file(sub, root) is not None else node.module)
+    return out
+
+
+def reachable(mod: str) -> dict[str, str]:
+    """Every agent.* module ``mod`` imports, directly or not -> the module that imports it."""
+    seen: dict[str, str] = {}
+    todo = [mod]
+    while todo:
+        m = todo.pop()
+        f = module_file(m)
+        if f is None:
+            continue
+        for dep in sorted(agent_imports(f)):
+            if dep not in seen and dep != mod:
+                seen[dep] = m
+                todo.append(dep)
+    return seen
+
+
+def datapath_circles(root: Path = ROOT) -> tuple[list[str], list[str]]:
+    """(the agent.datapath modules, the import circles among them as "a -> b -> a")."""
+    mods = sorted("agent.datapath." + p.stem for p in (root / "agent/datapath").glob("*.py") if p.stem != "__init__")
+    graph = {m: {d for d in agent_imports(module_file(m, root), root) if d in mods} for m in mods}
+    state: dict[str, int] = {}  # 1: on the stack, 2: done
+    circles = []
+
+    def visit(m, stack):
+        state[m] = 1
+        for d in sorted(graph[m]):
+            if state.get(d) == 1:
+                circles.append(" -> ".join(stack[stack.index(d):] + [d]))
+            elif d not in state:
+                visit(d, stack + [d])
+        state[m] = 2
+
+    for m in mods:
+        if m not in state:
+            visit(m, [m])
+    return mods, circles
+
+
+@pytest.mark.parametrize("path", list(core_files()), ids=lambda p: str(p.relative_to(ROOT)))
+def test_pure_core_does_not_import_the_io_shell(path):
+    bad = [f"{path.relative_to(ROOT)}:{ln}: imports {mod}" for ln, mod in imports(path)
+           if mod.startswith(("agent.datapath", "agent.control", "agent.main"))]
+    assert not bad, "the pure core must not depend on the I/O shell:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("side", ["agent.datapath.inside", "agent.datapath.outside"])
+def test_packet_sides_never_import_ike(side):
+    assert module_file(side) is not None, f"{side} is missing"
+    via = reachable(side)
+    assert "agent.esp" in via  # the walk follows imports (it would see agent.ike too)
+    bad = sorted(m for m in via if m == "agent.ike" or m.startswith("agent.ike."))
+    assert not bad, f"{side} reaches " + ", ".join(f"{m} (imported by {via[m]})" for m in bad) + \
+        ": the packet sides return requests; only the loop talks to IKE"
+
+
+def test_no_import_circle_in_the_datapath():
+    mods, circles = datapath_circles()
+    assert "agent.datapath.runtime" in mods and len(mods) >= 10
+    assert not circles, "import circles in agent.datapath:\n" + "\n".join(circles)
+
+
+def test_the_circle_check_sees_a_circle(tmp_path):
+    # guards against the check above passing because it cannot see circles
+    pkg = tmp_path / "agent" / "datapath"
+    pkg.mkdir(parents=True)
+    (tmp_path / "agent" / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "x.py").write_text("from agent.datapath import y\n")
+    (pkg / "y.py").write_text("def f():\n    from agent.datapath.x import g\n")
+    (pkg / "z.py").write_text("from agent.datapath import x\n")
+    _mods, circles = datapath_circles(tmp_path)
+    assert circles == ["agent.datapath.x -> agent.datapath.y -> agent.datapath.x"]
+
+
+@pytest.mark.parametrize("pkg", ["agent/datapath", "agent/esp"])
+def test_modules_stay_small(pkg):
+    big = [f"{p.relative_to(ROOT)}: {n} lines" for p in sorted((ROOT / pkg).rglob("*.py"))
+           if (n := len(p.read_text().splitlines())) > 600]
+    assert not big, "split these modules (at most ~600 lines each):\n" + "\n".join(big)
 
 
 def test_layering_check_sees_files():
