@@ -54,8 +54,8 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from meshsec.defaults import MIN_LIFETIME_BYTES, MIN_LIFETIME_PACKETS
-from meshsec.units import parse_duration, parse_size
+from meshsec.defaults import MAX_LIFETIME_VOLUME, MIN_LIFETIME_BYTES, MIN_LIFETIME_PACKETS  # noqa: F401 (re-exported)
+from meshsec.units import parse_duration, parse_size  # noqa: F401 (re-exported)
 
 from controller.proposals import ProposalInvalid, check_child_proposal, check_ike_proposal
 from controller.policy import (

@@ -15,9 +15,8 @@ import sys
 import threading
 from pathlib import Path
 
-from controller.inventory import InventoryError
+from controller.inventory import InventoryError, parse_duration
 from controller.service import ControllerServer, default_server_names, split_listen
-from meshsec.units import parse_duration
 
 
 def build_parser() -> argparse.ArgumentParser:
