@@ -180,7 +180,7 @@ def test_a_proposal_typo_refuses_that_peer_only(caplog):
     b.rt.start()
     pump(a, b)
     caplog.set_level(logging.WARNING, logger="meshsec.runtime")
-    # a new view adds peer c with a typo in its IKE proposal (the inventory error seen in the review)
+    # a new view adds peer c with a typo in its IKE proposal (an inventory error)
     a.rt.submit_view(replace(a.view, peers=a.view.peers + (peer("c", C_IP, NET_C, policy=bad),), version=2))
     pump(a, b)
     st = a.rt.status()
