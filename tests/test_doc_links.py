@@ -1,8 +1,10 @@
-"""Paths the README and docs/*.md name (``tests/ike/test_pad.py``, ``docs/design.md``,
-``agent/datapath/inside.py``...) exist in the repository, so renamed tests and moved modules
-cannot leave the docs pointing at nothing (as they once pointed at a DESIGN.md outside it)."""
+"""Paths the README and docs/*.md name (``tests/ike/test_policy_errors.py``, ``docs/design.md``,
+``agent/datapath/inside.py``...) exist in the repository, and ``FILE.py::test_name`` names a
+function of that file, so renamed tests and moved modules cannot leave the docs pointing at
+nothing (as they once pointed at a DESIGN.md outside the repository)."""
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -33,6 +35,27 @@ def test_docs_name_only_files_that_exist():
     assert not bad, "docs name files that do not exist:\n" + "\n".join(bad)
 
 
+TEST_REF = re.compile(r"((?:tests|e2e)/[\w./-]*\.py)::(\w+)")
+
+
+def missing_tests(files: list[Path], root: Path = ROOT) -> list[str]:
+    out = []
+    for f in files:
+        for i, line in enumerate(f.read_text().splitlines(), 1):
+            for m in TEST_REF.finditer(line):
+                path = root / m.group(1)
+                names = {n.name for n in ast.walk(ast.parse(path.read_text()))
+                         if isinstance(n, (ast.FunctionDef, ast.ClassDef))} if path.exists() else set()
+                if m.group(2) not in names:
+                    out.append(f"{f.relative_to(root)}:{i}: {m.group(0)}")
+    return out
+
+
+def test_docs_name_only_tests_that_exist():
+    bad = missing_tests(doc_files())
+    assert not bad, "docs name tests that do not exist:\n" + "\n".join(bad)
+
+
 def test_docs_refer_to_no_design_md_outside_the_repository():
     bad = [f"{f.relative_to(ROOT)}" for f in doc_files() if "DESIGN.md" in f.read_text()]
     assert not bad, "docs/design.md is the design page; these name a DESIGN.md: " + ", ".join(bad)
@@ -41,5 +64,8 @@ def test_docs_refer_to_no_design_md_outside_the_repository():
 def test_the_check_sees_a_missing_file(tmp_path):
     (tmp_path / "docs").mkdir()
     doc = tmp_path / "docs" / "x.md"
-    doc.write_text("see `tests/test_gone.py` and docs/x.md\n")
+    doc.write_text("see `tests/test_gone.py` and docs/x.md\nand tests/t.py::test_a, tests/t.py::test_b\n")
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "t.py").write_text("def test_a():\n    pass\n")
     assert missing_paths([doc], tmp_path) == ["docs/x.md:1: tests/test_gone.py"]
+    assert missing_tests([doc], tmp_path) == ["docs/x.md:2: tests/t.py::test_b"]
