@@ -11,6 +11,8 @@ Names (docs/metrics.md):
     meshsec_controller_leader_transitions_total   counter of elections won and lost
     meshsec_controller_view_version               gauge, the view version this replica serves
     meshsec_controller_build_info{version,python} gauge, always 1
+    meshsec_controller_enrol_port_dropped_total{reason}  counter: request_timeout, no_request
+    meshsec_controller_log_lines_suppressed_total{kind}  counter of rate-limited log lines left out
 
 Each :class:`ControllerMetrics` has its own registry (several controllers
 in one process, e.g. tests, do not collide). Updating is thread-safe.
@@ -46,6 +48,13 @@ class ControllerMetrics:
         self.fanout = Histogram("meshsec_controller_fanout_latency_seconds",
                                 "Time from a view change reaching this replica to the update handed to "
                                 "each Watch stream", buckets=FANOUT_BUCKETS, registry=r)
+        self.enrol_dropped = Counter("meshsec_controller_enrol_port_dropped",
+                                     "Enrol-port calls ended before any work: request_timeout (no request "
+                                     "message in time), no_request (ended without one)", ["reason"], registry=r)
+        for reason in ("request_timeout", "no_request"):
+            self.enrol_dropped.labels(reason)
+        self.log_suppressed = Counter("meshsec_controller_log_lines_suppressed",
+                                      "Log lines left out by rate limiting, by kind", ["kind"], registry=r)
         self.leader = Gauge("meshsec_controller_leader", "1 if this replica is the leader", registry=r)
         self.transitions = Counter("meshsec_controller_leader_transitions",
                                    "Leadership won or lost", registry=r)
@@ -66,6 +75,12 @@ class ControllerMetrics:
 
     def enrolment(self, result: str) -> None:
         self.enrolments.labels(result if result in ENROL_RESULTS else "invalid").inc()
+
+    def enrol_port_dropped(self, reason: str) -> None:
+        self.enrol_dropped.labels(reason).inc()
+
+    def log_line_suppressed(self, kind: str) -> None:
+        self.log_suppressed.labels(kind).inc()
 
     def fanout_observed(self, seconds: float) -> None:
         self.fanout.observe(max(0.0, seconds))

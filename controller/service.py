@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from controller.ca import CertificateAuthority, CsrError
+from controller.enrolport import ENROLL_READ_TIMEOUT_S, EnrolPort, watch_port_only
 from controller.inventory import InventoryError, load_inventory
 from controller.fanout import ViewCache, peer_to_proto, view_update  # noqa: F401 (re-exported)
 from controller.policy import Inventory, UnknownNode
@@ -460,6 +461,20 @@ def add_servicer(servicer: ControllerServicer, server: grpc.Server, extra: dict 
     server.add_registered_method_handlers("meshsec.v1.Controller", handlers)
 
 
+def enrol_port(server: "ControllerServer", servicer: ControllerServicer,
+               creds: grpc.ServerCredentials) -> EnrolPort:
+    """The enrol port's server: Enroll, and the mutual-TLS methods answered as on the watch port."""
+    mesh = server.mesh.rpc_handlers() if server.mesh is not None else {}
+    handlers = {"Enroll": (servicer.Enroll, pb.EnrollRequest), "Renew": (servicer.Renew, pb.RenewRequest),
+                "Watch": (watch_port_only(servicer._check_identity), pb.WatchRequest)}
+    for name, message in (("ReportStatus", pb.StatusReport), ("GetMesh", pb.GetMeshRequest)):
+        if name in mesh:
+            handlers[name] = (mesh[name].unary_unary, message)
+    return EnrolPort(server.listen, creds, handlers, options=server.grpc_options, logger=server.log,
+                     read_timeout=server.enroll_read_timeout, malformed_log=servicer.malformed_log,
+                     on_dropped=server.metrics.enrol_port_dropped)
+
+
 def split_listen(listen: str) -> tuple[str, int]:
     """``HOST:PORT`` or ``[V6]:PORT`` -> (host, port); ValueError otherwise."""
     host, sep, port = listen.rpartition(":")
@@ -502,7 +517,9 @@ class ControllerServer:
                  logger: logging.Logger | None = None, node_source=None,
                  token_review: Callable[[str, str], tuple[bool, str]] | None = None,
                  source_sync_timeout: float = 10.0, grpc_options: list[tuple[str, int]] | None = None,
-                 mesh_options: dict | None = None) -> None:
+                 mesh_options: dict | None = None, enroll_read_timeout: float = ENROLL_READ_TIMEOUT_S) -> None:
+        self.enroll_read_timeout = enroll_read_timeout  # seconds an enrol-port call may take to send its request
+        self.enrol_port: EnrolPort | None = None
         # mesh_options: keyword arguments of controller.status.MeshService (web page, status socket)
         self.mesh_options = dict(mesh_options or {})
         self.mesh = None
@@ -610,17 +627,17 @@ class ControllerServer:
         from controller.status import MeshService  # ReportStatus, GetMesh, web page, status socket
         self.mesh = MeshService(self, servicer, logger=self.log, **self.mesh_options)
         add_servicer(servicer, server, self.mesh.rpc_handlers())
-        ports = []
-        for listen, creds in ((self.listen, enrol_creds), (self.watch_listen, watch_creds)):
-            try:
-                port = server.add_secure_port(listen, creds)
-            except RuntimeError as e:
-                raise OSError(f"cannot listen on {listen}: {e}") from None
-            if not port:
-                raise OSError(f"cannot listen on {listen}")
-            ports.append(port)
+        try:
+            watch_port = server.add_secure_port(self.watch_listen, watch_creds)
+        except RuntimeError as e:
+            raise OSError(f"cannot listen on {self.watch_listen}: {e}") from None
+        if not watch_port:
+            raise OSError(f"cannot listen on {self.watch_listen}")
         from controller.metrics import add_health_and_reflection
         add_health_and_reflection(server)
+        # the unauthenticated enrol port: its own aio server, a stalled call costs no thread (controller.enrolport)
+        self.enrol_port = enrol_port(self, servicer, enrol_creds)
+        ports = [self.enrol_port.start(), watch_port]
         server.start()
         self._server = server
         try:
@@ -628,6 +645,7 @@ class ControllerServer:
         except OSError:
             server.stop(0)
             self._server = None
+            self.enrol_port.stop(0)
             raise
         if self.health_listen:
             self._health_server, self.health_port = add_health_and_reflection(None, self.health_listen)
@@ -754,6 +772,9 @@ class ControllerServer:
             self.mesh.stop()
         if self.node_source is not None:
             self.node_source.stop()
+        if self.enrol_port is not None:
+            self.enrol_port.stop(grace)
+            self.enrol_port = None
         if self._server is not None:
             self._server.stop(grace).wait()
             self._server = None
