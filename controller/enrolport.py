@@ -32,6 +32,7 @@ from typing import Any, Callable
 import grpc
 from grpc import aio
 
+from controller.badinput import add_guarded, health_and_reflection
 from controller.watchlimit import RateLimitedLog, guard, tolerant_deserializer
 from meshsec.v1 import controller_pb2 as pb
 
@@ -116,7 +117,7 @@ class EnrolPort:
         methods = {name: self._method(name, behaviour, message)
                    for name, (behaviour, message) in self.handlers.items()}
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, methods),))
-        await _add_health_and_reflection(server)
+        await _add_health_and_reflection(server, self.malformed_log)
         try:
             port = server.add_secure_port(self.listen, self.credentials)
         except RuntimeError as e:
@@ -187,18 +188,15 @@ def _serialize(response) -> bytes:
     return response if isinstance(response, bytes) else response.SerializeToString()
 
 
-async def _add_health_and_reflection(server: aio.Server) -> None:
+async def _add_health_and_reflection(server: aio.Server, log: RateLimitedLog) -> None:
     """grpc.health.v1 (SERVING for "" and the controller service) and reflection, as on the watch port."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-    from grpc_health.v1.health import aio as health_aio
-    from grpc_reflection.v1alpha import reflection
+    from grpc_health.v1 import health_pb2
 
-    servicer = health_aio.HealthServicer()
+    servicer, services = health_and_reflection(True, [SERVICE])
     for service in ("", SERVICE):
         await servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    reflection.enable_server_reflection([SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                                         reflection.SERVICE_NAME], server)
+    for service, handlers in services.items():
+        add_guarded(server, service, handlers, log)
 
 
 def watch_port_only(check_identity: Callable[[str, Any, str], None]) -> Callable:

@@ -110,32 +110,34 @@ class ControllerMetrics:
             self._server = None
 
 
-def add_health_and_reflection(server, listen: str | None = None):
+def add_health_and_reflection(server, listen: str | None = None, log=None):
     """grpc.health.v1 (SERVING for "" and meshsec.v1.Controller) and server
     reflection on ``server``. With ``server=None`` build a separate plain-text
     server on ``listen`` holding only these two services (for probes, e.g.
     Kubernetes gRPC probes, which speak no TLS; Enroll/Watch are never served
-    without TLS) and return (server, bound port); OSError if it cannot listen."""
+    without TLS) and return (server, bound port); OSError if it cannot listen.
+    Malformed requests: INVALID_ARGUMENT, logged through ``log``
+    (a controller.watchlimit.RateLimitedLog; controller.badinput)."""
     from concurrent import futures
+    import logging
 
     import grpc
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-    from grpc_reflection.v1alpha import reflection
+    from grpc_health.v1 import health_pb2
 
+    from controller.badinput import add_guarded, health_and_reflection
+    from controller.watchlimit import RateLimitedLog
     from meshsec.v1 import controller_pb2 as pb
 
     own = server is None
     if own:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="meshsec-health"))
-    servicer = health.HealthServicer()
     controller_name = pb.DESCRIPTOR.services_by_name["Controller"].full_name
+    servicer, services = health_and_reflection(False, [] if own else [controller_name])
     for name in ("", controller_name):
         servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
-    if not own:
-        names.insert(0, controller_name)
-    reflection.enable_server_reflection(names, server)
+    log = log or RateLimitedLog(logging.getLogger("meshsec.controller"), kind="malformed")
+    for service, handlers in services.items():
+        add_guarded(server, service, handlers, log)
     if not own:
         return servicer
     try:

@@ -196,8 +196,8 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         self._state = state
         # one live Watch per node, and threads left for Enroll/Renew (controller.watchlimit)
         self.watches = watches or WatchRegistry(watch_capacity(256))
-        self.malformed_log = RateLimitedLog(logger)
         self._metrics = metrics or ControllerMetrics()
+        self.malformed_log = RateLimitedLog(logger, kind="malformed", on_suppressed=self._metrics.log_line_suppressed)
         self._is_leader = is_leader  # HA: only the leader enrols (it writes)
         self._token_review = token_review  # (node, token) -> (ok, reason): e.g. controller.k8s.TokenReviewer
         self._store = store
@@ -456,7 +456,8 @@ def add_servicer(servicer: ControllerServicer, server: grpc.Server, extra: dict 
             request_deserializer=tolerant_deserializer(pb.RenewRequest),
             response_serializer=pb.EnrollResponse.SerializeToString),
     }
-    handlers.update(extra or {})  # ReportStatus, GetMesh (controller.status)
+    from controller.badinput import tolerant_handler
+    handlers.update({name: tolerant_handler(h, name, bad) for name, h in (extra or {}).items()})  # ReportStatus, GetMesh
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("meshsec.v1.Controller", handlers),))
     server.add_registered_method_handlers("meshsec.v1.Controller", handlers)
 
@@ -634,7 +635,7 @@ class ControllerServer:
         if not watch_port:
             raise OSError(f"cannot listen on {self.watch_listen}")
         from controller.metrics import add_health_and_reflection
-        add_health_and_reflection(server)
+        add_health_and_reflection(server, log=servicer.malformed_log)
         # the unauthenticated enrol port: its own aio server, a stalled call costs no thread (controller.enrolport)
         self.enrol_port = enrol_port(self, servicer, enrol_creds)
         ports = [self.enrol_port.start(), watch_port]
@@ -648,7 +649,8 @@ class ControllerServer:
             self.enrol_port.stop(0)
             raise
         if self.health_listen:
-            self._health_server, self.health_port = add_health_and_reflection(None, self.health_listen)
+            self._health_server, self.health_port = add_health_and_reflection(
+                None, self.health_listen, log=servicer.malformed_log)
         if self.metrics_listen:
             self.metrics_port = self.metrics.serve(self.metrics_listen)
         self.metrics.set_leader(self.is_leader)

@@ -115,8 +115,11 @@ class RateLimitedLog:
     """Logs one warning per ``interval`` seconds; the lines left out are counted into the next."""
 
     def __init__(self, log: logging.Logger, interval: float = MALFORMED_LOG_INTERVAL_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *, kind: str = "malformed",
+                 on_suppressed: Callable[[str], None] | None = None) -> None:
+        # kind: label of meshsec_controller_log_lines_suppressed_total; on_suppressed(kind) counts each left out
         self.log, self.interval, self.clock = log, interval, clock
+        self.kind, self.on_suppressed = kind, on_suppressed
         self._lock = threading.Lock()
         self._last: float | None = None
         self.suppressed = 0
@@ -127,10 +130,15 @@ class RateLimitedLog:
         with self._lock:
             self.total += 1
             now = self.clock()
-            if self._last is not None and now - self._last < self.interval:
+            skip = self._last is not None and now - self._last < self.interval
+            if skip:
                 self.suppressed += 1
-                return False
-            self._last, left_out, self.suppressed = now, self.suppressed, 0
+            else:
+                self._last, left_out, self.suppressed = now, self.suppressed, 0
+        if skip:
+            if self.on_suppressed is not None:
+                self.on_suppressed(self.kind)
+            return False
         suffix = f" ({left_out} more since the last such line)" if left_out else ""
         self.log.warning(fmt + suffix, *args)
         return True

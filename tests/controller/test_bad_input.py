@@ -1,0 +1,72 @@
+"""Issue 13 (D2-D4): bad requests from anyone end in INVALID_ARGUMENT naming the problem, and at
+most one rate-limited log line per kind (the rest counted in
+meshsec_controller_log_lines_suppressed_total{kind}), never a traceback or an echo of the value.
+In-process controller on 127.0.0.1."""
+from __future__ import annotations
+
+import logging
+
+import grpc
+import pytest
+
+from meshsec.v1 import controller_pb2 as pb
+from meshsec.v1 import controller_pb2_grpc as pb_grpc
+from tests.controller.ctl_helpers import ServerFactory
+from tests.controller.test_bounds import _mtls
+from tests.controller.test_grpc import OPTS
+from tests.controller.test_hardening import enrol_raw
+
+GARBAGE = b"\x0a\xff\x01garbage"  # field 1, length 255, 7 bytes follow: truncated
+
+
+def _suppressed(server, kind: str) -> float:
+    return server.metrics.registry.get_sample_value("meshsec_controller_log_lines_suppressed_total",
+                                                    {"kind": kind}) or 0.0
+
+
+REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+
+
+def _call(ch: grpc.Channel, path: str, streaming: bool | None) -> grpc.RpcError:
+    """``streaming``: None for a stream-stream method (one request message)."""
+    with pytest.raises(grpc.RpcError) as e:
+        if streaming is None:
+            next(iter(ch.stream_stream(path)(iter([GARBAGE]), timeout=5)))
+        else:
+            r = (ch.unary_stream if streaming else ch.unary_unary)(path)(GARBAGE, timeout=5)
+            if streaming:
+                next(iter(r))
+    return e.value
+
+
+METHODS = [("/meshsec.v1.Controller/Enroll", False), ("/meshsec.v1.Controller/Renew", False),
+           ("/meshsec.v1.Controller/Watch", True), ("/meshsec.v1.Controller/ReportStatus", False),
+           ("/meshsec.v1.Controller/GetMesh", False), ("/grpc.health.v1.Health/Check", False),
+           ("/grpc.health.v1.Health/Watch", True)]
+
+
+def test_malformed_protobuf_on_every_method_of_both_ports(controller: ServerFactory, caplog) -> None:
+    """Before: ReportStatus, GetMesh and the health service answered INTERNAL and logged a
+    traceback for each call."""
+    server = controller.start(health_listen="127.0.0.1:0")
+    alpha, key = enrol_raw(server, "alpha", "alpha-token")
+    caplog.set_level(logging.WARNING)
+    ports = [(server.port, grpc.ssl_channel_credentials(server.ca_path.read_bytes())),
+             (server.watch_port, _mtls(server, alpha, key))]
+    calls = 0
+    for port, creds in ports:
+        with grpc.secure_channel(f"127.0.0.1:{port}", creds, options=OPTS) as ch:
+            for path, streaming in METHODS + [(REFLECTION, None)]:
+                for _ in range(3):
+                    err = _call(ch, path, streaming)
+                    calls += 1
+                    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (port, path, err)
+                    assert "is not a valid" in err.details(), (path, err.details())
+    with grpc.insecure_channel(f"127.0.0.1:{server.health_port}") as ch:
+        for path, streaming in METHODS[-2:] + [(REFLECTION, None)]:
+            assert _call(ch, path, streaming).code() == grpc.StatusCode.INVALID_ARGUMENT, path
+            calls += 1
+    assert not [r for r in caplog.records if r.exc_info or "deserializ" in r.getMessage().lower()]
+    lines = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert _suppressed(server, "malformed") == calls - 1
