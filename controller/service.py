@@ -37,6 +37,7 @@ from cryptography.x509.oid import NameOID
 from controller.ca import CertificateAuthority, CsrError
 from controller.enrolport import ENROLL_READ_TIMEOUT_S, EnrolPort, watch_port_only
 from controller.inventory import InventoryError, load_inventory
+from controller.limits import field_too_long
 from controller.fanout import ViewCache, peer_to_proto, view_update  # noqa: F401 (re-exported)
 from controller.policy import Inventory, UnknownNode
 from controller.metrics import ControllerMetrics
@@ -46,6 +47,9 @@ from meshsec.v1 import controller_pb2 as pb
 from meshsec.v1 import controller_pb2_grpc as pb_grpc
 
 CA_FILE = "ca.pem"
+# Refusals an unauthenticated caller can cause are logged once per kind in this many seconds.
+REFUSAL_LOG_INTERVAL_S = 10.0
+REFUSAL_KINDS = ("unknown_node", "bad_token", "token_used", "bad_csr", "token_review", "watch_capacity")
 # How often the leader forgets revoked serials whose certificates expired.
 REVOKED_PRUNE_S = 60.0
 
@@ -204,10 +208,24 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         self._ca = ca
         self._lifetime = cert_lifetime
         self._log = logger
+        # refusals anyone can cause: one line per kind every REFUSAL_LOG_INTERVAL_S, the rest counted
+        self._refusal_logs = {kind: RateLimitedLog(logger, REFUSAL_LOG_INTERVAL_S, kind=f"enrol_{kind}",
+                                                   on_suppressed=self._metrics.log_line_suppressed)
+                              for kind in REFUSAL_KINDS}
         self._clock = clock
         self._views = ViewCache(store.inventory_at)
 
+    def _refuse_log(self, kind: str, fmt: str, *args: object) -> None:
+        self._refusal_logs[kind].warning(fmt, *args)
+
+    def _check_lengths(self, request, context: grpc.ServicerContext) -> None:
+        problem = field_too_long(request)  # before anything reads a field (controller.limits)
+        if problem is not None:
+            self._metrics.enrolment("invalid")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+
     def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollResponse:
+        self._check_lengths(request, context)
         name = request.node_name
         if not name:
             self._metrics.enrolment("invalid")
@@ -221,12 +239,13 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             node = inventory.node(name)
         except UnknownNode as e:
             self._metrics.enrolment("unknown_node")
-            self._log.warning("enrolment refused: unknown node %r from %s", name, context.peer())
+            self._refuse_log("unknown_node", "enrolment refused: unknown node %r from %s", name, context.peer())
             context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         digest = hashlib.sha256(request.join_token.encode()).digest()
         node_token = bool(node.join_token_sha256) and hmac.compare_digest(digest, node.join_token_sha256)
         if not node_token and not self._reviewed(name, request.join_token):
-            self._log.warning("enrolment refused: wrong join token for node %r from %s", name, context.peer())
+            self._refuse_log("bad_token", "enrolment refused: wrong join token for node %r from %s", name,
+                             context.peer())
             self._metrics.enrolment("bad_token")
             context.abort(grpc.StatusCode.UNAUTHENTICATED, f"join token for node {name!r} is wrong")
         now = self._clock()
@@ -235,8 +254,9 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             current = self._current_certificate(name, now)
             if current is not None:
                 self._metrics.enrolment("token_used")
-                self._log.warning("enrolment refused: node %r (from %s) presented the cluster join token but "
-                                  "holds a valid certificate (serial %x)", name, context.peer(), current[0])
+                self._refuse_log("token_used",
+                                 "enrolment refused: node %r (from %s) presented the cluster join token but "
+                                 "holds a valid certificate (serial %x)", name, context.peer(), current[0])
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                               f"node {name!r} already holds a valid certificate (serial {current[0]:x}, until "
                               f"{dt.datetime.fromtimestamp(current[1], dt.timezone.utc).isoformat()}); the "
@@ -247,8 +267,8 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         if node_token and not node.shared_token and not self._store.consume_token(
                 name, digest, int(now.timestamp())):
             self._metrics.enrolment("token_used")
-            self._log.warning("enrolment refused: join token of node %r was already used (again from %s)",
-                              name, context.peer())
+            self._refuse_log("token_used", "enrolment refused: join token of node %r was already used "
+                             "(again from %s)", name, context.peer())
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"join token for node {name!r} was already used; a join token enrols once. The agent "
                           "renews its certificate over mutual TLS (Renew); to re-enrol a node that lost its key, "
@@ -256,6 +276,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         return self._record(cert, name, now, context, "enrolled")
 
     def Renew(self, request: pb.RenewRequest, context: grpc.ServicerContext) -> pb.EnrollResponse:
+        self._check_lengths(request, context)
         name = request.node_name
         if not name:
             self._metrics.enrolment("invalid")
@@ -288,7 +309,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         try:
             return self._ca.issue_for_csr(csr_der, name, self._lifetime, now)
         except CsrError as e:
-            self._log.warning("enrolment refused: bad CSR for node %r: %s", name, e)
+            self._refuse_log("bad_csr", "enrolment refused: bad CSR for node %r: %s", name, e)
             self._metrics.enrolment("bad_csr")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
@@ -330,7 +351,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             return False
         ok, why = self._token_review(name, token)
         if not ok:
-            self._log.warning("token review for node %r refused: %s", name, why)
+            self._refuse_log("token_review", "token review for node %r refused: %s", name, why)
         return ok
 
     def _check_identity(self, name: str, context: grpc.ServicerContext, rpc: str = "Watch") -> None:
@@ -367,14 +388,18 @@ class ControllerServicer(pb_grpc.ControllerServicer):
                           "new join token")
 
     def Watch(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+        problem = field_too_long(request)
+        if problem is not None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         name = request.node_name
         self._check_identity(name, context)
         wakeup = self._state.watcher()
         ticket = self.watches.register(name, wakeup, context.cancel)
         if ticket is None:
             self._state.unwatch(wakeup)
-            self._log.warning("Watch of node %r refused: %d Watch streams are live, the most this controller "
-                              "serves with its --max-workers", name, self.watches.capacity)
+            self._refuse_log("watch_capacity",
+                             "Watch of node %r refused: %d Watch streams are live, the most this controller "
+                             "serves with its --max-workers", name, self.watches.capacity)
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"the controller serves {self.watches.capacity} Watch streams already; retry later "
                           "(operators: raise --max-workers)")
@@ -457,7 +482,8 @@ def add_servicer(servicer: ControllerServicer, server: grpc.Server, extra: dict 
             response_serializer=pb.EnrollResponse.SerializeToString),
     }
     from controller.badinput import tolerant_handler
-    handlers.update({name: tolerant_handler(h, name, bad) for name, h in (extra or {}).items()})  # ReportStatus, GetMesh
+    # ReportStatus, GetMesh (controller.status)
+    handlers.update({name: tolerant_handler(h, name, bad) for name, h in (extra or {}).items()})
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("meshsec.v1.Controller", handlers),))
     server.add_registered_method_handlers("meshsec.v1.Controller", handlers)
 

@@ -70,3 +70,71 @@ def test_malformed_protobuf_on_every_method_of_both_ports(controller: ServerFact
     lines = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
     assert len(lines) == 1, lines
     assert _suppressed(server, "malformed") == calls - 1
+
+
+# ------------------------------------------------------------ D3: lengths and refusal logs
+
+def _enroll_error(server, **fields) -> grpc.RpcError:
+    with grpc.secure_channel(f"127.0.0.1:{server.port}", grpc.ssl_channel_credentials(server.ca_path.read_bytes()),
+                             options=OPTS) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            pb_grpc.ControllerStub(ch).Enroll(pb.EnrollRequest(**fields), timeout=5)
+    return e.value
+
+
+@pytest.mark.parametrize("field,size,limit", [("node_name", 254, 253), ("join_token", 8193, 8192),
+                                              ("csr_der", 8193, 8192)])
+def test_enroll_field_over_its_limit_is_named_not_echoed(controller: ServerFactory, caplog, field, size,
+                                                         limit) -> None:
+    server = controller.start()
+    caplog.set_level(logging.INFO)
+    fields = {"node_name": "alpha", "join_token": "alpha-token", "csr_der": b"\x30\x00"}
+    fields[field] = b"Q" * size if field == "csr_der" else "Q" * size
+    err = _enroll_error(server, **fields)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details() == f"{field} is {size} bytes; the limit is {limit}"
+    assert not [r for r in caplog.records if "QQQQ" in r.getMessage()]
+
+
+def test_huge_node_name_is_refused_without_echo(controller: ServerFactory, caplog) -> None:
+    """A 3 MiB node_name was echoed into the log and the error details."""
+    server = controller.start()
+    caplog.set_level(logging.INFO)
+    err = _enroll_error(server, node_name="Q" * (3 << 20), join_token="x")
+    assert err.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert "QQQQ" not in (err.details() or "")
+    assert not [r for r in caplog.records if "QQQQ" in r.getMessage()]
+
+
+def test_renew_and_watch_name_limits(controller: ServerFactory) -> None:
+    server = controller.start()
+    alpha, key = enrol_raw(server, "alpha", "alpha-token")
+    with grpc.secure_channel(f"127.0.0.1:{server.watch_port}", _mtls(server, alpha, key), options=OPTS) as ch:
+        stub = pb_grpc.ControllerStub(ch)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Renew(pb.RenewRequest(node_name="alpha", csr_der=b"Q" * 8193), timeout=5)
+        assert (e.value.code(), e.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT,
+                                                        "csr_der is 8193 bytes; the limit is 8192")
+        with pytest.raises(grpc.RpcError) as e:
+            next(iter(stub.Watch(pb.WatchRequest(node_name="Q" * 300), timeout=5)))
+        assert (e.value.code(), e.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT,
+                                                        "node_name is 300 bytes; the limit is 253")
+
+
+def test_refused_enrolments_log_one_line_per_kind_and_count_the_rest(controller: ServerFactory, caplog) -> None:
+    """Before: one warning per unknown-node or bad-token Enroll (an unauthenticated log flood)."""
+    server = controller.start()
+    caplog.set_level(logging.INFO)
+    for i in range(20):
+        assert _enroll_error(server, node_name=f"nobody{i}", join_token="x").code() == grpc.StatusCode.NOT_FOUND
+        assert _enroll_error(server, node_name="alpha", join_token=f"wrong{i}").code() == \
+            grpc.StatusCode.UNAUTHENTICATED
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len([m for m in lines if "unknown node" in m]) == 1, lines
+    assert len([m for m in lines if "wrong join token" in m]) == 1, lines
+    assert _suppressed(server, "enrol_unknown_node") == 19
+    assert _suppressed(server, "enrol_bad_token") == 19
+    # every refusal is still counted by result
+    reg = server.metrics.registry
+    assert reg.get_sample_value("meshsec_controller_enrolments_total", {"result": "unknown_node"}) == 20
+    assert reg.get_sample_value("meshsec_controller_enrolments_total", {"result": "bad_token"}) == 20
