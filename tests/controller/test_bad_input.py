@@ -138,3 +138,56 @@ def test_refused_enrolments_log_one_line_per_kind_and_count_the_rest(controller:
     reg = server.metrics.registry
     assert reg.get_sample_value("meshsec_controller_enrolments_total", {"result": "unknown_node"}) == 20
     assert reg.get_sample_value("meshsec_controller_enrolments_total", {"result": "bad_token"}) == 20
+
+
+# ------------------------------------------------------------ D4: CSR subjects
+
+def _csr_with_attribute(oid: bytes, tag: int, value: bytes) -> bytes:
+    """A correctly signed PKCS#10 request whose subject is one attribute ``oid`` (DER content
+    octets) with a value of DER ``tag`` and content ``value`` (put together by hand: the
+    builder refuses such subjects)."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from tests.controller.test_bounds import _der
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = _der(0x30, _der(0x31, _der(0x30, _der(0x06, oid) + _der(tag, value))))
+    spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    tbs = _der(0x30, _der(0x02, b"\x00") + name + spki + _der(0xA0, b""))
+    sig = key.sign(tbs, ec.ECDSA(hashes.SHA256()))
+    ecdsa_sha256 = _der(0x30, _der(0x06, bytes([0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x04, 0x03, 0x02])))
+    return _der(0x30, tbs + ecdsa_sha256 + _der(0x03, b"\x00" + sig))
+
+
+CN, UID = bytes([0x55, 0x04, 0x03]), bytes([0x55, 0x04, 0x18])  # 2.5.4.3, 2.5.4.24 x500UniqueIdentifier
+
+
+@pytest.mark.parametrize("oid,tag,value", [
+    (UID, 0x03, b"\x00\x01\x02"),        # BIT STRING: was TypeError -> UNKNOWN
+    (CN, 0x03, b"\x00alpha"),            # BIT STRING where a string belongs
+    (CN, 0x02, b"\x01"),                 # INTEGER
+    (CN, 0x1E, b"\x00a\x00"),            # BMPString of odd length
+    (CN, 0x1C, b"\x00\x00\x00"),         # UniversalString not a multiple of 4
+    (UID, 0x0C, b"alpha"),               # a string under x500UniqueIdentifier
+])
+def test_csr_subject_with_odd_attribute_is_invalid_argument(controller: ServerFactory, oid, tag, value) -> None:
+    server = controller.start()
+    err = _enroll_error(server, node_name="alpha", join_token="alpha-token",
+                        csr_der=_csr_with_attribute(oid, tag, value))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+    # BMPString/UniversalString of a wrong length fail parsing the request as a whole
+    assert ("CSR subject" in err.details() and "CN=alpha" in err.details()) or \
+        "AttributeValue" in err.details(), err.details()
+
+
+def test_ca_subject_check_is_total() -> None:
+    """The CA raises only CsrError for these subjects (the lowest layer of the test above)."""
+    import datetime as dt
+
+    from controller.ca import CertificateAuthority, CsrError
+    now = dt.datetime.now(dt.timezone.utc)
+    ca = CertificateAuthority.create(now)
+    for oid, tag, value in [(UID, 0x03, b"\x00\x01\x02"), (CN, 0x02, b"\x01"), (CN, 0x05, b"")]:
+        with pytest.raises(CsrError) as e:
+            ca.issue_for_csr(_csr_with_attribute(oid, tag, value), "alpha", dt.timedelta(hours=1), now)
+        assert len(str(e.value)) < 400
