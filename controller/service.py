@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from controller.ca import CertificateAuthority, CsrError
-from controller.enrolport import ENROLL_READ_TIMEOUT_S, EnrolPort, watch_port_only
+from controller.enrolport import ENROLL_MAX_CONCURRENT, ENROLL_READ_TIMEOUT_S, EnrolPort, watch_port_only
 from controller.inventory import InventoryError, load_inventory
 from controller.limits import field_too_long
 from controller.fanout import ViewCache, peer_to_proto, view_update  # noqa: F401 (re-exported)
@@ -498,7 +498,8 @@ def enrol_port(server: "ControllerServer", servicer: ControllerServicer,
         if name in mesh:
             handlers[name] = (mesh[name].unary_unary, message)
     return EnrolPort(server.listen, creds, handlers, options=server.grpc_options, logger=server.log,
-                     read_timeout=server.enroll_read_timeout, malformed_log=servicer.malformed_log,
+                     read_timeout=server.enroll_read_timeout, max_concurrent=server.enroll_max_concurrent,
+                     malformed_log=servicer.malformed_log,
                      on_dropped=server.metrics.enrol_port_dropped)
 
 
@@ -544,8 +545,10 @@ class ControllerServer:
                  logger: logging.Logger | None = None, node_source=None,
                  token_review: Callable[[str, str], tuple[bool, str]] | None = None,
                  source_sync_timeout: float = 10.0, grpc_options: list[tuple[str, int]] | None = None,
-                 mesh_options: dict | None = None, enroll_read_timeout: float = ENROLL_READ_TIMEOUT_S) -> None:
+                 mesh_options: dict | None = None, enroll_read_timeout: float = ENROLL_READ_TIMEOUT_S,
+                 enroll_max_concurrent: int = ENROLL_MAX_CONCURRENT) -> None:
         self.enroll_read_timeout = enroll_read_timeout  # seconds an enrol-port call may take to send its request
+        self.enroll_max_concurrent = enroll_max_concurrent  # calls open at once on the enrol port
         self.enrol_port: EnrolPort | None = None
         # mesh_options: keyword arguments of controller.status.MeshService (web page, status socket)
         self.mesh_options = dict(mesh_options or {})

@@ -89,3 +89,24 @@ def test_stalled_enroll_is_ended_after_the_request_deadline(controller: ServerFa
     finally:
         stalled.close()
     wait_for(lambda: server.enrol_port.stalled >= 3, what="three stalled Enrolls counted")
+
+
+def test_enrol_port_caps_open_calls_and_recovers(controller: ServerFactory) -> None:
+    """Beyond ``enroll_max_concurrent`` open calls the enrol port refuses at once
+    (RESOURCE_EXHAUSTED) instead of queueing; the watch port is unaffected, and once the
+    stalled calls end a fresh Enroll works."""
+    server = controller.start(enroll_max_concurrent=4)
+    alpha, alpha_key = enrol_raw(server, "alpha", "alpha-token")
+    stalled = StalledEnrolls(server, 4)
+    try:
+        time.sleep(0.5)
+        try:
+            enrol_raw(server, "bravo", "bravo-token")
+            raise AssertionError("a fifth call was served")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
+        assert renew_raw(server, server.watch_port, "alpha", alpha_key,
+                         alpha.certificate_chain_der[0]).certificate_chain_der
+    finally:
+        stalled.close()
+    assert enrol_raw(server, "bravo", "bravo-token")[0].certificate_chain_der
