@@ -93,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="UNIX socket (mode 0600) for `meshsec mesh` on this host; '' turns it off "
                            "(default: controller.sock in --state-dir)")
     p.add_argument("--max-workers", type=int, default=256, metavar="N",
-                   help="gRPC server threads; every Watch stream holds one, one live Watch per node, and "
-                        "1/16 of them (2 to 16) stay free for Enroll/Renew (default: %(default)s)")
+                   help="watch-port gRPC threads; every Watch stream holds one, one live Watch per node, and "
+                        "1/16 of them (2 to 16) stay free for Renew/ReportStatus/GetMesh; the enrol port has its "
+                        "own async server and 8 threads (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     from meshsec.version import version_line
     p.add_argument("--version", action="version", version=version_line("meshsec-controller"))

@@ -7,12 +7,14 @@ Authentication:
 - ``Watch``: mutual TLS; the servicer requires a client certificate whose
   identity (CN and its only dNSName SAN) equals ``node_name``.
 
-Two ports, one server: grpcio's ``ssl_server_credentials`` with
+Two ports, two servers: grpcio's ``ssl_server_credentials`` with
 ``require_client_auth=False`` does not even request a client certificate, so
 one port cannot serve both. The *enrol port* (``--listen``) is server-side
-TLS only (Watch there fails PERMISSION_DENIED: no certificate); the *watch
-port* (``--watch-listen``, default: the same host, enrol port + 1) requires
-and verifies a client certificate from the CA.
+TLS only (Watch there fails PERMISSION_DENIED: no certificate) and served by
+its own ``grpc.aio`` server (controller.enrolport: a caller that never sends
+its request costs no thread); the *watch port* (``--watch-listen``, default:
+the same host, enrol port + 1) requires and verifies a client certificate
+from the CA and runs on a pool of ``max_workers`` threads.
 """
 from __future__ import annotations
 

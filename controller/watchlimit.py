@@ -1,15 +1,16 @@
 """Keeping the controller's RPC workers for everyone (docs/controller-security.md).
 
-The gRPC server runs every RPC on one thread pool (``--max-workers``) and a
-Watch stream holds its thread for as long as it lasts. Without limits one
+The watch port's gRPC server runs every RPC on one thread pool (``--max-workers``)
+and a Watch stream holds its thread for as long as it lasts. Without limits one
 enrolled node opening hundreds of Watch streams takes every thread, and every
-other node's Watch, Renew and Enroll wait until they time out. So:
+other node's Watch and Renew wait until they time out (Enroll has its own
+server, controller.enrolport). So:
 
 - :class:`WatchRegistry`: one live Watch per node identity (a newer stream of
   the same node cancels the older one: the agent that reconnects is the one
   that is alive), and at most :func:`watch_capacity` Watch streams in all, so
-  :func:`reserved_workers` threads always stay free for Enroll and Renew, which
-  are short. A Watch beyond the capacity is refused at once (RESOURCE_EXHAUSTED).
+  :func:`reserved_workers` threads always stay free for Renew, ReportStatus and
+  GetMesh, which are short. A Watch beyond the capacity is refused at once (RESOURCE_EXHAUSTED).
 - :func:`tolerant_deserializer` / :func:`guard`: a request that is not valid
   protobuf is answered INVALID_ARGUMENT and logged as one line, at most once
   per :data:`MALFORMED_LOG_INTERVAL_S` (with the number left out), instead of

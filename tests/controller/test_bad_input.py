@@ -159,7 +159,7 @@ def _csr_with_attribute(oid: bytes, tag: int, value: bytes) -> bytes:
     return _der(0x30, tbs + ecdsa_sha256 + _der(0x03, b"\x00" + sig))
 
 
-CN, UID = bytes([0x55, 0x04, 0x03]), bytes([0x55, 0x04, 0x18])  # 2.5.4.3, 2.5.4.24 x500UniqueIdentifier
+CN, UID = bytes([0x55, 0x04, 0x03]), bytes([0x55, 0x04, 0x18])  # 2.5.4.3 commonName, 2.5.4.24
 
 
 @pytest.mark.parametrize("oid,tag,value", [
@@ -168,7 +168,8 @@ CN, UID = bytes([0x55, 0x04, 0x03]), bytes([0x55, 0x04, 0x18])  # 2.5.4.3, 2.5.4
     (CN, 0x02, b"\x01"),                 # INTEGER
     (CN, 0x1E, b"\x00a\x00"),            # BMPString of odd length
     (CN, 0x1C, b"\x00\x00\x00"),         # UniversalString not a multiple of 4
-    (UID, 0x0C, b"alpha"),               # a string under x500UniqueIdentifier
+    (UID, 0x0C, b"alpha"),               # a string under 2.5.4.24
+    (bytes([0x55, 0x04, 0x2D]), 0x03, b"\x00\x01"),  # x500UniqueIdentifier (2.5.4.45), a BIT STRING
 ])
 def test_csr_subject_with_odd_attribute_is_invalid_argument(controller: ServerFactory, oid, tag, value) -> None:
     server = controller.start()
