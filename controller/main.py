@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 from controller.inventory import InventoryError, parse_duration
-from controller.service import ControllerServer, default_server_names, split_listen
+from controller.server import ControllerServer, default_server_names, split_listen
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,7 +136,7 @@ def _kube_source(args, log: logging.Logger):
 
 def _check(args) -> int:
     from controller.inventory_check import check_file
-    from controller.service import split_listen
+    from controller.server import split_listen
 
     try:
         addrs = [split_listen(args.listen)[0], *args.server_name]
