@@ -134,3 +134,13 @@ def test_check_reads_replay_window_zero_with_its_allow_key() -> None:
     text = "defaults:\n  replay_window: 0\n  dpd_interval: 0.1\n" + NODES
     errors = check_inventory(text, "inv.yaml")
     assert [e.split(": ")[0] for e in errors] == ["inv.yaml:2", "inv.yaml:3"], errors
+
+
+def test_start_exits_2_with_file_line_for_an_unconstructible_value(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(NODES.replace("join_token: a", "join_token: !!bool maybe"))
+    r = subprocess.run([sys.executable, "-c", "import sys; from controller.main import main; sys.exit(main())",
+                        "--inventory", str(bad), "--state-dir", str(tmp_path / "s"), "--listen", "127.0.0.1:0"],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"{bad}:5: nodes[0].join_token: cannot read 'maybe'") and "Traceback" not in r.stderr
