@@ -54,7 +54,7 @@ def test_stalled_enrolls_do_not_starve_renew_watch_or_enroll(controller: ServerF
     stalled = StalledEnrolls(server, 24)
     try:
         time.sleep(0.5)  # the server has seen every call's headers
-        t0 = time.monotonic()
+        # each call has its own 5 s deadline: before the fix every one of them ran into it
         renewed = renew_raw(server, server.watch_port, "alpha", alpha_key, alpha.certificate_chain_der[0])
         assert renewed.certificate_chain_der
         bravo, _ = enrol_raw(server, "bravo", "bravo-token")  # another node's Enroll, 5 s deadline
@@ -65,7 +65,6 @@ def test_stalled_enrolls_do_not_starve_renew_watch_or_enroll(controller: ServerF
             watch = pb_grpc.ControllerStub(ch).Watch(pb.WatchRequest(node_name="alpha"), timeout=5)
             assert next(iter(watch)).full
             watch.cancel()
-        assert time.monotonic() - t0 < 5
     finally:
         codes = stalled.close()
     # a call that ends without its request message is refused, not served
