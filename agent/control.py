@@ -48,7 +48,7 @@ _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
               grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
 
 # Keepalive pings every 20 s on the idle Watch stream; the controller accepts
-# pings down to every 5 s (controller.service.server_options).
+# pings down to every 5 s (controller.server.server_options).
 KEEPALIVE_TIME_MS = 20_000
 
 
