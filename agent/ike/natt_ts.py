@@ -24,8 +24,12 @@ peer can never name an address it is not allowed (the substituted address is one
 observed, not one it chose). The RFC 3948 §3.1.2 checksum fix is done by the datapath
 (full TCP/UDP recomputation on decapsulation).
 
-A peer forcing UDP encapsulation fakes NAT detection (strongSwan, meshsec's default):
-then the "substituted" address is the one it proposed already, and nothing changes.
+A peer forcing UDP encapsulation fakes NAT detection (strongSwan, meshsec's default), so
+"the peer is behind a NAT" may be false. A side is therefore substituted only when its
+selectors as received meet nothing we allow for that side (our subnets, the peer's subnets
+or the virtual IP we gave it): selectors that fit are used as they are (a transport-mode
+peer with configured subnets, a peer proposing its public address), and only those that
+could never be used are replaced by the observed address, then narrowed as usual.
 
 Pure module: no I/O.
 """
@@ -34,7 +38,7 @@ from __future__ import annotations
 import ipaddress
 
 from agent.iana import NotifyType, TsType
-from agent.ike.child import child_mode
+from agent.ike.child import child_mode, narrow_ts, ts_from_networks
 from agent.ike.message import TrafficSelector, TsPayload
 
 
@@ -57,19 +61,26 @@ def pin(selectors, address: str) -> tuple[TrafficSelector, ...]:
 
 
 def substitute(tsi, tsr, *, exchange_initiator: bool, local_ip: str, remote_ip: str,
-               we_behind_nat: bool, peer_behind_nat: bool) -> tuple[tuple, tuple]:
+               we_behind_nat: bool, peer_behind_nat: bool, ours_allowed=None,
+               theirs_allowed=None) -> tuple[tuple, tuple]:
     """(TSi, TSr) selectors in our own address space (§2.23.1), for a transport-mode CHILD_SA.
 
     ``exchange_initiator``: we sent the request these selectors answer (TSi is our side);
     else we are answering it (TSi is the peer's side). ``local_ip`` / ``remote_ip``: the
     IKE_SA's addresses as our socket sees them. Sides without a NAT are left as they are.
+    ``ours_allowed`` / ``theirs_allowed``: TrafficSelectors we accept for each side; when
+    given, a side whose selectors meet one of them is left as it is (see the module text).
     """
     ours, theirs = (tuple(tsi), tuple(tsr)) if exchange_initiator else (tuple(tsr), tuple(tsi))
-    if we_behind_nat:
+    if we_behind_nat and not _fits(ours, ours_allowed):
         ours = pin(ours, local_ip)
-    if peer_behind_nat:
+    if peer_behind_nat and not _fits(theirs, theirs_allowed):
         theirs = pin(theirs, remote_ip)
     return (ours, theirs) if exchange_initiator else (theirs, ours)
+
+
+def _fits(selectors, allowed) -> bool:
+    return allowed is not None and bool(narrow_ts(selectors, allowed))
 
 
 def wants_transport(policy, choice) -> bool:
@@ -83,14 +94,17 @@ def child_ts(sa, msg, tsi: TsPayload | None, tsr: TsPayload | None, *, exchange_
     §2.23.1 substitution; unchanged unless ``transport_wanted`` (our policy's mode for this
     CHILD_SA) and ``msg`` carries USE_TRANSPORT_MODE and a NAT was detected.
 
-    ``sa``: the IkeSa (its ``local``/``remote`` addresses and NAT-D results are read);
+    ``sa``: the IkeSa (its ``local``/``remote`` addresses, NAT-D results, our and the peer's
+    allowed networks are read);
     ``msg``: the request (exchange responder) or response (exchange initiator) as a Message.
     """
     if (tsi is None or tsr is None or not transport_wanted
             or msg.notify(NotifyType.USE_TRANSPORT_MODE) is None
             or not (sa._nat_local or sa._nat_remote)):
         return tsi, tsr
+    theirs = sa.peer.subnets if exchange_initiator else sa._remote_allowed()
     i, r = substitute(tsi.selectors, tsr.selectors, exchange_initiator=exchange_initiator,
                       local_ip=sa.local[0], remote_ip=sa.remote[0],
-                      we_behind_nat=sa._nat_local, peer_behind_nat=sa._nat_remote)
+                      we_behind_nat=sa._nat_local, peer_behind_nat=sa._nat_remote,
+                      ours_allowed=ts_from_networks(sa._local_nets()), theirs_allowed=ts_from_networks(theirs))
     return TsPayload(tsi.payload_type, i), TsPayload(tsr.payload_type, r)

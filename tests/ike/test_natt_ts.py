@@ -105,6 +105,22 @@ def _ts(lo: str, hi: str, proto: int = 0, ports=(0, 65535)) -> TrafficSelector:
     return TrafficSelector(V4 if a.version == 4 else V6, proto, ports[0], ports[1], a.packed, b.packed)
 
 
+def test_selectors_that_fit_are_kept_although_nat_detection_says_nat():
+    """A peer forcing UDP encapsulation fakes its NAT_DETECTION_SOURCE_IP: "behind a NAT" may
+    be false. A transport-mode side whose selectors we allow as they are is left alone (here
+    configured subnets that are not the IKE addresses, test_exchanges' transport case)."""
+    ours, theirs = (_ts("10.1.0.0", "10.1.255.255"),), (_ts("10.2.0.0", "10.2.255.255"),)
+    got = natt_ts.substitute(theirs, ours, exchange_initiator=False, we_behind_nat=True, peer_behind_nat=True,
+                             local_ip="198.51.100.1", remote_ip="198.51.100.2", ours_allowed=ours,
+                             theirs_allowed=theirs)
+    assert got == (theirs, ours)
+    # the same selectors with nothing allowed for the peer's side: substituted
+    got = natt_ts.substitute(theirs, ours, exchange_initiator=False, we_behind_nat=True, peer_behind_nat=True,
+                             local_ip="198.51.100.1", remote_ip="198.51.100.2", ours_allowed=ours,
+                             theirs_allowed=(_ts("203.0.113.7", "203.0.113.7"),))
+    assert got == ((_ts("198.51.100.2", "198.51.100.2"),), ours)
+
+
 def test_pin_keeps_protocol_and_ports_and_leaves_the_other_family():
     sels = (_ts("10.0.0.0", "10.0.0.255", 6, (443, 443)), _ts("10.77.0.2", "10.77.0.2", 17, (53, 53)),
             _ts("fd00::1", "fd00::1"))
