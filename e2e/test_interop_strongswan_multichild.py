@@ -22,6 +22,8 @@ children ``net12``: 10.2/24 <-> 10.1/24 and ``net34``: 10.4/24 <-> 10.3/24).
   and with ``initiate: false`` (strongSwan's liveness check gets INVALID_IKE_SPI, which it
   ignores; meshsec starts the IKE_SA itself). Traffic resumes within a deadline; the time is
   printed; exactly one IKE_SA is left on each side.
+- Transport mode: strongSwan's kernel-libipsec refuses it ("unsupported mode"): skipped with
+  that reason (meshsec to meshsec behind a NAT: e2e/test_transport_nat.py).
 
 Helpers (lab fixture, configs) come from e2e/test_interop_strongswan.py.
 """
@@ -271,5 +273,41 @@ def test_meshsec_agent_restarted(gw, initiate):
         one_each(lab)
         log = lab.charon.log_since(mark)
         assert re.search(r"parsed IKE_AUTH request 1 \[ .*N\(INIT_CONTACT\)", log), log[-3000:]
+    finally:
+        lab.stop_agent()
+
+
+# ---------------------------------------------------------------- transport mode
+
+def test_transport_mode_with_strongswan(gw):
+    """strongSwan's kernel-libipsec (its only ESP on a kernel without ESP) has no transport
+    mode: when it says so, the case (and its behind-a-NAT variant) is skipped with that
+    reason; meshsec's own transport-behind-NAT case is e2e/test_transport_nat.py."""
+    lab = gw
+    mark = lab.charon.mark()
+    lab.charon.load(swan_conf(lab, [("host", "dynamic", "dynamic")]).replace("mode = tunnel", "mode = transport"))
+    path = lab.meshsec_conf(creds=None, ike=IKE, esp=ESP, initiate=True, peer_extra={"mode": "transport"})
+    conf = json.loads(path.read_text())
+    conf["subnets"] = []  # transport: our own address (documented default)
+    del conf["peers"][0]["subnets"]  # the peer's address
+    path.write_text(json.dumps(conf))
+    lab.start_agent(path)
+    try:
+        sw_ul = conf["peers"][0]["endpoints"][0]
+
+        def outcome():
+            log = lab.charon.log_since(mark)
+            if "unsupported mode" in log or "unable to install" in log:
+                return "refused"
+            st = lab.status() or {}
+            if not any(c["mode"] == "transport" for c in st.get("child_sas", [])):
+                return None
+            return "up" if ping_from(lab.ms_ns, conf["local_address"], sw_ul, count=1, timeout=1.0) else None
+        got = wait_until(outcome, 90, 0.5, "strongSwan to install or refuse the transport-mode CHILD_SA")
+        if got == "refused":
+            line = next(ln for ln in lab.charon.log_since(mark).splitlines()
+                        if "unsupported mode" in ln or "unable to install" in ln)
+            pytest.skip(f"strongSwan's kernel-libipsec refuses transport mode: {line.strip()}")
+        assert got == "up"
     finally:
         lab.stop_agent()
