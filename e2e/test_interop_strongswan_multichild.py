@@ -107,6 +107,26 @@ def sw_children(lab) -> list[str]:
     return re.findall(r"^\s+(\w+): #\d+, reqid \d+, INSTALLED", lab.charon.list_sas(), re.M)
 
 
+def sw_child_packets(lab) -> dict[str, tuple[int, int]]:
+    """strongSwan's INSTALLED CHILD_SAs: name -> (packets in, packets out)."""
+    out: dict[str, tuple[int, int]] = {}
+    name = None
+    pin = 0
+    for ln in lab.charon.list_sas().splitlines():
+        m = re.match(r"^\s+(\w+): #\d+, reqid \d+, INSTALLED", ln)
+        if m:
+            name = m.group(1)
+            continue
+        m = re.match(r"^\s+(in|out)\s+\w+,\s+\d+ bytes,\s+(\d+) packets", ln)
+        if m and name:
+            if m.group(1) == "in":
+                pin = int(m.group(2))
+            else:
+                out[name] = (pin, int(m.group(2)))
+                name = None
+    return out
+
+
 def ms_children(lab) -> list[tuple[tuple, tuple]]:
     st = lab.status() or {}
     return sorted((tuple(c["local_ts"]), tuple(c["remote_ts"])) for c in st.get("child_sas", []))
@@ -150,6 +170,9 @@ def test_one_child_sa_per_subnet_pair_with_a_strongswan_gateway(gw, meshsec_init
         assert len(st["ike_sas"]) == 1 and _established_ike_sas(lab) == (1, 1)
         log = lab.charon.log_since(mark)
         assert "due to policy" not in log, log[-3000:]
+        # strongSwan's side: each of its children carried its pair in and out
+        pk = sw_child_packets(lab)
+        assert set(pk) == {"net12", "net34"} and all(i >= 2 and o >= 2 for i, o in pk.values()), pk
         # the cross pairs no strongSwan child allows: refused, never sent through either SA
         before = {c["spi_out"]: c["packets_out"] for c in st["child_sas"]}
         assert not ping_from(lab.ms_ns, M1, S4, count=2, timeout=1.0)
