@@ -15,7 +15,7 @@ from agent.ike.events import ChildSaEstablished, ChildSaRefused, IkeSaEstablishe
 from agent.ike.message import TrafficSelector
 from agent.model import Credentials
 
-from .conftest import B_ADDR, CLASSICAL, make_net, view
+from .conftest import A_ADDR, B_ADDR, CLASSICAL, make_net, view
 
 PSK = Credentials(psk=b"transport behind nat psk 0123456789")
 A_PRIV = "10.77.0.2"  # a's own address, inside the NAT
@@ -73,6 +73,28 @@ def test_rekeys_either_way_keep_each_sides_selectors():
         assert na.rekey_of is not None and nb.rekey_of is not None
         assert (na.local_ts, na.remote_ts, na.mode) == (_net_of(A_PRIV), _net_of(B_ADDR), "transport")
         assert (nb.local_ts, nb.remote_ts, nb.mode) == (_net_of(B_ADDR), _net_of(NAT_IP), "transport")
+
+
+def test_responder_behind_a_port_forward_answers_in_its_own_addresses():
+    """The other way round: b (B_PRIV) behind a NAT that forwards UDP 500/4500 to it; a knows
+    b only as the NAT's address (its transport selector) and initiates there. b pins TSr to
+    its own address, a maps the answer back to the NAT's address (§2.23.1)."""
+    B_PRIV = "10.88.0.2"
+    a_view = view("node-a", "node-b", my_addr=A_ADDR, my_net=ipaddress.ip_network(f"{A_ADDR}/32"),
+                  peer_addr=NAT_IP, peer_net=ipaddress.ip_network(f"{NAT_IP}/32"), policy=TRANSPORT)
+    b_view = view("node-b", "node-a", my_addr=B_PRIV, my_net=ipaddress.ip_network(f"{B_PRIV}/32"),
+                  peer_addr=A_ADDR, peer_net=ipaddress.ip_network(f"{A_ADDR}/32"), policy=TRANSPORT)
+    n = make_net(a_view, PSK, b_view, PSK, seed="nattr")
+    b_rx, a_rx = n.b.receive_datagram, n.a.receive_datagram
+    n.b.receive_datagram = lambda data, local, remote, now: b_rx(  # DNAT NAT_IP -> B_PRIV
+        data, (B_PRIV, local[1]) if local[0] == NAT_IP else local, remote, now)
+    n.a.receive_datagram = lambda data, local, remote, now: a_rx(  # and back
+        data, local, (NAT_IP, remote[1]) if remote[0] == B_PRIV else remote, now)
+    n.a.initiate("node-b", n.now)
+    n.pump()
+    (ca,), (cb,) = n.of("a", ChildSaEstablished), n.of("b", ChildSaEstablished)
+    assert (ca.mode, ca.local_ts, ca.remote_ts) == ("transport", _net_of(A_ADDR), _net_of(NAT_IP))
+    assert (cb.mode, cb.local_ts, cb.remote_ts) == ("transport", _net_of(B_PRIV), _net_of(A_ADDR))
 
 
 def test_substitution_never_widens_what_the_peer_is_allowed():
