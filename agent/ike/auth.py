@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from agent.iana import HashAlgorithm, IdType, name_of
 from agent.ike.crypto import CryptoError, Prf
+from agent.ike.errors import AuthError  # re-exported
 
 __all__ = [
     "AuthError",
@@ -47,11 +48,6 @@ MAX_CHAIN_LEN = 8
 SUPPORTED_HASH_ALGORITHMS: tuple[int, ...] = (
     HashAlgorithm.SHA2_256, HashAlgorithm.SHA2_384, HashAlgorithm.SHA2_512, HashAlgorithm.IDENTITY,
 )
-
-
-class AuthError(Exception):
-    """Authentication failed or cannot be performed; the message says why
-    (never containing key material). Maps to AUTHENTICATION_FAILED."""
 
 
 # ---------------------------------------------------------------- §2.15 octets, PSK

@@ -10,6 +10,7 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from agent.iana import EsnId, KeId, ProtocolId, TransformAttr, TransformType, TsType
+from agent.ike.errors import Mode, Protocol
 from agent.ike.message import Proposal, SaPayload, TrafficSelector, Transform, TransformAttribute
 from agent.ike.intermediate import ADD_KE_TYPES, add_ke_transforms, choose_add_ke
 from agent.ike.proposals import (EspProposal, IkeProposal, encr_key_len, integ_key_len, parse_ah_proposal,
@@ -359,7 +360,7 @@ def kinds(policy) -> tuple[str, ...]:
     right after; together they form the RFC 4301 §4.5 bundle ESP-then-AH.
     """
     proto = getattr(policy, "protocol", "esp")
-    return {"ah": ("ah",), "ah+esp": ("esp", "ah")}.get(proto, ("esp",))
+    return {"ah": (Protocol.AH,), "ah+esp": (Protocol.ESP, Protocol.AH)}.get(proto, (Protocol.ESP,))
 
 
 def acceptable(policy) -> list[EspProposal]:
@@ -367,11 +368,11 @@ def acceptable(policy) -> list[EspProposal]:
     return [p for k in kinds(policy) for p in offers(policy, k)]
 
 
-def child_mode(policy, kind: str) -> str:
+def child_mode(policy, kind: str) -> Mode:
     """Mode of a CHILD_SA of ``kind``: in "ah+esp" the ESP SA is always transport."""
-    if getattr(policy, "protocol", "esp") == "ah+esp" and kind == "esp":
-        return "transport"
-    return policy.mode
+    if getattr(policy, "protocol", "esp") == "ah+esp" and kind == Protocol.ESP:
+        return Mode.TRANSPORT
+    return Mode(policy.mode)
 
 
 @dataclass
@@ -382,7 +383,7 @@ class ChildSa:
     proposal: EspProposal
     local_ts: tuple[IPNetwork, ...]
     remote_ts: tuple[IPNetwork, ...]
-    mode: str
+    mode: Mode
     udp_encap: bool
     established_at: float
     inbound: EspKeys = field(repr=False)
@@ -397,8 +398,8 @@ class ChildSa:
     remote_selectors: tuple = ()
 
     @property
-    def protocol(self) -> str:
-        return "ah" if self.proposal.is_ah else "esp"
+    def protocol(self) -> Protocol:
+        return Protocol.AH if self.proposal.is_ah else Protocol.ESP
 
     @property
     def protocol_id(self) -> int:

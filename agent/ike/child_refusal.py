@@ -17,6 +17,7 @@ from __future__ import annotations
 from agent.iana import EncrId, EsnId, IntegId, KeId, NotifyType, ProtocolId, TransformType, name_of
 from agent.ike.child import child_mode
 from agent.ike.create_child import _ChildTask
+from agent.ike.errors import IkeSaState
 from agent.ike.events import ChildSaRefused
 
 CHILD_RETRY_BASE_S = 2.0
@@ -118,13 +119,13 @@ class ChildRefusal:
             self._child_retry_task is not None or (self._child_retry_at is not None and now < self._child_retry_at))
 
     def _child_retry_timers(self) -> list[float]:
-        if self.state != "ESTABLISHED" or self._child_retry_at is None or self._successor is not None:
+        if self.state != IkeSaState.ESTABLISHED or self._child_retry_at is None or self._successor is not None:
             return []
         return [self._child_retry_at]
 
     def _handle_child_retry(self, now: float) -> bool:
         """Start the CREATE_CHILD_SA retry when its time has come; True if it was due."""
-        if (self.state != "ESTABLISHED" or self._child_retry_at is None or now < self._child_retry_at
+        if (self.state != IkeSaState.ESTABLISHED or self._child_retry_at is None or now < self._child_retry_at
                 or self._successor is not None):
             return False
         self._child_retry_at = None

@@ -32,6 +32,7 @@ from agent.iana import ExchangeType, NotifyType, PayloadType, ProtocolId
 from agent.ike import child as ch
 from agent.ike.crypto import (KeyExchange, KeyExchangeError, Prf, SkCipher, derive_child_keymat,
                               derive_ike_keys_from_skeyseed, derive_rekey_skeyseed, nonce_ok)
+from agent.ike.errors import DeleteReason, IkeSaState, Mode, Protocol
 from agent.ike.events import ChildSaEstablished, IkeKeysDerived
 from agent.ike.message import (DeletePayload, KePayload, Message, NoncePayload, NotifyPayload, TsPayload)
 from agent.ike.proposals import additional_kes
@@ -137,7 +138,7 @@ class CreateChildExchange:
         return next((t for t in self._child_tasks if t.old is child), None)
 
     def _lifetime_timers(self) -> list[float]:
-        if self.state != "ESTABLISHED" or self._successor is not None:
+        if self.state != IkeSaState.ESTABLISHED or self._successor is not None:
             return []
         ts = []
         for c in self.children:
@@ -153,10 +154,10 @@ class CreateChildExchange:
 
     def _handle_lifetimes(self, now: float) -> bool:
         """Soft/hard expiry of the IKE_SA and its CHILD_SAs; True if anything was due."""
-        if self.state != "ESTABLISHED" or self._successor is not None:
+        if self.state != IkeSaState.ESTABLISHED or self._successor is not None:
             return False
         if self.expire_at is not None and now >= self.expire_at:
-            self.delete(now, "IKE_SA lifetime expired")
+            self.delete(now, "IKE_SA lifetime expired", DeleteReason.EXPIRED)
             return True
         done = False
         for c in list(self.children):
@@ -202,7 +203,7 @@ class CreateChildExchange:
         stays up, e.g. on TS_UNACCEPTABLE). ``protocol``: "esp" or "ah" (default: the
         policy's first kind, see ``child.kinds``).
         """
-        if self.state != "ESTABLISHED" or self.peer is None or self._successor is not None:
+        if self.state != IkeSaState.ESTABLISHED or self.peer is None or self._successor is not None:
             return False
         if local_ts is None and remote_ts is None and protocol is None and self._child_backoff_holds(now):
             return False  # an acquire while the refused CHILD_SA waits out its backoff (child_refusal)
@@ -219,7 +220,7 @@ class CreateChildExchange:
     def rekey_child(self, inbound_spi: int, now: float) -> bool:
         """Rekey the CHILD_SA with this inbound SPI (§1.3.3); False if unknown or already rekeying."""
         c = next((c for c in self.children if c.inbound_spi == inbound_spi), None)
-        if (c is None or c.rekeyed or self._task_for(c) is not None or self.state != "ESTABLISHED"
+        if (c is None or c.rekeyed or self._task_for(c) is not None or self.state != IkeSaState.ESTABLISHED
                 or self._successor is not None):
             return False
         self._start_child_task(_ChildTask(c, c.local_ts, c.remote_ts, c.mode, protocol=c.protocol), now)
@@ -241,7 +242,7 @@ class CreateChildExchange:
             self._child_tasks.remove(task)
 
     def _build_child_request(self, task: _ChildTask, now: float) -> list | None:
-        if (self.state != "ESTABLISHED" or self._successor is not None
+        if (self.state != IkeSaState.ESTABLISHED or self._successor is not None
                 or (task.old is not None and (task.old not in self.children or task.old.rekeyed))):
             self._drop_task(task)  # the peer rekeyed or deleted it meanwhile
             succ = self._successor
@@ -262,7 +263,7 @@ class CreateChildExchange:
             payloads.append(KePayload(task.group, task.ke.public_bytes()))
         payloads += [TsPayload(int(PayloadType.TSi), ch.ts_from_networks(task.local_ts)),
                      TsPayload(int(PayloadType.TSr), ch.ts_from_networks(task.remote_ts))]
-        if task.mode == "transport":
+        if task.mode == Mode.TRANSPORT:
             payloads.append(NotifyPayload(int(NotifyType.USE_TRANSPORT_MODE)))
         return payloads
 
@@ -319,7 +320,7 @@ class CreateChildExchange:
             self._child_failed(task, "CREATE_CHILD_SA response: responder widened the traffic selectors", now)
             self._delete_unwanted(task.spi, now, task.protocol)
             return
-        transport = task.mode == "transport" and m.notify(NotifyType.USE_TRANSPORT_MODE) is not None
+        transport = task.mode == Mode.TRANSPORT and m.notify(NotifyType.USE_TRANSPORT_MODE) is not None
         methods = additional_kes(choice.proposal.add_ke)
         if methods and additional is None:
             # RFC 9370 §2.2.4: IKE_FOLLOWUP_KE per additional key exchange, then this again with SK(1..n)
@@ -332,7 +333,7 @@ class CreateChildExchange:
             return
         self._drop_task(task)
         new = self._make_child(choice, task.spi, task.ni, nr.data, g_ir, local_ts, remote_ts,
-                               "transport" if transport else "tunnel", now, exchange_initiator=True,
+                               Mode.TRANSPORT if transport else Mode.TUNNEL, now, exchange_initiator=True,
                                selectors=(tuple(tsi.selectors), tuple(tsr.selectors)),
                                rekey_of=task.old.inbound_spi if task.old is not None else None,
                                additional=additional or b"")
@@ -382,7 +383,7 @@ class CreateChildExchange:
     def _process_create_child_request(self, msg: Message, inner, now: float) -> list | None:
         """HDR, SK {[N(REKEY_SA),] SA, Ni, [KEi], [TSi, TSr]} --> ; <-- HDR, SK {SA, Nr, [KEr], [TSi, TSr]}."""
         m = Message(msg.spi_i, msg.spi_r, msg.exchange, msg.message_id, msg.is_initiator, False, tuple(inner))
-        if self.state != "ESTABLISHED" or self._successor is not None or self.peer is None:
+        if self.state != IkeSaState.ESTABLISHED or self._successor is not None or self.peer is None:
             return [NotifyPayload(int(NotifyType.TEMPORARY_FAILURE))]  # §2.25: being rekeyed or deleted
         sa, ni, ke = m.first(PayloadType.SA), m.first(PayloadType.NONCE), m.first(PayloadType.KE)
         if not 16 <= len(ni.data) <= 256:
@@ -434,8 +435,8 @@ class CreateChildExchange:
             return [NotifyPayload(int(NotifyType.TS_UNACCEPTABLE))]
         nr = self.rng(NONCE_LEN)
         spi = self._new_child_spi()
-        kind = "ah" if choice.proposal.is_ah else "esp"
-        transport = (ch.child_mode(self.peer.policy, kind) == "transport"
+        kind = Protocol.AH if choice.proposal.is_ah else Protocol.ESP
+        transport = (ch.child_mode(self.peer.policy, kind) == Mode.TRANSPORT
                      and m.notify(NotifyType.USE_TRANSPORT_MODE) is not None)
         payloads: list = [ch.esp_sa_payload([choice.proposal], spi, [choice.number], ke=True), NoncePayload(nr)]
         if kex is not None:
@@ -449,7 +450,7 @@ class CreateChildExchange:
             if old is not None and old not in self.children:
                 return  # deleted meanwhile
             self._make_child(choice, spi, ni.data, nr, g_ir, local_ts, remote_ts,
-                             "transport" if transport else "tunnel", t, exchange_initiator=False,
+                             Mode.TRANSPORT if transport else Mode.TUNNEL, t, exchange_initiator=False,
                              rekey_of=old.inbound_spi if old is not None else None, additional=extra,
                              selectors=(tuple(local_sel), tuple(remote_sel)))
             if old is not None:
@@ -468,7 +469,7 @@ class CreateChildExchange:
     # ------------------------------------------------------------ IKE_SA rekey
     def rekey_ike(self, now: float) -> bool:
         """Rekey this IKE_SA (§1.3.2): HDR, SK {SA, Ni, KEi} -->. False if not possible now."""
-        if self.state != "ESTABLISHED" or self._ike_task is not None or self._successor is not None:
+        if self.state != IkeSaState.ESTABLISHED or self._ike_task is not None or self._successor is not None:
             return False
         props = self._ike_proposals()
         if self._ike_prop is not None:  # offer the current algorithms first
@@ -483,7 +484,7 @@ class CreateChildExchange:
 
     def _build_ike_request(self, now: float) -> list | None:
         task = self._ike_task
-        if task is None or self.state != "ESTABLISHED" or self._successor is not None:
+        if task is None or self.state != IkeSaState.ESTABLISHED or self._successor is not None:
             self._ike_task = None
             return None
         task.spi = self._new_ike_spi()
@@ -546,14 +547,14 @@ class CreateChildExchange:
         coll = self._ike_collision
         if coll is not None and _first_of((task.ni, nr.data), (coll.ni, coll.nr)):
             # §2.8.1: our new IKE_SA is redundant; the peer deletes the old one
-            new.delete(now, "redundant IKE_SA of a simultaneous rekey")
+            new.delete(now, "redundant IKE_SA of a simultaneous rekey", DeleteReason.SUPERSEDED)
             return
         holder = coll.sa if coll is not None else self
         self._move_children(holder, new)
         if holder is not self:
             self._rekeyed_to = (new.spi_i, new.spi_r)
         self._successor = new
-        self.delete(now, "rekeyed")  # HDR, SK {D(IKE)} --> on the old IKE_SA
+        self.delete(now, "rekeyed", DeleteReason.REKEYED)  # HDR, SK {D(IKE)} --> on the old IKE_SA
 
     def _child_exchange_outstanding(self) -> bool:
         """A CREATE_CHILD_SA (or its IKE_FOLLOWUP_KE) for a CHILD_SA of ours has been sent and
@@ -588,7 +589,7 @@ class CreateChildExchange:
         spi_r = self._new_ike_spi()
 
         def finish(extra: bytes, t: float) -> None:
-            if self.state != "ESTABLISHED" or self._successor is not None:
+            if self.state != IkeSaState.ESTABLISHED or self._successor is not None:
                 return
             new = self._spawn(initiator=False, spi_i=int.from_bytes(offered.spi, "big"), spi_r=spi_r, ni=ni, nr=nr,
                               prop=choice.proposal, g_ir=g_ir, now=t, additional=extra)

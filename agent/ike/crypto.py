@@ -17,6 +17,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM, ChaCha20
 
 from agent.iana import EncrId, IntegId, KeId, PrfId, name_of
 from agent.ike import proposals as _p
+from agent.ike.errors import CryptoError, IntegrityError, KeyExchangeError  # re-exported
+from agent.ike.kem import MlKemExchange
 
 Rng = Callable[[int], bytes]
 
@@ -33,18 +35,6 @@ __all__ = [
     "derive_rekey_skeyseed", "derive_child_keymat", "nonce_ok",
     "KeyExchange", "ke_public_len", "SkCipher", "Integ",
 ]
-
-
-class CryptoError(Exception):
-    """Base class of every error raised by agent.ike.crypto."""
-
-
-class IntegrityError(CryptoError):
-    """An ICV (SK payload checksum or AEAD tag) did not verify."""
-
-
-class KeyExchangeError(CryptoError):
-    """A KE method we cannot run or a peer KE value we must reject (RFC 6989)."""
 
 
 def _rand(rng: Rng, n: int) -> bytes:
@@ -259,7 +249,6 @@ class KeyExchange:
     def __new__(cls, ke_id: int, rng: Rng):
         if cls is KeyExchange and int(ke_id) in (KeId.ML_KEM_768, KeId.ML_KEM_1024):
             # a KEM (draft-ietf-ipsecme-ikev2-mlkem): same interface, role set by first use
-            from agent.ike.kem import MlKemExchange
             return MlKemExchange(ke_id, rng)
         return super().__new__(cls)
 

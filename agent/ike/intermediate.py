@@ -39,6 +39,7 @@ from typing import Callable
 from agent.iana import ExchangeType, KeId, NotifyType, PayloadType, TransformType, name_of
 from agent.ike.crypto import (KeyExchange, KeyExchangeError, Prf, derive_ike_keys_from_skeyseed,
                               derive_rekey_skeyseed)
+from agent.ike.errors import Drop, IkeSaState
 from agent.ike.events import IkeKeysDerived
 from agent.ike.message import HEADER_LEN, KePayload, Message, NotifyPayload, Transform, encode_header
 from agent.ike.proposals import (additional_kes, encr_key_len, integ_key_len, wireshark_ike_encr_name,
@@ -135,7 +136,7 @@ class IntermediateExchange:
 
     # ------------------------------------------------------------ IKE_SA_INIT hooks
     def _addke_pending(self) -> list[int]:
-        if self._ike_prop is None or self.state == "ESTABLISHED":
+        if self._ike_prop is None or self.state == IkeSaState.ESTABLISHED:
             return []
         return additional_kes(self._ike_prop.add_ke)[self._addke_done:]
 
@@ -169,7 +170,7 @@ class IntermediateExchange:
         pending = self._addke_pending()
         if not pending:
             return False
-        self.drops.append("missing_intermediate")
+        self.drops.append(Drop.MISSING_INTERMEDIATE)
         self._die(f"IKE_AUTH before the additional key exchange {name_of(KeId, pending[0])} "
                   f"(IKE_INTERMEDIATE, RFC 9370 §2.2.2)")
         return True
@@ -233,13 +234,13 @@ class IntermediateExchange:
             return
         ke = m.first(PayloadType.KE)
         if ke is None or ke.group != kex.ke_id:
-            self.drops.append("invalid_ke_payload")
+            self.drops.append(Drop.INVALID_KE_PAYLOAD)
             self._die(f"IKE_INTERMEDIATE response: no KEr for {name_of(KeId, kex.ke_id)}")
             return
         try:
             sk_n = kex.shared_secret(ke.data)
         except KeyExchangeError as e:
-            self.drops.append("invalid_ke_data")
+            self.drops.append(Drop.INVALID_KE_DATA)
             self._die(f"IKE_INTERMEDIATE response: {e}")
             return
         self._addke_done += 1
@@ -251,7 +252,7 @@ class IntermediateExchange:
     def _process_intermediate_request(self, msg: Message, inner, now: float) -> list | None:
         """HDR(IKE_INTERMEDIATE), SK {KEi(n)} --> ; <-- HDR(IKE_INTERMEDIATE), SK {KEr(n)}.
         Responds itself (returns None): the keys change right after the response is sealed."""
-        if self.initiator or self.state != "AUTHENTICATING":
+        if self.initiator or self.state != IkeSaState.AUTHENTICATING:
             return [NotifyPayload(int(NotifyType.INVALID_SYNTAX))]
         self._step_int_auth(True, msg.exchange, msg.flags, msg.message_id, self._rx_plain)
         m = Message(msg.spi_i, msg.spi_r, msg.exchange, msg.message_id, True, False, tuple(inner))
@@ -262,7 +263,7 @@ class IntermediateExchange:
             payloads: list = []  # an IKE_INTERMEDIATE for something else: nothing to do (RFC 9242 §3.2)
         elif ke is None or not pending or ke.group != pending[0]:
             want = name_of(KeId, pending[0]) if pending else "none"
-            self.drops.append("invalid_ke_payload")
+            self.drops.append(Drop.INVALID_KE_PAYLOAD)
             self._die(f"IKE_INTERMEDIATE: KEi of {name_of(KeId, ke.group) if ke else 'no method'}, "
                       f"expected {want}")
             return [NotifyPayload(int(NotifyType.INVALID_SYNTAX))]
@@ -272,7 +273,7 @@ class IntermediateExchange:
                 sk_n = kex.shared_secret(ke.data)
                 payloads = [KePayload(ke.group, kex.public_bytes())]
             except KeyExchangeError as e:
-                self.drops.append("invalid_ke_data")
+                self.drops.append(Drop.INVALID_KE_DATA)
                 self._die(f"IKE_INTERMEDIATE request: {e}")
                 return [NotifyPayload(int(NotifyType.INVALID_SYNTAX))]
         self._respond(msg, payloads, self.local, self.remote)
@@ -310,13 +311,13 @@ class IntermediateExchange:
                 return
             kr = m.first(PayloadType.KE)
             if kr is None or kr.group != method:
-                self.drops.append("invalid_ke_payload")
+                self.drops.append(Drop.INVALID_KE_PAYLOAD)
                 fail(f"IKE_FOLLOWUP_KE response: no KEr for {name_of(KeId, method)}", t)
                 return
             try:
                 ss = kex.shared_secret(kr.data)
             except KeyExchangeError as e:
-                self.drops.append("invalid_ke_data")
+                self.drops.append(Drop.INVALID_KE_DATA)
                 fail(f"IKE_FOLLOWUP_KE response: {e}", t)
                 return
             nxt = m.notify(NotifyType.ADDITIONAL_KEY_EXCHANGE)
@@ -346,7 +347,7 @@ class IntermediateExchange:
             return [NotifyPayload(STATE_NOT_FOUND)]
         ke = m.first(PayloadType.KE)
         if ke is None or ke.group != st.methods[0]:
-            self.drops.append("invalid_ke_payload")
+            self.drops.append(Drop.INVALID_KE_PAYLOAD)
             st.fail(f"IKE_FOLLOWUP_KE: KEi is not {name_of(KeId, st.methods[0])}", now)
             return [NotifyPayload(int(NotifyType.INVALID_SYNTAX))]
         try:
@@ -354,7 +355,7 @@ class IntermediateExchange:
             st.secrets.append(kex.shared_secret(ke.data))
             payloads: list = [KePayload(ke.group, kex.public_bytes())]
         except KeyExchangeError as e:
-            self.drops.append("invalid_ke_data")
+            self.drops.append(Drop.INVALID_KE_DATA)
             st.fail(f"IKE_FOLLOWUP_KE request: {e}", now)
             return [NotifyPayload(int(NotifyType.INVALID_SYNTAX))]
         st.methods.pop(0)

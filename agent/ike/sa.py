@@ -31,6 +31,7 @@ from agent.ike import auth
 from agent.ike import child as ch
 from agent.ike import fragment as frag
 from agent.ike.auth import AuthError
+from agent.ike.errors import DeleteReason, Drop, IkeSaState, Mode, Protocol
 from agent.ike import cp as cfgp
 from agent.ike.child_refusal import CHILD_SA_REFUSALS, ChildRefusal
 from agent.ike.create_child import CreateChildExchange
@@ -74,11 +75,12 @@ class Datagram:
 
 
 class State:
-    INIT = "CONNECTING"
-    AUTH = "AUTHENTICATING"
-    ESTABLISHED = "ESTABLISHED"
-    DELETING = "DELETING"
-    DELETED = "DELETED"
+    """IKE_SA states by their old short names (agent.ike.errors.IkeSaState members)."""
+    INIT = IkeSaState.CONNECTING
+    AUTH = IkeSaState.AUTHENTICATING
+    ESTABLISHED = IkeSaState.ESTABLISHED
+    DELETING = IkeSaState.DELETING
+    DELETED = IkeSaState.DELETED
 
 
 @dataclass
@@ -169,6 +171,7 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
         self.established_at: float | None = None
         self.last_received = now
         self.delete_reason: str | None = None
+        self.delete_kind: DeleteReason | None = None  # with delete_reason
         self.outbox: list[Datagram] = []
         self.events: list = []
         self.children: list[ch.ChildSa] = []
@@ -255,12 +258,13 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
         offered = self._ike_proposals()
         self._send_init(offered[0].ke[0], now)
 
-    def delete(self, now: float, reason: str = "deleted locally") -> None:
-        """INFORMATIONAL HDR, SK {D(IKE)} -->; the IKE_SA and its CHILD_SAs are gone at once."""
+    def delete(self, now: float, reason: str = "deleted locally", kind: DeleteReason = DeleteReason.LOCAL) -> None:
+        """INFORMATIONAL HDR, SK {D(IKE)} -->; the IKE_SA and its CHILD_SAs are gone at once.
+        ``kind`` (agent.ike.errors.DeleteReason) goes with ``reason`` into IkeSaDeleted."""
         if self.state in (State.DELETING, State.DELETED):
             return
         if self.state != State.ESTABLISHED:
-            self._die(reason)
+            self._die(reason, kind)
             return
         self._queue.clear()
         if self._pending is not None:
@@ -268,7 +272,7 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
             # longer matters; a silent peer ends it after DELETE_WAIT_TRIES more retransmissions
             self._pending.on_response = lambda msg, inner, now: None
             self._pending.max_tries = min(self._pending.max_tries, self._pending.tries + DELETE_WAIT_TRIES)
-        self._emit_deleted(reason)
+        self._emit_deleted(reason, kind)
         self.state = State.DELETING
         self._request(ExchangeType.INFORMATIONAL, [DeletePayload(int(ProtocolId.IKE))],
                       lambda msg, inner, now: self._finish_delete(), now)
@@ -372,7 +376,7 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
                 if self.state == State.DELETING:
                     self.state = State.DELETED
                 else:
-                    self._die("peer did not respond" + self._fragmentation_hint(p))
+                    self._die("peer did not respond" + self._fragmentation_hint(p), DeleteReason.TIMEOUT)
                 return
             p.tries += 1
             p.deadline = now + self.retransmit.wait(p.tries, init=self._quick_init(p))
@@ -380,7 +384,8 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
             return
         setup = self.setup_deadline
         if setup is not None and now >= setup:
-            self._die("half-open IKE_SA timed out" if not self.initiator else "IKE_SA setup timed out")
+            self._die("half-open IKE_SA timed out" if not self.initiator else "IKE_SA setup timed out",
+                      DeleteReason.SETUP_TIMEOUT)
             return
         if self._handle_lifetimes(now):
             return
@@ -400,9 +405,9 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
         "invalid_message_id", "bad_icv", "malformed", "unexpected_payload", ...).
         """
         if self.state == State.DELETED:
-            return "unknown_spi"
+            return Drop.UNKNOWN_SPI
         if msg.is_initiator == self.initiator:
-            return "malformed"  # I flag says the sender has our role
+            return Drop.MALFORMED  # I flag says the sender has our role
         if msg.is_response:
             return self._receive_response(msg, raw, local, remote, now)
         return self._receive_request(msg, raw, local, remote, now)
@@ -410,7 +415,7 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
     def _receive_response(self, msg, raw, local, remote, now) -> str | None:
         p = self._pending
         if p is None or msg.message_id != p.message_id or msg.exchange != p.exchange:
-            return "invalid_message_id"
+            return Drop.INVALID_MESSAGE_ID
         inner, err = self._open(msg, raw)
         if err:
             return None if err == frag.FRAGMENT_QUEUED else err
@@ -442,16 +447,16 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
             # repeated request (§2.1): a retransmission is bit-for-bit identical; anything else
             # with this Message ID is not one and gets no response
             if _sha256(raw) not in self._cached_response[2]:
-                return "retransmission_mismatch"
+                return Drop.RETRANSMISSION_MISMATCH
             first = msg.payloads[0] if msg.payloads else None
             if isinstance(first, EncryptedFragmentPayload) and first.number != 1:
                 return None  # RFC 7383 §2.6.1: answer a retransmitted fragmented request once, on fragment 1
             self.outbox.append(Datagram(self._cached_response[1], local, remote))
             return None
         if msg.message_id != self._peer_mid:
-            return "invalid_message_id"
+            return Drop.INVALID_MESSAGE_ID
         if msg.exchange != ExchangeType.IKE_SA_INIT and self._keys is None:
-            return "invalid_message_id"
+            return Drop.INVALID_MESSAGE_ID
         self._rx_authentic = False
         inner, err = self._open(msg, raw)
         if err and err != frag.FRAGMENT_QUEUED:
@@ -496,11 +501,11 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
         elif msg.exchange == ExchangeType.IKE_FOLLOWUP_KE:
             handler = self._process_followup_request
         else:
-            return "unexpected_payload"
+            return Drop.UNEXPECTED_PAYLOAD
         if msg.exchange != ExchangeType.IKE_SA_INIT and self.state == State.INIT:
-            return "invalid_message_id"
+            return Drop.INVALID_MESSAGE_ID
         if msg.exchange == ExchangeType.IKE_AUTH and (self.initiator or self.state != State.AUTH):
-            return "unexpected_payload"
+            return Drop.UNEXPECTED_PAYLOAD
         if msg.exchange == ExchangeType.IKE_AUTH and self._addke_missing():
             return None
         if msg.exchange in (ExchangeType.IKE_AUTH, ExchangeType.IKE_INTERMEDIATE):
@@ -539,10 +544,10 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
             try:
                 check_payload_rules(msg.exchange, msg.is_response, msg.payloads)
             except MessageError:
-                return (), "unexpected_payload"
+                return (), Drop.UNEXPECTED_PAYLOAD
             return msg.payloads, None
         if self._keys is None:
-            return (), "invalid_message_id"
+            return (), Drop.INVALID_MESSAGE_ID
         sk = msg.payloads[0] if len(msg.payloads) == 1 else None
         sk_e, sk_a = ((self._keys.sk_er, self._keys.sk_ar) if self.initiator
                       else (self._keys.sk_ei, self._keys.sk_ai))
@@ -556,24 +561,24 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
             try:
                 plain = self._cipher.decrypt(sk_e, sk_a, raw[:HEADER_LEN + 4], sk.body)
             except IntegrityError:
-                return (), "bad_icv"
+                return (), Drop.BAD_ICV
             except CryptoError:
-                return (), "malformed"
+                return (), Drop.MALFORMED
             first = sk.first
         else:
-            return (), "unexpected_payload"
+            return (), Drop.UNEXPECTED_PAYLOAD
         self._rx_plain = (first, plain)  # IntAuth (RFC 9242 §3.3.2)
         self._rx_authentic = True  # the ICV verified: what follows is the peer's, not noise
         try:
             inner = decode_payloads(first, plain, allow_sk=False)
         except MessageLimitError:
-            return (), "payload_limit"  # the peer is not authenticated before IKE_AUTH completes
+            return (), Drop.PAYLOAD_LIMIT  # the peer is not authenticated before IKE_AUTH completes
         except MessageError:
-            return (), "malformed"
+            return (), Drop.MALFORMED
         try:
             check_payload_rules(msg.exchange, msg.is_response, inner)
         except MessageError:
-            return (), "unexpected_payload"
+            return (), Drop.UNEXPECTED_PAYLOAD
         return inner, None
 
     # ------------------------------------------------------------ sending
@@ -626,32 +631,36 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
         self.outbox.append(Datagram(data, local, remote))
 
     # ------------------------------------------------------------ failure / deletion
-    def _emit_deleted(self, reason: str) -> None:
+    def _emit_deleted(self, reason: str, kind: DeleteReason) -> None:
         for c, why in self._closing:
             self.events.append(ChildSaDeleted(self.peer_name, c.inbound_spi, c.outbound_spi, why))
         self._closing = []
         for c in self.children:
             self.events.append(ChildSaDeleted(self.peer_name, c.inbound_spi, c.outbound_spi, reason))
         self.children = []
-        self.events.append(IkeSaDeleted(self.peer_name, self.spi_i, self.spi_r, reason, self._rekeyed_to))
+        self.events.append(IkeSaDeleted(self.peer_name, self.spi_i, self.spi_r, reason, self._rekeyed_to,
+                                        DeleteReason(kind)))
 
-    def _die(self, reason: str) -> None:
-        """The IKE_SA is gone (failure or peer delete): report it and stop."""
+    def _die(self, reason: str, kind: DeleteReason = DeleteReason.PROTOCOL_ERROR) -> None:
+        """The IKE_SA is gone (failure or peer delete): report it and stop. ``kind``: what
+        the manager decides re-initiation by (agent.ike.errors.DeleteReason)."""
         if self.state == State.DELETED:
             return
         self.delete_reason = reason
+        self.delete_kind = kind
         if self.state != State.DELETING:
-            self._emit_deleted(reason)
+            self._emit_deleted(reason, kind)
         self.state = State.DELETED
         self._pending = None
         self._queue.clear()
 
-    def _fail_with_notify(self, ntype: int, reason: str, now: float) -> None:
+    def _fail_with_notify(self, ntype: int, reason: str, now: float,
+                          kind: DeleteReason = DeleteReason.PROTOCOL_ERROR) -> None:
         """Initiator-side error after IKE_AUTH: HDR, SK {N(error)} --> then gone (§2.21.2)."""
         data = self._seal(ExchangeType.INFORMATIONAL, self._next_mid, False, [NotifyPayload(int(ntype))])
         self._next_mid += 1
         self.outbox.append(Datagram(data, self.local, self.remote))
-        self._die(reason)
+        self._die(reason, kind)
 
     # ------------------------------------------------------------ IKE_SA_INIT
     def _ike_proposals(self) -> list[IkeProposal]:
@@ -962,19 +971,19 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
         try:
             payloads.append(self._my_auth(idi, psk))
         except (AuthError, CryptoError) as e:
-            self._die(f"cannot authenticate ourselves: {e}")
+            self._die(f"cannot authenticate ourselves: {e}", DeleteReason.REFUSED)
             return
         self._child_spi = self._new_child_spi()
         # first kind of the policy: ESP, or AH for "ah" ("ah+esp": its AH SA follows in CREATE_CHILD_SA)
         first_kind = ch.kinds(peer.policy)[0]
         problem = self.cfg.policy_problem(peer)
         if problem is not None:  # never an ESTABLISHED IKE_SA without its CHILD_SA
-            self._die(f"refused: {problem}")
+            self._die(f"refused: {problem}", DeleteReason.REFUSED)
             return
         try:
             self._esp_offered = ch.offers(peer.policy, first_kind)
         except ProposalError as e:
-            self._die(f"refused: peer {peer.name!r}: bad esp_proposals: {e}")
+            self._die(f"refused: peer {peer.name!r}: bad esp_proposals: {e}", DeleteReason.REFUSED)
             return
         vip_versions = tuple(getattr(peer.policy, "request_virtual_ip", ()) or ())
         tsi_nets = self.cfg.local_subnets
@@ -986,7 +995,7 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
         self._ts_proposed = (ch.ts_from_networks(tsi_nets), ch.ts_from_networks(peer.subnets))
         payloads.append(TsPayload(int(PayloadType.TSi), self._ts_proposed[0]))
         payloads.append(TsPayload(int(PayloadType.TSr), self._ts_proposed[1]))
-        if ch.child_mode(peer.policy, first_kind) == "transport":
+        if ch.child_mode(peer.policy, first_kind) == Mode.TRANSPORT:
             payloads.append(NotifyPayload(int(NotifyType.USE_TRANSPORT_MODE)))
         self._request(ExchangeType.IKE_AUTH, payloads, self._process_auth_response, now)
 
@@ -1004,7 +1013,7 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
         errors = [n for n in m.notifies() if n.is_error]
         auth_err = next((n for n in errors if n.notify_type == NotifyType.AUTHENTICATION_FAILED), None)
         if auth_err is not None:
-            self._die("peer refused our authentication (AUTHENTICATION_FAILED)")
+            self._die("peer refused our authentication (AUTHENTICATION_FAILED)", DeleteReason.AUTH_FAILED)
             return
         idr = m.first(PayloadType.IDr)
         if idr is None or m.first(PayloadType.AUTH) is None:
@@ -1014,7 +1023,8 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
             self._verify_peer(idr, m.first(PayloadType.AUTH), m.get(PayloadType.CERT), self.peer, now)
             self._check_binding(self.peer, self.remote)
         except (AuthError, CryptoError) as e:
-            self._fail_with_notify(NotifyType.AUTHENTICATION_FAILED, f"AUTHENTICATION_FAILED: {e}", now)
+            self._fail_with_notify(NotifyType.AUTHENTICATION_FAILED, f"AUTHENTICATION_FAILED: {e}", now,
+                                   DeleteReason.AUTH_FAILED)
             return
         self._established(now)
         first_kind = ch.kinds(self.peer.policy)[0]
@@ -1029,7 +1039,7 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
             if sa is not None and notify is None:
                 self._delete_unwanted(self._child_spi, now, first_kind)  # the responder installed it
             if wanted is None or (notify is not None and notify not in CHILD_SA_REFUSALS):
-                self.delete(now, reason)
+                self.delete(now, reason, DeleteReason.PROTOCOL_ERROR)
             else:
                 self._refused_by_peer(reason, notify, now, wanted)
 
@@ -1045,10 +1055,11 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
                 cpr = cfgp.find_cp(inner)
                 vips = cfgp.reply_addresses(cpr) if cpr is not None else []
             except cfgp.CpError as e:
-                self.delete(now, f"CHILD_SA refused: bad CP(CFG_REPLY): {e}")
+                self.delete(now, f"CHILD_SA refused: bad CP(CFG_REPLY): {e}", DeleteReason.PROTOCOL_ERROR)
                 return
             if not vips:
-                self.delete(now, "CHILD_SA refused: we asked for a virtual IP and the gateway sent no CP(CFG_REPLY)")
+                self.delete(now, "CHILD_SA refused: we asked for a virtual IP and the gateway sent no CP(CFG_REPLY)",
+                            DeleteReason.PROTOCOL_ERROR)
                 return
             self.virtual_ips = tuple(str(a) for a in vips)
         local_ts = ch.networks_of(tsi.selectors)
@@ -1060,10 +1071,10 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
                 or not ch.ts_within(tsr.selectors, self._ts_proposed[1])):
             refuse("CHILD_SA refused: responder widened the traffic selectors")
             return
-        kind = "ah" if choice.proposal.is_ah else "esp"
-        transport = (ch.child_mode(self.peer.policy, kind) == "transport"
+        kind = Protocol.AH if choice.proposal.is_ah else Protocol.ESP
+        transport = (ch.child_mode(self.peer.policy, kind) == Mode.TRANSPORT
                      and m.notify(NotifyType.USE_TRANSPORT_MODE) is not None)
-        self._install_child(choice, local_ts, remote_ts, "transport" if transport else "tunnel", now,
+        self._install_child(choice, local_ts, remote_ts, Mode.TRANSPORT if transport else Mode.TUNNEL, now,
                             tuple(tsi.selectors), tuple(tsr.selectors))
         for more in ch.kinds(self.peer.policy)[1:]:
             # "ah+esp": the AH CHILD_SA of the bundle, same TS pair (CREATE_CHILD_SA, §1.3.1)
@@ -1105,13 +1116,13 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
             self._check_binding(peer, self.remote)
         except (AuthError, CryptoError) as e:
             self.auth_failure = str(e)
-            self._die(f"AUTHENTICATION_FAILED: {e}")
+            self._die(f"AUTHENTICATION_FAILED: {e}", DeleteReason.AUTH_FAILED)
             return [NotifyPayload(int(NotifyType.AUTHENTICATION_FAILED))]
         problem = self.cfg.policy_problem(peer)
         if problem is not None:
             # no IKE_SA whose CHILD_SA we could not install: refuse before AUTH (§2.21.2)
             self.peer = peer
-            self._die(f"refused: {problem}")
+            self._die(f"refused: {problem}", DeleteReason.REFUSED)
             return [NotifyPayload(int(NotifyType.NO_PROPOSAL_CHOSEN))]
         self.peer = peer
         # RFC 7383: the peer's own fragment size from now on (our IKE_AUTH response is the big one)
@@ -1122,7 +1133,7 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
         try:
             payloads: list = [my_id, *self._cert_payloads(psk), self._my_auth(my_id, psk)]
         except (AuthError, CryptoError) as e:  # e.g. the peer accepts none of our hash algorithms
-            self._die(f"cannot authenticate ourselves: {e}")
+            self._die(f"cannot authenticate ourselves: {e}", DeleteReason.REFUSED)
             return [NotifyPayload(int(NotifyType.AUTHENTICATION_FAILED))]
         self._established(now)
         # first CHILD_SA
@@ -1164,15 +1175,15 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
                                 NotifyType.TS_UNACCEPTABLE, self._offer_text(sa, tsi, tsr))
             return payloads + [NotifyPayload(int(NotifyType.TS_UNACCEPTABLE))]
         self._child_spi = self._new_child_spi()
-        kind = "ah" if choice.proposal.is_ah else "esp"
-        transport = (ch.child_mode(peer.policy, kind) == "transport"
+        kind = Protocol.AH if choice.proposal.is_ah else Protocol.ESP
+        transport = (ch.child_mode(peer.policy, kind) == Mode.TRANSPORT
                      and m.notify(NotifyType.USE_TRANSPORT_MODE) is not None)
         sa_out = ch.esp_sa_payload([choice.proposal], self._child_spi, [choice.number])
         payloads += [sa_out, TsPayload(int(PayloadType.TSi), tuple(remote_sel)),
                      TsPayload(int(PayloadType.TSr), tuple(local_sel))]
         if transport:
             payloads.append(NotifyPayload(int(NotifyType.USE_TRANSPORT_MODE)))
-        self._install_child(choice, local_ts, remote_ts, "transport" if transport else "tunnel", now,
+        self._install_child(choice, local_ts, remote_ts, Mode.TRANSPORT if transport else Mode.TUNNEL, now,
                             tuple(local_sel), tuple(remote_sel))
         return payloads
 
@@ -1184,11 +1195,11 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
         deletes = [p for p in inner if isinstance(p, DeletePayload)]
         if any(d.protocol == ProtocolId.IKE for d in deletes):
             self._respond(msg, [], self.local, self.remote)
-            self._die("deleted by peer")
+            self._die("deleted by peer", DeleteReason.PEER_DELETED)
             return None
         if m.notify(NotifyType.AUTHENTICATION_FAILED) is not None:
             self._respond(msg, [], self.local, self.remote)
-            self._die("peer reported AUTHENTICATION_FAILED")
+            self._die("peer reported AUTHENTICATION_FAILED", DeleteReason.AUTH_FAILED)
             return None
         ours = []
         for d in deletes:
