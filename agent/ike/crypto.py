@@ -24,6 +24,11 @@ Rng = Callable[[int], bytes]
 
 
 
+def ike_key_lengths(prop) -> tuple[int, int]:
+    """(SK_e, SK_a) lengths in octets for an IKE proposal (§2.14); SK_a 0 for an AEAD."""
+    return _p.encr_key_len(prop.encr, prop.encr_key_bits), (_p.integ_key_len(prop.integ) if prop.integ else 0)
+
+
 def nonce_ok(nonce: bytes, prf_id: int) -> bool:
     """RFC 7296 §2.10 / §3.9: a nonce is 16-256 octets and at least half the key size of the
     negotiated PRF (e.g. 32 octets with PRF_HMAC_SHA2_512)."""
@@ -32,7 +37,7 @@ def nonce_ok(nonce: bytes, prf_id: int) -> bool:
 __all__ = [
     "CryptoError", "IntegrityError", "KeyExchangeError",
     "Prf", "IkeKeys", "derive_ike_keys", "derive_ike_keys_from_skeyseed",
-    "derive_rekey_skeyseed", "derive_child_keymat", "nonce_ok",
+    "derive_rekey_skeyseed", "derive_child_keymat", "nonce_ok", "ike_key_lengths",
     "KeyExchange", "ke_public_len", "SkCipher", "Integ",
 ]
 

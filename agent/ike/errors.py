@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from agent.iana import ExchangeType, NotifyType
+
 
 class IkeSaState(StrEnum):
     """State of an IKE_SA (RFC 7296 §1.2, §1.4)."""
@@ -119,6 +121,22 @@ class AuthError(Exception):
     kind = DeleteReason.AUTH_FAILED
 
 
-__all__ = ["IkeSaState", "Mode", "Protocol", "Drop", "DeleteReason", "NO_RETRY", "BENIGN", "AUTH_BACKOFF",
+def notify_name(t: int) -> str:
+    """IANA name of a Notify Message Type, or NOTIFY(<number>)."""
+    try:
+        return NotifyType(t).name
+    except ValueError:
+        return f"NOTIFY({t})"
+
+
+def exchange_name(t: int) -> str:
+    """IANA name of an Exchange Type, or EXCHANGE(<number>)."""
+    try:
+        return ExchangeType(t).name
+    except ValueError:
+        return f"EXCHANGE({t})"
+
+
+__all__ = ["notify_name", "exchange_name", "IkeSaState", "Mode", "Protocol", "Drop", "DeleteReason", "NO_RETRY", "BENIGN", "AUTH_BACKOFF",
            "IkeError", "RemoteProtocolError", "LocalProtocolError", "CryptoError", "IntegrityError",
            "KeyExchangeError", "AuthError"]
