@@ -18,6 +18,7 @@ from agent.ike.cookie import CookieJar
 from agent.ike.fragment import DEFAULT_FRAGMENT_SIZE
 from agent.ike.cp import AddressPool
 from agent.ike.errors import AUTH_BACKOFF, NO_RETRY, DeleteReason
+from agent.ike.pad import PeerIndex
 from agent.ike.events import (Addr, ChildSaEstablished, ChildSaRefused, Event, IkeSaDeleted, IkeSaEstablished,
                               PeerRefused)
 from agent.ike.message import (HEADER_LEN, EncryptedFragmentPayload, EncryptedPayload, Message, MessageError,
@@ -45,22 +46,17 @@ _INITS_DONE_MAX = 1024  # established responder IKE_SAs whose IKE_SA_INIT retran
 
 class _ViewIndex:
     """Per-view lookups of IkeManager (rebuilt when the view object changes): PROTECT peers by
-    endpoint IP (view order) and by IKE identity (the first, as a scan would find), and the
+    endpoint IP (view order) and by IKE identity (the PAD, agent.ike.pad.PeerIndex), and the
     responder's (proposals, force_encap) once computed."""
 
     def __init__(self, view: NodeView) -> None:
         self.view = view
         self.endpoints: dict[str, list[Peer]] = {}
-        self.identities: dict[str, Peer] = {}
+        self.pad = PeerIndex(view.peers)
         self.responder: tuple[tuple[str, ...], bool] | None = None
-        # peers whose identity is an address or a DN: another text may name them (auth.same_identity)
-        self.loose: list[Peer] = []
         for p in view.peers:
             if p.policy.action != "protect":
                 continue
-            self.identities.setdefault(p.identity, p)
-            if auth.identity_has_forms(p.identity):
-                self.loose.append(p)
             for ep in dict.fromkeys(p.endpoints):
                 self.endpoints.setdefault(ep, []).append(p)
 
@@ -149,14 +145,7 @@ class IkeManager:
         """PAD lookup (RFC 4301 §4.4.3): the configured peer with this IKE identity.
         A peer whose policy is BYPASS or DISCARD has no PAD entry: it may not
         negotiate SAs with us."""
-        ix = self._index()
-        p = ix.identities.get(identity)
-        if p is not None:
-            return p
-        for p in ix.loose:  # the same address or DN written another way (auth.same_identity)
-            if auth.same_identity(p.identity, identity):
-                return p
-        return None
+        return self._index().pad.find(identity)
 
     def _index(self) -> _ViewIndex:
         """Lookups by endpoint and identity, and the responder's proposals, for the current

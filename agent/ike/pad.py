@@ -2,7 +2,8 @@
 
 One home for the checks that bind an authenticated identity to what it may do:
 
-- identity lookup: the peer entry for an IDi / IDr (``find_peer``, the node view);
+- identity lookup: the peer entry for an IDi (:class:`PeerIndex` over the node view, which
+  the manager hands each IKE_SA as ``find_peer``);
 - identity match: the ID payload names the expected peer (§3.5, RFC 4945 §3.1);
 - revocation: a certificate serial the controller revoked may not authenticate;
 - endpoint binding (PeerPolicy.bind_endpoints): unless NAT-D found the peer behind a NAT,
@@ -19,8 +20,34 @@ from __future__ import annotations
 import ipaddress
 from agent.iana import IdType, name_of
 from agent.ike.errors import AuthError
-from agent.ike.identity import id_text, same_identity
+from agent.ike.identity import id_text, identity_has_forms, same_identity
 from agent.model import Peer
+
+
+class PeerIndex:
+    """The PAD entries of a node view by IKE identity (RFC 4301 §4.4.3): PROTECT peers only (a
+    peer whose policy is BYPASS or DISCARD has no PAD entry and may not negotiate SAs with us).
+    An identity written another way (an address, a DN in another RDN order) still finds its peer."""
+
+    def __init__(self, peers) -> None:
+        self.identities: dict[str, Peer] = {}  # the first peer with an identity, as a scan finds it
+        self.loose: list[Peer] = []  # peers whose identity is an address or a DN
+        for p in peers:
+            if p.policy.action != "protect":
+                continue
+            self.identities.setdefault(p.identity, p)
+            if identity_has_forms(p.identity):
+                self.loose.append(p)
+
+    def find(self, identity: str) -> Peer | None:
+        """The configured peer with this IKE identity (id_text form), or None."""
+        p = self.identities.get(identity)
+        if p is not None:
+            return p
+        for p in self.loose:
+            if same_identity(p.identity, identity):
+                return p
+        return None
 
 
 class Pad:
@@ -89,4 +116,4 @@ class Pad:
         return tuple(ipaddress.ip_network(a) for a in virtual_ips) or tuple(local_subnets)
 
 
-__all__ = ["Pad"]
+__all__ = ["Pad", "PeerIndex"]
