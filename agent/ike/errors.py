@@ -84,14 +84,19 @@ AUTH_BACKOFF = frozenset({DeleteReason.AUTH_FAILED, DeleteReason.REFUSED})
 
 
 class IkeError(Exception):
-    """A typed IKE failure: ``kind`` (DeleteReason) and ``notify`` (NotifyType or None)."""
-    kind: DeleteReason = DeleteReason.PROTOCOL_ERROR
+    """A typed IKE failure that ends the IKE_SA: ``text`` (for people), ``notify`` (NotifyType
+    or None), ``data`` (its Notification Data, e.g. the group of INVALID_KE_PAYLOAD) and
+    ``kind`` (DeleteReason: AUTH_FAILED for AUTHENTICATION_FAILED, else PROTOCOL_ERROR unless
+    given). A task raises it; the IkeSa ends with it (and answers a request with ``notify``)."""
 
-    def __init__(self, text: str, notify: int | None = None, data: bytes = b"") -> None:
+    def __init__(self, text: str, notify: int | None = None, data: bytes = b"", *,
+                 kind: DeleteReason | None = None) -> None:
         super().__init__(text)
         self.text = text
         self.notify = notify
-        self.data = data  # Notification Data of ``notify`` (e.g. the group of INVALID_KE_PAYLOAD)
+        self.data = data
+        self.kind = kind if kind is not None else (
+            DeleteReason.AUTH_FAILED if notify == NotifyType.AUTHENTICATION_FAILED else DeleteReason.PROTOCOL_ERROR)
 
 
 class RemoteProtocolError(IkeError):

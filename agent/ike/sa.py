@@ -35,7 +35,7 @@ from agent.ike import natt, sk
 from agent.ike.auth import AuthError
 from agent.ike.child_refusal import ChildRefusals
 from agent.ike.crypto import Prf, SkCipher, ike_key_lengths
-from agent.ike.errors import DeleteReason, Drop, exchange_name
+from agent.ike.errors import DeleteReason, Drop, IkeError, exchange_name
 from agent.ike.events import Addr, ChildSaDeleted, IkeKeysDerived, IkeSaDeleted, IkeSaEstablished, PeerAddressChanged
 from agent.ike.lifetimes import Lifetimes
 from agent.ike.message import (EncryptedFragmentPayload, Message, MessageError, MessageLimitError, NotifyPayload,
@@ -349,7 +349,10 @@ class IkeSa:
             # exchanges fail on any error notify by themselves)
             self._die(f"{exchange_name(msg.exchange)} refused: INVALID_SYNTAX (fatal for the IKE_SA, RFC 7296 §2.21.3)")
             return None
-        p.on_response(msg, inner, now)
+        try:
+            p.on_response(msg, inner, now)
+        except IkeError as e:  # the task gave up on the exchange: the IKE_SA ends (h11's model)
+            self._die(e.text, e.kind)
         self._run_queue(now)
         return None
 
@@ -412,7 +415,13 @@ class IkeSa:
             self.remote = remote  # the initiator may have moved to 4500 (§2.23)
             self.local = local
         # the task is looked up now: a test may stand in for one task of this IKE_SA
-        payloads = getattr(self, task).process_request(msg, inner, now)
+        try:
+            payloads = getattr(self, task).process_request(msg, inner, now)
+        except IkeError as e:  # the IKE_SA ends; the peer learns e.notify
+            self._die(e.text, e.kind)
+            if msg.exchange == ExchangeType.IKE_SA_INIT:
+                self.spi_r = 0  # a stateless refusal: <-- HDR(SPIr 0), N(error) (§2.6, §1.2)
+            payloads = [NotifyPayload(int(e.notify), e.data)] if e.notify is not None else None
         if payloads is not None:
             self._respond(msg, payloads, local, remote)
             if msg.exchange != ExchangeType.IKE_SA_INIT and any(
@@ -576,14 +585,6 @@ class IkeSa:
         self.state = State.DELETED
         self._pending = None
         self._queue.clear()
-
-    def _fail_with_notify(self, ntype: int, reason: str, now: float,
-                          kind: DeleteReason = DeleteReason.PROTOCOL_ERROR) -> None:
-        """Initiator-side error after IKE_AUTH: HDR, SK {N(error)} --> then gone (§2.21.2)."""
-        data = self._seal(ExchangeType.INFORMATIONAL, self._next_mid, False, [NotifyPayload(int(ntype))])
-        self._next_mid += 1
-        self.outbox.append(Datagram(data, self.local, self.remote))
-        self._die(reason, kind)
 
     def status(self) -> dict:
         """JSON-ready summary (no keys); see agent.ike.status.ike_sa_status."""

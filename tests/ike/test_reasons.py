@@ -93,3 +93,19 @@ def test_reinitiation_follows_the_kind_not_the_words(kind):
         assert n.a._backoff["node-b"] == REINITIATE_AUTH_BASE_S
     else:
         assert n.a._backoff["node-b"] == REINITIATE_BASE_S
+
+
+def test_a_refused_ike_sa_init_is_a_protocol_error_on_both_sides():
+    from dataclasses import replace
+    from agent.model import PeerPolicy
+    pol_a = PeerPolicy(ike_proposals=("aes128gcm16-prfsha256-x25519",))
+    pol_b = replace(pol_a, ike_proposals=("aes256gcm16-prfsha384-ecp384",))
+    a = IkeManager(view("node-a", "node-b", policy=pol_a), Credentials(psk=PSK), DetRng("pa"), local_address=A_ADDR)
+    b = IkeManager(view("node-b", "node-a", policy=pol_b), Credentials(psk=PSK), DetRng("pb"), local_address=B_ADDR)
+    n = Net(a, b)
+    n.a.initiate("node-b", n.now)
+    n.pump()
+    (ea,), (eb,) = n.of("a", IkeSaDeleted), n.of("b", IkeSaDeleted)
+    # b raised RemoteProtocolError(NO_PROPOSAL_CHOSEN): answered statelessly; a got LocalProtocolError
+    assert eb.kind == DeleteReason.PROTOCOL_ERROR and eb.reason.startswith("IKE_SA_INIT: no proposal chosen")
+    assert ea.kind == DeleteReason.PROTOCOL_ERROR and ea.reason.startswith("IKE_SA_INIT refused: NO_PROPOSAL_CHOSEN")

@@ -20,7 +20,8 @@ from agent.ike import auth
 from agent.ike import child as ch
 from agent.ike import cp as cfgp
 from agent.ike.child_refusal import CHILD_SA_REFUSALS
-from agent.ike.errors import AuthError, CryptoError, DeleteReason, Mode, Protocol, notify_name
+from agent.ike.errors import (AuthError, CryptoError, DeleteReason, LocalProtocolError, Mode, Protocol,
+                               RemoteProtocolError, notify_name)
 from agent.ike.message import AuthPayload, CertPayload, IdPayload, Message, NotifyPayload, TsPayload
 from agent.ike.proposals import ProposalError
 from agent.ike.tasks.ike_init import certreq_payload
@@ -161,17 +162,19 @@ class IkeAuth:
         errors = [n for n in m.notifies() if n.is_error]
         auth_err = next((n for n in errors if n.notify_type == NotifyType.AUTHENTICATION_FAILED), None)
         if auth_err is not None:
-            sa._die("peer refused our authentication (AUTHENTICATION_FAILED)", DeleteReason.AUTH_FAILED)
-            return
+            raise LocalProtocolError("peer refused our authentication (AUTHENTICATION_FAILED)",
+                                     NotifyType.AUTHENTICATION_FAILED)
         idr = m.first(PayloadType.IDr)
         if idr is None or m.first(PayloadType.AUTH) is None:
-            sa._die(f"IKE_AUTH failed: {notify_name(errors[0].notify_type) if errors else 'no IDr/AUTH'}")
-            return
+            if errors:
+                raise LocalProtocolError(f"IKE_AUTH failed: {notify_name(errors[0].notify_type)}",
+                                         errors[0].notify_type, kind=DeleteReason.PROTOCOL_ERROR)
+            raise RemoteProtocolError("IKE_AUTH failed: no IDr/AUTH")
         try:
             self.verify_peer(idr, m.first(PayloadType.AUTH), m.get(PayloadType.CERT), sa.peer, now)
             sa.pad.check_binding(sa.peer, sa.remote, sa.nat.remote)
         except (AuthError, CryptoError) as e:
-            sa._fail_with_notify(NotifyType.AUTHENTICATION_FAILED, f"AUTHENTICATION_FAILED: {e}", now,
+            sa.info.notify_error(NotifyType.AUTHENTICATION_FAILED, f"AUTHENTICATION_FAILED: {e}",
                                  DeleteReason.AUTH_FAILED)
             return
         sa._established(now)
@@ -256,14 +259,12 @@ class IkeAuth:
             sa.pad.check_binding(peer, sa.remote, sa.nat.remote)
         except (AuthError, CryptoError) as e:
             sa.auth_failure = str(e)
-            sa._die(f"AUTHENTICATION_FAILED: {e}", DeleteReason.AUTH_FAILED)
-            return [NotifyPayload(int(NotifyType.AUTHENTICATION_FAILED))]
+            raise RemoteProtocolError(f"AUTHENTICATION_FAILED: {e}", NotifyType.AUTHENTICATION_FAILED) from None
         problem = sa.pad.policy_problem(peer)
         if problem is not None:
             # no IKE_SA whose CHILD_SA we could not install: refuse before AUTH (§2.21.2)
             sa.peer = peer
-            sa._die(f"refused: {problem}", DeleteReason.REFUSED)
-            return [NotifyPayload(int(NotifyType.NO_PROPOSAL_CHOSEN))]
+            raise RemoteProtocolError(f"refused: {problem}", NotifyType.NO_PROPOSAL_CHOSEN, kind=DeleteReason.REFUSED)
         sa.peer = peer
         # RFC 7383: the peer's own fragment size from now on (our IKE_AUTH response is the big one)
         sa.cfg.fragment_size = getattr(peer.policy, "fragment_size", sa.cfg.fragment_size)
@@ -273,8 +274,8 @@ class IkeAuth:
         try:
             payloads: list = [my_id, *self._cert_payloads(psk), self.my_auth(my_id, psk)]
         except (AuthError, CryptoError) as e:  # e.g. the peer accepts none of our hash algorithms
-            sa._die(f"cannot authenticate ourselves: {e}", DeleteReason.REFUSED)
-            return [NotifyPayload(int(NotifyType.AUTHENTICATION_FAILED))]
+            raise LocalProtocolError(f"cannot authenticate ourselves: {e}", NotifyType.AUTHENTICATION_FAILED,
+                                     kind=DeleteReason.REFUSED) from None
         sa._established(now)
         return payloads + self._first_child_request(m, inner, peer, now)
 

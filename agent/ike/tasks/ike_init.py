@@ -5,7 +5,9 @@ Initiator: HDR, SA, KEi, Ni, N(NAT_DETECTION_SOURCE_IP), N(NAT_DETECTION_DESTINA
 [N(INTERMEDIATE_EXCHANGE_SUPPORTED)] -->; a COOKIE (§2.6) or INVALID_KE_PAYLOAD (§1.2)
 answer restarts the exchange (at most MAX_INIT_RETRIES times).
 Responder: <-- HDR, SA, KEr, Nr, N(NAT_DETECTION_*), [CERTREQ], [N(...)], or a stateless
-<-- HDR, N(error) with SPIr 0.
+<-- HDR, N(error) with SPIr 0 (the task raises RemoteProtocolError with the notify).
+Failures raise agent.ike.errors.LocalProtocolError (the peer refused us) or
+RemoteProtocolError (the peer's message is wrong); the IkeSa ends with them.
 
 The task holds the exchange's own nonce, KE and cookie; when the exchange completes it
 hands the IKE_SA its nonces, the two messages (for AUTH, §2.15) and SK_* (§2.14).
@@ -22,7 +24,7 @@ from agent.ike import auth
 from agent.ike import child as ch
 from agent.ike import natt
 from agent.ike.crypto import KeyExchange, KeyExchangeError, derive_ike_keys, ike_key_lengths, nonce_ok
-from agent.ike.errors import IkeSaState, notify_name
+from agent.ike.errors import IkeSaState, LocalProtocolError, RemoteProtocolError, notify_name
 from agent.ike.message import (CertReqPayload, KePayload, Message, NoncePayload, NotifyPayload, Proposal, SaPayload,
                                encode_message)
 from agent.ike.proposals import ProposalError
@@ -125,46 +127,39 @@ class IkeInit:
         if ke_note is not None or cookie is not None:
             self.retries += 1
             if self.retries > MAX_INIT_RETRIES:
-                sa._die("IKE_SA_INIT: too many INVALID_KE_PAYLOAD/COOKIE round trips")
-                return
+                raise LocalProtocolError("IKE_SA_INIT: too many INVALID_KE_PAYLOAD/COOKIE round trips")
             group = self.ke.ke_id
             if ke_note is not None:
                 if len(ke_note.data) != 2:
-                    sa._die("INVALID_KE_PAYLOAD without a group")
-                    return
+                    raise RemoteProtocolError("INVALID_KE_PAYLOAD without a group")
                 group = struct.unpack("!H", ke_note.data)[0]
                 if not any(group in p.ke for p in offered) or group == self.ke.ke_id:
-                    sa._die(f"INVALID_KE_PAYLOAD names group {group} we did not offer")
-                    return
+                    raise RemoteProtocolError(f"INVALID_KE_PAYLOAD names group {group} we did not offer")
             if cookie is not None:
                 self.cookie = cookie.data
             self._send(group, now)  # HDR, [N(COOKIE),] SA, KEi(new group), Ni -->
             return
         errors = [n for n in msg.notifies() if n.is_error]
         if errors:
-            sa._die(f"IKE_SA_INIT refused: {notify_name(errors[0].notify_type)}"
-                    + (hybrid_hint(None, offered) if errors[0].notify_type == NotifyType.NO_PROPOSAL_CHOSEN
-                       else ""))
-            return
+            raise LocalProtocolError(f"IKE_SA_INIT refused: {notify_name(errors[0].notify_type)}"
+                                     + (hybrid_hint(None, offered)
+                                        if errors[0].notify_type == NotifyType.NO_PROPOSAL_CHOSEN else ""),
+                                     errors[0].notify_type)
         sa_p, ke, nr = msg.first(PayloadType.SA), msg.first(PayloadType.KE), msg.first(PayloadType.NONCE)
         if sa_p is None or ke is None or nr is None or msg.spi_r == 0:
-            sa._die("IKE_SA_INIT response lacks SA, KE or Nr")
-            return
+            raise RemoteProtocolError("IKE_SA_INIT response lacks SA, KE or Nr")
         prop = ch.accepted_ike(sa_p, offered)
         if prop is None or prop.ke[0] != ke.group or ke.group != self.ke.ke_id:
-            sa._die("IKE_SA_INIT response: proposal or KE method we did not offer")
-            return
+            raise RemoteProtocolError("IKE_SA_INIT response: proposal or KE method we did not offer")
         if not nonce_ok(nr.data, prop.prf):  # §2.10: 16-256 octets, at least half the PRF key size
-            sa._die(f"IKE_SA_INIT response: bad nonce length {len(nr.data)}")
-            return
+            raise RemoteProtocolError(f"IKE_SA_INIT response: bad nonce length {len(nr.data)}")
         sa.spi_r = msg.spi_r
         sa._ni, sa._nr = self.ni, nr.data
         sa._init_response = sa._last_raw
         try:
             self._derive(prop, self.ke.shared_secret(ke.data))
         except KeyExchangeError as e:
-            sa._die(f"IKE_SA_INIT: {e}")
-            return
+            raise RemoteProtocolError(f"IKE_SA_INIT: {e}") from None
         sa.nat.check(msg.payloads, sa.spi_i, sa.spi_r, sa.local, sa.remote)
         self.note_peer_support(msg.payloads)
         sa.state = IkeSaState.AUTHENTICATING
@@ -178,29 +173,27 @@ class IkeInit:
         sa = self.sa
         sa_p, ke, ni = msg.first(PayloadType.SA), msg.first(PayloadType.KE), msg.first(PayloadType.NONCE)
         if not 16 <= len(ni.data) <= 256:
-            sa._die("IKE_SA_INIT: bad nonce length")
-            return self._stateless_error(NotifyType.INVALID_SYNTAX)
+            raise RemoteProtocolError("IKE_SA_INIT: bad nonce length", NotifyType.INVALID_SYNTAX)
         try:
             ours = sa._ike_proposals()
         except ProposalError:
             ours = []
         res = ch.choose_ike(sa_p, ours, ke.group, allow_add_ke=announces_intermediate(msg.payloads))
         if res is None:
-            sa._die("IKE_SA_INIT: no proposal chosen" + hybrid_hint(sa_p, ours))
-            return self._stateless_error(NotifyType.NO_PROPOSAL_CHOSEN)
+            raise RemoteProtocolError("IKE_SA_INIT: no proposal chosen" + hybrid_hint(sa_p, ours),
+                                      NotifyType.NO_PROPOSAL_CHOSEN)
         choice, _kes = res
         if not nonce_ok(ni.data, choice.proposal.prf):  # §2.10: at least half the PRF key size
-            sa._die(f"IKE_SA_INIT: nonce of {len(ni.data)} octets is shorter than half the PRF key")
-            return self._stateless_error(NotifyType.INVALID_SYNTAX)
+            raise RemoteProtocolError(f"IKE_SA_INIT: nonce of {len(ni.data)} octets is shorter than half the PRF key",
+                                      NotifyType.INVALID_SYNTAX)
         if choice.proposal.ke[0] != ke.group:
-            sa._die("IKE_SA_INIT: asked the initiator for another KE method")
-            return self._stateless_error(NotifyType.INVALID_KE_PAYLOAD, struct.pack("!H", choice.proposal.ke[0]))
+            raise RemoteProtocolError("IKE_SA_INIT: asked the initiator for another KE method",
+                                      NotifyType.INVALID_KE_PAYLOAD, struct.pack("!H", choice.proposal.ke[0]))
         try:
             self.ke = KeyExchange(ke.group, sa.rng)
             g_ir = self.ke.shared_secret(ke.data)
         except KeyExchangeError as e:
-            sa._die(f"IKE_SA_INIT: {e}")
-            return self._stateless_error(NotifyType.INVALID_SYNTAX)
+            raise RemoteProtocolError(f"IKE_SA_INIT: {e}", NotifyType.INVALID_SYNTAX) from None
         sa._ni = ni.data
         sa._nr = sa.rng(NONCE_LEN)
         sa._init_request = sa._last_raw
@@ -222,11 +215,6 @@ class IkeInit:
         sa.state = IkeSaState.AUTHENTICATING
         sa._init_response = sa._seal(ExchangeType.IKE_SA_INIT, 0, True, payloads)
         return payloads
-
-    def _stateless_error(self, ntype: int, data: bytes = b"") -> list:
-        """<-- HDR, N(error): sent with SPIr 0 (§2.6 / §1.2)."""
-        self.sa.spi_r = 0
-        return [NotifyPayload(int(ntype), data)]
 
 
 __all__ = ["IkeInit", "certreq_payload", "hybrid_hint", "NONCE_LEN", "MAX_INIT_RETRIES"]

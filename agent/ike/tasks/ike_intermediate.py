@@ -27,7 +27,7 @@ import struct
 from agent.iana import ExchangeType, KeId, NotifyType, PayloadType, name_of
 from agent.ike.crypto import (KeyExchange, KeyExchangeError, Prf, derive_ike_keys_from_skeyseed,
                               derive_rekey_skeyseed, ike_key_lengths)
-from agent.ike.errors import Drop, IkeSaState, notify_name
+from agent.ike.errors import Drop, IkeSaState, LocalProtocolError, RemoteProtocolError, notify_name
 from agent.ike.message import HEADER_LEN, KePayload, Message, NotifyPayload, encode_header
 from agent.ike.proposals import additional_kes
 
@@ -88,9 +88,8 @@ class IkeIntermediate:
     def after_init(self, response_payloads, now: float) -> None:
         """Initiator after IKE_SA_INIT: the IKE_INTERMEDIATE exchanges, then IKE_AUTH."""
         if self.pending() and not announces_intermediate(response_payloads):
-            self.sa._die("IKE_SA_INIT: responder chose additional key exchanges without "
-                         "N(INTERMEDIATE_EXCHANGE_SUPPORTED) (RFC 9370 §2.2.1)")
-            return
+            raise RemoteProtocolError("IKE_SA_INIT: responder chose additional key exchanges without "
+                                      "N(INTERMEDIATE_EXCHANGE_SUPPORTED) (RFC 9370 §2.2.1)")
         self.next(now)
 
     def missing(self) -> bool:
@@ -142,8 +141,7 @@ class IkeIntermediate:
             kex = KeyExchange(method, sa.rng)
             ke = KePayload(method, kex.public_bytes())
         except KeyExchangeError as e:
-            sa._die(f"IKE_INTERMEDIATE: {e}")
-            return
+            raise LocalProtocolError(f"IKE_INTERMEDIATE: {e}") from None
         sa._request(ExchangeType.IKE_INTERMEDIATE, [ke],
                     lambda msg, inner, t: self.process_response(kex, msg, inner, t), now)
         self._step(True, int(ExchangeType.IKE_INTERMEDIATE), sa._flags(False), sa._next_mid - 1, sa._tx_plain)
@@ -155,19 +153,17 @@ class IkeIntermediate:
         m = Message(msg.spi_i, msg.spi_r, msg.exchange, msg.message_id, False, True, tuple(inner))
         errors = [n for n in m.notifies() if n.is_error]
         if errors:
-            sa._die(f"IKE_INTERMEDIATE refused: {notify_name(errors[0].notify_type)}")
-            return
+            raise LocalProtocolError(f"IKE_INTERMEDIATE refused: {notify_name(errors[0].notify_type)}",
+                                     errors[0].notify_type)
         ke = m.first(PayloadType.KE)
         if ke is None or ke.group != kex.ke_id:
             sa.drops.append(Drop.INVALID_KE_PAYLOAD)
-            sa._die(f"IKE_INTERMEDIATE response: no KEr for {name_of(KeId, kex.ke_id)}")
-            return
+            raise RemoteProtocolError(f"IKE_INTERMEDIATE response: no KEr for {name_of(KeId, kex.ke_id)}")
         try:
             sk_n = kex.shared_secret(ke.data)
         except KeyExchangeError as e:
             sa.drops.append(Drop.INVALID_KE_DATA)
-            sa._die(f"IKE_INTERMEDIATE response: {e}")
-            return
+            raise RemoteProtocolError(f"IKE_INTERMEDIATE response: {e}") from None
         self.done += 1
         self.count += 1
         self._update_keys(sk_n)
@@ -190,9 +186,8 @@ class IkeIntermediate:
         elif ke is None or not pending or ke.group != pending[0]:
             want = name_of(KeId, pending[0]) if pending else "none"
             sa.drops.append(Drop.INVALID_KE_PAYLOAD)
-            sa._die(f"IKE_INTERMEDIATE: KEi of {name_of(KeId, ke.group) if ke else 'no method'}, "
-                    f"expected {want}")
-            return [NotifyPayload(int(NotifyType.INVALID_SYNTAX))]
+            raise RemoteProtocolError(f"IKE_INTERMEDIATE: KEi of {name_of(KeId, ke.group) if ke else 'no method'}, "
+                                      f"expected {want}", NotifyType.INVALID_SYNTAX)
         else:
             try:
                 kex = KeyExchange(ke.group, sa.rng)
@@ -200,8 +195,7 @@ class IkeIntermediate:
                 payloads = [KePayload(ke.group, kex.public_bytes())]
             except KeyExchangeError as e:
                 sa.drops.append(Drop.INVALID_KE_DATA)
-                sa._die(f"IKE_INTERMEDIATE request: {e}")
-                return [NotifyPayload(int(NotifyType.INVALID_SYNTAX))]
+                raise RemoteProtocolError(f"IKE_INTERMEDIATE request: {e}", NotifyType.INVALID_SYNTAX) from None
         sa._respond(msg, payloads, sa.local, sa.remote)
         self._step(False, msg.exchange, sa._flags(True), msg.message_id, sa._tx_plain)
         self.count += 1

@@ -18,7 +18,8 @@ from __future__ import annotations
 from agent.iana import ExchangeType, NotifyType, ProtocolId
 from agent.ike.errors import DeleteReason, IkeSaState
 from agent.ike.events import ChildSaDeleted
-from agent.ike.message import DeletePayload, Message
+from agent.ike.message import DeletePayload, Message, NotifyPayload
+from agent.ike.sa_config import Datagram
 
 HINT_LIVENESS_TRIES = 3  # liveness check after an unknown-SPI hint: gone 15 s after it starts
 DELETE_WAIT_TRIES = 2  # delete(): retransmissions of an outstanding request before giving up (1 + 2 s)
@@ -63,6 +64,15 @@ class Informational:
         sa._request(ExchangeType.INFORMATIONAL,
                     [DeletePayload(c.protocol_id, 4, (c.inbound_spi.to_bytes(4, "big"),))],
                     lambda msg, inner, now: self._closed(c), now)
+
+    def notify_error(self, ntype: int, reason: str, kind: DeleteReason) -> None:
+        """Initiator-side error after IKE_AUTH: HDR, SK {N(error)} --> then gone (§2.21.2); the
+        request is sent once and not waited for."""
+        sa = self.sa
+        data = sa._seal(ExchangeType.INFORMATIONAL, sa._next_mid, False, [NotifyPayload(int(ntype))])
+        sa._next_mid += 1
+        sa.outbox.append(Datagram(data, sa.local, sa.remote))
+        sa._die(reason, kind)
 
     def _closed(self, c) -> None:
         """The peer answered our D(ESP|AH, SPI): both directions of ``c`` are gone now."""
