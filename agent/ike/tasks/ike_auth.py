@@ -19,6 +19,7 @@ from agent.iana import AuthMethod, CertEncoding, ExchangeType, IdType, NotifyTyp
 from agent.ike import auth
 from agent.ike import child as ch
 from agent.ike import cp as cfgp
+from agent.ike import natt_ts
 from agent.ike.child_refusal import CHILD_SA_REFUSALS
 from agent.ike.errors import (AuthError, CryptoError, DeleteReason, LocalProtocolError, Mode, Protocol,
                                RemoteProtocolError, notify_name)
@@ -206,6 +207,8 @@ class IkeAuth:
         if choice is None or tsi is None or tsr is None:
             refuse("CHILD_SA refused: response SA/TS not acceptable")
             return
+        tsi, tsr = natt_ts.child_ts(sa, m, tsi, tsr, exchange_initiator=True,  # §2.23.1, before any check
+                                    transport_wanted=ch.child_mode(peer.policy, first_kind) == Mode.TRANSPORT)
         if getattr(peer.policy, "request_virtual_ip", ()):
             try:
                 cpr = cfgp.find_cp(inner)
@@ -312,6 +315,8 @@ class IkeAuth:
             refusals.by_us("no common CHILD_SA proposal", NotifyType.NO_PROPOSAL_CHOSEN,
                            refusals.offer_text(sa_p, tsi, tsr))
             return payloads + [NotifyPayload(int(NotifyType.NO_PROPOSAL_CHOSEN))]
+        tsi, tsr = natt_ts.child_ts(sa, m, tsi, tsr, exchange_initiator=False,  # §2.23.1, before narrowing
+                                    transport_wanted=natt_ts.wants_transport(peer.policy, choice))
         # TSi is the initiator's side (the peer's subnets), TSr ours (§2.9): the PAD's selectors
         # §2.9 on IP protocol, ports and addresses
         remote_sel = ch.narrow_ts(tsi.selectors, ch.ts_from_networks(sa._remote_allowed()))
