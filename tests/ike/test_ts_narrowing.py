@@ -12,7 +12,7 @@ from agent.iana import PayloadType
 from agent.ike import child as ch
 from agent.ike.events import ChildSaDeleted, ChildSaEstablished, ChildSaRefused, IkeSaDeleted
 from agent.ike.message import TrafficSelector
-from agent.ike.sa import IkeSa
+from agent.ike.tasks.ike_auth import IkeAuth
 
 from tests.ike.conftest import A_NET, B_NET
 from tests.ike.helpers import inner, psk_net
@@ -49,15 +49,15 @@ def test_ts_intersection_of_each_field():
 
 def _a_proposes(monkeypatch, make):
     """A's IKE_AUTH proposes the selectors ``make(networks)`` instead of whole networks."""
-    orig = IkeSa._send_auth
+    orig = IkeAuth.start
 
-    def patched(sa, now):
-        if sa.initiator and sa.cfg.identity == "node-a":
+    def patched(task, now):
+        if task.sa.initiator and task.sa.cfg.identity == "node-a":
             with monkeypatch.context() as mp:
                 mp.setattr(ch, "ts_from_networks", make)
-                return orig(sa, now)
-        return orig(sa, now)
-    monkeypatch.setattr(IkeSa, "_send_auth", patched)
+                return orig(task, now)
+        return orig(task, now)
+    monkeypatch.setattr(IkeAuth, "start", patched)
 
 
 def test_responder_narrows_protocol_and_ports_and_returns_no_wider_selectors(monkeypatch):
