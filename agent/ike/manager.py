@@ -14,14 +14,16 @@ from typing import Callable
 
 from agent.iana import ExchangeType, NotifyType, PayloadType
 from agent.ike import auth
-from agent.ike.cookie import CookieJar
+from agent.ike.admission import (HALF_OPEN_BASE_BYTES, HALF_OPEN_BYTES_MAX, INIT_RATE, MAX_INIT_LEN, RefusalTally,
+                                 TokenBucket, new_init_header, refusal_of)
+from agent.ike.cookie import NONCE_MAX, NONCE_MIN, CookieJar
 from agent.ike.fragment import DEFAULT_FRAGMENT_SIZE
 from agent.ike.cp import AddressPool
 from agent.ike.events import (Addr, ChildSaEstablished, ChildSaRefused, Event, IkeSaDeleted, IkeSaEstablished,
-                              PeerRefused)
-from agent.ike.message import (HEADER_LEN, EncryptedFragmentPayload, EncryptedPayload, Message, MessageError,
-                               MessageLimitError, NotifyPayload, check_outer, decode_header, decode_message,
-                               encode_message, scan_payloads)
+                              InitsRefused, PeerRefused)
+from agent.ike.message import (HEADER_LEN, EncryptedFragmentPayload, EncryptedPayload, Header, Message, MessageError,
+                               MessageLimitError, NotifyPayload, check_outer, decode_message, encode_message,
+                               scan_payloads)
 from agent.ike.policy_check import ike_proposal_problem, policy_problem
 from agent.ike.sa import HALF_OPEN_TIMEOUT_S, IKE_PORT, Datagram, IkeSa, IkeSaConfig, State
 from agent.model import DEFAULT_IKE_PROPOSALS, Credentials, NodeView, Peer
@@ -65,6 +67,13 @@ class _ViewIndex:
                 self.endpoints.setdefault(ep, []).append(p)
 
 
+def _notify_name(ntype: int) -> str:
+    try:
+        return NotifyType(ntype).name.lower()
+    except ValueError:
+        return f"notify_{ntype}"
+
+
 def _cookie_of(data: bytes, first: tuple[int, int, int]) -> bytes | None:
     """The data of N(COOKIE) if it is the first payload (``first`` from scan_payloads), else None."""
     ptype, a, b = first
@@ -87,7 +96,9 @@ class IkeManager:
                  local_address: str, wall_offset: float = 0.0, cookie_threshold: int = COOKIE_THRESHOLD,
                  cookie_rotate_s: float = 120.0, half_open_timeout_s: float = HALF_OPEN_TIMEOUT_S,
                  half_open_per_source: int = HALF_OPEN_PER_SOURCE, half_open_max: int = HALF_OPEN_MAX,
-                 half_open_pressure_timeout_s: float = HALF_OPEN_PRESSURE_TIMEOUT_S):
+                 half_open_pressure_timeout_s: float = HALF_OPEN_PRESSURE_TIMEOUT_S, init_rate: float = INIT_RATE,
+                 init_burst: float | None = None, half_open_bytes_max: int = HALF_OPEN_BYTES_MAX,
+                 init_max_len: int = MAX_INIT_LEN):
         # ``half_open_timeout_s``: a responder IKE_SA not ESTABLISHED this long after its
         # IKE_SA_INIT is dropped (strongSwan's half_open_timeout); ``half_open_per_source``:
         # IKE_SA_INITs from one address beyond this many half-open IKE_SAs are dropped (counted);
@@ -96,6 +107,11 @@ class IkeManager:
         # IKE_SAs made while in COOKIE mode (under pressure they must finish IKE_AUTH sooner).
         # ``cookie_threshold``: with this many half-open IKE_SAs, answer IKE_SA_INIT without a
         # valid cookie statelessly with N(COOKIE) (§2.6); ``cookie_rotate_s``: secret lifetime.
+        # ``init_rate`` (per second, burst ``init_burst``, default one second's worth; 0: off): new
+        # IKE_SA_INITs beyond it need a COOKIE too, refused ones included (they leave no half-open
+        # IKE_SA); ``half_open_bytes_max``: octets of half-open state in all (a new or growing one
+        # drops the oldest beyond it; COOKIE mode from half of it); ``init_max_len``: a longer
+        # IKE_SA_INIT request is refused with INVALID_SYNTAX before it is decoded.
         # ``wall_offset``: Unix time minus the ``now`` clock, for certificate validity (RFC 5280
         # times are calendar times, timers run on a monotonic clock); the shell keeps it current.
         self.wall_offset = wall_offset
@@ -139,6 +155,13 @@ class IkeManager:
         self._shutdown = False
         self.cookie_threshold = cookie_threshold
         self._cookies = CookieJar(rng, cookie_rotate_s)
+        self._init_bucket = TokenBucket(init_rate, init_burst)
+        self.half_open_bytes_max = max(1, half_open_bytes_max)
+        self.init_max_len = init_max_len
+        self._ho_cost: dict[int, int] = {}  # our SPI -> octets charged for that half-open IKE_SA
+        self._ho_bytes = 0
+        self._refusals = RefusalTally()
+        self._refusal_timer: float | None = None
         self._pools: dict[str, list[AddressPool]] = {}  # virtual_ip_pool string -> pools
 
     # ------------------------------------------------------------ helpers
@@ -509,12 +532,21 @@ class IkeManager:
             self._count("internal_error")
 
     def _receive(self, data: bytes, local: Addr, remote: Addr, now: float) -> None:
-        if self._needs_cookie(data, local, remote, now):
-            return  # answered (or dropped) statelessly before decoding the rest (§2.6)
+        h = new_init_header(data)  # a new IKE_SA_INIT request: admission first (docs/ike-hardening.md)
+        if h is not None:
+            if len(data) > self.init_max_len:  # before anything is read or kept (IKE_SA_INIT is never fragmented)
+                self._refuse_init(h.spi_i, "too_large", NotifyType.INVALID_SYNTAX, local, remote, now)
+                return
+            if self._needs_cookie(h, data, local, remote, now):
+                return  # answered (or dropped) statelessly before decoding the rest (§2.6)
         try:
             msg = decode_message(data)
-        except MessageLimitError:
-            self._count("payload_limit")
+        except MessageLimitError as e:
+            if h is None:
+                self._count("payload_limit")
+            else:  # §2.21.1: refused statelessly; over an SA count limit nothing could be chosen
+                self._refuse_init(h.spi_i, f"too_many_{e.kind}", NotifyType.INVALID_SYNTAX if e.kind == "payloads"
+                                  else NotifyType.NO_PROPOSAL_CHOSEN, local, remote, now)
             return
         except MessageError:
             self._count("malformed")
@@ -545,11 +577,18 @@ class IkeManager:
                     self._count("half_open_per_source")
                     return
                 self._supersede_own_init(remote[0], now)
-                sa = self._new_half_open(key, local, remote, now)
+                sa = self._new_half_open(key, local, remote, now, len(data))
                 spi = sa.my_spi
                 reason = sa.receive(msg, data, local, remote, now)
                 if reason:
                     self._count(reason)
+                if sa.is_dead or sa.state == State.INIT:
+                    # refused statelessly: counted by notify and summarised (InitsRefused), not
+                    # reported as the IkeSaDeleted of an IKE_SA that never was (a log line each)
+                    ntype = next((n for n in (refusal_of(d.data) for d in sa.outbox) if n is not None), None)
+                    sa.events = [e for e in sa.events if not isinstance(e, IkeSaDeleted)]
+                    if ntype is not None:
+                        self._refused(_notify_name(ntype), remote, now, sa.delete_reason or "")
                 self._collect(sa, now)
                 if sa.is_dead or sa.state == State.INIT:
                     # refused (INVALID_KE_PAYLOAD, NO_PROPOSAL_CHOSEN, ...: answered with SPIr 0) or
@@ -599,8 +638,8 @@ class IkeManager:
         Ours carries INITIAL_CONTACT (§2.4), so the peer drops the old one at once. Only with
         no IKE_SA to that peer at all (none being set up either: no duplicate), rate-limited
         per address as the unknown-SPI hints are."""
-        peer = next((p for p in self.view.peers if remote[0] in p.endpoints and p.policy.action == "protect"),
-                    None)
+        peers = self._peers_at(remote[0])  # an index: this runs for any source address
+        peer = peers[0] if peers else None
         if peer is None or self._shutdown or self._sas_of(peer.name) or not self._may_start(peer):
             return
         if not self._rate_ok(self._hinted, remote[0], now, HINT_INTERVAL_S):
@@ -683,28 +722,36 @@ class IkeManager:
             return "held"
         return "initiated" if self._sas_of(peer.name) else "held"
 
-    def _needs_cookie(self, data: bytes, local: Addr, remote: Addr, now: float) -> bool:
-        """COOKIE mode (§2.6): with ``cookie_threshold`` half-open IKE_SAs, a new IKE_SA_INIT must
-        carry a valid N(COOKIE) first. Checked on the raw datagram, before the rest is decoded:
-        only the header and the payload headers are read (at most MAX_PAYLOADS), so a forged
-        flood costs little. Returns True when the datagram was dealt with here (answered
-        <-- HDR(SPIi, 0), N(COOKIE), or dropped and counted), False to go on."""
-        if self.half_open() < self.cookie_threshold or len(data) < HEADER_LEN:
-            return False
-        try:
-            h = decode_header(data)
-        except MessageError:
-            return False  # decode_message counts it
-        if (h.exchange != ExchangeType.IKE_SA_INIT or h.spi_r or h.message_id
-                or h.flags & 0x28 != 0x08):  # a new request from the original initiator only
-            return False
+    def _pressure(self) -> str | None:
+        """Why new IKE_SAs are under pressure (COOKIE mode, shorter half-open lifetime), or None:
+        "half_open" (``cookie_threshold`` half-open IKE_SAs), "half_open_bytes" (half the byte
+        budget held)."""
+        if len(self._half_open) >= self.cookie_threshold:
+            return "half_open"
+        if 2 * self._ho_bytes >= self.half_open_bytes_max:
+            return "half_open_bytes"
+        return None
+
+    def _needs_cookie(self, h: Header, data: bytes, local: Addr, remote: Addr, now: float) -> bool:
+        """COOKIE mode (§2.6): under pressure (``_pressure``) or past ``init_rate`` new IKE_SA_INITs
+        per second, a new IKE_SA_INIT must carry a valid N(COOKIE) first. Checked on the raw
+        datagram ``data`` (header ``h``), before the rest is decoded: only the generic payload
+        headers are read (at most MAX_PAYLOADS) and the nonce's length is checked before it is
+        hashed, so a forged flood costs little. Returns True when the datagram was dealt with
+        here (answered <-- HDR(SPIi, 0), N(COOKIE) or N(INVALID_SYNTAX), or dropped; counted),
+        False to go on."""
         old = self._half_open.get((remote[0], h.spi_i))
         if old is not None and not old.is_dead:
             return False  # a retransmission to an IKE_SA we made: its cached response answers
+        why = self._pressure()
+        if why is None:
+            if self._init_bucket.take(now):
+                return False
+            why = "init_rate"  # refused requests leave no half-open IKE_SA: the rate is what shows them
         try:
             chain = scan_payloads(h.first, data, HEADER_LEN)
         except MessageLimitError:
-            self._count("payload_limit")
+            self._refuse_init(h.spi_i, "too_many_payloads", NotifyType.INVALID_SYNTAX, local, remote, now)
             return True
         except MessageError:
             self._count("malformed")
@@ -712,6 +759,9 @@ class IkeManager:
         nonce = next(((a, b) for t, a, b in chain if t == PayloadType.NONCE), None)
         if nonce is None:
             self._count("malformed")
+            return True
+        if not NONCE_MIN <= nonce[1] - nonce[0] <= NONCE_MAX:  # §2.10; never hash a 60 KB "nonce"
+            self._refuse_init(h.spi_i, "invalid_syntax", NotifyType.INVALID_SYNTAX, local, remote, now)
             return True
         ni = bytes(data[nonce[0]:nonce[1]])
         cookie = _cookie_of(data, chain[0]) if chain else None
@@ -722,28 +772,77 @@ class IkeManager:
             self._count(bad)  # forged or stale: a fresh cookie, still no state
         else:
             self._count("cookie_required")
+        self._count(f"cookie_mode_{why}")
         reply = Message(h.spi_i, 0, int(ExchangeType.IKE_SA_INIT), 0, False, True,
                         (NotifyPayload(int(NotifyType.COOKIE), self._cookies.make(ni, remote[0], h.spi_i, now)),))
         self._out.append(Datagram(encode_message(reply), local, remote))
         return True
 
-    def _new_half_open(self, key: tuple[str, int], local: Addr, remote: Addr, now: float) -> IkeSa:
-        """A responder IKE_SA for a new IKE_SA_INIT. At ``half_open_max`` the oldest half-open
-        IKE_SA goes first; in COOKIE mode the new one gets the shorter pressure timeout."""
-        while len(self._half_open) >= self.half_open_max:
-            old_key = next(iter(self._half_open))
-            old = self._half_open[old_key]
-            self._count("half_open_evicted")
-            old._die("half-open IKE_SA dropped: too many half-open IKE_SAs")
-            self._collect(old, now)
-            self._forget_half_open(old, old.my_spi)
-            if self._half_open.get(old_key) is old:  # not expected: the loop must end all the same
-                del self._half_open[old_key]
+    # ------------------------------------------------------------ refused IKE_SA_INITs (issue 13)
+    def _refuse_init(self, spi_i: int, reason: str, ntype: int, local: Addr, remote: Addr, now: float) -> None:
+        """<-- HDR(SPIi, 0), N(error) (§1.2, §2.21.1): no state kept; counted and summarised."""
+        reply = Message(spi_i, 0, int(ExchangeType.IKE_SA_INIT), 0, False, True, (NotifyPayload(int(ntype)),))
+        self._out.append(Datagram(encode_message(reply), local, remote))
+        self._refused(reason, remote, now, f"IKE_SA_INIT {reason.replace('_', ' ')}: answered {_notify_name(ntype).upper()}")
+
+    def _refused(self, reason: str, remote: Addr, now: float, detail: str = "") -> None:
+        """Count ``init_refused_<reason>``; an InitsRefused event at once after a quiet interval,
+        else at most one per REFUSAL_SUMMARY_S (a timer brings the last one)."""
+        self._count(f"init_refused_{reason}")
+        summary = self._refusals.add(reason, remote, now, detail)
+        if summary is not None:
+            self._events.append(InitsRefused(*summary))
+            return
+        due = self._refusals.due()
+        if due is not None and due != self._refusal_timer:
+            self._refusal_timer = due
+            self._push(due, ("refusals", ""))
+
+    def half_open_bytes(self) -> int:
+        """Octets charged for half-open IKE_SAs (HALF_OPEN_BASE_BYTES each plus their IKE_SA_INIT
+        request and response and RFC 7383 reassembly buffers); O(1)."""
+        return self._ho_bytes
+
+    def _charge(self, sa: IkeSa) -> None:
+        """Re-count what the half-open ``sa`` holds; beyond ``half_open_bytes_max`` the oldest
+        other half-open IKE_SAs are dropped."""
+        spi = sa.my_spi
+        frags = getattr(sa, "_frag_rx", None) or {}
+        cost = (HALF_OPEN_BASE_BYTES + len(getattr(sa, "_init_request", b"") or b"")
+                + len(getattr(sa, "_init_response", b"") or b"") + sum(r.held() for r in frags.values()))
+        self._ho_bytes += cost - self._ho_cost.get(spi, 0)
+        self._ho_cost[spi] = cost
+        while self._ho_bytes > self.half_open_bytes_max and len(self._half_open) > 1:
+            self._evict_oldest(keep=sa)
+
+    def _evict_oldest(self, keep: IkeSa | None = None) -> None:
+        """Drop the oldest half-open IKE_SA (not ``keep``), counted ``half_open_evicted``."""
+        it = iter(self._half_open.items())
+        old_key, old = next(it)
+        if old is keep:
+            old_key, old = next(it)
+        self._count("half_open_evicted")
+        old._die("half-open IKE_SA dropped: too many half-open IKE_SAs")
+        self._collect(old, old.created_at)
+        self._forget_half_open(old, old.my_spi)
+        if self._half_open.get(old_key) is old:  # not expected: the caller's loop must end all the same
+            del self._half_open[old_key]
+
+    def _new_half_open(self, key: tuple[str, int], local: Addr, remote: Addr, now: float, size: int) -> IkeSa:
+        """A responder IKE_SA for a new IKE_SA_INIT of ``size`` octets. At ``half_open_max``, or
+        when it would not fit ``half_open_bytes_max``, the oldest half-open IKE_SAs go first; under
+        pressure (COOKIE mode, also by rate) the new one gets the shorter pressure timeout."""
+        est = HALF_OPEN_BASE_BYTES + size
+        while self._half_open and (len(self._half_open) >= self.half_open_max
+                                   or self._ho_bytes + est > self.half_open_bytes_max):
+            self._evict_oldest()
         cfg = self._responder_config()
-        if self.half_open() >= self.cookie_threshold:
+        if self._pressure() or self._init_bucket.empty(now):
             cfg.half_open_timeout_s = self.half_open_pressure_timeout_s
         sa = IkeSa.new_responder(cfg, self.rng, local, remote, key[1], now)
         self._sas[sa.my_spi] = sa
+        self._ho_cost[sa.my_spi] = est
+        self._ho_bytes += est
         self._half_open[key] = sa
         self._half_open_key[sa.my_spi] = key
         self._half_open_by_ip[key[0]] = self._half_open_by_ip.get(key[0], 0) + 1
@@ -882,6 +981,11 @@ class IkeManager:
                 if t is not None and t <= now:
                     sa.handle_timer(now)
                 self._collect(sa, now)  # reschedules
+            elif key[0] == "refusals":  # the summary of refused IKE_SA_INITs gathered since the last one
+                self._refusal_timer = None
+                summary = self._refusals.flush(now)
+                if summary is not None:
+                    self._events.append(InitsRefused(*summary))
             elif key[0] == "replace":  # no replacement came in time: the old IKE_SAs go now
                 if self._replace_by.get(key[1], now + 1) <= now:
                     self._replaced(key[1], now, failed="none came in time")
@@ -911,6 +1015,8 @@ class IkeManager:
             return self._deadline.get(key) == t and key in self._sas
         if key[0] == "replace":
             return self._replace_by.get(key[1]) == t
+        if key[0] == "refusals":
+            return self._refusal_timer == t
         return self._retry.get(key[1]) == t
 
     def _schedule(self, sa: IkeSa) -> None:
@@ -1047,6 +1153,8 @@ class IkeManager:
         elif sa.state == State.ESTABLISHED:
             self._remember_init(sa)
             self._forget_half_open(sa)
+        elif sa.my_spi in self._ho_cost:
+            self._charge(sa)  # its request, response and fragment buffers count against the budget
         self._schedule(sa)
 
     def _initial_contact(self, sa: IkeSa, peer: str, now: float) -> None:
@@ -1104,6 +1212,7 @@ class IkeManager:
         key = self._half_open_key.pop(spi, None)
         if key is None or self._half_open.get(key) is not sa:
             return
+        self._ho_bytes -= self._ho_cost.pop(spi, 0)
         del self._half_open[key]
         n = self._half_open_by_ip.get(key[0], 0) - 1
         if n > 0:

@@ -41,7 +41,13 @@ class MessageError(Exception):
 class MessageLimitError(MessageError):
     """A count limit was exceeded (payloads per chain, proposals, transforms, attributes):
     refused before anything more is decoded, as the sender is not authenticated yet.
-    The manager counts it as ``payload_limit``."""
+    ``kind``: "payloads", "proposals", "transforms" or "attributes". The manager refuses an
+    IKE_SA_INIT over a limit (counted ``init_refused_<kind>``), other messages count
+    ``payload_limit``."""
+
+    def __init__(self, reason: str, kind: str = "payloads"):
+        super().__init__(reason)
+        self.kind = kind
 
 
 # Count limits (§3.2, §3.3), checked while decoding, before any authentication. Far above
@@ -49,9 +55,10 @@ class MessageLimitError(MessageError):
 # and vendor IDs at 20 each), low enough that a 64 KiB datagram of tiny payloads is refused
 # after a few dozen of them instead of costing milliseconds.
 MAX_PAYLOADS = 64  # per payload chain: the outer one, or the decrypted one inside SK
-MAX_PROPOSALS = 64  # per SA payload
-MAX_TRANSFORMS = 256  # per SA payload, all proposals together
-MAX_ATTRIBUTES = 8  # per transform (real ones carry at most Key Length)
+MAX_PROPOSALS = 16  # per SA payload (strongSwan's default IKE offer is 2, ours 1-4)
+MAX_TRANSFORMS = 128  # per SA payload, all proposals together (strongSwan's default: about 60)
+MAX_ATTRIBUTES = 4  # per transform (real ones carry at most Key Length)
+MAX_ATTRIBUTES_TOTAL = MAX_TRANSFORMS  # per SA payload: only ENCR transforms carry one (Key Length)
 
 
 # --------------------------------------------------------------------------
@@ -346,23 +353,27 @@ def _need(data: bytes, n: int, what: str) -> None:
         raise MessageError(f"{what}: truncated ({len(data)} < {n} octets)")
 
 
-def _decode_attributes(data: bytes) -> tuple[TransformAttribute, ...]:
+def _decode_attributes(data, off: int, end: int, budget: int = MAX_ATTRIBUTES) -> tuple[TransformAttribute, ...]:
+    """Attributes in ``data[off:end]`` (offsets, no copies: the caller's buffer is scanned once);
+    at most ``budget`` of them (what is left of MAX_ATTRIBUTES_TOTAL for the SA payload)."""
     attrs = []
-    off = 0
-    while off < len(data):
+    while off < end:
         if len(attrs) >= MAX_ATTRIBUTES:
-            raise MessageLimitError(f"transform: more than {MAX_ATTRIBUTES} attributes")
-        _need(data[off:], 4, "transform attribute")
+            raise MessageLimitError(f"transform: more than {MAX_ATTRIBUTES} attributes", "attributes")
+        if len(attrs) >= budget:
+            raise MessageLimitError(f"SA: more than {MAX_ATTRIBUTES_TOTAL} attributes", "attributes")
+        if end - off < 4:
+            raise MessageError(f"transform attribute: truncated ({end - off} < 4 octets)")
         atype, val = struct.unpack_from("!HH", data, off)
         if atype & 0x8000:
             attrs.append(TransformAttribute(atype & 0x7FFF, val, True))
             off += 4
         else:
-            end = off + 4 + val
-            if end > len(data):
+            aend = off + 4 + val
+            if aend > end:
                 raise MessageError("transform attribute: length beyond transform")
-            attrs.append(TransformAttribute(atype, bytes(data[off + 4:end]), False))
-            off = end
+            attrs.append(TransformAttribute(atype, bytes(data[off + 4:aend]), False))
+            off = aend
     return tuple(attrs)
 
 
@@ -377,40 +388,47 @@ def _encode_attributes(attrs: tuple[TransformAttribute, ...]) -> bytes:
     return bytes(out)
 
 
-def _decode_sa(data: bytes) -> SaPayload:
+def _decode_sa(data) -> SaPayload:
+    """§3.3, walked by offsets over ``data`` (bytes or a memoryview of the message): each octet is
+    read once and nothing is copied but SPIs and variable attribute values, so the cost before
+    authentication is linear in the payload and stops at the first count limit."""
     proposals = []
-    off = 0
+    off, end = 0, len(data)
     last = False
     ntotal = 0
-    while off < len(data):
+    nattrs = 0
+    while off < end:
         if last:
             raise MessageError("SA: data after the last proposal")
         if len(proposals) >= MAX_PROPOSALS:
-            raise MessageLimitError(f"SA: more than {MAX_PROPOSALS} proposals")
-        _need(data[off:], 8, "proposal")
+            raise MessageLimitError(f"SA: more than {MAX_PROPOSALS} proposals", "proposals")
+        if end - off < 8:
+            raise MessageError(f"proposal: truncated ({end - off} < 8 octets)")
         more, _r, plen, num, proto, spi_size, ntrans = struct.unpack_from("!BBHBBBB", data, off)
         if more not in (0, 2):
             raise MessageError(f"SA: bad proposal 'last substruc' {more}")
-        if plen < 8 + spi_size or off + plen > len(data):
+        if plen < 8 + spi_size or off + plen > end:
             raise MessageError("SA: bad proposal length")
         spi = bytes(data[off + 8:off + 8 + spi_size])
-        tdata = data[off + 8 + spi_size:off + plen]
+        toff, tend = off + 8 + spi_size, off + plen
         transforms = []
-        toff = 0
         tlast = False
-        while toff < len(tdata):
+        while toff < tend:
             if tlast:
                 raise MessageError("SA: data after the last transform")
             ntotal += 1
             if ntotal > MAX_TRANSFORMS:
-                raise MessageLimitError(f"SA: more than {MAX_TRANSFORMS} transforms")
-            _need(tdata[toff:], 8, "transform")
-            tmore, _r1, tlen, ttype, _r2, tid = struct.unpack_from("!BBHBBH", tdata, toff)
+                raise MessageLimitError(f"SA: more than {MAX_TRANSFORMS} transforms", "transforms")
+            if tend - toff < 8:
+                raise MessageError(f"transform: truncated ({tend - toff} < 8 octets)")
+            tmore, _r1, tlen, ttype, _r2, tid = struct.unpack_from("!BBHBBH", data, toff)
             if tmore not in (0, 3):
                 raise MessageError(f"SA: bad transform 'last substruc' {tmore}")
-            if tlen < 8 or toff + tlen > len(tdata):
+            if tlen < 8 or toff + tlen > tend:
                 raise MessageError("SA: bad transform length")
-            transforms.append(Transform(ttype, tid, _decode_attributes(tdata[toff + 8:toff + tlen])))
+            attrs = _decode_attributes(data, toff + 8, toff + tlen, MAX_ATTRIBUTES_TOTAL - nattrs) if tlen > 8 else ()
+            nattrs += len(attrs)
+            transforms.append(Transform(ttype, tid, attrs))
             toff += tlen
             tlast = tmore == 0
         if len(transforms) != ntrans:
@@ -582,6 +600,11 @@ def decode_payloads(first: int, data: bytes, *, allow_sk: bool = True) -> tuple[
         nxt, flags, plen = struct.unpack_from("!BBH", data, off)
         if plen < GENERIC_HEADER_LEN or off + plen > len(data):
             raise MessageError(f"payload {ptype}: bad length {plen}")
+        if ptype == PayloadType.SA:  # decoded in place: its substructures are walked by offsets
+            payloads.append(_decode_sa(data[off + GENERIC_HEADER_LEN:off + plen]))
+            off += plen
+            ptype = nxt
+            continue
         body = bytes(data[off + GENERIC_HEADER_LEN:off + plen])
         off += plen
         if ptype == PayloadType.SK:
@@ -701,7 +724,7 @@ def decode_message(data: bytes) -> Message:
             raise
         except MessageError:
             pass  # decode_payloads names the problem in more detail
-        payloads = decode_payloads(h.first, bytes(data[HEADER_LEN:]))
+        payloads = decode_payloads(h.first, memoryview(data)[HEADER_LEN:])
     except MessageError:
         raise
     except Exception as e:  # a codec bug must not escape as anything else
@@ -833,6 +856,7 @@ def _xname(t: int) -> str:
 
 __all__ = [
     "MessageError", "MessageLimitError", "MAX_PAYLOADS", "MAX_PROPOSALS", "MAX_TRANSFORMS", "MAX_ATTRIBUTES",
+    "MAX_ATTRIBUTES_TOTAL",
     "scan_payloads", "Message", "Header", "Payload", "SaPayload", "Proposal", "Transform",
     "TransformAttribute", "KePayload", "IdPayload", "CertPayload", "CertReqPayload", "AuthPayload",
     "NoncePayload", "NotifyPayload", "DeletePayload", "VendorPayload", "TsPayload",
