@@ -561,39 +561,8 @@ class IkeManager:
             self._count("unexpected_payload")
             return
         if msg.exchange == ExchangeType.IKE_SA_INIT and not msg.is_response and msg.spi_r == 0:
-            if not msg.is_initiator:
-                self._count("malformed")
-                return
-            key = (remote[0], msg.spi_i)
-            sa = self._half_open.get(key)
-            if sa is None or sa.is_dead or sa.state != State.AUTH and sa.state != State.INIT:
-                if self._shutdown:
-                    self._count("shutdown")
-                    return
-                if key in self._inits_done:  # a late retransmission: that IKE_SA is up already
-                    self._count("init_retransmit_late")
-                    return
-                if self._half_open_by_ip.get(remote[0], 0) >= self.half_open_per_source:
-                    self._count("half_open_per_source")
-                    return
-                self._supersede_own_init(remote[0], now)
-                sa = self._new_half_open(key, local, remote, now, len(data))
-                spi = sa.my_spi
-                reason = sa.receive(msg, data, local, remote, now)
-                if reason:
-                    self._count(reason)
-                if sa.is_dead or sa.state == State.INIT:
-                    # refused statelessly: counted by notify and summarised (InitsRefused), not
-                    # reported as the IkeSaDeleted of an IKE_SA that never was (a log line each)
-                    ntype = next((n for n in (refusal_of(d.data) for d in sa.outbox) if n is not None), None)
-                    sa.events = [e for e in sa.events if not isinstance(e, IkeSaDeleted)]
-                    if ntype is not None:
-                        self._refused(_notify_name(ntype), remote, now, sa.delete_reason or "")
-                self._collect(sa, now)
-                if sa.is_dead or sa.state == State.INIT:
-                    # refused (INVALID_KE_PAYLOAD, NO_PROPOSAL_CHOSEN, ...: answered with SPIr 0) or
-                    # dropped: nothing of it may stay, or refusals would lock the address out
-                    self._forget_half_open(sa, spi)
+            sa = self._init_request(msg, data, local, remote, now)
+            if sa is None:
                 return
         else:
             our_spi = msg.spi_r if msg.is_initiator else msg.spi_i
@@ -608,6 +577,46 @@ class IkeManager:
         if reason:
             self._count(reason)
         self._collect(sa, now)
+
+    def _init_request(self, msg: Message, data: bytes, local: Addr, remote: Addr, now: float) -> IkeSa | None:
+        """A new IKE_SA_INIT request (decoded, past the COOKIE check): a half-open IKE_SA is made
+        and answers it, or it is refused or dropped (counted). Returns the half-open IKE_SA a
+        retransmission belongs to (its cached response answers), else None: dealt with here."""
+        if not msg.is_initiator:
+            self._count("malformed")
+            return None
+        key = (remote[0], msg.spi_i)
+        sa = self._half_open.get(key)
+        if sa is None or sa.is_dead or sa.state != State.AUTH and sa.state != State.INIT:
+            if self._shutdown:
+                self._count("shutdown")
+                return None
+            if key in self._inits_done:  # a late retransmission: that IKE_SA is up already
+                self._count("init_retransmit_late")
+                return None
+            if self._half_open_by_ip.get(remote[0], 0) >= self.half_open_per_source:
+                self._count("half_open_per_source")
+                return None
+            self._supersede_own_init(remote[0], now)
+            sa = self._new_half_open(key, local, remote, now, len(data))
+            spi = sa.my_spi
+            reason = sa.receive(msg, data, local, remote, now)
+            if reason:
+                self._count(reason)
+            if sa.is_dead or sa.state == State.INIT:
+                # refused statelessly: counted by notify and summarised (InitsRefused), not
+                # reported as the IkeSaDeleted of an IKE_SA that never was (a log line each)
+                ntype = next((n for n in (refusal_of(d.data) for d in sa.outbox) if n is not None), None)
+                sa.events = [e for e in sa.events if not isinstance(e, IkeSaDeleted)]
+                if ntype is not None:
+                    self._refused(_notify_name(ntype), remote, now, sa.delete_reason or "")
+            self._collect(sa, now)
+            if sa.is_dead or sa.state == State.INIT:
+                # refused (INVALID_KE_PAYLOAD, NO_PROPOSAL_CHOSEN, ...: answered with SPIr 0) or
+                # dropped: nothing of it may stay, or refusals would lock the address out
+                self._forget_half_open(sa, spi)
+            return None
+        return sa
 
     # ------------------------------------------------------------ COOKIE (§2.6)
     def half_open(self) -> int:
