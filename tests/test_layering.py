@@ -199,3 +199,19 @@ def test_conversion_errors_and_shared_parts_do_no_io(mod):
            if m.split(".")[0] in FORBIDDEN_IN_CORE | {"os", "grpc"} or m.startswith("agent.control")]
     assert not bad, "\n".join(bad)
 
+
+
+# the IKE manager and codec, split by concern (issue 12): each small, none in an import circle
+IKE_SPLIT = ("manager", "admission", "timers", "lost_state", "joining", "bookkeeping", "vip", "cookie",
+             "message", "payloads", "payload_codec")
+
+
+@pytest.mark.parametrize("name", IKE_SPLIT)
+def test_ike_manager_and_codec_modules_stay_small_and_acyclic(name):
+    mod = f"agent.ike.{name}"
+    path = module_file(mod)
+    assert path is not None, f"{mod} is missing"
+    n = len(path.read_text().splitlines())
+    assert n <= 600, f"{path.relative_to(ROOT)}: {n} lines; split it (at most ~600 lines)"
+    back = sorted(d for d in agent_imports(path) if d != mod and mod in reachable(d))
+    assert not back, f"{mod} is in an import circle through " + ", ".join(back)

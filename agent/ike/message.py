@@ -264,5 +264,5 @@ __all__ = [
     "NoncePayload", "NotifyPayload", "DeletePayload", "VendorPayload", "TsPayload",
     "TrafficSelector", "OpaqueSelector", "EncryptedPayload", "EncryptedFragmentPayload", "RawPayload", "UnknownPayload", "decode_message",
     "encode_message", "decode_header", "encode_header", "decode_payloads", "encode_payloads",
-    "check_outer", "check_payload_rules", "PAYLOAD_RULES", "HEADER_LEN", "NotifyType",
+    "check_outer", "check_payload_rules", "PAYLOAD_RULES", "HEADER_LEN", "NotifyType", "GENERIC_HEADER_LEN", "_encode_sa",
 ]

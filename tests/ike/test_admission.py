@@ -16,7 +16,7 @@ from agent.ike.message import (EncryptedPayload, Message, Proposal, SaPayload, T
 from agent.model import Credentials, NodeView, Peer
 
 from tests.ike.conftest import A_ADDR, B_ADDR, CLASSICAL, DetRng, T0
-from tests.ike.test_bounds import PSK, X25519_ONLY, _CountingView, _replies, _request, _responder
+from tests.ike.test_bounds import PSK, _CountingView, _replies, _request, _responder
 
 LOCAL = (B_ADDR, 500)
 
