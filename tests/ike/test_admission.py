@@ -247,3 +247,26 @@ def test_invalid_ike_spi_answers_do_not_scan_the_peers_per_source():
     for i in range(300):  # encrypted requests for IKE_SAs we do not know, from 300 addresses
         m.receive_datagram(sk_request(0x1000 + i), LOCAL, _src(i + 1), T0 + i)
     assert m.counters["invalid_ike_spi_sent"] == 300 and v.reads == before
+
+
+def test_fragment_buffers_of_a_half_open_ike_sa_count_against_the_budget():
+    """An initiator that completed IKE_SA_INIT has keys: its SKF fragments authenticate and are
+    kept (up to 32 KiB per IKE_SA) while its IKE_AUTH is incomplete. They count."""
+    from agent.ike.message import EncryptedFragmentPayload
+    from tests.ike.conftest import make_ca, make_net, view
+    from tests.ike.test_fragment import _big_cert_creds
+    ca = make_ca("budget test CA", 3004)
+    net = make_net(view("node-a", "node-b"), _big_cert_creds(ca, "node-a", 41),
+                   view("node-b", "node-a"), _big_cert_creds(ca, "node-b", 42))
+
+    def drop(src, d):  # the last fragment of IKE_AUTH is lost: the responder holds the others
+        first = decode_message(d.data).payloads[0]
+        return src == "a" and isinstance(first, EncryptedFragmentPayload) and first.number == first.total
+    net.drop = drop
+    net.a.initiate("node-b", net.now)
+    net.pump()
+    (sa,) = net.b._sas.values()
+    held = sum(r.held() for r in sa._frag_rx.values())
+    assert net.b.half_open() == 1 and held > 500
+    assert net.b.half_open_bytes() == (admission.HALF_OPEN_BASE_BYTES + len(sa._init_request)
+                                       + len(sa._init_response) + held)
