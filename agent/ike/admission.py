@@ -150,7 +150,8 @@ def _cookie_of(data: bytes, first: tuple[int, int, int]) -> bytes | None:
 
 
 class Admission:
-    """New IKE_SA_INITs before authentication (RFC 7296 §2.6) and the half-open IKE_SAs they make. ``m``: the IkeManager whose tables it works on (they stay there, one home for state)."""
+    """New IKE_SA_INITs before authentication (RFC 7296 §2.6) and the half-open IKE_SAs they make.
+    ``m``: the IkeManager whose tables it works on (they stay there, one home for state)."""
 
     def __init__(self, m) -> None:
         self.m = m
@@ -255,7 +256,8 @@ class Admission:
         """<-- HDR(SPIi, 0), N(error) (§1.2, §2.21.1): no state kept; counted and summarised."""
         reply = Message(spi_i, 0, int(ExchangeType.IKE_SA_INIT), 0, False, True, (NotifyPayload(int(ntype)),))
         self.m._out.append(Datagram(encode_message(reply), local, remote))
-        self.refused(reason, remote, now, f"IKE_SA_INIT {reason.replace('_', ' ')}: answered {_notify_name(ntype).upper()}")
+        self.refused(reason, remote, now,
+                     f"IKE_SA_INIT {reason.replace('_', ' ')}: answered {_notify_name(ntype).upper()}")
 
     def refused(self, reason: str, remote: Addr, now: float, detail: str = "") -> None:
         """Count ``init_refused_<reason>``; an InitsRefused event at once after a quiet interval,

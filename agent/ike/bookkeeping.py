@@ -12,7 +12,8 @@ from agent.ike.timers import FINAL_REASONS
 
 
 class Bookkeeping:
-    """What IkeManager does with the output of an IKE_SA. ``m``: the IkeManager whose tables it works on (they stay there, one home for state)."""
+    """What IkeManager does with the output of an IKE_SA. ``m``: the IkeManager whose tables it
+    works on (they stay there, one home for state)."""
 
     def __init__(self, m) -> None:
         self.m = m

@@ -14,7 +14,8 @@ REPLACE_WAIT_S = 10.0  # make before break: the side that does not initiate wait
 
 
 class Joining:
-    """Initiation races and replacements of an IkeManager. ``m``: the IkeManager whose tables it works on (they stay there, one home for state)."""
+    """Initiation races and replacements of an IkeManager. ``m``: the IkeManager whose tables it
+    works on (they stay there, one home for state)."""
 
     def __init__(self, m) -> None:
         self.m = m

@@ -18,7 +18,8 @@ HINT_INTERVAL_S = 5.0  # unknown-SPI hints acted on at most once per address per
 
 
 class LostState:
-    """What IkeManager does when one side lost the IKE_SA (§2.21.4). ``m``: the IkeManager whose tables it works on (they stay there, one home for state)."""
+    """What IkeManager does when one side lost the IKE_SA (§2.21.4). ``m``: the IkeManager whose
+    tables it works on (they stay there, one home for state)."""
 
     def __init__(self, m) -> None:
         self.m = m

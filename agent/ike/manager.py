@@ -403,7 +403,8 @@ class IkeManager:
             if h is None:
                 self._count("payload_limit")
             else:  # §2.21.1: refused statelessly; over an SA count limit nothing could be chosen
-                self._admission.refuse_init(h.spi_i, f"too_many_{e.kind}", NotifyType.INVALID_SYNTAX if e.kind == "payloads"
+                self._admission.refuse_init(h.spi_i, f"too_many_{e.kind}",
+                                            NotifyType.INVALID_SYNTAX if e.kind == "payloads"
                                   else NotifyType.NO_PROPOSAL_CHOSEN, local, remote, now)
             return
         except MessageError:

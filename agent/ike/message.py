@@ -1,12 +1,12 @@
 """IKEv2 message codec: header, message, exchange rules; payloads re-exported.
 
 RFC 7296 §3. The payload classes are in agent.ike.payloads, their bodies and the generic
-payload chain in agent.ike.payload_codec; every name is importable from here. ``decode_message(data)`` turns a UDP payload (without the
-non-ESP marker) into a :class:`Message`; ``encode_message(msg)`` is its exact
-inverse for every message it can produce. Decoding raises only
-:class:`MessageError` for malformed input. The SK payload (§3.14) is kept
-encrypted (:class:`EncryptedPayload`); once decrypted, its body is decoded with
-:func:`decode_payloads` and the exchange rules are checked with
+payload chain in agent.ike.payload_codec; every name is importable from here.
+``decode_message(data)`` turns a UDP payload (without the non-ESP marker) into a
+:class:`Message`; ``encode_message(msg)`` is its exact inverse for every message it can
+produce. Decoding raises only :class:`MessageError` for malformed input. The SK payload
+(§3.14) is kept encrypted (:class:`EncryptedPayload`); once decrypted, its body is decoded
+with :func:`decode_payloads` and the exchange rules are checked with
 :func:`check_payload_rules` (§1.2-1.5).
 
 Pure module: no I/O.
@@ -258,11 +258,11 @@ def _xname(t: int) -> str:
 
 __all__ = [
     "MessageError", "MessageLimitError", "MAX_PAYLOADS", "MAX_PROPOSALS", "MAX_TRANSFORMS", "MAX_ATTRIBUTES",
-    "MAX_ATTRIBUTES_TOTAL",
-    "scan_payloads", "Message", "Header", "Payload", "SaPayload", "Proposal", "Transform",
+    "MAX_ATTRIBUTES_TOTAL", "scan_payloads", "Message", "Header", "Payload", "SaPayload", "Proposal", "Transform",
     "TransformAttribute", "KePayload", "IdPayload", "CertPayload", "CertReqPayload", "AuthPayload",
-    "NoncePayload", "NotifyPayload", "DeletePayload", "VendorPayload", "TsPayload",
-    "TrafficSelector", "OpaqueSelector", "EncryptedPayload", "EncryptedFragmentPayload", "RawPayload", "UnknownPayload", "decode_message",
-    "encode_message", "decode_header", "encode_header", "decode_payloads", "encode_payloads",
-    "check_outer", "check_payload_rules", "PAYLOAD_RULES", "HEADER_LEN", "NotifyType", "GENERIC_HEADER_LEN", "_encode_sa",
+    "NoncePayload", "NotifyPayload", "DeletePayload", "VendorPayload", "TsPayload", "TrafficSelector",
+    "OpaqueSelector", "EncryptedPayload", "EncryptedFragmentPayload", "RawPayload", "UnknownPayload",
+    "decode_message", "encode_message", "decode_header", "encode_header", "decode_payloads", "encode_payloads",
+    "check_outer", "check_payload_rules", "PAYLOAD_RULES", "HEADER_LEN", "NotifyType", "GENERIC_HEADER_LEN",
+    "_encode_sa",
 ]

@@ -20,7 +20,8 @@ FINAL_REASONS = ("shutdown", "peer removed from view", "deleted locally")
 
 
 class Timers:
-    """The deadline heap and the re-initiation backoff of an IkeManager. ``m``: the IkeManager whose tables it works on (they stay there, one home for state)."""
+    """The deadline heap and the re-initiation backoff of an IkeManager. ``m``: the IkeManager whose
+    tables it works on (they stay there, one home for state)."""
 
     def __init__(self, m) -> None:
         self.m = m

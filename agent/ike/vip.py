@@ -11,7 +11,8 @@ from agent.model import Peer
 
 
 class VipPools:
-    """The CP address pools of an IkeManager (its ``_pools``). ``m``: the IkeManager whose tables it works on (they stay there, one home for state)."""
+    """The CP address pools of an IkeManager (its ``_pools``). ``m``: the IkeManager whose tables it
+    works on (they stay there, one home for state)."""
 
     def __init__(self, m) -> None:
         self.m = m

@@ -232,7 +232,8 @@ def refused_flood(rate: int, shape: tuple[int, int, int], seconds: float = 5.0, 
             pass
         batches.append(time.perf_counter() - t0)
     batches.sort()
-    return {"rate": rate, "shape": shape, "size": len(datas[0]), "busy": sum(batches) / seconds, "p50_ms": batches[len(batches) // 2] * 1e3,
+    return {"rate": rate, "shape": shape, "size": len(datas[0]), "busy": sum(batches) / seconds,
+            "p50_ms": batches[len(batches) // 2] * 1e3,
             "max_ms": batches[-1] * 1e3, "counters": {k: v for k, v in sorted(m.counters.items()) if v}}
 
 
@@ -240,7 +241,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sources", default="100,1000,5000", help="attacking source counts (default: %(default)s)")
     ap.add_argument("--repeat", type=int, default=200, help="datagrams per CPU row (default: %(default)s)")
-    ap.add_argument("--flood-rate", type=int, default=150, help="refused IKE_SA_INITs per second (default: %(default)s)")
+    ap.add_argument("--flood-rate", type=int, default=150,
+                    help="refused IKE_SA_INITs per second (default: %(default)s)")
     args = ap.parse_args()
     print("half-open IKE_SAs vs attacking sources (each answers its COOKIE):")
     print(f"{'sources':>8} {'half-open':>10} {'IKE_SAs':>8} {'heap KiB':>9} {'seconds':>8}  counters")
