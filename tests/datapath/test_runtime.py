@@ -83,15 +83,18 @@ def test_establish_and_traffic_both_ways(mesh):
     assert ch["bytes_in"] == sum(len(p) for p in back)
 
 
-def test_no_sa_triggers_initiate_and_counts_drop(mesh):
+def test_no_sa_triggers_initiate_and_holds_the_packet_until_the_sa_is_up(mesh):
     net, clock, a, b = mesh
-    # b does not initiate at start; traffic from b's side is an acquire.
-    b.tun.inject([ipv4("10.2.0.7", "10.1.0.5")])
+    # b does not initiate at start; traffic from b's side is an acquire (RFC 4301 §5.1).
+    first = ipv4("10.2.0.7", "10.1.0.5")
+    b.tun.inject([first])
     b.rt.pump()
-    assert b.rt.counters["no_sa"] == 1
+    assert (b.rt.counters["held"], b.rt.counters["no_sa"]) == (1, 0)  # held, not dropped
     assert b.ike.initiate_calls == ["a"]
     pump(a, b)
     assert "a" in b.rt.current  # the acquire brought the SA up
+    assert a.tun.take_written() == [first]  # the packet that asked for it went through it
+    assert b.rt.counters["held_sent"] == 1
     b.tun.inject([ipv4("10.2.0.7", "10.1.0.5", b"second")])
     pump(a, b)
     assert a.tun.take_written() == [ipv4("10.2.0.7", "10.1.0.5", b"second")]
