@@ -11,9 +11,11 @@ Prints two tables, in memory (no sockets), for the IkeManager of this checkout:
    and without COOKIE mode (in COOKIE mode the requests carry no valid cookie),
    and for crafted SA payloads (64 proposals / 256 transforms / 8 attributes each,
    and the largest shape the caps accept), refused with NO_PROPOSAL_CHOSEN.
-3. Memory held by 512 half-open IKE_SAs made of IKE_SA_INITs of the largest size
+3. µs per encrypted request for an unknown IKE SPI from a new source address with
+   2,000 peers (INVALID_IKE_SPI answer and the lookup of the peer at that address).
+4. Memory held by 512 half-open IKE_SAs made of IKE_SA_INITs of the largest size
    accepted (64 KiB before the size cap), from an attacker that answers COOKIEs.
-4. The loop under a flood of refused IKE_SA_INITs (crafted SA payloads, default
+5. The loop under a flood of refused IKE_SA_INITs (crafted SA payloads, default
    150/s for 5 s, in 10 ms batches): share of the loop spent on them and the delay
    a packet in the same batch waits (median, max): what an RTT through the agent
    gains.
@@ -237,6 +239,26 @@ def refused_flood(rate: int, shape: tuple[int, int, int], seconds: float = 5.0, 
             "max_ms": batches[-1] * 1e3, "counters": {k: v for k, v in sorted(m.counters.items()) if v}}
 
 
+def unknown_spi_cost(repeat: int, peers: int = 2000) -> float:
+    """µs per encrypted request for an IKE_SA we do not know, each from a new address, with
+    ``peers`` configured peers: answered with INVALID_IKE_SPI, then the peer at that address
+    (none here) is looked up (a scan of every peer before, an index after)."""
+    from agent.ike.message import EncryptedPayload
+    ps = tuple(Peer(name=f"p{i}", identity=f"p{i}", endpoints=(f"198.51.100.{i % 200 + 10}", f"2001:db8::{i:x}"),
+                    subnets=(), psk=PSK, policy=PeerPolicy(ike_proposals=("aes128gcm16-prfsha256-x25519",)))
+               for i in range(peers))
+    view = NodeView(name="node-b", identity="node-b", subnets=(), peers=ps, local_address=LOCAL[0])
+    m = IkeManager(view, Credentials(psk=PSK), Rng("responder"), local_address=LOCAL[0])
+    datas = [encode_message(Message(0x5000 + i, 0x77, int(ExchangeType.INFORMATIONAL), 3, True, False,
+                                    (EncryptedPayload(0, b"\x00" * 40),))) for i in range(repeat)]
+    m.receive_datagram(datas[0], LOCAL, ("203.0.113.250", 500), 1000.0)  # builds any per-view index
+    t0 = time.perf_counter()
+    for i, d in enumerate(datas):
+        m.receive_datagram(d, LOCAL, (f"2001:db8:1::{i:x}", 500), 1000.0)
+        m.datagrams_to_send()
+    return (time.perf_counter() - t0) / repeat * 1e6
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sources", default="100,1000,5000", help="attacking source counts (default: %(default)s)")
@@ -257,6 +279,9 @@ def main() -> None:
     r = max_size_half_open()
     print(f"512 sources answering COOKIEs with {r['size']}-octet IKE_SA_INITs: {r['half_open']} half-open, "
           f"{r['mib']:.1f} MiB heap  {r['counters']}")
+    print()
+    print(f"{unknown_spi_cost(args.repeat * 5):.1f} us per encrypted request for an unknown IKE_SA from a new "
+          "address, 2,000 peers (INVALID_IKE_SPI answered)")
     print()
     for shape in ((64, 4, 8), (16, 8, 1)):
         r = refused_flood(args.flood_rate, shape)
