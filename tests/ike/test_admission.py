@@ -56,7 +56,7 @@ def test_refused_inits_engage_cookie_mode_by_rate(monkeypatch):
         got += _notifies(m)
     assert got[:20] == [NotifyType.NO_PROPOSAL_CHOSEN] * 20
     assert got[20:] == [NotifyType.COOKIE] * 80
-    assert len(decoded) == 20 and m.half_open() == 0 and m._sas == {}
+    assert len(decoded) == 20 and m.half_open() == 0 and m._sas == {} and m.half_open_bytes() == 0
     assert m.counters["cookie_required"] == 80 and m.counters["cookie_mode_init_rate"] == 80
     # a legitimate initiator answers its COOKIE and gets through while the mode lasts
     m.receive_datagram(_request(0x7777), LOCAL, (A_ADDR, 500), T0 + 0.01)
@@ -193,6 +193,9 @@ def test_half_open_byte_budget_evicts_the_oldest():
     assert m.half_open() < 20 and m.half_open_bytes() <= 20 * per
     # the newest stayed
     assert _src(29)[0] in m._half_open_by_ip
+    # nothing is left charged once they expire (no accounting leak)
+    m.handle_timer(T0 + 100)
+    assert m.half_open() == 0 and m.half_open_bytes() == 0 and m._ho_cost == {}
 
 
 def _big_request(spi: int, octets: int, cookie: bytes | None = None) -> bytes:
@@ -270,3 +273,13 @@ def test_fragment_buffers_of_a_half_open_ike_sa_count_against_the_budget():
     assert net.b.half_open() == 1 and held > 500
     assert net.b.half_open_bytes() == (admission.HALF_OPEN_BASE_BYTES + len(sa._init_request)
                                        + len(sa._init_response) + held)
+
+
+def test_an_established_ike_sa_is_no_longer_charged():
+    from agent.ike.events import ChildSaEstablished
+    from tests.ike.conftest import make_net, view
+    n = make_net(view("node-a", "node-b"), Credentials(psk=PSK), view("node-b", "node-a"), Credentials(psk=PSK))
+    n.a.initiate("node-b", n.now)
+    n.pump()
+    assert n.of("b", ChildSaEstablished)
+    assert n.b.half_open() == 0 and n.b.half_open_bytes() == 0 and n.b._ho_cost == {}
