@@ -5,20 +5,85 @@ from __future__ import annotations
 
 import pytest
 
+import datetime
+from dataclasses import replace
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
 from agent.iana import ExchangeType, NotifyType
 from agent.ike import admission
+from agent.ike import child as ch
 from agent.ike import manager as manager_mod
 from agent.ike.cookie import CookieJar
+from agent.ike.crypto import KeyExchange
 from agent.ike.events import IkeSaDeleted, InitsRefused
 from agent.ike.manager import IkeManager
-from agent.ike.message import (EncryptedPayload, Message, Proposal, SaPayload, Transform, TransformAttribute,
-                               decode_message, encode_message)
+from agent.ike.message import (EncryptedPayload, KePayload, Message, NoncePayload, NotifyPayload, Proposal,
+                               SaPayload, Transform, TransformAttribute, VendorPayload, decode_message,
+                               encode_message)
+from agent.ike.proposals import parse_ike_proposal
 from agent.model import Credentials, NodeView, Peer
 
-from tests.ike.conftest import A_ADDR, B_ADDR, CLASSICAL, DetRng, T0
-from tests.ike.test_bounds import PSK, _CountingView, _replies, _request, _responder
+from tests.ike.conftest import A_ADDR, B_ADDR, CLASSICAL, DetRng, T0, view
 
 LOCAL = (B_ADDR, 500)
+PSK = b"admission tests pre-shared key 0"
+X25519_ONLY = replace(CLASSICAL, ike_proposals=("aes128gcm16-prfsha256-x25519",))
+
+
+def _request(spi: int, *, proposal="aes128gcm16-prfsha256-x25519", group=31, cookie=None, filler=0,
+             sa=None) -> bytes:
+    """HDR(spi, 0), [N(COOKIE),] SA, KEi, Ni, [V x filler] (IKE_SA_INIT request)."""
+    ke = KeyExchange(group, DetRng(f"ke-{group}"))
+    pl = [sa or ch.ike_sa_payload([parse_ike_proposal(proposal)]), KePayload(group, ke.public_bytes()),
+          NoncePayload(b"N" * 32)] + [VendorPayload(b"")] * filler
+    if cookie is not None:
+        pl.insert(0, NotifyPayload(int(NotifyType.COOKIE), cookie))
+    return encode_message(Message(spi, 0, int(ExchangeType.IKE_SA_INIT), 0, True, False, tuple(pl)))
+
+
+def _responder(policy=X25519_ONLY, **kw) -> IkeManager:
+    return IkeManager(view("node-b", "node-a", policy=policy), Credentials(psk=PSK), DetRng("b"),
+                      local_address=B_ADDR, **kw)
+
+
+def _replies(m):
+    return [decode_message(d.data) for d in m.datagrams_to_send()]
+
+
+class _CountingView:
+    """A NodeView whose ``peers`` reads are counted."""
+
+    def __init__(self, view: NodeView) -> None:
+        self._view, self.reads = view, 0
+
+    @property
+    def peers(self):
+        self.reads += 1
+        return self._view.peers
+
+    def __getattr__(self, name):
+        return getattr(self._view, name)
+
+
+def _big_cert_creds(ca, name: str, seed: int) -> Credentials:
+    """ECDSA certificate padded with 80 dNSName SANs so IKE_AUTH exceeds 1,500 octets (fragmented)."""
+    ca_key, ca_cert = ca
+    key = ec.derive_private_key(seed, ec.SECP256R1())
+    sans = [x509.DNSName(name)] + [x509.DNSName(f"alias-{i:03d}.{name}.interop.example") for i in range(80)]
+    nb = datetime.datetime.fromtimestamp(T0 - 3600, datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(seed)
+            .not_valid_before(nb).not_valid_after(nb + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    return Credentials(private_key_pem=pem, certificate_chain=(cert.public_bytes(serialization.Encoding.DER),),
+                       ca_certificates=(ca_cert.public_bytes(serialization.Encoding.DER),))
 
 
 def _src(i: int) -> tuple[str, int]:
@@ -199,7 +264,6 @@ def test_half_open_byte_budget_evicts_the_oldest():
 
 
 def _big_request(spi: int, octets: int, cookie: bytes | None = None) -> bytes:
-    from agent.ike.message import VendorPayload
     msg = decode_message(_request(spi, cookie=cookie))
     return encode_message(Message(msg.spi_i, 0, msg.exchange, 0, True, False,
                                   msg.payloads + (VendorPayload(b"v" * octets),)))
@@ -226,7 +290,6 @@ def test_cookie_mode_refuses_a_bad_nonce_without_hashing_it(monkeypatch):
     orig = CookieJar._hash
     monkeypatch.setattr(CookieJar, "_hash", staticmethod(lambda *a: hashed.append(1) or orig(*a)))
     msg = decode_message(_request(0x61, cookie=b"\x00" + bytes(32)))
-    from agent.ike.message import NoncePayload
     data = encode_message(Message(msg.spi_i, 0, msg.exchange, 0, True, False,
                                   msg.payloads[:3] + (NoncePayload(b"N" * 7_000),)))
     m.receive_datagram(data, LOCAL, _src(1), T0)
@@ -256,8 +319,7 @@ def test_fragment_buffers_of_a_half_open_ike_sa_count_against_the_budget():
     """An initiator that completed IKE_SA_INIT has keys: its SKF fragments authenticate and are
     kept (up to 32 KiB per IKE_SA) while its IKE_AUTH is incomplete. They count."""
     from agent.ike.message import EncryptedFragmentPayload
-    from tests.ike.conftest import make_ca, make_net, view
-    from tests.ike.test_fragment import _big_cert_creds
+    from tests.ike.conftest import make_ca, make_net
     ca = make_ca("budget test CA", 3004)
     net = make_net(view("node-a", "node-b"), _big_cert_creds(ca, "node-a", 41),
                    view("node-b", "node-a"), _big_cert_creds(ca, "node-b", 42))
@@ -277,7 +339,7 @@ def test_fragment_buffers_of_a_half_open_ike_sa_count_against_the_budget():
 
 def test_an_established_ike_sa_is_no_longer_charged():
     from agent.ike.events import ChildSaEstablished
-    from tests.ike.conftest import make_net, view
+    from tests.ike.conftest import make_net
     n = make_net(view("node-a", "node-b"), Credentials(psk=PSK), view("node-b", "node-a"), Credentials(psk=PSK))
     n.a.initiate("node-b", n.now)
     n.pump()
