@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from agent.iana import ExchangeType, NotifyType, PayloadType, ProtocolId
 from agent.ike import child as ch
+from agent.ike import natt_ts
 from agent.ike.crypto import (KeyExchange, KeyExchangeError, Prf, SkCipher, derive_child_keymat,
                               derive_ike_keys_from_skeyseed, derive_rekey_skeyseed, nonce_ok)
 from agent.ike.events import ChildSaEstablished, IkeKeysDerived
@@ -313,6 +314,8 @@ class CreateChildExchange:
                 self._child_failed(task, f"CREATE_CHILD_SA response: {e}", now)
                 self._delete_unwanted(task.spi, now, task.protocol)
                 return
+        tsi, tsr = natt_ts.child_ts(self, m, tsi, tsr, exchange_initiator=True,  # §2.23.1, before any check
+                                    transport_wanted=task.mode == "transport")
         local_ts, remote_ts = ch.networks_of(tsi.selectors), ch.networks_of(tsr.selectors)
         if (not local_ts or not remote_ts or not ch.ts_within(tsi.selectors, ch.ts_from_networks(task.local_ts))
                 or not ch.ts_within(tsr.selectors, ch.ts_from_networks(task.remote_ts))):
@@ -423,6 +426,8 @@ class CreateChildExchange:
                 g_ir = kex.shared_secret(ke.data)
             except KeyExchangeError:
                 return [NotifyPayload(int(NotifyType.INVALID_SYNTAX))]
+        tsi, tsr = natt_ts.child_ts(self, m, tsi, tsr, exchange_initiator=False,  # §2.23.1, before narrowing
+                                    transport_wanted=natt_ts.wants_transport(self.peer.policy, choice))
         # TSi is the initiator's side: PAD rule, the peer claims only its own networks (§2.9)
         # §2.9 on IP protocol, ports and addresses
         remote_sel = ch.narrow_ts(tsi.selectors, ch.ts_from_networks(self._remote_allowed()))

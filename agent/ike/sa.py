@@ -30,6 +30,7 @@ from agent.iana import (AuthMethod, CertEncoding, ExchangeType, HashAlgorithm, I
 from agent.ike import auth
 from agent.ike import child as ch
 from agent.ike import fragment as frag
+from agent.ike import natt_ts
 from agent.ike.auth import AuthError
 from agent.ike import cp as cfgp
 from agent.ike.child_refusal import CHILD_SA_REFUSALS, ChildRefusal
@@ -1040,6 +1041,8 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
         if choice is None or tsi is None or tsr is None:
             refuse("CHILD_SA refused: response SA/TS not acceptable")
             return
+        tsi, tsr = natt_ts.child_ts(self, m, tsi, tsr, exchange_initiator=True,  # §2.23.1, before any check
+                                    transport_wanted=ch.child_mode(self.peer.policy, first_kind) == "transport")
         if getattr(self.peer.policy, "request_virtual_ip", ()):
             try:
                 cpr = cfgp.find_cp(inner)
@@ -1154,6 +1157,8 @@ class IkeSa(IntermediateExchange, CreateChildExchange, ChildRefusal):
             self._refused_by_us("no common CHILD_SA proposal", NotifyType.NO_PROPOSAL_CHOSEN,
                                 self._offer_text(sa, tsi, tsr))
             return payloads + [NotifyPayload(int(NotifyType.NO_PROPOSAL_CHOSEN))]
+        tsi, tsr = natt_ts.child_ts(self, m, tsi, tsr, exchange_initiator=False,  # §2.23.1, before narrowing
+                                    transport_wanted=natt_ts.wants_transport(peer.policy, choice))
         # TSi is the initiator's side (the peer's subnets), TSr ours (§2.9)
         # §2.9 on IP protocol, ports and addresses
         remote_sel = ch.narrow_ts(tsi.selectors, ch.ts_from_networks(self._remote_allowed()))
