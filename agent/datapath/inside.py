@@ -101,14 +101,20 @@ class Inside:
         groups: dict[int, list] = {}
         acquire = out.acquire  # peer -> packets without an SA
         waiting = out.waiting  # the packets themselves, to hold while the SA is negotiated
+        last_e, last_g = None, None  # a batch is mostly one flow: skip the group lookup
         for p in pkts:
             e = lookup(p)
+            if e is last_e:
+                last_g.append(p)
+                continue
             if e.action is protect:
                 g = groups.get(id(e))
                 if g is not None:
                     g[1].append(p)
+                    last_e, last_g = e, g[1]
                 elif e.peer in current:
-                    groups[id(e)] = [e, [p]]
+                    g = groups[id(e)] = [e, [p]]
+                    last_e, last_g = e, g[1]
                 else:
                     acquire[e.peer] = acquire.get(e.peer, 0) + 1
                     w = waiting.get(e.peer)

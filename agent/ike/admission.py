@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from agent.iana import ExchangeType, NotifyType, PayloadType
 from agent.ike.cookie import NONCE_MAX, NONCE_MIN
+from agent.ike.errors import DeleteReason
 from agent.ike.events import Addr, IkeSaDeleted, InitsRefused
 from agent.ike.message import (HEADER_LEN, Header, Message, MessageError, MessageLimitError, NotifyPayload,
                                decode_header, encode_message, scan_payloads)
@@ -291,7 +292,7 @@ class Admission:
         if old is keep:
             old_key, old = next(it)
         self.m._count("half_open_evicted")
-        old._die("half-open IKE_SA dropped: too many half-open IKE_SAs")
+        old._die("half-open IKE_SA dropped: too many half-open IKE_SAs", DeleteReason.DROPPED)
         self.m._collect(old, old.created_at)
         self.forget_half_open(old, old.my_spi)
         if self.m._half_open.get(old_key) is old:  # not expected: the caller's loop must end all the same

@@ -7,8 +7,8 @@ Pure module: no I/O.
 from __future__ import annotations
 
 from agent.ike.events import ChildSaEstablished, ChildSaRefused, IkeSaDeleted, IkeSaEstablished
+from agent.ike.errors import DeleteReason
 from agent.ike.sa import Datagram, IkeSa, State
-from agent.ike.timers import FINAL_REASONS
 
 
 class Bookkeeping:
@@ -74,15 +74,15 @@ class Bookkeeping:
                     # stay for good; the replacement IKE_SA keeps retrying its CHILD_SA (backoff)
                     after.append((lambda p, n, r=ev.reason: self.m._joining.replaced(p, n, failed=r), ev.peer))
             elif isinstance(ev, IkeSaDeleted):
-                if "AUTHENTICATION_FAILED" in ev.reason:
+                if ev.kind == DeleteReason.AUTH_FAILED:
                     self.m._count("auth_failed")
                 name = ev.peer or (sa.cfg.peer.name if sa.cfg.peer else "")
-                if (name and ev.rekeyed_to is None and ev.reason not in FINAL_REASONS
+                if (name and ev.rekeyed_to is None and ev.kind != DeleteReason.LOCAL
                         and not any(s is not sa for s in self.m._sas_of(name))):
                     self.m.last_errors[name] = f"IKE_SA {'deleted' if sa.established_at else 'failed'}: {ev.reason}"
                 if getattr(sa, "_replacement", False) and not getattr(sa, "_replacement_up", False) and name:
                     after.append((lambda p, n, r=ev.reason: self.m._joining.replaced(p, n, failed=r), name))
-                if ev.reason == "peer did not respond" and ev.peer:
+                if ev.kind == DeleteReason.TIMEOUT and ev.peer:
                     # the peer may have restarted: the IKE_SA we build next carries INITIAL_CONTACT
                     self.m._contacted.discard(ev.peer)
                 if ev.rekeyed_to is None and ev.peer:

@@ -7,6 +7,7 @@ Pure module: no I/O.
 from __future__ import annotations
 
 from agent.iana import ExchangeType
+from agent.ike.errors import DeleteReason
 from agent.ike.sa import IkeSa, State
 from agent.model import NodeView, Peer
 
@@ -46,7 +47,7 @@ class Joining:
                 # complete it (dropping ours then could leave the two sides disagreeing)
                 if self.unanswered_init(sa):
                     self.m._count("initiation_restarted")
-                    sa._die("restarted: the view brought the peer or its endpoint")
+                    sa._die("restarted: the view brought the peer or its endpoint", DeleteReason.DUPLICATE)
                     self.m._collect(sa, now)
 
     def join(self, now: float, names=None) -> list[str]:
@@ -91,7 +92,7 @@ class Joining:
             for sa in self.m._sas_of(p.name):
                 if self.unanswered_init(sa):
                     self.m._count("own_init_superseded")
-                    sa._die("superseded by the peer's IKE_SA_INIT")
+                    sa._die("superseded by the peer's IKE_SA_INIT", DeleteReason.DROPPED)
                     self.m._collect(sa, now)
 
     def drop_moot_inits(self, sa: IkeSa, peer: str, now: float) -> None:
@@ -101,7 +102,7 @@ class Joining:
         for other in self.m._sas_of(peer):
             if other is not sa and self.unanswered_init(other):
                 self.m._count("own_init_moot")
-                other._die("moot: an IKE_SA with the peer is up")
+                other._die("moot: an IKE_SA with the peer is up", DeleteReason.DUPLICATE)
                 self.m._collect(other, now)
         # likewise the peer's crossed IKE_SA_INIT it dropped itself (_supersede_own_init): its
         # half-open IKE_SA here would wait for an IKE_AUTH that never comes; only when no other
@@ -113,7 +114,7 @@ class Joining:
         for key, half in list(self.m._half_open.items()):
             if key[0] in ips and half is not sa and half.state in (State.INIT, State.AUTH) and not half.initiator:
                 self.m._count("half_open_moot")
-                half._die("moot: an IKE_SA with the peer is up")
+                half._die("moot: an IKE_SA with the peer is up", DeleteReason.DUPLICATE)
                 self.m._collect(half, now)
 
     def make_before_break(self, sa: IkeSa, view: NodeView, why: str, now: float) -> bool:
@@ -151,13 +152,13 @@ class Joining:
                 continue
             old._replace_reason = None
             old.delete(now, why + (" (replaced, make before break)" if failed is None
-                                   else f"; its replacement failed: {failed}"))
+                                   else f"; its replacement failed: {failed}"), DeleteReason.RECONFIGURED)
             self.m._collect(old, now)
 
     def initial_contact(self, sa: IkeSa, peer: str, now: float) -> None:
         for old in self.m._sas_of(peer):
             if old is not sa and old.state == State.ESTABLISHED:
-                old._die("peer sent INITIAL_CONTACT")
+                old._die("peer sent INITIAL_CONTACT", DeleteReason.SUPERSEDED)
                 self.m._collect(old, now)
 
     @staticmethod
@@ -181,7 +182,8 @@ class Joining:
                 continue
             loser = sa if self.lowest_nonce(sa) < self.lowest_nonce(other) else other
             self.m._count("duplicate_ike_sa_deleted")
-            loser.delete(now, "duplicate IKE_SA (both sides initiated): the other one is kept")
+            loser.delete(now, "duplicate IKE_SA (both sides initiated): the other one is kept",
+                         DeleteReason.DUPLICATE)
             self.m._collect(loser, now)
             if loser is sa:
                 return

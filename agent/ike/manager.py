@@ -12,19 +12,20 @@ from collections import OrderedDict, deque
 from typing import Callable
 
 from agent.iana import ExchangeType, NotifyType
-from agent.ike import auth
 from agent.ike.admission import (HALF_OPEN_BYTES_MAX, INIT_RATE, MAX_INIT_LEN, Admission, RefusalTally, TokenBucket,
                                  new_init_header)
 from agent.ike.bookkeeping import Bookkeeping
 from agent.ike.cookie import CookieJar
+from agent.ike.errors import DeleteReason
 from agent.ike.events import Addr, Event, PeerRefused
 from agent.ike.fragment import DEFAULT_FRAGMENT_SIZE
 from agent.ike.joining import REPLACE_WAIT_S, Joining
 from agent.ike.lost_state import LostState
 from agent.ike.message import (MessageError, MessageLimitError, NotifyPayload, check_outer, decode_message)
+from agent.ike.pad import PeerIndex
 from agent.ike.policy_check import ike_proposal_problem, policy_problem
 from agent.ike.sa import HALF_OPEN_TIMEOUT_S, IKE_PORT, Datagram, IkeSa, IkeSaConfig, State
-from agent.ike.timers import Timers
+from agent.ike.timers import REINITIATE_AUTH_BASE_S, REINITIATE_BASE_S, REINITIATE_MAX_S, Timers
 from agent.ike.vip import VipPools
 from agent.model import DEFAULT_IKE_PROPOSALS, Credentials, NodeView, Peer
 
@@ -37,22 +38,17 @@ _RATE_TABLE_MAX = 4096  # rate-limit tables are pruned beyond this many addresse
 
 class _ViewIndex:
     """Per-view lookups of IkeManager (rebuilt when the view object changes): PROTECT peers by
-    endpoint IP (view order) and by IKE identity (the first, as a scan would find), and the
+    endpoint IP (view order) and by IKE identity (the PAD, agent.ike.pad.PeerIndex), and the
     responder's (proposals, force_encap) once computed."""
 
     def __init__(self, view: NodeView) -> None:
         self.view = view
         self.endpoints: dict[str, list[Peer]] = {}
-        self.identities: dict[str, Peer] = {}
+        self.pad = PeerIndex(view.peers)
         self.responder: tuple[tuple[str, ...], bool] | None = None
-        # peers whose identity is an address or a DN: another text may name them (auth.same_identity)
-        self.loose: list[Peer] = []
         for p in view.peers:
             if p.policy.action != "protect":
                 continue
-            self.identities.setdefault(p.identity, p)
-            if auth.identity_has_forms(p.identity):
-                self.loose.append(p)
             for ep in dict.fromkeys(p.endpoints):
                 self.endpoints.setdefault(ep, []).append(p)
 
@@ -151,14 +147,7 @@ class IkeManager:
         """PAD lookup (RFC 4301 §4.4.3): the configured peer with this IKE identity.
         A peer whose policy is BYPASS or DISCARD has no PAD entry: it may not
         negotiate SAs with us."""
-        ix = self._index()
-        p = ix.identities.get(identity)
-        if p is not None:
-            return p
-        for p in ix.loose:  # the same address or DN written another way (auth.same_identity)
-            if auth.same_identity(p.identity, identity):
-                return p
-        return None
+        return self._index().pad.find(identity)
 
     def _index(self) -> _ViewIndex:
         """Lookups by endpoint and identity, and the responder's proposals, for the current
@@ -281,7 +270,7 @@ class IkeManager:
                        f"{'' if pol.action != 'protect' else f', {pol.protocol}/{pol.mode}'})")
                 if self._joining.make_before_break(sa, view, why, now):
                     continue
-                sa.delete(now, why)
+                sa.delete(now, why, DeleteReason.RECONFIGURED)
                 self._collect(sa, now)
         for name in list(self._retry):
             if name not in names:
@@ -328,7 +317,7 @@ class IkeManager:
             serial = getattr(sa, "peer_cert_serial", None)
             if serial is not None and serial in self._revoked:
                 self._count("revoked_peer")
-                sa.delete(now, f"peer certificate revoked (serial {serial})")
+                sa.delete(now, f"peer certificate revoked (serial {serial})", DeleteReason.REFUSED)
                 self._collect(sa, now)
 
     def initiate(self, peer_name: str, now: float, *, replace: bool = False) -> None:
@@ -596,4 +585,5 @@ class IkeManager:
         self._books.collect(sa, now)
 
 
-__all__ = ["IkeManager", "Datagram", "REPLACE_WAIT_S"]
+__all__ = ["IkeManager", "Datagram", "REPLACE_WAIT_S", "REINITIATE_BASE_S", "REINITIATE_AUTH_BASE_S",
+           "REINITIATE_MAX_S"]

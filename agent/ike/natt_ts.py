@@ -100,11 +100,11 @@ def child_ts(sa, msg, tsi: TsPayload | None, tsr: TsPayload | None, *, exchange_
     """
     if (tsi is None or tsr is None or not transport_wanted
             or msg.notify(NotifyType.USE_TRANSPORT_MODE) is None
-            or not (sa._nat_local or sa._nat_remote)):
+            or not sa.nat.detected):
         return tsi, tsr
     theirs = sa.peer.subnets if exchange_initiator else sa._remote_allowed()
     i, r = substitute(tsi.selectors, tsr.selectors, exchange_initiator=exchange_initiator,
                       local_ip=sa.local[0], remote_ip=sa.remote[0],
-                      we_behind_nat=sa._nat_local, peer_behind_nat=sa._nat_remote,
+                      we_behind_nat=sa.nat.local, peer_behind_nat=sa.nat.remote,
                       ours_allowed=ts_from_networks(sa._local_nets()), theirs_allowed=ts_from_networks(theirs))
     return TsPayload(tsi.payload_type, i), TsPayload(tsr.payload_type, r)

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import heapq
 
+from agent.ike.errors import AUTH_BACKOFF, NO_RETRY
 from agent.ike.events import IkeSaDeleted, InitsRefused
 from agent.ike.sa import IkeSa
 
 REINITIATE_BASE_S = 2.0
 REINITIATE_AUTH_BASE_S = 8.0  # first delay after an authentication failure (a config problem)
 REINITIATE_MAX_S = 120.0
-# reasons after which we do not re-initiate
-FINAL_REASONS = ("shutdown", "peer removed from view", "deleted locally")
 
 
 class Timers:
@@ -111,13 +110,12 @@ class Timers:
     def schedule_retry(self, sa: IkeSa, ev: IkeSaDeleted, now: float) -> None:
         name = sa.peer_name or (sa.cfg.peer.name if sa.cfg.peer else "")
         peer = self.m.view.peer(name) if name else None
-        if (peer is None or self.m._shutdown or ev.reason in FINAL_REASONS
-                or ev.reason == "peer sent INITIAL_CONTACT" or ev.rekeyed_to is not None
-                or ev.reason.startswith(("redundant", "duplicate", "restarted", "moot")) or any(s is not sa for s in self.m._sas_of(name))):
+        # decided by the kind of the end (agent.ike.errors), never by words in the reason text
+        if (peer is None or self.m._shutdown or ev.kind in NO_RETRY or ev.rekeyed_to is not None
+                or any(s is not sa for s in self.m._sas_of(name))):
             return
         last = self.m._backoff.get(name, 0.0)
-        auth = ("AUTHENTICATION_FAILED" in ev.reason or "revoked" in ev.reason
-                or ev.reason.startswith(("refused:", "cannot authenticate")))
+        auth = ev.kind in AUTH_BACKOFF
         base = REINITIATE_AUTH_BASE_S if auth else REINITIATE_BASE_S
         backoff = min(REINITIATE_MAX_S, max(last * 2, base) if last else base)
         self.m._backoff[name] = backoff
@@ -128,4 +126,4 @@ class Timers:
             self.push(now + backoff, ("retry", name))
 
 
-__all__ = ["Timers", "REINITIATE_BASE_S", "REINITIATE_AUTH_BASE_S", "REINITIATE_MAX_S", "FINAL_REASONS"]
+__all__ = ["Timers", "REINITIATE_BASE_S", "REINITIATE_AUTH_BASE_S", "REINITIATE_MAX_S"]

@@ -350,3 +350,20 @@ def test_inbound_batches_name_the_ike_sas_whose_child_sas_authenticated_traffic(
     out = Batch()
     b.rt.outside.udp4500([(esp, (A_IP, 4500))], out)
     assert out.inbound_ike_sas == {(ch.ike_spi_i, ch.ike_spi_r)} and len(out.tun) == 1
+
+
+def test_interleaved_batch_keeps_order_and_counts_exact(mesh):
+    """One TUN batch mixing protected packets with no-policy and malformed ones: the protected
+    ones go through in order (one group, however interleaved), the rest are counted."""
+    net, clock, a, b = mesh
+    establish(a, b)
+    good = [ipv4("10.1.0.5", "10.2.0.7", b"p%d" % i) for i in range(4)]
+    other = ipv4("10.1.0.5", "10.2.0.9", b"same entry, other host")
+    batch = [good[0], ipv4("10.1.0.5", "10.9.0.1"), good[1], b"\x45\x00", other, good[2],
+             ipv4("10.1.0.5", "10.9.0.2"), good[3]]
+    a.tun.inject(batch)
+    pump(a, b)
+    assert b.tun.take_written() == [good[0], good[1], other, good[2], good[3]]
+    assert (a.rt.counters["no_policy"], a.rt.counters["malformed"]) == (2, 1)
+    (ch,) = a.rt.status()["child_sas"]
+    assert ch["packets_out"] == 5
