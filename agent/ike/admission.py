@@ -26,7 +26,7 @@ from agent.ike.sa import Datagram, IkeSa, State
 INIT_RATE = 100.0  # IKE_SA_INITs per second let through without a COOKIE (then COOKIE mode)
 MAX_INIT_LEN = 8192  # octets; IKE_SA_INIT cannot be fragmented (RFC 7383 §2.5), real ones are < 2 KiB
 HALF_OPEN_BYTES_MAX = 4 << 20  # half-open state in all; COOKIE mode from half of it
-HALF_OPEN_BASE_BYTES = 7 << 10  # heap of one half-open IKE_SA besides its messages (tracemalloc)
+HALF_OPEN_BASE_BYTES = 8 << 10  # heap of one half-open IKE_SA besides its messages (tracemalloc: 8.1-8.3 KB)
 REFUSAL_SUMMARY_S = 10.0  # at most one InitsRefused event per interval
 
 
