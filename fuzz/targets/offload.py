@@ -48,7 +48,7 @@ def _inflate(frame: bytes, want: int) -> bytes:
         pkt += (body * (need // len(body) + 1))[:need]
     if v == 4:
         struct.pack_into("!H", pkt, 2, min(len(pkt), 0xFFFF))
-    elif v == 6:
+    elif v == 6 and len(pkt) >= 40:  # a shorter one stays as it is (split drops it)
         struct.pack_into("!H", pkt, 4, min(len(pkt) - 40, 0xFFFF))
     if (pkt[9] if v == 4 else pkt[6] if v == 6 else 0) == 17 and len(pkt) >= ihl + 8:
         struct.pack_into("!H", pkt, ihl + 4, min(len(pkt) - ihl, 0xFFFF))
