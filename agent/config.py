@@ -312,7 +312,7 @@ _PEER_KEYS = {"name", "identity", "endpoints", "subnets", "psk", "initiate", "ik
               "virtual_ip_pool", "ike_lifetime", "child_lifetime", "fragment_size", "bind_endpoints",
               "child_lifetime_bytes", "child_lifetime_packets", "dpd_interval", "retransmit_timeout",
               "retransmit_base", "retransmit_tries", "init_retransmit_timeout"}
-MIN_LIFETIME_S = 10  # below this a rekey could not finish before the hard limit (retransmits)
+from meshsec.defaults import MIN_LIFETIME_S  # noqa: E402 - below it a rekey could not finish (shared with the controller)
 # the duration/size rules and lifetime bounds are shared with the controller's inventory
 # (meshsec.units, meshsec.defaults); re-exported here for the agent's callers
 

@@ -12,7 +12,6 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -35,6 +34,21 @@ def _key_description(key: object) -> str:
         return f"ECDSA {key.curve.name}"
     size = getattr(key, "key_size", None)
     return f"{type(key).__name__.replace('PublicKey', '').lstrip('_')}{f' {size}' if size else ''}"
+
+
+def _describe_subject(attrs: list[x509.NameAttribute]) -> str:
+    """A short text of subject attributes that never raises (rfc4514_string() raises TypeError
+    for non-string values such as a BIT STRING): OID or short name = value or <type, n bytes>."""
+    parts = []
+    for attr in attrs[:8]:
+        try:
+            label = attr.rfc4514_attribute_name
+        except Exception:  # noqa: BLE001 - an OID it cannot name
+            label = attr.oid.dotted_string
+        value = attr.value
+        parts.append(f"{label}={value[:64]}" if isinstance(value, str)
+                     else f"{label}=<{type(value).__name__}, {len(value)} bytes>")
+    return ", ".join(parts) + (f", ... ({len(attrs)} attributes)" if len(attrs) > 8 else "")
 
 
 @dataclass(frozen=True)
@@ -123,29 +137,29 @@ class CertificateAuthority:
         """
         try:
             csr = x509.load_der_x509_csr(csr_der)
-        except (ValueError, UnsupportedAlgorithm, x509.InvalidVersion) as e:  # InvalidVersion: not a ValueError
-            raise CsrError(f"csr_der is not a DER PKCS#10 request ({e})") from None
+        except Exception as e:  # noqa: BLE001 - ValueError, InvalidVersion...: any of them is a bad CSR
+            raise CsrError(f"csr_der is not a DER PKCS#10 request ({str(e)[:200]})") from None
         try:
             public_key = csr.public_key()
-        except (ValueError, UnsupportedAlgorithm) as e:
-            raise CsrError(f"CSR public key is unreadable ({e})") from None
+        except Exception as e:  # noqa: BLE001 - ValueError, UnsupportedAlgorithm...
+            raise CsrError(f"CSR public key is unreadable ({str(e)[:200]})") from None
         if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(public_key.curve, ec.SECP256R1):
             raise CsrError(f"CSR key must be ECDSA P-256 (secp256r1), got {_key_description(public_key)}")
         try:
             valid = csr.is_signature_valid
-        except (ValueError, UnsupportedAlgorithm):
+        except Exception:  # noqa: BLE001 - an unsupported or malformed signature does not verify
             valid = False
         if not valid:
             raise CsrError("CSR signature does not verify")
-        try:  # the subject is parsed lazily: a value that is not valid (e.g. not UTF-8) fails only here
+        try:  # the subject is parsed lazily: a bad value (not UTF-8, a BIT STRING as CN...) fails only here
             attrs = list(csr.subject)
             ok = not attrs or (len(attrs) == 1 and attrs[0].oid == NameOID.COMMON_NAME
                                and attrs[0].value == node_name)
-            shown = "" if ok else csr.subject.rfc4514_string()
-        except (ValueError, UnsupportedAlgorithm, UnicodeError) as e:
-            raise CsrError(f"CSR subject is unreadable ({e}); make it empty or CN={node_name}") from None
+        except Exception as e:  # noqa: BLE001 - ValueError, TypeError, UnicodeError...: all are a bad subject
+            raise CsrError(f"CSR subject is unreadable ({type(e).__name__}: {str(e)[:120]}); make it empty or "
+                           f"CN={node_name}") from None
         if not ok:
-            raise CsrError(f"CSR subject must be empty or CN={node_name}, got {shown!r}")
+            raise CsrError(f"CSR subject must be empty or CN={node_name}, got {_describe_subject(attrs)!r}")
         return self._leaf(node_name, [x509.DNSName(node_name)], public_key,
                           now - BACKDATE, now + lifetime)
 

@@ -55,6 +55,7 @@ from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from meshsec.defaults import MAX_LIFETIME_VOLUME, MIN_LIFETIME_BYTES, MIN_LIFETIME_PACKETS  # noqa: F401 (re-exported)
+from meshsec.defaults import MIN_DPD_INTERVAL_S, MIN_LIFETIME_S
 from meshsec.units import parse_duration, parse_size  # noqa: F401 (re-exported)
 
 from controller.proposals import ProposalInvalid, check_child_proposal, check_ike_proposal
@@ -75,6 +76,9 @@ CONTROLLER_TLS_NAME = "meshsec-controller"
 # Largest anti-replay window (packets) the controller hands out; the agents'
 # windows take any positive multiple of 32 (tests/controller/test_proposals_table.py).
 MAX_REPLAY_WINDOW = 1 << 20
+# Deepest YAML nesting read (an inventory needs 4 or 5 levels); checked before PyYAML's
+# composer, which recurses once per level.
+MAX_YAML_DEPTH = 32
 
 _DNS_NAME = re.compile(r"^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
 _PROPOSAL = re.compile(r"^[a-z0-9_]+(-[a-z0-9_]+)*$")
@@ -130,7 +134,7 @@ class _Parser:
             raise self.fail(node, path, "expected a single value, not a list or mapping")
         try:
             value = self._constructor.construct_object(node)
-        except (yaml.YAMLError, ValueError, TypeError, OverflowError, ArithmeticError) as e:
+        except Exception as e:  # noqa: BLE001 - PyYAML's constructors also raise KeyError, AttributeError...
             what = getattr(e, "problem", None) or (str(e).splitlines() or [type(e).__name__])[0]
             raise self.fail(node, path, f"cannot read {node.value[:40]!r} (tag {node.tag}): {what}") from None
         if isinstance(value, float) and not math.isfinite(value):
@@ -156,12 +160,17 @@ class _Parser:
             raise self.fail(node, path, f"{value!r} is not one of {', '.join(allowed)}")
         return value
 
-    def duration(self, node: Node, path: str) -> float:
+    def duration(self, node: Node, path: str, minimum: float = 0.0) -> float:
+        """Seconds; 0 or at least ``minimum`` (meshsec.defaults: what the agent accepts)."""
         value = self.scalar(node, path)
         try:
-            return parse_duration(value)
+            secs = parse_duration(value)
         except ValueError as e:
             raise self.fail(node, path, str(e)) from None
+        if 0 < secs < minimum:
+            raise self.fail(node, path, f"{node.value!r} is {secs:g}s; use at least {minimum:g}s (or 0 to turn it "
+                                        f"off): agents refuse shorter ones, and the mesh would go down")
+        return secs
 
     def proposals(self, node: Node, path: str, kind: str) -> tuple[str, ...]:
         items = self.seq(node, path)
@@ -195,7 +204,7 @@ class _Parser:
             elif key == "encapsulation":
                 kw[key] = self.choice(v, p, ENCAPSULATIONS)
             elif key in ("ike_lifetime", "child_lifetime", "dpd_interval"):
-                kw[f"{key}_s"] = self.duration(v, p)
+                kw[f"{key}_s"] = self.duration(v, p, MIN_DPD_INTERVAL_S if key == "dpd_interval" else MIN_LIFETIME_S)
             elif key in ("child_lifetime_bytes", "child_lifetime_packets"):
                 raw = self.scalar(v, p)
                 try:
@@ -361,15 +370,30 @@ class _Parser:
                                                  f"connection) to that address would loop into it; narrow the "
                                                  f"subnet or move the address out of it")
 
-    def inventory(self, text: str) -> Inventory:
+    def compose(self, text: str) -> Node | None:
+        """The YAML node tree of ``text``; InventoryError for a syntax error or nesting deeper than
+        :data:`MAX_YAML_DEPTH` (checked on the parser's events, which do not recurse, before the
+        composer, which does)."""
         try:
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
+            depth = 0
+            for event in yaml.parse(text, Loader=yaml.SafeLoader):
+                if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                    depth += 1
+                    if depth > MAX_YAML_DEPTH:
+                        raise InventoryError(f"{self.filename}:{event.start_mark.line + 1}: YAML nested more than "
+                                             f"{MAX_YAML_DEPTH} levels deep: an inventory needs a few")
+                elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                    depth -= 1
+            return yaml.compose(text, Loader=yaml.SafeLoader)
         except yaml.MarkedYAMLError as e:
             mark = e.problem_mark or e.context_mark
             line = mark.line + 1 if mark else 1
             raise InventoryError(f"{self.filename}:{line}: YAML syntax error: {e.problem}") from None
         except yaml.YAMLError as e:
             raise InventoryError(f"{self.filename}:1: YAML error: {e}") from None
+
+    def inventory(self, text: str) -> Inventory:
+        root = self.compose(text)
         if root is None:
             raise InventoryError(f"{self.filename}:1: nodes: missing (the inventory is empty)")
         m = self.mapping(root, "", ("nodes", "defaults", "groups", "policies"), required=("nodes",))
@@ -426,10 +450,10 @@ def parse_inventory(text: str, filename: str = "inventory.yaml", controller_addr
         return _Parser(filename, _addresses(controller_addresses)).inventory(text)
     except InventoryError:
         raise
-    except RecursionError:
+    except RecursionError:  # nesting is bounded before composing; kept as the last guard
         raise InventoryError(f"{filename}:1: YAML nested too deeply: an inventory needs a few levels") from None
     except Exception as e:  # a case the checks above missed: still FILE:LINE and exit 2, not a traceback
-        raise InventoryError(f"{filename}:1: cannot read the inventory: {type(e).__name__}: {e}") from None
+        raise InventoryError(f"{filename}:1: cannot read the inventory ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def load_inventory(path: str | Path, controller_addresses=()) -> Inventory:

@@ -191,7 +191,7 @@ class HaConfig:
 
 
 class Replica:
-    """Wires one :class:`controller.service.ControllerServer` to etcd: the
+    """Wires one :class:`controller.server.ControllerServer` to etcd: the
     store (fenced by the leader key), the elector and the view follower."""
 
     def __init__(self, cfg: HaConfig, server) -> None:

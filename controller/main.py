@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 from controller.inventory import InventoryError, parse_duration
-from controller.service import ControllerServer, default_server_names, split_listen
+from controller.server import ControllerServer, default_server_names, split_listen
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="UNIX socket (mode 0600) for `meshsec mesh` on this host; '' turns it off "
                            "(default: controller.sock in --state-dir)")
     p.add_argument("--max-workers", type=int, default=256, metavar="N",
-                   help="gRPC server threads; every Watch stream holds one, one live Watch per node, and "
-                        "1/16 of them (2 to 16) stay free for Enroll/Renew (default: %(default)s)")
+                   help="watch-port gRPC threads; every Watch stream holds one, one live Watch per node, and "
+                        "1/16 of them (2 to 16) stay free for Renew/ReportStatus/GetMesh; the enrol port has its "
+                        "own async server and 8 threads (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     from meshsec.version import version_line
     p.add_argument("--version", action="version", version=version_line("meshsec-controller"))
@@ -135,7 +136,7 @@ def _kube_source(args, log: logging.Logger):
 
 def _check(args) -> int:
     from controller.inventory_check import check_file
-    from controller.service import split_listen
+    from controller.server import split_listen
 
     try:
         addrs = [split_listen(args.listen)[0], *args.server_name]

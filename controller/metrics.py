@@ -11,6 +11,8 @@ Names (docs/metrics.md):
     meshsec_controller_leader_transitions_total   counter of elections won and lost
     meshsec_controller_view_version               gauge, the view version this replica serves
     meshsec_controller_build_info{version,python} gauge, always 1
+    meshsec_controller_enrol_port_dropped_total{reason}  counter: request_timeout, no_request
+    meshsec_controller_log_lines_suppressed_total{kind}  counter of rate-limited log lines left out
 
 Each :class:`ControllerMetrics` has its own registry (several controllers
 in one process, e.g. tests, do not collide). Updating is thread-safe.
@@ -46,6 +48,13 @@ class ControllerMetrics:
         self.fanout = Histogram("meshsec_controller_fanout_latency_seconds",
                                 "Time from a view change reaching this replica to the update handed to "
                                 "each Watch stream", buckets=FANOUT_BUCKETS, registry=r)
+        self.enrol_dropped = Counter("meshsec_controller_enrol_port_dropped",
+                                     "Enrol-port calls ended before any work: request_timeout (no request "
+                                     "message in time), no_request (ended without one)", ["reason"], registry=r)
+        for reason in ("request_timeout", "no_request"):
+            self.enrol_dropped.labels(reason)
+        self.log_suppressed = Counter("meshsec_controller_log_lines_suppressed",
+                                      "Log lines left out by rate limiting, by kind", ["kind"], registry=r)
         self.leader = Gauge("meshsec_controller_leader", "1 if this replica is the leader", registry=r)
         self.transitions = Counter("meshsec_controller_leader_transitions",
                                    "Leadership won or lost", registry=r)
@@ -66,6 +75,12 @@ class ControllerMetrics:
 
     def enrolment(self, result: str) -> None:
         self.enrolments.labels(result if result in ENROL_RESULTS else "invalid").inc()
+
+    def enrol_port_dropped(self, reason: str) -> None:
+        self.enrol_dropped.labels(reason).inc()
+
+    def log_line_suppressed(self, kind: str) -> None:
+        self.log_suppressed.labels(kind).inc()
 
     def fanout_observed(self, seconds: float) -> None:
         self.fanout.observe(max(0.0, seconds))
@@ -95,32 +110,34 @@ class ControllerMetrics:
             self._server = None
 
 
-def add_health_and_reflection(server, listen: str | None = None):
+def add_health_and_reflection(server, listen: str | None = None, log=None):
     """grpc.health.v1 (SERVING for "" and meshsec.v1.Controller) and server
     reflection on ``server``. With ``server=None`` build a separate plain-text
     server on ``listen`` holding only these two services (for probes, e.g.
     Kubernetes gRPC probes, which speak no TLS; Enroll/Watch are never served
-    without TLS) and return (server, bound port); OSError if it cannot listen."""
+    without TLS) and return (server, bound port); OSError if it cannot listen.
+    Malformed requests: INVALID_ARGUMENT, logged through ``log``
+    (a controller.watchlimit.RateLimitedLog; controller.badinput)."""
     from concurrent import futures
+    import logging
 
     import grpc
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-    from grpc_reflection.v1alpha import reflection
+    from grpc_health.v1 import health_pb2
 
+    from controller.badinput import add_guarded, health_and_reflection
+    from controller.watchlimit import RateLimitedLog
     from meshsec.v1 import controller_pb2 as pb
 
     own = server is None
     if own:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="meshsec-health"))
-    servicer = health.HealthServicer()
     controller_name = pb.DESCRIPTOR.services_by_name["Controller"].full_name
+    servicer, services = health_and_reflection(False, [] if own else [controller_name])
     for name in ("", controller_name):
         servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
-    if not own:
-        names.insert(0, controller_name)
-    reflection.enable_server_reflection(names, server)
+    log = log or RateLimitedLog(logging.getLogger("meshsec.controller"), kind="malformed")
+    for service, handlers in services.items():
+        add_guarded(server, service, handlers, log)
     if not own:
         return servicer
     try:

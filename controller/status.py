@@ -272,7 +272,7 @@ class MeshService:
     """Everything above for one ControllerServer: the two RPC handlers
     (:meth:`rpc_handlers`), the mesh document, the web page
     (``web_listen``), the UNIX status socket (``status_socket``) and the
-    metrics collector. ``server`` is the controller.service.ControllerServer,
+    metrics collector. ``server`` is the controller.server.ControllerServer,
     ``servicer`` its ControllerServicer (identity checks)."""
 
     def __init__(self, server, servicer, *, web_listen: str | None = None, web_client_auth: bool = True,

@@ -1,15 +1,16 @@
 """Keeping the controller's RPC workers for everyone (docs/controller-security.md).
 
-The gRPC server runs every RPC on one thread pool (``--max-workers``) and a
-Watch stream holds its thread for as long as it lasts. Without limits one
+The watch port's gRPC server runs every RPC on one thread pool (``--max-workers``)
+and a Watch stream holds its thread for as long as it lasts. Without limits one
 enrolled node opening hundreds of Watch streams takes every thread, and every
-other node's Watch, Renew and Enroll wait until they time out. So:
+other node's Watch and Renew wait until they time out (Enroll has its own
+server, controller.enrolport). So:
 
 - :class:`WatchRegistry`: one live Watch per node identity (a newer stream of
   the same node cancels the older one: the agent that reconnects is the one
   that is alive), and at most :func:`watch_capacity` Watch streams in all, so
-  :func:`reserved_workers` threads always stay free for Enroll and Renew, which
-  are short. A Watch beyond the capacity is refused at once (RESOURCE_EXHAUSTED).
+  :func:`reserved_workers` threads always stay free for Renew, ReportStatus and
+  GetMesh, which are short. A Watch beyond the capacity is refused at once (RESOURCE_EXHAUSTED).
 - :func:`tolerant_deserializer` / :func:`guard`: a request that is not valid
   protobuf is answered INVALID_ARGUMENT and logged as one line, at most once
   per :data:`MALFORMED_LOG_INTERVAL_S` (with the number left out), instead of
@@ -115,8 +116,11 @@ class RateLimitedLog:
     """Logs one warning per ``interval`` seconds; the lines left out are counted into the next."""
 
     def __init__(self, log: logging.Logger, interval: float = MALFORMED_LOG_INTERVAL_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *, kind: str = "malformed",
+                 on_suppressed: Callable[[str], None] | None = None) -> None:
+        # kind: label of meshsec_controller_log_lines_suppressed_total; on_suppressed(kind) counts each left out
         self.log, self.interval, self.clock = log, interval, clock
+        self.kind, self.on_suppressed = kind, on_suppressed
         self._lock = threading.Lock()
         self._last: float | None = None
         self.suppressed = 0
@@ -127,10 +131,15 @@ class RateLimitedLog:
         with self._lock:
             self.total += 1
             now = self.clock()
-            if self._last is not None and now - self._last < self.interval:
+            skip = self._last is not None and now - self._last < self.interval
+            if skip:
                 self.suppressed += 1
-                return False
-            self._last, left_out, self.suppressed = now, self.suppressed, 0
+            else:
+                self._last, left_out, self.suppressed = now, self.suppressed, 0
+        if skip:
+            if self.on_suppressed is not None:
+                self.on_suppressed(self.kind)
+            return False
         suffix = f" ({left_out} more since the last such line)" if left_out else ""
         self.log.warning(fmt + suffix, *args)
         return True

@@ -22,3 +22,11 @@ DEFAULT_ESP_PROPOSALS: tuple[str, ...] = ("aes128gcm16", "aes256gcm16")
 MAX_LIFETIME_VOLUME = (1 << 64) - 1
 MIN_LIFETIME_BYTES = 65536
 MIN_LIFETIME_PACKETS = 100
+
+# Time lifetimes of IKE_SAs and CHILD_SAs (seconds): 0 means no rekey; a non-zero one
+# shorter than this could not finish its rekey (with retransmissions) before the SA
+# expires. The agent's config and the controller's inventory both refuse shorter ones.
+MIN_LIFETIME_S = 10
+# Dead peer detection interval (RFC 7296 §2.4, seconds): 0 means off; a shorter one
+# would send a liveness check more often than IKE retransmits, for every peer.
+MIN_DPD_INTERVAL_S = 1

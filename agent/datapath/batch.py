@@ -19,6 +19,7 @@ class Batch:
     Requests:
       ``acquire``: {peer: packets without an SA} (RFC 4301 §5.1), and {(peer, local network,
       remote network): packets} for a peer that has CHILD_SAs, none for this SPD entry's pair;
+      ``waiting``: {acquire key: [the packets counted in ``acquire``]} (held, see hold.py);
       ``volume``: [(ChildEntry, SA)] whose SA set ``needs_rekey`` (sequence number or
       byte/packet soft limit: rekey; hard limit, ``expired``: delete);
       ``unknown_spi``: [(SPI bytes, source address)] of ESP/AH with an SPI we do not know;
@@ -29,7 +30,7 @@ class Batch:
       least one inbound ESP/AH packet in this batch (traffic proves the peer alive).
     """
 
-    __slots__ = ("udp4500", "udp4500_to", "raw_esp", "raw_ah", "tun", "icmp", "acquire",
+    __slots__ = ("udp4500", "udp4500_to", "raw_esp", "raw_ah", "tun", "icmp", "acquire", "waiting",
                  "volume", "unknown_spi", "ike", "inbound_ike_sas", "moved")
 
     def __init__(self) -> None:
@@ -40,6 +41,7 @@ class Batch:
         self.tun: list = []
         self.icmp: list = []
         self.acquire: dict = {}
+        self.waiting: dict = {}
         self.volume: list = []
         self.unknown_spi: list = []
         self.ike: list = []

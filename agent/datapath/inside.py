@@ -6,8 +6,9 @@ Outbound flow (one TUN batch, ``Inside.process``):
   3. SPD lookup per packet (RFC 4301 §5.1): PROTECT -> grouped per SPD entry, and per
      group the CHILD_SA whose selectors cover the entry (``Policy.sa_for``; a peer may
      have several); PROTECT with no SA for the peer -> acquire request, with SAs but none
-     for that selector pair -> acquire for the pair; DISCARD, BYPASS and no match ->
-     counted drop
+     for that selector pair -> acquire for the pair (the packets go along in
+     ``Batch.waiting``: the loop holds them until a CHILD_SA is up, hold.py); DISCARD,
+     BYPASS and no match -> counted drop
   4. narrowed-selector check (protocol / ports negotiated, RFC 7296 §2.9)
   5. MTU fit: too big with DF -> ICMP too-big back into the TUN (RFC 4301 §8.2.1)
   6. encapsulate per CHILD_SA, one ``encapsulate_batch`` per group: ESP (tunnel or
@@ -82,10 +83,12 @@ class Inside:
         self._ip_id = int.from_bytes(rng(2), "big") or 1  # IPv4 IDs we put on AH packets (never 0)
         self._fragment_logged = False
 
-    def process(self, pkts: list[bytes], out: Batch) -> None:
-        """One TUN batch (whole IP packets) through the outbound flow into ``out``."""
+    def process(self, pkts: list[bytes], out: Batch, *, held: bool = False) -> None:
+        """One TUN batch (whole IP packets) through the outbound flow into ``out``.
+        ``held``: packets that waited for their SA (hold.py), already counted in ``tun_in``."""
         c = self.counters
-        c["tun_in"] += len(pkts)
+        if not held:
+            c["tun_in"] += len(pkts)
         policy = self.policy
         if self.mss_clamp:
             clamp = policy.clamp
@@ -97,16 +100,28 @@ class Inside:
         protect = Action.PROTECT
         groups: dict[int, list] = {}
         acquire = out.acquire  # peer -> packets without an SA
+        waiting = out.waiting  # the packets themselves, to hold while the SA is negotiated
+        last_e, last_g = None, None  # a batch is mostly one flow: skip the group lookup
         for p in pkts:
             e = lookup(p)
+            if e is last_e:
+                last_g.append(p)
+                continue
             if e.action is protect:
                 g = groups.get(id(e))
                 if g is not None:
                     g[1].append(p)
+                    last_e, last_g = e, g[1]
                 elif e.peer in current:
-                    groups[id(e)] = [e, [p]]
+                    g = groups[id(e)] = [e, [p]]
+                    last_e, last_g = e, g[1]
                 else:
                     acquire[e.peer] = acquire.get(e.peer, 0) + 1
+                    w = waiting.get(e.peer)
+                    if w is None:
+                        waiting[e.peer] = [p]
+                    else:
+                        w.append(p)
             elif e is no_policy:
                 c["no_policy"] += 1
             elif e is malformed:
@@ -124,6 +139,7 @@ class Inside:
                 # RFC 7296 §2.9): never through another pair's SA (RFC 4301 §5.1); ask for one
                 k = (e.peer, e.local, e.remote)
                 acquire[k] = acquire.get(k, 0) + len(lst)
+                waiting.setdefault(k, []).extend(lst)
                 continue
             if ch.narrow is not None and not e.name.startswith("child:"):
                 lst = within_child(ch, lst, spd, c, inbound=False)

@@ -103,6 +103,9 @@ def filter_inbound(allows, ts_local, ts_remote, pkts: list[bytes]) -> tuple[list
     ``pkts`` (RFC 4301 §5.2): ``allows(ts_local, ts_remote, packet)`` (the SPD's
     ``allows_inbound``, which looks at version and addresses only) asked once per distinct
     address pair in the batch, not once per packet: the segments of one TCP burst share it."""
+    if len(pkts) == 1:  # the single-packet path (a ping): no per-batch memo to build
+        p = pkts[0]
+        return ([p], 0) if allows(ts_local, ts_remote, p) else ([], 1)
     good = []
     append = good.append
     seen: dict[bytes, bool] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+from agent.datapath.hold import HoldQueue
 from agent.datapath.ike_core import IkeCore
 from agent.esp import Sad
 from agent.esp.sad import ChildEntry
@@ -17,13 +18,14 @@ from agent.esp.sad import ChildEntry
 class IkeRequests:
     """``view()``: the current NodeView; ``remove_child(ch)``: take a CHILD_SA out of the
     SAD (when IKE no longer knows one that expired); ``internal_error(where, exc)``: count
-    and log an unexpected exception; ``counters``: the runtime's counters (shared)."""
+    and log an unexpected exception; ``counters``: the runtime's counters (shared);
+    ``hold``: where the packets of an acquire wait for their CHILD_SA (None: dropped)."""
 
     ACQUIRE_CHILD_INTERVAL_S = 5.0
 
     def __init__(self, ike: IkeCore, sad: Sad, counters: dict, *, view: Callable,
                  remove_child: Callable[[ChildEntry], None], internal_error: Callable,
-                 log: logging.Logger) -> None:
+                 log: logging.Logger, hold: HoldQueue | None = None) -> None:
         self.ike = ike
         self.sad = sad
         self.counters = counters
@@ -31,6 +33,7 @@ class IkeRequests:
         self.remove_child = remove_child
         self.internal_error = internal_error
         self.log = log
+        self.hold = hold
         self._rekey_asked: set[int] = set()
         self._expired_done: set[int] = set()
         self._child_acquired_at: dict[str, float] = {}
@@ -50,19 +53,24 @@ class IkeRequests:
             self.internal_error(f"initiate({peer}) on {why}", exc)
             return False
 
-    def acquire(self, peer: str, n: int, now: float) -> None:
+    def _held(self, key, pkts: list[bytes], now: float) -> int:
+        return self.hold.put(key, pkts, now) if self.hold is not None and pkts else 0
+
+    def acquire(self, peer: str, n: int, now: float, pkts: list[bytes] = ()) -> None:
         """``n`` packets to ``peer`` found no SA (RFC 4301 §5.1): initiate (idempotent while
-        negotiating) and, with an IKE_SA up, ask for a CHILD_SA. ``peer`` may be a selector
-        pair (peer, local network, remote network): see ``acquire_pair``."""
+        negotiating) and, with an IKE_SA up, ask for a CHILD_SA. ``pkts`` (those packets)
+        are held until it is up, as far as the hold queue takes them; the rest count as
+        ``no_sa``. ``peer`` may be a selector pair (peer, local network, remote network):
+        see ``acquire_pair``."""
         if isinstance(peer, tuple):
-            self.acquire_pair(peer, n, now)
+            self.acquire_pair(peer, n, now, pkts)
             return
         vp = self.view().peer(peer)
         if vp is not None and not vp.endpoints:
             # nowhere to send IKE_SA_INIT: counted, not an error (the view may add one later)
             self.counters["no_endpoint"] += n
             return
-        self.counters["no_sa"] += n
+        self.counters["no_sa"] += n - self._held(peer, pkts, now)
         self.initiate(peer, now, "acquire")
         self._acquire_child(peer, now)
 
@@ -80,7 +88,7 @@ class IkeRequests:
         except Exception as exc:
             self.internal_error(f"create_child({peer}) on acquire", exc)
 
-    def acquire_pair(self, key: tuple, n: int, now: float) -> None:
+    def acquire_pair(self, key: tuple, n: int, now: float, pkts: list[bytes] = ()) -> None:
         """``n`` packets of the SPD entry ``key`` = (peer, local network, remote network) found
         no CHILD_SA of that peer whose selectors cover the pair (RFC 4301 §5.1: they are never
         sent through another pair's SA). A pair apart from every CHILD_SA of the peer (e.g.
@@ -93,7 +101,7 @@ class IkeRequests:
         if any(ch.overlaps(local, remote) for ch in self.sad.of_peer(peer)):
             c["narrowed"] = c.get("narrowed", 0) + n
             return
-        c["no_sa"] += n
+        c["no_sa"] += n - self._held(key, pkts, now)
         asked = self._pair_acquired_at
         if now - asked.get(key, float("-inf")) < self.ACQUIRE_CHILD_INTERVAL_S:
             return

@@ -37,6 +37,7 @@ from agent.datapath import packets as pk
 from agent.datapath import sa_events
 from agent.datapath import status as _status
 from agent.datapath.batch import Batch
+from agent.datapath.hold import HoldQueue
 from agent.datapath.ike_core import IkeCore
 from agent.datapath.inside import Inside
 from agent.datapath.keepalive import DEFAULT_NAT_KEEPALIVE_S, NAT_KEEPALIVE, NatKeepalive
@@ -129,9 +130,10 @@ class Runtime:
         self.outside = Outside(self.sad, self.policy, self.counters, local_address=local_address,
                                mss_clamp=mss_clamp)
         self.keepalive = NatKeepalive(nat_keepalive)
+        self.hold = HoldQueue(self.counters)  # packets waiting for their CHILD_SA
         self.requests = IkeRequests(ike, self.sad, self.counters, view=lambda: self.view,
                                     remove_child=lambda ch: sa_events.remove_child(self, ch),
-                                    internal_error=self.internal_error, log=self.log)
+                                    internal_error=self.internal_error, log=self.log, hold=self.hold)
         self._pending_view: NodeView | None = None
         self._calls: list = []  # call_soon() callables, run on the loop thread
         # observers(event, now), called on the loop thread before the runtime handles each IKE event
@@ -300,23 +302,18 @@ class Runtime:
         g("timers", self._pump_timers)
 
     def _pump_timers(self) -> None:
-        now = self.clock()
-        deadline = self.ike.get_timer()
-        if deadline is not None and deadline <= now:
-            self.ike.handle_timer(now)
-        self._flush_ike(now)
-        ka = self.keepalive.deadline
-        if ka is not None and ka <= now:
-            self._keepalives(now)
+        self._run_timers(self.clock(), flush=True)
 
     def _next_deadline(self) -> float | None:
         ts = [t for t in (self.ike.get_timer(), self.keepalive.deadline) if t is not None]
         return min(ts) if ts else None
 
-    def _run_timers(self, now: float) -> None:
+    def _run_timers(self, now: float, flush: bool = False) -> None:
         deadline = self.ike.get_timer()
         if deadline is not None and deadline <= now:
             self.ike.handle_timer(now)
+            flush = True
+        if flush:
             self._flush_ike(now)
         ka = self.keepalive.deadline
         if ka is not None and ka <= now:
@@ -396,6 +393,7 @@ class Runtime:
             self.internal_error(f"IKE update_view (version {view.version})", exc)
         names = {p.name for p in view.peers}
         for gone in old - names:
+            self.hold.forget(gone)
             for ch in self.sad.of_peer(gone):
                 sa_events.remove_child(self, ch)
         self.policy.apply_view(view)
@@ -495,7 +493,7 @@ class Runtime:
         if out.unknown_spi and not self.awaiting_view:  # nothing said before the first view
             self._request("unknown-SPI hint", req.unknown_spi, out.unknown_spi, now)
         for peer, n in out.acquire.items():
-            self._request(f"acquire({peer})", req.acquire, peer, n, now)
+            self._request(f"acquire({peer})", req.acquire, peer, n, now, out.waiting.get(peer, ()))
         for ch, remote in out.moved.values():
             self._request(f"follow({ch.peer})", req.follow, ch, remote, now)
         if out.ike:
@@ -503,7 +501,7 @@ class Runtime:
             if self.awaiting_view:
                 c[BEFORE_FIRST_VIEW] += len(out.ike)
             else:
-                self._sync_wall(now)
+                self.ike.wall_offset = self.wall_clock() - now  # certificate validity is Unix time
                 receive = self.ike.receive_datagram
                 for data, local, remote in out.ike:
                     c["ike_in"] += 1
@@ -515,10 +513,6 @@ class Runtime:
             fn(*args)
         except Exception as exc:
             self.internal_error(what, exc)
-
-    def _sync_wall(self, now: float) -> None:
-        # the IKE core checks certificate validity in Unix time but runs timers on ``now``
-        self.ike.wall_offset = self.wall_clock() - now
 
     # -- IKE output and events -------------------------------------------------
     def _flush_ike(self, now: float) -> None:
@@ -554,6 +548,10 @@ class Runtime:
             for ch, sa in nested.volume:
                 self._request(f"volume check of CHILD_SA {ch.inbound_spi:08x}", self.requests.volume, ch, sa, now)
             self._flush_ike(now)  # bounded: each CHILD_SA is asked once
+        if self.hold.ready and (pkts := self.hold.release(now)):  # what waited for a CHILD_SA
+            out = Batch()
+            self.inside.process(pkts, out, held=True)
+            self._finish(out)
         if self.keepalive.dirty:
             try:
                 rows = self.ike.status()

@@ -115,6 +115,7 @@ def child_established(rt, ev: ChildSaEstablished, now: float) -> None:
         ch.send_after = ev.rekey_of  # the peer may not have our new inbound SA yet (sent on at its Delete)
     rt.sad.add(ch)  # it sends for its selectors; a rekeyed one keeps receiving until deleted
     sas_changed(rt)
+    rt.hold.ready.add(ev.peer)  # packets held for this peer go out after this batch of events
     if rt.keylog is not None:
         rt.keylog.child_sa(ev)  # ESP to esp_sa, AH to ah_sa
     rt.log.info("CHILD_SA with %s established: spi in %08x out %08x, %s, %s -> %s%s", ev.peer,

@@ -9,7 +9,8 @@ import time
 from agent.esp import Action
 
 DROP_REASONS = ("no_sa", "no_policy", "discard", "unknown_spi", "policy", "malformed", "send_errors",
-                "too_big", "no_raw_socket", "nesting_loop", "ah_drops", "no_endpoint", "fragment", "narrowed")
+                "too_big", "no_raw_socket", "nesting_loop", "ah_drops", "no_endpoint", "fragment", "narrowed",
+                "held_expired")
 # IKE packets dropped in controller mode before the first view arrived: expected once or
 # twice at every start (the peer retransmits), so shown apart from the drops
 BEFORE_FIRST_VIEW = "no_view_yet"

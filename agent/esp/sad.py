@@ -230,8 +230,14 @@ class Sad:
 
         Packets shorter than 8 bytes count as ``malformed``, unknown SPIs (or an AH SA's
         SPI) as ``no_sa`` (RFC 4303 §3.4.2: discard, auditable event). Never raises."""
-        groups: dict[bytes, list[bytes]] = {}
         c = self.counters
+        if len(esp_packets) == 1 and len(esp_packets[0]) >= 8:  # one packet: no grouping needed
+            ch = self.children.get(int.from_bytes(esp_packets[0][:4], "big"))
+            if ch is None or ch.protocol != "esp":
+                c["no_sa"] += 1
+                return []
+            return [(ch, esp_packets)]
+        groups: dict[bytes, list[bytes]] = {}
         for p in esp_packets:
             if len(p) < 8:
                 c["malformed"] += 1

@@ -15,7 +15,7 @@ control-plane BYPASS entries.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Iterable, Sequence
 
@@ -110,6 +110,14 @@ class SpdEntry:
             if not isinstance(r, tuple) or len(r) != 2 or not 0 <= r[0] <= r[1] <= hi:
                 what = "type/code" if hi == 255 else "port"
                 raise ValueError(f"SPD entry {self.name!r}: {f} {r!r} is not a (low, high) {what} range in 0..{hi}")
+        # Hashed once: the packet path counts hits per entry (a dict keyed by the entry), and
+        # hashing the networks again per batch cost several ipaddress.__hash__ calls (issue 8).
+        object.__setattr__(self, "_hash", hash(tuple(getattr(self, f.name) for f in fields(self))))
+        object.__setattr__(self, "_local_c", _nets(self.local))  # compiled selectors (entry_allows)
+        object.__setattr__(self, "_remote_c", _nets(self.remote))
+
+    def __hash__(self) -> int:  # equal to the generated one's value semantics: all fields
+        return self._hash
 
     @property
     def local_nets(self) -> tuple[IPNetwork, ...]:
@@ -216,7 +224,7 @@ class Spd:
         self._compiled: list[tuple] = []
         self._cache: dict[bytes, SpdEntry] = {}
         self._sel_cache: dict[tuple, SpdEntry] = {}
-        self._ts_cache: dict[tuple, tuple] = {}
+        self._ts_cache: dict = {}  # id(tuple) or tuple(list) -> (selectors, compiled)
         # packets matched per entry (by id(entry)), counted by group_outbound / count_hit
         self.hits: dict[int, int] = {}
         self._rebuild()  # an SPD with no entries is total too (lookups give default_entry)
@@ -344,7 +352,7 @@ class Spd:
             src, dst = dst, src
             if proto not in _ICMP_PROTOCOLS:
                 sp, dp = dp, sp
-        ln, rn = _nets(entry.local), _nets(entry.remote)
+        ln, rn = entry._local_c, entry._remote_c
         if ln is not None and not _in(ln, v, src):
             return False
         if rn is not None and not _in(rn, v, dst):
@@ -389,13 +397,24 @@ class Spd:
         return list(groups.values())
 
     def _compile_ts(self, ts: Sequence[IPNetwork]) -> tuple:
-        key = tuple(ts)
-        c = self._ts_cache.get(key)
-        if c is None:
-            c = tuple(_net(n) for n in key)
-            if len(self._ts_cache) >= 1024:
-                self._ts_cache.clear()
-            self._ts_cache[key] = c
+        # A tuple (immutable, as ChildEntry keeps its selectors) is cached by identity: hashing
+        # the networks per call was a visible share of the per-packet cost (issue 8). The entry
+        # holds the tuple itself, so its id cannot be reused while cached; lists go by value.
+        cache = self._ts_cache
+        if type(ts) is tuple:
+            hit = cache.get(id(ts))
+            if hit is not None and hit[0] is ts:
+                return hit[1]
+            key = id(ts)
+        else:
+            key = tuple(ts)
+            hit = cache.get(key)
+            if hit is not None:
+                return hit[1]
+        c = tuple(_net(n) for n in ts)
+        if len(cache) >= 1024:
+            cache.clear()
+        cache[key] = (ts, c)
         return c
 
     def allows_inbound(self, ts_local: Sequence[IPNetwork], ts_remote: Sequence[IPNetwork],

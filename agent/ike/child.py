@@ -10,11 +10,54 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from agent.iana import EsnId, KeId, ProtocolId, TransformAttr, TransformType, TsType
+from agent.ike.errors import Mode, Protocol
 from agent.ike.message import Proposal, SaPayload, TrafficSelector, Transform, TransformAttribute
-from agent.ike.intermediate import ADD_KE_TYPES, add_ke_transforms, choose_add_ke
 from agent.ike.proposals import (EspProposal, IkeProposal, encr_key_len, integ_key_len, parse_ah_proposal,
                                  parse_child_proposal, parse_esp_proposal)
 from agent.model import EspKeys, IPNetwork
+
+
+ADD_KE_TYPES = frozenset(int(TransformType.ADDITIONAL_KEY_EXCHANGE_1) + i for i in range(7))
+
+
+def add_ke_transforms(add_ke) -> list[Transform]:
+    """Transforms of type ADDITIONAL_KEY_EXCHANGE_n (6..12) for ``add_ke`` (RFC 9370 §2.2.1)."""
+    out = []
+    for i, alts in enumerate(add_ke or ()):
+        out += [Transform(int(TransformType.ADDITIONAL_KEY_EXCHANGE_1) + i, int(k)) for k in alts]
+    return out
+
+
+def choose_add_ke(ts: dict, mine) -> tuple[tuple[int, ...], ...] | None:
+    """Pick one method per ADDITIONAL_KEY_EXCHANGE_n type (RFC 9370 §2.2.1).
+
+    ``ts``: the peer proposal's transforms by type; ``mine``: our add_ke. A type absent
+    on one side counts as NONE. Returns the chosen add_ke (``()`` for a type neither side
+    has, ``(0,)`` for NONE the peer offered) or None when the proposals do not match.
+    """
+    chosen: list[tuple[int, ...]] = []
+    mine = tuple(mine or ())
+    for i in range(7):
+        peer = [t.id for t in ts.get(int(TransformType.ADDITIONAL_KEY_EXCHANGE_1) + i, [])]
+        ours = mine[i] if i < len(mine) else ()
+        if not peer and not ours:
+            chosen.append(())
+        elif not peer:
+            if KeId.NONE not in ours:
+                return None  # we require it, the peer does not do it
+            chosen.append(())
+        elif not ours:
+            if KeId.NONE not in peer:
+                return None  # the peer requires one we do not do
+            chosen.append((int(KeId.NONE),))
+        else:
+            common = [k for k in ours if k in peer]
+            if not common:
+                return None
+            chosen.append((int(common[0]),))
+    while chosen and not chosen[-1]:
+        chosen.pop()
+    return tuple(chosen)
 
 
 def _encr_transform(encr: int, bits: int | None) -> Transform:
@@ -359,7 +402,7 @@ def kinds(policy) -> tuple[str, ...]:
     right after; together they form the RFC 4301 §4.5 bundle ESP-then-AH.
     """
     proto = getattr(policy, "protocol", "esp")
-    return {"ah": ("ah",), "ah+esp": ("esp", "ah")}.get(proto, ("esp",))
+    return {"ah": (Protocol.AH,), "ah+esp": (Protocol.ESP, Protocol.AH)}.get(proto, (Protocol.ESP,))
 
 
 def acceptable(policy) -> list[EspProposal]:
@@ -367,11 +410,11 @@ def acceptable(policy) -> list[EspProposal]:
     return [p for k in kinds(policy) for p in offers(policy, k)]
 
 
-def child_mode(policy, kind: str) -> str:
+def child_mode(policy, kind: str) -> Mode:
     """Mode of a CHILD_SA of ``kind``: in "ah+esp" the ESP SA is always transport."""
-    if getattr(policy, "protocol", "esp") == "ah+esp" and kind == "esp":
-        return "transport"
-    return policy.mode
+    if getattr(policy, "protocol", "esp") == "ah+esp" and kind == Protocol.ESP:
+        return Mode.TRANSPORT
+    return Mode(policy.mode)
 
 
 @dataclass
@@ -382,7 +425,7 @@ class ChildSa:
     proposal: EspProposal
     local_ts: tuple[IPNetwork, ...]
     remote_ts: tuple[IPNetwork, ...]
-    mode: str
+    mode: Mode
     udp_encap: bool
     established_at: float
     inbound: EspKeys = field(repr=False)
@@ -397,8 +440,8 @@ class ChildSa:
     remote_selectors: tuple = ()
 
     @property
-    def protocol(self) -> str:
-        return "ah" if self.proposal.is_ah else "esp"
+    def protocol(self) -> Protocol:
+        return Protocol.AH if self.proposal.is_ah else Protocol.ESP
 
     @property
     def protocol_id(self) -> int:

@@ -1,6 +1,6 @@
 """CHILD_SA refusals (RFC 7296 §1.2, §2.21.2): the IKE_SA stays, the CHILD_SA backs off.
 
-A mixin of :class:`agent.ike.sa.IkeSa`. When the peer refuses the CHILD_SA of our IKE_AUTH
+The ChildRefusals of an IkeSa (``sa.refusals``). When the peer refuses the CHILD_SA of our IKE_AUTH
 request (TS_UNACCEPTABLE, NO_PROPOSAL_CHOSEN, ...) the IKE_SA is authenticated all the same
 (§1.2: "the IKE SA is still created"): it stays ESTABLISHED without that CHILD_SA, and we try
 the CHILD_SA again with CREATE_CHILD_SA (§1.3.1) after an exponential backoff (2, 4, 8 ... s,
@@ -15,8 +15,7 @@ Pure module: no I/O.
 from __future__ import annotations
 
 from agent.iana import EncrId, EsnId, IntegId, KeId, NotifyType, ProtocolId, TransformType, name_of
-from agent.ike.child import child_mode
-from agent.ike.create_child import _ChildTask
+from agent.ike.errors import IkeSaState
 from agent.ike.events import ChildSaRefused
 
 CHILD_RETRY_BASE_S = 2.0
@@ -65,84 +64,87 @@ def describe_ts(tsi, tsr) -> str:
     return f"TSi {one(tsi)} TSr {one(tsr)}"
 
 
-class ChildRefusal:
-    """CHILD_SA refusal events and the CHILD_SA retry backoff of an IkeSa (mixin)."""
+class ChildRefusals:
+    """CHILD_SA refusal events and the CHILD_SA retry backoff of one IkeSa."""
 
-    def _init_child_refusal(self) -> None:
-        self._child_retry_at: float | None = None
-        self._child_backoff = 0.0
-        self._child_wanted: tuple | None = None  # (local nets, remote nets, kind) to retry
-        self._child_retry_task = None  # the CREATE_CHILD_SA task of the running retry
-        self.child_refusals = 0  # refusals of our CHILD_SA in a row
+    def __init__(self, sa) -> None:
+        self.sa = sa
+        self.retry_at: float | None = None
+        self.backoff = 0.0
+        self.wanted: tuple | None = None  # (local nets, remote nets, kind) to retry
+        self.retry_task = None  # the CREATE_CHILD_SA task of the running retry
+        self.count = 0  # refusals of our CHILD_SA in a row
 
-    def _offer_text(self, sa, tsi, tsr) -> str:
+    @staticmethod
+    def offer_text(sa_p, tsi, tsr) -> str:
         """What the peer's refused CHILD_SA request offered: proposals and selectors."""
-        return f"offered {describe_sa(sa)}; {describe_ts(tsi, tsr)}"
+        return f"offered {describe_sa(sa_p)}; {describe_ts(tsi, tsr)}"
 
-    def _ts_allowed_text(self) -> str:
+    def ts_allowed_text(self) -> str:
         """The selectors we accept from the peer (PAD, §2.9): TSi its networks, TSr ours."""
-        return (f"we allow TSi {','.join(str(n) for n in self._remote_allowed()) or '-'} "
-                f"TSr {','.join(str(n) for n in self._local_nets()) or '-'}")
+        sa = self.sa
+        return (f"we allow TSi {','.join(str(n) for n in sa._remote_allowed()) or '-'} "
+                f"TSr {','.join(str(n) for n in sa._local_nets()) or '-'}")
 
-    def _refused_by_us(self, reason: str, notify: int, offered: str) -> None:
+    def by_us(self, reason: str, notify: int, offered: str) -> None:
         """As responder: we answer the peer's CHILD_SA with ``notify``; report it (no retry)."""
-        self.events.append(ChildSaRefused(self.peer_name, self.spi_i, self.spi_r, "us", reason, int(notify),
-                                          offered))
+        sa = self.sa
+        sa.events.append(ChildSaRefused(sa.peer_name, sa.spi_i, sa.spi_r, "us", reason, int(notify), offered))
 
-    def _refused_by_peer(self, reason: str, notify: int | None, now: float, wanted: tuple | None = None) -> None:
+    def by_peer(self, reason: str, notify: int | None, now: float, wanted: tuple | None = None) -> None:
         """Our CHILD_SA (IKE_AUTH or its CREATE_CHILD_SA retry) was refused: back off, then try
         again with CREATE_CHILD_SA; ``wanted``: (local nets, remote nets, kind) to ask for."""
+        sa = self.sa
         if wanted is not None:
-            self._child_wanted = wanted
-        self._child_retry_task = None
-        self.child_refusals += 1
-        self._child_backoff = min(CHILD_RETRY_MAX_S, self._child_backoff * 2 if self._child_backoff
-                                  else CHILD_RETRY_BASE_S)
-        retry = self._child_backoff if self._child_wanted is not None else None
-        self._child_retry_at = now + retry if retry is not None else None
-        self.events.append(ChildSaRefused(self.peer_name, self.spi_i, self.spi_r, "peer", reason,
-                                          int(notify) if notify is not None else None, "", retry))
+            self.wanted = wanted
+        self.retry_task = None
+        self.count += 1
+        self.backoff = min(CHILD_RETRY_MAX_S, self.backoff * 2 if self.backoff else CHILD_RETRY_BASE_S)
+        retry = self.backoff if self.wanted is not None else None
+        self.retry_at = now + retry if retry is not None else None
+        sa.events.append(ChildSaRefused(sa.peer_name, sa.spi_i, sa.spi_r, "peer", reason,
+                                        int(notify) if notify is not None else None, "", retry))
 
-    def _child_retry_done(self) -> None:
+    def retry_done(self) -> None:
         """The retried CHILD_SA is up: the backoff starts over."""
-        self._child_retry_at = None
-        self._child_backoff = 0.0
-        self._child_wanted = None
-        self._child_retry_task = None
-        self.child_refusals = 0
+        self.retry_at = None
+        self.backoff = 0.0
+        self.wanted = None
+        self.retry_task = None
+        self.count = 0
 
-    def _child_backoff_holds(self, now: float) -> bool:
+    def backoff_holds(self, now: float) -> bool:
         """True while the refused CHILD_SA waits for its retry (or the retry is in flight): an
         acquire must not ask the peer again before (the shell asks every few seconds)."""
-        return self._child_wanted is not None and (
-            self._child_retry_task is not None or (self._child_retry_at is not None and now < self._child_retry_at))
+        return self.wanted is not None and (
+            self.retry_task is not None or (self.retry_at is not None and now < self.retry_at))
 
-    def _child_retry_timers(self) -> list[float]:
-        if self.state != "ESTABLISHED" or self._child_retry_at is None or self._successor is not None:
+    def timers(self) -> list[float]:
+        sa = self.sa
+        if sa.state != IkeSaState.ESTABLISHED or self.retry_at is None or sa._successor is not None:
             return []
-        return [self._child_retry_at]
+        return [self.retry_at]
 
-    def _handle_child_retry(self, now: float) -> bool:
+    def handle(self, now: float) -> bool:
         """Start the CREATE_CHILD_SA retry when its time has come; True if it was due."""
-        if (self.state != "ESTABLISHED" or self._child_retry_at is None or now < self._child_retry_at
-                or self._successor is not None):
+        sa = self.sa
+        if (sa.state != IkeSaState.ESTABLISHED or self.retry_at is None or now < self.retry_at
+                or sa._successor is not None):
             return False
-        self._child_retry_at = None
-        local, remote, kind = self._child_wanted
-        if any(c.protocol == kind for c in self.children):
-            self._child_retry_done()  # the peer created one meanwhile
+        self.retry_at = None
+        local, remote, kind = self.wanted
+        if any(c.protocol == kind for c in sa.children):
+            self.retry_done()  # the peer created one meanwhile
             return True
-        task = _ChildTask(None, tuple(local), tuple(remote), child_mode(self.peer.policy, kind), protocol=kind)
-        self._child_retry_task = task
-        self._start_child_task(task, now)
+        self.retry_task = sa.child_create.start_new(tuple(local), tuple(remote), kind, now)
         return True
 
-    def _inherit_child_retry(self, old) -> None:
+    def inherit(self, old: "ChildRefusals") -> None:
         """IKE_SA rekey (§1.3.2): a pending CHILD_SA retry moves to the new IKE_SA."""
-        if old._child_wanted is not None and old._child_retry_task is None:
-            self._child_wanted, self._child_backoff = old._child_wanted, old._child_backoff
-            self._child_retry_at, self.child_refusals = old._child_retry_at, old.child_refusals
+        if old.wanted is not None and old.retry_task is None:
+            self.wanted, self.backoff = old.wanted, old.backoff
+            self.retry_at, self.count = old.retry_at, old.count
 
 
-__all__ = ["ChildRefusal", "CHILD_SA_REFUSALS", "CHILD_RETRY_BASE_S", "CHILD_RETRY_MAX_S", "describe_sa",
+__all__ = ["ChildRefusals", "CHILD_SA_REFUSALS", "CHILD_RETRY_BASE_S", "CHILD_RETRY_MAX_S", "describe_sa",
            "describe_ts"]

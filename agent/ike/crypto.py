@@ -17,9 +17,16 @@ from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM, ChaCha20
 
 from agent.iana import EncrId, IntegId, KeId, PrfId, name_of
 from agent.ike import proposals as _p
+from agent.ike.errors import CryptoError, IntegrityError, KeyExchangeError  # re-exported
+from agent.ike.kem import MlKemExchange
 
 Rng = Callable[[int], bytes]
 
+
+
+def ike_key_lengths(prop) -> tuple[int, int]:
+    """(SK_e, SK_a) lengths in octets for an IKE proposal (§2.14); SK_a 0 for an AEAD."""
+    return _p.encr_key_len(prop.encr, prop.encr_key_bits), (_p.integ_key_len(prop.integ) if prop.integ else 0)
 
 
 def nonce_ok(nonce: bytes, prf_id: int) -> bool:
@@ -30,21 +37,9 @@ def nonce_ok(nonce: bytes, prf_id: int) -> bool:
 __all__ = [
     "CryptoError", "IntegrityError", "KeyExchangeError",
     "Prf", "IkeKeys", "derive_ike_keys", "derive_ike_keys_from_skeyseed",
-    "derive_rekey_skeyseed", "derive_child_keymat", "nonce_ok",
+    "derive_rekey_skeyseed", "derive_child_keymat", "nonce_ok", "ike_key_lengths",
     "KeyExchange", "ke_public_len", "SkCipher", "Integ",
 ]
-
-
-class CryptoError(Exception):
-    """Base class of every error raised by agent.ike.crypto."""
-
-
-class IntegrityError(CryptoError):
-    """An ICV (SK payload checksum or AEAD tag) did not verify."""
-
-
-class KeyExchangeError(CryptoError):
-    """A KE method we cannot run or a peer KE value we must reject (RFC 6989)."""
 
 
 def _rand(rng: Rng, n: int) -> bytes:
@@ -259,7 +254,6 @@ class KeyExchange:
     def __new__(cls, ke_id: int, rng: Rng):
         if cls is KeyExchange and int(ke_id) in (KeId.ML_KEM_768, KeId.ML_KEM_1024):
             # a KEM (draft-ietf-ipsecme-ikev2-mlkem): same interface, role set by first use
-            from agent.ike.kem import MlKemExchange
             return MlKemExchange(ke_id, rng)
         return super().__new__(cls)
 

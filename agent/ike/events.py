@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Union
 
+from agent.ike.errors import DeleteReason
 from agent.model import EspKeys, IPNetwork
 
 Addr = tuple[str, int]
@@ -102,6 +103,9 @@ class IkeSaDeleted:
     spi_r: int
     reason: str
     rekeyed_to: tuple[int, int] | None = None
+    # what the manager decides re-initiation by (agent.ike.errors.DeleteReason); ``reason``
+    # is for people and logs
+    kind: DeleteReason = DeleteReason.PROTOCOL_ERROR
 
 
 @dataclass(frozen=True)

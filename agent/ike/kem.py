@@ -27,7 +27,7 @@ from typing import Callable
 from cryptography.hazmat.primitives.asymmetric import mlkem
 
 from agent.iana import KeId, name_of
-from agent.ike.crypto import KeyExchangeError
+from agent.ike.errors import KeyExchangeError
 
 __all__ = ["MlKemExchange", "MLKEM_SIZES", "is_kem"]
 

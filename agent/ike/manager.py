@@ -17,6 +17,8 @@ from agent.ike import auth
 from agent.ike.cookie import CookieJar
 from agent.ike.fragment import DEFAULT_FRAGMENT_SIZE
 from agent.ike.cp import AddressPool
+from agent.ike.errors import AUTH_BACKOFF, NO_RETRY, DeleteReason
+from agent.ike.pad import PeerIndex
 from agent.ike.events import (Addr, ChildSaEstablished, ChildSaRefused, Event, IkeSaDeleted, IkeSaEstablished,
                               PeerRefused)
 from agent.ike.message import (HEADER_LEN, EncryptedFragmentPayload, EncryptedPayload, Message, MessageError,
@@ -41,27 +43,21 @@ REPLACE_WAIT_S = 10.0  # make before break: the side that does not initiate wait
 _INITS_DONE_MAX = 1024  # established responder IKE_SAs whose IKE_SA_INIT retransmissions are ignored
 
 # reasons after which we do not re-initiate
-_FINAL_REASONS = ("shutdown", "peer removed from view", "deleted locally")
 
 
 class _ViewIndex:
     """Per-view lookups of IkeManager (rebuilt when the view object changes): PROTECT peers by
-    endpoint IP (view order) and by IKE identity (the first, as a scan would find), and the
+    endpoint IP (view order) and by IKE identity (the PAD, agent.ike.pad.PeerIndex), and the
     responder's (proposals, force_encap) once computed."""
 
     def __init__(self, view: NodeView) -> None:
         self.view = view
         self.endpoints: dict[str, list[Peer]] = {}
-        self.identities: dict[str, Peer] = {}
+        self.pad = PeerIndex(view.peers)
         self.responder: tuple[tuple[str, ...], bool] | None = None
-        # peers whose identity is an address or a DN: another text may name them (auth.same_identity)
-        self.loose: list[Peer] = []
         for p in view.peers:
             if p.policy.action != "protect":
                 continue
-            self.identities.setdefault(p.identity, p)
-            if auth.identity_has_forms(p.identity):
-                self.loose.append(p)
             for ep in dict.fromkeys(p.endpoints):
                 self.endpoints.setdefault(ep, []).append(p)
 
@@ -151,14 +147,7 @@ class IkeManager:
         """PAD lookup (RFC 4301 §4.4.3): the configured peer with this IKE identity.
         A peer whose policy is BYPASS or DISCARD has no PAD entry: it may not
         negotiate SAs with us."""
-        ix = self._index()
-        p = ix.identities.get(identity)
-        if p is not None:
-            return p
-        for p in ix.loose:  # the same address or DN written another way (auth.same_identity)
-            if auth.same_identity(p.identity, identity):
-                return p
-        return None
+        return self._index().pad.find(identity)
 
     def _index(self) -> _ViewIndex:
         """Lookups by endpoint and identity, and the responder's proposals, for the current
@@ -281,7 +270,7 @@ class IkeManager:
                        f"{'' if pol.action != 'protect' else f', {pol.protocol}/{pol.mode}'})")
                 if self._make_before_break(sa, view, why, now):
                     continue
-                sa.delete(now, why)
+                sa.delete(now, why, DeleteReason.RECONFIGURED)
                 self._collect(sa, now)
         for name in list(self._retry):
             if name not in names:
@@ -326,7 +315,7 @@ class IkeManager:
                 # complete it (dropping ours then could leave the two sides disagreeing)
                 if self._unanswered_init(sa):
                     self._count("initiation_restarted")
-                    sa._die("restarted: the view brought the peer or its endpoint")
+                    sa._die("restarted: the view brought the peer or its endpoint", DeleteReason.DUPLICATE)
                     self._collect(sa, now)
 
     def join(self, now: float, names=None) -> list[str]:
@@ -371,7 +360,7 @@ class IkeManager:
             for sa in self._sas_of(p.name):
                 if self._unanswered_init(sa):
                     self._count("own_init_superseded")
-                    sa._die("superseded by the peer's IKE_SA_INIT")
+                    sa._die("superseded by the peer's IKE_SA_INIT", DeleteReason.DROPPED)
                     self._collect(sa, now)
 
     def _drop_moot_inits(self, sa: IkeSa, peer: str, now: float) -> None:
@@ -381,7 +370,7 @@ class IkeManager:
         for other in self._sas_of(peer):
             if other is not sa and self._unanswered_init(other):
                 self._count("own_init_moot")
-                other._die("moot: an IKE_SA with the peer is up")
+                other._die("moot: an IKE_SA with the peer is up", DeleteReason.DUPLICATE)
                 self._collect(other, now)
         # likewise the peer's crossed IKE_SA_INIT it dropped itself (_supersede_own_init): its
         # half-open IKE_SA here would wait for an IKE_AUTH that never comes; only when no other
@@ -393,7 +382,7 @@ class IkeManager:
         for key, half in list(self._half_open.items()):
             if key[0] in ips and half is not sa and half.state in (State.INIT, State.AUTH) and not half.initiator:
                 self._count("half_open_moot")
-                half._die("moot: an IKE_SA with the peer is up")
+                half._die("moot: an IKE_SA with the peer is up", DeleteReason.DUPLICATE)
                 self._collect(half, now)
 
     # ------------------------------------------------------------ make before break (issue 9)
@@ -432,7 +421,7 @@ class IkeManager:
                 continue
             old._replace_reason = None
             old.delete(now, why + (" (replaced, make before break)" if failed is None
-                                   else f"; its replacement failed: {failed}"))
+                                   else f"; its replacement failed: {failed}"), DeleteReason.RECONFIGURED)
             self._collect(old, now)
 
     def update_credentials(self, credentials: Credentials, now: float) -> None:
@@ -449,7 +438,7 @@ class IkeManager:
             serial = getattr(sa, "peer_cert_serial", None)
             if serial is not None and serial in self._revoked:
                 self._count("revoked_peer")
-                sa.delete(now, f"peer certificate revoked (serial {serial})")
+                sa.delete(now, f"peer certificate revoked (serial {serial})", DeleteReason.REFUSED)
                 self._collect(sa, now)
 
     def initiate(self, peer_name: str, now: float, *, replace: bool = False) -> None:
@@ -771,7 +760,7 @@ class IkeManager:
             old_key = next(iter(self._half_open))
             old = self._half_open[old_key]
             self._count("half_open_evicted")
-            old._die("half-open IKE_SA dropped: too many half-open IKE_SAs")
+            old._die("half-open IKE_SA dropped: too many half-open IKE_SAs", DeleteReason.DROPPED)
             self._collect(old, now)
             self._forget_half_open(old, old.my_spi)
             if self._half_open.get(old_key) is old:  # not expected: the loop must end all the same
@@ -1056,15 +1045,15 @@ class IkeManager:
                     # stay for good; the replacement IKE_SA keeps retrying its CHILD_SA (backoff)
                     after.append((lambda p, n, r=ev.reason: self._replaced(p, n, failed=r), ev.peer))
             elif isinstance(ev, IkeSaDeleted):
-                if "AUTHENTICATION_FAILED" in ev.reason:
+                if ev.kind == DeleteReason.AUTH_FAILED:
                     self._count("auth_failed")
                 name = ev.peer or (sa.cfg.peer.name if sa.cfg.peer else "")
-                if (name and ev.rekeyed_to is None and ev.reason not in _FINAL_REASONS
+                if (name and ev.rekeyed_to is None and ev.kind != DeleteReason.LOCAL
                         and not any(s is not sa for s in self._sas_of(name))):
                     self.last_errors[name] = f"IKE_SA {'deleted' if sa.established_at else 'failed'}: {ev.reason}"
                 if getattr(sa, "_replacement", False) and not getattr(sa, "_replacement_up", False) and name:
                     after.append((lambda p, n, r=ev.reason: self._replaced(p, n, failed=r), name))
-                if ev.reason == "peer did not respond" and ev.peer:
+                if ev.kind == DeleteReason.TIMEOUT and ev.peer:
                     # the peer may have restarted: the IKE_SA we build next carries INITIAL_CONTACT
                     self._contacted.discard(ev.peer)
                 if ev.rekeyed_to is None and ev.peer:
@@ -1089,7 +1078,7 @@ class IkeManager:
     def _initial_contact(self, sa: IkeSa, peer: str, now: float) -> None:
         for old in self._sas_of(peer):
             if old is not sa and old.state == State.ESTABLISHED:
-                old._die("peer sent INITIAL_CONTACT")
+                old._die("peer sent INITIAL_CONTACT", DeleteReason.SUPERSEDED)
                 self._collect(old, now)
 
     # ------------------------------------------------------------ duplicate IKE_SAs
@@ -1114,7 +1103,7 @@ class IkeManager:
                 continue
             loser = sa if self._lowest_nonce(sa) < self._lowest_nonce(other) else other
             self._count("duplicate_ike_sa_deleted")
-            loser.delete(now, "duplicate IKE_SA (both sides initiated): the other one is kept")
+            loser.delete(now, "duplicate IKE_SA (both sides initiated): the other one is kept", DeleteReason.DUPLICATE)
             self._collect(loser, now)
             if loser is sa:
                 return
@@ -1151,13 +1140,12 @@ class IkeManager:
     def _schedule_retry(self, sa: IkeSa, ev: IkeSaDeleted, now: float) -> None:
         name = sa.peer_name or (sa.cfg.peer.name if sa.cfg.peer else "")
         peer = self.view.peer(name) if name else None
-        if (peer is None or self._shutdown or ev.reason in _FINAL_REASONS
-                or ev.reason == "peer sent INITIAL_CONTACT" or ev.rekeyed_to is not None
-                or ev.reason.startswith(("redundant", "duplicate", "restarted", "moot")) or any(s is not sa for s in self._sas_of(name))):
+        # decided by the kind of the end (agent.ike.errors), never by words in the reason text
+        if (peer is None or self._shutdown or ev.kind in NO_RETRY or ev.rekeyed_to is not None
+                or any(s is not sa for s in self._sas_of(name))):
             return
         last = self._backoff.get(name, 0.0)
-        auth = ("AUTHENTICATION_FAILED" in ev.reason or "revoked" in ev.reason
-                or ev.reason.startswith(("refused:", "cannot authenticate")))
+        auth = ev.kind in AUTH_BACKOFF
         base = REINITIATE_AUTH_BASE_S if auth else REINITIATE_BASE_S
         backoff = min(REINITIATE_MAX_S, max(last * 2, base) if last else base)
         self._backoff[name] = backoff

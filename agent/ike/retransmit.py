@@ -22,6 +22,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from agent.iana import ExchangeType
+from agent.ike.errors import exchange_name
+
 RETRANSMIT_TIMEOUT_S = 1.0
 RETRANSMIT_BASE = 2.0
 RETRANSMIT_TRIES = 5
@@ -81,7 +84,25 @@ class RetransmitSchedule:
 
 DEFAULT_SCHEDULE = RetransmitSchedule()
 
-__all__ = ["RetransmitSchedule", "DEFAULT_SCHEDULE", "RETRANSMIT_TIMEOUT_S", "RETRANSMIT_BASE",
+def fragmentation_hint(exchange: int, data, local, fragment_size: int) -> str:
+    """Why a peer may not have answered a big request: an IP packet above ``fragment_size``
+    sent whole (RFC 7383 not negotiated, or IKE_SA_INIT, which it cannot split) travels as IP
+    fragments, which many paths drop. "" when the request was small or sent as SKF fragments.
+    ``data``: the request as sent (bytes, or a FragmentedMessage); ``local``: our (ip, port)."""
+    if getattr(data, "fragments", None):
+        return ""
+    ipv6 = ":" in local[0]
+    packet = len(data) + (40 if ipv6 else 20) + 8 + (4 if local[1] == 4500 else 0)  # non-ESP marker on 4500
+    if packet <= fragment_size:
+        return ""
+    why = ("the peer did not announce IKEV2_FRAGMENTATION_SUPPORTED (RFC 7383)"
+           if exchange != ExchangeType.IKE_SA_INIT else "IKE_SA_INIT cannot be fragmented by RFC 7383")
+    return (f" (likely cause: lost IP fragments; our {exchange_name(exchange)} request was a {packet}-octet IP "
+            f"packet, above fragment_size {fragment_size}, sent unfragmented because {why}; "
+            "enable fragmentation on the peer, or check that the path passes IP fragments)")
+
+
+__all__ = ["fragmentation_hint", "RetransmitSchedule", "DEFAULT_SCHEDULE", "RETRANSMIT_TIMEOUT_S", "RETRANSMIT_BASE",
            "RETRANSMIT_TRIES", "INIT_RETRANSMIT_TIMEOUT_S"]
 
 

@@ -154,7 +154,7 @@ def test_policy_setting_nan_is_refused_too() -> None:
 
 def test_deep_nesting_is_an_inventory_error() -> None:
     assert err("nodes: " + "[" * 100_000 + "]" * 100_000) == \
-        "inv.yaml:1: YAML nested too deeply: an inventory needs a few levels"
+        "inv.yaml:1: YAML nested more than 32 levels deep: an inventory needs a few"
 
 
 def test_controller_exits_2_for_a_nan_lifetime(tmp_path: Path) -> None:

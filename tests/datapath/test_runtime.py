@@ -83,15 +83,18 @@ def test_establish_and_traffic_both_ways(mesh):
     assert ch["bytes_in"] == sum(len(p) for p in back)
 
 
-def test_no_sa_triggers_initiate_and_counts_drop(mesh):
+def test_no_sa_triggers_initiate_and_holds_the_packet_until_the_sa_is_up(mesh):
     net, clock, a, b = mesh
-    # b does not initiate at start; traffic from b's side is an acquire.
-    b.tun.inject([ipv4("10.2.0.7", "10.1.0.5")])
+    # b does not initiate at start; traffic from b's side is an acquire (RFC 4301 §5.1).
+    first = ipv4("10.2.0.7", "10.1.0.5")
+    b.tun.inject([first])
     b.rt.pump()
-    assert b.rt.counters["no_sa"] == 1
+    assert (b.rt.counters["held"], b.rt.counters["no_sa"]) == (1, 0)  # held, not dropped
     assert b.ike.initiate_calls == ["a"]
     pump(a, b)
     assert "a" in b.rt.current  # the acquire brought the SA up
+    assert a.tun.take_written() == [first]  # the packet that asked for it went through it
+    assert b.rt.counters["held_sent"] == 1
     b.tun.inject([ipv4("10.2.0.7", "10.1.0.5", b"second")])
     pump(a, b)
     assert a.tun.take_written() == [ipv4("10.2.0.7", "10.1.0.5", b"second")]
@@ -347,3 +350,20 @@ def test_inbound_batches_name_the_ike_sas_whose_child_sas_authenticated_traffic(
     out = Batch()
     b.rt.outside.udp4500([(esp, (A_IP, 4500))], out)
     assert out.inbound_ike_sas == {(ch.ike_spi_i, ch.ike_spi_r)} and len(out.tun) == 1
+
+
+def test_interleaved_batch_keeps_order_and_counts_exact(mesh):
+    """One TUN batch mixing protected packets with no-policy and malformed ones: the protected
+    ones go through in order (one group, however interleaved), the rest are counted."""
+    net, clock, a, b = mesh
+    establish(a, b)
+    good = [ipv4("10.1.0.5", "10.2.0.7", b"p%d" % i) for i in range(4)]
+    other = ipv4("10.1.0.5", "10.2.0.9", b"same entry, other host")
+    batch = [good[0], ipv4("10.1.0.5", "10.9.0.1"), good[1], b"\x45\x00", other, good[2],
+             ipv4("10.1.0.5", "10.9.0.2"), good[3]]
+    a.tun.inject(batch)
+    pump(a, b)
+    assert b.tun.take_written() == [good[0], good[1], other, good[2], good[3]]
+    assert (a.rt.counters["no_policy"], a.rt.counters["malformed"]) == (2, 1)
+    (ch,) = a.rt.status()["child_sas"]
+    assert ch["packets_out"] == 5

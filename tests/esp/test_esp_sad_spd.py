@@ -182,3 +182,31 @@ def test_removed_child_sa_drops_stay_counted_per_peer() -> None:
     sad.remove(new)
     assert sad.retired_drops == {"b": {"replay": 3, "policy": 1, "icv": 1}}
     assert not sad.remove(new) and sad.retired_drops["b"]["icv"] == 1  # counted once
+
+
+def test_allows_inbound_cache_answers_per_selector_set_never_for_another() -> None:
+    """The compiled-selector cache (by identity for tuples, by value for lists) never answers
+    for other selectors: fresh tuples, a list changed in place, many sets past the cache size."""
+    spd = Spd()
+    pkt = ipv4_packet(20, src="10.0.1.5", dst="10.0.0.7")
+    for i in range(1100):  # more than the cache holds: cleared and refilled
+        third = i % 256
+        ts_local, ts_remote = (N("10.0.0.0/24"),), (N(f"10.0.{third}.0/24"),)
+        assert spd.allows_inbound(ts_local, ts_remote, pkt) is (third == 1)
+    lst = [N("10.0.1.0/24")]
+    assert spd.allows_inbound((N("10.0.0.0/24"),), lst, pkt)
+    lst[0] = N("10.0.2.0/24")  # a list is looked up by value: the change is seen
+    assert not spd.allows_inbound((N("10.0.0.0/24"),), lst, pkt)
+
+
+def test_spd_entry_hash_is_by_value_like_equality() -> None:
+    """SpdEntry hashes once at construction; equal entries (status rows look hits up by an
+    equal entry) still hash equal, different ones differ in equality."""
+    a = SpdEntry(local=N("10.1.0.0/24"), remote=N("10.2.0.0/24"), peer="b", name="x")
+    b = SpdEntry(local=N("10.1.0.0/24"), remote=N("10.2.0.0/24"), peer="b", name="x")
+    c = SpdEntry(local=N("10.1.0.0/24"), remote=N("10.3.0.0/24"), peer="b", name="x")
+    assert a == b and hash(a) == hash(b) and {a: 5}[b] == 5
+    assert a != c and c not in {a: 5}
+    icmp = SpdEntry(remote=N("10.2.0.0/24"), protocol=1, icmp_type=8, peer="b")
+    twin = SpdEntry(remote=N("10.2.0.0/24"), protocol=1, icmp_type=8, peer="b")
+    assert icmp.local_ports == (8, 8) and icmp == twin and hash(icmp) == hash(twin)  # after __post_init__

@@ -78,7 +78,7 @@ def test_the_retried_child_sa_comes_up_and_the_backoff_starts_over(monkeypatch):
     (ca,), (cb,) = n.of("a", ChildSaEstablished), n.of("b", ChildSaEstablished)
     assert ca.inbound.spi == cb.outbound.spi
     sa = n.a._live()[0]
-    assert sa.child_refusals == 0 and sa._child_retry_at is None and sa.next_timer() is None
+    assert sa.child_refusals == 0 and sa.refusals.retry_at is None and sa.next_timer() is None
     assert n.a.status()[0]["last_error"] is None and n.a.last_errors == {}
     n.advance(t0 + 300)
     assert len(n.of("a", ChildSaEstablished)) == 1 and len(_sent(n, "a", ExchangeType.IKE_SA_INIT)) == 1
@@ -102,12 +102,12 @@ def test_a_child_error_that_is_not_a_refusal_still_deletes_the_ike_sa(monkeypatc
     """Only CHILD_SA_REFUSALS keep the IKE_SA (decided from the notify type): e.g. INVALID_SYNTAX
     is fatal for the IKE_SA (§2.21.3)."""
     from agent.ike.message import NotifyPayload
-    from agent.ike import sa as sa_mod
-    orig = sa_mod.IkeSa._process_auth_request
+    from agent.ike.tasks.ike_auth import IkeAuth
+    orig = IkeAuth.process_request
 
     def answer_with_invalid_syntax(self, msg, inner, now):
         return orig(self, msg, inner, now)[:2] + [NotifyPayload(int(NotifyType.INVALID_SYNTAX))]  # IDr, AUTH, N
-    monkeypatch.setattr(sa_mod.IkeSa, "_process_auth_request", answer_with_invalid_syntax)
+    monkeypatch.setattr(IkeAuth, "process_request", answer_with_invalid_syntax)
     n = _net()
     n.a.initiate("node-b", n.now)
     n.pump()
@@ -156,7 +156,7 @@ def test_the_retry_moves_with_an_ike_sa_rekey():
     assert n.a.rekey_ike("node-b", n.now)
     n.pump()
     (new,) = n.a._live()
-    assert new is not old and new._child_wanted == old._child_wanted and new._child_retry_at is not None
+    assert new is not old and new.refusals.wanted == old.refusals.wanted and new.refusals.retry_at is not None
     n.advance(n.now + 10)
     spis = {(e.ike_spi_i, e.ike_spi_r) for e in n.of("a", ChildSaRefused)[1:]}
     assert spis == {(new.spi_i, new.spi_r)} and [e.retry_in_s for e in n.of("a", ChildSaRefused)] == [2, 4, 8]

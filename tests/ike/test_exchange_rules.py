@@ -162,7 +162,7 @@ def test_nat_rebinding_follows_the_last_authenticated_address_and_reports_it():
     from agent.ike.events import PeerAddressChanged
     n = _nat_net()
     sa_a, sa_b = list(n.a._sas.values())[0], list(n.b._sas.values())[0]
-    assert sa_b._nat_remote and sa_b.remote == ("198.51.100.1", 4500)
+    assert sa_b.nat.remote and sa_b.remote == ("198.51.100.1", 4500)
     orig = n.b.receive_datagram
     n.b.receive_datagram = lambda data, local, remote, now: orig(
         data, local, (remote[0], 61000) if remote[1] == 4500 else remote, now)
@@ -186,7 +186,7 @@ def test_no_rebinding_when_the_peer_is_not_behind_a_nat():
     from tests.ike.conftest import CLASSICAL, replace
     n = net(replace(CLASSICAL, encapsulation="none"))
     sa_a, sa_b = list(n.a._sas.values())[0], list(n.b._sas.values())[0]
-    assert not sa_b._nat_remote
+    assert not sa_b.nat.remote
     before = sa_b.remote
     orig = n.b.receive_datagram
     n.b.receive_datagram = lambda data, local, remote, now: orig(data, local, (remote[0], 61000), now)
@@ -258,14 +258,14 @@ def test_unknown_ts_type_decodes_opaque_and_round_trips():
 
 def _with_label(sa, only_label=False):
     from agent.ike.message import OpaqueSelector, TsPayload
-    orig = sa._build_child_request
+    orig = sa.child_create.build_request
     lab = OpaqueSelector(SECLABEL, bytes([SECLABEL, 0, 0, 9]) + b"sys:x")
 
     def build(task, now):
         out = orig(task, now)
         return [TsPayload(p.payload_type, ((lab,) if only_label else (*p.selectors, lab)))
                 if isinstance(p, TsPayload) else p for p in out]
-    sa._build_child_request = build
+    sa.child_create.build_request = build
 
 
 def test_create_child_with_an_unknown_selector_type_is_narrowed_to_the_known_ones():
@@ -303,9 +303,9 @@ def test_response_with_an_unknown_critical_payload_fails_its_exchange():
     n = net()
     sa_a = list(n.a._sas.values())[0]
     sa_b = list(n.b._sas.values())[0]
-    orig = sa_b._process_create_child_request
-    sa_b._process_create_child_request = lambda msg, inner, now: [*orig(msg, inner, now),
-                                                                    UnknownPayload(200, True, b"new")]
+    orig = sa_b.child_create.process_request
+    sa_b.child_create.process_request = lambda msg, inner, now: [*orig(msg, inner, now),
+                                                                   UnknownPayload(200, True, b"new")]
     assert sa_a.create_child(n.now)
     n.a._collect(sa_a, n.now)
     n.pump()
@@ -313,8 +313,8 @@ def test_response_with_an_unknown_critical_payload_fails_its_exchange():
     assert any("UNSUPPORTED_CRITICAL_PAYLOAD" in e for e in sa_a.child_errors)
     assert sa_a.state == "ESTABLISHED" and sa_a._pending is None
     # a non-critical unknown payload is ignored (§2.5)
-    sa_b._process_create_child_request = lambda msg, inner, now: [*orig(msg, inner, now),
-                                                                    UnknownPayload(200, False, b"new")]
+    sa_b.child_create.process_request = lambda msg, inner, now: [*orig(msg, inner, now),
+                                                                   UnknownPayload(200, False, b"new")]
     assert sa_a.create_child(n.now)
     n.a._collect(sa_a, n.now)
     n.pump()
@@ -333,8 +333,8 @@ def test_nonce_ok_bounds():
 
 
 def test_short_ni_for_a_sha512_prf_is_refused_in_ike_sa_init_and_create_child(monkeypatch):
-    from agent.ike import create_child as cc
-    from agent.ike import sa as sa_mod
+    from agent.ike.tasks import child_create as cc
+    from agent.ike.tasks import ike_init
     from tests.ike.conftest import CLASSICAL, replace
     pol = replace(CLASSICAL, ike_proposals=("aes256gcm16-prfsha512-x25519",))
     n = net(pol)
@@ -355,7 +355,7 @@ def test_short_ni_for_a_sha512_prf_is_refused_in_ike_sa_init_and_create_child(mo
     from tests.ike.conftest import make_net, view
     from tests.ike.helpers import PSK
     from agent.model import Credentials
-    monkeypatch.setattr(sa_mod, "NONCE_LEN", 20)
+    monkeypatch.setattr(ike_init, "NONCE_LEN", 20)
     m = make_net(view("node-a", "node-b", policy=pol), Credentials(psk=PSK), view("node-b", "node-a", policy=pol),
                  Credentials(psk=PSK), seed="nonce")
     m.a.initiate("node-b", m.now)
@@ -418,7 +418,7 @@ def test_rekeyed_child_sa_stays_until_the_delete_response_and_rekey_of_it_gets_t
     assert held  # b answered the Delete; the answer is in flight
     assert not [e for e in n.events["a"] if isinstance(e, ChildSaDeleted) and e.inbound_spi == old.inbound_spi]
     # b (not knowing yet) asks to rekey the CHILD_SA a is closing
-    rsp = sa_a._process_create_child_request(
+    rsp = sa_a.child_create.process_request(
         type("M", (), {"spi_i": sa_a.spi_i, "spi_r": sa_a.spi_r, "exchange": 36, "message_id": 9,
                        "is_initiator": True})(),
         _rekey_request_payloads(sa_a, old), n.now)
@@ -453,7 +453,7 @@ def test_child_sa_not_found_names_the_protocol_of_the_request():
     payloads[0] = NotifyPayload(int(NotifyType.REKEY_SA), b"", int(ProtocolId.AH), b"\x00\x00\x99\x99")
     m = type("M", (), {"spi_i": sa_a.spi_i, "spi_r": sa_a.spi_r, "exchange": 36, "message_id": 9,
                        "is_initiator": True})()
-    (nf,) = sa_a._process_create_child_request(m, payloads, n.now)
+    (nf,) = sa_a.child_create.process_request(m, payloads, n.now)
     assert (nf.notify_type, nf.protocol, nf.spi) == (NotifyType.CHILD_SA_NOT_FOUND, ProtocolId.AH, b"\x00\x00\x99\x99")
 
 

@@ -206,12 +206,12 @@ def test_tampered_fragment_counted_then_retransmission_completes(big_ca):
 
 
 def test_no_fragments_without_the_peers_announcement(big_ca, monkeypatch):
-    from agent.ike import sa as sa_mod
-    real = sa_mod.IkeSa._note_sig_hashes
+    from agent.ike.tasks.ike_init import IkeInit
+    real = IkeInit.note_peer_support
 
     def no_frag(self, payloads):  # a peer that never announced IKEV2_FRAGMENTATION_SUPPORTED
         real(self, [p for p in payloads if getattr(p, "notify_type", None) != NotifyType.IKEV2_FRAGMENTATION_SUPPORTED])
-    monkeypatch.setattr(sa_mod.IkeSa, "_note_sig_hashes", no_frag)
+    monkeypatch.setattr(IkeInit, "note_peer_support", no_frag)
     net = make_net(view("node-a", "node-b"), _big_cert_creds(big_ca, "node-a", 35),
                    view("node-b", "node-a"), _big_cert_creds(big_ca, "node-b", 36))
     net.a.initiate("node-b", net.now)
@@ -249,16 +249,16 @@ def _lossy_net(pki_, monkeypatch, *, peer_fragments: bool):
     """IKE_AUTH with certificates is bigger than fragment_size 576; the wire drops every datagram
     above 576 octets of IP packet (as a path that loses IP fragments)."""
     from dataclasses import replace
-    from agent.ike import sa as sa_mod
+    from agent.ike.tasks.ike_init import IkeInit
     from tests.ike.conftest import CLASSICAL, cert_creds
     if not peer_fragments:  # a responder without RFC 7383: never announces it
-        orig = sa_mod.IkeSa._note_sig_hashes
+        orig = IkeInit.note_peer_support
 
         def note(self, payloads):
             orig(self, payloads)
-            if not self.initiator:
-                self._frag_peer = False
-        monkeypatch.setattr(sa_mod.IkeSa, "_note_sig_hashes", note)
+            if not self.sa.initiator:
+                self.sa._frag_peer = False
+        monkeypatch.setattr(IkeInit, "note_peer_support", note)
     pol = replace(CLASSICAL, fragment_size=576)
     n = make_net(view("node-a", "node-b", policy=pol), cert_creds(pki_, "a"),
                  view("node-b", "node-a", policy=pol, initiate=False), cert_creds(pki_, "b"))

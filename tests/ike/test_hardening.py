@@ -20,6 +20,7 @@ from agent.ike.manager import IkeManager
 from agent.ike.message import (EncryptedPayload, KePayload, Message, NoncePayload, TrafficSelector,
                                decode_message, encode_message)
 from agent.ike.sa import IkeSa
+from agent.ike.tasks.ike_auth import IkeAuth
 from agent.model import Credentials, NodeView, Peer, PeerPolicy
 
 from tests.ike.conftest import (A_ADDR, A_NET, B_ADDR, B_NET, CLASSICAL, DetRng, Net, T0, cert_creds, make_net,
@@ -353,15 +354,15 @@ def test_ts_intersection_of_each_field():
 
 def _a_proposes(monkeypatch, make):
     """A's IKE_AUTH proposes the selectors ``make(networks)`` instead of whole networks."""
-    orig = IkeSa._send_auth
+    orig = IkeAuth.start
 
-    def patched(sa, now):
-        if sa.initiator and sa.cfg.identity == "node-a":
+    def patched(task, now):
+        if task.sa.initiator and task.sa.cfg.identity == "node-a":
             with monkeypatch.context() as mp:
                 mp.setattr(ch, "ts_from_networks", make)
-                return orig(sa, now)
-        return orig(sa, now)
-    monkeypatch.setattr(IkeSa, "_send_auth", patched)
+                return orig(task, now)
+        return orig(task, now)
+    monkeypatch.setattr(IkeAuth, "start", patched)
 
 
 def test_responder_narrows_protocol_and_ports_and_returns_no_wider_selectors(monkeypatch):

@@ -29,8 +29,8 @@ def _behind_nat():
     n.pump()
     assert n.of("a", ChildSaEstablished) and n.of("b", ChildSaEstablished)
     (sa_a,), (sa_b,) = list(n.a._sas.values()), list(n.b._sas.values())
-    assert sa_a._nat_local and sa_a._nat_remote  # behind a NAT; b fakes its source hash
-    assert sa_b._nat_remote and not sa_b._nat_local
+    assert sa_a.nat.local and sa_a.nat.remote  # behind a NAT; b fakes its source hash
+    assert sa_b.nat.remote and not sa_b.nat.local
     assert sa_b.remote == (NAT_IP, 44500) and sa_a.remote == (B_ADDR, 4500)
     return n, sa_a, sa_b
 

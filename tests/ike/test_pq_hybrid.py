@@ -193,7 +193,8 @@ def test_hybrid_ike_sa_init_intermediate_auth_establishes(auth, pki):
     (ca,), (cb,) = n.of("a", ChildSaEstablished), n.of("b", ChildSaEstablished)
     assert ca.outbound == cb.inbound and ca.inbound == cb.outbound
     assert n.a.status()[0]["key_exchanges"] == "CURVE25519+ML_KEM_768"
-    assert sa._int_auth() and len(sa._int_auth()) == 2 * 48 + 4 and sa._int_auth()[-4:] == b"\0\0\0\x02"
+    int_auth = sa.intermediate.int_auth
+    assert int_auth() and len(int_auth()) == 2 * 48 + 4 and int_auth()[-4:] == b"\0\0\0\x02"
 
 
 def test_keys_differ_from_the_classical_only_derivation():
@@ -376,7 +377,7 @@ def test_followup_with_an_unknown_link_gets_state_not_found():
     n = pnet(esp=("aes256gcm16-x25519-ke1_mlkem768",))
     est(n)
     sa = the_sa(n.a)
-    sa._run_followups([int(KeId.ML_KEM_768)], b"no-such-link", [], lambda e, t: None,
+    sa.followup.run([int(KeId.ML_KEM_768)], b"no-such-link", [], lambda e, t: None,
                       lambda r, t: sa.child_errors.append(r), n.now)
     n.a._collect(sa, n.now)
     n.pump()

@@ -180,14 +180,14 @@ def test_ike_sa_rekey_skeyseed_matches_rfc_formula():
     old = n.a._sas_of("node-b")[0]
     sas(n)
     seen = {}
-    orig = old._process_ike_rekey_response
+    orig = old.ike_rekey.process_response
 
     def spy(msg, inner_p, now):
-        task = old._ike_task
+        task = old.ike_rekey.task
         ke = next(p for p in inner_p if int(p.payload_type) == PayloadType.KE)
         seen["g_ir"] = task.ke.shared_secret(ke.data)
         return orig(msg, inner_p, now)
-    old._process_ike_rekey_response = spy
+    old.ike_rekey.process_response = spy
     n.a.rekey_ike("node-b", n.now)
     n.pump()
     (_, _, rq), (_, _, rs) = create_child_msgs(n)
