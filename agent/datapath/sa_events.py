@@ -11,7 +11,7 @@ from agent.datapath.policy import selector_entries
 from agent.esp import AhSa
 from agent.esp.sad import ChildEntry
 from agent.ike.events import (ChildSaDeleted, ChildSaEstablished, ChildSaRefused, IkeKeysDerived, IkeSaDeleted,
-                              IkeSaEstablished, PeerAddressChanged, PeerRefused)
+                              IkeSaEstablished, InitsRefused, PeerAddressChanged, PeerRefused)
 
 # soft byte/packet lifetime (RFC 4301 §4.4.2.1) as a fraction of the hard one: the sending SA
 # gets there first and starts the rekey; the receiving SA only if the sender did not (e.g. a
@@ -170,6 +170,13 @@ def peer_address_changed(rt, ev: PeerAddressChanged, now: float) -> None:
                 ev.peer, ev.ike_spi_i, ev.ike_spi_r, ev.remote[0], ev.remote[1], moved)
 
 
+def inits_refused(rt, ev: InitsRefused, now: float) -> None:
+    # refused IKE_SA_INITs: one line per summary (at most every 10 s), never one per datagram;
+    # the running totals are the IKE counters init_refused_<reason> (status, metrics)
+    rt.log.info("refused %d IKE_SA_INIT request(s) in %.0f s (%s); last from %s: %s", sum(ev.counts.values()),
+                ev.until - ev.since, ", ".join(f"{k} {v}" for k, v in ev.counts.items()), ev.last[0], ev.detail)
+
+
 def peer_refused(rt, ev: PeerRefused, now: float) -> None:
     # policy data the IKE core cannot use (docs/ike-hardening.md): one warning per new problem
     rt.log.warning("peer %s refused: %s (fix the policy; other peers are unaffected; "
@@ -186,6 +193,7 @@ def child_refused(rt, ev: ChildSaRefused, now: float) -> None:
 HANDLERS = {
     ChildSaRefused: child_refused,
     PeerRefused: peer_refused,
+    InitsRefused: inits_refused,
     IkeSaEstablished: ike_established,
     IkeKeysDerived: ike_keys,
     ChildSaEstablished: child_established,

@@ -20,11 +20,14 @@ from cryptography.hazmat.primitives import hashes
 
 SECRET_LEN = 32
 COOKIE_LEN = 1 + 32
+NONCE_MIN, NONCE_MAX = 16, 256  # §2.10 / §3.9: Ni is 16-256 octets; checked before it is hashed
 
 
 class CookieJar:
     """``make(ni, ip, spi_i, now) -> bytes`` and ``check(cookie, ni, ip, spi_i, now) -> str | None``
-    (None: valid, else "stale_cookie" / "bad_cookie"). ``rotate_s``: secret lifetime in seconds."""
+    (None: valid, else "bad_nonce" / "stale_cookie" / "bad_cookie"). ``rotate_s``: secret lifetime
+    in seconds. Lengths are checked before anything is hashed: ``make`` raises ValueError for a
+    nonce outside 16-256 octets, ``check`` answers "bad_nonce"."""
 
     def __init__(self, rng: Callable[[int], bytes], rotate_s: float = 120.0):
         self.rng = rng
@@ -51,13 +54,17 @@ class CookieJar:
         return h.finalize()
 
     def make(self, ni: bytes, ip: str, spi_i: int, now: float) -> bytes:
+        if not NONCE_MIN <= len(ni) <= NONCE_MAX:
+            raise ValueError(f"nonce of {len(ni)} octets (RFC 7296 §2.10: 16-256)")
         self._rotate(now)
         return bytes([self._version]) + self._hash(self._secrets[self._version], ni, ip, spi_i)
 
     def check(self, cookie: bytes, ni: bytes, ip: str, spi_i: int, now: float) -> str | None:
-        self._rotate(now)
+        if not NONCE_MIN <= len(ni) <= NONCE_MAX:
+            return "bad_nonce"
         if len(cookie) != COOKIE_LEN:
             return "bad_cookie"
+        self._rotate(now)
         secret = self._secrets.get(cookie[0])
         if secret is None:
             return "stale_cookie"
@@ -66,4 +73,4 @@ class CookieJar:
         return None
 
 
-__all__ = ["CookieJar", "COOKIE_LEN"]
+__all__ = ["CookieJar", "COOKIE_LEN", "NONCE_MIN", "NONCE_MAX"]

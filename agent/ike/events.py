@@ -150,8 +150,23 @@ class ChildSaRefused:
     retry_in_s: float | None = None
 
 
+@dataclass(frozen=True)
+class InitsRefused:
+    """IKE_SA_INIT requests refused statelessly (RFC 7296 §1.2, §2.6) since the last such event:
+    ``counts`` by reason (the suffix of the ``init_refused_<reason>`` counters), over
+    ``since``..``until`` (the ``now`` clock). At most one per ``REFUSAL_SUMMARY_S`` (10 s), so a
+    flood of refused requests makes one log line per interval, not one per datagram. ``last``:
+    the source address of the last one, ``detail`` why it was refused (e.g. the hybrid hint)."""
+    counts: dict = field(hash=False, compare=True)
+    since: float
+    until: float
+    last: Addr
+    detail: str = ""
+
+
 Event = Union[IkeSaEstablished, IkeKeysDerived, ChildSaEstablished, ChildSaDeleted, IkeSaDeleted, PeerRefused,
-              PeerAddressChanged, ChildSaRefused]
+              PeerAddressChanged, ChildSaRefused, InitsRefused]
 
 __all__ = ["Addr", "Event", "IkeSaEstablished", "IkeKeysDerived", "ChildSaEstablished",
-           "ChildSaDeleted", "IkeSaDeleted", "PeerRefused", "PeerAddressChanged", "ChildSaRefused"]
+           "ChildSaDeleted", "IkeSaDeleted", "PeerRefused", "PeerAddressChanged", "ChildSaRefused",
+           "InitsRefused"]

@@ -162,3 +162,7 @@ class Reassembler:
 
     def reset(self) -> None:
         self._p = None
+
+    def held(self) -> int:
+        """Plaintext octets stored for the message being collected (0 when none)."""
+        return self._p.size if self._p is not None else 0

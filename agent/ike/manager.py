@@ -7,42 +7,33 @@ docs/design.md "agent.ike.manager.IkeManager". The runtime feeds datagrams
 """
 from __future__ import annotations
 
-import heapq
 import itertools
 from collections import OrderedDict, deque
 from typing import Callable
 
-from agent.iana import ExchangeType, NotifyType, PayloadType
-from agent.ike import auth
+from agent.iana import ExchangeType, NotifyType
+from agent.ike.admission import (HALF_OPEN_BYTES_MAX, INIT_RATE, MAX_INIT_LEN, Admission, RefusalTally, TokenBucket,
+                                 new_init_header)
+from agent.ike.bookkeeping import Bookkeeping
 from agent.ike.cookie import CookieJar
+from agent.ike.errors import DeleteReason
+from agent.ike.events import Addr, Event, PeerRefused
 from agent.ike.fragment import DEFAULT_FRAGMENT_SIZE
-from agent.ike.cp import AddressPool
-from agent.ike.errors import AUTH_BACKOFF, NO_RETRY, DeleteReason
+from agent.ike.joining import REPLACE_WAIT_S, Joining
+from agent.ike.lost_state import LostState
+from agent.ike.message import (MessageError, MessageLimitError, NotifyPayload, check_outer, decode_message)
 from agent.ike.pad import PeerIndex
-from agent.ike.events import (Addr, ChildSaEstablished, ChildSaRefused, Event, IkeSaDeleted, IkeSaEstablished,
-                              PeerRefused)
-from agent.ike.message import (HEADER_LEN, EncryptedFragmentPayload, EncryptedPayload, Message, MessageError,
-                               MessageLimitError, NotifyPayload, check_outer, decode_header, decode_message,
-                               encode_message, scan_payloads)
 from agent.ike.policy_check import ike_proposal_problem, policy_problem
 from agent.ike.sa import HALF_OPEN_TIMEOUT_S, IKE_PORT, Datagram, IkeSa, IkeSaConfig, State
+from agent.ike.timers import REINITIATE_AUTH_BASE_S, REINITIATE_BASE_S, REINITIATE_MAX_S, Timers
+from agent.ike.vip import VipPools
 from agent.model import DEFAULT_IKE_PROPOSALS, Credentials, NodeView, Peer
 
-REINITIATE_BASE_S = 2.0
-REINITIATE_AUTH_BASE_S = 8.0  # first delay after an authentication failure (a config problem)
-REINITIATE_MAX_S = 120.0
 COOKIE_THRESHOLD = 50  # half-open IKE_SAs above which IKE_SA_INIT needs a COOKIE (§2.6)
 HALF_OPEN_PER_SOURCE = 20  # half-open IKE_SAs one source address may hold
 HALF_OPEN_MAX = 512  # half-open IKE_SAs in all; beyond, the oldest is dropped for the new one
 HALF_OPEN_PRESSURE_TIMEOUT_S = 6.0  # half-open lifetime while in COOKIE mode (IKE_AUTH + 2 retransmissions)
-INVALID_IKE_SPI_INTERVAL_S = 1.0  # at most one unprotected INVALID_IKE_SPI per source per interval
-HINT_INTERVAL_S = 5.0  # unknown-SPI hints acted on at most once per address per interval
-INVALID_SPI_INTERVAL_S = 2.0  # at most one unprotected N(INVALID_SPI) per source address per interval
 _RATE_TABLE_MAX = 4096  # rate-limit tables are pruned beyond this many addresses
-REPLACE_WAIT_S = 10.0  # make before break: the side that does not initiate waits this long for the new IKE_SA
-_INITS_DONE_MAX = 1024  # established responder IKE_SAs whose IKE_SA_INIT retransmissions are ignored
-
-# reasons after which we do not re-initiate
 
 
 class _ViewIndex:
@@ -62,17 +53,6 @@ class _ViewIndex:
                 self.endpoints.setdefault(ep, []).append(p)
 
 
-def _cookie_of(data: bytes, first: tuple[int, int, int]) -> bytes | None:
-    """The data of N(COOKIE) if it is the first payload (``first`` from scan_payloads), else None."""
-    ptype, a, b = first
-    if ptype != PayloadType.NOTIFY or b - a < 4:
-        return None
-    spi_size = data[a + 1]
-    if int.from_bytes(data[a + 2:a + 4], "big") != NotifyType.COOKIE or a + 4 + spi_size > b:
-        return None
-    return bytes(data[a + 4 + spi_size:b])
-
-
 class IkeManager:
     """All IKE_SAs of one node.
 
@@ -84,7 +64,9 @@ class IkeManager:
                  local_address: str, wall_offset: float = 0.0, cookie_threshold: int = COOKIE_THRESHOLD,
                  cookie_rotate_s: float = 120.0, half_open_timeout_s: float = HALF_OPEN_TIMEOUT_S,
                  half_open_per_source: int = HALF_OPEN_PER_SOURCE, half_open_max: int = HALF_OPEN_MAX,
-                 half_open_pressure_timeout_s: float = HALF_OPEN_PRESSURE_TIMEOUT_S):
+                 half_open_pressure_timeout_s: float = HALF_OPEN_PRESSURE_TIMEOUT_S, init_rate: float = INIT_RATE,
+                 init_burst: float | None = None, half_open_bytes_max: int = HALF_OPEN_BYTES_MAX,
+                 init_max_len: int = MAX_INIT_LEN):
         # ``half_open_timeout_s``: a responder IKE_SA not ESTABLISHED this long after its
         # IKE_SA_INIT is dropped (strongSwan's half_open_timeout); ``half_open_per_source``:
         # IKE_SA_INITs from one address beyond this many half-open IKE_SAs are dropped (counted);
@@ -93,6 +75,11 @@ class IkeManager:
         # IKE_SAs made while in COOKIE mode (under pressure they must finish IKE_AUTH sooner).
         # ``cookie_threshold``: with this many half-open IKE_SAs, answer IKE_SA_INIT without a
         # valid cookie statelessly with N(COOKIE) (§2.6); ``cookie_rotate_s``: secret lifetime.
+        # ``init_rate`` (per second, burst ``init_burst``, default one second's worth; 0: off): new
+        # IKE_SA_INITs beyond it need a COOKIE too, refused ones included (they leave no half-open
+        # IKE_SA); ``half_open_bytes_max``: octets of half-open state in all (a new or growing one
+        # drops the oldest beyond it; COOKIE mode from half of it); ``init_max_len``: a longer
+        # IKE_SA_INIT request is refused with INVALID_SYNTAX before it is decoded.
         # ``wall_offset``: Unix time minus the ``now`` clock, for certificate validity (RFC 5280
         # times are calendar times, timers run on a monotonic clock); the shell keeps it current.
         self.wall_offset = wall_offset
@@ -137,7 +124,21 @@ class IkeManager:
         self._shutdown = False
         self.cookie_threshold = cookie_threshold
         self._cookies = CookieJar(rng, cookie_rotate_s)
-        self._pools: dict[str, list[AddressPool]] = {}  # virtual_ip_pool string -> pools
+        self._init_bucket = TokenBucket(init_rate, init_burst)
+        self.half_open_bytes_max = max(1, half_open_bytes_max)
+        self.init_max_len = init_max_len
+        self._ho_cost: dict[int, int] = {}  # our SPI -> octets charged for that half-open IKE_SA
+        self._ho_bytes = 0
+        self._refusals = RefusalTally()
+        self._refusal_timer: float | None = None
+        self._pools: dict = {}  # virtual_ip_pool string -> [AddressPool]
+        # the parts, each in its module; they keep their state here (tables tests and status read)
+        self._admission = Admission(self)
+        self._timers = Timers(self)
+        self._lost = LostState(self)
+        self._joining = Joining(self)
+        self._books = Bookkeeping(self)
+        self._vip = VipPools(self)
 
     # ------------------------------------------------------------ helpers
     def _count(self, reason: str) -> None:
@@ -256,7 +257,7 @@ class IkeManager:
         names = {p.name for p in view.peers}
         old_policy = {p.name: p.policy for p in self.view.peers}
         new_policy = {p.name: p.policy for p in view.peers}
-        brought = self._brought(self.view, view)
+        brought = self._joining.brought(self.view, view)
         self.view = view
         for sa in self._live():
             if sa.peer_name and sa.peer_name not in names:
@@ -268,7 +269,7 @@ class IkeManager:
                 pol = new_policy[sa.peer_name]
                 why = (f"policy changed (now {pol.action}"
                        f"{'' if pol.action != 'protect' else f', {pol.protocol}/{pol.mode}'})")
-                if self._make_before_break(sa, view, why, now):
+                if self._joining.make_before_break(sa, view, why, now):
                     continue
                 sa.delete(now, why, DeleteReason.RECONFIGURED)
                 self._collect(sa, now)
@@ -285,144 +286,23 @@ class IkeManager:
         if revoked != self._revoked:  # NodeView.revoked_serials from the controller
             self.set_revoked_serials(revoked, now)
         if brought:
-            self._restart_pending(brought, now)
+            self._joining.restart_pending(brought, now)
             self.join(now, brought)
 
-    # ------------------------------------------------------------ joining (issue 9)
-    @staticmethod
-    def _brought(old: NodeView, new: NodeView) -> list[str]:
-        """Peers the new view adds, or whose endpoints / IKE port it changes."""
-        before = {p.name: (p.endpoints, p.ike_port) for p in old.peers}
-        return [p.name for p in new.peers if before.get(p.name) != (p.endpoints, p.ike_port)]
-
-    def _may_start(self, peer: Peer) -> bool:
-        """We may open an IKE_SA to ``peer`` whatever the tie-break says: it is PROTECT, has an
-        endpoint, and we are not its CP gateway (a host asks its gateway for its address in
-        IKE_AUTH, §3.15: only the host can initiate)."""
-        return (peer.policy.action == "protect" and bool(peer.endpoints) and not peer.policy.virtual_ip_pool
-                and self._policy_problem(peer) is None)
-
-    def _restart_pending(self, names, now: float) -> None:
-        """A view brought these peers (or their endpoints): our unanswered IKE_SA_INIT to them (it
-        may retransmit into the void towards an old address, or at long intervals) is dropped,
-        and their re-initiation backoff forgotten, so that the negotiation starts over at once."""
-        for name in names:
-            self._hold.pop(name, None)
-            self._backoff.pop(name, None)
-            self._retry.pop(name, None)
-            for sa in self._sas_of(name):
-                # unanswered only: an IKE_SA_INIT that got its response reached the peer, which may
-                # complete it (dropping ours then could leave the two sides disagreeing)
-                if self._unanswered_init(sa):
-                    self._count("initiation_restarted")
-                    sa._die("restarted: the view brought the peer or its endpoint", DeleteReason.DUPLICATE)
-                    self._collect(sa, now)
-
+    # ------------------------------------------------------------ joining (issue 9): agent.ike.joining
     def join(self, now: float, names=None) -> list[str]:
-        """We join (agent start, or a view that brings peers): open an IKE_SA to each of these
-        peers (all by default) that we may start to (``_may_start``), also where the tie-break
-        leaves initiation to the peer, so that a node is reachable as soon as it runs instead of
-        when the peer's next retransmission comes. Race-free: nothing is started towards a peer
-        with an IKE_SA (or one of its IKE_SA_INITs half-open here); when both IKE_SA_INITs cross,
-        the side whose name sorts higher abandons its own unanswered one, an unanswered one is
-        dropped once an IKE_SA with the peer is up, and two IKE_SAs that completed anyway are
-        resolved (``_resolve_duplicates``). Returns the peers initiated to."""
-        out = []
-        for p in self.view.peers:
-            if names is not None and p.name not in names:
-                continue
-            if self._shutdown or p.responder_only or not self._may_start(p) or self._sas_of(p.name):
-                continue
-            try:
-                self.initiate(p.name, now)
-            except ValueError:
-                continue
-            if self._sas_of(p.name):
-                self._count("join_initiated")
-                out.append(p.name)
-        return out
-
-    @staticmethod
-    def _unanswered_init(sa: IkeSa) -> bool:
-        """Our IKE_SA_INIT that got no response yet: the peer holds at most a half-open IKE_SA
-        for it (which expires), so dropping it can never leave the two sides disagreeing."""
-        return (sa.initiator and sa.state == State.INIT and sa.spi_r == 0 and sa._pending is not None
-                and sa._pending.exchange == ExchangeType.IKE_SA_INIT)
+        """Open an IKE_SA to each of these peers (all by default) we may start to, also where the
+        tie-break leaves it to the peer (agent start, a view that brings peers). Returns the
+        peers initiated to. See Joining.join."""
+        return self._joining.join(now, names)
 
     def _supersede_own_init(self, remote_ip: str, now: float) -> None:
-        """The peer at ``remote_ip`` sent us its IKE_SA_INIT while ours to it is unanswered (both
-        sides started at once): the side whose name sorts higher (the one the tie-break leaves
-        to respond) drops its own, so that one IKE_SA results, in the roles the tie-break says.
-        Both sides apply the rule, exactly one of them drops."""
-        for p in self._index().endpoints.get(remote_ip, ()):  # indexed: this runs before authentication
-            if not self.view.name > p.name:
-                continue
-            for sa in self._sas_of(p.name):
-                if self._unanswered_init(sa):
-                    self._count("own_init_superseded")
-                    sa._die("superseded by the peer's IKE_SA_INIT", DeleteReason.DROPPED)
-                    self._collect(sa, now)
+        # a method of its own so that tests can switch the rule off (Joining.supersede_own_init)
+        self._joining.supersede_own_init(remote_ip, now)
 
-    def _drop_moot_inits(self, sa: IkeSa, peer: str, now: float) -> None:
-        """An IKE_SA with ``peer`` is up: our IKE_SA_INITs to it still unanswered (e.g. sent
-        before the peer ran, retransmitted at long intervals) are moot; dropped before one of
-        their retransmissions makes a second IKE_SA."""
-        for other in self._sas_of(peer):
-            if other is not sa and self._unanswered_init(other):
-                self._count("own_init_moot")
-                other._die("moot: an IKE_SA with the peer is up", DeleteReason.DUPLICATE)
-                self._collect(other, now)
-        # likewise the peer's crossed IKE_SA_INIT it dropped itself (_supersede_own_init): its
-        # half-open IKE_SA here would wait for an IKE_AUTH that never comes; only when no other
-        # configured peer shares the address (hosts behind one NAT)
-        p = self.view.peer(peer)
-        ips = set(p.endpoints) if p is not None else set()
-        if any(q.name != peer and ips & set(q.endpoints) for q in self.view.peers):
-            return
-        for key, half in list(self._half_open.items()):
-            if key[0] in ips and half is not sa and half.state in (State.INIT, State.AUTH) and not half.initiator:
-                self._count("half_open_moot")
-                half._die("moot: an IKE_SA with the peer is up", DeleteReason.DUPLICATE)
-                self._collect(half, now)
-
-    # ------------------------------------------------------------ make before break (issue 9)
-    def _make_before_break(self, sa: IkeSa, view: NodeView, why: str, now: float) -> bool:
-        """A PROTECT peer's policy changed (mode, protocol, proposals...): keep ``sa`` carrying
-        traffic until an IKE_SA under the new policy is up, then delete it, instead of deleting
-        first (traffic lost for the re-initiation backoff). The tie-break initiator opens the
-        replacement with INITIAL_CONTACT (§2.4), so the peer drops its old IKE_SA the moment the
-        new one is established, and deletes ours when it is; the other side keeps its old one
-        until then, at most REPLACE_WAIT_S (then deleted as before). A replacement that fails
-        deletes the old one too. False: not applicable (not ESTABLISHED, no longer PROTECT,
-        being rekeyed), the caller deletes at once."""
-        peer = view.peer(sa.peer_name)
-        if (peer is None or peer.policy.action != "protect" or sa.state != State.ESTABLISHED
-                or sa._successor is not None or self._shutdown):
-            return False
-        sa._replace_reason = why
-        name = peer.name
-        t = now + REPLACE_WAIT_S  # a backstop on both sides
-        self._replace_by[name] = t
-        self._push(t, ("replace", name))
-        if peer.initiate and self._may_start(peer):
-            if not any(getattr(s, "_replacement", False) for s in self._sas_of(name)):
-                self.initiate(name, now, replace=True)
-            self._count("make_before_break")
-            return True
-        self._count("make_before_break_wait")
-        return True
-
-    def _replaced(self, peer: str, now: float, failed: str | None = None) -> None:
-        """Delete the IKE_SAs of ``peer`` waiting for a replacement (one is up, or it failed)."""
-        self._replace_by.pop(peer, None)
-        for old in self._sas_of(peer):
-            why = getattr(old, "_replace_reason", None)
-            if why is None or getattr(old, "_replacement", False) and failed is None:
-                continue
-            old._replace_reason = None
-            old.delete(now, why + (" (replaced, make before break)" if failed is None
-                                   else f"; its replacement failed: {failed}"), DeleteReason.RECONFIGURED)
-            self._collect(old, now)
+    def _resolve_duplicates(self, sa: IkeSa, peer: str, now: float) -> None:
+        # likewise (Joining.resolve_duplicates)
+        self._joining.resolve_duplicates(sa, peer, now)
 
     def update_credentials(self, credentials: Credentials, now: float) -> None:
         """New credentials (e.g. a renewed certificate or new trust anchors): every IKE_SA set up
@@ -500,19 +380,29 @@ class IkeManager:
             self._count("internal_error")
 
     def _receive(self, data: bytes, local: Addr, remote: Addr, now: float) -> None:
-        if self._needs_cookie(data, local, remote, now):
-            return  # answered (or dropped) statelessly before decoding the rest (§2.6)
+        h = new_init_header(data)  # a new IKE_SA_INIT request: admission first (docs/ike-hardening.md)
+        if h is not None:
+            if len(data) > self.init_max_len:  # before anything is read or kept (IKE_SA_INIT is never fragmented)
+                self._admission.refuse_init(h.spi_i, "too_large", NotifyType.INVALID_SYNTAX, local, remote, now)
+                return
+            if self._admission.needs_cookie(h, data, local, remote, now):
+                return  # answered (or dropped) statelessly before decoding the rest (§2.6)
         try:
             msg = decode_message(data)
-        except MessageLimitError:
-            self._count("payload_limit")
+        except MessageLimitError as e:
+            if h is None:
+                self._count("payload_limit")
+            else:  # §2.21.1: refused statelessly; over an SA count limit nothing could be chosen
+                self._admission.refuse_init(h.spi_i, f"too_many_{e.kind}",
+                                            NotifyType.INVALID_SYNTAX if e.kind == "payloads"
+                                  else NotifyType.NO_PROPOSAL_CHOSEN, local, remote, now)
             return
         except MessageError:
             self._count("malformed")
             return
         if (msg.exchange == ExchangeType.INFORMATIONAL and msg.payloads
                 and all(isinstance(p, NotifyPayload) for p in msg.payloads)):
-            self._unprotected_notify(msg, remote, now)  # never answered: it may be spoofed
+            self._lost.unprotected_notify(msg, remote, now)  # never answered: it may be spoofed
             return
         try:
             check_outer(msg)
@@ -520,32 +410,8 @@ class IkeManager:
             self._count("unexpected_payload")
             return
         if msg.exchange == ExchangeType.IKE_SA_INIT and not msg.is_response and msg.spi_r == 0:
-            if not msg.is_initiator:
-                self._count("malformed")
-                return
-            key = (remote[0], msg.spi_i)
-            sa = self._half_open.get(key)
-            if sa is None or sa.is_dead or sa.state != State.AUTH and sa.state != State.INIT:
-                if self._shutdown:
-                    self._count("shutdown")
-                    return
-                if key in self._inits_done:  # a late retransmission: that IKE_SA is up already
-                    self._count("init_retransmit_late")
-                    return
-                if self._half_open_by_ip.get(remote[0], 0) >= self.half_open_per_source:
-                    self._count("half_open_per_source")
-                    return
-                self._supersede_own_init(remote[0], now)
-                sa = self._new_half_open(key, local, remote, now)
-                spi = sa.my_spi
-                reason = sa.receive(msg, data, local, remote, now)
-                if reason:
-                    self._count(reason)
-                self._collect(sa, now)
-                if sa.is_dead or sa.state == State.INIT:
-                    # refused (INVALID_KE_PAYLOAD, NO_PROPOSAL_CHOSEN, ...: answered with SPIr 0) or
-                    # dropped: nothing of it may stay, or refusals would lock the address out
-                    self._forget_half_open(sa, spi)
+            sa = self._admission.init_request(msg, data, local, remote, now)
+            if sa is None:
                 return
         else:
             our_spi = msg.spi_r if msg.is_initiator else msg.spi_i
@@ -554,253 +420,39 @@ class IkeManager:
             their = sa.spi_i if sa and msg.is_initiator else (sa.spi_r if sa else 0)
             if sa is None or sa.is_dead or (their and other != their):
                 self._count("unknown_spi")
-                self._answer_unknown_spi(msg, local, remote, now)
+                self._lost.answer_unknown_spi(msg, local, remote, now)
                 return
         reason = sa.receive(msg, data, local, remote, now)
         if reason:
             self._count(reason)
         self._collect(sa, now)
 
-    # ------------------------------------------------------------ COOKIE (§2.6)
+    # ------------------------------------------------------------ admission (§2.6): agent.ike.admission
     def half_open(self) -> int:
         """Number of responder IKE_SAs not ESTABLISHED yet (each expires after
         ``half_open_timeout_s``); O(1)."""
         return len(self._half_open)
 
-    # ------------------------------------------------------------ lost state (§2.21.4, §1.5)
-    def _answer_unknown_spi(self, msg: Message, local: Addr, remote: Addr, now: float) -> None:
-        """<-- HDR(same SPIs and Message ID), N(INVALID_IKE_SPI), unprotected: only for an encrypted
-        request (never a response), rate-limited per source, no state kept."""
-        if msg.is_response or not msg.payloads or not isinstance(
-                msg.payloads[0], (EncryptedPayload, EncryptedFragmentPayload)):
-            return
-        if not self._rate_ok(self._invalid_spi_sent, remote[0], now, INVALID_IKE_SPI_INTERVAL_S):
-            self._count("invalid_ike_spi_rate_limited")
-            return
-        reply = Message(msg.spi_i, msg.spi_r, int(ExchangeType.INFORMATIONAL), msg.message_id,
-                        not msg.is_initiator, True, (NotifyPayload(int(NotifyType.INVALID_IKE_SPI)),))
-        self._out.append(Datagram(encode_message(reply), local, remote))
-        self._count("invalid_ike_spi_sent")
-        self._initiate_after_lost_state(remote, now)
+    def half_open_bytes(self) -> int:
+        """Octets charged for half-open IKE_SAs (HALF_OPEN_BASE_BYTES each plus their IKE_SA_INIT
+        request and response and RFC 7383 reassembly buffers); O(1)."""
+        return self._ho_bytes
 
-    def _initiate_after_lost_state(self, remote: Addr, now: float) -> None:
-        """We just told a configured peer that we do not know its IKE_SA (we restarted, it still
-        checks our liveness): start an IKE_SA ourselves, whatever the tie-break says, since the
-        peer may ignore INVALID_IKE_SPI (strongSwan does) and keep the dead IKE_SA for a minute.
-        Ours carries INITIAL_CONTACT (§2.4), so the peer drops the old one at once. Only with
-        no IKE_SA to that peer at all (none being set up either: no duplicate), rate-limited
-        per address as the unknown-SPI hints are."""
-        peer = next((p for p in self.view.peers if remote[0] in p.endpoints and p.policy.action == "protect"),
-                    None)
-        if peer is None or self._shutdown or self._sas_of(peer.name) or not self._may_start(peer):
-            return
-        if not self._rate_ok(self._hinted, remote[0], now, HINT_INTERVAL_S):
-            return
-        try:
-            self.initiate(peer.name, now)
-        except ValueError:
-            return
-        if self._sas_of(peer.name):
-            self._count("initiated_after_invalid_ike_spi")
-
-    def _unprotected_notify(self, msg: Message, remote: Addr, now: float) -> None:
-        """HDR, N(INVALID_IKE_SPI | INVALID_SPI) without SK: the peer may have lost its state.
-        Unauthenticated, so only a hint: a liveness check of our IKE_SA with that address."""
-        kinds = {p.notify_type for p in msg.payloads}
-        if not kinds & {NotifyType.INVALID_IKE_SPI, NotifyType.INVALID_SPI}:
-            self._count("unexpected_payload")
-            return
-        sa = self._sas.get(msg.spi_i) or self._sas.get(msg.spi_r)
-        if (sa is not None and sa.state == State.DELETING and sa.remote[0] == remote[0]
-                and NotifyType.INVALID_IKE_SPI in kinds):
-            # our Delete answered "no such IKE_SA" (the peer dropped it already, e.g. on an
-            # INITIAL_CONTACT): nothing left to wait for; at worst a forgery ends it early
-            sa._finish_delete()
-            self._collect(sa, now)
-            self._count("delete_answered_invalid_ike_spi")
-            return
-        if sa is None or sa.is_dead or sa.remote[0] != remote[0] or sa.state != State.ESTABLISHED:
-            sa = next((s for p in self._peers_at(remote[0]) for s in self._sas_of(p.name)
-                       if s.remote[0] == remote[0] and s.state == State.ESTABLISHED), None)
-        if sa is None:
-            self._count("unsolicited_notify")
-            return
-        self._count("invalid_spi_hint")
-        self._probe(sa, remote[0], now)
-
-    def _probe(self, sa: IkeSa, ip: str, now: float) -> bool:
-        if not self._rate_ok(self._hinted, ip, now, HINT_INTERVAL_S):
-            self._count("hint_rate_limited")
-            return False
-        started = sa.check_liveness(now, hinted=True)
-        self._collect(sa, now)
-        return started
-
-    def _tell_invalid_spi(self, remote_addr, spi: bytes, now: float, *, configured: bool) -> None:
-        """§1.5: ESP/AH with an SPI we do not know and no IKE_SA to say so over: an unprotected
-        HDR(random SPIi, 0, I), N(INVALID_SPI, data = the SPI) to the packet's source address, to
-        its UDP port if it came in UDP 4500 (else to 500). The peer takes it as a hint only and
-        starts a liveness check (``_unprotected_notify``), so a restarted node is noticed at once.
-
-        Sent only with a view that has peers (never before the first view), at most once per
-        source address per INVALID_SPI_INTERVAL_S, and only to a configured peer's endpoint
-        (``configured``) or, for ESP in UDP from another address, when the view has a PROTECT peer
-        without endpoints (one behind a NAT: the only peer that can come from an address we cannot
-        know). The datagram is smaller than any ESP packet that causes it (no amplification)."""
-        if self._shutdown or len(spi) != 4 or not self.view.peers:
-            return
-        ip = remote_addr[0] if isinstance(remote_addr, tuple) else str(remote_addr)
-        port = remote_addr[1] if isinstance(remote_addr, tuple) and len(remote_addr) > 1 else 0
-        if not configured and not (port and any(not p.endpoints and p.policy.action == "protect"
-                                                for p in self.view.peers)):
-            self._count("invalid_spi_not_sent")
-            return
-        if not self._rate_ok(self._esp_invalid_spi_sent, ip, now, INVALID_SPI_INTERVAL_S):
-            self._count("invalid_spi_rate_limited")
-            return
-        if not configured and any(sa.remote[0] == ip and sa.state == State.ESTABLISHED for sa in self._live()):
-            return  # an IKE_SA with that address is up (a late packet of a rekeyed SA): nothing lost
-        spi_i = int.from_bytes(self.rng(8), "big") or 1  # zero or random: §1.5 (our decoder refuses zero)
-        msg = Message(spi_i, 0, int(ExchangeType.INFORMATIONAL), 0, True, False,
-                      (NotifyPayload(int(NotifyType.INVALID_SPI), data=bytes(spi)),))
-        local = (self.local_address, 4500 if port else IKE_PORT)
-        self._out.append(Datagram(encode_message(msg), local, (ip, port or IKE_PORT)))
-        self._count("invalid_spi_sent")
-
+    # ------------------------------------------------------------ lost state (§2.21.4, §1.5): agent.ike.lost_state
     def hint_unknown_spi(self, remote_addr, now: float, spi: bytes = b"") -> str:
-        """The datapath received ESP (or AH) with an SPI it does not know from ``remote_addr``
-        (an IP string or (ip, port)): the peer still uses SAs we lost (§1.5), or we lost its.
-        ``spi``: that SPI (4 octets); with it, and no ESTABLISHED IKE_SA with the source to
-        tell the peer over, an unprotected N(INVALID_SPI) is sent (``_tell_invalid_spi``).
+        """The datapath received ESP (or AH) with an SPI it does not know from ``remote_addr`` (an
+        IP string or (ip, port)); ``spi``: that SPI (4 octets), for the unprotected N(INVALID_SPI)
+        of §1.5. Returns "initiated", "liveness_check", "in_progress", "held", "rate_limited" or
+        "unknown_address"; never raises. See LostState.hint_unknown_spi."""
+        return self._lost.hint_unknown_spi(remote_addr, now, spi)
 
-        Rate-limited per address (HINT_INTERVAL_S). Returns what was done: "initiated" (no
-        IKE_SA with that peer: IKE_SA_INIT started, backoff and policy permitting),
-        "liveness_check" (an ESTABLISHED IKE_SA is probed now, §2.4), "in_progress" (an IKE_SA
-        is being set up or a request is outstanding), "held" (re-initiation backoff or bad
-        policy), "rate_limited", or "unknown_address" (no configured peer has that endpoint).
-        Never raises."""
-        ip = remote_addr[0] if isinstance(remote_addr, tuple) else str(remote_addr)
-        peers = self._peers_at(ip)  # an index: hints come from any source address
-        peer = peers[0] if peers else None
-        if peer is None or self._shutdown:
-            self._count("hint_unknown_address")
-            self._tell_invalid_spi(remote_addr, spi, now, configured=False)
-            return "unknown_address"
-        sas = self._sas_of(peer.name)
-        est = [sa for sa in sas if sa.state == State.ESTABLISHED]
-        if est:
-            if not self._rate_ok(self._hinted, ip, now, HINT_INTERVAL_S):
-                self._count("hint_rate_limited")
-                return "rate_limited"
-            started = False
-            for sa in est:
-                started = sa.check_liveness(now, hinted=True) or started
-                self._collect(sa, now)
-            return "liveness_check" if started else "in_progress"
-        self._tell_invalid_spi(remote_addr, spi, now, configured=True)
-        if sas:
-            return "in_progress"
-        if not self._rate_ok(self._hinted, ip, now, HINT_INTERVAL_S):
-            self._count("hint_rate_limited")
-            return "rate_limited"
-        try:
-            self.initiate(peer.name, now)
-        except ValueError:
-            return "held"
-        return "initiated" if self._sas_of(peer.name) else "held"
-
-    def _needs_cookie(self, data: bytes, local: Addr, remote: Addr, now: float) -> bool:
-        """COOKIE mode (§2.6): with ``cookie_threshold`` half-open IKE_SAs, a new IKE_SA_INIT must
-        carry a valid N(COOKIE) first. Checked on the raw datagram, before the rest is decoded:
-        only the header and the payload headers are read (at most MAX_PAYLOADS), so a forged
-        flood costs little. Returns True when the datagram was dealt with here (answered
-        <-- HDR(SPIi, 0), N(COOKIE), or dropped and counted), False to go on."""
-        if self.half_open() < self.cookie_threshold or len(data) < HEADER_LEN:
-            return False
-        try:
-            h = decode_header(data)
-        except MessageError:
-            return False  # decode_message counts it
-        if (h.exchange != ExchangeType.IKE_SA_INIT or h.spi_r or h.message_id
-                or h.flags & 0x28 != 0x08):  # a new request from the original initiator only
-            return False
-        old = self._half_open.get((remote[0], h.spi_i))
-        if old is not None and not old.is_dead:
-            return False  # a retransmission to an IKE_SA we made: its cached response answers
-        try:
-            chain = scan_payloads(h.first, data, HEADER_LEN)
-        except MessageLimitError:
-            self._count("payload_limit")
-            return True
-        except MessageError:
-            self._count("malformed")
-            return True
-        nonce = next(((a, b) for t, a, b in chain if t == PayloadType.NONCE), None)
-        if nonce is None:
-            self._count("malformed")
-            return True
-        ni = bytes(data[nonce[0]:nonce[1]])
-        cookie = _cookie_of(data, chain[0]) if chain else None
-        if cookie is not None:
-            bad = self._cookies.check(cookie, ni, remote[0], h.spi_i, now)
-            if bad is None:
-                return False
-            self._count(bad)  # forged or stale: a fresh cookie, still no state
-        else:
-            self._count("cookie_required")
-        reply = Message(h.spi_i, 0, int(ExchangeType.IKE_SA_INIT), 0, False, True,
-                        (NotifyPayload(int(NotifyType.COOKIE), self._cookies.make(ni, remote[0], h.spi_i, now)),))
-        self._out.append(Datagram(encode_message(reply), local, remote))
-        return True
-
-    def _new_half_open(self, key: tuple[str, int], local: Addr, remote: Addr, now: float) -> IkeSa:
-        """A responder IKE_SA for a new IKE_SA_INIT. At ``half_open_max`` the oldest half-open
-        IKE_SA goes first; in COOKIE mode the new one gets the shorter pressure timeout."""
-        while len(self._half_open) >= self.half_open_max:
-            old_key = next(iter(self._half_open))
-            old = self._half_open[old_key]
-            self._count("half_open_evicted")
-            old._die("half-open IKE_SA dropped: too many half-open IKE_SAs", DeleteReason.DROPPED)
-            self._collect(old, now)
-            self._forget_half_open(old, old.my_spi)
-            if self._half_open.get(old_key) is old:  # not expected: the loop must end all the same
-                del self._half_open[old_key]
-        cfg = self._responder_config()
-        if self.half_open() >= self.cookie_threshold:
-            cfg.half_open_timeout_s = self.half_open_pressure_timeout_s
-        sa = IkeSa.new_responder(cfg, self.rng, local, remote, key[1], now)
-        self._sas[sa.my_spi] = sa
-        self._half_open[key] = sa
-        self._half_open_key[sa.my_spi] = key
-        self._half_open_by_ip[key[0]] = self._half_open_by_ip.get(key[0], 0) + 1
-        return sa
-
-    # ------------------------------------------------------------ CP address pools (§3.15)
+    # ------------------------------------------------------------ CP address pools (§3.15): agent.ike.vip
     def _assign_vip(self, peer: Peer, versions: tuple) -> list | None:
-        spec = peer.policy.virtual_ip_pool
-        pools = self._pools.get(spec)
-        if pools is None:
-            pools = self._pools[spec] = [AddressPool(c.strip()) for c in spec.split(",") if c.strip()]
-        out = []
-        for pool in pools:
-            if pool.network.version in versions:
-                addr = pool.acquire(peer.identity)
-                if addr is None:
-                    return None
-                out.append(addr)
-        return out or None
-
-    def _release_vip(self, peer_name: str, gone: IkeSa) -> None:
-        peer = self.view.peer(peer_name)
-        if peer is None or any(s is not gone and s.state != State.DELETING for s in self._sas_of(peer_name)):
-            return  # another IKE_SA of that peer still holds the address
-        for pools in self._pools.values():
-            for pool in pools:
-                pool.release(peer.identity)
+        return self._vip.assign_vip(peer, versions)
 
     def leases(self) -> dict[str, dict[str, str]]:
         """Virtual IPs handed out, per pool string: {pool: {identity: address}}."""
-        return {k: {i: a for p in v for i, a in p.leased().items()} for k, v in self._pools.items()}
+        return self._vip.leases()
 
     # ------------------------------------------------------------ rekeys (§1.3)
     def _sa_of_child(self, inbound_spi: int) -> IkeSa | None:
@@ -888,80 +540,20 @@ class IkeManager:
                 return True
         return False
 
+    # ------------------------------------------------------------ deadlines: agent.ike.timers
     def handle_timer(self, now: float) -> None:
-        """Run every IKE_SA deadline that has passed, and due re-initiations.
-
-        Cost: O(k log n) for k due deadlines (a heap), each IKE_SA at most once per call."""
-        due: list[object] = []
-        while self._heap and self._heap[0][0] <= now:
-            t, _, key = heapq.heappop(self._heap)
-            if self._valid(t, key):
-                due.append(key)
-                if isinstance(key, int):
-                    del self._deadline[key]
-        for key in due:
-            if isinstance(key, int):
-                sa = self._sas.get(key)
-                if sa is None:
-                    continue
-                t = sa.next_timer()
-                if t is not None and t <= now:
-                    sa.handle_timer(now)
-                self._collect(sa, now)  # reschedules
-            elif key[0] == "replace":  # no replacement came in time: the old IKE_SAs go now
-                if self._replace_by.get(key[1], now + 1) <= now:
-                    self._replaced(key[1], now, failed="none came in time")
-            else:
-                name = key[1]
-                if self._retry.get(name) is None or self._retry[name] > now:
-                    continue
-                if self.view.peer(name) is None:
-                    self._retry.pop(name, None)
-                    continue
-                try:
-                    self.initiate(name, now)
-                except ValueError:
-                    self._retry.pop(name, None)
+        """Run every deadline that has passed: IKE_SA timers, re-initiations, make-before-break
+        waits, the refused-IKE_SA_INIT summary. O(k log n) for k due deadlines."""
+        self._timers.handle_timer(now)
 
     def get_timer(self) -> float | None:
-        """Earliest deadline over all IKE_SAs and pending re-initiations (amortised O(log n))."""
-        while self._heap:
-            t, _, key = self._heap[0]
-            if self._valid(t, key):
-                return t
-            heapq.heappop(self._heap)
-        return None
-
-    def _valid(self, t: float, key: object) -> bool:
-        if isinstance(key, int):
-            return self._deadline.get(key) == t and key in self._sas
-        if key[0] == "replace":
-            return self._replace_by.get(key[1]) == t
-        return self._retry.get(key[1]) == t
-
-    def _schedule(self, sa: IkeSa) -> None:
-        """Keep the heap entry of ``sa`` equal to its next_timer() (called from _collect)."""
-        key = sa.my_spi
-        t = None if sa.is_dead or self._sas.get(key) is not sa else sa.next_timer()
-        if t is None:
-            self._deadline.pop(key, None)
-            return
-        if self._deadline.get(key) == t:
-            return
-        self._deadline[key] = t
-        self._push(t, key)
-
-    def _push(self, t: float, key: object) -> None:
-        heapq.heappush(self._heap, (t, next(self._seq), key))
-        if len(self._heap) > 4 * (len(self._deadline) + len(self._retry) + len(self._replace_by)) + 64:
-            # stale entries (deadlines that moved) outnumber live ones: rebuild
-            self._heap = [e for e in self._heap if self._valid(e[0], e[2])]
-            heapq.heapify(self._heap)
+        """Earliest deadline (amortised O(log n)), None when there is none."""
+        return self._timers.get_timer()
 
     def timer_entries(self) -> int:
         """Entries in the deadline heap (live and stale): bounded by a constant times the
         number of IKE_SAs plus pending re-initiations."""
-        return len(self._heap)
+        return self._timers.timer_entries()
 
     def datagrams_to_send(self) -> list[Datagram]:
         out, self._out = self._out, []
@@ -988,172 +580,12 @@ class IkeManager:
             row["last_error"] = self.last_errors.get(row.get("peer") or "")
         return rows
 
-    # ------------------------------------------------------------ bookkeeping
+    # ------------------------------------------------------------ bookkeeping: agent.ike.bookkeeping
     def _collect(self, sa: IkeSa, now: float) -> None:
-        if sa.peer_name and not sa.is_dead and self._sas.get(sa.my_spi) is sa:
-            self._by_peer.setdefault(sa.peer_name, set()).add(sa.my_spi)
-        drops, sa.drops = sa.drops, []  # e.g. invalid_ke_data (RFC 9370 exchanges)
-        for reason in drops:
-            self._count(reason)
-        for d in sa.outbox:  # RFC 7383: a fragmented message leaves as its SKF fragments
-            frags = getattr(d.data, "fragments", None)
-            self._out.extend([Datagram(f, d.local, d.remote) for f in frags] if frags else [d])
-        sa.outbox.clear()
-        spawned, sa.spawned = sa.spawned, []
-        for new in spawned:  # IKE_SA rekey: the new IKE_SA's events come before the old one's delete
-            new._from_rekey = True  # the continuation of an IKE_SA, never a duplicate of it
-            self._sas[new.my_spi] = new
-            self._collect(new, now)
-        events, sa.events = sa.events, []
-        after: list = []  # (fn(peer, now), peer) run once all of this IKE_SA's events are out:
-        # the old IKE_SAs' ChildSaDeleted must follow the new ChildSaEstablished (make before break)
-        for ev in events:
-            self._events.append(ev)
-            if isinstance(ev, IkeSaEstablished):
-                self._contacted.add(ev.peer)
-                self._retry.pop(ev.peer, None)
-                self._hold.pop(ev.peer, None)
-                if ev.peer:
-                    self._by_peer.setdefault(ev.peer, set()).add(sa.my_spi)
-                if sa.peer_initial_contact:
-                    # RFC 7296 §2.4: the peer restarted; our older IKE_SAs with it are stale
-                    # only SAs established before: a simultaneous initiation in flight stays
-                    # (after this IKE_SA's events: its CHILD_SA is installed before theirs go)
-                    after.append((lambda p, n, s=sa: self._initial_contact(s, p, n), ev.peer))
-                if ev.peer and not getattr(sa, "_from_rekey", False) and sa.peer_initial_contact:
-                    after.append((self._replaced, ev.peer))  # the peer's replacement is up
-                if ev.peer:
-                    after.append((lambda p, n, s=sa: self._drop_moot_inits(s, p, n), ev.peer))
-                    after.append((lambda p, n, s=sa: self._resolve_duplicates(s, p, n), ev.peer))
-            elif isinstance(ev, ChildSaEstablished):
-                # the re-initiation backoff ends when traffic can flow, not at IKE_AUTH: an IKE_SA
-                # whose CHILD_SA keeps failing must not restart at the shortest delay
-                self._backoff.pop(ev.peer, None)
-                self.last_errors.pop(ev.peer, None)
-                if getattr(sa, "_replacement", False) and ev.peer:
-                    sa._replacement_up = True
-                    after.append((self._replaced, ev.peer))  # our replacement carries traffic now
-            elif isinstance(ev, ChildSaRefused):
-                self._count("child_sa_refused_by_peer" if ev.by == "peer" else "child_sa_refused")
-                if ev.peer:
-                    retry = f" (retry in {ev.retry_in_s:.0f} s)" if ev.retry_in_s is not None else ""
-                    self.last_errors[ev.peer] = (f"CHILD_SA refused by the peer: {ev.reason}{retry}" if ev.by == "peer"
-                                                 else f"we refused its CHILD_SA: {ev.reason}; {ev.offered}")
-                if (ev.peer and ev.by == "peer" and getattr(sa, "_replacement", False)
-                        and not getattr(sa, "_replacement_up", False)):
-                    # make before break: the new policy's CHILD_SA is refused, so the old IKE_SA must not
-                    # stay for good; the replacement IKE_SA keeps retrying its CHILD_SA (backoff)
-                    after.append((lambda p, n, r=ev.reason: self._replaced(p, n, failed=r), ev.peer))
-            elif isinstance(ev, IkeSaDeleted):
-                if ev.kind == DeleteReason.AUTH_FAILED:
-                    self._count("auth_failed")
-                name = ev.peer or (sa.cfg.peer.name if sa.cfg.peer else "")
-                if (name and ev.rekeyed_to is None and ev.kind != DeleteReason.LOCAL
-                        and not any(s is not sa for s in self._sas_of(name))):
-                    self.last_errors[name] = f"IKE_SA {'deleted' if sa.established_at else 'failed'}: {ev.reason}"
-                if getattr(sa, "_replacement", False) and not getattr(sa, "_replacement_up", False) and name:
-                    after.append((lambda p, n, r=ev.reason: self._replaced(p, n, failed=r), name))
-                if ev.kind == DeleteReason.TIMEOUT and ev.peer:
-                    # the peer may have restarted: the IKE_SA we build next carries INITIAL_CONTACT
-                    self._contacted.discard(ev.peer)
-                if ev.rekeyed_to is None and ev.peer:
-                    self._release_vip(ev.peer, sa)
-                self._schedule_retry(sa, ev, now)
-        for fn, peer in after:
-            fn(peer, now)
-        if sa.is_dead:
-            if self._sas.get(sa.my_spi) is sa:
-                del self._sas[sa.my_spi]
-            self._forget_half_open(sa)
-            peers = self._by_peer.get(sa.peer_name)
-            if peers is not None:
-                peers.discard(sa.my_spi)
-                if not peers:
-                    del self._by_peer[sa.peer_name]
-        elif sa.state == State.ESTABLISHED:
-            self._remember_init(sa)
-            self._forget_half_open(sa)
-        self._schedule(sa)
-
-    def _initial_contact(self, sa: IkeSa, peer: str, now: float) -> None:
-        for old in self._sas_of(peer):
-            if old is not sa and old.state == State.ESTABLISHED:
-                old._die("peer sent INITIAL_CONTACT", DeleteReason.SUPERSEDED)
-                self._collect(old, now)
-
-    # ------------------------------------------------------------ duplicate IKE_SAs
-    @staticmethod
-    def _lowest_nonce(sa: IkeSa) -> bytes:
-        return min(sa._ni, sa._nr)
-
-    def _resolve_duplicates(self, sa: IkeSa, peer: str, now: float) -> None:
-        """Both sides initiated at once (or a late start crossed a retransmission): a second
-        IKE_SA with ``peer`` is ESTABLISHED beside ``sa``. RFC 7296 has no rule; both sides keep
-        the one and delete the other the same way, as for rekey collisions (§2.25.2): the
-        IKE_SA holding the lowest of the nonces is deleted (INFORMATIONAL Delete, §1.4.1). Each
-        side decides alone from what both know (Ni, Nr), so both delete the same IKE_SA, also a
-        peer that never deletes duplicates itself (strongSwan). IKE_SAs born of a rekey, or
-        being replaced by one, are a lineage, not duplicates."""
-        if getattr(sa, "_from_rekey", False) or sa.state != State.ESTABLISHED:
-            return
-        for other in self._sas_of(peer):
-            if (other is sa or other.state != State.ESTABLISHED or other._successor is not None
-                    or sa._successor is not None or getattr(other, "_replace_reason", None)
-                    or getattr(sa, "_replace_reason", None)):
-                continue
-            loser = sa if self._lowest_nonce(sa) < self._lowest_nonce(other) else other
-            self._count("duplicate_ike_sa_deleted")
-            loser.delete(now, "duplicate IKE_SA (both sides initiated): the other one is kept", DeleteReason.DUPLICATE)
-            self._collect(loser, now)
-            if loser is sa:
-                return
-
-    def _remember_init(self, sa: IkeSa) -> None:
-        """Keep (remote ip, SPIi) of an IKE_SA we established as responder, so that a late
-        retransmission of its IKE_SA_INIT (quick IKE_SA_INIT retransmissions, agent.ike.retransmit)
-        is ignored instead of opening a second, half-open IKE_SA. Bounded (oldest forgotten)."""
-        key = self._half_open_key.get(sa.my_spi)
-        if key is None:
-            return
-        self._inits_done[key] = None
-        if len(self._inits_done) > _INITS_DONE_MAX:
-            del self._inits_done[next(iter(self._inits_done))]
-
-    def _forget_half_open(self, sa: IkeSa, spi: int | None = None) -> None:
-        """Drop ``sa`` from the half-open tables. ``spi``: our SPI as it was made (a stateless
-        refusal resets SPIr to 0); given, ``sa`` also leaves the IKE_SAs and the timer heap."""
-        if spi is None:
-            spi = sa.my_spi
-        elif self._sas.get(spi) is sa:
-            del self._sas[spi]
-            self._deadline.pop(spi, None)
-        key = self._half_open_key.pop(spi, None)
-        if key is None or self._half_open.get(key) is not sa:
-            return
-        del self._half_open[key]
-        n = self._half_open_by_ip.get(key[0], 0) - 1
-        if n > 0:
-            self._half_open_by_ip[key[0]] = n
-        else:
-            self._half_open_by_ip.pop(key[0], None)
-
-    def _schedule_retry(self, sa: IkeSa, ev: IkeSaDeleted, now: float) -> None:
-        name = sa.peer_name or (sa.cfg.peer.name if sa.cfg.peer else "")
-        peer = self.view.peer(name) if name else None
-        # decided by the kind of the end (agent.ike.errors), never by words in the reason text
-        if (peer is None or self._shutdown or ev.kind in NO_RETRY or ev.rekeyed_to is not None
-                or any(s is not sa for s in self._sas_of(name))):
-            return
-        last = self._backoff.get(name, 0.0)
-        auth = ev.kind in AUTH_BACKOFF
-        base = REINITIATE_AUTH_BASE_S if auth else REINITIATE_BASE_S
-        backoff = min(REINITIATE_MAX_S, max(last * 2, base) if last else base)
-        self._backoff[name] = backoff
-        # acquires (initiate) wait out the backoff too, whichever side initiates by default
-        self._hold[name] = now + backoff
-        if peer.initiate:
-            self._retry[name] = now + backoff
-            self._push(now + backoff, ("retry", name))
+        """Take what ``sa`` produced (datagrams, events, drops, rekeyed IKE_SAs) and keep the
+        tables and deadlines current; after every step of every IKE_SA."""
+        self._books.collect(sa, now)
 
 
-__all__ = ["IkeManager", "Datagram"]
+__all__ = ["IkeManager", "Datagram", "REPLACE_WAIT_S", "REINITIATE_BASE_S", "REINITIATE_AUTH_BASE_S",
+           "REINITIATE_MAX_S"]

@@ -1,26 +1,33 @@
-"""IKEv2 message codec: header, generic payload chain, one class per payload.
+"""IKEv2 message codec: header, message, exchange rules; payloads re-exported.
 
-RFC 7296 §3. ``decode_message(data)`` turns a UDP payload (without the
-non-ESP marker) into a :class:`Message`; ``encode_message(msg)`` is its exact
-inverse for every message it can produce. Decoding raises only
-:class:`MessageError` for malformed input. The SK payload (§3.14) is kept
-encrypted (:class:`EncryptedPayload`); once decrypted, its body is decoded with
-:func:`decode_payloads` and the exchange rules are checked with
+RFC 7296 §3. The payload classes are in agent.ike.payloads, their bodies and the generic
+payload chain in agent.ike.payload_codec; every name is importable from here.
+``decode_message(data)`` turns a UDP payload (without the non-ESP marker) into a
+:class:`Message`; ``encode_message(msg)`` is its exact inverse for every message it can
+produce. Decoding raises only :class:`MessageError` for malformed input. The SK payload
+(§3.14) is kept encrypted (:class:`EncryptedPayload`); once decrypted, its body is decoded
+with :func:`decode_payloads` and the exchange rules are checked with
 :func:`check_payload_rules` (§1.2-1.5).
 
 Pure module: no I/O.
 """
 from __future__ import annotations
 
-import ipaddress
 import struct
-from dataclasses import dataclass, field
-from typing import Union
+from dataclasses import dataclass
 
-from agent.iana import ExchangeType, NotifyType, PayloadType, ProtocolId, TsType
+from agent.iana import ExchangeType, NotifyType, PayloadType
+# the payloads and their codec live in agent.ike.payloads / agent.ike.payload_codec; re-exported here
+from agent.ike.payload_codec import (GENERIC_HEADER_LEN, _encode_sa, decode_payloads, encode_payloads,  # noqa: F401
+                                     scan_payloads)
+from agent.ike.payloads import (MAX_ATTRIBUTES, MAX_ATTRIBUTES_TOTAL, MAX_PAYLOADS, MAX_PROPOSALS,  # noqa: F401
+                                MAX_TRANSFORMS, AuthPayload, CertPayload, CertReqPayload, DeletePayload,
+                                EncryptedFragmentPayload, EncryptedPayload, IdPayload, KePayload, MessageError,
+                                MessageLimitError, NoncePayload, NotifyPayload, OpaqueSelector, Payload, Proposal,
+                                RawPayload, SaPayload, TrafficSelector, Transform, TransformAttribute, TsPayload,
+                                UnknownPayload, VendorPayload)
 
 HEADER_LEN = 28
-GENERIC_HEADER_LEN = 4
 IKE_MAJOR_VERSION = 2
 MAX_MESSAGE_LEN = 65535 - 8  # one UDP datagram
 
@@ -28,268 +35,6 @@ MAX_MESSAGE_LEN = 65535 - 8  # one UDP datagram
 FLAG_INITIATOR = 0x08
 FLAG_VERSION = 0x10
 FLAG_RESPONSE = 0x20
-
-
-class MessageError(Exception):
-    """Malformed IKE message; ``reason`` says what was wrong (never raises anything else)."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
-class MessageLimitError(MessageError):
-    """A count limit was exceeded (payloads per chain, proposals, transforms, attributes):
-    refused before anything more is decoded, as the sender is not authenticated yet.
-    The manager counts it as ``payload_limit``."""
-
-
-# Count limits (§3.2, §3.3), checked while decoding, before any authentication. Far above
-# what real peers send (strongSwan sends about 12 payloads in IKE_SA_INIT and caps notifies
-# and vendor IDs at 20 each), low enough that a 64 KiB datagram of tiny payloads is refused
-# after a few dozen of them instead of costing milliseconds.
-MAX_PAYLOADS = 64  # per payload chain: the outer one, or the decrypted one inside SK
-MAX_PROPOSALS = 64  # per SA payload
-MAX_TRANSFORMS = 256  # per SA payload, all proposals together
-MAX_ATTRIBUTES = 8  # per transform (real ones carry at most Key Length)
-
-
-# --------------------------------------------------------------------------
-# Payloads
-# --------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class TransformAttribute:
-    """§3.3.5. ``tv`` True = 2-byte value in the header (AF=1), else ``value`` bytes."""
-    type: int
-    value: Union[int, bytes]
-    tv: bool = True
-
-
-@dataclass(frozen=True)
-class Transform:
-    """§3.3.2 Transform Substructure: type (TransformType), id, attributes."""
-    type: int
-    id: int
-    attributes: tuple[TransformAttribute, ...] = ()
-
-    @property
-    def key_length(self) -> int | None:
-        for a in self.attributes:
-            if a.type == 14 and a.tv and isinstance(a.value, int):
-                return a.value
-        return None
-
-
-@dataclass(frozen=True)
-class Proposal:
-    """§3.3.1 Proposal Substructure. ``spi`` raw bytes (0, 4 or 8 octets)."""
-    number: int
-    protocol: int
-    spi: bytes
-    transforms: tuple[Transform, ...]
-
-
-@dataclass(frozen=True)
-class SaPayload:
-    """§3.3 Security Association payload."""
-    proposals: tuple[Proposal, ...]
-    payload_type = PayloadType.SA
-
-
-@dataclass(frozen=True)
-class KePayload:
-    """§3.4 Key Exchange payload: KE method (KeId) and the public value."""
-    group: int
-    data: bytes
-    payload_type = PayloadType.KE
-
-
-@dataclass(frozen=True)
-class IdPayload:
-    """§3.5 Identification payload; ``ptype`` is IDi or IDr."""
-    ptype: int
-    id_type: int
-    data: bytes
-
-    @property
-    def payload_type(self) -> int:
-        return self.ptype
-
-    @property
-    def body(self) -> bytes:
-        """RestOfInitIDPayload / RestOfRespIDPayload for AUTH (§2.15)."""
-        return bytes([self.id_type, 0, 0, 0]) + self.data
-
-
-@dataclass(frozen=True)
-class CertPayload:
-    """§3.6 Certificate payload (encoding CertEncoding, DER data)."""
-    encoding: int
-    data: bytes = field(repr=False)
-    payload_type = PayloadType.CERT
-
-
-@dataclass(frozen=True)
-class CertReqPayload:
-    """§3.7 Certificate Request (concatenated SHA-1 hashes of CA SPKIs)."""
-    encoding: int
-    data: bytes
-    payload_type = PayloadType.CERTREQ
-
-
-@dataclass(frozen=True)
-class AuthPayload:
-    """§3.8 Authentication payload (method AuthMethod)."""
-    method: int
-    data: bytes = field(repr=False)
-    payload_type = PayloadType.AUTH
-
-
-@dataclass(frozen=True)
-class NoncePayload:
-    """§3.9 Nonce payload (Ni / Nr)."""
-    data: bytes = field(repr=False)
-    payload_type = PayloadType.NONCE
-
-
-@dataclass(frozen=True)
-class NotifyPayload:
-    """§3.10 Notify payload: protocol (0 or ProtocolId), type (NotifyType), SPI, data."""
-    notify_type: int
-    data: bytes = b""
-    protocol: int = 0
-    spi: bytes = b""
-    payload_type = PayloadType.NOTIFY
-
-    @property
-    def is_error(self) -> bool:
-        return self.notify_type < 16384
-
-
-@dataclass(frozen=True)
-class DeletePayload:
-    """§3.11 Delete payload. IKE: spi_size 0 and no SPIs; ESP/AH: 4-byte SPIs."""
-    protocol: int
-    spi_size: int = 0
-    spis: tuple[bytes, ...] = ()
-    payload_type = PayloadType.DELETE
-
-
-@dataclass(frozen=True)
-class VendorPayload:
-    """§3.12 Vendor ID payload."""
-    data: bytes
-    payload_type = PayloadType.VENDOR_ID
-
-
-@dataclass(frozen=True)
-class OpaqueSelector:
-    """§3.13.1 a selector of a type we do not implement (e.g. TS_SECLABEL, RFC 9478), kept as
-    received (``raw``: the whole selector, header included) so the message still decodes;
-    narrowing ignores it (agent.ike.child.ts_intersect never matches it)."""
-    ts_type: int
-    raw: bytes
-
-    def networks(self) -> list:
-        return []
-
-
-@dataclass(frozen=True)
-class TrafficSelector:
-    """§3.13.1 one selector: type, IP protocol (0 any), ports, addresses (packed)."""
-    ts_type: int
-    ip_protocol: int
-    start_port: int
-    end_port: int
-    start_addr: bytes
-    end_addr: bytes
-
-    @classmethod
-    def from_network(cls, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> "TrafficSelector":
-        ts_type = TsType.TS_IPV4_ADDR_RANGE if net.version == 4 else TsType.TS_IPV6_ADDR_RANGE
-        return cls(int(ts_type), 0, 0, 65535, net.network_address.packed, net.broadcast_address.packed)
-
-    @property
-    def start(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-        return ipaddress.ip_address(self.start_addr)
-
-    @property
-    def end(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-        return ipaddress.ip_address(self.end_addr)
-
-    def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-        """The address range as CIDR blocks (empty if start > end)."""
-        if int(self.start) > int(self.end):
-            return []
-        return list(ipaddress.summarize_address_range(self.start, self.end))
-
-
-@dataclass(frozen=True)
-class TsPayload:
-    """§3.13 Traffic Selector payload; ``ptype`` is TSi or TSr."""
-    ptype: int
-    selectors: tuple[TrafficSelector, ...]
-
-    @property
-    def payload_type(self) -> int:
-        return self.ptype
-
-
-@dataclass(frozen=True)
-class EncryptedPayload:
-    """§3.14 Encrypted and Authenticated payload, kept as received.
-
-    ``first`` is the Next Payload of the SK header (type of the first inner
-    payload); ``body`` is IV | ciphertext | ICV.
-    """
-    first: int
-    body: bytes = field(repr=False)
-    payload_type = PayloadType.SK
-
-
-@dataclass(frozen=True)
-class EncryptedFragmentPayload:
-    """RFC 7383 §2.5 Encrypted Fragment payload (SKF), kept as received.
-
-    ``first``: Next Payload (inner type in fragment 1, else 0); ``number`` /
-    ``total``: Fragment Number and Total Fragments; ``body``: IV | ciphertext | ICV.
-    """
-    first: int
-    number: int
-    total: int
-    body: bytes = field(repr=False)
-    payload_type = PayloadType.SKF
-
-
-@dataclass(frozen=True)
-class RawPayload:
-    """A known payload we do not interpret (CP, EAP, GSPM, SKF): body kept raw."""
-    ptype: int
-    data: bytes
-
-    @property
-    def payload_type(self) -> int:
-        return self.ptype
-
-
-@dataclass(frozen=True)
-class UnknownPayload:
-    """Unregistered payload type. ``critical`` set -> UNSUPPORTED_CRITICAL_PAYLOAD (§2.5)."""
-    ptype: int
-    critical: bool
-    data: bytes
-
-    @property
-    def payload_type(self) -> int:
-        return self.ptype
-
-
-Payload = Union[SaPayload, KePayload, IdPayload, CertPayload, CertReqPayload, AuthPayload,
-                NoncePayload, NotifyPayload, DeletePayload, VendorPayload, TsPayload,
-                EncryptedPayload, EncryptedFragmentPayload, RawPayload, UnknownPayload]
-
-_RAW_TYPES = {PayloadType.CP, PayloadType.EAP, PayloadType.GSPM}
 
 
 @dataclass(frozen=True)
@@ -331,326 +76,6 @@ class Message:
     def flags(self) -> int:
         return ((FLAG_INITIATOR if self.is_initiator else 0) | (FLAG_RESPONSE if self.is_response else 0)
                 | (FLAG_VERSION if self.version_flag else 0))
-
-
-# --------------------------------------------------------------------------
-# Body codecs
-# --------------------------------------------------------------------------
-
-def _u8(b: bytes, off: int) -> int:
-    return b[off]
-
-
-def _need(data: bytes, n: int, what: str) -> None:
-    if len(data) < n:
-        raise MessageError(f"{what}: truncated ({len(data)} < {n} octets)")
-
-
-def _decode_attributes(data: bytes) -> tuple[TransformAttribute, ...]:
-    attrs = []
-    off = 0
-    while off < len(data):
-        if len(attrs) >= MAX_ATTRIBUTES:
-            raise MessageLimitError(f"transform: more than {MAX_ATTRIBUTES} attributes")
-        _need(data[off:], 4, "transform attribute")
-        atype, val = struct.unpack_from("!HH", data, off)
-        if atype & 0x8000:
-            attrs.append(TransformAttribute(atype & 0x7FFF, val, True))
-            off += 4
-        else:
-            end = off + 4 + val
-            if end > len(data):
-                raise MessageError("transform attribute: length beyond transform")
-            attrs.append(TransformAttribute(atype, bytes(data[off + 4:end]), False))
-            off = end
-    return tuple(attrs)
-
-
-def _encode_attributes(attrs: tuple[TransformAttribute, ...]) -> bytes:
-    out = bytearray()
-    for a in attrs:
-        if a.tv:
-            out += struct.pack("!HH", 0x8000 | a.type, int(a.value))
-        else:
-            v = bytes(a.value)
-            out += struct.pack("!HH", a.type, len(v)) + v
-    return bytes(out)
-
-
-def _decode_sa(data: bytes) -> SaPayload:
-    proposals = []
-    off = 0
-    last = False
-    ntotal = 0
-    while off < len(data):
-        if last:
-            raise MessageError("SA: data after the last proposal")
-        if len(proposals) >= MAX_PROPOSALS:
-            raise MessageLimitError(f"SA: more than {MAX_PROPOSALS} proposals")
-        _need(data[off:], 8, "proposal")
-        more, _r, plen, num, proto, spi_size, ntrans = struct.unpack_from("!BBHBBBB", data, off)
-        if more not in (0, 2):
-            raise MessageError(f"SA: bad proposal 'last substruc' {more}")
-        if plen < 8 + spi_size or off + plen > len(data):
-            raise MessageError("SA: bad proposal length")
-        spi = bytes(data[off + 8:off + 8 + spi_size])
-        tdata = data[off + 8 + spi_size:off + plen]
-        transforms = []
-        toff = 0
-        tlast = False
-        while toff < len(tdata):
-            if tlast:
-                raise MessageError("SA: data after the last transform")
-            ntotal += 1
-            if ntotal > MAX_TRANSFORMS:
-                raise MessageLimitError(f"SA: more than {MAX_TRANSFORMS} transforms")
-            _need(tdata[toff:], 8, "transform")
-            tmore, _r1, tlen, ttype, _r2, tid = struct.unpack_from("!BBHBBH", tdata, toff)
-            if tmore not in (0, 3):
-                raise MessageError(f"SA: bad transform 'last substruc' {tmore}")
-            if tlen < 8 or toff + tlen > len(tdata):
-                raise MessageError("SA: bad transform length")
-            transforms.append(Transform(ttype, tid, _decode_attributes(tdata[toff + 8:toff + tlen])))
-            toff += tlen
-            tlast = tmore == 0
-        if len(transforms) != ntrans:
-            raise MessageError(f"SA: proposal says {ntrans} transforms, found {len(transforms)}")
-        if transforms and not tlast:
-            raise MessageError("SA: last transform not marked last")
-        proposals.append(Proposal(num, proto, spi, tuple(transforms)))
-        off += plen
-        last = more == 0
-    if proposals and not last:
-        raise MessageError("SA: last proposal not marked last")
-    return SaPayload(tuple(proposals))
-
-
-def _encode_sa(p: SaPayload) -> bytes:
-    out = bytearray()
-    for i, prop in enumerate(p.proposals):
-        tbytes = bytearray()
-        for j, t in enumerate(prop.transforms):
-            attrs = _encode_attributes(t.attributes)
-            more = 3 if j < len(prop.transforms) - 1 else 0
-            tbytes += struct.pack("!BBHBBH", more, 0, 8 + len(attrs), t.type, 0, t.id) + attrs
-        more = 2 if i < len(p.proposals) - 1 else 0
-        out += struct.pack("!BBHBBBB", more, 0, 8 + len(prop.spi) + len(tbytes), prop.number,
-                           prop.protocol, len(prop.spi), len(prop.transforms)) + prop.spi + tbytes
-    return bytes(out)
-
-
-def _decode_ts(ptype: int, data: bytes) -> TsPayload:
-    _need(data, 4, "TS")
-    count = data[0]
-    off = 4
-    sels = []
-    for _ in range(count):
-        _need(data[off:], 8, "traffic selector")
-        ts_type, proto, slen, sport, eport = struct.unpack_from("!BBHHH", data, off)
-        if ts_type == TsType.TS_IPV4_ADDR_RANGE:
-            alen = 4
-        elif ts_type == TsType.TS_IPV6_ADDR_RANGE:
-            alen = 16
-        else:
-            # e.g. TS_SECLABEL (RFC 9478): kept opaque, never matches in narrowing (§3.13.1)
-            if slen < 4 or off + slen > len(data):
-                raise MessageError("TS: bad selector length")
-            sels.append(OpaqueSelector(ts_type, bytes(data[off:off + slen])))
-            off += slen
-            continue
-        if slen != 8 + 2 * alen or off + slen > len(data):
-            raise MessageError("TS: bad selector length")
-        sels.append(TrafficSelector(ts_type, proto, sport, eport,
-                                    bytes(data[off + 8:off + 8 + alen]),
-                                    bytes(data[off + 8 + alen:off + 8 + 2 * alen])))
-        off += slen
-    if off != len(data):
-        raise MessageError("TS: selector count does not match the payload length")
-    return TsPayload(ptype, tuple(sels))
-
-
-def _encode_ts(p: TsPayload) -> bytes:
-    out = bytearray(struct.pack("!BBH", len(p.selectors), 0, 0))
-    for s in p.selectors:
-        if isinstance(s, OpaqueSelector):
-            out += s.raw
-            continue
-        out += struct.pack("!BBHHH", s.ts_type, s.ip_protocol, 8 + len(s.start_addr) + len(s.end_addr),
-                           s.start_port, s.end_port) + s.start_addr + s.end_addr
-    return bytes(out)
-
-
-def _decode_notify(data: bytes) -> NotifyPayload:
-    _need(data, 4, "N")
-    proto, spi_size, ntype = struct.unpack_from("!BBH", data, 0)
-    _need(data, 4 + spi_size, "N SPI")
-    return NotifyPayload(ntype, bytes(data[4 + spi_size:]), proto, bytes(data[4:4 + spi_size]))
-
-
-def _decode_delete(data: bytes) -> DeletePayload:
-    _need(data, 4, "D")
-    proto, spi_size, n = struct.unpack_from("!BBH", data, 0)
-    if len(data) != 4 + spi_size * n:
-        raise MessageError("D: length does not match SPI size x count")
-    if proto == ProtocolId.IKE and (spi_size not in (0, 8)):
-        raise MessageError("D: bad IKE SPI size")
-    if spi_size == 0 and n != 0:
-        raise MessageError("D: SPIs of size 0")
-    spis = tuple(bytes(data[4 + i * spi_size:4 + (i + 1) * spi_size]) for i in range(n))
-    return DeletePayload(proto, spi_size, spis)
-
-
-def _decode_body(ptype: int, critical: bool, data: bytes) -> Payload:
-    if ptype == PayloadType.SA:
-        return _decode_sa(data)
-    if ptype == PayloadType.KE:
-        _need(data, 4, "KE")
-        return KePayload(struct.unpack_from("!H", data, 0)[0], bytes(data[4:]))
-    if ptype in (PayloadType.IDi, PayloadType.IDr):
-        _need(data, 4, "ID")
-        return IdPayload(ptype, data[0], bytes(data[4:]))
-    if ptype == PayloadType.CERT:
-        _need(data, 1, "CERT")
-        return CertPayload(data[0], bytes(data[1:]))
-    if ptype == PayloadType.CERTREQ:
-        _need(data, 1, "CERTREQ")
-        return CertReqPayload(data[0], bytes(data[1:]))
-    if ptype == PayloadType.AUTH:
-        _need(data, 4, "AUTH")
-        return AuthPayload(data[0], bytes(data[4:]))
-    if ptype == PayloadType.NONCE:
-        return NoncePayload(bytes(data))
-    if ptype == PayloadType.NOTIFY:
-        return _decode_notify(data)
-    if ptype == PayloadType.DELETE:
-        return _decode_delete(data)
-    if ptype == PayloadType.VENDOR_ID:
-        return VendorPayload(bytes(data))
-    if ptype in (PayloadType.TSi, PayloadType.TSr):
-        return _decode_ts(ptype, data)
-    if ptype in _RAW_TYPES:
-        return RawPayload(ptype, bytes(data))
-    return UnknownPayload(ptype, critical, bytes(data))
-
-
-def _encode_body(p: Payload) -> bytes:
-    if isinstance(p, SaPayload):
-        return _encode_sa(p)
-    if isinstance(p, KePayload):
-        return struct.pack("!HH", p.group, 0) + p.data
-    if isinstance(p, IdPayload):
-        return p.body
-    if isinstance(p, (CertPayload, CertReqPayload)):
-        return bytes([p.encoding]) + p.data
-    if isinstance(p, AuthPayload):
-        return bytes([p.method, 0, 0, 0]) + p.data
-    if isinstance(p, (NoncePayload, VendorPayload, RawPayload, UnknownPayload)):
-        return p.data
-    if isinstance(p, NotifyPayload):
-        return struct.pack("!BBH", p.protocol, len(p.spi), p.notify_type) + p.spi + p.data
-    if isinstance(p, DeletePayload):
-        return struct.pack("!BBH", p.protocol, p.spi_size, len(p.spis)) + b"".join(p.spis)
-    if isinstance(p, TsPayload):
-        return _encode_ts(p)
-    if isinstance(p, EncryptedPayload):
-        return p.body
-    if isinstance(p, EncryptedFragmentPayload):
-        return struct.pack("!HH", p.number, p.total) + p.body
-    raise TypeError(f"not a payload: {type(p).__name__}")
-
-
-# --------------------------------------------------------------------------
-# Payload chain
-# --------------------------------------------------------------------------
-
-def decode_payloads(first: int, data: bytes, *, allow_sk: bool = True) -> tuple[Payload, ...]:
-    """Decode a generic payload chain (§3.2) starting with type ``first``.
-
-    The chain must end exactly at the end of ``data`` with Next Payload 0;
-    an SK payload must be the last one (§3.14) and is returned undecrypted.
-    Raises MessageError.
-    """
-    payloads: list[Payload] = []
-    off = 0
-    ptype = first
-    data = memoryview(data)
-    while ptype != PayloadType.NO_NEXT_PAYLOAD:
-        if len(payloads) >= MAX_PAYLOADS:
-            raise MessageLimitError(f"more than {MAX_PAYLOADS} payloads in one chain")
-        if len(data) - off < GENERIC_HEADER_LEN:
-            raise MessageError(f"payload {ptype}: truncated generic header")
-        nxt, flags, plen = struct.unpack_from("!BBH", data, off)
-        if plen < GENERIC_HEADER_LEN or off + plen > len(data):
-            raise MessageError(f"payload {ptype}: bad length {plen}")
-        body = bytes(data[off + GENERIC_HEADER_LEN:off + plen])
-        off += plen
-        if ptype == PayloadType.SK:
-            if not allow_sk:
-                raise MessageError("SK payload inside SK")
-            if off != len(data):
-                raise MessageError("SK payload is not the last payload")
-            payloads.append(EncryptedPayload(nxt, body))
-            return tuple(payloads)
-        if ptype == PayloadType.SKF:  # RFC 7383 §2.5: like SK, the last payload
-            if not allow_sk:
-                raise MessageError("SKF payload inside SK")
-            if off != len(data):
-                raise MessageError("SKF payload is not the last payload")
-            if len(body) < 4:
-                raise MessageError("SKF: truncated Fragment Number / Total Fragments")
-            number, total = struct.unpack_from("!HH", body, 0)
-            payloads.append(EncryptedFragmentPayload(nxt, number, total, body[4:]))
-            return tuple(payloads)
-        payloads.append(_decode_body(ptype, bool(flags & 0x80), body))
-        ptype = nxt
-    if off != len(data):
-        raise MessageError(f"{len(data) - off} octets after the last payload")
-    return tuple(payloads)
-
-
-def scan_payloads(first: int, data: bytes, off: int = 0) -> list[tuple[int, int, int]]:
-    """Walk a payload chain (§3.2) by its generic headers only, decoding no body:
-    ``[(payload type, body start, body end)]`` (offsets into ``data``), stopping after an
-    SK/SKF payload. For checks that must come before decoding (the COOKIE, §2.6).
-    Raises MessageError (bad lengths) or MessageLimitError (over MAX_PAYLOADS)."""
-    out: list[tuple[int, int, int]] = []
-    ptype = first
-    while ptype != PayloadType.NO_NEXT_PAYLOAD:
-        if len(out) >= MAX_PAYLOADS:
-            raise MessageLimitError(f"more than {MAX_PAYLOADS} payloads in one chain")
-        if len(data) - off < GENERIC_HEADER_LEN:
-            raise MessageError(f"payload {ptype}: truncated generic header")
-        nxt, _flags, plen = struct.unpack_from("!BBH", data, off)
-        if plen < GENERIC_HEADER_LEN or off + plen > len(data):
-            raise MessageError(f"payload {ptype}: bad length {plen}")
-        out.append((ptype, off + GENERIC_HEADER_LEN, off + plen))
-        off += plen
-        if ptype in (PayloadType.SK, PayloadType.SKF):
-            break
-        ptype = nxt
-    return out
-
-
-def encode_payloads(payloads: tuple[Payload, ...] | list[Payload]) -> tuple[int, bytes]:
-    """Encode a payload chain; returns (type of the first payload, bytes).
-
-    For an SK payload last in the chain, its Next Payload is its ``first``.
-    """
-    out = bytearray()
-    for i, p in enumerate(payloads):
-        body = _encode_body(p)
-        if isinstance(p, (EncryptedPayload, EncryptedFragmentPayload)):
-            if i != len(payloads) - 1:
-                raise ValueError("SK/SKF payload must be last")
-            nxt = p.first
-        else:
-            nxt = int(payloads[i + 1].payload_type) if i + 1 < len(payloads) else 0
-        crit = 0x80 if isinstance(p, UnknownPayload) and p.critical else 0
-        if len(body) + 4 > 0xFFFF:
-            raise ValueError("payload too long")
-        out += struct.pack("!BBH", nxt, crit, len(body) + 4) + body
-    first = int(payloads[0].payload_type) if payloads else 0
-    return first, bytes(out)
 
 
 # --------------------------------------------------------------------------
@@ -701,7 +126,7 @@ def decode_message(data: bytes) -> Message:
             raise
         except MessageError:
             pass  # decode_payloads names the problem in more detail
-        payloads = decode_payloads(h.first, bytes(data[HEADER_LEN:]))
+        payloads = decode_payloads(h.first, memoryview(data)[HEADER_LEN:])
     except MessageError:
         raise
     except Exception as e:  # a codec bug must not escape as anything else
@@ -833,10 +258,11 @@ def _xname(t: int) -> str:
 
 __all__ = [
     "MessageError", "MessageLimitError", "MAX_PAYLOADS", "MAX_PROPOSALS", "MAX_TRANSFORMS", "MAX_ATTRIBUTES",
-    "scan_payloads", "Message", "Header", "Payload", "SaPayload", "Proposal", "Transform",
+    "MAX_ATTRIBUTES_TOTAL", "scan_payloads", "Message", "Header", "Payload", "SaPayload", "Proposal", "Transform",
     "TransformAttribute", "KePayload", "IdPayload", "CertPayload", "CertReqPayload", "AuthPayload",
-    "NoncePayload", "NotifyPayload", "DeletePayload", "VendorPayload", "TsPayload",
-    "TrafficSelector", "OpaqueSelector", "EncryptedPayload", "EncryptedFragmentPayload", "RawPayload", "UnknownPayload", "decode_message",
-    "encode_message", "decode_header", "encode_header", "decode_payloads", "encode_payloads",
-    "check_outer", "check_payload_rules", "PAYLOAD_RULES", "HEADER_LEN", "NotifyType",
+    "NoncePayload", "NotifyPayload", "DeletePayload", "VendorPayload", "TsPayload", "TrafficSelector",
+    "OpaqueSelector", "EncryptedPayload", "EncryptedFragmentPayload", "RawPayload", "UnknownPayload",
+    "decode_message", "encode_message", "decode_header", "encode_header", "decode_payloads", "encode_payloads",
+    "check_outer", "check_payload_rules", "PAYLOAD_RULES", "HEADER_LEN", "NotifyType", "GENERIC_HEADER_LEN",
+    "_encode_sa",
 ]

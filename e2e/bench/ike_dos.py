@@ -8,14 +8,25 @@ Prints two tables, in memory (no sockets), for the IkeManager of this checkout:
    the heap memory they use (tracemalloc) and the drop counters.
 2. CPU per datagram before authentication: microseconds per IKE_SA_INIT for a
    normal request, for a 64 KiB request made of thousands of payloads, each with
-   and without COOKIE mode (in COOKIE mode the requests carry no valid cookie).
+   and without COOKIE mode (in COOKIE mode the requests carry no valid cookie),
+   and for crafted SA payloads (64 proposals / 256 transforms / 8 attributes each,
+   and the largest shape the caps accept), refused with NO_PROPOSAL_CHOSEN.
+3. µs per encrypted request for an unknown IKE SPI from a new source address with
+   2,000 peers (INVALID_IKE_SPI answer and the lookup of the peer at that address).
+4. Memory held by 512 half-open IKE_SAs made of IKE_SA_INITs of the largest size
+   accepted (64 KiB before the size cap), from an attacker that answers COOKIEs.
+5. The loop under a flood of refused IKE_SA_INITs (crafted SA payloads, default
+   150/s for 5 s, in 10 ms batches): share of the loop spent on them and the delay
+   a packet in the same batch waits (median, max): what an RTT through the agent
+   gains.
 
-Run: ``.venv/bin/python e2e/bench/ike_dos.py [--sources 100,1000,5000] [--repeat 200]``.
+Run: ``.venv/bin/python e2e/bench/ike_dos.py [--sources 100,1000,5000] [--repeat 200] [--flood-rate 150]``.
 Figures depend on the machine; docs/ike-hardening.md has the ones measured there.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import inspect
 import os
@@ -29,8 +40,8 @@ from agent.iana import ExchangeType, NotifyType  # noqa: E402
 from agent.ike import child as ch  # noqa: E402
 from agent.ike.crypto import KeyExchange  # noqa: E402
 from agent.ike.manager import IkeManager  # noqa: E402
-from agent.ike.message import (KePayload, Message, NoncePayload, NotifyPayload, VendorPayload,  # noqa: E402
-                               decode_message, encode_message)
+from agent.ike.message import (KePayload, Message, NoncePayload, NotifyPayload, Proposal, SaPayload,  # noqa: E402
+                               Transform, TransformAttribute, VendorPayload, decode_message, encode_message)
 from agent.ike.proposals import parse_ike_proposal  # noqa: E402
 from agent.model import Credentials, NodeView, Peer, PeerPolicy  # noqa: E402
 
@@ -74,6 +85,34 @@ def init_request(spi: int, cookie: bytes | None = None, filler: int = 0) -> byte
     return encode_message(Message(spi, 0, int(ExchangeType.IKE_SA_INIT), 0, True, False, tuple(pl)))
 
 
+def crafted_request(spi: int, proposals: int, transforms: int, attributes: int) -> bytes:
+    """HDR, SA(``proposals`` x ``transforms`` unknown ENCR/PRF/INTEG/KE ids, ``attributes`` Key
+    Length attributes each), KEi, Ni: nothing in it is acceptable (NO_PROPOSAL_CHOSEN)."""
+    sa = SaPayload(tuple(Proposal(i + 1, 1, b"", tuple(
+        Transform(1 + j % 4, 1000 + j, tuple(TransformAttribute(14, 128 + k) for k in range(attributes)))
+        for j in range(transforms))) for i in range(proposals)))
+    pl = (sa, KePayload(31, _KE.public_bytes()), NoncePayload(b"N" * 32))
+    return encode_message(Message(spi, 0, int(ExchangeType.IKE_SA_INIT), 0, True, False, pl))
+
+
+def max_init_len() -> int:
+    """The largest IKE_SA_INIT this checkout accepts (no size cap before: one UDP datagram)."""
+    try:
+        from agent.ike.admission import MAX_INIT_LEN
+        return MAX_INIT_LEN
+    except ImportError:
+        return 65000
+
+
+def big_request(spi: int, size: int, cookie: bytes | None = None) -> bytes:
+    """A normal IKE_SA_INIT padded with one Vendor ID payload to ``size`` octets."""
+    base = len(init_request(spi, cookie))
+    pl = [_PROP, KePayload(31, _KE.public_bytes()), NoncePayload(b"N" * 32), VendorPayload(b"v" * (size - base - 4))]
+    if cookie is not None:
+        pl.insert(0, NotifyPayload(int(NotifyType.COOKIE), cookie))
+    return encode_message(Message(spi, 0, int(ExchangeType.IKE_SA_INIT), 0, True, False, tuple(pl)))
+
+
 def source(i: int) -> tuple[str, int]:
     return (f"203.0.113.{i % 250 + 1}" if i < 250 else f"2001:db8::{i:x}", 500)
 
@@ -102,6 +141,7 @@ def half_open_flood(n_sources: int) -> dict:
             pass
         now += 0.001  # 1,000 new sources per second
     elapsed = time.perf_counter() - t0
+    gc.collect()  # dropped IKE_SAs in reference cycles (IkeSa <-> its tasks) wait for the cyclic GC: not held
     mem = tracemalloc.get_traced_memory()[0] - base
     tracemalloc.stop()
     return {"sources": n_sources, "half_open": m.half_open(), "sas": len(m._sas), "kib": mem / 1024,
@@ -133,10 +173,101 @@ def per_datagram(repeat: int) -> list[tuple[str, float]]:
     return rows
 
 
+def crafted_cost(repeat: int) -> list[tuple[str, float, dict]]:
+    rows = []
+    for p, t, a in ((64, 4, 8), (16, 8, 1), (16, 8, 4)):
+        m = manager(cookie_threshold=1 << 30, half_open_per_source=1 << 30, half_open_max=1 << 30, init_rate=0)
+        datas = [crafted_request(0x20000 + i, p, t, a) for i in range(repeat)]
+        t0 = time.perf_counter()
+        for i, d in enumerate(datas):
+            m.receive_datagram(d, LOCAL, source(i), 1000.0)
+            m.datagrams_to_send()
+            while m.next_event() is not None:
+                pass
+        us = (time.perf_counter() - t0) / repeat * 1e6
+        rows.append((f"{len(datas[0])}-octet IKE_SA_INIT, {p} proposals x {t} transforms x {a} attributes",
+                     us, {k: v for k, v in sorted(m.counters.items()) if v}))
+    return rows
+
+
+def max_size_half_open(n: int = 512) -> dict:
+    """``n`` sources each answer their COOKIE with an IKE_SA_INIT of the largest accepted size."""
+    size = max_init_len()
+    m = manager(cookie_threshold=50)
+    now = 1000.0
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    for i in range(n):
+        spi, src = 0x30000 + i, source(i)
+        m.receive_datagram(big_request(spi, size), LOCAL, src, now)
+        cookie = None
+        for d in m.datagrams_to_send():
+            c = decode_message(d.data).notify(NotifyType.COOKIE)
+            cookie = c.data if c is not None else cookie
+        if cookie is not None:
+            m.receive_datagram(big_request(spi, size, cookie), LOCAL, src, now)
+            m.datagrams_to_send()
+        while m.next_event() is not None:
+            pass
+        now += 0.001
+    gc.collect()  # dropped IKE_SAs in reference cycles (IkeSa <-> its tasks) wait for the cyclic GC: not held
+    mem = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    return {"size": size, "half_open": m.half_open(), "mib": mem / (1 << 20),
+            "counters": {k: v for k, v in sorted(m.counters.items()) if v}}
+
+
+def refused_flood(rate: int, shape: tuple[int, int, int], seconds: float = 5.0, batch_s: float = 0.01) -> dict:
+    """Crafted refused IKE_SA_INITs of ``shape`` (proposals, transforms, attributes) at ``rate`` per
+    second from as many addresses, fed in batches of ``batch_s``: loop share and per-batch delay."""
+    m = manager(cookie_threshold=50)
+    n = int(rate * seconds)
+    datas = [crafted_request(0x40000 + i, *shape) for i in range(n)]
+    batches: list[float] = []
+    now, i, t_next = 1000.0, 0, 0.0
+    while i < n:
+        t_next += batch_s
+        t0 = time.perf_counter()
+        while i < n and i / rate < t_next:
+            m.receive_datagram(datas[i], LOCAL, source(i), now + i / rate)
+            m.datagrams_to_send()
+            i += 1
+        m.handle_timer(now + t_next)
+        while m.next_event() is not None:
+            pass
+        batches.append(time.perf_counter() - t0)
+    batches.sort()
+    return {"rate": rate, "shape": shape, "size": len(datas[0]), "busy": sum(batches) / seconds,
+            "p50_ms": batches[len(batches) // 2] * 1e3,
+            "max_ms": batches[-1] * 1e3, "counters": {k: v for k, v in sorted(m.counters.items()) if v}}
+
+
+def unknown_spi_cost(repeat: int, peers: int = 2000) -> float:
+    """µs per encrypted request for an IKE_SA we do not know, each from a new address, with
+    ``peers`` configured peers: answered with INVALID_IKE_SPI, then the peer at that address
+    (none here) is looked up (a scan of every peer before, an index after)."""
+    from agent.ike.message import EncryptedPayload
+    ps = tuple(Peer(name=f"p{i}", identity=f"p{i}", endpoints=(f"198.51.100.{i % 200 + 10}", f"2001:db8::{i:x}"),
+                    subnets=(), psk=PSK, policy=PeerPolicy(ike_proposals=("aes128gcm16-prfsha256-x25519",)))
+               for i in range(peers))
+    view = NodeView(name="node-b", identity="node-b", subnets=(), peers=ps, local_address=LOCAL[0])
+    m = IkeManager(view, Credentials(psk=PSK), Rng("responder"), local_address=LOCAL[0])
+    datas = [encode_message(Message(0x5000 + i, 0x77, int(ExchangeType.INFORMATIONAL), 3, True, False,
+                                    (EncryptedPayload(0, b"\x00" * 40),))) for i in range(repeat)]
+    m.receive_datagram(datas[0], LOCAL, ("203.0.113.250", 500), 1000.0)  # builds any per-view index
+    t0 = time.perf_counter()
+    for i, d in enumerate(datas):
+        m.receive_datagram(d, LOCAL, (f"2001:db8:1::{i:x}", 500), 1000.0)
+        m.datagrams_to_send()
+    return (time.perf_counter() - t0) / repeat * 1e6
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sources", default="100,1000,5000", help="attacking source counts (default: %(default)s)")
     ap.add_argument("--repeat", type=int, default=200, help="datagrams per CPU row (default: %(default)s)")
+    ap.add_argument("--flood-rate", type=int, default=150,
+                    help="refused IKE_SA_INITs per second (default: %(default)s)")
     args = ap.parse_args()
     print("half-open IKE_SAs vs attacking sources (each answers its COOKIE):")
     print(f"{'sources':>8} {'half-open':>10} {'IKE_SAs':>8} {'heap KiB':>9} {'seconds':>8}  counters")
@@ -145,8 +276,21 @@ def main() -> None:
         print(f"{r['sources']:>8} {r['half_open']:>10} {r['sas']:>8} {r['kib']:>9.0f} {r['s']:>8.2f}  {r['counters']}")
     print()
     print(f"CPU per IKE_SA_INIT before authentication ({args.repeat} datagrams each):")
-    for label, us, counters in per_datagram(args.repeat):
+    for label, us, counters in per_datagram(args.repeat) + crafted_cost(args.repeat):
         print(f"{us:>10.1f} us  {label}  {counters}")
+    print()
+    r = max_size_half_open()
+    print(f"512 sources answering COOKIEs with {r['size']}-octet IKE_SA_INITs: {r['half_open']} half-open, "
+          f"{r['mib']:.1f} MiB heap  {r['counters']}")
+    print()
+    print(f"{unknown_spi_cost(args.repeat * 5):.1f} us per encrypted request for an unknown IKE_SA from a new "
+          "address, 2,000 peers (INVALID_IKE_SPI answered)")
+    print()
+    for shape in ((64, 4, 8), (16, 8, 1)):
+        r = refused_flood(args.flood_rate, shape)
+        print(f"{r['rate']} refused {r['size']}-octet IKE_SA_INITs/s ({' x '.join(map(str, shape))}) for 5 s, 10 ms "
+              f"batches: loop busy {r['busy'] * 100:.1f} %, delay per batch median {r['p50_ms']:.2f} ms, "
+              f"max {r['max_ms']:.2f} ms  {r['counters']}")
 
 
 if __name__ == "__main__":

@@ -70,7 +70,10 @@ def test_stateless_refusals_keep_no_half_open_state(kind):
         (reply,) = _replies(m)
         assert reply.spi_r == 0 and reply.payloads[0].notify_type == NotifyType[kind]
     assert m.half_open() == 0 and m._sas == {} and m._half_open_by_ip == {}
+    assert m.get_timer() == T0 + 10  # only the summary of the refusals (an InitsRefused event) is due
+    m.handle_timer(T0 + 10)
     assert m.timer_entries() == 0 and m.get_timer() is None
+    assert m.counters[f"init_refused_{kind.lower()}"] == 60
     assert "half_open_per_source" not in m.counters and "cookie_required" not in m.counters
 
 
@@ -158,12 +161,16 @@ def test_cookie_is_checked_before_the_message_is_decoded(monkeypatch):
 
 @pytest.mark.parametrize("cookie_mode", [False, True])
 def test_too_many_payloads_are_refused_before_decoding_them_all(cookie_mode):
-    """A 64 KiB IKE_SA_INIT of thousands of tiny payloads: a counted drop after MAX_PAYLOADS."""
+    """A 64 KiB IKE_SA_INIT of thousands of tiny payloads: refused on its size before anything is
+    read; one under the size cap is refused after MAX_PAYLOADS generic headers. Both statelessly
+    with INVALID_SYNTAX, counted."""
     m = _responder(cookie_threshold=0 if cookie_mode else 1_000)
     data = _request(0x77, filler=16_000)
     assert len(data) > 64_000
     m.receive_datagram(data, (B_ADDR, 500), ("203.0.113.9", 500), T0)
-    assert m.counters == {"payload_limit": 1} and m._sas == {} and m.datagrams_to_send() == []
+    m.receive_datagram(_request(0x78, filler=MAX_PAYLOADS), (B_ADDR, 500), ("203.0.113.9", 500), T0)
+    assert m.counters == {"init_refused_too_large": 1, "init_refused_too_many_payloads": 1} and m._sas == {}
+    assert [r.payloads[0].notify_type for r in _replies(m)] == [NotifyType.INVALID_SYNTAX] * 2
 
 
 def _sa_with(proposals: int, transforms: int, attributes: int = 1) -> SaPayload:
@@ -182,7 +189,8 @@ def test_proposal_transform_attribute_counts_are_capped(sa, what):
         decode_message(data)
     m = _responder(cookie_threshold=1_000)
     m.receive_datagram(data, (B_ADDR, 500), ("203.0.113.9", 500), T0)
-    assert m.counters == {"payload_limit": 1} and m._sas == {}
+    assert m.counters == {f"init_refused_too_many_{what}": 1} and m._sas == {}
+    assert [r.payloads[0].notify_type for r in _replies(m)] == [NotifyType.NO_PROPOSAL_CHOSEN]
 
 
 def test_real_initiators_stay_within_the_limits():

@@ -100,7 +100,7 @@ def test_flood_of_spoofed_ike_sa_init_leaves_bounded_state_that_expires():
 
 def test_per_source_limit_of_half_open_ike_sas():
     m = IkeManager(view("node-b", "node-a"), Credentials(psk=PSK), DetRng("b"), local_address=B_ADDR,
-                   cookie_threshold=1_000_000, half_open_per_source=20)
+                   cookie_threshold=1_000_000, half_open_per_source=20, init_rate=0)
     _flood(m, 10_000, 10, T0)
     assert len(m._sas) == m.half_open() == 200
     assert m.counters["half_open_per_source"] == 10_000 - 200
@@ -122,7 +122,8 @@ def test_timers_and_shutdown_cost_does_not_grow_with_half_open_state(monkeypatch
     """get_timer does no per-IKE_SA work (a heap); handle_timer touches only due IKE_SAs;
     delete_all is linear (no scan of the half-open table per dying IKE_SA)."""
     m = IkeManager(view("node-b", "node-a"), Credentials(psk=PSK), DetRng("b"), local_address=B_ADDR,
-                   cookie_threshold=1_000_000, half_open_per_source=1_000_000, half_open_max=1_000_000)
+                   cookie_threshold=1_000_000, half_open_per_source=1_000_000, half_open_max=1_000_000,
+                   init_rate=0, half_open_bytes_max=1 << 40)
     _flood(m, 2_000, 250, T0)
     assert len(m._sas) == 2_000 and m.timer_entries() <= 4 * 2_000 + 64
     calls = _Calls(monkeypatch)

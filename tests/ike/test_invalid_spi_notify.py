@@ -12,7 +12,8 @@ from dataclasses import replace
 
 from agent.iana import ExchangeType, NotifyType
 from agent.ike.events import ChildSaEstablished, IkeSaDeleted
-from agent.ike.manager import INVALID_SPI_INTERVAL_S, IkeManager
+from agent.ike.lost_state import INVALID_SPI_INTERVAL_S
+from agent.ike.manager import IkeManager
 from agent.ike.message import NotifyPayload, decode_message
 from agent.model import Credentials
 

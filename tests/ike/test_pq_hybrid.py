@@ -10,7 +10,7 @@ import pytest
 
 from agent.iana import ExchangeType, KeId, NotifyType, PayloadType
 from agent.ike.crypto import KeyExchange, KeyExchangeError
-from agent.ike.events import ChildSaEstablished, IkeKeysDerived, IkeSaDeleted, IkeSaEstablished
+from agent.ike.events import ChildSaEstablished, IkeKeysDerived, IkeSaDeleted, IkeSaEstablished, InitsRefused
 from agent.ike.kem import MlKemExchange
 from agent.ike.message import (HEADER_LEN, KePayload, VendorPayload, decode_message, decode_payloads,
                                encode_header, encode_payloads)
@@ -302,8 +302,10 @@ def test_hybrid_only_policy_against_a_classical_peer_is_no_proposal_chosen_with_
     n = pnet(a_ike=(CLASSICAL,), b_ike=(HYBRID,))  # the responder insists on ML-KEM
     n.a.initiate("node-b", n.now)
     n.pump()
-    (db,) = n.of("b", IkeSaDeleted)
-    assert "no proposal chosen" in db.reason and "only hybrid proposals" in db.reason
+    # the responder refused statelessly: no IkeSaDeleted, the reason is in its summary event
+    (rb,) = n.of("b", InitsRefused)
+    assert rb.counts == {"no_proposal_chosen": 1}
+    assert "no proposal chosen" in rb.detail and "only hybrid proposals" in rb.detail
     (da,) = n.of("a", IkeSaDeleted)
     assert "NO_PROPOSAL_CHOSEN" in da.reason
     # and the other way round: the initiator offers only hybrid, the peer knows no ML-KEM

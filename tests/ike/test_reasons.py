@@ -8,7 +8,7 @@ import pytest
 
 from agent.ike.errors import (AUTH_BACKOFF, NO_RETRY, DeleteReason, Drop, IkeSaState, LocalProtocolError, Mode,
                               Protocol, RemoteProtocolError)
-from agent.ike.events import IkeSaDeleted
+from agent.ike.events import IkeSaDeleted, InitsRefused
 from agent.ike.manager import REINITIATE_AUTH_BASE_S, REINITIATE_BASE_S, IkeManager
 from agent.iana import NotifyType
 from agent.model import Credentials
@@ -86,7 +86,7 @@ def test_reinitiation_follows_the_kind_not_the_words(kind):
     n.a._backoff.clear()
     # words that used to decide (AUTHENTICATION_FAILED, refused:, redundant, shutdown) say nothing now
     text = "refused: redundant shutdown AUTHENTICATION_FAILED revoked peer did not respond"
-    n.a._schedule_retry(sa, IkeSaDeleted("node-b", sa.spi_i, sa.spi_r, text, None, kind), n.now)
+    n.a._timers.schedule_retry(sa, IkeSaDeleted("node-b", sa.spi_i, sa.spi_r, text, None, kind), n.now)
     if kind in NO_RETRY:
         assert "node-b" not in n.a._backoff
     elif kind in AUTH_BACKOFF:
@@ -105,7 +105,9 @@ def test_a_refused_ike_sa_init_is_a_protocol_error_on_both_sides():
     n = Net(a, b)
     n.a.initiate("node-b", n.now)
     n.pump()
-    (ea,), (eb,) = n.of("a", IkeSaDeleted), n.of("b", IkeSaDeleted)
-    # b raised RemoteProtocolError(NO_PROPOSAL_CHOSEN): answered statelessly; a got LocalProtocolError
-    assert eb.kind == DeleteReason.PROTOCOL_ERROR and eb.reason.startswith("IKE_SA_INIT: no proposal chosen")
+    (ea,), (rb,) = n.of("a", IkeSaDeleted), n.of("b", InitsRefused)
+    # b raised RemoteProtocolError(NO_PROPOSAL_CHOSEN): answered statelessly, counted and summarised
+    # (an IKE_SA that never was makes no IkeSaDeleted, issue 13); a got LocalProtocolError
+    assert not n.of("b", IkeSaDeleted) and rb.counts == {"no_proposal_chosen": 1}
+    assert rb.detail.startswith("IKE_SA_INIT: no proposal chosen")
     assert ea.kind == DeleteReason.PROTOCOL_ERROR and ea.reason.startswith("IKE_SA_INIT refused: NO_PROPOSAL_CHOSEN")
