@@ -19,9 +19,11 @@ Topology (N nodes, default 6; the last one sits behind a NAT)::
 
 Traffic: every ordered pair of workloads pings at 5 per second for the whole
 run; iperf3 (TCP, 4 s, capped rate) visits the pairs one after another.
-Events: a CHILD_SA rekey of a random pair every 10 s and an IKE_SA rekey
-every 60 s (the agent's control socket, as ``meshsec rekey``); faults, one at
-a time: kill -9 of a random agent every ``--kill-every`` seconds (then it is
+Events: every pair of agents has its CHILD_SAs rekeyed every 10 s and its
+IKE_SA every 60 s (``--child-rekey-every``, ``--ike-rekey-every``; the pairs
+spread evenly over the interval, the initiating side alternating; through the
+agent's control socket, as ``meshsec rekey``); pairs with a node under a fault
+are skipped until it has recovered. Faults, one at a time: kill -9 of a random agent every ``--kill-every`` seconds (then it is
 started again), a controller restart, an underlay link flap (3 s down), a NAT
 rebind (new external port range, conntrack flushed), and an inventory edit
 (a node added, later removed; not a fault: no loss expected).
@@ -31,13 +33,16 @@ fault windows (goal 0: rekeys must not lose packets), inside them; per fault
 its recovery time (fault over -> every affected pair answers pings again);
 SAs leaked at the end (CHILD_SAs or IKE_SAs beyond one per pair after the
 rekeys settle, and CHILD_SAs whose peer no longer has the other half); agent
-RSS and CPU over time; (SPI, sequence) reuse seen by the peers: replay drops
-counted by the receiving SAs, and an inbound SPI seen again on a later SA.
+RSS and CPU as a time series (per minute) and per process; the machine's load
+average; (SPI, sequence) reuse per pair as the peers see it: replay drops
+counted by the receiving CHILD_SAs (live ones and those already removed:
+``retired_child_sa_drops``), and an inbound SPI seen again on a later SA.
 Needs root; cleans up its namespaces on exit (also on SIGTERM).
 """
 from __future__ import annotations
 
 import argparse
+import heapq
 import ipaddress
 import itertools
 import json
@@ -236,10 +241,11 @@ class Soak:
         self.iperf: list[dict] = []
         self.pings: dict[tuple[str, str], PingLog] = {}
         self.stop = threading.Event()
-        self.busy = threading.Lock()  # a fault in progress: rekeys wait
+        self.busy = threading.Lock()  # one fault or event at a time
+        self.fault_nodes: set[str] = set()  # nodes under a fault now: their pairs are not rekeyed
         self.spis_seen: dict[str, dict[str, str]] = {n: {} for n in names}  # node -> spi_in -> established
         self.spi_reuse: list[dict] = []
-        self.replay_max: dict[tuple, int] = {}
+        self.replay_max: dict[tuple, int] = {}  # (node, pid, peer) -> replay drops (live + retired SAs)
 
     def now(self) -> float:
         return time.time() - self.t0
@@ -268,6 +274,10 @@ class Soak:
     def sampler(self) -> None:
         while not self.stop.wait(self.args.sample_every):
             row = {"t": round(self.now(), 1), "agents": {}}
+            try:
+                row["load"] = [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+            except (OSError, ValueError):
+                pass
             for n in self.names:
                 proc = self.mesh.agents.get(n)
                 st = proc_stats(proc.pid) if proc and proc.poll() is None else None
@@ -278,14 +288,18 @@ class Soak:
                 if status:
                     a["child_sas"] = len(status.get("child_sas", []))
                     a["ike_sas"] = len(status.get("ike_sas", []))
+                    replay: dict[str, int] = {p: d.get("replay", 0)
+                                              for p, d in (status.get("retired_child_sa_drops") or {}).items()}
                     for c in status.get("child_sas", []):
                         est = str(c.get("established"))
                         prev = self.spis_seen[n].get(c["spi_in"])
                         if prev is not None and prev != est:
-                            self.spi_reuse.append({"node": n, "spi_in": c["spi_in"], "t": row["t"]})
+                            self.spi_reuse.append({"node": n, "peer": c["peer"], "spi_in": c["spi_in"], "t": row["t"]})
                         self.spis_seen[n][c["spi_in"]] = est
-                        key = (n, c["peer"], c["spi_in"])
-                        self.replay_max[key] = max(self.replay_max.get(key, 0), c.get("drops", {}).get("replay", 0))
+                        replay[c["peer"]] = replay.get(c["peer"], 0) + c.get("drops", {}).get("replay", 0)
+                    for p, v in replay.items():
+                        key = (n, proc.pid if proc else None, p)
+                        self.replay_max[key] = max(self.replay_max.get(key, 0), v)
                 row["agents"][n] = a
             self.samples.append(row)
 
@@ -315,21 +329,32 @@ class Soak:
             self.iperf.append(row)
 
     def rekey_loop(self) -> None:
-        nxt_child, nxt_ike = 10.0, 60.0
-        while not self.stop.wait(0.5):
-            t = self.now()
-            for what, due in (("child", nxt_child), ("ike", nxt_ike)):
-                if t < due:
-                    continue
-                with self.busy:
-                    a, b = self.rng.sample(self.names, 2)
-                    ans = control(self.mesh.socket(a), {"cmd": "rekey", "peer": b, "what": what}) or {}
-                    self.events.append({"t": round(self.now(), 1), "event": f"rekey_{what}", "node": a, "peer": b,
-                                        "ok": bool(ans.get("ok")), "error": ans.get("error")})
-                if what == "child":
-                    nxt_child += 10.0
-                else:
-                    nxt_ike += 60.0
+        """Every unordered pair: its CHILD_SAs rekeyed every ``--child-rekey-every`` s and its
+        IKE_SA every ``--ike-rekey-every`` s, the pairs spread evenly over each interval (the IKE_SA
+        rekeys half a slot after the CHILD_SA ones), the initiating side alternating. A pair with a
+        node under a fault is skipped (counted) until the fault has recovered."""
+        pairs = list(itertools.combinations(self.names, 2))
+        every = {"child": self.args.child_rekey_every, "ike": self.args.ike_rekey_every}
+        due: list = []
+        for i in range(len(pairs)):
+            for what, iv in every.items():
+                off = (i + (0.5 if what == "ike" else 0.0)) * iv / len(pairs)
+                heapq.heappush(due, (iv + off, what, i, 0))
+        while not self.stop.is_set():
+            at, what, i, k = due[0]
+            wait = at - self.now()
+            if wait > 0:
+                self.stop.wait(min(wait, 0.5))
+                continue
+            heapq.heapreplace(due, (at + every[what], what, i, k + 1))
+            a, b = pairs[i] if k % 2 == 0 else pairs[i][::-1]
+            ev = {"t": round(self.now(), 1), "due": round(at, 1), "event": f"rekey_{what}", "node": a, "peer": b}
+            if self.fault_nodes & {a, b}:
+                ev.update(ok=False, skipped="fault")
+            else:
+                ans = control(self.mesh.socket(a), {"cmd": "rekey", "peer": b, "what": what}) or {}
+                ev.update(ok=bool(ans.get("ok")), error=ans.get("error"))
+            self.events.append(ev)
 
     # -- faults -------------------------------------------------------------
     def _affected(self, nodes) -> list[tuple[str, str]]:
@@ -340,18 +365,22 @@ class Soak:
         try:
             wait_until(lambda: all(self.pings[p].answered_after(since) for p in pairs), self.args.recovery_timeout,
                        interval=0.2, what=f"recovery after {fault['fault']}")
-            last = max(min(v for v in self.pings[p].replies.values() if v > since) for p in pairs)
-            fault["recovery_s"] = round(last - since, 2)
+            first = {p: min(v for v in self.pings[p].replies.values() if v > since) for p in pairs}
+            fault["recovery_s"] = round(max(first.values()) - since, 2)
+            # per pair: the slowest one is often a single pair (e.g. with the node behind the NAT)
+            fault["recovery_by_pair"] = {f"{a}->{b}": round(t - since, 2) for (a, b), t in first.items()}
         except TimeoutError:
             fault["recovery_s"] = None
             fault["not_recovered"] = [f"{a}->{b}" for a, b in pairs if not self.pings[(a, b)].answered_after(since)]
         fault["end"] = round(self.now(), 1)
+        self.fault_nodes = set()
         self.log(f"{fault['fault']} {fault.get('target', '')}: recovered in {fault['recovery_s']} s")
 
     def kill_agent(self) -> None:
         victim = self.rng.choice(self.names)
         proc = self.mesh.agents[victim]
         f = {"fault": "kill -9 agent", "target": victim, "start": round(self.now(), 1)}
+        self.fault_nodes = {victim}
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         time.sleep(2)
@@ -374,6 +403,7 @@ class Soak:
         victim = self.rng.choice([n for n in self.names if n != self.mesh.nat_node])
         ns = self.mesh.node(victim).ns
         f = {"fault": "underlay link flap (3 s)", "target": victim, "start": round(self.now(), 1)}
+        self.fault_nodes = {victim}
         sh("ip", "link", "set", "ul0", "down", ns=ns)
         time.sleep(3)
         sh("ip", "link", "set", "ul0", "up", ns=ns)
@@ -383,6 +413,7 @@ class Soak:
     def rebind_nat(self) -> None:
         victim = self.mesh.nat_node
         f = {"fault": "NAT rebind", "target": victim, "start": round(self.now(), 1)}
+        self.fault_nodes = {victim}
         self.mesh.rebind_nat()
         self._recover(f, [victim], time.time())
         self.faults.append(f)
@@ -457,6 +488,33 @@ class Soak:
             res = counts()
         return res
 
+    def series(self, step: float = 60.0) -> list[dict]:
+        """Per ``step`` seconds: each agent's RSS (MB, at the end of the step) and CPU (% of one
+        core over the step, same process only; a restart starts a new process) and the load
+        average (1 min) of the machine."""
+        out, t_next = [], step
+        last: dict[str, tuple] = {}  # node -> (t, cpu_s, pid) at the previous row (or its first sample)
+        for row in self.samples:
+            for n, a in row["agents"].items():
+                if "rss_mb" in a and (n not in last or last[n][2] != a["pid"]):
+                    last[n] = (row["t"], a["cpu_s"], a["pid"])  # a new process: its CPU counts from here
+            if row["t"] < t_next and row is not self.samples[-1]:
+                continue
+            r = {"t": round(row["t"]), "load1": (row.get("load") or [None])[0], "agents": {}}
+            for n, a in row["agents"].items():
+                if "rss_mb" not in a:
+                    r["agents"][n] = None
+                    continue
+                prev = last.get(n)
+                cpu = (round(100 * (a["cpu_s"] - prev[1]) / (row["t"] - prev[0]), 1)
+                       if prev and prev[2] == a["pid"] and row["t"] > prev[0] else None)
+                r["agents"][n] = {"rss_mb": a["rss_mb"], "cpu_pct": cpu, "pid": a["pid"]}
+                last[n] = (row["t"], a["cpu_s"], a["pid"])
+            out.append(r)
+            while t_next <= row["t"]:
+                t_next += step
+        return out
+
     def report(self) -> dict:
         leaks = self.settle_sas()
         windows = [(self.t0 + f["start"] - 1, self.t0 + f.get("end", f["start"]) + 1) for f in self.faults]
@@ -471,8 +529,15 @@ class Soak:
                     lost_in += 1
                 else:
                     lost_out.append(round(ts - self.t0, 1))
+            # (SPI, sequence) reuse as b sees a's packets: b's replay drops for a, b's inbound SPIs reused
+            replay = sum(v for (n, _pid, p), v in self.replay_max.items() if n == b and p == a)
+            reused = sum(1 for x in self.spi_reuse if x["node"] == b and x.get("peer") == a)
+            rk = [e for e in self.events if e["event"].startswith("rekey") and {e["node"], e["peer"]} == {a, b}]
             per_pair[f"{a}->{b}"] = {"sent": len(sent), "lost_outside_faults": len(lost_out),
-                                     "lost_in_faults": lost_in, "lost_outside_at_s": lost_out}
+                                     "lost_in_faults": lost_in, "lost_outside_at_s": lost_out,
+                                     "replay_drops_at_dst": replay, "spi_reused_at_dst": reused,
+                                     "child_rekeys": sum(1 for e in rk if e["event"] == "rekey_child" and e["ok"]),
+                                     "ike_rekeys": sum(1 for e in rk if e["event"] == "rekey_ike" and e["ok"])}
         growth = {}
         for n in self.names:
             rows = [(s["t"], s["agents"][n]) for s in self.samples if n in s["agents"] and "rss_mb" in s["agents"][n]]
@@ -485,6 +550,8 @@ class Soak:
                          for pid, r in by_pid.items()]
         rekeys = [e for e in self.events if e["event"].startswith("rekey")]
         return {
+            "t0_unix": round(self.t0, 3),  # times in this report are seconds after this
+            "series": self.series(),
             "duration_s": self.args.duration, "nodes": self.names, "nat_node": self.mesh.nat_node,
             "pairs": per_pair,
             "lost_outside_faults_total": sum(p["lost_outside_faults"] for p in per_pair.values()),
@@ -492,11 +559,15 @@ class Soak:
             "faults": self.faults,
             "rekeys": {"child_started": sum(1 for e in rekeys if e["event"] == "rekey_child" and e["ok"]),
                        "ike_started": sum(1 for e in rekeys if e["event"] == "rekey_ike" and e["ok"]),
-                       "refused": [e for e in rekeys if not e["ok"]]},
+                       "child_every_s": self.args.child_rekey_every, "ike_every_s": self.args.ike_rekey_every,
+                       "pairs": len(self.names) * (len(self.names) - 1) // 2,
+                       "skipped_fault": sum(1 for e in rekeys if e.get("skipped")),
+                       "late_max_s": round(max((e["t"] - e["due"] for e in rekeys), default=0.0), 1),
+                       "refused": [e for e in rekeys if not e["ok"] and not e.get("skipped")]},
             "events": self.events,
             "sas_leaked": leaks,
             "replay_drops_total": sum(self.replay_max.values()),
-            "replay_drops": {f"{n}<-{p} {spi}": v for (n, p, spi), v in self.replay_max.items() if v},
+            "replay_drops": {f"{n} (pid {pid}) <- {p}": v for (n, pid, p), v in self.replay_max.items() if v},
             "spi_reuse": self.spi_reuse,
             "agents": growth,
             "iperf3": self.iperf,
@@ -507,14 +578,26 @@ class Soak:
 def print_summary(r: dict) -> None:
     print(f"\n=== soak: {len(r['nodes'])} agents, {r['duration_s']} s, NAT node {r['nat_node']}")
     print(f"pings sent {r['pings_sent_total']}, lost outside fault windows {r['lost_outside_faults_total']}")
-    print(f"rekeys started: CHILD_SA {r['rekeys']['child_started']}, IKE_SA {r['rekeys']['ike_started']}, "
-          f"refused {len(r['rekeys']['refused'])}")
+    rk = r["rekeys"]
+    print(f"rekeys started ({rk['pairs']} pairs; CHILD_SAs every {rk['child_every_s']} s, IKE_SA every "
+          f"{rk['ike_every_s']} s per pair): CHILD_SA {rk['child_started']}, IKE_SA {rk['ike_started']}, "
+          f"refused {len(rk['refused'])}, skipped during faults {rk['skipped_fault']}, latest {rk['late_max_s']} s late")
+    for e in rk["refused"][:10]:
+        print(f"  refused at {e['t']} s: {e['node']} -> {e['peer']} {e['event']}: {e.get('error')}")
     for f in r["faults"]:
+        by = f.get("recovery_by_pair") or {}
+        nat = {k: v for k, v in by.items() if r["nat_node"] and r["nat_node"] in k and f.get("target") != r["nat_node"]}
+        rest = sorted(v for k, v in by.items() if k not in nat)
         print(f"fault {f['fault']:26} {f.get('target', ''):8} at {f['start']:7.1f} s: recovery "
-              f"{f.get('recovery_s')} s" + (f" NOT RECOVERED {f['not_recovered']}" if f.get("not_recovered") else ""))
-    print("per pair (lost outside / inside fault windows):")
+              f"{f.get('recovery_s')} s" + (f" NOT RECOVERED {f['not_recovered']}" if f.get("not_recovered") else "")
+              + (f" (pairs with the NAT node: {max(nat.values())} s; the other {len(rest)} pairs: median "
+                 f"{rest[len(rest) // 2]} s, max {rest[-1]} s)" if nat and rest else ""))
+    print("per pair (pings lost outside / inside fault windows; CHILD_SA / IKE_SA rekeys of the pair; "
+          "replay drops and reused inbound SPIs at the destination):")
     for k, v in sorted(r["pairs"].items()):
-        print(f"  {k:16} sent {v['sent']:6} lost {v['lost_outside_faults']:4} / {v['lost_in_faults']:4}"
+        print(f"  {k:16} sent {v['sent']:6} lost {v['lost_outside_faults']:4} / {v['lost_in_faults']:4}  rekeys "
+              f"{v['child_rekeys']:4} / {v['ike_rekeys']:3}  replay {v['replay_drops_at_dst']} spi reuse "
+              f"{v['spi_reused_at_dst']}"
               + (f"  (outside at {v['lost_outside_at_s']} s)" if v["lost_outside_at_s"] else ""))
     print(f"SAs leaked: {r['sas_leaked']}")
     print(f"replay drops seen by peers: {r['replay_drops_total']} {r['replay_drops'] or ''}; "
@@ -523,6 +606,16 @@ def print_summary(r: dict) -> None:
         for a in rows:
             print(f"  {n} pid {a['pid']}: {a['from_t']:.0f}-{a['to_t']:.0f} s RSS {a['rss_mb_first']} -> "
                   f"{a['rss_mb_last']} MB (max {a['rss_mb_max']}), CPU {a['cpu_pct']} %")
+    names = r["nodes"]
+    print("RSS MB / CPU % of one core per minute (load average 1 min):")
+    print(f"  {'t s':>6} {'load':>5} " + " ".join(f"{n:>13}" for n in names))
+    for row in r["series"]:
+        cells = []
+        for n in names:
+            a = row["agents"].get(n)
+            cells.append(f"{a['rss_mb']:6.1f}/{a['cpu_pct'] if a['cpu_pct'] is not None else '-':>5}" if a else "-")
+        print(f"  {row['t']:>6} {row['load1'] if row['load1'] is not None else '-':>5} "
+              + " ".join(f"{c:>13}" for c in cells))
     ok = [x for x in r["iperf3"] if "mbit_s" in x]
     if ok:
         print(f"iperf3: {len(ok)} runs ok, {len(r['iperf3']) - len(ok)} failed, median "
@@ -539,6 +632,10 @@ def main(argv=None) -> int:
     ap.add_argument("--iperf-seconds", type=int, default=4)
     ap.add_argument("--iperf-rate", default="50M", help="iperf3 -b (default 50M: the pings must still get through)")
     ap.add_argument("--sample-every", type=float, default=5.0, help="seconds between RSS/CPU/SA samples")
+    ap.add_argument("--child-rekey-every", type=float, default=10.0,
+                    help="seconds between CHILD_SA rekeys of each pair (default 10)")
+    ap.add_argument("--ike-rekey-every", type=float, default=60.0,
+                    help="seconds between IKE_SA rekeys of each pair (default 60)")
     ap.add_argument("--recovery-timeout", type=float, default=120.0)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--report", type=Path, help="write the full report as JSON here")

@@ -172,6 +172,58 @@ def esp(c: Corpus) -> None:
             c.add("spd_lookup", bytes([s]) + chunk(p))
 
 
+def offload(c: Corpus) -> None:
+    """TUN reads as the kernel makes them with IFF_VNET_HDR (TSO4/6, USO, partial checksums)
+    and runs of TCP segments for coalescing."""
+    from scapy.layers.inet import IP, TCP, UDP
+    from scapy.layers.inet6 import IPv6
+    from agent.datapath import offload as o
+
+    def partial(pkt: bytearray, ihl: int, proto: int, at: int) -> None:
+        from agent.esp.packet import checksum
+        addrs = bytes(pkt[8:40] if ihl == 40 else pkt[12:20])
+        pseudo = addrs + bytes([0, proto]) + (len(pkt) - ihl).to_bytes(2, "big")
+        pkt[at:at + 2] = (~checksum(pseudo) & 0xFFFF).to_bytes(2, "big")
+
+    reads = []
+    for v6 in (False, True):
+        l3 = IPv6(src="fd00::1", dst="fd00::2") if v6 else IP(src="10.0.0.1", dst="10.0.0.2", id=7, flags="DF")
+        ihl = 40 if v6 else 20
+        for size, mss, flags, opts in ((3000, 1348, "PA", []), (2001, 1000, "FPA", []), (400, 48, "A", []),
+                                       (1500, 536, "CA", [("NOP", None), ("NOP", None), ("Timestamp", (1, 2))])):
+            pkt = bytearray(bytes(l3 / TCP(sport=5001, dport=40000, seq=0xFFFFFF00, ack=77, flags=flags,
+                                            options=opts, chksum=0) / (bytes(range(256)) * 12)[:size]))
+            thl = (pkt[ihl + 12] >> 4) * 4
+            partial(pkt, ihl, 6, ihl + 16)
+            gso = o.GSO_TCPV6 if v6 else o.GSO_TCPV4
+            reads.append(o.build_vnet_hdr(o.F_NEEDS_CSUM, gso, ihl + thl, mss, ihl, 16) + bytes(pkt))
+            reads.append(o.build_vnet_hdr(o.F_DATA_VALID, gso | o.GSO_ECN, ihl + thl, mss, ihl, 16) + bytes(pkt))
+        udp = bytearray(bytes(l3 / UDP(sport=1, dport=2, chksum=0) / bytes(3000)))
+        partial(udp, ihl, 17, ihl + 6)
+        reads.append(o.build_vnet_hdr(o.F_NEEDS_CSUM, o.GSO_UDP_L4, ihl + 8, 1200, ihl, 6) + bytes(udp))
+        for small in (bytes(l3 / UDP(sport=1, dport=2, chksum=0) / (b"x" * 30)),
+                      bytes(l3 / TCP(sport=1, dport=2, flags="S", chksum=0)),
+                      bytes(l3 / TCP(sport=1, dport=2, flags="A", chksum=0) / bytes(1400))):
+            b = bytearray(small)
+            proto, at = (17, 6) if b[9 if not v6 else 6] == 17 else (6, 16)
+            partial(b, ihl, proto, ihl + at)
+            reads.append(o.build_vnet_hdr(o.F_NEEDS_CSUM, 0, 0, 0, ihl, at) + bytes(b))
+            reads.append(o.ZERO_HDR + small)
+    for r in reads:
+        c.add("offload", b"\x00" + r)
+        c.add("offload", b"\x02\xff\xff" + r)  # inflated to 64 KiB
+    for v6 in (False, True):
+        l3 = (lambda i: IPv6(src="fd00::1", dst="fd00::2")) if v6 else \
+            (lambda i: IP(src="10.0.0.1", dst="10.0.0.2", id=100 + i, flags="DF"))
+        segs = [bytes(l3(i) / TCP(sport=5001, dport=40000, seq=1000 + 1000 * i, ack=1, flags="PA" if i == 4 else "A")
+                      / (bytes([i]) * (1000 if i < 4 else 300))) for i in range(5)]
+        other = [bytes(l3(i) / TCP(sport=7, dport=8, seq=1 + 500 * i, ack=1, flags="A") / bytes(500)) for i in range(3)]
+        udp = bytes(l3(0) / UDP(sport=1, dport=2) / b"u")
+        c.add("offload", b"\x01" + b"".join(chunk(p) for p in segs))
+        c.add("offload", b"\x01" + b"".join(chunk(p) for p in (segs[0], other[0], segs[1], udp, other[1], segs[2],
+                                                                other[2], segs[3], segs[4])))
+
+
 def inventories(c: Corpus) -> None:
     texts = []
     for f in sorted((ROOT / "tests").rglob("*.py")):
@@ -209,16 +261,22 @@ def grpc_requests(c: Corpus) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--captures", type=Path, default=ROOT.parent.parent / "shared" / "captures")
+    ap.add_argument("--only", action="append", metavar="TARGET",
+                    help="rebuild only this target's corpus (repeatable; default all)")
     a = ap.parse_args()
     c = Corpus()
-    if a.captures.is_dir():
-        captures(c, a.captures)
-    else:
-        print(f"no captures at {a.captures}: seeds from the code only", file=sys.stderr)
-    ike(c)
-    esp(c)
-    inventories(c)
-    grpc_requests(c)
+    if a.only is None or {"ike_message", "esp_decap", "spd_lookup"} & set(a.only):
+        if a.captures.is_dir():
+            captures(c, a.captures)
+        else:
+            print(f"no captures at {a.captures}: seeds from the code only", file=sys.stderr)
+    for make, targets in ((ike, {"ike_message", "ike_manager", "ike_sk", "ike_fragment"}),
+                          (esp, {"esp_decap", "spd_lookup"}), (offload, {"offload"}), (inventories, {"inventory"}),
+                          (grpc_requests, {"controller_grpc"})):
+        if a.only is None or targets & set(a.only):
+            make(c)
+    if a.only is not None:
+        c.files = {t: f for t, f in c.files.items() if t in a.only}
     c.write()
 
 

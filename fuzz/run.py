@@ -50,26 +50,29 @@ def _findings(target: str) -> set[str]:
 
 
 _RETIME = """
-import sys, time
+import os, sys, time
 sys.path.insert(0, sys.argv[1])
 import importlib
 t = importlib.import_module("fuzz.targets." + sys.argv[2]).TARGET
-for path in sys.argv[3:]:
+for path in sys.stdin.read().splitlines():  # paths on stdin: a long run saves thousands of slow inputs
+    if not os.path.isfile(path):
+        continue  # gone: not re-timed, so it stays a finding
     data = open(path, "rb").read()
     t._once(data)  # warm-up: first-use imports and caches
     print(path, min(t._once(data) for _ in range(20)) * 1000, flush=True)  # the best of 20: the machine is shared
 """
 
 
-def recheck_slow(target: str, names: list[str], python: str) -> dict[str, float]:
+def recheck_slow(target: str, names: list[str], python: str, directory: Path | None = None) -> dict[str, float]:
     """Milliseconds per slow input (best of 20), timed again in a plain (uninstrumented) process: the
     10 ms bound is about the code that ships, and atheris' edge tracing slows pure-Python
-    code (PyYAML above all) several times."""
+    code (PyYAML above all) several times. ``names``: files in ``directory`` (default
+    fuzz/findings/<target>/), passed on stdin (any number; a missing one is left out)."""
     if not names:
         return {}
-    d = FUZZ / "findings" / target
-    out = subprocess.run([python, "-c", _RETIME, str(ROOT), target, *[str(d / n) for n in names]], cwd=ROOT,
-                         capture_output=True, text=True, check=False).stdout
+    d = directory or FUZZ / "findings" / target
+    out = subprocess.run([python, "-c", _RETIME, str(ROOT), target], input="\n".join(str(d / n) for n in names),
+                         cwd=ROOT, capture_output=True, text=True, check=False).stdout
     res = {}
     for line in out.splitlines():
         path, ms = line.rsplit(" ", 1)

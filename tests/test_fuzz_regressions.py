@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,18 @@ def test_certificate_with_malformed_subject_is_an_auth_error() -> None:
     with pytest.raises(auth.AuthError, match="malformed"):
         auth.verify_certificate_chain([bad], [p["ca"]], env.T0)
     assert auth.verify_certificate_chain([der], [p["ca"]], env.T0)  # the intact one still verifies
+
+
+# ---- fuzz/run.py (the 2026-12-06 long run of `inventory` saved 26,000 slow-* inputs) ----------
+
+def test_recheck_slow_takes_any_number_of_inputs(tmp_path: Path) -> None:
+    """The inputs to re-time went to the timing process as arguments: with thousands of them
+    run.py died with OSError "Argument list too long" after a 70-minute run, its summary lost.
+    Now they go on stdin; missing files are left out (they stay findings)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from fuzz.run import recheck_slow
+    real = "slow-" + "0" * 40
+    (tmp_path / real).write_bytes(b"\x00" * 30)  # any bytes: the ike_message target decodes and drops them
+    gone = [f"slow-{i:040d}" for i in range(30_000)]  # ~3 MB of paths: beyond the argument limit
+    res = recheck_slow("ike_message", gone + [real], sys.executable, directory=tmp_path)
+    assert list(res) == [real] and 0 <= res[real] < 1000

@@ -175,7 +175,8 @@ class IkeRequests:
     def unknown_spi(self, spis_from: list, now: float) -> None:
         """ESP/AH with an SPI we do not know came from these (SPI bytes, address) pairs: tell
         the IKE core (``hint_unknown_spi``, docs/ike-hardening.md), once per source address per
-        batch; the core rate-limits and decides (liveness check, new IKE_SA, or nothing)."""
+        batch; the core rate-limits and decides (liveness check, new IKE_SA, an unprotected
+        N(INVALID_SPI) to the source, or nothing)."""
         seen: set[str] = set()
         children = self.sad.children
         for spi, addr in spis_from:
@@ -183,7 +184,7 @@ class IkeRequests:
             if ip in seen or len(spi) < 4 or int.from_bytes(spi, "big") in children:
                 continue
             seen.add(ip)
-            what = self.ike.hint_unknown_spi(addr, now)
+            what = self.ike.hint_unknown_spi(addr, now, bytes(spi[:4]))
             if what in ("initiated", "liveness_check"):
                 self.counters["unknown_spi_hints"] += 1
                 self.log.info("ESP/AH with unknown SPI %s from %s: %s", spi.hex(), ip,

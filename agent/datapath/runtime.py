@@ -490,7 +490,7 @@ class Runtime:
         req = self.requests
         for ch, sa in out.volume:
             self._request(f"volume check of CHILD_SA {ch.inbound_spi:08x}", req.volume, ch, sa, now)
-        if out.unknown_spi:
+        if out.unknown_spi and not self.awaiting_view:  # nothing said before the first view
             self._request("unknown-SPI hint", req.unknown_spi, out.unknown_spi, now)
         for peer, n in out.acquire.items():
             self._request(f"acquire({peer})", req.acquire, peer, n, now, out.waiting.get(peer, ()))

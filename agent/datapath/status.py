@@ -108,6 +108,8 @@ def status(rt) -> dict:
         "tun": getattr(rt.tun, "name", None), "uptime_s": round(time.time() - rt.started_wall, 3),
         "ike_sas": ike_sas, "child_sas": children,
         "drops": drops, "ike_drops": {k: v for k, v in ike_counters.items() if v},
+        # per peer: drops counted by CHILD_SAs removed since the start (rekeyed, deleted)
+        "retired_child_sa_drops": {p: dict(d) for p, d in getattr(rt.sad, "retired_drops", {}).items() if d},
         "counters": dict(counters),
         # controller mode: IKE requests that came before the first view (peers retransmit)
         "before_first_view": {"ike_dropped": counters[BEFORE_FIRST_VIEW]},

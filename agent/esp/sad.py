@@ -94,11 +94,7 @@ class ChildEntry:
         """JSON-ready row (no keys); ``now`` on the clock of ``established``."""
         c_in = dict(getattr(self.in_sa, "counters", {}) or {})
         c_out = dict(getattr(self.out_sa, "counters", {}) or {})
-        drops = {k: v for k, v in self.drops.items() if v}
-        for c in (c_in, c_out):
-            for k, v in c.items():
-                if k not in _FLOW and isinstance(v, int) and v:
-                    drops[k] = drops.get(k, 0) + v
+        drops = self.drop_counts()
         return {
             "peer": self.peer,
             "ike_spi_i": f"{self.ike_spi_i:016x}", "ike_spi_r": f"{self.ike_spi_r:016x}",
@@ -115,6 +111,15 @@ class ChildEntry:
             "drops": drops,
             "lifetime": self.lifetime(),
         }
+
+    def drop_counts(self) -> dict[str, int]:
+        """Non-zero drop counters of this CHILD_SA: its own and both directions' (replay, icv, ...)."""
+        drops = {k: v for k, v in self.drops.items() if v}
+        for sa in (self.in_sa, self.out_sa):
+            for k, v in (getattr(sa, "counters", {}) or {}).items():
+                if k not in _FLOW and isinstance(v, int) and v:
+                    drops[k] = drops.get(k, 0) + v
+        return drops
 
     def lifetime(self) -> dict | None:
         """Byte/packet lifetimes (RFC 4301 §4.4.2.1) of both directions: limits (0 = none),
@@ -142,6 +147,9 @@ class Sad:
         self.current: dict[str, ChildEntry] = {}
         self.sending: dict[str, tuple[ChildEntry, ...]] = {}
         self.counters: dict[str, int] = {"no_sa": 0, "malformed": 0}
+        # peer -> summed drop counters of its removed CHILD_SAs (rekeys every few seconds must
+        # not make drops such as replay vanish from the status)
+        self.retired_drops: dict[str, dict[str, int]] = {}
 
     def __len__(self) -> int:
         return len(self.children)
@@ -163,6 +171,9 @@ class Sad:
         if self.children.get(ch.inbound_spi) is not ch:
             return False
         del self.children[ch.inbound_spi]
+        acc = self.retired_drops.setdefault(ch.peer, {})
+        for k, v in ch.drop_counts().items():
+            acc[k] = acc.get(k, 0) + v
         self.relink(ch.peer)
         return True
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 from agent.iana import ExchangeType, NotifyType
 from agent.ike.events import Addr
 from agent.ike.message import EncryptedFragmentPayload, EncryptedPayload, Message, NotifyPayload, encode_message
-from agent.ike.sa import Datagram, IkeSa, State
+from agent.ike.sa import IKE_PORT, Datagram, IkeSa, State
 
 INVALID_IKE_SPI_INTERVAL_S = 1.0  # at most one unprotected INVALID_IKE_SPI per source per interval
 HINT_INTERVAL_S = 5.0  # unknown-SPI hints acted on at most once per address per interval
+INVALID_SPI_INTERVAL_S = 2.0  # at most one unprotected N(INVALID_SPI) per source address per interval
 
 
 class LostState:
@@ -92,9 +93,44 @@ class LostState:
         self.m._collect(sa, now)
         return started
 
-    def hint_unknown_spi(self, remote_addr, now: float) -> str:
+    def tell_invalid_spi(self, remote_addr, spi: bytes, now: float, *, configured: bool) -> None:
+        """§1.5: ESP/AH with an SPI we do not know and no IKE_SA to say so over: an unprotected
+        HDR(random SPIi, 0, I), N(INVALID_SPI, data = the SPI) to the packet's source address, to
+        its UDP port if it came in UDP 4500 (else to 500). The peer takes it as a hint only and
+        starts a liveness check (``unprotected_notify``), so a restarted node is noticed at once.
+
+        Sent only with a view that has peers (never before the first view), at most once per
+        source address per INVALID_SPI_INTERVAL_S, and only to a configured peer's endpoint
+        (``configured``) or, for ESP in UDP from another address, when the view has a PROTECT peer
+        without endpoints (one behind a NAT: the only peer that can come from an address we cannot
+        know) and no ESTABLISHED IKE_SA uses that address. The datagram is smaller than any ESP
+        packet that causes it (no amplification)."""
+        m = self.m
+        if m._shutdown or len(spi) != 4 or not m.view.peers:
+            return
+        ip = remote_addr[0] if isinstance(remote_addr, tuple) else str(remote_addr)
+        port = remote_addr[1] if isinstance(remote_addr, tuple) and len(remote_addr) > 1 else 0
+        if not configured and not (port and any(not p.endpoints and p.policy.action == "protect"
+                                                for p in m.view.peers)):
+            m._count("invalid_spi_not_sent")
+            return
+        if not m._rate_ok(m._esp_invalid_spi_sent, ip, now, INVALID_SPI_INTERVAL_S):
+            m._count("invalid_spi_rate_limited")
+            return
+        if not configured and any(sa.remote[0] == ip and sa.state == State.ESTABLISHED for sa in m._live()):
+            return  # an IKE_SA with that address is up (a late packet of a rekeyed SA): nothing lost
+        spi_i = int.from_bytes(m.rng(8), "big") or 1  # zero or random: §1.5 (our decoder refuses zero)
+        msg = Message(spi_i, 0, int(ExchangeType.INFORMATIONAL), 0, True, False,
+                      (NotifyPayload(int(NotifyType.INVALID_SPI), data=bytes(spi)),))
+        local = (m.local_address, 4500 if port else IKE_PORT)
+        m._out.append(Datagram(encode_message(msg), local, (ip, port or IKE_PORT)))
+        m._count("invalid_spi_sent")
+
+    def hint_unknown_spi(self, remote_addr, now: float, spi: bytes = b"") -> str:
         """The datapath received ESP (or AH) with an SPI it does not know from ``remote_addr``
         (an IP string or (ip, port)): the peer still uses SAs we lost (§1.5), or we lost its.
+        ``spi``: that SPI (4 octets); with it, and no ESTABLISHED IKE_SA with the source to
+        tell the peer over, an unprotected N(INVALID_SPI) is sent (``tell_invalid_spi``).
 
         Rate-limited per address (HINT_INTERVAL_S). Returns what was done: "initiated" (no
         IKE_SA with that peer: IKE_SA_INIT started, backoff and policy permitting),
@@ -107,6 +143,7 @@ class LostState:
         peer = peers[0] if peers else None
         if peer is None or self.m._shutdown:
             self.m._count("hint_unknown_address")
+            self.tell_invalid_spi(remote_addr, spi, now, configured=False)
             return "unknown_address"
         sas = self.m._sas_of(peer.name)
         est = [sa for sa in sas if sa.state == State.ESTABLISHED]
@@ -119,6 +156,7 @@ class LostState:
                 started = sa.check_liveness(now, hinted=True) or started
                 self.m._collect(sa, now)
             return "liveness_check" if started else "in_progress"
+        self.tell_invalid_spi(remote_addr, spi, now, configured=True)
         if sas:
             return "in_progress"
         if not self.m._rate_ok(self.m._hinted, ip, now, HINT_INTERVAL_S):
@@ -131,4 +169,4 @@ class LostState:
         return "initiated" if self.m._sas_of(peer.name) else "held"
 
 
-__all__ = ["LostState", "INVALID_IKE_SPI_INTERVAL_S", "HINT_INTERVAL_S"]
+__all__ = ["LostState", "INVALID_IKE_SPI_INTERVAL_S", "HINT_INTERVAL_S", "INVALID_SPI_INTERVAL_S"]

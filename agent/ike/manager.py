@@ -114,6 +114,7 @@ class IkeManager:
         self._ike_prop_ok: dict[str, str | None] = {}
         self._invalid_spi_sent: dict[str, float] = {}
         self._hinted: dict[str, float] = {}
+        self._esp_invalid_spi_sent: dict[str, float] = {}
         self._out: list[Datagram] = []
         self._events: deque[Event] = deque()
         self._retry: dict[str, float] = {}  # peer -> re-initiation deadline
@@ -438,11 +439,12 @@ class IkeManager:
         return self._ho_bytes
 
     # ------------------------------------------------------------ lost state (§2.21.4, §1.5): agent.ike.lost_state
-    def hint_unknown_spi(self, remote_addr, now: float) -> str:
+    def hint_unknown_spi(self, remote_addr, now: float, spi: bytes = b"") -> str:
         """The datapath received ESP (or AH) with an SPI it does not know from ``remote_addr`` (an
-        IP string or (ip, port)). Returns "initiated", "liveness_check", "in_progress", "held",
-        "rate_limited" or "unknown_address"; never raises. See LostState.hint_unknown_spi."""
-        return self._lost.hint_unknown_spi(remote_addr, now)
+        IP string or (ip, port)); ``spi``: that SPI (4 octets), for the unprotected N(INVALID_SPI)
+        of §1.5. Returns "initiated", "liveness_check", "in_progress", "held", "rate_limited" or
+        "unknown_address"; never raises. See LostState.hint_unknown_spi."""
+        return self._lost.hint_unknown_spi(remote_addr, now, spi)
 
     # ------------------------------------------------------------ CP address pools (§3.15): agent.ike.vip
     def _assign_vip(self, peer: Peer, versions: tuple) -> list | None:

@@ -84,7 +84,7 @@ class FakeIke:
     def follow_peer(self, inbound_spi, remote, now):
         return False
 
-    def hint_unknown_spi(self, remote_addr, now):
+    def hint_unknown_spi(self, remote_addr, now, spi=b""):
         return "ignored"
 
     def _remote(self, peer):
@@ -198,7 +198,7 @@ class ScriptedIke:
     def rekey_child(self, inbound_spi, now): return False
     def delete_child(self, inbound_spi, now, reason="deleted locally"): return False
     def rekey_ike(self, peer_name, now): return False
-    def hint_unknown_spi(self, remote_addr, now): return "ignored"
+    def hint_unknown_spi(self, remote_addr, now, spi=b""): return "ignored"
     def follow_peer(self, inbound_spi, remote, now): return False
     def delete_all(self, now): pass
     def join(self, now, names=None): return []

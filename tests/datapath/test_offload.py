@@ -218,6 +218,40 @@ def test_inconsistent_super_packets_dropped_and_counted(frame, reason):
     assert c[reason] == 1, c
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=1, max_size=3000), st.integers(1, 400))
+def test_segment_sums_equal_word_sums_piece_by_piece(pay, mss):
+    # the odd-mss path sums even and odd positions apart (no Python loop per segment)
+    import numpy as np
+    nseg = -(-len(pay) // mss)
+    a = np.frombuffer(pay, dtype=np.uint8)
+    got = o._segment_sums(a, mss, nseg)
+    for i in range(nseg):
+        assert int(got[i]) % 0xFFFF == o.word_sum(a[i * mss:(i + 1) * mss]) % 0xFFFF
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_gso_size_below_the_floor_is_dropped_and_counted(v6):
+    # gso_size 1 on a 64 KiB super-packet was split into 65,495 packets (~0.1 s for one read)
+    payload = bytes(65535 - 80)
+    out, c = run_split(super_tcp(payload, o.MIN_GSO_SIZE - 1, v6=v6))
+    assert out == [] and c["gso_too_small"] == 1 and c["gso_super_in"] == 0
+    out, c = run_split(super_tcp(payload, 1, v6=v6))
+    assert out == [] and c["gso_too_small"] == 1
+    # at the floor itself the split goes ahead, every segment as the kernel would make it
+    out, c = run_split(super_tcp(payload, o.MIN_GSO_SIZE, v6=v6))
+    assert len(out) == c["gso_segments_out"] == -(-len(payload) // o.MIN_GSO_SIZE) <= o.MAX_GSO_SEGMENTS
+    assert out == expected_tcp(payload, o.MIN_GSO_SIZE, v6=v6)
+
+
+def test_udp_gso_size_below_the_floor_is_dropped_and_counted():
+    pkt = bytearray(bytes(IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1, dport=2, chksum=0) / bytes(3000)))
+    pkt[26:28] = pseudo_partial(bytes(pkt), False, 17).to_bytes(2, "big")
+    frame = o.build_vnet_hdr(o.F_NEEDS_CSUM, o.GSO_UDP_L4, 28, 8, 20, 6) + bytes(pkt)
+    out, c = run_split(frame)
+    assert out == [] and c["gso_too_small"] == 1
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.binary(max_size=300), st.integers(0, 255), st.integers(0, 255))
 def test_fuzzed_reads_never_raise(body, gso, flags):

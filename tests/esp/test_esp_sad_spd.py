@@ -166,6 +166,24 @@ def test_udp4500_classification() -> None:
         strip_non_esp_marker(b"\x00\x00")
 
 
+def test_removed_child_sa_drops_stay_counted_per_peer() -> None:
+    """The soak rekeys every CHILD_SA every 10 s: a replay counted on an SA removed before the
+    next status read must not vanish (it is the evidence of (SPI, sequence) reuse)."""
+    sad = Sad()
+    old, new = child(0x101, 0x201, established=1.0), child(0x102, 0x202, established=2.0)
+    sad.add(old)
+    sad.add(new)
+    old.in_sa.counters["replay"] += 3
+    old.drops["policy"] = 1
+    new.in_sa.counters["icv"] += 1
+    assert sad.retired_drops == {}
+    sad.remove(old)
+    assert sad.retired_drops == {"b": {"replay": 3, "policy": 1}}
+    sad.remove(new)
+    assert sad.retired_drops == {"b": {"replay": 3, "policy": 1, "icv": 1}}
+    assert not sad.remove(new) and sad.retired_drops["b"]["icv"] == 1  # counted once
+
+
 def test_allows_inbound_cache_answers_per_selector_set_never_for_another() -> None:
     """The compiled-selector cache (by identity for tuples, by value for lists) never answers
     for other selectors: fresh tuples, a list changed in place, many sets past the cache size."""
