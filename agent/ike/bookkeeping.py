@@ -65,9 +65,7 @@ class Bookkeeping:
             elif isinstance(ev, ChildSaRefused):
                 self.m._count("child_sa_refused_by_peer" if ev.by == "peer" else "child_sa_refused")
                 if ev.peer:
-                    retry = f" (retry in {ev.retry_in_s:.0f} s)" if ev.retry_in_s is not None else ""
-                    self.m.last_errors[ev.peer] = (f"CHILD_SA refused by the peer: {ev.reason}{retry}" if ev.by == "peer"
-                                                 else f"we refused its CHILD_SA: {ev.reason}; {ev.offered}")
+                    self.m.last_errors[ev.peer] = ev.summary()
                 if (ev.peer and ev.by == "peer" and getattr(sa, "_replacement", False)
                         and not getattr(sa, "_replacement_up", False)):
                     # make before break: the new policy's CHILD_SA is refused, so the old IKE_SA must not

@@ -20,6 +20,8 @@ from agent.ike.events import ChildSaRefused
 
 CHILD_RETRY_BASE_S = 2.0
 CHILD_RETRY_MAX_S = 120.0
+PAIR_BACKOFFS_MAX = 256  # refused selector pairs remembered per IKE_SA (oldest forgotten first)
+CHILD_ERRORS_MAX = 16  # reasons kept in IkeSa.child_errors
 
 # error notifies that concern the CHILD_SA alone (§2.21.2, §1.3.1): the IKE_SA stays up.
 # CP failures (FAILED_CP_REQUIRED, INTERNAL_ADDRESS_FAILURE) are not here: the address comes
@@ -64,6 +66,16 @@ def describe_ts(tsi, tsr) -> str:
     return f"TSi {one(tsi)} TSr {one(tsr)}"
 
 
+class BoundedErrors(list):
+    """``IkeSa.child_errors``: the last CHILD_ERRORS_MAX reasons why CHILD_SAs we asked for failed
+    (a list, so it compares with one); bounded, since refusals may repeat for the IKE_SA's life."""
+
+    def append(self, reason: str) -> None:
+        super().append(reason)
+        if len(self) > CHILD_ERRORS_MAX:
+            del self[:len(self) - CHILD_ERRORS_MAX]
+
+
 class ChildRefusals:
     """CHILD_SA refusal events and the CHILD_SA retry backoff of one IkeSa."""
 
@@ -74,6 +86,9 @@ class ChildRefusals:
         self.wanted: tuple | None = None  # (local nets, remote nets, kind) to retry
         self.retry_task = None  # the CREATE_CHILD_SA task of the running retry
         self.count = 0  # refusals of our CHILD_SA in a row
+        # other refused CHILD_SAs we asked for (an acquire per selector pair, §1.3.1):
+        # (local nets, remote nets, kind) -> (backoff s, not asked again before)
+        self.pairs: dict[tuple, tuple[float, float]] = {}
 
     @staticmethod
     def offer_text(sa_p, tsi, tsr) -> str:
@@ -104,6 +119,31 @@ class ChildRefusals:
         self.retry_at = now + retry if retry is not None else None
         sa.events.append(ChildSaRefused(sa.peer_name, sa.spi_i, sa.spi_r, "peer", reason,
                                         int(notify) if notify is not None else None, "", retry))
+
+    def by_peer_pair(self, key: tuple, reason: str, notify: int | None, now: float) -> None:
+        """Another CHILD_SA we asked for (``key`` = (local nets, remote nets, kind)) was refused:
+        back off asking for that pair again (2, 4 ... s, capped at CHILD_RETRY_MAX_S; the next
+        acquire after that asks), and report it like the others."""
+        sa = self.sa
+        backoff = min(CHILD_RETRY_MAX_S, self.pairs[key][0] * 2 if key in self.pairs else CHILD_RETRY_BASE_S)
+        self.pairs.pop(key, None)
+        if len(self.pairs) >= PAIR_BACKOFFS_MAX:
+            del self.pairs[next(iter(self.pairs))]
+        self.pairs[key] = (backoff, now + backoff)
+        local, remote, kind = key
+        offered = (f"asked for {str(kind).upper()} TSi {','.join(str(n) for n in local) or '-'} "
+                   f"TSr {','.join(str(n) for n in remote) or '-'}")
+        sa.events.append(ChildSaRefused(sa.peer_name, sa.spi_i, sa.spi_r, "peer", reason,
+                                        int(notify) if notify is not None else None, offered, backoff))
+
+    def pair_holds(self, key: tuple, now: float) -> bool:
+        """True while the refused CHILD_SA for ``key`` waits out its backoff."""
+        held = self.pairs.get(key)
+        return held is not None and now < held[1]
+
+    def pair_done(self, key: tuple) -> None:
+        """The CHILD_SA for ``key`` is up: its backoff starts over."""
+        self.pairs.pop(key, None)
 
     def retry_done(self) -> None:
         """The retried CHILD_SA is up: the backoff starts over."""
@@ -144,7 +184,8 @@ class ChildRefusals:
         if old.wanted is not None and old.retry_task is None:
             self.wanted, self.backoff = old.wanted, old.backoff
             self.retry_at, self.count = old.retry_at, old.count
+        self.pairs.update(old.pairs)
 
 
-__all__ = ["ChildRefusals", "CHILD_SA_REFUSALS", "CHILD_RETRY_BASE_S", "CHILD_RETRY_MAX_S", "describe_sa",
+__all__ = ["BoundedErrors", "ChildRefusals", "CHILD_ERRORS_MAX", "PAIR_BACKOFFS_MAX", "CHILD_SA_REFUSALS", "CHILD_RETRY_BASE_S", "CHILD_RETRY_MAX_S", "describe_sa",
            "describe_ts"]

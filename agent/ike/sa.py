@@ -33,7 +33,7 @@ from agent.ike import child as ch
 from agent.ike import fragment as frag
 from agent.ike import natt, sk
 from agent.ike.auth import AuthError
-from agent.ike.child_refusal import ChildRefusals
+from agent.ike.child_refusal import BoundedErrors, ChildRefusals
 from agent.ike.crypto import Prf, SkCipher, ike_key_lengths
 from agent.ike.errors import DeleteReason, Drop, IkeError, exchange_name
 from agent.ike.events import Addr, ChildSaDeleted, IkeKeysDerived, IkeSaDeleted, IkeSaEstablished, PeerAddressChanged
@@ -107,7 +107,7 @@ class IkeSa:
         self.peer_cert_serial: int | None = None  # serial of the certificate the peer authenticated with
         self.virtual_ips: tuple = ()  # ours, from CP(CFG_REPLY)
         self.peer_virtual_ips: tuple = ()  # the peer's, assigned by us
-        self.child_errors: list[str] = []  # why CREATE_CHILD_SAs we initiated failed
+        self.child_errors: list[str] = BoundedErrors()  # why CREATE_CHILD_SAs we initiated failed (last 16)
         self.rekey_at: float | None = None  # lifetimes (agent.ike.lifetimes)
         self.expire_at: float | None = None
         self.spawned: list = []  # new IkeSas (rekeys) for the manager to register

@@ -185,3 +185,29 @@ def test_rekey_successor_takes_over_exactly_its_selectors(narrowed):
     pump(a, b)
     assert len(b.tun.take_written()) == 2
     assert new1.out_sa.counters["packets_out"] == 1
+
+
+def test_a_pair_the_peer_refuses_backs_off_and_is_logged(caplog):
+    """Issue 9 (strongSwan allowing another subnet than ours): b never accepts 10.3/24 <-> 10.4/24.
+    With traffic offered every second for a minute, a asks for that pair on the backoff schedule
+    (0, +5, +10, +20, +40 s: the runtime asks at most every 5 s, the IKE side holds the asks
+    inside the backoff), logs each refusal with the pair and the notify, and the peer's last
+    error names it (was: CREATE_CHILD_SA every 5 s, nothing logged, last error empty)."""
+    caplog.set_level(logging.INFO, logger="meshsec.runtime")
+    net, clock = FakeNetwork(), FakeClock()
+    a = RealNode(net, clock, view("a", A_IP, (A1, A3), "b", B_IP, (B2, B4), True), A_IP)
+    b = RealNode(net, clock, view("b", B_IP, (B2,), "a", A_IP, (A1,), False), B_IP)
+    a.rt.start()
+    b.rt.start()
+    settle(clock, a, b, until=lambda: sending(a, "b") and sending(b, "a"))
+    for _ in range(61):
+        a.tun.inject([ipv4("10.3.0.5", "10.4.0.7", b"refused pair")])
+        pump(a, b, rounds=2)
+        clock.advance(1.0)
+    assert b.ike.counters["child_sa_refused"] == 5  # was 13
+    refused = [r.getMessage() for r in caplog.records if "CHILD_SA with b refused by the peer" in r.getMessage()]
+    assert len(refused) == 5
+    assert all("TS_UNACCEPTABLE" in m and "TSi 10.3.0.0/24 TSr 10.4.0.0/24" in m for m in refused)
+    err = a.rt.status()["peer_errors"]["b"]
+    assert "TS_UNACCEPTABLE" in err and "TSi 10.3.0.0/24 TSr 10.4.0.0/24" in err
+    assert len(sending(a, "b")) == 1 and b.tun.take_written() == []

@@ -177,3 +177,67 @@ def test_acquire_driven_child_sa_refused_backs_off_too():
     requests = [m for _d, m in _sent(n, "b", ExchangeType.CREATE_CHILD_SA) if not m.is_response]
     assert len(requests) == 5  # at 0, +2, +6, +14, +30 s (was 13: one per acquire)
     assert [e.retry_in_s for e in n.of("b", ChildSaRefused) if e.by == "peer"] == [2, 4, 8, 16, 32]
+
+
+def test_a_refused_child_sa_for_a_selector_pair_backs_off_and_is_reported():
+    """Issue 9: the runtime asks for a CHILD_SA per selector pair (every 5 s while traffic is
+    offered); the peer refuses that pair (TS_UNACCEPTABLE, as strongSwan does for a subnet its
+    configuration lacks). Each refusal is a ChildSaRefused event naming the pair and the notify,
+    the peer's last error says so, and the pair backs off 2, 4, 8 ... s (was: asked every 5 s
+    for ever, silently, with child_errors growing by one entry per refusal)."""
+    n = _net()
+    n.a.initiate("node-b", n.now)
+    n.pump()
+    assert n.of("a", ChildSaEstablished) and n.a.status()[0]["last_error"] is None
+    t0, local = n.now, ipaddress.ip_network("10.1.5.0/24")
+    asked = 0
+    for i in range(0, 61, 5):  # the runtime's acquire_pair: at most every 5 s
+        n.advance(t0 + i)
+        asked += n.a.create_child("node-b", n.now, local_ts=(local,), remote_ts=(ELSEWHERE,))
+        n.pump()
+    requests = [m for _d, m in _sent(n, "a", ExchangeType.CREATE_CHILD_SA) if not m.is_response]
+    assert len(requests) == asked == 5  # at 0, +5, +10, +20, +40 s (was 13: one per ask)
+    refusals = n.of("a", ChildSaRefused)
+    assert [e.retry_in_s for e in refusals] == [2, 4, 8, 16, 32]
+    assert all(e.by == "peer" and e.notify == NotifyType.TS_UNACCEPTABLE for e in refusals)
+    assert all("TSi 10.1.5.0/24 TSr 10.9.0.0/16" in e.offered for e in refusals)
+    (row,) = n.a.status()
+    assert "TS_UNACCEPTABLE" in row["last_error"] and "TSi 10.1.5.0/24 TSr 10.9.0.0/16" in row["last_error"]
+    assert n.a.counters["child_sa_refused_by_peer"] == 5
+    # the IKE_SA and its CHILD_SA stay; the default selectors are not held by the pair's backoff
+    assert len(n.of("a", ChildSaEstablished)) == 1 and not n.of("a", IkeSaDeleted)
+
+
+def test_child_errors_stay_bounded_over_many_refusals():
+    n = _net()
+    n.a.initiate("node-b", n.now)
+    n.pump()
+    sa = n.a._live()[0]
+    t = n.now
+    for i in range(40):  # 40 different refused pairs: none waits for another's backoff
+        local = ipaddress.ip_network(f"10.1.{i}.0/24")
+        assert n.a.create_child("node-b", t, local_ts=(local,), remote_ts=(ELSEWHERE,))
+        n.pump()
+    assert len(n.of("a", ChildSaRefused)) == 40
+    assert len(sa.child_errors) == cr.CHILD_ERRORS_MAX and "TS_UNACCEPTABLE" in sa.child_errors[-1]
+
+
+def test_a_pair_that_comes_up_later_starts_its_backoff_over():
+    n = _net()
+    n.a.initiate("node-b", n.now)
+    n.pump()
+    sa = n.a._live()[0]
+    local = ipaddress.ip_network("10.1.5.0/24")
+    assert n.a.create_child("node-b", n.now, local_ts=(local,), remote_ts=(ELSEWHERE,))
+    n.pump()
+    key = ((local,), (ELSEWHERE,), "esp")
+    assert sa.refusals.pair_holds(key, n.now) and not n.a.create_child("node-b", n.now, local_ts=(local,),
+                                                                       remote_ts=(ELSEWHERE,))
+    # B now accepts the pair (its configuration grew)
+    (sb,) = n.b._live()
+    sb.peer = replace(sb.peer, subnets=(ipaddress.ip_network("10.1.0.0/16"),))
+    sb.cfg.local_subnets = (ipaddress.ip_network("10.2.0.0/16"), ELSEWHERE)
+    n.advance(n.now + 3)
+    assert n.a.create_child("node-b", n.now, local_ts=(local,), remote_ts=(ELSEWHERE,))
+    n.pump()
+    assert len(n.of("a", ChildSaEstablished)) == 2 and key not in sa.refusals.pairs

@@ -312,9 +312,11 @@ def test_response_with_an_unknown_critical_payload_fails_its_exchange():
     assert n.of("a", ChildSaEstablished) == []
     assert any("UNSUPPORTED_CRITICAL_PAYLOAD" in e for e in sa_a.child_errors)
     assert sa_a.state == "ESTABLISHED" and sa_a._pending is None
+    assert not sa_a.create_child(n.now)  # the failed CHILD_SA backs off (child_refusal, issue 9)
     # a non-critical unknown payload is ignored (§2.5)
     sa_b.child_create.process_request = lambda msg, inner, now: [*orig(msg, inner, now),
                                                                    UnknownPayload(200, False, b"new")]
+    n.advance(n.now + 2.5)
     assert sa_a.create_child(n.now)
     n.a._collect(sa_a, n.now)
     n.pump()

@@ -410,8 +410,11 @@ def test_additional_child_sa_with_no_ts_overlap_is_ts_unacceptable_and_the_ike_s
     n.pump()
     sa = n.a._live()[0]
     assert sa.child_errors == ["CREATE_CHILD_SA refused: TS_UNACCEPTABLE"]
-    assert sa.state == "ESTABLISHED" and len(sa.children) == 1 and not n.events["a"]
+    assert sa.state == "ESTABLISHED" and len(sa.children) == 1
     assert [(e.by, e.notify) for e in n.events["b"]] == [("us", NotifyType.TS_UNACCEPTABLE)]  # logged by B
+    # and by A, naming what it asked for (issue 9: was silent)
+    assert [(e.by, e.notify, e.offered) for e in n.events["a"]] == [
+        ("peer", NotifyType.TS_UNACCEPTABLE, "asked for ESP TSi 10.1.0.0/16 TSr 10.77.0.0/16")]
 
 
 def test_pad_rule_at_create_child_sa_peer_may_claim_only_its_own_subnets(psk_net):

@@ -59,6 +59,11 @@ def first_of(nonces: tuple[bytes, bytes], other: tuple[bytes, bytes]) -> bool:
     return min(nonces) < min(other)
 
 
+def _pair(task: _ChildTask) -> tuple:
+    """The backoff key of a new CHILD_SA we ask for: (local nets, remote nets, kind)."""
+    return (tuple(task.local_ts), tuple(task.remote_ts), task.protocol)
+
+
 class ChildCreate:
     """The CREATE_CHILD_SA exchanges for CHILD_SAs of one IkeSa (see the module docstring)."""
 
@@ -81,9 +86,9 @@ class ChildCreate:
         ``local_ts`` / ``remote_ts``: networks to propose (default: ours and the peer's
         subnets). Returns False if the IKE_SA is not established, or, for the default selectors,
         while a refused CHILD_SA backs off (agent.ike.child_refusal). The outcome is a
-        ChildSaEstablished event, or a reason appended to ``child_errors`` (the IKE_SA
-        stays up, e.g. on TS_UNACCEPTABLE). ``protocol``: "esp" or "ah" (default: the
-        policy's first kind, see ``child.kinds``).
+        ChildSaEstablished event, or a ChildSaRefused event (the IKE_SA stays up, e.g. on
+        TS_UNACCEPTABLE), after which that selector pair backs off (False until then).
+        ``protocol``: "esp" or "ah" (default: the policy's first kind, see ``child.kinds``).
         """
         sa = self.sa
         if sa.state != IkeSaState.ESTABLISHED or sa.peer is None or sa._successor is not None:
@@ -93,6 +98,8 @@ class ChildCreate:
         kind = protocol or ch.kinds(sa.peer.policy)[0]
         task = _ChildTask(None, tuple(local_ts or sa._local_nets()), tuple(remote_ts or sa.peer.subnets),
                           ch.child_mode(sa.peer.policy, kind), protocol=kind)
+        if sa.refusals.pair_holds(_pair(task), now):
+            return False  # this pair was refused: it waits out its backoff (child_refusal)
         if (local_ts is None and remote_ts is None and protocol is None
                 and not any(c.protocol == kind for c in sa.children)):
             # the policy's missing CHILD_SA (an acquire): refused, it backs off as the IKE_AUTH one does
@@ -162,6 +169,8 @@ class ChildCreate:
             task.old.rekey_at = sa.lifetimes.retry_at(task.old.expire_at, now)
         if task is sa.refusals.retry_task:  # our retry of a refused CHILD_SA: back off further
             sa.refusals.by_peer(reason, notify, now)
+        elif task.old is None:  # any other new CHILD_SA (e.g. an acquire per selector pair): the same
+            sa.refusals.by_peer_pair(_pair(task), reason, notify, now)
 
     def process_response(self, task: _ChildTask, msg: Message, inner, now: float,
                                 additional: bytes | None = None) -> None:
@@ -230,6 +239,8 @@ class ChildCreate:
                                additional=additional or b"")
         if task is sa.refusals.retry_task:
             sa.refusals.retry_done()
+        if task.old is None:
+            sa.refusals.pair_done(_pair(task))
         if task.old is None:
             return
         task.old.rekeyed = True
