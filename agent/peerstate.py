@@ -75,7 +75,13 @@ class PeerTracker:
         if name in ("IkeSaEstablished", "ChildSaEstablished"):
             if peer:
                 self.last_handshake[peer] = self.wall()
+                if name == "ChildSaEstablished":  # traffic can flow: the last error is over (IkeManager.status)
+                    self.last_error.pop(peer, None)
                 self.changes += 1
+        elif name == "ChildSaRefused":
+            if peer:
+                self._error(peer, ev.summary())
+            self.changes += 1
         elif name == "ChildSaDeleted":
             ch = self.rt.children.get(ev.inbound_spi)
             if ch is not None and peer:
@@ -117,6 +123,7 @@ class PeerTracker:
             for k, v in live[spi].items():
                 acc[k] = acc.get(k, 0) + v
         refused = st.get("policy_errors") or {}
+        ike_errors = st.get("peer_errors") or {}
         rows = []
         for p in sorted(getattr(view, "peers", ()) or (), key=lambda p: p.name):
             ikes = ike_by_peer.get(p.name, [])
@@ -124,6 +131,8 @@ class PeerTracker:
             # the established IKE_SA if any, else the newest one being set up
             ike = max(ikes, key=lambda s: (s.get("state") == "ESTABLISHED", s.get("created") or 0), default=None)
             err, err_at = self.last_error.get(p.name, ("", 0.0))
+            if ike_errors.get(p.name):  # the IKE side's last error (`meshsec status` LAST ERRORS): one answer
+                err, err_at = str(ike_errors[p.name])[:MAX_REASON], err_at or self.wall()
             if p.name in refused and not err:
                 err, err_at = f"refused: {refused[p.name]}"[:MAX_REASON], self.wall()
             action = getattr(p.policy, "action", "protect") or "protect"

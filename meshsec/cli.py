@@ -101,6 +101,9 @@ def format_status(st: dict) -> str:
     for s in st.get("ike_sas") or []:
         if s.get("last_error") and s.get("peer"):
             last.setdefault(s["peer"], s["last_error"])
+    for p in peers or []:  # the PEERS table's LAST ERROR column: never a different story
+        if p.get("last_error"):
+            last.setdefault(p["name"], p["last_error"])
     if last:
         # the last IKE_SA failure or CHILD_SA refusal per peer, until a CHILD_SA with it is up
         out.append(f"LAST ERRORS ({len(last)})")

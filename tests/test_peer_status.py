@@ -28,6 +28,7 @@ def trio():
     wall = [1_700_000_000.0]
     ta = PeerTracker(a.rt, wall=lambda: wall[0])
     tb = PeerTracker(b.rt, wall=lambda: wall[0])
+    a.net = net  # for a node added later
     a.rt.start()
     b.rt.start()
     for _ in range(20):
@@ -169,3 +170,57 @@ def test_standalone_status_has_no_controller_line(trio) -> None:
     install_status(Control, a.rt, ta, None)
     st = Control.handlers["status"]({})
     assert st["controller"] is None and "controller " not in cli.format_status(st).split("PEERS")[0]
+
+
+def test_the_last_error_goes_once_a_rebuilt_ike_sa_brings_its_child_sa_up(trio) -> None:
+    """Issue 9: c did not respond ("IKE_SA failed: peer did not respond"); then it answers and
+    the next IKE_SA brings its CHILD_SA up in IKE_AUTH: the row's error is gone, as the IKE
+    side's (was: kept for good)."""
+    import ipaddress
+    a, b, ta, tb, clock, wall = trio
+    for _ in range(400):
+        clock.advance(1.0)
+        pump(a, b, rounds=1)
+        if "c" in ta.last_error:
+            break
+    assert rows(ta)["c"]["last_error"] == "IKE_SA failed: peer did not respond"
+    c = _real_node(a.net, clock, "c", C_IP, ipaddress.ip_network("10.3.0.0/16"), [("a", A_IP, NET_A, False)])
+    c.rt.start()
+    for _ in range(400):
+        clock.advance(1.0)
+        pump(a, b, c, rounds=1)
+        if "c" in a.rt.current:
+            break
+    assert "c" in a.rt.current
+    r = rows(ta)["c"]
+    assert r["state"] == "up" and r["last_error"] == "" and a.rt.status()["peer_errors"].get("c") is None
+
+
+def test_a_refused_child_sa_shows_in_the_peers_column_and_the_last_errors_section() -> None:
+    """Issue 9: b refuses a's selectors (TS_UNACCEPTABLE; an ESP proposal mismatch takes the
+    same path): the PEERS table's LAST ERROR column and the LAST ERRORS section tell the same
+    refusal (was: "-" in the column)."""
+    import ipaddress
+    net, clock = FakeNetwork(), FakeClock()
+    a = _real_node(net, clock, "a", A_IP, NET_A, [("b", B_IP, NET_B, True)])
+    b = _real_node(net, clock, "b", B_IP, NET_B, [("a", A_IP, ipaddress.ip_network("10.9.0.0/16"), False)])
+    ta = PeerTracker(a.rt, wall=lambda: 1_700_000_000.0)
+
+    class Control:
+        handlers = {"status": lambda _req: a.rt.status()}
+
+    install_status(Control, a.rt, ta, None)
+    a.rt.start()
+    b.rt.start()
+    for _ in range(20):
+        pump(a, b, rounds=1)
+        clock.advance(0.01)
+    st = Control.handlers["status"]({})
+    want = "CHILD_SA refused by the peer: CHILD_SA refused: TS_UNACCEPTABLE"
+    assert st["peer_errors"]["b"].startswith(want)
+    (row,) = st["peers"]
+    assert row["last_error"] == st["peer_errors"]["b"] and row["last_error_at"] == 1_700_000_000
+    text = cli.format_status(st)
+    line_b = next(ln for ln in text.splitlines() if ln.startswith("b "))
+    assert want in line_b
+    assert f"  b: {st['peer_errors']['b']}" in text.splitlines()

@@ -149,6 +149,14 @@ class ChildSaRefused:
     offered: str = ""
     retry_in_s: float | None = None
 
+    def summary(self) -> str:
+        """The peer's last error for ``meshsec status`` (IkeManager.last_errors, the PEERS table)."""
+        if self.by != "peer":
+            return f"we refused its CHILD_SA: {self.reason}; {self.offered}"
+        asked = f"; {self.offered}" if self.offered else ""
+        retry = f" (retry in {self.retry_in_s:.0f} s)" if self.retry_in_s is not None else ""
+        return f"CHILD_SA refused by the peer: {self.reason}{asked}{retry}"
+
 
 @dataclass(frozen=True)
 class InitsRefused:
