@@ -308,6 +308,9 @@ def test_variants(rendered):
     (["--set", "joinToken.value=short"], "joinToken/value"),
     (["--set", "controller.service.type=Ingress"], "controller/service/type"),
     (["--set", "bogus=1"], "additional properties 'bogus' not allowed"),
+    # issue 10: a monitor without metrics.enabled rendered nothing, silently
+    (["--set", "metrics.podMonitor.enabled=true"], "need metrics.enabled=true"),
+    (["--set", "metrics.serviceMonitor.enabled=true"], "need metrics.enabled=true"),
 ])
 def test_bad_values_are_refused_with_a_clear_error(helm, args, message):
     res = run_helm(helm, "template", "ms", str(CHART), *args, check=False)
