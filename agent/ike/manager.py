@@ -132,6 +132,7 @@ class IkeManager:
         self._ho_bytes = 0
         self._refusals = RefusalTally()
         self._refusal_timer: float | None = None
+        self._ho_drops, self._ho_drop_timer = RefusalTally(), None  # dropped half-open IKE_SAs (HalfOpenDropped)
         self._pools: dict = {}  # virtual_ip_pool string -> [AddressPool]
         # the parts, each in its module; they keep their state here (tables tests and status read)
         self._admission = Admission(self)

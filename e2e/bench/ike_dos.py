@@ -140,7 +140,7 @@ def half_open_flood(n_sources: int) -> dict:
         if cookie is not None:
             m.receive_datagram(init_request(spi, cookie), LOCAL, src, now)
             m.datagrams_to_send()
-        while m.next_event() is not None:  # the runtime drains events (IkeSaDeleted of dropped ones)
+        while m.next_event() is not None:  # the runtime drains events (HalfOpenDropped summaries)
             pass
         now += 0.001  # 1,000 new sources per second
     elapsed = time.perf_counter() - t0
