@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from agent.datapath.udp import FakeNetwork
 from agent.metrics import AgentMetrics
 from agent.peerstate import PeerTracker, install_status
 from meshsec import cli
+from tests.datapath.fake_devices import FakeNetwork
 from tests.datapath.fakes import FakeClock
 from tests.datapath.test_runtime import A_IP, B_IP, NET_A, NET_B, _real_node, ipv4, pump
 
@@ -103,6 +103,37 @@ def test_metrics_with_peer_label(trio) -> None:
     assert v("meshsec_agent_peer_last_handshake_age_seconds", {"peer": "c"}) is None  # never
     assert v("meshsec_agent_peer_mtu_bytes", {"peer": "b"}) == a.rt.tun_mtu
     assert v("process_resident_memory_bytes") > 0 and v("process_cpu_seconds_total") >= 0
+
+
+def test_peer_drops_by_reason_in_metrics(trio) -> None:
+    # ESP from b replayed and tampered on the way to a: a counts the drops on its CHILD_SA with b,
+    # exported as meshsec_agent_peer_drops_total{peer="b",reason=...}; c (no SA) has none
+    a, b, ta, tb, clock, wall = trio
+    net = a.u4500.network
+    b.tun.inject([ipv4("10.2.0.7", "10.1.0.5", b"z" * 60) for _ in range(2)])
+    mark = len(net.log)
+    pump(a, b)
+    esp = [(src, data) for src, dst, data in net.log[mark:]
+           if src == (B_IP, 4500) and dst == (A_IP, 4500) and data[:4] != b"\0\0\0\0" and len(data) > 8]
+    assert len(esp) == 2 and len(a.tun.take_written()) == 2
+    for src, data in esp:
+        net.deliver(src, (A_IP, 4500), data)  # replayed: same sequence numbers (RFC 4303 §3.4.3)
+    src, data = esp[0]
+    # a fresh sequence number passes the replay check, but it is covered by the ICV (§3.4.4)
+    net.deliver(src, (A_IP, 4500), data[:4] + (100).to_bytes(4, "big") + data[8:])
+    pump(a, b)
+    assert a.tun.take_written() == []
+    assert rows(ta)["b"]["drops"] == {"replay": 2, "icv": 1}
+
+    m = AgentMetrics(a.rt, timeout=5.0, tracker=ta)
+    snap = m.take_snapshot()
+    m.snapshot = lambda: snap
+    v = m.registry.get_sample_value
+    assert v("meshsec_agent_peer_drops_total", {"peer": "b", "reason": "replay"}) == 2
+    assert v("meshsec_agent_peer_drops_total", {"peer": "b", "reason": "icv"}) == 1
+    samples = [s for fam in m.registry.collect() if fam.name == "meshsec_agent_peer_drops" for s in fam.samples]
+    assert {(s.labels["peer"], s.labels["reason"]) for s in samples if s.name.endswith("_total")} == \
+        {("b", "replay"), ("b", "icv")}
 
 
 def test_meshsec_status_shows_peers_and_controller(trio) -> None:
