@@ -224,3 +224,30 @@ def test_a_refused_child_sa_shows_in_the_peers_column_and_the_last_errors_sectio
     line_b = next(ln for ln in text.splitlines() if ln.startswith("b "))
     assert want in line_b
     assert f"  b: {st['peer_errors']['b']}" in text.splitlines()
+
+
+class _BareRuntime:
+    """Just what PeerTracker.observe reads."""
+
+    def __init__(self) -> None:
+        self.event_observers: list = []
+        self.children: dict = {}
+
+
+@pytest.mark.parametrize("kind,reason,is_error", [
+    ("duplicate", "moot: an IKE_SA with the peer is up", False),  # shown as "IKE_SA failed: moot ..." before
+    ("duplicate", "duplicate IKE_SA: the other one holds the higher nonce", False),
+    ("superseded", "peer sent INITIAL_CONTACT", False),
+    ("rekeyed", "rekeyed", False),
+    ("local", "shutdown", False),
+    ("reconfigured", "policy changed", False),
+    ("auth_failed", "rekeyed", True),  # the kind decides, not a reason text that looks benign
+    ("timeout", "peer did not respond", True),
+    ("peer_deleted", "deleted by peer", True),
+])
+def test_benign_ike_sa_endings_are_judged_by_kind_not_text(kind, reason, is_error) -> None:
+    from agent.ike.errors import DeleteReason
+    from agent.ike.events import IkeSaDeleted
+    t = PeerTracker(_BareRuntime(), wall=lambda: 1_700_000_000.0)
+    t.observe(IkeSaDeleted("b", 1, 2, reason, kind=DeleteReason(kind)), 0.0)
+    assert ("b" in t.last_error) is is_error, t.last_error

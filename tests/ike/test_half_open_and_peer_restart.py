@@ -10,7 +10,7 @@ from dataclasses import replace
 
 from agent.iana import ExchangeType, NotifyType
 from agent.ike import child as ch
-from agent.ike.events import ChildSaEstablished, IkeSaDeleted
+from agent.ike.events import ChildSaEstablished, HalfOpenDropped, IkeSaDeleted
 from agent.ike.manager import IkeManager
 from agent.ike.message import (EncryptedPayload, KePayload, Message, NoncePayload, decode_message,
                                encode_message)
@@ -66,11 +66,15 @@ def test_flood_of_spoofed_ike_sa_init_leaves_bounded_state_that_expires():
     assert m.get_timer() == T0 + 30.0  # every half-open IKE_SA has a deadline
     m.handle_timer(T0 + 30.0)
     assert m._sas == {} and m.half_open() == 0 and m._half_open_by_ip == {}
+    assert m.get_timer() == T0 + 40.0  # only the summary of the dropped half-open IKE_SAs is due
+    m.handle_timer(T0 + 40.0)
     assert m.get_timer() is None and m.timer_entries() == 0
-    deleted = []
-    while (ev := m.next_event()) is not None:
-        deleted += [ev.reason for ev in [ev] if isinstance(ev, IkeSaDeleted)]
-    assert deleted == ["half-open IKE_SA timed out"] * 50
+    events = list(iter(m.next_event, None))
+    # summarised (issue 13: one log line each before), not one IkeSaDeleted per half-open IKE_SA
+    assert not [e for e in events if isinstance(e, IkeSaDeleted)]
+    assert [e.counts for e in events if isinstance(e, HalfOpenDropped)] == [{"setup_timeout": 1},
+                                                                           {"setup_timeout": 49}]
+    assert {e.detail for e in events if isinstance(e, HalfOpenDropped)} == {"half-open IKE_SA timed out"}
 
 
 def test_per_source_limit_of_half_open_ike_sas():
@@ -120,7 +124,8 @@ def test_initiator_setup_is_bounded_too():
     n.advance(T0 + 29.9)
     assert n.b.half_open() == 1
     n.advance(T0 + 30.0)  # the responder waits for IKE_AUTH 30 s (pre-fix: forever)
-    assert [e.reason for e in n.of("b", IkeSaDeleted)] == ["half-open IKE_SA timed out"] and n.b._sas == {}
+    assert [e.detail for e in n.of("b", HalfOpenDropped)] == ["half-open IKE_SA timed out"] and n.b._sas == {}
+    assert not n.of("b", IkeSaDeleted)
     n.advance(T0 + 63.0)
     assert [e.reason for e in n.of("a", IkeSaDeleted)] == ["peer did not respond"]
 
