@@ -179,6 +179,10 @@ def test_one_child_sa_per_subnet_pair_with_a_strongswan_gateway(gw, meshsec_init
         st = lab.status()
         assert {c["spi_out"]: c["packets_out"] for c in st["child_sas"]} == before
         assert ms_children(lab) == PAIRS
+        # the CREATE_CHILD_SA meshsec asked for that pair is refused: logged, backed off (issue 9)
+        wait_until(lambda: "TSi 10.1.0.0/24 TSr 10.4.0.0/24; retry in" in lab.agent_text(), 10)
+        line = next(ln for ln in lab.agent_text().splitlines() if "TSi 10.1.0.0/24 TSr 10.4.0.0/24; retry" in ln)
+        assert "refused by the peer" in line and "TS_UNACCEPTABLE" in line, line
     finally:
         lab.stop_agent()
 
