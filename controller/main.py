@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         print("meshsec-controller: --kube-join-token-file/--kube-token-review/--kube-ca-configmap need --kubernetes "
               "or --kubeconfig FILE", file=sys.stderr)
         return 2
+    from controller.fdlimit import raise_nofile
+    raise_nofile(log)  # before any port opens: the per-port connection caps are shares of it
     server = ControllerServer(args.inventory, args.state_dir, node_source=node_source, token_review=token_review, listen=args.listen, watch_listen=args.watch_listen,
                               server_names=args.server_name or default_server_names(host),
                               cert_lifetime=dt.timedelta(seconds=lifetime), logger=log, ha=ha,
