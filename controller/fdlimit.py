@@ -14,8 +14,6 @@ Watch and new Enrolls timed out ("File descriptor limit reached").
 """
 from __future__ import annotations
 
-import logging
-
 ENROL_MAX_CONNECTIONS_CEILING = 4096
 MIN_CONNECTIONS = 16
 
@@ -29,25 +27,24 @@ def nofile() -> tuple[int, int]:
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
-def raise_nofile(log: logging.Logger) -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard limit (logged); return the soft limit now in force.
-    An unlimited hard limit is capped at 1,048,576 (the Linux ``nr_open`` default)."""
+def raise_nofile() -> tuple[int, str]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit. Returns (the soft limit now in force, a
+    line to log: raised, already there, or why not). An unlimited hard limit is capped at
+    1,048,576 (the Linux ``nr_open`` default). The caller logs the line once the controller is
+    up, so a bad inventory still prints exactly one line."""
     try:
         import resource
     except ImportError:
-        return nofile()[0]
+        return nofile()[0], "open-file limit: cannot be read on this system"
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
     if soft != resource.RLIM_INFINITY and soft < target:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         except (ValueError, OSError) as e:
-            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, e)
-            return soft
-        log.info("open-file limit raised from %d to %d (the hard limit)", soft, target)
-        return target
-    log.info("open-file limit %d", soft)
-    return soft
+            return soft, f"open-file limit {soft}: cannot raise it to {target}: {e}"
+        return target, f"open-file limit raised from {soft} to {target} (the hard limit)"
+    return soft, f"open-file limit {soft} (the hard limit)"
 
 
 def port_caps(soft: int) -> tuple[int, int]:
