@@ -79,12 +79,12 @@ def main() -> None:
                                  request_serializer=pb.EnrollRequest.SerializeToString,
                                  response_deserializer=pb.EnrollResponse.FromString)
     stalled = [method.future(never(), timeout=120) for _ in range(0 if args.idle_tcp else args.stalled)]
-    attacker = idle_tcp(server.port, args.idle_tcp) if args.idle_tcp else None
-    time.sleep(2.0)  # let the controller take them up (a benchmark may wait; tests poll)
+    time.sleep(0 if args.idle_tcp else 2.0)  # let the controller take them up (a benchmark may wait; tests poll)
 
     ach = grpc.secure_channel(f"127.0.0.1:{server.watch_port}", mtls(server, alpha.certificate_chain_der[0], akey),
                               options=OPTS)
     astub = pb_grpc.ControllerStub(ach)
+    attacker = idle_tcp(server.port, args.idle_tcp) if args.idle_tcp else None
 
     def do_renew(deadline):
         astub.Renew(pb.RenewRequest(node_name="alpha", csr_der=csr("alpha", akey)), timeout=deadline)
@@ -130,8 +130,9 @@ def main() -> None:
 
 
 ATTACKER = """
-import resource, selectors, socket, sys, time
+import os, resource, selectors, socket, sys, time
 port, n = int(sys.argv[1]), int(sys.argv[2])
+parent = os.getppid()
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 sel = selectors.DefaultSelector()
@@ -144,7 +145,7 @@ def one():
     sel.register(s, selectors.EVENT_READ)
 for _ in range(n):
     one()
-while True:
+while os.getppid() == parent:  # ends with the benchmark, even if it dies
     for key, _ in sel.select(timeout=0.2):
         sel.unregister(key.fileobj)
         key.fileobj.close()
