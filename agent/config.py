@@ -57,8 +57,8 @@ from dataclasses import dataclass
 
 import yaml
 
-from meshsec.defaults import MAX_LIFETIME_VOLUME, MIN_LIFETIME_BYTES, MIN_LIFETIME_PACKETS  # noqa: F401 (re-exported)
-from meshsec.units import parse_duration, parse_size  # noqa: F401 (re-exported)
+from meshsec.defaults import MIN_LIFETIME_BYTES, MIN_LIFETIME_PACKETS
+from meshsec.units import parse_duration, parse_size
 
 from agent.model import (DEFAULT_ESP_PROPOSALS, DEFAULT_IKE_PROPOSALS, Credentials, NodeView, Peer,
                          PeerPolicy)
@@ -314,7 +314,7 @@ _PEER_KEYS = {"name", "identity", "endpoints", "subnets", "psk", "initiate", "ik
               "retransmit_base", "retransmit_tries", "init_retransmit_timeout"}
 from meshsec.defaults import MIN_LIFETIME_S  # noqa: E402 - below it a rekey could not finish (shared with the controller)
 # the duration/size rules and lifetime bounds are shared with the controller's inventory
-# (meshsec.units, meshsec.defaults); re-exported here for the agent's callers
+# (meshsec.units, meshsec.defaults)
 
 
 def _volume(ctx, p, key, where) -> int:

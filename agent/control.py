@@ -11,10 +11,10 @@ was given (``grpc.ssl_target_name_override``). So agents may reach the
 controller by any IP or DNS name; trust comes from the mesh CA alone, and
 the inventory refuses a node called ``meshsec-controller``.
 
-The control plane's other parts live beside this client and are re-exported
-here: proto -> model conversion (agent.view_proto), the key store in the state
-directory (agent.keystore), the errors (agent.control_errors); status reports
-are agent.status_report.
+The control plane's other parts live beside this client: proto -> model
+conversion (agent.view_proto), the key store in the state directory
+(agent.keystore), the errors (agent.control_errors), status reports
+(agent.status_report).
 """
 from __future__ import annotations
 
@@ -33,9 +33,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from agent.control_errors import ControlError, EnrollmentAborted, EnrollmentError
-from agent.keystore import CA_FILE, CERT_FILE, KEY_FILE, RENEW_FRACTION, KeyStore, _cert_identity  # noqa: F401
+from agent.keystore import KeyStore, _cert_identity
 from agent.model import Credentials, NodeView
-from agent.view_proto import no_replay_peers, peer_from_proto, policy_from_proto, view_from_proto  # noqa: F401
+from agent.view_proto import no_replay_peers, view_from_proto
 from meshsec.v1 import controller_pb2 as pb
 from meshsec.v1 import controller_pb2_grpc as pb_grpc
 
@@ -48,7 +48,7 @@ _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
               grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
 
 # Keepalive pings every 20 s on the idle Watch stream; the controller accepts
-# pings down to every 5 s (controller.service.server_options).
+# pings down to every 5 s (controller.server.server_options).
 KEEPALIVE_TIME_MS = 20_000
 
 

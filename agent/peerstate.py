@@ -3,8 +3,9 @@ the controller's mesh view show for each peer.
 
 :class:`PeerTracker` hooks ``Runtime.event_observers`` (loop thread) to remember,
 per peer, when the last IKE_SA or CHILD_SA was established (the last handshake),
-the last failure and its reason (IKE_SA or CHILD_SA deleted for a reason other
-than a rekey or a shutdown, a policy the IKE side refused), and the byte / packet
+the last failure and its reason (an IKE_SA ended by a kind not in BENIGN_KINDS, i.e.
+not a rekey, shutdown, policy change, replacement or moot duplicate; a CHILD_SA deleted
+other than by a rekey or a shutdown; a policy the IKE side refused), and the byte / packet
 counts of CHILD_SAs already gone (so per-peer totals never go down).
 :meth:`PeerTracker.peers` joins that with ``Runtime.status()`` and the view into
 one row per peer of the view.
@@ -28,8 +29,14 @@ from typing import Any, Callable
 
 from cryptography import x509
 
-# Deletions that are no failure: rekeys (RFC 7296 §1.3.2, §1.3.3), our own shutdown or view
-# change, duplicate SAs of a simultaneous initiation (§2.8.1), a peer restart (INITIAL_CONTACT).
+from agent.ike.errors import DeleteReason
+
+# IKE_SA endings that are no failure, by IkeSaDeleted.kind: our own delete or shutdown, a policy
+# change (set up again), a rekey (RFC 7296 §1.3.2), a replacement (redundant rekey §2.8.1,
+# INITIAL_CONTACT), a duplicate or moot IKE_SA deleted because another one with the peer is up.
+BENIGN_KINDS = frozenset({DeleteReason.LOCAL, DeleteReason.RECONFIGURED, DeleteReason.REKEYED,
+                          DeleteReason.SUPERSEDED, DeleteReason.DUPLICATE})
+# CHILD_SA deletions carry only a text: rekeys (§1.3.3), our own shutdown or view change, a restart.
 BENIGN_REASONS = ("rekeyed", "shutdown", "deleted locally", "peer removed from view", "peer sent INITIAL_CONTACT")
 MAX_REASON = 200  # characters of a reason kept (reports to the controller are bounded)
 _TRAFFIC = ("packets_in", "bytes_in", "packets_out", "bytes_out")
@@ -86,7 +93,7 @@ class PeerTracker:
                 self._error(peer, f"CHILD_SA deleted: {ev.reason}")
             self.changes += 1
         elif name == "IkeSaDeleted":
-            if peer and ev.rekeyed_to is None and not _benign(ev.reason):
+            if peer and ev.rekeyed_to is None and getattr(ev, "kind", None) not in BENIGN_KINDS:
                 self._error(peer, f"IKE_SA failed: {ev.reason}" if ev.reason != "deleted by peer"
                             else "IKE_SA deleted by the peer")
             self.changes += 1

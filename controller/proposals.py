@@ -1,10 +1,10 @@
 """Proposal strings the agents accept, checked in the controller (pure).
 
-The controller must not import ``agent``; this module keeps its own table of
-the keywords ``agent.ike.proposals`` accepts and the same grammar, so a bad
-inventory is refused with a clear message instead of crashing every agent
-that receives it. ``tests/controller/test_proposals_table.py`` compares the
-table and the verdicts with the agent's parser, so the two cannot drift.
+The controller must not import ``agent``; the keywords come from the table both
+sides use (meshsec.proposals), the grammar below is the one ``agent.ike.proposals``
+parses, so a bad inventory is refused with a clear message instead of crashing
+every agent that receives it. ``tests/controller/test_proposals_table.py`` checks
+that both sides read the one table and that the verdicts agree with the agent's parser.
 
 Grammar (strongSwan's "proposals" keywords, ``-`` separated, case-insensitive):
 - IKE: exactly one encryption keyword the IKE code runs; an AEAD cipher
@@ -19,30 +19,25 @@ Grammar (strongSwan's "proposals" keywords, ``-`` separated, case-insensitive):
 """
 from __future__ import annotations
 
-# encryption keyword -> AEAD?
-_AES_BITS = (128, 192, 256)
-IKE_ENCR: dict[str, bool] = {"aes": False, "chacha20poly1305": True}
-ESP_ENCR: dict[str, bool] = {"aes": False, "chacha20poly1305": True}
-for _b in _AES_BITS:
-    IKE_ENCR[f"aes{_b}"] = False
-    ESP_ENCR[f"aes{_b}"] = False
-    ESP_ENCR[f"aes{_b}gcm16"] = ESP_ENCR[f"aes{_b}gcm"] = True
-    IKE_ENCR[f"aes{_b}gcm"] = IKE_ENCR[f"aes{_b}ccm"] = True
-    for _icv in (8, 12, 16):
-        IKE_ENCR[f"aes{_b}gcm{_icv}"] = IKE_ENCR[f"aes{_b}ccm{_icv}"] = True
-# keywords the agent knows but cannot run (it names them in its own error)
-UNSUPPORTED_ENCR = frozenset({"null", *(f"aes{b}ctr" for b in _AES_BITS),
-                              *(f"aes{b}{m}{i}" for b in _AES_BITS for m in ("gcm", "ccm") for i in (8, 12)),
-                              *(f"aes{b}ccm" for b in _AES_BITS)})
-ALL_ENCR = frozenset(IKE_ENCR) | frozenset(ESP_ENCR) | UNSUPPORTED_ENCR
-INTEG = frozenset({"sha1", "sha", "sha256", "sha2_256", "sha384", "sha2_384", "sha512", "sha2_512"})
-PRF = frozenset({"prfsha1", "prfsha256", "prfsha384", "prfsha512"})
-KE = frozenset({"modp2048", "ecp256", "ecp384", "ecp521", "x25519", "curve25519", "x448", "curve448",
-                "mlkem768", "mlkem1024"})
-# keywords naming the same method (a repeat of either is a repeat)
-_KE_ALIAS = {"curve25519": "x25519", "curve448": "x448"}
-ESN = frozenset({"esn", "noesn"})
-MAX_ADD_KE = 7
+from meshsec import proposals as _table
+
+# encryption keyword -> AEAD?, for the ciphers the agents run for IKE and for ESP
+IKE_ENCR: dict[str, bool] = {k: n in _table.AEAD_ENCR for k, (n, _bits) in _table.ENCR.items()
+                             if n in _table.IKE_ENCR_SUPPORTED}
+ESP_ENCR: dict[str, bool] = {k: n in _table.AEAD_ENCR for k, (n, _bits) in _table.ENCR.items()
+                             if n in _table.ESP_ENCR_SUPPORTED}
+# every encryption keyword, also those the agents know but cannot run (refused by name)
+ALL_ENCR = frozenset(_table.ENCR)
+INTEG = frozenset(_table.INTEG)
+PRF = frozenset(_table.PRF)
+KE = frozenset(_table.KE)
+ESN = frozenset(_table.ESN)
+MAX_ADD_KE = _table.MAX_ADD_KE
+
+
+def _method(ke: str) -> str:
+    """The key exchange method a keyword names (x25519 and curve25519 are one method)."""
+    return _table.KE.get(ke, ke)
 
 
 class ProposalInvalid(ValueError):
@@ -77,7 +72,7 @@ def _unknown(tok: str, s: str, kinds: list[tuple[str, frozenset | dict]]) -> Pro
 
 
 def _check_ke(ke: list[str], add: list[str], s: str) -> None:
-    if len({_KE_ALIAS.get(k, k) for k in ke}) != len(ke) or len(set(add)) != len(add):
+    if len({_method(k) for k in ke}) != len(ke) or len(set(add)) != len(add):
         raise ProposalInvalid(f"proposal {s!r} repeats a key exchange method")
 
 
@@ -89,7 +84,7 @@ def check_ike_proposal(s: str) -> None:
     kinds = [("encryption", IKE_ENCR), ("integrity", INTEG), ("prf", PRF), ("key exchange", KE)]
     for tok in toks:
         if _add_ke(tok, s):
-            add.append(tok[:4] + _KE_ALIAS.get(tok[4:], tok[4:]))
+            add.append(tok[:4] + _method(tok[4:]))
         elif tok in ALL_ENCR:
             encr.append(tok)
         elif tok in INTEG:
@@ -133,7 +128,7 @@ def check_child_proposal(s: str) -> None:
     kinds = [("encryption", ESP_ENCR), ("integrity", INTEG), ("key exchange", KE), ("esn", ESN)]
     for tok in toks:
         if _add_ke(tok, s):
-            add.append(tok[:4] + _KE_ALIAS.get(tok[4:], tok[4:]))
+            add.append(tok[:4] + _method(tok[4:]))
         elif tok in ALL_ENCR:
             encr.append(tok)
         elif tok in INTEG:
@@ -156,7 +151,7 @@ def check_child_proposal(s: str) -> None:
                               f"(remove {integ[0]!r})")
     if not ESP_ENCR[encr[0]] and not integ:
         raise ProposalInvalid(f"ESP proposal {s!r}: {encr[0]!r} needs an integrity algorithm (e.g. sha256)")
-    if len(set(esn)) != len(esn) or len({_KE_ALIAS.get(k, k) for k in ke}) != len(ke):
+    if len(set(esn)) != len(esn) or len({_method(k) for k in ke}) != len(ke):
         raise ProposalInvalid(f"ESP proposal {s!r} repeats a keyword")
     if len(set(add)) != len(add):
         raise ProposalInvalid(f"proposal {s!r} repeats {add[0]!r}")
@@ -177,5 +172,5 @@ def _check_ah(toks: list[str], s: str) -> None:
     if len(integ) != 1:
         raise ProposalInvalid(f"AH proposal {s!r} needs exactly one integrity algorithm (e.g. sha256), "
                               f"has {len(integ)}")
-    if len(set(esn)) != len(esn) or len({_KE_ALIAS.get(k, k) for k in ke}) != len(ke):
+    if len(set(esn)) != len(esn) or len({_method(k) for k in ke}) != len(ke):
         raise ProposalInvalid(f"AH proposal {s!r} repeats a keyword")

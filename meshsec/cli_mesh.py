@@ -44,7 +44,7 @@ def fetch_remote(controller: str, watch_address: str | None, state_dir: str, ca_
     """GetMesh over mutual TLS; CliError with the reason on failure."""
     import grpc
 
-    from meshsec.cli import CliError
+    from meshsec.cli_common import CliError
     from meshsec.v1 import controller_pb2 as pb
     from meshsec.v1 import controller_pb2_grpc as pb_grpc
 
@@ -77,7 +77,7 @@ def fetch_remote(controller: str, watch_address: str | None, state_dir: str, ca_
 
 
 def _ago(ts, now: float) -> str:
-    from meshsec.cli import _age
+    from meshsec.cli_common import _age
     return f"{_age(max(0.0, now - ts))} ago" if ts else "never"
 
 
@@ -93,7 +93,7 @@ def _rate(bps) -> str:
 
 def format_mesh(doc: dict, *, show_all: bool = False, now: float | None = None) -> str:
     """The mesh document as two tables (nodes, pairs)."""
-    from meshsec.cli import _age, _table
+    from meshsec.cli_common import _age, _table
     now = time.time() if now is None else now
     s = doc.get("summary", {})
     pc = s.get("pairs", {})
@@ -138,7 +138,7 @@ def format_mesh(doc: dict, *, show_all: bool = False, now: float | None = None) 
 def run(args) -> int:
     import sys
 
-    from meshsec.cli import CliError, request
+    from meshsec.cli_common import CliError, request
     try:
         if args.controller:
             doc = fetch_remote(args.controller, args.watch_address, args.state_dir, args.controller_ca)

@@ -10,8 +10,8 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.datapath.udp import FakeNetwork
 from agent.metrics import AgentMetrics
+from tests.datapath.fake_devices import FakeNetwork
 from tests.datapath.fakes import FakeClock
 from tests.datapath.test_runtime import A_IP, NET_A, ipv4, make_view, pump, real_pair
 

@@ -12,8 +12,8 @@ import pytest
 from agent import main as agent_main
 from agent.datapath.control_socket import ControlServer, ControlSocketError
 from meshsec import cli
+from tests.datapath.fake_devices import FakeNetwork
 from tests.datapath.test_runtime import A_IP, B_IP, NET_A, NET_B, Node, ipv4, pump
-from agent.datapath.udp import FakeNetwork
 from tests.datapath.fakes import FakeClock
 
 

@@ -204,13 +204,6 @@ def test_lifetime_defaults_are_the_policy_defaults():
                for p in view.peers)
 
 
-@pytest.mark.parametrize("value,s", [("30s", 30), ("15m", 900), ("4h", 14400), ("1d", 86400), ("90", 90),
-                                     ("1.5h", 5400), (45, 45), ("0", 0)])
-def test_parse_duration(value, s):
-    from agent.config import parse_duration
-    assert parse_duration(value) == s
-
-
 @pytest.mark.parametrize("line,expect", [
     ("ike_lifetime: 4x", "cfg.yaml:17: peers[1].ike_lifetime: '4x' is not a duration; write e.g. 30s, 15m, 4h"),
     ("child_lifetime: -5m", "cfg.yaml:17: peers[1].child_lifetime: '-5m' is not a duration"),

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from agent.datapath.udp import FakeNetwork
 from agent.metrics import AgentMetrics
 from agent.peerstate import PeerTracker, install_status
 from meshsec import cli
+from tests.datapath.fake_devices import FakeNetwork
 from tests.datapath.fakes import FakeClock
 from tests.datapath.test_runtime import A_IP, B_IP, NET_A, NET_B, _real_node, ipv4, pump
 
@@ -105,6 +105,37 @@ def test_metrics_with_peer_label(trio) -> None:
     assert v("process_resident_memory_bytes") > 0 and v("process_cpu_seconds_total") >= 0
 
 
+def test_peer_drops_by_reason_in_metrics(trio) -> None:
+    # ESP from b replayed and tampered on the way to a: a counts the drops on its CHILD_SA with b,
+    # exported as meshsec_agent_peer_drops_total{peer="b",reason=...}; c (no SA) has none
+    a, b, ta, tb, clock, wall = trio
+    net = a.u4500.network
+    b.tun.inject([ipv4("10.2.0.7", "10.1.0.5", b"z" * 60) for _ in range(2)])
+    mark = len(net.log)
+    pump(a, b)
+    esp = [(src, data) for src, dst, data in net.log[mark:]
+           if src == (B_IP, 4500) and dst == (A_IP, 4500) and data[:4] != b"\0\0\0\0" and len(data) > 8]
+    assert len(esp) == 2 and len(a.tun.take_written()) == 2
+    for src, data in esp:
+        net.deliver(src, (A_IP, 4500), data)  # replayed: same sequence numbers (RFC 4303 §3.4.3)
+    src, data = esp[0]
+    # a fresh sequence number passes the replay check, but it is covered by the ICV (§3.4.4)
+    net.deliver(src, (A_IP, 4500), data[:4] + (100).to_bytes(4, "big") + data[8:])
+    pump(a, b)
+    assert a.tun.take_written() == []
+    assert rows(ta)["b"]["drops"] == {"replay": 2, "icv": 1}
+
+    m = AgentMetrics(a.rt, timeout=5.0, tracker=ta)
+    snap = m.take_snapshot()
+    m.snapshot = lambda: snap
+    v = m.registry.get_sample_value
+    assert v("meshsec_agent_peer_drops_total", {"peer": "b", "reason": "replay"}) == 2
+    assert v("meshsec_agent_peer_drops_total", {"peer": "b", "reason": "icv"}) == 1
+    samples = [s for fam in m.registry.collect() if fam.name == "meshsec_agent_peer_drops" for s in fam.samples]
+    assert {(s.labels["peer"], s.labels["reason"]) for s in samples if s.name.endswith("_total")} == \
+        {("b", "replay"), ("b", "icv")}
+
+
 def test_meshsec_status_shows_peers_and_controller(trio) -> None:
     a, b, ta, tb, clock, wall = trio
 
@@ -138,3 +169,30 @@ def test_standalone_status_has_no_controller_line(trio) -> None:
     install_status(Control, a.rt, ta, None)
     st = Control.handlers["status"]({})
     assert st["controller"] is None and "controller " not in cli.format_status(st).split("PEERS")[0]
+
+
+class _BareRuntime:
+    """Just what PeerTracker.observe reads."""
+
+    def __init__(self) -> None:
+        self.event_observers: list = []
+        self.children: dict = {}
+
+
+@pytest.mark.parametrize("kind,reason,is_error", [
+    ("duplicate", "moot: an IKE_SA with the peer is up", False),  # shown as "IKE_SA failed: moot ..." before
+    ("duplicate", "duplicate IKE_SA: the other one holds the higher nonce", False),
+    ("superseded", "peer sent INITIAL_CONTACT", False),
+    ("rekeyed", "rekeyed", False),
+    ("local", "shutdown", False),
+    ("reconfigured", "policy changed", False),
+    ("auth_failed", "rekeyed", True),  # the kind decides, not a reason text that looks benign
+    ("timeout", "peer did not respond", True),
+    ("peer_deleted", "deleted by peer", True),
+])
+def test_benign_ike_sa_endings_are_judged_by_kind_not_text(kind, reason, is_error) -> None:
+    from agent.ike.errors import DeleteReason
+    from agent.ike.events import IkeSaDeleted
+    t = PeerTracker(_BareRuntime(), wall=lambda: 1_700_000_000.0)
+    t.observe(IkeSaDeleted("b", 1, 2, reason, kind=DeleteReason(kind)), 0.0)
+    assert ("b" in t.last_error) is is_error, t.last_error

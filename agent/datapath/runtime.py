@@ -68,7 +68,7 @@ class Runtime:
     """The agent's event loop.
 
     ``view``: the initial NodeView. ``ike``: an ``IkeCore`` (agent.ike.manager.IkeManager).
-    ``tun``: TunDevice/FakeTun; ``udp500`` / ``udp4500``: UdpSocket/FakeUdp
+    ``tun``: TunDevice; ``udp500`` / ``udp4500``: UdpSocket (tests: tests/datapath/fake_devices.py)
     bound on ``local_address``. ``esp_factory(keys, *, rng, replay_window,
     mode)`` builds one EspSa direction (default ``agent.esp.EspSa``).
     ``clock`` returns monotonic seconds, ``rng(n)`` random bytes.

@@ -10,8 +10,8 @@ import time
 from agent.datapath.policy import selector_entries
 from agent.esp import AhSa
 from agent.esp.sad import ChildEntry
-from agent.ike.events import (ChildSaDeleted, ChildSaEstablished, ChildSaRefused, IkeKeysDerived, IkeSaDeleted,
-                              IkeSaEstablished, InitsRefused, PeerAddressChanged, PeerRefused)
+from agent.ike.events import (ChildSaDeleted, ChildSaEstablished, ChildSaRefused, HalfOpenDropped, IkeKeysDerived,
+                              IkeSaDeleted, IkeSaEstablished, InitsRefused, PeerAddressChanged, PeerRefused)
 
 # soft byte/packet lifetime (RFC 4301 §4.4.2.1) as a fraction of the hard one: the sending SA
 # gets there first and starts the rekey; the receiving SA only if the sender did not (e.g. a
@@ -177,6 +177,13 @@ def inits_refused(rt, ev: InitsRefused, now: float) -> None:
                 ev.until - ev.since, ", ".join(f"{k} {v}" for k, v in ev.counts.items()), ev.last[0], ev.detail)
 
 
+def half_open_dropped(rt, ev: HalfOpenDropped, now: float) -> None:
+    # responder IKE_SAs that never got an IKE_AUTH (evicted under load, expired): one line per
+    # summary (at most every 10 s), never one per attacker datagram; totals: half_open_dropped_<kind>
+    rt.log.info("dropped %d half-open IKE_SA(s) in %.0f s (%s); last from %s: %s", sum(ev.counts.values()),
+                ev.until - ev.since, ", ".join(f"{k} {v}" for k, v in ev.counts.items()), ev.last[0], ev.detail)
+
+
 def peer_refused(rt, ev: PeerRefused, now: float) -> None:
     # policy data the IKE core cannot use (docs/ike-hardening.md): one warning per new problem
     rt.log.warning("peer %s refused: %s (fix the policy; other peers are unaffected; "
@@ -194,6 +201,7 @@ HANDLERS = {
     ChildSaRefused: child_refused,
     PeerRefused: peer_refused,
     InitsRefused: inits_refused,
+    HalfOpenDropped: half_open_dropped,
     IkeSaEstablished: ike_established,
     IkeKeysDerived: ike_keys,
     ChildSaEstablished: child_established,

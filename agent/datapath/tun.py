@@ -1,7 +1,7 @@
 """TUN device (layer 3, IFF_TUN | IFF_NO_PI) with batch I/O.
 
-``TunDevice`` wraps python-pytun; ``FakeTun`` has the same interface and is
-fed / drained in memory by tests. Packets are raw IP packets (bytes), no
+``TunDevice`` wraps python-pytun (tests use the in-memory stand-in in
+tests/datapath/fake_devices.py, same interface). Packets are raw IP packets (bytes), no
 packet-information header.
 
 Offloads (default on): the device is opened with IFF_VNET_HDR and TUNSETOFFLOAD
@@ -16,7 +16,6 @@ import errno
 import fcntl
 import logging
 import os
-from collections import deque
 
 import numpy as np
 
@@ -279,92 +278,3 @@ class TunDevice:
         if not self._closed:
             self._closed = True
             self._dev.close()
-
-
-class FakeTun:
-    """In-memory TUN for tests.
-
-    ``inject(packets)`` queues packets as if the kernel routed them into the
-    device (the runtime reads them with ``read_batch``); packets the runtime
-    writes land in ``written``. ``fileno()`` is a pipe that is readable while
-    injected packets wait, so a real selector loop works too.
-    """
-
-    def __init__(self, name: str = "fake0", mtu: int = 1400) -> None:
-        self.name = name
-        self.mtu = mtu
-        self._queue: deque[bytes] = deque()
-        self.written: list[bytes] = []
-        self.counters = {"write_errors": 0}
-        self._r, self._w = os.pipe()
-        os.set_blocking(self._r, False)
-        os.set_blocking(self._w, False)
-        self.closed = False
-
-    def fileno(self) -> int:
-        return self._r
-
-    def inject(self, packets: list[bytes]) -> None:
-        self._queue.extend(packets)
-        try:
-            os.write(self._w, b"x")
-        except BlockingIOError:
-            pass
-
-    def read_batch(self, max_packets: int = 64) -> list[bytes]:
-        out = []
-        q = self._queue
-        while q and len(out) < max_packets:
-            out.append(q.popleft())
-        if not q:
-            try:
-                while os.read(self._r, 4096):
-                    pass
-            except BlockingIOError:
-                pass
-        return out
-
-    def write_batch(self, packets: list[bytes]) -> int:
-        self.written.extend(packets)
-        return len(packets)
-
-    def take_written(self) -> list[bytes]:
-        out, self.written = self.written, []
-        return out
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            os.close(self._r)
-            os.close(self._w)
-
-
-class FakeVnetTun(FakeTun):
-    """FakeTun speaking virtio-net headers like an offloaded ``TunDevice``.
-
-    ``inject_frames(frames)`` takes reads (header + packet, e.g. TSO super-packets), splits
-    them as ``TunDevice.read_batch`` does and queues the result; ``write_batch`` coalesces like the real device and keeps each
-    write in ``frames`` (header + packet) while ``written`` gets what the kernel would see
-    after segmenting them again (plain IP packets, as with FakeTun).
-    """
-
-    def __init__(self, name: str = "fakev0", mtu: int = 1400) -> None:
-        super().__init__(name, mtu)
-        self.counters.update(off.new_counters())
-        self.frames: list[bytes] = []
-        self.offloads = ("tso", "uso", "coalesce")
-
-    def inject_frames(self, frames: list[bytes]) -> None:
-        out = []
-        for f in frames:
-            out += off.split(bytearray(f), len(f), self.counters)
-        self.inject(out)
-
-    def write_batch(self, packets: list[bytes]) -> int:
-        n = 0
-        for bufs, k in off.coalesce(packets, self.counters):
-            frame = b"".join(bytes(b) for b in bufs)
-            self.frames.append(frame)
-            self.written += off.split(bytearray(frame), len(frame), self.counters)
-            n += k
-        return n

@@ -1,17 +1,15 @@
 """UDP sockets for IKE (port 500) and IKE/ESP-in-UDP (port 4500, RFC 3948).
 
 ``UdpSocket`` is a non-blocking socket bound on (local address, port);
-``FakeUdp`` + ``FakeNetwork`` carry datagrams in memory for tests. Batches
+tests carry datagrams in memory with tests/datapath/fake_devices.py. Batches
 are lists of ``(payload: bytes, (ip: str, port: int))``.
 """
 from __future__ import annotations
 
 import errno
 import logging
-import os
 import socket
 import struct
-from collections import deque
 
 
 def build_ip(*args):
@@ -299,112 +297,3 @@ class RawSocket:
 
     def close(self) -> None:
         self._sock.close()
-
-
-class FakeNetwork:
-    """In-memory underlay: delivers datagrams between ``FakeUdp`` endpoints.
-
-    ``log`` keeps every delivered datagram as (src, dst, payload) so tests can
-    inspect or replay traffic; ``drop_next`` drops datagrams silently.
-    """
-
-    def __init__(self) -> None:
-        self.endpoints: dict[tuple[str, int], FakeUdp] = {}
-        self.log: list[tuple[tuple[str, int], tuple[str, int], bytes]] = []
-        self.undeliverable = 0
-
-    def socket(self, local_ip: str, port: int) -> "FakeUdp":
-        s = FakeUdp(local_ip, port, self)
-        self.endpoints[(local_ip, port)] = s
-        return s
-
-    def raw(self, local_ip: str, proto: int, *, hdrincl: bool = False) -> "FakeRaw":
-        """A ``RawSocket`` stand-in for IP protocol ``proto`` (50 ESP, 51 AH)."""
-        s = FakeRaw(local_ip, proto, self, hdrincl=hdrincl)
-        self.endpoints[(local_ip, -proto)] = s
-        return s
-
-    def deliver(self, src: tuple[str, int], dst: tuple[str, int], data: bytes) -> None:
-        self.log.append((src, dst, data))
-        ep = self.endpoints.get(dst)
-        if ep is None or ep.closed:
-            self.undeliverable += 1
-            return
-        ep.inject([(data, src)])
-
-
-class FakeUdp:
-    """In-memory UDP socket with the ``UdpSocket`` interface."""
-
-    def __init__(self, local_ip: str, port: int, network: FakeNetwork | None = None) -> None:
-        self.local = (local_ip, port)
-        self.port = port
-        self.network = network
-        self.sent: list[tuple[bytes, tuple[str, int]]] = []
-        self.counters = {"send_errors": 0}
-        self._queue: deque = deque()
-        self._r, self._w = os.pipe()
-        os.set_blocking(self._r, False)
-        os.set_blocking(self._w, False)
-        self.closed = False
-
-    def fileno(self) -> int:
-        return self._r
-
-    def inject(self, batch: list[tuple[bytes, tuple[str, int]]]) -> None:
-        """Queue datagrams as received from their (ip, port)."""
-        self._queue.extend(batch)
-        try:
-            os.write(self._w, b"x")
-        except BlockingIOError:
-            pass
-
-    def recv_batch(self, max_datagrams: int = 64):
-        out = []
-        q = self._queue
-        while q and len(out) < max_datagrams:
-            out.append(q.popleft())
-        if not q:
-            try:
-                while os.read(self._r, 4096):
-                    pass
-            except BlockingIOError:
-                pass
-        return out
-
-    def send_batch(self, batch) -> int:
-        for data, addr in batch:
-            self.sent.append((data, addr))
-            if self.network is not None:
-                self.network.deliver(self.local, addr, data)
-        return len(batch)
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            os.close(self._r)
-            os.close(self._w)
-
-
-class FakeRaw(FakeUdp):
-    """In-memory ``RawSocket``: sends payloads, receives whole IP packets (as the kernel hands them)."""
-
-    def __init__(self, local_ip: str, proto: int, network: FakeNetwork | None = None, *,
-                 hdrincl: bool = False) -> None:
-        super().__init__(local_ip, -proto, network)
-        self.proto = proto
-        self.port = 0
-        self.hdrincl = hdrincl
-
-    def sibling(self, proto: int, *, hdrincl: bool = False) -> "FakeRaw":
-        if self.network is not None:
-            return self.network.raw(self.local[0], proto, hdrincl=hdrincl)
-        return FakeRaw(self.local[0], proto, hdrincl=hdrincl)
-
-    def send_batch(self, batch) -> int:
-        for data, addr in batch:
-            self.sent.append((data, addr))
-            if self.network is not None:
-                pkt = data if self.hdrincl else build_ip(self.local[0], addr[0], self.proto, data)
-                self.network.deliver((self.local[0], 0), (addr[0], -self.proto), pkt)
-        return len(batch)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from agent.iana import ExchangeType, NotifyType, PayloadType
 from agent.ike.cookie import NONCE_MAX, NONCE_MIN
 from agent.ike.errors import DeleteReason
-from agent.ike.events import Addr, IkeSaDeleted, InitsRefused
+from agent.ike.events import Addr, HalfOpenDropped, IkeSaDeleted, InitsRefused
 from agent.ike.message import (HEADER_LEN, Header, Message, MessageError, MessageLimitError, NotifyPayload,
                                decode_header, encode_message, scan_payloads)
 from agent.ike.sa import Datagram, IkeSa, State
@@ -27,7 +27,9 @@ INIT_RATE = 100.0  # IKE_SA_INITs per second let through without a COOKIE (then 
 MAX_INIT_LEN = 8192  # octets; IKE_SA_INIT cannot be fragmented (RFC 7383 §2.5), real ones are < 2 KiB
 HALF_OPEN_BYTES_MAX = 4 << 20  # half-open state in all; COOKIE mode from half of it
 HALF_OPEN_BASE_BYTES = 8 << 10  # heap of one half-open IKE_SA besides its messages (tracemalloc: 8.1-8.3 KB)
-REFUSAL_SUMMARY_S = 10.0  # at most one InitsRefused event per interval
+REFUSAL_SUMMARY_S = 10.0  # at most one InitsRefused (HalfOpenDropped) event per interval
+# endings of a responder IKE_SA that never got an IKE_AUTH that are summarised, not one event each
+SUMMARISED_ENDINGS = frozenset({DeleteReason.DROPPED, DeleteReason.SETUP_TIMEOUT})
 
 
 class TokenBucket:
@@ -273,7 +275,26 @@ class Admission:
             self.m._refusal_timer = due
             self.m._timers.push(due, ("refusals", ""))
 
-    def charge(self, sa: IkeSa) -> None:
+    def half_open_gone(self, sa: IkeSa, ev: IkeSaDeleted, now: float) -> bool:
+        """True if ``ev`` ends a responder IKE_SA that never got past IKE_SA_INIT (no peer known,
+        evicted or expired): then it is counted (``half_open_dropped_<kind>``) and summarised in a
+        HalfOpenDropped event (at once after a quiet interval, else at most one per
+        REFUSAL_SUMMARY_S), never one IkeSaDeleted (= one log line) per attacker datagram. Our
+        own initiations and anything after IKE_AUTH keep their IkeSaDeleted."""
+        if sa.initiator or ev.peer or sa.established_at or ev.kind not in SUMMARISED_ENDINGS:
+            return False
+        self.m._count(f"half_open_dropped_{ev.kind}")
+        summary = self.m._ho_drops.add(str(ev.kind), sa.remote, now, ev.reason)
+        if summary is not None:
+            self.m._events.append(HalfOpenDropped(*summary))
+            return True
+        due = self.m._ho_drops.due()
+        if due is not None and due != self.m._ho_drop_timer:
+            self.m._ho_drop_timer = due
+            self.m._timers.push(due, ("half_open_drops", ""))
+        return True
+
+    def charge(self, sa: IkeSa, now: float | None = None) -> None:
         """Re-count what the half-open ``sa`` holds; beyond ``half_open_bytes_max`` the oldest
         other half-open IKE_SAs are dropped."""
         spi = sa.my_spi
@@ -283,9 +304,9 @@ class Admission:
         self.m._ho_bytes += cost - self.m._ho_cost.get(spi, 0)
         self.m._ho_cost[spi] = cost
         while self.m._ho_bytes > self.m.half_open_bytes_max and len(self.m._half_open) > 1:
-            self.evict_oldest(keep=sa)
+            self.evict_oldest(keep=sa, now=now)
 
-    def evict_oldest(self, keep: IkeSa | None = None) -> None:
+    def evict_oldest(self, keep: IkeSa | None = None, now: float | None = None) -> None:
         """Drop the oldest half-open IKE_SA (not ``keep``), counted ``half_open_evicted``."""
         it = iter(self.m._half_open.items())
         old_key, old = next(it)
@@ -293,7 +314,7 @@ class Admission:
             old_key, old = next(it)
         self.m._count("half_open_evicted")
         old._die("half-open IKE_SA dropped: too many half-open IKE_SAs", DeleteReason.DROPPED)
-        self.m._collect(old, old.created_at)
+        self.m._collect(old, old.created_at if now is None else now)
         self.forget_half_open(old, old.my_spi)
         if self.m._half_open.get(old_key) is old:  # not expected: the caller's loop must end all the same
             del self.m._half_open[old_key]
@@ -305,7 +326,7 @@ class Admission:
         est = HALF_OPEN_BASE_BYTES + size
         while self.m._half_open and (len(self.m._half_open) >= self.m.half_open_max
                                    or self.m._ho_bytes + est > self.m.half_open_bytes_max):
-            self.evict_oldest()
+            self.evict_oldest(now=now)
         cfg = self.m._responder_config()
         if self.pressure() or self.m._init_bucket.empty(now):
             cfg.half_open_timeout_s = self.m.half_open_pressure_timeout_s

@@ -37,6 +37,8 @@ class Bookkeeping:
         after: list = []  # (fn(peer, now), peer) run once all of this IKE_SA's events are out:
         # the old IKE_SAs' ChildSaDeleted must follow the new ChildSaEstablished (make before break)
         for ev in events:
+            if isinstance(ev, IkeSaDeleted) and self.m._admission.half_open_gone(sa, ev, now):
+                continue  # never authenticated, not ours: counted and summarised (HalfOpenDropped)
             self.m._events.append(ev)
             if isinstance(ev, IkeSaEstablished):
                 self.m._contacted.add(ev.peer)
@@ -103,7 +105,7 @@ class Bookkeeping:
             self.m._admission.remember_init(sa)
             self.m._admission.forget_half_open(sa)
         elif sa.my_spi in self.m._ho_cost:
-            self.m._admission.charge(sa)  # its request, response and fragment buffers count against the budget
+            self.m._admission.charge(sa, now)  # its request, response and fragment buffers count against the budget
         self.m._timers.schedule(sa)
 
 

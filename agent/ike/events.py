@@ -164,9 +164,24 @@ class InitsRefused:
     detail: str = ""
 
 
+@dataclass(frozen=True)
+class HalfOpenDropped:
+    """Responder IKE_SAs that never got past IKE_SA_INIT (no IKE_AUTH, no peer known) dropped since
+    the last such event: ``counts`` by agent.ike.errors.DeleteReason ("dropped": evicted under
+    load, "setup_timeout": no IKE_AUTH in time), over ``since``..``until``. Instead of one
+    IkeSaDeleted each (one log line per attacker datagram under a COOKIE-answering flood); at
+    most one per ``REFUSAL_SUMMARY_S`` (10 s). ``last``: the last one's source address,
+    ``detail`` its reason text. Totals: counters ``half_open_dropped_<kind>``."""
+    counts: dict = field(hash=False, compare=True)
+    since: float
+    until: float
+    last: Addr
+    detail: str = ""
+
+
 Event = Union[IkeSaEstablished, IkeKeysDerived, ChildSaEstablished, ChildSaDeleted, IkeSaDeleted, PeerRefused,
-              PeerAddressChanged, ChildSaRefused, InitsRefused]
+              PeerAddressChanged, ChildSaRefused, InitsRefused, HalfOpenDropped]
 
 __all__ = ["Addr", "Event", "IkeSaEstablished", "IkeKeysDerived", "ChildSaEstablished",
            "ChildSaDeleted", "IkeSaDeleted", "PeerRefused", "PeerAddressChanged", "ChildSaRefused",
-           "InitsRefused"]
+           "InitsRefused", "HalfOpenDropped"]

@@ -8,9 +8,9 @@ Pure module: no I/O.
 """
 from __future__ import annotations
 
-from agent.iana import ExchangeType, NotifyType
+from agent.iana import ExchangeType, NotifyType, PayloadType
 from agent.ike.events import Addr
-from agent.ike.message import EncryptedFragmentPayload, EncryptedPayload, Message, NotifyPayload, encode_message
+from agent.ike.message import FLAG_INITIATOR, FLAG_RESPONSE, Header, Message, NotifyPayload, encode_message
 from agent.ike.sa import IKE_PORT, Datagram, IkeSa, State
 
 INVALID_IKE_SPI_INTERVAL_S = 1.0  # at most one unprotected INVALID_IKE_SPI per source per interval
@@ -25,17 +25,17 @@ class LostState:
     def __init__(self, m) -> None:
         self.m = m
 
-    def answer_unknown_spi(self, msg: Message, local: Addr, remote: Addr, now: float) -> None:
+    def answer_unknown_spi(self, h: Header, local: Addr, remote: Addr, now: float) -> None:
         """<-- HDR(same SPIs and Message ID), N(INVALID_IKE_SPI), unprotected: only for an encrypted
-        request (never a response), rate-limited per source, no state kept."""
-        if msg.is_response or not msg.payloads or not isinstance(
-                msg.payloads[0], (EncryptedPayload, EncryptedFragmentPayload)):
+        request (never a response), rate-limited per source, no state kept. ``h``: the request's
+        header alone (its payloads are never decoded, issue 13)."""
+        if h.flags & FLAG_RESPONSE or h.first not in (PayloadType.SK, PayloadType.SKF):
             return
         if not self.m._rate_ok(self.m._invalid_spi_sent, remote[0], now, INVALID_IKE_SPI_INTERVAL_S):
             self.m._count("invalid_ike_spi_rate_limited")
             return
-        reply = Message(msg.spi_i, msg.spi_r, int(ExchangeType.INFORMATIONAL), msg.message_id,
-                        not msg.is_initiator, True, (NotifyPayload(int(NotifyType.INVALID_IKE_SPI)),))
+        reply = Message(h.spi_i, h.spi_r, int(ExchangeType.INFORMATIONAL), h.message_id,
+                        not h.flags & FLAG_INITIATOR, True, (NotifyPayload(int(NotifyType.INVALID_IKE_SPI)),))
         self.m._out.append(Datagram(encode_message(reply), local, remote))
         self.m._count("invalid_ike_spi_sent")
         self.initiate_after_lost_state(remote, now)

@@ -11,19 +11,20 @@ import itertools
 from collections import OrderedDict, deque
 from typing import Callable
 
-from agent.iana import ExchangeType, NotifyType
+from agent.iana import NotifyType
 from agent.ike.admission import (HALF_OPEN_BYTES_MAX, INIT_RATE, MAX_INIT_LEN, Admission, RefusalTally, TokenBucket,
                                  new_init_header)
 from agent.ike.bookkeeping import Bookkeeping
 from agent.ike.cookie import CookieJar
-from agent.ike.errors import DeleteReason
+from agent.ike.errors import DeleteReason, Drop
 from agent.ike.events import Addr, Event, PeerRefused
 from agent.ike.fragment import DEFAULT_FRAGMENT_SIZE
 from agent.ike.joining import REPLACE_WAIT_S, Joining
 from agent.ike.lost_state import LostState
-from agent.ike.message import (MessageError, MessageLimitError, NotifyPayload, check_outer, decode_message)
+from agent.ike.message import MessageError, MessageLimitError, check_outer, decode_message
 from agent.ike.pad import PeerIndex
 from agent.ike.policy_check import ike_proposal_problem, policy_problem
+from agent.ike.predecode import route
 from agent.ike.sa import HALF_OPEN_TIMEOUT_S, IKE_PORT, Datagram, IkeSa, IkeSaConfig, State
 from agent.ike.timers import REINITIATE_AUTH_BASE_S, REINITIATE_BASE_S, REINITIATE_MAX_S, Timers
 from agent.ike.vip import VipPools
@@ -131,6 +132,7 @@ class IkeManager:
         self._ho_bytes = 0
         self._refusals = RefusalTally()
         self._refusal_timer: float | None = None
+        self._ho_drops, self._ho_drop_timer = RefusalTally(), None  # dropped half-open IKE_SAs (HalfOpenDropped)
         self._pools: dict = {}  # virtual_ip_pool string -> [AddressPool]
         # the parts, each in its module; they keep their state here (tables tests and status read)
         self._admission = Admission(self)
@@ -381,12 +383,20 @@ class IkeManager:
 
     def _receive(self, data: bytes, local: Addr, remote: Addr, now: float) -> None:
         h = new_init_header(data)  # a new IKE_SA_INIT request: admission first (docs/ike-hardening.md)
+        sa = None
         if h is not None:
             if len(data) > self.init_max_len:  # before anything is read or kept (IKE_SA_INIT is never fragmented)
                 self._admission.refuse_init(h.spi_i, "too_large", NotifyType.INVALID_SYNTAX, local, remote, now)
                 return
             if self._admission.needs_cookie(h, data, local, remote, now):
                 return  # answered (or dropped) statelessly before decoding the rest (§2.6)
+        else:  # the IKE_SA from the header (SPIs, flags, Message ID) before any payload is decoded
+            hdr, sa, drop = route(self._sas, data)
+            if drop:
+                self._count(drop)
+                if drop == Drop.UNKNOWN_SPI:
+                    self._lost.answer_unknown_spi(hdr, local, remote, now)
+                return
         try:
             msg = decode_message(data)
         except MessageLimitError as e:
@@ -400,8 +410,7 @@ class IkeManager:
         except MessageError:
             self._count("malformed")
             return
-        if (msg.exchange == ExchangeType.INFORMATIONAL and msg.payloads
-                and all(isinstance(p, NotifyPayload) for p in msg.payloads)):
+        if h is None and sa is None:  # route() let it through as N(...) only, unprotected
             self._lost.unprotected_notify(msg, remote, now)  # never answered: it may be spoofed
             return
         try:
@@ -409,18 +418,9 @@ class IkeManager:
         except MessageError:
             self._count("unexpected_payload")
             return
-        if msg.exchange == ExchangeType.IKE_SA_INIT and not msg.is_response and msg.spi_r == 0:
+        if sa is None:
             sa = self._admission.init_request(msg, data, local, remote, now)
             if sa is None:
-                return
-        else:
-            our_spi = msg.spi_r if msg.is_initiator else msg.spi_i
-            sa = self._sas.get(our_spi)
-            other = msg.spi_i if msg.is_initiator else msg.spi_r
-            their = sa.spi_i if sa and msg.is_initiator else (sa.spi_r if sa else 0)
-            if sa is None or sa.is_dead or (their and other != their):
-                self._count("unknown_spi")
-                self._lost.answer_unknown_spi(msg, local, remote, now)
                 return
         reason = sa.receive(msg, data, local, remote, now)
         if reason:

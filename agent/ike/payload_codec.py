@@ -69,19 +69,21 @@ def _encode_attributes(attrs: tuple[TransformAttribute, ...]) -> bytes:
     return bytes(out)
 
 
-def _decode_sa(data) -> SaPayload:
+def _decode_sa(data, used: list[int] | None = None) -> SaPayload:
     """§3.3, walked by offsets over ``data`` (bytes or a memoryview of the message): each octet is
     read once and nothing is copied but SPIs and variable attribute values, so the cost before
-    authentication is linear in the payload and stops at the first count limit."""
+    authentication is linear in the payload and stops at the first count limit. ``used``:
+    [proposals, transforms, attributes] already decoded in earlier SA payloads of the same
+    message, updated in place: the limits hold for the whole message, not per SA payload
+    (40 SA payloads of 128 transforms each passed before, issue 13)."""
     proposals = []
     off, end = 0, len(data)
     last = False
-    ntotal = 0
-    nattrs = 0
+    nprop0, ntotal, nattrs = used if used is not None else (0, 0, 0)
     while off < end:
         if last:
             raise MessageError("SA: data after the last proposal")
-        if len(proposals) >= MAX_PROPOSALS:
+        if nprop0 + len(proposals) >= MAX_PROPOSALS:
             raise MessageLimitError(f"SA: more than {MAX_PROPOSALS} proposals", "proposals")
         if end - off < 8:
             raise MessageError(f"proposal: truncated ({end - off} < 8 octets)")
@@ -121,6 +123,8 @@ def _decode_sa(data) -> SaPayload:
         last = more == 0
     if proposals and not last:
         raise MessageError("SA: last proposal not marked last")
+    if used is not None:
+        used[:] = (nprop0 + len(proposals), ntotal, nattrs)
     return SaPayload(tuple(proposals))
 
 
@@ -273,6 +277,7 @@ def decode_payloads(first: int, data: bytes, *, allow_sk: bool = True) -> tuple[
     off = 0
     ptype = first
     data = memoryview(data)
+    used = [0, 0, 0]  # SA substructures in the whole chain (_decode_sa)
     while ptype != PayloadType.NO_NEXT_PAYLOAD:
         if len(payloads) >= MAX_PAYLOADS:
             raise MessageLimitError(f"more than {MAX_PAYLOADS} payloads in one chain")
@@ -282,7 +287,7 @@ def decode_payloads(first: int, data: bytes, *, allow_sk: bool = True) -> tuple[
         if plen < GENERIC_HEADER_LEN or off + plen > len(data):
             raise MessageError(f"payload {ptype}: bad length {plen}")
         if ptype == PayloadType.SA:  # decoded in place: its substructures are walked by offsets
-            payloads.append(_decode_sa(data[off + GENERIC_HEADER_LEN:off + plen]))
+            payloads.append(_decode_sa(data[off + GENERIC_HEADER_LEN:off + plen], used))
             off += plen
             ptype = nxt
             continue

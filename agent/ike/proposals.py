@@ -3,7 +3,8 @@
 A proposal string is a ``-`` separated list of keywords, for example
 ``aes128gcm16-prfsha256-x25519`` (IKE) or ``aes128-sha256-esn`` (ESP).
 Keywords are the ones strongSwan uses (ipsec.conf(5) / swanctl.conf(5)
-"proposals"). Pure module: no I/O.
+"proposals"); their table is meshsec.proposals, shared with the controller's
+inventory check. Pure module: no I/O.
 
 Also here: key and ICV sizes per transform, and the algorithm names
 Wireshark 4.0 expects in its ``ikev2_decryption_table`` and ``esp_sa`` UAT
@@ -14,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agent.iana import EncrId, EsnId, IntegId, KeId, PrfId, name_of
+from meshsec import proposals as _table
 
 __all__ = [
     "ProposalError",
@@ -48,42 +50,12 @@ class ProposalError(ValueError):
         self.token = token
 
 
+# The keyword table is shared with the controller (meshsec.proposals, IANA names);
+# here each keyword resolves to its agent.iana enum member.
 # keyword -> (EncrId, key bits or None)
-_ENCR: dict[str, tuple[int, int | None]] = {}
-for _bits in (128, 192, 256):
-    _ENCR[f"aes{_bits}"] = (EncrId.ENCR_AES_CBC, _bits)
-    _ENCR[f"aes{_bits}ctr"] = (EncrId.ENCR_AES_CTR, _bits)
-    for _icv, _gcm, _ccm in (
-        (8, EncrId.ENCR_AES_GCM_8, EncrId.ENCR_AES_CCM_8),
-        (12, EncrId.ENCR_AES_GCM_12, EncrId.ENCR_AES_CCM_12),
-        (16, EncrId.ENCR_AES_GCM_16, EncrId.ENCR_AES_CCM_16),
-    ):
-        _ENCR[f"aes{_bits}gcm{_icv}"] = (_gcm, _bits)
-        _ENCR[f"aes{_bits}ccm{_icv}"] = (_ccm, _bits)
-    # strongSwan: aesXXXgcm / aesXXXccm without ICV size means 16 octets
-    _ENCR[f"aes{_bits}gcm"] = (EncrId.ENCR_AES_GCM_16, _bits)
-    _ENCR[f"aes{_bits}ccm"] = (EncrId.ENCR_AES_CCM_16, _bits)
-_ENCR["aes"] = (EncrId.ENCR_AES_CBC, 128)
-_ENCR["chacha20poly1305"] = (EncrId.ENCR_CHACHA20_POLY1305, None)
-_ENCR["null"] = (EncrId.ENCR_NULL, None)
-
-_INTEG: dict[str, int] = {
-    "sha1": IntegId.AUTH_HMAC_SHA1_96,
-    "sha": IntegId.AUTH_HMAC_SHA1_96,
-    "sha256": IntegId.AUTH_HMAC_SHA2_256_128,
-    "sha2_256": IntegId.AUTH_HMAC_SHA2_256_128,
-    "sha384": IntegId.AUTH_HMAC_SHA2_384_192,
-    "sha2_384": IntegId.AUTH_HMAC_SHA2_384_192,
-    "sha512": IntegId.AUTH_HMAC_SHA2_512_256,
-    "sha2_512": IntegId.AUTH_HMAC_SHA2_512_256,
-}
-
-_PRF: dict[str, int] = {
-    "prfsha1": PrfId.PRF_HMAC_SHA1,
-    "prfsha256": PrfId.PRF_HMAC_SHA2_256,
-    "prfsha384": PrfId.PRF_HMAC_SHA2_384,
-    "prfsha512": PrfId.PRF_HMAC_SHA2_512,
-}
+_ENCR: dict[str, tuple[int, int | None]] = {k: (EncrId[n], bits) for k, (n, bits) in _table.ENCR.items()}
+_INTEG: dict[str, int] = {k: IntegId[n] for k, n in _table.INTEG.items()}
+_PRF: dict[str, int] = {k: PrfId[n] for k, n in _table.PRF.items()}
 
 # strongSwan derives the PRF from the integrity algorithm when none is given
 _PRF_FROM_INTEG: dict[int, int] = {
@@ -93,19 +65,8 @@ _PRF_FROM_INTEG: dict[int, int] = {
     IntegId.AUTH_HMAC_SHA2_512_256: PrfId.PRF_HMAC_SHA2_512,
 }
 
-_KE: dict[str, int] = {
-    "modp2048": KeId.MODP_2048,
-    "ecp256": KeId.ECP_256,
-    "ecp384": KeId.ECP_384,
-    "ecp521": KeId.ECP_521,
-    "x25519": KeId.CURVE25519,
-    "curve25519": KeId.CURVE25519,
-    "x448": KeId.CURVE448,
-    "curve448": KeId.CURVE448,
-    "mlkem768": KeId.ML_KEM_768,  # draft-ietf-ipsecme-ikev2-mlkem; usually as ke1_mlkem768
-    "mlkem1024": KeId.ML_KEM_1024,
-}
-MAX_ADD_KE = 7  # ADDITIONAL_KEY_EXCHANGE_1..7 (RFC 9370 §2.2.1)
+_KE: dict[str, int] = {k: KeId[n] for k, n in _table.KE.items()}
+MAX_ADD_KE = _table.MAX_ADD_KE
 
 
 def _split_add_ke(toks: list[str], s: str) -> tuple[list[str], tuple[tuple[int, ...], ...]]:
@@ -150,23 +111,13 @@ def additional_kes(add_ke: tuple[tuple[int, ...], ...]) -> list[int]:
     """The methods of a *chosen* proposal's additional key exchanges, in order, NONE left out."""
     return [alts[0] for alts in add_ke if alts and alts[0] != KeId.NONE]
 
-_ESN: dict[str, int] = {"esn": EsnId.ESN, "noesn": EsnId.NO_ESN}
+_ESN: dict[str, int] = {k: EsnId[n] for k, n in _table.ESN.items()}
 
-_AEAD = frozenset({
-    EncrId.ENCR_AES_GCM_8, EncrId.ENCR_AES_GCM_12, EncrId.ENCR_AES_GCM_16,
-    EncrId.ENCR_AES_CCM_8, EncrId.ENCR_AES_CCM_12, EncrId.ENCR_AES_CCM_16,
-    EncrId.ENCR_CHACHA20_POLY1305,
-})
+_AEAD = frozenset(EncrId[n] for n in _table.AEAD_ENCR)
 
 # Algorithms this code base can run for IKE (SkCipher) and ESP.
-_IKE_ENCR_SUPPORTED = frozenset({
-    EncrId.ENCR_AES_CBC, EncrId.ENCR_AES_GCM_8, EncrId.ENCR_AES_GCM_12, EncrId.ENCR_AES_GCM_16,
-    EncrId.ENCR_AES_CCM_8, EncrId.ENCR_AES_CCM_12, EncrId.ENCR_AES_CCM_16,
-    EncrId.ENCR_CHACHA20_POLY1305,
-})
-_ESP_ENCR_SUPPORTED = frozenset({
-    EncrId.ENCR_AES_CBC, EncrId.ENCR_AES_GCM_16, EncrId.ENCR_CHACHA20_POLY1305,
-})
+_IKE_ENCR_SUPPORTED = frozenset(EncrId[n] for n in _table.IKE_ENCR_SUPPORTED)
+_ESP_ENCR_SUPPORTED = frozenset(EncrId[n] for n in _table.ESP_ENCR_SUPPORTED)
 
 
 def _known(kind: str, table: dict) -> str:

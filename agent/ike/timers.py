@@ -1,6 +1,7 @@
 """IkeManager's deadlines (sans-I/O): one heap of (when, seq, key) with lazy deletion, for every
 IKE_SA (key: our SPI), pending re-initiations ("retry", peer), make-before-break waits
-("replace", peer) and the refused-IKE_SA_INIT summary ("refusals", ""); and the re-initiation
+("replace", peer), the refused-IKE_SA_INIT summary ("refusals", ""), the dropped half-open
+IKE_SA summary ("half_open_drops", ""); and the re-initiation
 backoff after a failed IKE_SA. docs/ike-hardening.md "Half-open IKE_SAs", "Re-initiation backoff".
 
 Pure module: no I/O.
@@ -10,7 +11,7 @@ from __future__ import annotations
 import heapq
 
 from agent.ike.errors import AUTH_BACKOFF, NO_RETRY
-from agent.ike.events import IkeSaDeleted, InitsRefused
+from agent.ike.events import HalfOpenDropped, IkeSaDeleted, InitsRefused
 from agent.ike.sa import IkeSa
 
 REINITIATE_BASE_S = 2.0
@@ -50,6 +51,11 @@ class Timers:
                 summary = self.m._refusals.flush(now)
                 if summary is not None:
                     self.m._events.append(InitsRefused(*summary))
+            elif key[0] == "half_open_drops":  # the summary of half-open IKE_SAs dropped since the last one
+                self.m._ho_drop_timer = None
+                summary = self.m._ho_drops.flush(now)
+                if summary is not None:
+                    self.m._events.append(HalfOpenDropped(*summary))
             elif key[0] == "replace":  # no replacement came in time: the old IKE_SAs go now
                 if self.m._replace_by.get(key[1], now + 1) <= now:
                     self.m._joining.replaced(key[1], now, failed="none came in time")
@@ -81,6 +87,8 @@ class Timers:
             return self.m._replace_by.get(key[1]) == t
         if key[0] == "refusals":
             return self.m._refusal_timer == t
+        if key[0] == "half_open_drops":
+            return self.m._ho_drop_timer == t
         return self.m._retry.get(key[1]) == t
 
     def schedule(self, sa: IkeSa) -> None:

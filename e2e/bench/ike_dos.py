@@ -11,6 +11,9 @@ Prints two tables, in memory (no sockets), for the IkeManager of this checkout:
    and without COOKIE mode (in COOKIE mode the requests carry no valid cookie),
    and for crafted SA payloads (64 proposals / 256 transforms / 8 attributes each,
    and the largest shape the caps accept), refused with NO_PROPOSAL_CHOSEN.
+2b. µs per 46 KB datagram of 40 SA payloads (16 x 8 each) whose header is not a new
+   IKE_SA_INIT request (Message ID 1, SPIr != 0, R set, CREATE_CHILD_SA, exchange 99):
+   routed by the header before any payload is decoded (issue 13).
 3. µs per encrypted request for an unknown IKE SPI from a new source address with
    2,000 peers (INVALID_IKE_SPI answer and the lookup of the peer at that address).
 4. Memory held by 512 half-open IKE_SAs made of IKE_SA_INITs of the largest size
@@ -137,7 +140,7 @@ def half_open_flood(n_sources: int) -> dict:
         if cookie is not None:
             m.receive_datagram(init_request(spi, cookie), LOCAL, src, now)
             m.datagrams_to_send()
-        while m.next_event() is not None:  # the runtime drains events (IkeSaDeleted of dropped ones)
+        while m.next_event() is not None:  # the runtime drains events (HalfOpenDropped summaries)
             pass
         now += 0.001  # 1,000 new sources per second
     elapsed = time.perf_counter() - t0
@@ -187,6 +190,39 @@ def crafted_cost(repeat: int) -> list[tuple[str, float, dict]]:
         us = (time.perf_counter() - t0) / repeat * 1e6
         rows.append((f"{len(datas[0])}-octet IKE_SA_INIT, {p} proposals x {t} transforms x {a} attributes",
                      us, {k: v for k, v in sorted(m.counters.items()) if v}))
+    return rows
+
+
+def forty_sa_datagram(spi_i: int, spi_r: int, exchange: int, mid: int, flags: str = "I") -> bytes:
+    """The issue-13 datagram: 40 SA payloads of 16 proposals x 8 transforms (5,120 transforms in
+    all, each SA payload within the per-payload caps) and a nonce; ``flags`` "I" or "R"."""
+    sa = SaPayload(tuple(Proposal(i + 1, 1, b"", tuple(Transform(1 + j % 4, 1000 + j) for j in range(8)))
+                         for i in range(16)))
+    return encode_message(Message(spi_i, spi_r, exchange, mid, flags == "I", flags == "R",
+                                  tuple([sa] * 40) + (NoncePayload(b"N" * 32),)))
+
+
+def non_init_cost(repeat: int) -> list[tuple[str, float, dict]]:
+    """µs per 40-SA-payload datagram whose header is not a new IKE_SA_INIT request (no IKE_SA has
+    its SPIs): decoded in full before the unknown-SPI drop before, dropped on the header after."""
+    rows = []
+    for label, make in (("IKE_SA_INIT, Message ID 1", lambda i: forty_sa_datagram(0x30000 + i, 0, 34, 1)),
+                        ("IKE_SA_INIT, SPIr != 0", lambda i: forty_sa_datagram(0x30000 + i, 0x77, 34, 0)),
+                        ("IKE_SA_INIT, R flag set", lambda i: forty_sa_datagram(0x30000 + i, 0, 34, 0, "R")),
+                        ("CREATE_CHILD_SA", lambda i: forty_sa_datagram(0x30000 + i, 0x77, 36, 2)),
+                        ("exchange 99", lambda i: forty_sa_datagram(0x30000 + i, 0x77, 99, 2)),
+                        ("as a new IKE_SA_INIT (for comparison)", lambda i: forty_sa_datagram(0x30000 + i, 0, 34, 0))):
+        m = manager(cookie_threshold=1 << 30, half_open_per_source=1 << 30, half_open_max=1 << 30, init_rate=0)
+        datas = [make(i) for i in range(repeat)]
+        t0 = time.perf_counter()
+        for i, d in enumerate(datas):
+            m.receive_datagram(d, LOCAL, source(i), 1000.0)
+            m.datagrams_to_send()
+            while m.next_event() is not None:
+                pass
+        us = (time.perf_counter() - t0) / repeat * 1e6
+        rows.append((f"{len(datas[0])}-octet, 40 SA payloads of 16x8: {label}", us,
+                     {str(k): v for k, v in sorted(m.counters.items()) if v}))
     return rows
 
 
@@ -277,6 +313,10 @@ def main() -> None:
     print()
     print(f"CPU per IKE_SA_INIT before authentication ({args.repeat} datagrams each):")
     for label, us, counters in per_datagram(args.repeat) + crafted_cost(args.repeat):
+        print(f"{us:>10.1f} us  {label}  {counters}")
+    print()
+    print(f"CPU per datagram that is not a new IKE_SA_INIT, unknown SPIs ({args.repeat} datagrams each):")
+    for label, us, counters in non_init_cost(args.repeat):
         print(f"{us:>10.1f} us  {label}  {counters}")
     print()
     r = max_size_half_open()

@@ -12,9 +12,9 @@ import pytest
 from meshsec.v1 import controller_pb2 as pb
 from meshsec.v1 import controller_pb2_grpc as pb_grpc
 from tests.controller.ctl_helpers import ServerFactory
-from tests.controller.test_bounds import _mtls
+from tests.controller.test_capacity_and_bad_requests import _mtls
+from tests.controller.test_enrolment_and_revocation import enrol_raw
 from tests.controller.test_grpc import OPTS
-from tests.controller.test_hardening import enrol_raw
 
 GARBAGE = b"\x0a\xff\x01garbage"  # field 1, length 255, 7 bytes follow: truncated
 
@@ -149,7 +149,7 @@ def _csr_with_attribute(oid: bytes, tag: int, value: bytes) -> bytes:
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from tests.controller.test_bounds import _der
+    from tests.controller.test_capacity_and_bad_requests import _der
     key = ec.generate_private_key(ec.SECP256R1())
     name = _der(0x30, _der(0x31, _der(0x30, _der(0x06, oid) + _der(tag, value))))
     spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)

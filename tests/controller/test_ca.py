@@ -103,6 +103,6 @@ def test_ca_persists_in_store(tmp_path: Path) -> None:
 def test_subject_that_does_not_decode_is_a_csr_error(ca: CertificateAuthority, cn: bytes, tag: int) -> None:
     """Issue 13: the subject is parsed lazily; a value that is not valid UTF-8 (or PrintableString)
     raised ValueError out of issue_for_csr, so Enroll answered UNKNOWN."""
-    from tests.controller.test_bounds import csr_with_raw_cn
+    from tests.controller.test_capacity_and_bad_requests import csr_with_raw_cn
     with pytest.raises(CsrError, match="CSR subject is unreadable .*make it empty or CN=node-a"):
         ca.issue_for_csr(csr_with_raw_cn(cn, tag), "node-a", dt.timedelta(hours=1), dt.datetime.now(dt.timezone.utc))

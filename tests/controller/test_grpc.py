@@ -13,7 +13,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from agent.control import CERT_FILE, KEY_FILE, ControllerClient, EnrollmentError
+from agent.control import ControllerClient, EnrollmentError
+from agent.keystore import CERT_FILE, KEY_FILE
 from agent.model import NodeView
 from tests.controller.ctl_helpers import ServerFactory, inventory_text, wait_for, write_inventory
 from meshsec.v1 import controller_pb2 as pb

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.inventory import InventoryError, load_inventory, parse_duration, parse_inventory
+from controller.inventory import InventoryError, load_inventory, parse_inventory
 
 GOOD = """\
 nodes:
@@ -165,9 +165,3 @@ def test_load_inventory_uses_path_and_reports_missing_file(tmp_path: Path) -> No
         load_inventory(tmp_path / "absent.yaml")
 
 
-def test_parse_duration() -> None:
-    assert parse_duration("90") == 90 and parse_duration("15m") == 900 and parse_duration("1d") == 86400
-    assert parse_duration(2.5) == 2.5
-    for bad in ("", "1w", "-5", True):
-        with pytest.raises(ValueError):
-            parse_duration(bad)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from agent.control import view_from_proto
+from agent.view_proto import view_from_proto
 from controller.inventory import InventoryError, parse_inventory
 from controller.policy import Inventory, compute_view
 from controller.service import view_update

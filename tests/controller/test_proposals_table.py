@@ -1,35 +1,76 @@
-"""The controller's proposal table and grammar (controller.proposals) agree
-with what the agent's parser (agent.ike.proposals) accepts, so a proposal
-the controller lets through never crashes an agent, and none the agent
-takes is refused. Tests may import both sides; the packages may not."""
+"""One proposal keyword table (meshsec.proposals) for both sides: the agent's parser
+(agent.ike.proposals) and the controller's inventory check (controller.proposals)
+read it, neither writes a keyword of its own; and the two grammars give the same
+verdicts, so a proposal the controller lets through never crashes an agent, and none
+the agent takes is refused. Tests may import both sides; the packages may not."""
 from __future__ import annotations
+
+import ast
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.esp.replay import ReplayWindow, check_replay_window
+from agent.iana import EncrId, EsnId, IntegId, KeId, PrfId
 from agent.ike import proposals as agent_props
 from controller import proposals as ctl
 from controller.inventory import MAX_REPLAY_WINDOW
+from meshsec import proposals as table
+
+ROOT = Path(__file__).resolve().parents[2]
+KEYWORDS = set(table.ENCR) | set(table.INTEG) | set(table.PRF) | set(table.KE) | set(table.ESN)
+KINDS = {"esn"}  # also the name of a keyword kind in both grammars ({"esn": esn}[kind])
 
 
-def test_keyword_tables_match_the_agent() -> None:
+@pytest.mark.parametrize("path", ["agent/ike/proposals.py", "controller/proposals.py"])
+def test_no_side_writes_keywords_of_its_own(path: str) -> None:
+    tree = ast.parse((ROOT / path).read_text())
+    uses_table = any(isinstance(n, ast.ImportFrom) and n.module == "meshsec" and
+                     any(a.name == "proposals" for a in n.names) for n in ast.walk(tree))
+    assert uses_table, f"{path} does not import meshsec.proposals"
+    # a table entry is a dict key, a set member or a subscript (``_ENCR["aes"] = ...``)
+    entries = [k for n in ast.walk(tree) if isinstance(n, ast.Dict) for k in n.keys if k is not None]
+    entries += [e for n in ast.walk(tree) if isinstance(n, ast.Set) for e in n.elts]
+    entries += [n.slice for n in ast.walk(tree) if isinstance(n, ast.Subscript)]
+    own = sorted({f"{e.lineno}: {e.value!r}" for e in entries
+                  if isinstance(e, ast.Constant) and e.value in KEYWORDS - KINDS})
+    assert not own, f"{path} spells proposal keywords itself (add them to meshsec/proposals.py):\n" + \
+        "\n".join(own)
+
+
+def test_the_agent_resolves_the_shared_table() -> None:
     a = agent_props
-    assert set(ctl.IKE_ENCR) == {k for k, (e, _) in a._ENCR.items() if e in a._IKE_ENCR_SUPPORTED}
-    assert set(ctl.ESP_ENCR) == {k for k, (e, _) in a._ENCR.items() if e in a._ESP_ENCR_SUPPORTED}
-    assert ctl.ALL_ENCR == set(a._ENCR)
-    for table in (ctl.IKE_ENCR, ctl.ESP_ENCR):
-        assert {k for k, aead in table.items() if aead} == {k for k in table if a.is_aead(a._ENCR[k][0])}
-    assert ctl.INTEG == set(a._INTEG)
-    assert ctl.PRF == set(a._PRF)
-    assert ctl.KE == set(a._KE)
-    assert ctl.ESN == set(a._ESN)
-    assert ctl.MAX_ADD_KE == a.MAX_ADD_KE
-    # keywords naming the same method: the controller maps each alias onto one of them
-    for alias, canonical in ctl._KE_ALIAS.items():
-        assert a._KE[alias] == a._KE[canonical]
-    assert len({a._KE[k] for k in ctl.KE}) == len(ctl.KE) - len(ctl._KE_ALIAS)
+    assert {k: (EncrId(e).name, b) for k, (e, b) in a._ENCR.items()} == table.ENCR
+    assert {k: IntegId(v).name for k, v in a._INTEG.items()} == table.INTEG
+    assert {k: PrfId(v).name for k, v in a._PRF.items()} == table.PRF
+    assert {k: KeId(v).name for k, v in a._KE.items()} == table.KE
+    assert {k: EsnId(v).name for k, v in a._ESN.items()} == table.ESN
+    assert {EncrId(e).name for e in a._IKE_ENCR_SUPPORTED} == table.IKE_ENCR_SUPPORTED
+    assert {EncrId(e).name for e in a._ESP_ENCR_SUPPORTED} == table.ESP_ENCR_SUPPORTED
+    assert {EncrId(e).name for e in a._AEAD} == table.AEAD_ENCR
+    assert a.MAX_ADD_KE == table.MAX_ADD_KE
+
+
+def test_the_controller_reads_the_shared_table() -> None:
+    assert ctl.ALL_ENCR == set(table.ENCR)
+    assert set(ctl.IKE_ENCR) == {k for k, (n, _) in table.ENCR.items() if n in table.IKE_ENCR_SUPPORTED}
+    assert set(ctl.ESP_ENCR) == {k for k, (n, _) in table.ENCR.items() if n in table.ESP_ENCR_SUPPORTED}
+    for t in (ctl.IKE_ENCR, ctl.ESP_ENCR):
+        assert {k for k, aead in t.items() if aead} == {k for k in t if table.ENCR[k][0] in table.AEAD_ENCR}
+    assert (ctl.INTEG, ctl.PRF, ctl.KE, ctl.ESN) == (set(table.INTEG), set(table.PRF), set(table.KE),
+                                                       set(table.ESN))
+    assert ctl.MAX_ADD_KE == table.MAX_ADD_KE
+
+
+def test_keywords_naming_one_method_count_as_a_repeat() -> None:
+    # x25519 and curve25519 are one method in the table: both sides refuse the pair
+    assert table.KE["x25519"] == table.KE["curve25519"]
+    with pytest.raises(ctl.ProposalInvalid, match="repeats"):
+        ctl.check_ike_proposal("aes128gcm16-prfsha256-x25519-curve25519")
+    with pytest.raises(agent_props.ProposalError, match="repeats"):
+        agent_props.parse_ike_proposal("aes128gcm16-prfsha256-x25519-curve25519")
 
 
 WORDS = sorted(ctl.ALL_ENCR | ctl.INTEG | ctl.PRF | ctl.KE | ctl.ESN) + [

@@ -12,8 +12,8 @@ import grpc
 from meshsec.v1 import controller_pb2 as pb
 from meshsec.v1 import controller_pb2_grpc as pb_grpc
 from tests.controller.ctl_helpers import ServerFactory, wait_for
+from tests.controller.test_enrolment_and_revocation import enrol_raw, renew_raw
 from tests.controller.test_grpc import OPTS
-from tests.controller.test_hardening import enrol_raw, renew_raw
 
 ENROLL = "/meshsec.v1.Controller/Enroll"
 
@@ -59,7 +59,7 @@ def test_stalled_enrolls_do_not_starve_renew_watch_or_enroll(controller: ServerF
         assert renewed.certificate_chain_der
         bravo, _ = enrol_raw(server, "bravo", "bravo-token")  # another node's Enroll, 5 s deadline
         assert bravo.certificate_chain_der
-        from tests.controller.test_bounds import _mtls
+        from tests.controller.test_capacity_and_bad_requests import _mtls
         with grpc.secure_channel(f"127.0.0.1:{server.watch_port}", _mtls(server, alpha, alpha_key),
                                  options=OPTS) as ch:
             watch = pb_grpc.ControllerStub(ch).Watch(pb.WatchRequest(node_name="alpha"), timeout=5)

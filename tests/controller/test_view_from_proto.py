@@ -1,4 +1,4 @@
-"""agent.control.view_from_proto: proto ViewUpdate -> agent.model.NodeView."""
+"""agent.view_proto.view_from_proto: proto ViewUpdate -> agent.model.NodeView."""
 from __future__ import annotations
 
 import ipaddress
@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.control import ControlError, ControllerClient, default_watch_address, view_from_proto
+from agent.control import ControlError, ControllerClient, default_watch_address
 from agent.model import PeerPolicy
+from agent.view_proto import view_from_proto
 from meshsec.v1 import controller_pb2 as pb
 
 
@@ -84,7 +85,7 @@ def test_corrupt_key_file_is_a_clear_error(tmp_path: Path) -> None:
 def test_replay_window_zero_or_unset_means_the_default_not_off() -> None:
     """A 0 window (what an unset proto field reads as) is the default 1024; anti-replay is off only
     with the explicit allow_no_replay the controller sets for the inventory's opt-in."""
-    from agent.control import no_replay_peers
+    from agent.view_proto import no_replay_peers
     from agent.ike.policy_check import policy_problem
     unset = pb.Peer(name="u", identity="u", endpoints=["198.51.100.3"], subnets=["10.3.0.0/16"])
     zero = pb.Peer(name="z", identity="z", endpoints=["198.51.100.4"], subnets=["10.4.0.0/16"],

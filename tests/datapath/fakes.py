@@ -1,7 +1,7 @@
 """In-memory fakes for datapath tests: a fake clock and two toy IKE sides that
 satisfy ``agent.datapath.ike_core.IkeCore`` (what the runtime uses of
 IkeManager), so the runtime's loop is tested independently of agent.ike. ESP is
-the real agent.esp.EspSa.
+the real agent.esp.EspSa; the TUN and UDP stand-ins are in tests/datapath/fake_devices.py.
 """
 from __future__ import annotations
 

@@ -20,11 +20,10 @@ import pytest
 from agent import main as agent_main
 from agent.datapath.routes import bypass_rules
 from agent.datapath.runtime import Runtime
-from agent.datapath.tun import FakeTun
-from agent.datapath.udp import FakeNetwork
 from agent.datapath.policy import Policy
 from agent.esp import Action, Sad, bypass_entries
 from agent.model import Credentials
+from tests.datapath.fake_devices import FakeNetwork, FakeTun
 from tests.datapath.fakes import FakeClock, FakeIke
 from tests.datapath.test_runtime import A_IP, B_IP, NET_A, NET_B, ipv4, make_view, pump
 

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from agent.datapath.udp import FakeNetwork
+from tests.datapath.fake_devices import FakeNetwork
 from tests.datapath.fakes import FakeClock
 from tests.datapath.test_runtime import A_IP, B_IP, ipv4, pump, real_pair
 

@@ -170,7 +170,7 @@ def test_runtime_hands_bypass_peers_subnets_to_the_guard_as_cleartext(action):
     from dataclasses import replace
 
     from agent.datapath.runtime import Runtime
-    from agent.datapath.udp import FakeNetwork
+    from tests.datapath.fake_devices import FakeNetwork
     from agent.model import PeerPolicy
     from tests.datapath.fakes import FakeClock
     from tests.datapath.test_runtime import A_IP, B_IP, NET_A, NET_B, Node

@@ -4,9 +4,9 @@ goes out through the new CHILD_SA, what waited too long is dropped and counted."
 from __future__ import annotations
 
 from agent.datapath.hold import HOLD_MAX_AGE_S, HoldQueue
-from tests.datapath.test_runtime import Node, ipv4, pump, A_IP, B_IP, NET_A, NET_B
-from agent.datapath.udp import FakeNetwork
+from tests.datapath.fake_devices import FakeNetwork
 from tests.datapath.fakes import FakeClock
+from tests.datapath.test_runtime import A_IP, B_IP, NET_A, NET_B, Node, ipv4, pump
 
 
 def test_holds_in_order_up_to_the_per_key_cap():

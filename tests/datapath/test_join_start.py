@@ -3,7 +3,7 @@
 lost, is reached at once, with one IKE_SA."""
 from __future__ import annotations
 
-from agent.datapath.udp import FakeNetwork
+from tests.datapath.fake_devices import FakeNetwork
 from tests.datapath.fakes import FakeClock
 from tests.datapath.test_liveness_inbound import _node
 from tests.datapath.test_runtime import A_IP, B_IP, NET_A, NET_B, pump

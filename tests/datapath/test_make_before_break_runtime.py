@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from agent.datapath.udp import FakeNetwork
+from tests.datapath.fake_devices import FakeNetwork
 from tests.datapath.fakes import FakeClock
 from tests.datapath.test_liveness_inbound import _node
 from tests.datapath.test_runtime import A_IP, B_IP, NET_A, NET_B, ipv4, pump

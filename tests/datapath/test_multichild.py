@@ -13,9 +13,8 @@ import pytest
 
 from agent.datapath.batch import Batch
 from agent.datapath.runtime import Runtime
-from agent.datapath.tun import FakeTun
-from agent.datapath.udp import FakeNetwork
 from agent.model import Credentials, NodeView, Peer
+from tests.datapath.fake_devices import FakeNetwork, FakeTun
 from tests.datapath.fakes import FakeClock
 from tests.datapath.test_runtime import A_IP, B_IP, ipv4, pump
 

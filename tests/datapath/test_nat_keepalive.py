@@ -12,10 +12,9 @@ import os
 import pytest
 
 from agent.datapath.runtime import Runtime
-from agent.datapath.tun import FakeTun
-from agent.datapath.udp import FakeNetwork
 from agent.ike.manager import IkeManager
 from agent.model import Credentials
+from tests.datapath.fake_devices import FakeNetwork, FakeTun
 from tests.datapath.fakes import FakeClock
 from tests.datapath.test_runtime import B_IP, NET_A, NET_B, ipv4, make_view
 

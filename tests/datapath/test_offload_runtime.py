@@ -7,9 +7,8 @@ import os
 
 from agent.datapath import offload as o
 from agent.datapath.runtime import Runtime
-from agent.datapath.tun import FakeVnetTun
-from agent.datapath.udp import FakeNetwork
 from agent.model import Credentials
+from tests.datapath.fake_devices import FakeNetwork, FakeVnetTun
 from tests.datapath.fakes import FakeClock, FakeIke
 from tests.datapath.test_offload import expected_tcp, super_tcp
 from tests.datapath.test_runtime import A_IP, B_IP, NET_A, NET_B, make_view, pump

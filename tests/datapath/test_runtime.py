@@ -8,9 +8,8 @@ import struct
 import pytest
 
 from agent.datapath.runtime import Runtime
-from agent.datapath.tun import FakeTun
-from agent.datapath.udp import FakeNetwork
 from agent.model import Credentials, NodeView, Peer
+from tests.datapath.fake_devices import FakeNetwork, FakeTun
 from tests.datapath.fakes import FakeClock, FakeIke
 
 A_IP, B_IP, EVIL_IP = "198.51.100.1", "198.51.100.2", "198.51.100.66"

@@ -10,12 +10,11 @@ from scapy.packet import Raw, raw
 
 from agent.datapath.batch import Batch
 from agent.datapath.runtime import Runtime
-from agent.datapath.tun import FakeTun
-from agent.datapath.udp import FakeNetwork
 from agent.iana import EncrId, IntegId
 from agent.ike.events import ChildSaEstablished
 from agent.model import EspKeys, NodeView, Peer, PeerPolicy
 
+from tests.datapath.fake_devices import FakeNetwork, FakeTun
 from tests.datapath.test_runtime_rfc4301 import ScriptedIke, install
 
 A, B = "198.51.100.11", "198.51.100.12"

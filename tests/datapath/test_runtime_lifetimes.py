@@ -15,11 +15,10 @@ import os
 import pytest
 
 from agent.datapath.runtime import Runtime
-from agent.datapath.tun import FakeTun
-from agent.datapath.udp import FakeNetwork
 from agent.ike.events import ChildSaDeleted, ChildSaEstablished
 from agent.ike.manager import IkeManager
 from agent.model import Credentials, PeerPolicy
+from tests.datapath.fake_devices import FakeNetwork, FakeTun
 from tests.datapath.fakes import FakeClock
 from tests.datapath.test_runtime import A_IP, B_IP, NET_A, NET_B, ipv4, make_view
 

@@ -9,11 +9,10 @@ import ipaddress
 import os
 
 from agent.datapath.runtime import Runtime
-from agent.datapath.tun import FakeTun
-from agent.datapath.udp import FakeNetwork
 from agent.esp import EspSa
 from agent.ike.manager import IkeManager
 from agent.model import Credentials
+from tests.datapath.fake_devices import FakeNetwork, FakeTun
 from tests.datapath.fakes import FakeClock
 from tests.datapath.test_runtime import A_IP, B_IP, NET_A, NET_B, ipv4, make_view
 

@@ -13,12 +13,11 @@ from scapy.packet import Raw, raw
 
 from agent.datapath import packets as pk
 from agent.datapath.runtime import Runtime
-from agent.datapath.tun import FakeTun
-from agent.datapath.udp import FakeNetwork
 from agent.esp import EspSa
 from agent.iana import EncrId
 from agent.ike.events import ChildSaEstablished
 from agent.model import EspKeys, NodeView, Peer, PeerPolicy
+from tests.datapath.fake_devices import FakeNetwork, FakeTun
 from tests.datapath.fakes import ScriptedIke
 
 R_IP, G_IP, H_IP = "198.51.100.21", "198.51.100.2", "10.2.0.2"

@@ -11,7 +11,7 @@ from scapy.packet import Raw, raw
 from agent.esp import EspSa
 from agent.model import EspKeys
 from agent.iana import EncrId
-from agent.datapath.udp import FakeNetwork
+from tests.datapath.fake_devices import FakeNetwork
 from tests.datapath.test_runtime_rfc4301 import child, install, node
 
 A, B = "198.51.100.11", "198.51.100.12"

@@ -3,6 +3,8 @@ test_ah_negotiation.py): a pair of IkeManagers with an established IKE_SA, and d
 logged messages with the IKE_SA's own keys so tests can look at the SK payloads on the wire."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from agent.iana import ExchangeType
 from agent.ike.events import ChildSaEstablished
 from agent.ike.message import HEADER_LEN, decode_message, decode_payloads
@@ -67,3 +69,27 @@ def assert_mirrored(n, count=1):
     ca, cb = live_children(n.a), live_children(n.b)
     assert len(ca) == len(cb) == count
     assert sorted((o, i) for i, o in ca) == sorted(cb)
+
+
+# A pair of PSK nodes without IKE_SA / CHILD_SA lifetimes (no rekeys to step around),
+# used by the half-open, selector, policy and PAD tests.
+NOLIFE = replace(CLASSICAL, ike_lifetime_s=0, child_lifetime_s=0)
+
+
+def psk_net(a_policy=NOLIFE, b_policy=None, **kw):
+    """Two IkeManagers (node-a, node-b) with ``a_policy`` / ``b_policy`` (default: a's);
+    ``a=`` / ``b=`` pass extra ``view()`` arguments. Nothing initiated yet."""
+    return make_net(view("node-a", "node-b", policy=a_policy, **kw.get("a", {})), Credentials(psk=PSK),
+                    view("node-b", "node-a", policy=b_policy or a_policy, **kw.get("b", {})), Credentials(psk=PSK))
+
+
+def up(n):
+    """node-a initiates; both sides end with a CHILD_SA."""
+    n.a.initiate("node-b", n.now)
+    n.pump()
+    assert n.of("a", ChildSaEstablished) and n.of("b", ChildSaEstablished)
+
+
+def sent(n, src, exchange):
+    """The logged messages from ``src`` in ``exchange``, decoded."""
+    return [decode_message(d.data) for s, d in n.log if s == src and decode_message(d.data).exchange == exchange]

@@ -48,7 +48,7 @@ def test_unknown_spi_and_malformed_are_counted():
     n.b.receive_datagram(encode_message(junk), (B_ADDR, 4500), (A_ADDR, 4500), n.now)
     n.b.receive_datagram(b"\x01\x02", (B_ADDR, 500), (A_ADDR, 500), n.now)
     # an encrypted request for an unknown IKE SPI is answered by an unprotected
-    # N(INVALID_IKE_SPI) (RFC 7296 §2.21.4); see tests/ike/test_hardening.py
+    # N(INVALID_IKE_SPI) (RFC 7296 §2.21.4); see tests/ike/test_half_open_and_peer_restart.py
     # and, since the sender is a configured peer we have no IKE_SA with, b initiates itself
     assert n.b.counters == {"unknown_spi": 1, "malformed": 1, "invalid_ike_spi_sent": 1,
                             "initiated_after_invalid_ike_spi": 1}

@@ -1,5 +1,4 @@
-"""What a fresh-eyes review found, each fixed and proven here against an
-in-process controller on 127.0.0.1:
+"""Enrolment, renewal and revocation, against an in-process controller on 127.0.0.1:
 
 - join tokens are single-use; renewal goes over mutual TLS (Renew);
 - a new key or a removal revokes the node's earlier certificates, and the
@@ -25,7 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from agent import control
-from agent.control import CERT_FILE, ControlError, ControllerClient, EnrollmentError
+from agent.control import ControlError, ControllerClient, EnrollmentError
+from agent.keystore import CERT_FILE
 from controller.ca import CertificateAuthority
 from controller.policy import NodeSpec
 from meshsec.v1 import controller_pb2 as pb
@@ -70,7 +70,7 @@ def with_token(text: str, node: str, token: str) -> str:
     return text.replace(f"join_token: {node}-token", f"join_token: {token}")
 
 
-# -- finding 1: single-use tokens, renewal over mTLS ------------------------------------
+# -- single-use tokens, renewal over mTLS ------------------------------------
 
 def test_second_enrolment_with_a_used_token_is_refused(controller: ServerFactory, tmp_path: Path) -> None:
     server = controller.start()
@@ -157,7 +157,7 @@ def test_client_renews_over_mtls_after_its_token_was_used(controller: ServerFact
     assert reported == [again]
 
 
-# -- finding 2: revocation carried in the view -----------------------------------------
+# -- revocation carried in the view -----------------------------------------
 
 def test_revocations_reach_views_incrementally_and_expire(controller: ServerFactory, tmp_path: Path) -> None:
     server = controller.start()
@@ -242,7 +242,7 @@ def test_cluster_token_only_enrols_a_node_without_a_current_certificate(controll
     enrol_raw(server, "k8s-1", "cluster-token-0123456789")
 
 
-# -- findings 3 and 7: removed node, re-added with a new token ----------------------------
+# -- removed node, re-added with a new token ----------------------------
 
 def test_removed_node_clears_peers_retries_quietly_then_reenrols(controller: ServerFactory, tmp_path: Path,
                                                                  caplog: pytest.LogCaptureFixture) -> None:
@@ -280,7 +280,7 @@ def test_removed_node_clears_peers_retries_quietly_then_reenrols(controller: Ser
         w.close()
 
 
-# -- finding 8: the controller CA -----------------------------------------------------
+# -- the controller CA -----------------------------------------------------
 
 def test_garbage_controller_ca_fails_at_start(tmp_path: Path) -> None:
     for pem, why in [(b"garbage", "not a PEM CA certificate"), (b"", "not a PEM CA certificate")]:

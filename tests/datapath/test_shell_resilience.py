@@ -1,4 +1,4 @@
-"""The agent's I/O shell against bad input and lost state (review findings), with the
+"""The agent's I/O shell against bad input and lost state, with the
 real IkeManager or the toy FakeIke, FakeTun / FakeNetwork and a fake clock.
 
 - a callback that raises is logged once, counted (``internal_errors``), the loop goes on;
@@ -22,12 +22,12 @@ from dataclasses import replace
 import pytest
 
 from agent.datapath.runtime import Runtime, selector_entries
-from agent.datapath.tun import FakeTun, TunGone
-from agent.datapath.udp import FakeNetwork
+from agent.datapath.tun import TunGone
 from agent.ike.events import ChildSaEstablished
 from agent.ike.manager import IkeManager
 from agent.ike.message import TrafficSelector
 from agent.model import Credentials, NodeView, Peer, PeerPolicy
+from tests.datapath.fake_devices import FakeNetwork, FakeTun
 from tests.datapath.fakes import FakeClock, FakeIke
 from tests.datapath.test_runtime import A_IP, B_IP, NET_A, NET_B, ipv4, make_view
 from tests.ike.conftest import CLASSICAL, T0, make_ca, make_node_cert
@@ -180,7 +180,7 @@ def test_a_proposal_typo_refuses_that_peer_only(caplog):
     b.rt.start()
     pump(a, b)
     caplog.set_level(logging.WARNING, logger="meshsec.runtime")
-    # a new view adds peer c with a typo in its IKE proposal (the inventory error seen in the review)
+    # a new view adds peer c with a typo in its IKE proposal (an inventory error)
     a.rt.submit_view(replace(a.view, peers=a.view.peers + (peer("c", C_IP, NET_C, policy=bad),), version=2))
     pump(a, b)
     st = a.rt.status()

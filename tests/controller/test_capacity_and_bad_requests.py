@@ -16,7 +16,7 @@ from meshsec.v1 import controller_pb2 as pb
 from meshsec.v1 import controller_pb2_grpc as pb_grpc
 from tests.controller.ctl_helpers import ServerFactory, wait_for
 from tests.controller.test_grpc import OPTS
-from tests.controller.test_hardening import enrol_raw, renew_raw
+from tests.controller.test_enrolment_and_revocation import enrol_raw, renew_raw
 
 
 def _der(tag: int, body: bytes) -> bytes:
