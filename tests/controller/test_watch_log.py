@@ -11,9 +11,9 @@ import pytest
 from meshsec.v1 import controller_pb2 as pb
 from meshsec.v1 import controller_pb2_grpc as pb_grpc
 from tests.controller.ctl_helpers import ServerFactory
-from tests.controller.test_bounds import _mtls
+from tests.controller.test_capacity_and_bad_requests import _mtls
 from tests.controller.test_grpc import OPTS
-from tests.controller.test_hardening import enrol_raw
+from tests.controller.test_enrolment_and_revocation import enrol_raw
 
 
 def test_repeated_watch_streams_log_a_bounded_number_of_lines(controller: ServerFactory,
