@@ -10,6 +10,12 @@ out. Here a call waiting for its request is a coroutine, not a thread:
   (:data:`ENROLL_READ_TIMEOUT_S`), else it ends DEADLINE_EXCEEDED and is counted;
 - at most ``max_concurrent`` (:data:`ENROLL_MAX_CONCURRENT`) calls are open at
   once on this port; gRPC refuses more with RESOURCE_EXHAUSTED;
+- a connection must finish its TLS handshake within ``handshake_timeout``
+  seconds (:data:`ENROLL_HANDSHAKE_TIMEOUT_S`; gRPC's default is 120 s), so
+  idle TCP connections or half ClientHellos cannot hold file descriptors;
+  at most ``max_connections`` connections are open at once (more are closed at
+  accept; controller.fdlimit), and one with no call for ``idle_timeout``
+  seconds (:data:`ENROLL_IDLE_TIMEOUT_S`) is closed;
 - a request is at most :data:`ENROLL_MAX_MESSAGE_BYTES` bytes;
 - only a complete request reaches a thread: the servicer's (synchronous)
   methods run on a small pool of ``workers`` threads of this port's own, so
@@ -40,6 +46,10 @@ SERVICE = "meshsec.v1.Controller"
 ENROLL_READ_TIMEOUT_S = 10.0
 ENROLL_MAX_CONCURRENT = 1024
 ENROLL_WORKERS = 8
+# gRPC's default is 120 s: an idle or half-handshaken TCP connection held a file descriptor that long.
+ENROLL_HANDSHAKE_TIMEOUT_S = 5.0
+# a connection with no call open this long is sent GOAWAY: agents enrol once, then use the watch port
+ENROLL_IDLE_TIMEOUT_S = 30.0
 # EnrollRequest is at most ~17 KiB (controller.limits); 64 KiB leaves room and refuses the rest in gRPC.
 ENROLL_MAX_MESSAGE_BYTES = 64 * 1024
 
@@ -83,10 +93,16 @@ class EnrolPort:
     def __init__(self, listen: str, credentials: grpc.ServerCredentials, handlers: dict[str, tuple[Callable, Any]],
                  *, options: list[tuple[str, Any]], logger: logging.Logger,
                  read_timeout: float = ENROLL_READ_TIMEOUT_S, max_concurrent: int = ENROLL_MAX_CONCURRENT,
-                 workers: int = ENROLL_WORKERS, on_dropped: Callable[[str], None] = lambda reason: None,
+                 workers: int = ENROLL_WORKERS, handshake_timeout: float = ENROLL_HANDSHAKE_TIMEOUT_S,
+                 max_connections: int = 1024, idle_timeout: float = ENROLL_IDLE_TIMEOUT_S,
+                 on_dropped: Callable[[str], None] = lambda reason: None,
                  malformed_log: RateLimitedLog | None = None) -> None:
         self.listen, self.credentials, self.handlers = listen, credentials, handlers
         self.options = [*options, ("grpc.max_receive_message_length", ENROLL_MAX_MESSAGE_BYTES)]
+        self.handshake_timeout = handshake_timeout
+        self.options += [("grpc.server_handshake_timeout_ms", max(1, int(handshake_timeout * 1000))),
+                         ("grpc.max_allowed_incoming_connections", max_connections),
+                         ("grpc.max_connection_idle_ms", max(1, int(idle_timeout * 1000)))]
         self.read_timeout, self.max_concurrent, self.workers = read_timeout, max_concurrent, workers
         self.log = logger
         self.on_dropped = on_dropped
@@ -209,4 +225,5 @@ def watch_port_only(check_identity: Callable[[str, Any, str], None]) -> Callable
 
 
 __all__ = ["EnrolPort", "SyncContext", "Abort", "watch_port_only", "ENROLL_READ_TIMEOUT_S",
-           "ENROLL_MAX_CONCURRENT", "ENROLL_WORKERS", "ENROLL_MAX_MESSAGE_BYTES"]
+           "ENROLL_MAX_CONCURRENT", "ENROLL_WORKERS", "ENROLL_HANDSHAKE_TIMEOUT_S",
+           "ENROLL_IDLE_TIMEOUT_S", "ENROLL_MAX_MESSAGE_BYTES"]

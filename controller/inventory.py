@@ -90,6 +90,21 @@ _RULE_KEYS = ("name", "between", "action") + _DEFAULT_KEYS
 _NODE_KEYS = ("name", "role", "endpoints", "subnets", "join_token", "join_token_sha256")
 
 
+SHOW_CHARS = 40
+
+
+def show(value: Any) -> str:
+    """``repr(value)`` for an error message, cut to :data:`SHOW_CHARS` characters + "..." (a
+    4,000-digit integer or a 4 KB string must not become a 4 KB log line)."""
+    text = repr(value)
+    return text if len(text) <= SHOW_CHARS else text[:SHOW_CHARS] + "..."
+
+
+def clip_error(e: Exception, value: Any) -> str:
+    """``str(e)`` with the echoed ``repr(value)`` cut as by :func:`show`."""
+    return str(e).replace(repr(value), show(value))
+
+
 class InventoryError(ValueError):
     """The inventory is invalid; ``str()`` is ``FILE:LINE: FIELD: problem``."""
 
@@ -116,9 +131,10 @@ class _Parser:
             key = k.value
             sub = f"{path}.{key}" if path else key
             if key not in allowed:
-                raise self.fail(k, sub, f"unknown key {key!r} (known: {', '.join(allowed)})")
+                raise self.fail(k, sub if len(key) <= SHOW_CHARS else path,
+                                f"unknown key {show(key)} (known: {', '.join(allowed)})")
             if key in out:
-                raise self.fail(k, sub, f"duplicate key {key!r} (first on line {out[key][0].start_mark.line + 1})")
+                raise self.fail(k, sub, f"duplicate key {show(key)} (first on line {out[key][0].start_mark.line + 1})")
             out[key] = (k, v)
         for key in required:
             if key not in out:
@@ -136,15 +152,15 @@ class _Parser:
             value = self._constructor.construct_object(node)
         except Exception as e:  # noqa: BLE001 - PyYAML's constructors also raise KeyError, AttributeError...
             what = getattr(e, "problem", None) or (str(e).splitlines() or [type(e).__name__])[0]
-            raise self.fail(node, path, f"cannot read {node.value[:40]!r} (tag {node.tag}): {what}") from None
+            raise self.fail(node, path, f"cannot read {show(node.value)} (tag {node.tag}): {what}") from None
         if isinstance(value, float) and not math.isfinite(value):
-            raise self.fail(node, path, f"{node.value!r} is not a finite number")
+            raise self.fail(node, path, f"{show(node.value)} is not a finite number")
         return value
 
     def string(self, node: Node, path: str) -> str:
         value = self.scalar(node, path)
         if not isinstance(value, str) or not value:
-            raise self.fail(node, path, f"expected a non-empty string, got {value!r}")
+            raise self.fail(node, path, f"expected a non-empty string, got {show(value)}")
         return value
 
     def seq(self, node: Node, path: str) -> list[Node]:
@@ -157,7 +173,7 @@ class _Parser:
     def choice(self, node: Node, path: str, allowed: tuple[str, ...]) -> str:
         value = self.scalar(node, path)
         if value not in allowed:
-            raise self.fail(node, path, f"{value!r} is not one of {', '.join(allowed)}")
+            raise self.fail(node, path, f"{show(value)} is not one of {', '.join(allowed)}")
         return value
 
     def duration(self, node: Node, path: str, minimum: float = 0.0) -> float:
@@ -166,9 +182,9 @@ class _Parser:
         try:
             secs = parse_duration(value)
         except ValueError as e:
-            raise self.fail(node, path, str(e)) from None
+            raise self.fail(node, path, clip_error(e, value)) from None
         if 0 < secs < minimum:
-            raise self.fail(node, path, f"{node.value!r} is {secs:g}s; use at least {minimum:g}s (or 0 to turn it "
+            raise self.fail(node, path, f"{show(node.value)} is {secs:g}s; use at least {minimum:g}s (or 0 to turn it "
                                         f"off): agents refuse shorter ones, and the mesh would go down")
         return secs
 
@@ -182,11 +198,11 @@ class _Parser:
         for i, item in enumerate(items):
             s = self.string(item, f"{path}[{i}]")
             if not _PROPOSAL.match(s):
-                raise self.fail(item, f"{path}[{i}]", f"{s!r} is not a proposal like {example}")
+                raise self.fail(item, f"{path}[{i}]", f"{show(s)} is not a proposal like {example}")
             try:
                 check(s)
             except ProposalInvalid as e:
-                raise self.fail(item, f"{path}[{i}]", str(e)) from None
+                raise self.fail(item, f"{path}[{i}]", clip_error(e, s)) from None
             out.append(s)
         return tuple(out)
 
@@ -210,7 +226,7 @@ class _Parser:
                 try:
                     value = parse_size(raw)
                 except ValueError as e:
-                    raise self.fail(v, p, str(e)) from None
+                    raise self.fail(v, p, clip_error(e, raw)) from None
                 low = MIN_LIFETIME_BYTES if key.endswith("bytes") else MIN_LIFETIME_PACKETS
                 if 0 < value < low:
                     raise self.fail(v, p, f"{value} is too small: the CHILD_SA would be rekeyed every few "
@@ -219,7 +235,7 @@ class _Parser:
             elif key == "replay_window":
                 value = self.scalar(v, p)
                 if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_REPLAY_WINDOW:
-                    raise self.fail(v, p, f"{value!r} is not a window size in packets: a positive multiple of 32 "
+                    raise self.fail(v, p, f"{show(value)} is not a window size in packets: a positive multiple of 32 "
                                           f"up to {MAX_REPLAY_WINDOW} (e.g. 1024)")
                 if value % 32:
                     lower = value // 32 * 32
@@ -250,15 +266,15 @@ class _Parser:
             gname = self.string(k, "groups")
             path = f"groups.{gname}"
             if not _DNS_NAME.match(gname):
-                raise self.fail(k, path, f"{gname!r} is not a lower-case name (letters, digits, '-', '.')")
+                raise self.fail(k, path, f"{show(gname)} is not a lower-case name (letters, digits, '-', '.')")
             if gname in seen:
-                raise self.fail(k, path, f"duplicate group {gname!r}")
+                raise self.fail(k, path, f"duplicate group {show(gname)}")
             seen.add(gname)
             members = []
             for j, item in enumerate(self.seq(v, path)):
                 member = self.string(item, f"{path}[{j}]")
                 if member not in names:
-                    raise self.fail(item, f"{path}[{j}]", f"{member!r} is not a node in this inventory")
+                    raise self.fail(item, f"{path}[{j}]", f"{show(member)} is not a node in this inventory")
                 members.append(member)
             out.append((gname, tuple(members)))
         return tuple(out)
@@ -285,7 +301,7 @@ class _Parser:
                 ok = (ref == "any" or ref in names or (ref.startswith("group:") and ref[6:] in groups)
                       or (ref.startswith("role:") and ref[5:] in ROLES))
                 if not ok:
-                    raise self.fail(item, p, f"{ref!r} is not a node, group:NAME (groups: "
+                    raise self.fail(item, p, f"{show(ref)} is not a node, group:NAME (groups: "
                                              f"{', '.join(sorted(groups)) or 'none defined'}), "
                                              f"role:host, role:gateway or any")
                 refs.append(ref)
@@ -305,9 +321,9 @@ class _Parser:
         name = self.string(name_node, f"{path}.name")
         if not _DNS_NAME.match(name):
             raise self.fail(name_node, f"{path}.name",
-                            f"{name!r} is not a lower-case DNS name (letters, digits, '-', '.')")
+                            f"{show(name)} is not a lower-case DNS name (letters, digits, '-', '.')")
         if name == CONTROLLER_TLS_NAME:
-            raise self.fail(name_node, f"{path}.name", f"{name!r} is reserved for the controller")
+            raise self.fail(name_node, f"{path}.name", f"{show(name)} is reserved for the controller")
         role = self.choice(m["role"][1], f"{path}.role", ROLES)
         endpoints = []
         if "endpoints" in m:
@@ -317,7 +333,7 @@ class _Parser:
                 try:
                     endpoints.append(str(ipaddress.ip_address(text)))
                 except ValueError:
-                    raise self.fail(item, p, f"{text!r} is not an IPv4/IPv6 address") from None
+                    raise self.fail(item, p, f"{show(text)} is not an IPv4/IPv6 address") from None
         subnets: list[tuple[Node, str, ipaddress._BaseNetwork]] = []
         if "subnets" in m:
             for j, item in enumerate(self.seq(m["subnets"][1], f"{path}.subnets")):
@@ -326,11 +342,11 @@ class _Parser:
                 try:
                     net = ipaddress.ip_network(text, strict=False)
                 except ValueError:
-                    raise self.fail(item, p, f"{text!r} is not an IPv4/IPv6 network") from None
+                    raise self.fail(item, p, f"{show(text)} is not an IPv4/IPv6 network") from None
                 try:
                     ipaddress.ip_network(text, strict=True)
                 except ValueError:
-                    raise self.fail(item, p, f"{text!r} has host bits set (did you mean {str(net)!r}?)")
+                    raise self.fail(item, p, f"{show(text)} has host bits set (did you mean {show(str(net))}?)")
                 subnets.append((item, p, net))
         if "join_token" in m and "join_token_sha256" in m:
             raise self.fail(m["join_token_sha256"][0], f"{path}.join_token_sha256",
@@ -345,7 +361,7 @@ class _Parser:
                 raise self.fail(v, f"{path}.join_token_sha256", "expected 64 hex digits (a SHA-256)")
             digest = bytes.fromhex(text)
         else:
-            raise self.fail(node, f"{path}.join_token", f"node {name!r} has no join_token or join_token_sha256")
+            raise self.fail(node, f"{path}.join_token", f"node {show(name)} has no join_token or join_token_sha256")
         spec = NodeSpec(name=name, role=role, endpoints=tuple(endpoints),
                         subnets=tuple(str(n) for _, _, n in subnets), join_token_sha256=digest)
         return spec, subnets
@@ -358,14 +374,14 @@ class _Parser:
         inside the gateway's subnet) reaches the mesh through the gateway's
         tunnel, its own SA nested inside."""
         role = {n.name: n.role for n in nodes}
-        addrs = [(ipaddress.ip_address(e), n.name, f"endpoint {e} of node {n.name!r}")
+        addrs = [(ipaddress.ip_address(e), n.name, f"endpoint {e} of node {show(n.name)}")
                  for n in nodes for e in n.endpoints]
         addrs += [(a, None, f"controller's address {a} (--listen / --server-name)") for a in self.controller_addresses]
         for _, owner, sub_node, p, net in all_subnets:
             for addr, node, what in addrs:
                 behind = node is not None and node != owner and role[owner] == "gateway" and role[node] == "host"
                 if addr.version == net.version and addr in net and not behind:
-                    raise self.fail(sub_node, p, f"{str(net)!r} of node {owner!r} contains the {what}: agents route "
+                    raise self.fail(sub_node, p, f"{show(str(net))} of node {show(owner)} contains the {what}: agents route "
                                                  f"this subnet into the tunnel, so IKE/ESP (or the control "
                                                  f"connection) to that address would loop into it; narrow the "
                                                  f"subnet or move the address out of it")
@@ -407,13 +423,13 @@ class _Parser:
             if spec.name in seen:
                 j, line = seen[spec.name]
                 raise self.fail(name_node, f"nodes[{i}].name",
-                                f"duplicate node name {spec.name!r} (also nodes[{j}] on line {line})")
+                                f"duplicate node name {show(spec.name)} (also nodes[{j}] on line {line})")
             seen[spec.name] = (i, name_node.start_mark.line + 1)
             for sub_node, p, net in subnets:
                 for oi, oname, _, op, onet in all_subnets:
                     if oi != i and net.version == onet.version and net.overlaps(onet):
-                        raise self.fail(sub_node, p, f"{str(net)!r} overlaps {str(onet)!r} "
-                                                     f"of node {oname!r} ({op})")
+                        raise self.fail(sub_node, p, f"{show(str(net))} overlaps {show(str(onet))} "
+                                                     f"of node {show(oname)} ({op})")
             all_subnets.extend((i, spec.name, n, p, net) for n, p, net in subnets)
             nodes.append(spec)
         self.check_loops(all_subnets, nodes)
@@ -426,7 +442,7 @@ class _Parser:
                 rule = self.rule(item, i, names, {g for g, _ in groups})
                 if rule.name in rule_lines:
                     raise self.fail(item, f"policies[{i}].name",
-                                    f"duplicate policy name {rule.name!r} (also on line {rule_lines[rule.name]})")
+                                    f"duplicate policy name {show(rule.name)} (also on line {rule_lines[rule.name]})")
                 rule_lines[rule.name] = item.start_mark.line + 1
                 rules.append(rule)
         return Inventory(nodes=tuple(nodes), defaults=defaults, groups=groups, rules=tuple(rules))

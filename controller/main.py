@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         print("meshsec-controller: --kube-join-token-file/--kube-token-review/--kube-ca-configmap need --kubernetes "
               "or --kubeconfig FILE", file=sys.stderr)
         return 2
+    from controller.fdlimit import raise_nofile
+    _, nofile_line = raise_nofile()  # before any port opens: the per-port connection caps are shares of it
     server = ControllerServer(args.inventory, args.state_dir, node_source=node_source, token_review=token_review, listen=args.listen, watch_listen=args.watch_listen,
                               server_names=args.server_name or default_server_names(host),
                               cert_lifetime=dt.timedelta(seconds=lifetime), logger=log, ha=ha,
@@ -229,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"meshsec-controller: {e}", file=sys.stderr)
         return 1
+    log.info("%s; connections at most %d on the enrol port, %d on the watch port", nofile_line,
+             server.enroll_max_connections, server.watch_max_connections)
     publisher = None
     if args.kube_ca_configmap:
         from controller.k8s import CaPublisher, parse_configmap_ref

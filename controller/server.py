@@ -31,7 +31,9 @@ from typing import Callable
 import grpc
 
 from controller.ca import CertificateAuthority
-from controller.enrolport import ENROLL_MAX_CONCURRENT, ENROLL_READ_TIMEOUT_S, EnrolPort, watch_port_only
+from controller.fdlimit import nofile, port_caps
+from controller.enrolport import (ENROLL_HANDSHAKE_TIMEOUT_S, ENROLL_MAX_CONCURRENT, ENROLL_READ_TIMEOUT_S, EnrolPort,
+                                 watch_port_only)
 from controller.inventory import InventoryError, load_inventory
 from controller.metrics import ControllerMetrics
 from controller.policy import Inventory
@@ -80,6 +82,8 @@ def enrol_port(server: "ControllerServer", servicer: ControllerServicer,
             handlers[name] = (mesh[name].unary_unary, message)
     return EnrolPort(server.listen, creds, handlers, options=server.grpc_options, logger=server.log,
                      read_timeout=server.enroll_read_timeout, max_concurrent=server.enroll_max_concurrent,
+                     handshake_timeout=server.enroll_handshake_timeout,
+                     max_connections=server.enroll_max_connections,
                      malformed_log=servicer.malformed_log,
                      on_dropped=server.metrics.enrol_port_dropped)
 
@@ -127,7 +131,13 @@ class ControllerServer:
                  token_review: Callable[[str, str], tuple[bool, str]] | None = None,
                  source_sync_timeout: float = 10.0, grpc_options: list[tuple[str, int]] | None = None,
                  mesh_options: dict | None = None, enroll_read_timeout: float = ENROLL_READ_TIMEOUT_S,
-                 enroll_max_concurrent: int = ENROLL_MAX_CONCURRENT) -> None:
+                 enroll_max_concurrent: int = ENROLL_MAX_CONCURRENT,
+                 enroll_handshake_timeout: float = ENROLL_HANDSHAKE_TIMEOUT_S,
+                 enroll_max_connections: int | None = None, watch_max_connections: int | None = None) -> None:
+        # connections open at once per port; None: a share of RLIMIT_NOFILE (controller.fdlimit)
+        self.enroll_max_connections, self.watch_max_connections = enroll_max_connections, watch_max_connections
+        # seconds a connection to the enrol port may take to finish its TLS handshake
+        self.enroll_handshake_timeout = enroll_handshake_timeout
         self.enroll_read_timeout = enroll_read_timeout  # seconds an enrol-port call may take to send its request
         self.enroll_max_concurrent = enroll_max_concurrent  # calls open at once on the enrol port
         self.enrol_port: EnrolPort | None = None
@@ -229,9 +239,15 @@ class ControllerServer:
         enrol_creds = grpc.ssl_server_credentials([(key_pem, cert_pem)])
         watch_creds = grpc.ssl_server_credentials([(key_pem, cert_pem)], root_certificates=self.ca.certificate_pem,
                                                   require_client_auth=True)
+        enrol_cap, watch_cap = port_caps(nofile()[0])
+        self.enroll_max_connections = self.enroll_max_connections or enrol_cap
+        self.watch_max_connections = self.watch_max_connections or watch_cap
+        watch_options = [*self.grpc_options,
+                         ("grpc.server_handshake_timeout_ms", max(1, int(self.enroll_handshake_timeout * 1000))),
+                         ("grpc.max_allowed_incoming_connections", self.watch_max_connections)]
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.max_workers,
                                                         thread_name_prefix="meshsec-rpc"),
-                             options=self.grpc_options)
+                             options=watch_options)
         servicer = ControllerServicer(self.state, self.store, self.ca, self.cert_lifetime, self.log,
                                       metrics=self.metrics, is_leader=lambda: self.is_leader,
                                       token_review=self.token_review, watches=self.watches)

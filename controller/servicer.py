@@ -28,7 +28,7 @@ from controller.metrics import ControllerMetrics
 from controller.policy import UnknownNode
 from controller.state import ControllerState, utcnow
 from controller.store import Store
-from controller.watchlimit import RateLimitedLog, WatchRegistry, guard, tolerant_deserializer, watch_capacity
+from controller.watchlimit import PerNodeLog, RateLimitedLog, WatchRegistry, guard, tolerant_deserializer, watch_capacity
 from meshsec.v1 import controller_pb2 as pb
 from meshsec.v1 import controller_pb2_grpc as pb_grpc
 
@@ -63,6 +63,8 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         self._refusal_logs = {kind: RateLimitedLog(logger, REFUSAL_LOG_INTERVAL_S, kind=f"enrol_{kind}",
                                                    on_suppressed=self._metrics.log_line_suppressed)
                               for kind in REFUSAL_KINDS}
+        # Watch start/end lines: an enrolled node may reconnect in a loop (one line per node and kind)
+        self._watch_log = PerNodeLog(logger, REFUSAL_LOG_INTERVAL_S, on_suppressed=self._metrics.log_line_suppressed)
         self._clock = clock
         self._views = ViewCache(store.inventory_at)
 
@@ -259,7 +261,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         self._metrics.watch_started()
         try:
             if not self.watches.started(ticket):
-                self._log.info("node %r opened a newer Watch; ending this one", name)
+                self._watch_log.info("watch_superseded", name, "node %r opened a newer Watch; ending this one", name)
                 return
             yield from self._watch(request, context, name, wakeup, ticket)
         finally:
@@ -280,8 +282,8 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         base = self._views.at(since) if 0 < since <= version else None
         if base is not None and name not in base:
             base = None
-        self._log.info("node %r watching from version %d (current %d, %s)", name, since, version,
-                       "incremental" if base is not None else "snapshot")
+        self._watch_log.info("watch_started", name, "node %r watching from version %d (current %d, %s)", name,
+                             since, version, "incremental" if base is not None else "snapshot")
         if base is None:
             yield cur.snapshot(name)
         else:
@@ -290,7 +292,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
                 yield update
         while context.is_active():
             if ticket is not None and ticket.superseded:
-                self._log.info("node %r opened a newer Watch; ending this one", name)
+                self._watch_log.info("watch_superseded", name, "node %r opened a newer Watch; ending this one", name)
                 return
             inventory, newer = self._state.wait_newer(version, timeout=WATCH_POLL_S, wakeup=wakeup)
             if newer == version:
@@ -305,7 +307,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
                 self._log.debug("node %r: version %d, %d bytes", name, version, len(update))
                 self._metrics.fanout_observed(self._state.change_age())
                 yield update
-        self._log.info("node %r stopped watching", name)
+        self._watch_log.info("watch_stopped", name, "node %r stopped watching", name)
 
 
 def _serialize_update(update: bytes | pb.ViewUpdate) -> bytes:

@@ -113,11 +113,13 @@ class WatchRegistry:
 
 
 class RateLimitedLog:
-    """Logs one warning per ``interval`` seconds; the lines left out are counted into the next."""
+    """Logs one line (at ``level``, WARNING by default) per ``interval`` seconds; the lines left
+    out are counted into the next."""
 
     def __init__(self, log: logging.Logger, interval: float = MALFORMED_LOG_INTERVAL_S,
                  clock: Callable[[], float] = time.monotonic, *, kind: str = "malformed",
-                 on_suppressed: Callable[[str], None] | None = None) -> None:
+                 on_suppressed: Callable[[str], None] | None = None, level: int = logging.WARNING) -> None:
+        self.level = level
         # kind: label of meshsec_controller_log_lines_suppressed_total; on_suppressed(kind) counts each left out
         self.log, self.interval, self.clock = log, interval, clock
         self.kind, self.on_suppressed = kind, on_suppressed
@@ -141,8 +143,32 @@ class RateLimitedLog:
                 self.on_suppressed(self.kind)
             return False
         suffix = f" ({left_out} more since the last such line)" if left_out else ""
-        self.log.warning(fmt + suffix, *args)
+        self.log.log(self.level, fmt + suffix, *args)
         return True
+
+
+class PerNodeLog:
+    """:class:`RateLimitedLog` lines at INFO, one limiter per (kind, node): an enrolled node that
+    opens Watch streams in a loop gets one line per kind every ``interval`` seconds, and other
+    nodes' lines are not held back by it. Nodes are authenticated names, so the table is bounded
+    by the enrolled nodes (times the kinds)."""
+
+    def __init__(self, log: logging.Logger, interval: float, *,
+                 on_suppressed: Callable[[str], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.log, self.interval, self.on_suppressed, self.clock = log, interval, on_suppressed, clock
+        self._lock = threading.Lock()
+        self._logs: dict[tuple[str, str], RateLimitedLog] = {}
+
+    def info(self, kind: str, node: str, fmt: str, *args: object) -> bool:
+        """Log ``fmt % args`` for ``node`` unless a ``kind`` line for it was logged within ``interval``."""
+        with self._lock:
+            limiter = self._logs.get((kind, node))
+            if limiter is None:
+                limiter = self._logs[(kind, node)] = RateLimitedLog(
+                    self.log, self.interval, self.clock, kind=kind, on_suppressed=self.on_suppressed,
+                    level=logging.INFO)
+        return limiter.warning(fmt, *args)
 
 
 class MalformedRequest:

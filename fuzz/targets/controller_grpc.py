@@ -1,4 +1,4 @@
-"""The controller's gRPC request handlers (controller/service.py), called
+"""The controller's gRPC request handlers (controller/servicer.py), called
 directly: ControllerServicer.Enroll / Renew / Watch with requests parsed from
 fuzz bytes, a fake ServicerContext and a real Store, CA and inventory.
 
