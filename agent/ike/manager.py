@@ -397,6 +397,9 @@ class IkeManager:
                 if drop == Drop.UNKNOWN_SPI:
                     self._lost.answer_unknown_spi(hdr, local, remote, now)
                 return
+            if sa is None and not (self._sas.get(hdr.spi_i) or self._sas.get(hdr.spi_r) or self._peers_at(remote[0])):
+                self._count("unsolicited_notify")  # a hint about nothing of ours: not worth decoding
+                return
         try:
             msg = decode_message(data)
         except MessageLimitError as e:

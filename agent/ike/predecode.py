@@ -5,8 +5,10 @@ Decoding is the expensive part of an unauthenticated datagram (a 46 KB one with 
 took 6-10 ms, 5,120 transforms). A datagram that is not a new IKE_SA_INIT request (those go
 through admission.py) is matched here against the IKE_SA its SPIs name (RFC 7296 §2.6), its
 I/R flags (§3.1) and the Message ID window (§2.3); only one that an existing IKE_SA could take
-is decoded. The one exception are unprotected INFORMATIONAL notifies (§1.5, §2.21.4 hints),
-decoded after their generic headers showed only Notify payloads (at most MAX_PAYLOADS).
+is decoded. The one exception are unprotected INFORMATIONAL notifies (§1.5, §2.21.4 hints):
+at most MAX_UNPROTECTED_NOTIFIES Notify payloads (generic headers read first), and the manager
+decodes them only when their SPIs name an IKE_SA of ours or they come from a configured peer's
+address (anything else could only be counted as unsolicited after decoding).
 
 Reads IkeSa's window fields (``_pending``, ``_peer_mid``, ``_cached_response``, ``_keys``): the
 same tests IkeSa.receive makes after decoding, made before. Pure module: no I/O.
@@ -19,6 +21,7 @@ from agent.ike.message import FLAG_INITIATOR, FLAG_RESPONSE, HEADER_LEN, Header,
     scan_payloads
 from agent.ike.sa import IkeSa
 
+MAX_UNPROTECTED_NOTIFIES = 4  # INVALID_IKE_SPI / INVALID_SPI hints come one at a time
 UNKNOWN_EXCHANGE = "unknown_exchange"  # counter: an exchange type no IKE_SA of ours takes part in
 KNOWN_EXCHANGES = frozenset({ExchangeType.IKE_SA_INIT, ExchangeType.IKE_AUTH, ExchangeType.CREATE_CHILD_SA,
                              ExchangeType.INFORMATIONAL, ExchangeType.IKE_INTERMEDIATE,
@@ -26,14 +29,15 @@ KNOWN_EXCHANGES = frozenset({ExchangeType.IKE_SA_INIT, ExchangeType.IKE_AUTH, Ex
 
 
 def unprotected_notify(h: Header, data: bytes) -> bool:
-    """True if ``data`` is HDR(INFORMATIONAL), N, ... with only Notify payloads (generic headers
-    read, bodies not). Raises nothing."""
+    """True if ``data`` is HDR(INFORMATIONAL), N, ... with only Notify payloads, at most
+    MAX_UNPROTECTED_NOTIFIES of them (generic headers read, bodies not). Raises nothing."""
     if h.exchange != ExchangeType.INFORMATIONAL or h.first != PayloadType.NOTIFY:
         return False
     try:
-        return all(t == PayloadType.NOTIFY for t, _a, _b in scan_payloads(h.first, data, HEADER_LEN))
+        types = [t for t, _a, _b in scan_payloads(h.first, data, HEADER_LEN)]
     except MessageError:
         return False
+    return len(types) <= MAX_UNPROTECTED_NOTIFIES and all(t == PayloadType.NOTIFY for t in types)
 
 
 def route(sas: dict[int, IkeSa], data: bytes) -> tuple[Header | None, IkeSa | None, str | None]:

@@ -116,3 +116,34 @@ def test_cap_over_the_whole_message_not_only_per_sa_payload():
     assert e.value.kind in ("proposals", "transforms")
     assert MAX_TRANSFORMS == 128
     decode_message(_crafted(0x1234, 0, ExchangeType.IKE_SA_INIT, 0, n_sa=1))  # one is fine
+
+
+def test_unprotected_notifies_from_strangers_or_in_bulk_are_not_decoded(monkeypatch):
+    """An unprotected HDR(INFORMATIONAL), N, N, ... (the §1.5 / §2.21.4 hints) is decoded only
+    when its SPIs name one of our IKE_SAs or it comes from a configured peer's address, and
+    only with a few Notify payloads: 4,000/s of 63-notify datagrams from strangers took a whole
+    core (fresh-user attack)."""
+    from agent.ike import manager as manager_mod
+    from agent.ike.message import NotifyPayload
+    from agent.iana import NotifyType
+    n = _net()
+    calls = []
+    real = manager_mod.decode_message
+
+    def counting(data):
+        calls.append(len(data))
+        return real(data)
+    monkeypatch.setattr(manager_mod, "decode_message", counting)
+
+    def notifies(k, spi_i=0xDEAD, spi_r=0):
+        return encode_message(Message(spi_i, spi_r, ExchangeType.INFORMATIONAL, 0, True, False,
+                                       tuple(NotifyPayload(NotifyType.INVALID_SPI, b"\0\0\0\1") for _ in range(k))))
+    before = dict(n.b.counters)
+    n.b.receive_datagram(notifies(63), B, SRC, n.now)  # many: never the unprotected path
+    n.b.receive_datagram(notifies(1), B, SRC, n.now)   # one, from a stranger, SPIs of nothing of ours
+    assert calls == []
+    moved = {k: v - before.get(k, 0) for k, v in n.b.counters.items() if v != before.get(k, 0)}
+    assert moved == {"unknown_spi": 1, "unsolicited_notify": 1}
+    # from the configured peer's address it is still taken as a hint (decoded, then handled)
+    n.b.receive_datagram(notifies(1), B, (A_ADDR, 500), n.now)
+    assert len(calls) == 1
