@@ -15,21 +15,12 @@ from agent.datapath import offload as off
 from agent.esp.packet import build_ip
 
 
-class FakeTun:
-    """In-memory TUN for tests.
+class _Queue:
+    """What the fakes share: a queue of inbound items and a pipe whose read end is readable
+    while items wait (so a real selector loop works), drained once the queue is empty."""
 
-    ``inject(packets)`` queues packets as if the kernel routed them into the
-    device (the runtime reads them with ``read_batch``); packets the runtime
-    writes land in ``written``. ``fileno()`` is a pipe that is readable while
-    injected packets wait, so a real selector loop works too.
-    """
-
-    def __init__(self, name: str = "fake0", mtu: int = 1400) -> None:
-        self.name = name
-        self.mtu = mtu
-        self._queue: deque[bytes] = deque()
-        self.written: list[bytes] = []
-        self.counters = {"write_errors": 0}
+    def __init__(self) -> None:
+        self._queue: deque = deque()
         self._r, self._w = os.pipe()
         os.set_blocking(self._r, False)
         os.set_blocking(self._w, False)
@@ -38,17 +29,17 @@ class FakeTun:
     def fileno(self) -> int:
         return self._r
 
-    def inject(self, packets: list[bytes]) -> None:
-        self._queue.extend(packets)
+    def _push(self, items) -> None:
+        self._queue.extend(items)
         try:
             os.write(self._w, b"x")
         except BlockingIOError:
             pass
 
-    def read_batch(self, max_packets: int = 64) -> list[bytes]:
+    def _take(self, n: int) -> list:
         out = []
         q = self._queue
-        while q and len(out) < max_packets:
+        while q and len(out) < n:
             out.append(q.popleft())
         if not q:
             try:
@@ -58,6 +49,35 @@ class FakeTun:
                 pass
         return out
 
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            os.close(self._r)
+            os.close(self._w)
+
+
+class FakeTun(_Queue):
+    """In-memory TUN for tests.
+
+    ``inject(packets)`` queues packets as if the kernel routed them into the
+    device (the runtime reads them with ``read_batch``); packets the runtime
+    writes land in ``written``. ``fileno()`` is a pipe that is readable while
+    injected packets wait, so a real selector loop works too.
+    """
+
+    def __init__(self, name: str = "fake0", mtu: int = 1400) -> None:
+        super().__init__()
+        self.name = name
+        self.mtu = mtu
+        self.written: list[bytes] = []
+        self.counters = {"write_errors": 0}
+
+    def inject(self, packets: list[bytes]) -> None:
+        self._push(packets)
+
+    def read_batch(self, max_packets: int = 64) -> list[bytes]:
+        return self._take(max_packets)
+
     def write_batch(self, packets: list[bytes]) -> int:
         self.written.extend(packets)
         return len(packets)
@@ -65,12 +85,6 @@ class FakeTun:
     def take_written(self) -> list[bytes]:
         out, self.written = self.written, []
         return out
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            os.close(self._r)
-            os.close(self._w)
 
 
 class FakeVnetTun(FakeTun):
@@ -136,44 +150,23 @@ class FakeNetwork:
         ep.inject([(data, src)])
 
 
-class FakeUdp:
+class FakeUdp(_Queue):
     """In-memory UDP socket with the ``UdpSocket`` interface."""
 
     def __init__(self, local_ip: str, port: int, network: FakeNetwork | None = None) -> None:
+        super().__init__()
         self.local = (local_ip, port)
         self.port = port
         self.network = network
         self.sent: list[tuple[bytes, tuple[str, int]]] = []
         self.counters = {"send_errors": 0}
-        self._queue: deque = deque()
-        self._r, self._w = os.pipe()
-        os.set_blocking(self._r, False)
-        os.set_blocking(self._w, False)
-        self.closed = False
-
-    def fileno(self) -> int:
-        return self._r
 
     def inject(self, batch: list[tuple[bytes, tuple[str, int]]]) -> None:
         """Queue datagrams as received from their (ip, port)."""
-        self._queue.extend(batch)
-        try:
-            os.write(self._w, b"x")
-        except BlockingIOError:
-            pass
+        self._push(batch)
 
     def recv_batch(self, max_datagrams: int = 64):
-        out = []
-        q = self._queue
-        while q and len(out) < max_datagrams:
-            out.append(q.popleft())
-        if not q:
-            try:
-                while os.read(self._r, 4096):
-                    pass
-            except BlockingIOError:
-                pass
-        return out
+        return self._take(max_datagrams)
 
     def send_batch(self, batch) -> int:
         for data, addr in batch:
@@ -181,12 +174,6 @@ class FakeUdp:
             if self.network is not None:
                 self.network.deliver(self.local, addr, data)
         return len(batch)
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            os.close(self._r)
-            os.close(self._w)
 
 
 class FakeRaw(FakeUdp):

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from agent.iana import ExchangeType
+from agent.iana import ExchangeType, NotifyType
+from agent.ike import child as ch
+from agent.ike.crypto import KeyExchange
 from agent.ike.events import ChildSaEstablished
-from agent.ike.message import HEADER_LEN, decode_message, decode_payloads
+from agent.ike.manager import IkeManager
+from agent.ike.message import (HEADER_LEN, KePayload, Message, NoncePayload, NotifyPayload, VendorPayload,
+                               decode_message, decode_payloads, encode_message)
+from agent.ike.proposals import parse_ike_proposal
 from agent.model import Credentials
 
-from tests.ike.conftest import CLASSICAL, make_net, view
+from tests.ike.conftest import B_ADDR, CLASSICAL, DetRng, make_net, view
 
 PSK = b"correct horse battery staple 0123"
 
@@ -93,3 +98,26 @@ def up(n):
 def sent(n, src, exchange):
     """The logged messages from ``src`` in ``exchange``, decoded."""
     return [decode_message(d.data) for s, d in n.log if s == src and decode_message(d.data).exchange == exchange]
+
+
+def init_request(spi: int, *, proposal="aes128gcm16-prfsha256-x25519", group=31, cookie=None, filler=0,
+                 sa=None) -> bytes:
+    """HDR(spi, 0), [N(COOKIE),] SA, KEi, Ni, [V x filler]: an IKE_SA_INIT request as an
+    unauthenticated sender makes it (admission and flood tests)."""
+    ke = KeyExchange(group, DetRng(f"ke-{group}"))
+    pl = [sa or ch.ike_sa_payload([parse_ike_proposal(proposal)]), KePayload(group, ke.public_bytes()),
+          NoncePayload(b"N" * 32)] + [VendorPayload(b"")] * filler
+    if cookie is not None:
+        pl.insert(0, NotifyPayload(int(NotifyType.COOKIE), cookie))
+    return encode_message(Message(spi, 0, int(ExchangeType.IKE_SA_INIT), 0, True, False, tuple(pl)))
+
+
+def responder(psk: bytes, policy, **kw) -> IkeManager:
+    """node-b's IkeManager, responder to node-a (IkeManager keyword arguments pass through)."""
+    return IkeManager(view("node-b", "node-a", policy=policy), Credentials(psk=psk), DetRng("b"),
+                      local_address=B_ADDR, **kw)
+
+
+def replies(m) -> list:
+    """What ``m`` sends, decoded."""
+    return [decode_message(d.data) for d in m.datagrams_to_send()]

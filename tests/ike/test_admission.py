@@ -18,15 +18,14 @@ from agent.ike import admission
 from agent.ike import child as ch
 from agent.ike import manager as manager_mod
 from agent.ike.cookie import CookieJar
-from agent.ike.crypto import KeyExchange
 from agent.ike.events import IkeSaDeleted, InitsRefused
 from agent.ike.manager import IkeManager
-from agent.ike.message import (EncryptedPayload, KePayload, Message, NoncePayload, NotifyPayload, Proposal,
+from agent.ike.message import (EncryptedPayload, Message, NoncePayload, Proposal,
                                SaPayload, Transform, TransformAttribute, VendorPayload, decode_message,
                                encode_message)
-from agent.ike.proposals import parse_ike_proposal
 from agent.model import Credentials, NodeView, Peer
 
+from tests.ike.helpers import init_request, replies, responder
 from tests.ike.conftest import A_ADDR, B_ADDR, CLASSICAL, DetRng, T0, view
 
 LOCAL = (B_ADDR, 500)
@@ -34,24 +33,14 @@ PSK = b"admission tests pre-shared key 0"
 X25519_ONLY = replace(CLASSICAL, ike_proposals=("aes128gcm16-prfsha256-x25519",))
 
 
-def _request(spi: int, *, proposal="aes128gcm16-prfsha256-x25519", group=31, cookie=None, filler=0,
-             sa=None) -> bytes:
-    """HDR(spi, 0), [N(COOKIE),] SA, KEi, Ni, [V x filler] (IKE_SA_INIT request)."""
-    ke = KeyExchange(group, DetRng(f"ke-{group}"))
-    pl = [sa or ch.ike_sa_payload([parse_ike_proposal(proposal)]), KePayload(group, ke.public_bytes()),
-          NoncePayload(b"N" * 32)] + [VendorPayload(b"")] * filler
-    if cookie is not None:
-        pl.insert(0, NotifyPayload(int(NotifyType.COOKIE), cookie))
-    return encode_message(Message(spi, 0, int(ExchangeType.IKE_SA_INIT), 0, True, False, tuple(pl)))
+_request = init_request
 
 
-def _responder(policy=X25519_ONLY, **kw) -> IkeManager:
-    return IkeManager(view("node-b", "node-a", policy=policy), Credentials(psk=PSK), DetRng("b"),
-                      local_address=B_ADDR, **kw)
+def _responder(policy=X25519_ONLY, **kw):
+    return responder(PSK, policy, **kw)
 
 
-def _replies(m):
-    return [decode_message(d.data) for d in m.datagrams_to_send()]
+_replies = replies
 
 
 class _CountingView:

@@ -9,17 +9,15 @@ from dataclasses import replace
 import pytest
 
 from agent.iana import ExchangeType, NotifyType
-from agent.ike import child as ch
 from agent.ike import manager as manager_mod
-from agent.ike.crypto import KeyExchange
 from agent.ike.events import ChildSaEstablished
 from agent.ike.manager import IkeManager
-from agent.ike.message import (MAX_PAYLOADS, KePayload, Message, MessageLimitError, NoncePayload, NotifyPayload,
-                               Proposal, SaPayload, Transform, TransformAttribute, UnknownPayload, VendorPayload,
+from agent.ike.message import (MAX_PAYLOADS, KePayload, Message, MessageLimitError, NoncePayload,
+                               Proposal, SaPayload, Transform, TransformAttribute, UnknownPayload,
                                decode_message, encode_message)
-from agent.ike.proposals import parse_ike_proposal
 from agent.model import Credentials, NodeView, Peer
 
+from tests.ike.helpers import init_request, replies, responder
 from tests.ike.conftest import A_ADDR, B_ADDR, CLASSICAL, DetRng, T0, make_net, view
 
 PSK = b"bounds tests pre-shared key 01234"
@@ -27,23 +25,14 @@ X25519_ONLY = replace(CLASSICAL, ike_proposals=("aes128gcm16-prfsha256-x25519",)
 ECP256_FIRST = replace(CLASSICAL, ike_proposals=("aes128gcm16-prfsha256-ecp256-x25519",))
 
 
-def _request(spi: int, *, proposal="aes128gcm16-prfsha256-x25519", group=31, cookie=None, filler=0,
-             sa=None) -> bytes:
-    ke = KeyExchange(group, DetRng(f"ke-{group}"))
-    pl = [sa or ch.ike_sa_payload([parse_ike_proposal(proposal)]), KePayload(group, ke.public_bytes()),
-          NoncePayload(b"N" * 32)] + [VendorPayload(b"")] * filler
-    if cookie is not None:
-        pl.insert(0, NotifyPayload(int(NotifyType.COOKIE), cookie))
-    return encode_message(Message(spi, 0, int(ExchangeType.IKE_SA_INIT), 0, True, False, tuple(pl)))
+_request = init_request
 
 
-def _responder(policy=X25519_ONLY, **kw) -> IkeManager:
-    return IkeManager(view("node-b", "node-a", policy=policy), Credentials(psk=PSK), DetRng("b"),
-                      local_address=B_ADDR, **kw)
+def _responder(policy=X25519_ONLY, **kw):
+    return responder(PSK, policy, **kw)
 
 
-def _replies(m):
-    return [decode_message(d.data) for d in m.datagrams_to_send()]
+_replies = replies
 
 
 # ------------------------------------------------------------ stateless refusals (issue 9)
